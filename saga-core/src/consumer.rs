@@ -1,0 +1,194 @@
+//! The consuming loop: deliveries in, handler, settlement out. Whether a
+//! failure is retried or dead-lettered is decided here, once, for every
+//! transport.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::{EngineError, RetryPolicy};
+use crate::message::Message;
+use crate::transport::{Delivery, Settlement, Subscriber};
+
+/// Something that handles a delivered message: the [`Engine`](crate::Engine)
+/// or a [`Participant`](crate::Participant).
+#[async_trait]
+pub trait MessageHandler: Send + Sync + 'static {
+    /// Handles `message`. Must be idempotent per message id (the inbox makes
+    /// the engine and participants so): a message can be delivered again.
+    async fn handle(&self, message: &Message) -> Result<(), EngineError>;
+}
+
+/// How a consumer runs.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    /// The queue to consume.
+    pub queue: String,
+    /// Deliveries handled at once.
+    pub concurrency: usize,
+    /// Redelivery of messages whose handling failed retryably; past
+    /// `max_attempts` they are dead-lettered.
+    pub retry: RetryPolicy,
+}
+
+impl ConsumerConfig {
+    /// Defaults for `queue`: 16 at once, 8 attempts from 100 ms doubling up to 30 s.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            concurrency: 16,
+            retry: RetryPolicy {
+                max_attempts: 8,
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(30),
+                multiplier: 2,
+            },
+        }
+    }
+}
+
+/// What to do with a delivery after its handler returned `result`.
+///
+/// Success → ack. A retryable error with attempts left → retry after backoff.
+/// Anything else (undecodable, unknown saga, out of attempts) → dead-letter
+/// with the error as the reason. Nothing is dropped.
+pub fn settlement_for(result: &Result<(), EngineError>, retries: u32, policy: &RetryPolicy) -> Settlement {
+    match result {
+        Ok(()) => Settlement::Ack,
+        Err(error) => {
+            let attempts_made = retries.saturating_add(1);
+            if error.is_retryable() && policy.allows_another(attempts_made) {
+                Settlement::Retry {
+                    delay: policy.backoff(attempts_made),
+                }
+            } else if error.is_retryable() {
+                Settlement::DeadLetter {
+                    reason: format!("gave up after {attempts_made} attempts: {error}"),
+                }
+            } else {
+                Settlement::DeadLetter {
+                    reason: error.to_string(),
+                }
+            }
+        }
+    }
+}
+
+/// Consumes a queue into a [`MessageHandler`] until shut down.
+pub struct Consumer {
+    handler: Arc<dyn MessageHandler>,
+    subscriber: Arc<dyn Subscriber>,
+    config: ConsumerConfig,
+}
+
+impl Consumer {
+    /// A consumer of `config.queue`.
+    pub fn new(handler: Arc<dyn MessageHandler>, subscriber: Arc<dyn Subscriber>, config: ConsumerConfig) -> Self {
+        Self {
+            handler,
+            subscriber,
+            config,
+        }
+    }
+
+    /// Handles one delivery and settles it.
+    pub async fn process(handler: &dyn MessageHandler, delivery: Delivery, policy: &RetryPolicy) {
+        let Delivery {
+            message,
+            retries,
+            settle,
+        } = delivery;
+        let result = handler.handle(&message).await;
+        let settlement = settlement_for(&result, retries, policy);
+        match &settlement {
+            Settlement::Ack => {}
+            Settlement::Retry { delay } => {
+                tracing::warn!(message_id = %message.id, kind = %message.kind, ?delay, error = ?result.err(), "handling failed; will retry");
+            }
+            Settlement::DeadLetter { reason } => {
+                tracing::error!(message_id = %message.id, kind = %message.kind, reason, "message dead-lettered");
+            }
+        }
+        if let Err(e) = settle.settle(settlement).await {
+            // The broker will redeliver an unsettled message; the inbox makes that harmless.
+            tracing::warn!(message_id = %message.id, error = %e, "settling a delivery failed");
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then finishes the deliveries in flight.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.config.queue.clone();
+        let span = tracing::info_span!("saga.consumer", queue = %queue);
+        async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut subscription = loop {
+                match self.subscriber.subscribe(&queue).await {
+                    Ok(subscription) => break subscription,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "subscribing failed; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+            let policy = Arc::new(self.config.retry);
+            let mut in_flight = JoinSet::new();
+            loop {
+                while in_flight.try_join_next().is_some() {}
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    next = subscription.next() => next,
+                };
+                match next {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "receiving failed; the transport reconnects");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
+                    Some(Ok(delivery)) => {
+                        let handler = Arc::clone(&self.handler);
+                        let policy = Arc::clone(&policy);
+                        in_flight.spawn(async move {
+                            Consumer::process(handler.as_ref(), delivery, &policy).await;
+                            drop(permit);
+                        });
+                    }
+                }
+            }
+            while in_flight.join_next().await.is_some() {}
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn settlements_follow_the_error_kind_and_attempts() {
+        let policy = RetryPolicy::attempts(3);
+        assert_eq!(settlement_for(&Ok(()), 0, &policy), Settlement::Ack);
+        let unavailable = || Err(EngineError::Store(StoreError::Unavailable("down".into())));
+        assert!(matches!(settlement_for(&unavailable(), 0, &policy), Settlement::Retry { .. }));
+        assert!(matches!(settlement_for(&unavailable(), 1, &policy), Settlement::Retry { .. }));
+        assert!(matches!(settlement_for(&unavailable(), 2, &policy), Settlement::DeadLetter { reason } if reason.contains("gave up after 3")));
+        let unknown = Err(EngineError::UnhandledKind { kind: "X".into() });
+        assert!(matches!(settlement_for(&unknown, 0, &policy), Settlement::DeadLetter { reason } if reason.contains("`X`")));
+    }
+}

@@ -1,0 +1,556 @@
+//! The driver: load → decide → commit state + history + outbox + inbox +
+//! application effects in one transaction. It holds no state of its own, so a
+//! crashed engine is rebuilt from the store by constructing a new one.
+
+use std::any::{Any, type_name};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::decide::{self, Decision, Event, OperatorAction, Outcome};
+use crate::definition::{Correlation, SagaData, SagaDefinition};
+use crate::error::{DefinitionError, EngineError, StepError};
+use crate::id::{MessageId, SagaId};
+use crate::instance::{SagaInstance, SagaStatus};
+use crate::message::Message;
+use crate::store::{Store, StoreError, Transaction};
+
+/// Applies a definition's application effects (type `E`) inside the
+/// transition's transaction, e.g. writing the service's own tables.
+///
+/// It runs once per committed transition; if the transaction then fails to
+/// commit, its writes roll back with it. Downcast `tx.backend()` to the store's
+/// transaction type to reach the database.
+#[async_trait]
+pub trait EffectHandler<E>: Send + Sync + 'static {
+    /// Applies `effects`, emitted by the transition that produced `saga`.
+    async fn apply(&self, tx: &mut dyn Transaction, saga: &SagaInstance, effects: Vec<E>) -> Result<(), StepError>;
+}
+
+/// How the engine treated a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// It caused a transition, now committed.
+    Applied {
+        /// The instance.
+        saga: SagaId,
+        /// Its status afterwards.
+        status: SagaStatus,
+    },
+    /// The inbox had it already: nothing changed.
+    Duplicate,
+    /// It changes nothing (late, stray or for a finished saga): the reason says why.
+    Ignored(&'static str),
+}
+
+/// Tuning of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The inbox consumer name the engine records messages under.
+    pub consumer: String,
+    /// How often a transition is re-decided when another writer got there first.
+    pub max_conflict_retries: u32,
+    /// How many due deadlines one scan fires at most.
+    pub deadline_batch: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            consumer: "saga-engine".to_owned(),
+            max_conflict_retries: 16,
+            deadline_batch: 256,
+        }
+    }
+}
+
+#[async_trait]
+trait ApplyEffects: Send {
+    async fn apply(self: Box<Self>, tx: &mut dyn Transaction, saga: &SagaInstance) -> Result<(), StepError>;
+}
+
+struct BoundEffects<E> {
+    handler: Arc<dyn EffectHandler<E>>,
+    effects: Vec<E>,
+}
+
+#[async_trait]
+impl<E: Send + 'static> ApplyEffects for BoundEffects<E> {
+    async fn apply(self: Box<Self>, tx: &mut dyn Transaction, saga: &SagaInstance) -> Result<(), StepError> {
+        self.handler.apply(tx, saga, self.effects).await
+    }
+}
+
+/// A decision with its effects bound to their handler, ready to commit.
+struct Pending {
+    instance: SagaInstance,
+    messages: Vec<Message>,
+    transition: crate::instance::Transition,
+    effects: Option<Box<dyn ApplyEffects>>,
+}
+
+/// A definition with its data and effect types erased, so the engine can hold many.
+trait Runner: Send + Sync {
+    fn name(&self) -> &str;
+    fn version(&self) -> u32;
+    fn routes(&self) -> Vec<(String, Correlation)>;
+    fn start(&self, id: SagaId, data: Box<dyn Any + Send>, now: Timestamp) -> Result<Pending, EngineError>;
+    fn decide(&self, instance: &SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError>;
+    fn mermaid(&self) -> String;
+    fn step_names(&self) -> Vec<String>;
+}
+
+struct TypedRunner<D, E> {
+    definition: SagaDefinition<D, E>,
+    effects: Option<Arc<dyn EffectHandler<E>>>,
+}
+
+impl<D: SagaData, E: Send + 'static> TypedRunner<D, E> {
+    fn bind(&self, decision: Decision<E>) -> Pending {
+        let effects = match &self.effects {
+            Some(handler) if !decision.effects.is_empty() => Some(Box::new(BoundEffects {
+                handler: Arc::clone(handler),
+                effects: decision.effects,
+            }) as Box<dyn ApplyEffects>),
+            _ => None,
+        };
+        Pending {
+            instance: decision.instance,
+            messages: decision.messages,
+            transition: decision.transition,
+            effects,
+        }
+    }
+}
+
+impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
+    fn name(&self) -> &str {
+        &self.definition.name
+    }
+
+    fn version(&self) -> u32 {
+        self.definition.version
+    }
+
+    fn routes(&self) -> Vec<(String, Correlation)> {
+        self.definition
+            .steps
+            .iter()
+            .filter_map(|step| match &step.action {
+                crate::definition::Action::Remote { replies, .. } => Some(replies),
+                crate::definition::Action::Local(_) => None,
+            })
+            .flatten()
+            .map(|route| (route.kind.clone(), route.correlation.clone()))
+            .collect()
+    }
+
+    fn start(&self, id: SagaId, data: Box<dyn Any + Send>, now: Timestamp) -> Result<Pending, EngineError> {
+        let data = data.downcast::<D>().map_err(|_| EngineError::DataType {
+            definition: self.definition.name.clone(),
+            expected: type_name::<D>(),
+        })?;
+        decide::start(&self.definition, id, *data, now).map(|d| self.bind(d))
+    }
+
+    fn decide(&self, instance: &SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError> {
+        match decide::decide(&self.definition, instance, event, now)? {
+            Outcome::Changed(decision) => Ok(Some(self.bind(decision))),
+            Outcome::Ignored(reason) => {
+                tracing::debug!(saga_id = %instance.id, reason, "event ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    fn mermaid(&self) -> String {
+        self.definition.to_mermaid()
+    }
+
+    fn step_names(&self) -> Vec<String> {
+        self.definition.steps.iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+struct Route {
+    definition: String,
+    correlation: Correlation,
+}
+
+/// Builds an [`Engine`]: the store, a clock, and the definitions it runs.
+pub struct EngineBuilder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    runners: Vec<Arc<dyn Runner>>,
+}
+
+impl EngineBuilder {
+    /// The clock deadlines are measured by (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Tuning.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Registers a definition whose steps emit no application effects.
+    /// Several versions of one definition may be registered side by side.
+    pub fn register<D: SagaData>(mut self, definition: SagaDefinition<D, ()>) -> Self {
+        self.runners.push(Arc::new(TypedRunner {
+            definition,
+            effects: None,
+        }));
+        self
+    }
+
+    /// Registers a definition whose effects `handler` applies.
+    pub fn register_with_effects<D: SagaData, E: Send + 'static>(
+        mut self,
+        definition: SagaDefinition<D, E>,
+        handler: impl EffectHandler<E>,
+    ) -> Self {
+        self.runners.push(Arc::new(TypedRunner {
+            definition,
+            effects: Some(Arc::new(handler)),
+        }));
+        self
+    }
+
+    /// Checks that no name and version is registered twice, and builds.
+    pub fn build(self) -> Result<Engine, DefinitionError> {
+        let mut by_version: HashMap<(String, u32), Arc<dyn Runner>> = HashMap::new();
+        let mut latest: HashMap<String, u32> = HashMap::new();
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        for runner in self.runners {
+            let key = (runner.name().to_owned(), runner.version());
+            if by_version.contains_key(&key) {
+                return Err(DefinitionError::DuplicateVersion {
+                    saga: key.0,
+                    version: key.1,
+                });
+            }
+            let newest = latest.entry(key.0.clone()).or_insert(key.1);
+            if key.1 >= *newest {
+                *newest = key.1;
+                // The newest version decides how replies find instances of this saga.
+                for list in routes.values_mut() {
+                    list.retain(|r| r.definition != key.0);
+                }
+                for (kind, correlation) in runner.routes() {
+                    routes.entry(kind).or_default().push(Route {
+                        definition: key.0.clone(),
+                        correlation,
+                    });
+                }
+            }
+            by_version.insert(key, runner);
+        }
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store: self.store,
+                clock: self.clock,
+                config: self.config,
+                by_version,
+                latest,
+                routes,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    by_version: HashMap<(String, u32), Arc<dyn Runner>>,
+    latest: HashMap<String, u32>,
+    routes: HashMap<String, Vec<Route>>,
+}
+
+/// Runs sagas: starts instances, feeds them messages, fires their deadlines
+/// and applies operator actions, committing each transition atomically.
+/// Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts building an engine over `store`.
+    pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
+        EngineBuilder {
+            store,
+            clock: Arc::new(SystemClock),
+            config: EngineConfig::default(),
+            runners: Vec::new(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Starts an instance of the newest registered version of `definition`
+    /// with a fresh id.
+    pub async fn start<D: Any + Send>(&self, definition: &str, data: D) -> Result<SagaId, EngineError> {
+        self.start_with_id(definition, SagaId::new(), data).await
+    }
+
+    /// Starts an instance with a chosen id (e.g. the order id). Runs its local
+    /// steps up to the first remote one and commits all of it at once.
+    /// [`EngineError::AlreadyStarted`] if the id or business key is taken.
+    pub async fn start_with_id<D: Any + Send>(
+        &self,
+        definition: &str,
+        id: SagaId,
+        data: D,
+    ) -> Result<SagaId, EngineError> {
+        let span = tracing::info_span!("saga.start", saga = definition, saga_id = %id);
+        async {
+            let version = self.inner.latest.get(definition).copied().ok_or_else(|| EngineError::UnknownDefinition {
+                id,
+                definition: definition.to_owned(),
+                version: 0,
+            })?;
+            let runner = self.runner(definition, version, id)?;
+            let pending = runner.start(id, Box::new(data), self.now())?;
+            let status = pending.instance.status;
+            match self.commit(pending, None, None).await {
+                Ok(_) => {}
+                Err(EngineError::Store(StoreError::AlreadyExists { id })) => {
+                    return Err(EngineError::AlreadyStarted { id });
+                }
+                Err(e) => return Err(e),
+            }
+            tracing::debug!(%status, "saga started");
+            Ok(id)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Applies an incoming message to the instance it belongs to.
+    ///
+    /// Messages already in the inbox are [`Handled::Duplicate`]; messages that
+    /// name no instance are [`EngineError::UnknownSaga`] (dead-letter them).
+    pub async fn handle(&self, message: &Message) -> Result<Handled, EngineError> {
+        let id = self.correlate(message).await?;
+        let span = tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
+        self.transition(id, Event::Message(message), Some(&message.id)).instrument(span).await
+    }
+
+    /// Fires every deadline that has come (up to the configured batch) and
+    /// returns how many caused a transition.
+    pub async fn fire_due_deadlines(&self) -> Result<usize, EngineError> {
+        let now = self.now();
+        let due = self.inner.store.due(now, self.inner.config.deadline_batch).await?;
+        let mut fired = 0;
+        for deadline in due {
+            let span = tracing::info_span!("saga.deadline", saga_id = %deadline.saga);
+            let handled = self
+                .transition(deadline.saga, Event::Deadline(deadline.due), None)
+                .instrument(span)
+                .await;
+            match handled {
+                Ok(Handled::Applied { .. }) => fired += 1,
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => return Err(e),
+                // One broken instance must not stop the others' deadlines.
+                Err(e) => tracing::error!(saga_id = %deadline.saga, error = %e, "deadline could not be applied"),
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Applies an operator action and returns the instance afterwards.
+    pub async fn act(&self, id: SagaId, action: OperatorAction) -> Result<SagaInstance, EngineError> {
+        let span = tracing::info_span!("saga.operator", saga_id = %id, action = action.as_str());
+        self.transition(id, Event::Operator(action), None).instrument(span).await?;
+        self.inner
+            .store
+            .load(id)
+            .await?
+            .ok_or(EngineError::UnknownSaga {
+                kind: action.as_str().to_owned(),
+                key: Some(id.to_string()),
+            })
+    }
+
+    /// Fires deadlines every `interval` until `shutdown` is cancelled.
+    pub async fn run_deadlines(&self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            match self.fire_due_deadlines().await {
+                Ok(n) if n >= self.inner.config.deadline_batch => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "deadline scan failed; will retry"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// The Mermaid diagram of a registered definition.
+    pub fn mermaid(&self, definition: &str, version: u32) -> Option<String> {
+        self.inner
+            .by_version
+            .get(&(definition.to_owned(), version))
+            .map(|r| r.mermaid())
+    }
+
+    /// The step names of a registered definition, in order.
+    pub fn step_names(&self, definition: &str, version: u32) -> Option<Vec<String>> {
+        self.inner
+            .by_version
+            .get(&(definition.to_owned(), version))
+            .map(|r| r.step_names())
+    }
+
+    fn runner(&self, definition: &str, version: u32, id: SagaId) -> Result<&Arc<dyn Runner>, EngineError> {
+        self.inner
+            .by_version
+            .get(&(definition.to_owned(), version))
+            .ok_or_else(|| EngineError::UnknownDefinition {
+                id,
+                definition: definition.to_owned(),
+                version,
+            })
+    }
+
+    async fn correlate(&self, message: &Message) -> Result<SagaId, EngineError> {
+        let routes = self
+            .inner
+            .routes
+            .get(&message.kind)
+            .ok_or_else(|| EngineError::UnhandledKind {
+                kind: message.kind.clone(),
+            })?;
+        let mut tried = None;
+        for route in routes {
+            match &route.correlation {
+                Correlation::SagaId => {
+                    let Some(raw) = message.correlation_id.as_deref() else { continue };
+                    tried = Some(raw.to_owned());
+                    let Ok(id) = raw.parse::<SagaId>() else { continue };
+                    match self.inner.store.load(id).await? {
+                        Some(instance) if instance.definition == route.definition => return Ok(id),
+                        _ => continue,
+                    }
+                }
+                Correlation::Key(key_of) => {
+                    let key = key_of(message).map_err(|source| EngineError::Decode {
+                        what: format!("`{}` message {}", message.kind, message.id),
+                        source,
+                    })?;
+                    if let Some(id) = self.inner.store.find_by_key(&route.definition, &key).await? {
+                        return Ok(id);
+                    }
+                    tried = Some(key);
+                }
+            }
+        }
+        Err(EngineError::UnknownSaga {
+            kind: message.kind.clone(),
+            key: tried,
+        })
+    }
+
+    /// Load → decide → commit, re-deciding on optimistic-concurrency conflicts.
+    async fn transition(
+        &self,
+        id: SagaId,
+        event: Event<'_>,
+        consumed: Option<&MessageId>,
+    ) -> Result<Handled, EngineError> {
+        let attempts = self.inner.config.max_conflict_retries.max(1);
+        for _ in 0..attempts {
+            let instance = self.inner.store.load(id).await?.ok_or_else(|| EngineError::UnknownSaga {
+                kind: match event {
+                    Event::Message(m) => m.kind.clone(),
+                    Event::Deadline(_) => "deadline".to_owned(),
+                    Event::Operator(a) => a.as_str().to_owned(),
+                },
+                key: Some(id.to_string()),
+            })?;
+            let runner = self.runner(&instance.definition, instance.definition_version, id)?;
+            let Some(pending) = runner.decide(&instance, event, self.now())? else {
+                return Ok(Handled::Ignored(ignored_reason(&instance)));
+            };
+            let status = pending.instance.status;
+            match self.commit(pending, Some(instance.revision), consumed).await {
+                Ok(true) => {
+                    tracing::debug!(%status, "transition committed");
+                    return Ok(Handled::Applied { saga: id, status });
+                }
+                Ok(false) => return Ok(Handled::Duplicate),
+                Err(EngineError::Store(e)) if e.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Contended { id, attempts })
+    }
+
+    /// One transaction: inbox, instance, history, outbox, effects. Returns
+    /// `false` when the inbox shows the message was consumed already.
+    async fn commit(
+        &self,
+        pending: Pending,
+        expected_revision: Option<u64>,
+        consumed: Option<&MessageId>,
+    ) -> Result<bool, EngineError> {
+        let mut tx = self.inner.store.begin().await?;
+        if let Some(message) = consumed {
+            if !tx.consume(&self.inner.config.consumer, message).await? {
+                return Ok(false);
+            }
+        }
+        match expected_revision {
+            None => tx.insert(&pending.instance).await?,
+            Some(revision) => tx.update(&pending.instance, revision).await?,
+        }
+        tx.record(&pending.transition).await?;
+        if !pending.messages.is_empty() {
+            tx.enqueue(Some(pending.instance.id), &pending.messages).await?;
+        }
+        if let Some(effects) = pending.effects {
+            effects
+                .apply(tx.as_mut(), &pending.instance)
+                .await
+                .map_err(EngineError::Effects)?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+fn ignored_reason(instance: &SagaInstance) -> &'static str {
+    if instance.status.is_terminal() {
+        "the saga has finished"
+    } else {
+        "the event does not apply to the saga's current step"
+    }
+}
+
+#[async_trait]
+impl crate::consumer::MessageHandler for Engine {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        Engine::handle(self, message).await.map(|_| ())
+    }
+}

@@ -1,0 +1,38 @@
+#![doc = include_str!("../README.md")]
+
+mod clock;
+mod consumer;
+mod decide;
+mod definition;
+mod engine;
+mod error;
+mod id;
+mod instance;
+mod message;
+mod participant;
+mod relay;
+mod store;
+mod transport;
+
+pub mod memory;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use consumer::{Consumer, ConsumerConfig, MessageHandler, settlement_for};
+pub use decide::{Decision, Event, OperatorAction, Outcome, decide, start};
+pub use definition::{ReplyOutcome, SagaBuilder, SagaData, SagaDefinition, Step, StepContext};
+pub use engine::{EffectHandler, Engine, EngineBuilder, EngineConfig, Handled};
+pub use error::{BoxError, DefinitionError, EngineError, RetryPolicy, StepError};
+pub use id::{MessageId, SagaId};
+pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, UnknownStatus};
+pub use message::{Command, IN_REPLY_TO, Message};
+pub use participant::{CommandHandler, Handling, Participant};
+pub use relay::{Relay, RelayConfig, RelayRound};
+pub use store::{
+    DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, Store,
+    StoreError, Transaction,
+};
+pub use transport::{Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, Transport, TransportError};
+
+pub use tokio_util::sync::CancellationToken;

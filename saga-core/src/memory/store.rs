@@ -1,0 +1,342 @@
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::id::{MessageId, SagaId};
+use crate::instance::{SagaInstance, Transition};
+use crate::message::Message;
+use crate::store::{
+    DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, StoreError,
+    Transaction,
+};
+
+#[derive(Default)]
+struct State {
+    instances: HashMap<SagaId, SagaInstance>,
+    keys: HashMap<(String, String), SagaId>,
+    inbox: HashSet<(String, MessageId)>,
+    outbox: BTreeMap<OutboxId, Queued>,
+    next_outbox: OutboxId,
+    deadlines: BTreeSet<(Timestamp, SagaId)>,
+    history: HashMap<SagaId, Vec<Transition>>,
+}
+
+struct Queued {
+    saga: Option<SagaId>,
+    message: Message,
+    claimed_until: Option<Timestamp>,
+}
+
+impl State {
+    fn set_deadline(&mut self, id: SagaId, old: Option<Timestamp>, new: Option<Timestamp>) {
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, id));
+        }
+        if let Some(new) = new {
+            self.deadlines.insert((new, id));
+        }
+    }
+}
+
+/// A [`Store`](crate::Store) in memory: one lock, transactions buffered and
+/// checked at commit (optimistic, like the SQL backends).
+#[derive(Clone)]
+pub struct InMemoryStore {
+    state: Arc<Mutex<State>>,
+    notify: Arc<Notify>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for InMemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryStore {
+    /// An empty store on the system clock (used for outbox leases).
+    pub fn new() -> Self {
+        Self::with_clock(SystemClock)
+    }
+
+    /// An empty store whose outbox leases follow `clock`.
+    pub fn with_clock(clock: impl Clock) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State::default())),
+            notify: Arc::new(Notify::new()),
+            clock: Arc::new(clock),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied commit
+        // (commits validate before they write), so the data is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Messages in the outbox not yet marked sent.
+    pub fn unsent(&self) -> usize {
+        self.lock().outbox.len()
+    }
+
+    /// How many instances the store holds.
+    pub fn len(&self) -> usize {
+        self.lock().instances.len()
+    }
+
+    /// Whether the store holds no instance.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl SagaStore for InMemoryStore {
+    async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, StoreError> {
+        Ok(self.lock().instances.get(&id).cloned())
+    }
+
+    async fn find_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaId>, StoreError> {
+        Ok(self.lock().keys.get(&(definition.to_owned(), key.to_owned())).copied())
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>, StoreError> {
+        Ok(Box::new(InMemoryTransaction {
+            store: self.clone(),
+            consumed: Vec::new(),
+            inserts: Vec::new(),
+            updates: Vec::new(),
+            history: Vec::new(),
+            outbox: Vec::new(),
+            on_commit: Vec::new(),
+        }))
+    }
+}
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A buffered in-memory transaction. Application code reaches it through
+/// [`Transaction::backend`] and can register work to run at commit, under
+/// the store's lock, with [`on_commit`](Self::on_commit).
+pub struct InMemoryTransaction {
+    store: InMemoryStore,
+    consumed: Vec<(String, MessageId)>,
+    inserts: Vec<SagaInstance>,
+    updates: Vec<(SagaInstance, u64)>,
+    history: Vec<Transition>,
+    outbox: Vec<(Option<SagaId>, Message)>,
+    on_commit: Vec<Hook>,
+}
+
+impl InMemoryTransaction {
+    /// Runs `hook` if and when this transaction commits, atomically with it.
+    pub fn on_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.on_commit.push(Box::new(hook));
+    }
+}
+
+#[async_trait]
+impl Transaction for InMemoryTransaction {
+    async fn consume(&mut self, consumer: &str, message: &MessageId) -> Result<bool, StoreError> {
+        let entry = (consumer.to_owned(), message.clone());
+        if self.consumed.contains(&entry) || self.store.lock().inbox.contains(&entry) {
+            return Ok(false);
+        }
+        self.consumed.push(entry);
+        Ok(true)
+    }
+
+    async fn insert(&mut self, instance: &SagaInstance) -> Result<(), StoreError> {
+        self.inserts.push(instance.clone());
+        Ok(())
+    }
+
+    async fn update(&mut self, instance: &SagaInstance, expected_revision: u64) -> Result<(), StoreError> {
+        self.updates.push((instance.clone(), expected_revision));
+        Ok(())
+    }
+
+    async fn record(&mut self, transition: &Transition) -> Result<(), StoreError> {
+        self.history.push(transition.clone());
+        Ok(())
+    }
+
+    async fn enqueue(&mut self, saga: Option<SagaId>, messages: &[Message]) -> Result<(), StoreError> {
+        self.outbox.extend(messages.iter().cloned().map(|m| (saga, m)));
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let this = *self;
+        let has_messages = !this.outbox.is_empty();
+        {
+            let mut state = this.store.lock();
+            // Validate everything first, so a failed commit writes nothing.
+            for entry in &this.consumed {
+                if state.inbox.contains(entry) {
+                    return Err(StoreError::ConsumedConcurrently { id: entry.1.clone() });
+                }
+            }
+            for instance in &this.inserts {
+                let key_taken = instance
+                    .key
+                    .as_ref()
+                    .is_some_and(|k| state.keys.contains_key(&(instance.definition.clone(), k.clone())));
+                if key_taken || state.instances.contains_key(&instance.id) {
+                    return Err(StoreError::AlreadyExists { id: instance.id });
+                }
+            }
+            for (instance, expected) in &this.updates {
+                let actual = state.instances.get(&instance.id).map(|i| i.revision);
+                if actual != Some(*expected) {
+                    return Err(StoreError::Conflict {
+                        id: instance.id,
+                        expected: *expected,
+                        actual,
+                    });
+                }
+            }
+            state.inbox.extend(this.consumed);
+            for instance in this.inserts {
+                if let Some(key) = &instance.key {
+                    state.keys.insert((instance.definition.clone(), key.clone()), instance.id);
+                }
+                state.set_deadline(instance.id, None, instance.deadline);
+                state.instances.insert(instance.id, instance);
+            }
+            for (instance, _) in this.updates {
+                let old = state.instances.get(&instance.id).and_then(|i| i.deadline);
+                state.set_deadline(instance.id, old, instance.deadline);
+                state.instances.insert(instance.id, instance);
+            }
+            for transition in this.history {
+                state.history.entry(transition.saga_id).or_default().push(transition);
+            }
+            for (saga, message) in this.outbox {
+                state.next_outbox += 1;
+                let id = state.next_outbox;
+                state.outbox.insert(
+                    id,
+                    Queued {
+                        saga,
+                        message,
+                        claimed_until: None,
+                    },
+                );
+            }
+            for hook in this.on_commit {
+                hook();
+            }
+        }
+        if has_messages {
+            this.store.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn backend(&mut self) -> &mut (dyn Any + Send) {
+        self
+    }
+}
+
+#[async_trait]
+impl OutboxStore for InMemoryStore {
+    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let mut claimed = Vec::new();
+        // A saga whose earlier message is claimed by someone else must wait,
+        // so its messages are never published out of order.
+        let mut blocked: HashSet<SagaId> = HashSet::new();
+        for (id, queued) in state.outbox.iter_mut() {
+            if claimed.len() >= limit {
+                break;
+            }
+            let held = queued.claimed_until.is_some_and(|until| until > now);
+            if held || queued.saga.is_some_and(|s| blocked.contains(&s)) {
+                if let Some(saga) = queued.saga {
+                    blocked.insert(saga);
+                }
+                continue;
+            }
+            queued.claimed_until = Some(now + lease);
+            claimed.push(OutboxEntry {
+                id: *id,
+                saga: queued.saga,
+                message: queued.message.clone(),
+            });
+        }
+        Ok(claimed)
+    }
+
+    async fn mark_sent(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        for id in ids {
+            state.outbox.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn release(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        for id in ids {
+            if let Some(queued) = state.outbox.get_mut(id) {
+                queued.claimed_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_for_messages(&self, timeout: Duration) {
+        let notified = self.notify.notified();
+        if self.lock().outbox.values().any(|q| q.claimed_until.is_none()) {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, notified).await;
+    }
+}
+
+#[async_trait]
+impl DeadlineStore for InMemoryStore {
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<DueDeadline>, StoreError> {
+        Ok(self
+            .lock()
+            .deadlines
+            .iter()
+            .take_while(|(due, _)| *due <= now)
+            .take(limit)
+            .map(|&(due, saga)| DueDeadline { saga, due })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl QueryStore for InMemoryStore {
+    async fn history(&self, id: SagaId) -> Result<Vec<Transition>, StoreError> {
+        Ok(self.lock().history.get(&id).cloned().unwrap_or_default())
+    }
+
+    async fn list(&self, filter: &InstanceFilter) -> Result<Vec<SagaInstance>, StoreError> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let state = self.lock();
+        let mut found: Vec<SagaInstance> = state
+            .instances
+            .values()
+            .filter(|i| filter.definition.as_ref().is_none_or(|d| &i.definition == d))
+            .filter(|i| filter.statuses.is_empty() || filter.statuses.contains(&i.status))
+            .filter(|i| filter.updated_before.is_none_or(|t| i.updated_at <= t))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
+        found.truncate(limit);
+        Ok(found)
+    }
+}

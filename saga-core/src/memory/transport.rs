@@ -1,0 +1,238 @@
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::message::Message;
+use crate::transport::{Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, TransportError};
+
+/// The header a dead-lettered message carries its reason in.
+pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+
+struct Queued {
+    message: Message,
+    retries: u32,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Mutex<VecDeque<Queued>>,
+    notify: Notify,
+}
+
+impl Queue {
+    fn items(&self) -> MutexGuard<'_, VecDeque<Queued>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_back(&self, queued: Queued) {
+        self.items().push_back(queued);
+        self.notify.notify_one();
+    }
+
+    fn push_front(&self, queued: Queued) {
+        self.items().push_front(queued);
+        self.notify.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct Topology {
+    /// Destination → queues bound to it (fanout).
+    bindings: HashMap<String, Vec<Arc<Queue>>>,
+    queues: HashMap<String, Arc<Queue>>,
+}
+
+/// Counts for one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages waiting to be delivered.
+    pub ready: usize,
+    /// Messages in its dead-letter queue.
+    pub dead_lettered: usize,
+}
+
+/// An in-process [`Transport`](crate::Transport) with fanout destinations,
+/// competing consumers, delayed retries and a `<queue>.dlq` per queue.
+///
+/// Like a broker with publisher confirms and `mandatory`, publishing to an
+/// unknown destination, or one with no queue bound, is an error. A delivery
+/// dropped without being settled goes back to the front of its queue.
+#[derive(Clone, Default)]
+pub struct InMemoryTransport {
+    topology: Arc<RwLock<Topology>>,
+}
+
+impl InMemoryTransport {
+    /// An empty transport; declare queues and bindings before use.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Declares `queue` (and its `<queue>.dlq`); idempotent.
+    pub fn declare_queue(&self, queue: &str) -> &Self {
+        let mut topology = self.topology.write().unwrap_or_else(|p| p.into_inner());
+        for name in [queue.to_owned(), format!("{queue}.dlq")] {
+            topology.queues.entry(name).or_default();
+        }
+        self
+    }
+
+    /// Declares `destination` and binds `queue` to it (declaring the queue);
+    /// idempotent. Each bound queue gets a copy of every message.
+    pub fn bind(&self, destination: &str, queue: &str) -> &Self {
+        self.declare_queue(queue);
+        let mut topology = self.topology.write().unwrap_or_else(|p| p.into_inner());
+        let Some(target) = topology.queues.get(queue).cloned() else {
+            return self;
+        };
+        let bound = topology.bindings.entry(destination.to_owned()).or_default();
+        if !bound.iter().any(|q| Arc::ptr_eq(q, &target)) {
+            bound.push(target);
+        }
+        self
+    }
+
+    /// Declares a destination with no queue bound yet.
+    pub fn declare_destination(&self, destination: &str) -> &Self {
+        let mut topology = self.topology.write().unwrap_or_else(|p| p.into_inner());
+        topology.bindings.entry(destination.to_owned()).or_default();
+        self
+    }
+
+    fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        let topology = self.topology.read().unwrap_or_else(|p| p.into_inner());
+        topology.queues.get(name).cloned()
+    }
+
+    /// Removes and returns every message waiting in `queue` (for tests and tools).
+    pub fn take(&self, queue: &str) -> Vec<Message> {
+        self.queue(queue)
+            .map(|q| q.items().drain(..).map(|queued| queued.message).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts for `queue`.
+    pub fn stats(&self, queue: &str) -> QueueStats {
+        let count = |name: &str| self.queue(name).map_or(0, |q| q.items().len());
+        QueueStats {
+            ready: count(queue),
+            dead_lettered: count(&format!("{queue}.dlq")),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for InMemoryTransport {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let queues = {
+            let topology = self.topology.read().unwrap_or_else(|p| p.into_inner());
+            topology
+                .bindings
+                .get(&message.destination)
+                .cloned()
+                .ok_or_else(|| TransportError::UnknownAddress(message.destination.clone()))?
+        };
+        if queues.is_empty() {
+            return Err(TransportError::Rejected {
+                id: message.id.to_string(),
+                reason: format!("no queue is bound to `{}`", message.destination),
+            });
+        }
+        for queue in queues {
+            queue.push_back(Queued {
+                message: message.clone(),
+                retries: 0,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for InMemoryTransport {
+    async fn subscribe(&self, queue: &str) -> Result<Box<dyn Subscription>, TransportError> {
+        let target = self.queue(queue).ok_or_else(|| TransportError::UnknownAddress(queue.to_owned()))?;
+        let dead_letters = self
+            .queue(&format!("{queue}.dlq"))
+            .ok_or_else(|| TransportError::UnknownAddress(format!("{queue}.dlq")))?;
+        Ok(Box::new(InMemorySubscription {
+            queue: target,
+            dead_letters,
+        }))
+    }
+}
+
+struct InMemorySubscription {
+    queue: Arc<Queue>,
+    dead_letters: Arc<Queue>,
+}
+
+#[async_trait]
+impl Subscription for InMemorySubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, TransportError>> {
+        loop {
+            let notified = self.queue.notify.notified();
+            if let Some(queued) = self.queue.items().pop_front() {
+                let retries = queued.retries;
+                let message = queued.message.clone();
+                return Some(Ok(Delivery {
+                    message,
+                    retries,
+                    settle: Box::new(InMemorySettle {
+                        queued: Some(queued),
+                        queue: Arc::clone(&self.queue),
+                        dead_letters: Arc::clone(&self.dead_letters),
+                    }),
+                }));
+            }
+            notified.await;
+        }
+    }
+}
+
+struct InMemorySettle {
+    queued: Option<Queued>,
+    queue: Arc<Queue>,
+    dead_letters: Arc<Queue>,
+}
+
+#[async_trait]
+impl Settle for InMemorySettle {
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
+        let Some(mut queued) = self.queued.take() else {
+            return Ok(());
+        };
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Retry { delay } => {
+                queued.retries += 1;
+                let queue = Arc::clone(&self.queue);
+                if delay.is_zero() {
+                    queue.push_back(queued);
+                } else {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        queue.push_back(queued);
+                    });
+                }
+            }
+            Settlement::DeadLetter { reason } => {
+                queued.message.headers.insert(DEAD_LETTER_REASON.to_owned(), reason);
+                self.dead_letters.push_back(queued);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InMemorySettle {
+    fn drop(&mut self) {
+        // Never settled (the consumer died): back to the front, as a broker
+        // requeues the unacked deliveries of a closed channel.
+        if let Some(queued) = self.queued.take() {
+            self.queue.push_front(queued);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The participant side: a service that receives a command and replies.
+//! Each command is handled once per message id, and the replies commit in
+//! the same transaction as the participant's own changes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{EngineError, StepError};
+use crate::id::MessageId;
+use crate::message::{Command, IN_REPLY_TO, Message};
+use crate::store::{SagaStore, Transaction};
+
+/// Handles commands for a participant. Make your changes through `tx` (downcast
+/// `tx.backend()` to your store's transaction) and return the replies; all of
+/// it commits together, or none of it.
+#[async_trait]
+pub trait CommandHandler: Send + Sync + 'static {
+    /// Handles one command. A retryable error makes the message be delivered
+    /// again later; a terminal one dead-letters it.
+    async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError>;
+}
+
+/// How a participant treated a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handling {
+    /// Handled and committed, with this many replies.
+    Handled {
+        /// Replies enqueued.
+        replies: usize,
+    },
+    /// Already handled before: nothing done.
+    Duplicate,
+}
+
+/// Runs a [`CommandHandler`] with inbox deduplication and an outbox for replies.
+pub struct Participant {
+    name: String,
+    store: Arc<dyn SagaStore>,
+    handler: Arc<dyn CommandHandler>,
+}
+
+impl Participant {
+    /// A participant named `name` (its inbox consumer name).
+    pub fn new(name: impl Into<String>, store: Arc<dyn SagaStore>, handler: impl CommandHandler) -> Self {
+        Self {
+            name: name.into(),
+            store,
+            handler: Arc::new(handler),
+        }
+    }
+
+    /// Handles `command` once: inbox check, handler, replies to the outbox, commit.
+    ///
+    /// Replies get ids derived from the command's id, the command's
+    /// correlation id, and an `in-reply-to` header naming the command.
+    pub async fn handle(&self, command: &Message) -> Result<Handling, EngineError> {
+        let mut tx = self.store.begin().await?;
+        if !tx.consume(&self.name, &command.id).await? {
+            return Ok(Handling::Duplicate);
+        }
+        let commands = self.handler.handle(tx.as_mut(), command).await.map_err(EngineError::Step)?;
+        let replies: Vec<Message> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(index, reply)| reply_to(command, reply, MessageId::derived_from(&command.id, index)))
+            .collect();
+        if !replies.is_empty() {
+            tx.enqueue(None, &replies).await?;
+        }
+        tx.commit().await?;
+        Ok(Handling::Handled {
+            replies: replies.len(),
+        })
+    }
+}
+
+fn reply_to(command: &Message, reply: Command, id: MessageId) -> Message {
+    let mut message = Message::new(reply.kind, reply.destination, reply.payload).with_id(id);
+    message.correlation_id = command.correlation_id.clone();
+    message.with_header(IN_REPLY_TO, command.id.as_str())
+}
+
+#[async_trait]
+impl crate::consumer::MessageHandler for Participant {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        Participant::handle(self, message).await.map(|_| ())
+    }
+}
