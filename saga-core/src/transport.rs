@@ -11,6 +11,9 @@ use async_trait::async_trait;
 use crate::error::BoxError;
 use crate::message::Message;
 
+/// The header a dead-lettered message carries the reason in.
+pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+
 /// What a transport could not do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -5,10 +5,8 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::message::Message;
-use crate::transport::{Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, TransportError};
+use crate::transport::{DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, TransportError};
 
-/// The header a dead-lettered message carries its reason in.
-pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
 
 struct Queued {
     message: Message,
@@ -154,9 +152,8 @@ impl Publisher for InMemoryTransport {
 impl Subscriber for InMemoryTransport {
     async fn subscribe(&self, queue: &str) -> Result<Box<dyn Subscription>, TransportError> {
         let target = self.queue(queue).ok_or_else(|| TransportError::UnknownAddress(queue.to_owned()))?;
-        let dead_letters = self
-            .queue(&format!("{queue}.dlq"))
-            .ok_or_else(|| TransportError::UnknownAddress(format!("{queue}.dlq")))?;
+        // A dead-letter queue has no dead-letter queue of its own.
+        let dead_letters = self.queue(&format!("{queue}.dlq"));
         Ok(Box::new(InMemorySubscription {
             queue: target,
             dead_letters,
@@ -166,7 +163,7 @@ impl Subscriber for InMemoryTransport {
 
 struct InMemorySubscription {
     queue: Arc<Queue>,
-    dead_letters: Arc<Queue>,
+    dead_letters: Option<Arc<Queue>>,
 }
 
 #[async_trait]
@@ -183,7 +180,7 @@ impl Subscription for InMemorySubscription {
                     settle: Box::new(InMemorySettle {
                         queued: Some(queued),
                         queue: Arc::clone(&self.queue),
-                        dead_letters: Arc::clone(&self.dead_letters),
+                        dead_letters: self.dead_letters.clone(),
                     }),
                 }));
             }
@@ -195,7 +192,7 @@ impl Subscription for InMemorySubscription {
 struct InMemorySettle {
     queued: Option<Queued>,
     queue: Arc<Queue>,
-    dead_letters: Arc<Queue>,
+    dead_letters: Option<Arc<Queue>>,
 }
 
 #[async_trait]
@@ -220,7 +217,11 @@ impl Settle for InMemorySettle {
             }
             Settlement::DeadLetter { reason } => {
                 queued.message.headers.insert(DEAD_LETTER_REASON.to_owned(), reason);
-                self.dead_letters.push_back(queued);
+                match &self.dead_letters {
+                    Some(dead_letters) => dead_letters.push_back(queued),
+                    // Dead-lettering a dead letter: keep it where it is rather than lose it.
+                    None => self.queue.push_back(queued),
+                }
             }
         }
         Ok(())

@@ -1,0 +1,356 @@
+//! The [`Store`] contract. Every backend runs [`run_all`] with a factory of
+//! fresh, empty stores; each case panics with a message saying what broke.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::id::{MessageId, SagaId};
+use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
+use crate::message::Message;
+use crate::store::{InstanceFilter, Store, StoreError};
+
+/// Runs every case, each on a fresh store from `fresh`.
+pub async fn run_all<F, Fut>(fresh: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    inserted_instance_loads_back(fresh().await).await;
+    ids_and_keys_are_unique(fresh().await).await;
+    stale_update_conflicts(fresh().await).await;
+    dropped_transaction_leaves_nothing(fresh().await).await;
+    inbox_deduplicates(fresh().await).await;
+    concurrent_consumers_of_one_message_commit_once(fresh().await).await;
+    concurrent_updates_apply_once(fresh().await).await;
+    outbox_keeps_order_and_fields(fresh().await).await;
+    outbox_claims_are_exclusive_until_released_or_expired(fresh().await).await;
+    deadlines_come_due_in_order(fresh().await).await;
+    history_and_listing(fresh().await).await;
+}
+
+/// A running instance with `key`, at revision 1.
+pub fn sample_instance(definition: &str, key: Option<&str>) -> SagaInstance {
+    let now = Timestamp::from_millis(1_700_000_000_000);
+    SagaInstance {
+        id: SagaId::new(),
+        definition: definition.to_owned(),
+        definition_version: 1,
+        key: key.map(str::to_owned),
+        status: SagaStatus::Running,
+        step: 0,
+        attempt: 0,
+        awaiting: None,
+        deadline: None,
+        failure: None,
+        data: r#"{"n":1}"#.to_owned(),
+        data_version: 1,
+        revision: 1,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+fn transition(instance: &SagaInstance, note: &str) -> Transition {
+    Transition {
+        saga_id: instance.id,
+        revision: instance.revision,
+        at: instance.updated_at,
+        cause: Cause::Started,
+        before: None,
+        after: Position {
+            status: instance.status,
+            step: instance.step,
+        },
+        emitted: vec![(MessageId::derived(instance.id, instance.revision, 0), "Emitted".to_owned())],
+        note: Some(note.to_owned()),
+    }
+}
+
+async fn insert(store: &dyn Store, instance: &SagaInstance) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
+    tx.insert(instance).await?;
+    tx.commit().await
+}
+
+async fn update(store: &dyn Store, instance: &SagaInstance, expected: u64) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
+    tx.update(instance, expected).await?;
+    tx.commit().await
+}
+
+fn must<T>(result: Result<T, StoreError>, what: &str) -> T {
+    result.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Insert, load, find by key.
+pub async fn inserted_instance_loads_back(store: Arc<dyn Store>) {
+    let mut instance = sample_instance("orders", Some("order-1"));
+    instance.deadline = Some(Timestamp::from_millis(1_700_000_005_000));
+    instance.failure = Some("a reason with 'quotes' and ünïcode".to_owned());
+    instance.awaiting = Some(MessageId::new());
+    must(insert(store.as_ref(), &instance).await, "insert");
+    let loaded = must(store.load(instance.id).await, "load");
+    assert_eq!(loaded.as_ref(), Some(&instance), "a loaded instance must equal the inserted one");
+    let found = must(store.find_by_key("orders", "order-1").await, "find_by_key");
+    assert_eq!(found, Some(instance.id), "find_by_key must find the instance by its key");
+    assert_eq!(must(store.find_by_key("other", "order-1").await, "find_by_key"), None, "keys are per definition");
+    assert_eq!(must(store.load(SagaId::new()).await, "load"), None, "an unknown id loads nothing");
+}
+
+/// A second insert with the same id, or the same key under the same definition, fails.
+pub async fn ids_and_keys_are_unique(store: Arc<dyn Store>) {
+    let first = sample_instance("orders", Some("k"));
+    must(insert(store.as_ref(), &first).await, "insert");
+    let same_id = SagaInstance {
+        key: Some("other".into()),
+        ..first.clone()
+    };
+    assert!(
+        matches!(insert(store.as_ref(), &same_id).await, Err(StoreError::AlreadyExists { .. })),
+        "a duplicate id must be AlreadyExists"
+    );
+    let same_key = sample_instance("orders", Some("k"));
+    assert!(
+        matches!(insert(store.as_ref(), &same_key).await, Err(StoreError::AlreadyExists { .. })),
+        "a duplicate key under one definition must be AlreadyExists"
+    );
+    let other_definition = sample_instance("payments", Some("k"));
+    must(insert(store.as_ref(), &other_definition).await, "the same key under another definition");
+}
+
+/// An update with a stale revision is a conflict and changes nothing.
+pub async fn stale_update_conflicts(store: Arc<dyn Store>) {
+    let instance = sample_instance("orders", None);
+    must(insert(store.as_ref(), &instance).await, "insert");
+    let mut next = instance.clone();
+    next.revision = 2;
+    next.step = 1;
+    must(update(store.as_ref(), &next, 1).await, "update at the right revision");
+    let mut stale = instance.clone();
+    stale.revision = 2;
+    stale.step = 7;
+    match update(store.as_ref(), &stale, 1).await {
+        Err(StoreError::Conflict { expected: 1, .. }) => {}
+        other => panic!("a stale update must be a Conflict, got {other:?}"),
+    }
+    let loaded = must(store.load(instance.id).await, "load");
+    assert_eq!(loaded.map(|i| i.step), Some(1), "a conflicting update must not overwrite");
+}
+
+/// A transaction dropped before commit writes nothing.
+pub async fn dropped_transaction_leaves_nothing(store: Arc<dyn Store>) {
+    let instance = sample_instance("orders", Some("dropped"));
+    let message_id = MessageId::new();
+    {
+        let mut tx = must(store.begin().await, "begin");
+        assert!(must(tx.consume("c", &message_id).await, "consume"));
+        must(tx.insert(&instance).await, "insert");
+        must(tx.record(&transition(&instance, "x")).await, "record");
+        must(tx.enqueue(Some(instance.id), &[Message::new("M", "d", b"{}".to_vec())]).await, "enqueue");
+    }
+    assert_eq!(must(store.load(instance.id).await, "load"), None, "no instance after rollback");
+    assert_eq!(must(store.find_by_key("orders", "dropped").await, "find"), None, "no key after rollback");
+    assert!(must(store.claim(10, Duration::from_secs(30)).await, "claim").is_empty(), "no outbox rows after rollback");
+    assert!(must(store.history(instance.id).await, "history").is_empty(), "no history after rollback");
+    let mut tx = must(store.begin().await, "begin");
+    assert!(must(tx.consume("c", &message_id).await, "consume"), "no inbox row after rollback");
+}
+
+/// A consumed message is recognised as a duplicate, per consumer.
+pub async fn inbox_deduplicates(store: Arc<dyn Store>) {
+    let id = MessageId::new();
+    let mut tx = must(store.begin().await, "begin");
+    assert!(must(tx.consume("engine", &id).await, "consume"), "first consumption");
+    must(tx.commit().await, "commit");
+    let mut tx = must(store.begin().await, "begin");
+    assert!(!must(tx.consume("engine", &id).await, "consume"), "the second consumption must report a duplicate");
+    drop(tx);
+    let mut tx = must(store.begin().await, "begin");
+    assert!(must(tx.consume("participant", &id).await, "consume"), "another consumer has its own inbox");
+    must(tx.commit().await, "commit");
+}
+
+/// Two transactions consuming the same message: at most one commits having
+/// consumed it.
+pub async fn concurrent_consumers_of_one_message_commit_once(store: Arc<dyn Store>) {
+    let id = MessageId::new();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = Arc::clone(&store);
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tx = store.begin().await?;
+            if !tx.consume("engine", &id).await? {
+                return Ok(false);
+            }
+            tx.commit().await.map(|()| true)
+        }));
+    }
+    let mut committed = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(true)) => committed += 1,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) if e.is_conflict() => {}
+            Ok(Err(e)) => panic!("unexpected error consuming concurrently: {e}"),
+            Err(e) => panic!("task failed: {e}"),
+        }
+    }
+    assert_eq!(committed, 1, "exactly one transaction may commit a consumption");
+}
+
+/// Many writers updating from the same revision: exactly one wins.
+pub async fn concurrent_updates_apply_once(store: Arc<dyn Store>) {
+    let instance = sample_instance("orders", None);
+    must(insert(store.as_ref(), &instance).await, "insert");
+    let mut tasks = Vec::new();
+    for writer in 0..8u32 {
+        let store = Arc::clone(&store);
+        let mut next = instance.clone();
+        next.revision = 2;
+        next.step = writer + 1;
+        tasks.push(tokio::spawn(async move { update(store.as_ref(), &next, 1).await }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => wins += 1,
+            Ok(Err(e)) if e.is_conflict() => {}
+            Ok(Err(e)) => panic!("unexpected error updating concurrently: {e}"),
+            Err(e) => panic!("task failed: {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one concurrent update may win");
+    let loaded = must(store.load(instance.id).await, "load");
+    assert_eq!(loaded.map(|i| i.revision), Some(2));
+}
+
+/// Outbox messages come back whole and in order.
+pub async fn outbox_keeps_order_and_fields(store: Arc<dyn Store>) {
+    let saga = SagaId::new();
+    let messages: Vec<Message> = (0..5)
+        .map(|i| {
+            Message::new(format!("Kind{i}"), "dest", format!("{{\"i\":{i}}}").into_bytes())
+                .with_correlation_id(saga.to_string())
+                .with_header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        })
+        .collect();
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.enqueue(Some(saga), &messages[..3]).await, "enqueue");
+    must(tx.enqueue(None, &messages[3..]).await, "enqueue");
+    must(tx.commit().await, "commit");
+    let claimed = must(store.claim(10, Duration::from_secs(30)).await, "claim");
+    let got: Vec<&Message> = claimed.iter().map(|e| &e.message).collect();
+    assert_eq!(got, messages.iter().collect::<Vec<_>>(), "messages must come back whole, in enqueue order");
+    assert!(claimed[..3].iter().all(|e| e.saga == Some(saga)), "the saga is kept");
+    assert!(claimed[3..].iter().all(|e| e.saga.is_none()), "no saga is kept as none");
+    assert!(claimed.windows(2).all(|w| w[0].id < w[1].id), "outbox ids increase");
+}
+
+/// Claimed messages are invisible to other claims until released, marked
+/// sent (gone for good) or the lease runs out.
+pub async fn outbox_claims_are_exclusive_until_released_or_expired(store: Arc<dyn Store>) {
+    let mut tx = must(store.begin().await, "begin");
+    let messages: Vec<Message> = (0..4).map(|i| Message::new("M", "d", vec![b'0' + i])).collect();
+    must(tx.enqueue(None, &messages).await, "enqueue");
+    must(tx.commit().await, "commit");
+    let first = must(store.claim(2, Duration::from_secs(60)).await, "claim");
+    assert_eq!(first.len(), 2, "a claim takes at most its limit");
+    let second = must(store.claim(10, Duration::from_secs(60)).await, "claim");
+    assert_eq!(second.len(), 2, "claimed messages are not claimed again");
+    assert!(must(store.claim(10, Duration::from_secs(60)).await, "claim").is_empty());
+    must(store.mark_sent(&[first[0].id]).await, "mark_sent");
+    must(store.release(&[first[1].id]).await, "release");
+    let third = must(store.claim(10, Duration::ZERO).await, "claim");
+    assert_eq!(
+        third.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![first[1].id],
+        "a released message is claimable again; a sent one never"
+    );
+    // The zero lease has run out already.
+    let fourth = must(store.claim(10, Duration::from_secs(60)).await, "claim");
+    assert_eq!(fourth.iter().map(|e| e.id).collect::<Vec<_>>(), vec![first[1].id], "an expired lease frees the message");
+}
+
+/// Due deadlines come earliest first, follow updates, and respect the limit.
+pub async fn deadlines_come_due_in_order(store: Arc<dyn Store>) {
+    let base = Timestamp::from_millis(1_700_000_000_000);
+    let mut instances = Vec::new();
+    for offset in [30u64, 10, 20, 40] {
+        let mut instance = sample_instance("orders", None);
+        instance.deadline = Some(base + Duration::from_secs(offset));
+        must(insert(store.as_ref(), &instance).await, "insert");
+        instances.push(instance);
+    }
+    let due = must(store.due(base + Duration::from_secs(30), 10).await, "due");
+    let dues: Vec<Timestamp> = due.iter().map(|d| d.due).collect();
+    assert_eq!(
+        dues,
+        vec![base + Duration::from_secs(10), base + Duration::from_secs(20), base + Duration::from_secs(30)],
+        "due deadlines, earliest first, none later than now"
+    );
+    assert_eq!(due[0].saga, instances[1].id);
+    assert_eq!(must(store.due(base + Duration::from_secs(30), 2).await, "due").len(), 2, "the limit holds");
+    let mut cleared = instances[1].clone();
+    cleared.deadline = None;
+    cleared.revision = 2;
+    must(update(store.as_ref(), &cleared, 1).await, "update");
+    let due = must(store.due(base + Duration::from_secs(30), 10).await, "due");
+    assert_eq!(due.len(), 2, "a cleared deadline is no longer due");
+    assert!(due.iter().all(|d| d.saga != cleared.id));
+}
+
+/// History comes back in order; listing filters and orders.
+pub async fn history_and_listing(store: Arc<dyn Store>) {
+    let mut a = sample_instance("orders", None);
+    let mut b = sample_instance("orders", None);
+    let c = sample_instance("payments", None);
+    b.updated_at = a.updated_at + Duration::from_secs(5);
+    for instance in [&a, &b, &c] {
+        let mut tx = must(store.begin().await, "begin");
+        must(tx.insert(instance).await, "insert");
+        must(tx.record(&transition(instance, "started")).await, "record");
+        must(tx.commit().await, "commit");
+    }
+    let mut next = a.clone();
+    next.revision = 2;
+    next.status = SagaStatus::Completed;
+    next.updated_at = a.updated_at + Duration::from_secs(1);
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.update(&next, 1).await, "update");
+    must(tx.record(&transition(&next, "completed")).await, "record");
+    must(tx.commit().await, "commit");
+    a = next;
+    let history = must(store.history(a.id).await, "history");
+    assert_eq!(
+        history.iter().map(|t| (t.revision, t.note.clone())).collect::<Vec<_>>(),
+        vec![(1, Some("started".into())), (2, Some("completed".into()))],
+        "history in commit order"
+    );
+    assert_eq!(history[0], transition(&sample_like(&a, 1), "started"), "a transition comes back whole");
+    let running = must(
+        store
+            .list(&InstanceFilter {
+                definition: Some("orders".into()),
+                statuses: vec![SagaStatus::Running],
+                ..InstanceFilter::default()
+            })
+            .await,
+        "list",
+    );
+    assert_eq!(running.iter().map(|i| i.id).collect::<Vec<_>>(), vec![b.id], "filter by definition and status");
+    let all = must(store.list(&InstanceFilter::default()).await, "list");
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0].id, b.id, "most recently changed first");
+}
+
+fn sample_like(instance: &SagaInstance, revision: u64) -> SagaInstance {
+    SagaInstance {
+        revision,
+        status: SagaStatus::Running,
+        updated_at: instance.created_at,
+        ..instance.clone()
+    }
+}
