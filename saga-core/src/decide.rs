@@ -354,7 +354,11 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
                                 self.instance.attempt = made;
                                 self.instance.deadline = None;
                                 self.note = Some(reason.clone());
-                                self.instance.failure = Some(reason);
+                                // Keep the original failure: it is why compensation ran at all.
+                                self.instance.failure = Some(match self.instance.failure.take() {
+                                    Some(cause) => format!("{cause}; then {reason}"),
+                                    None => reason,
+                                });
                             }
                             return;
                         }
