@@ -115,6 +115,19 @@ pub fn decide<D: SagaData, E: Send + 'static>(
     if instance.status.is_terminal() {
         return Ok(Outcome::Ignored("the saga has finished"));
     }
+    decide_owned(definition, instance.clone(), event, now)
+}
+
+/// [`decide`] on an instance the caller no longer needs (saves a copy).
+pub(crate) fn decide_owned<D: SagaData, E: Send + 'static>(
+    definition: &SagaDefinition<D, E>,
+    instance: SagaInstance,
+    event: Event<'_>,
+    now: Timestamp,
+) -> Result<Outcome<E>, EngineError> {
+    if instance.status.is_terminal() {
+        return Ok(Outcome::Ignored("the saga has finished"));
+    }
     let data: D = serde_json::from_str(&instance.data).map_err(|source| EngineError::Decode {
         what: format!("data of saga {}", instance.id),
         source,
@@ -123,7 +136,7 @@ pub fn decide<D: SagaData, E: Send + 'static>(
         status: instance.status,
         step: instance.step,
     };
-    let mut run = Run::new(definition, instance.clone(), data, now);
+    let mut run = Run::new(definition, instance, data, now);
     let cause = match event {
         Event::Message(message) => {
             if let Some(reason) = run.on_message(message)? {

@@ -100,7 +100,7 @@ trait Runner: Send + Sync {
     fn version(&self) -> u32;
     fn routes(&self) -> Vec<(String, Correlation)>;
     fn start(&self, id: SagaId, data: Box<dyn Any + Send>, now: Timestamp) -> Result<Pending, EngineError>;
-    fn decide(&self, instance: &SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError>;
+    fn decide(&self, instance: SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError>;
     fn mermaid(&self) -> String;
     fn step_names(&self) -> Vec<String>;
 }
@@ -158,11 +158,12 @@ impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
         decide::start(&self.definition, id, *data, now).map(|d| self.bind(d))
     }
 
-    fn decide(&self, instance: &SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError> {
-        match decide::decide(&self.definition, instance, event, now)? {
+    fn decide(&self, instance: SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError> {
+        let id = instance.id;
+        match decide::decide_owned(&self.definition, instance, event, now)? {
             Outcome::Changed(decision) => Ok(Some(self.bind(decision))),
             Outcome::Ignored(reason) => {
-                tracing::debug!(saga_id = %instance.id, reason, "event ignored");
+                tracing::debug!(saga_id = %id, reason, "event ignored");
                 Ok(None)
             }
         }
@@ -490,11 +491,17 @@ impl Engine {
                 key: Some(id.to_string()),
             })?;
             let runner = self.runner(&instance.definition, instance.definition_version, id)?;
-            let Some(pending) = runner.decide(&instance, event, self.now())? else {
-                return Ok(Handled::Ignored(ignored_reason(&instance)));
+            let revision = instance.revision;
+            let finished = instance.status.is_terminal();
+            let Some(pending) = runner.decide(instance, event, self.now())? else {
+                return Ok(Handled::Ignored(if finished {
+                    "the saga has finished"
+                } else {
+                    "the event does not apply to the saga's current step"
+                }));
             };
             let status = pending.instance.status;
-            match self.commit(pending, Some(instance.revision), consumed).await {
+            match self.commit(pending, Some(revision), consumed).await {
                 Ok(true) => {
                     tracing::debug!(%status, "transition committed");
                     return Ok(Handled::Applied { saga: id, status });
@@ -537,14 +544,6 @@ impl Engine {
         }
         tx.commit().await?;
         Ok(true)
-    }
-}
-
-fn ignored_reason(instance: &SagaInstance) -> &'static str {
-    if instance.status.is_terminal() {
-        "the saga has finished"
-    } else {
-        "the event does not apply to the saga's current step"
     }
 }
 

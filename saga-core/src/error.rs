@@ -59,6 +59,13 @@ impl StepError {
     }
 }
 
+/// Encoding or decoding JSON inside a step fails the same way every time: terminal.
+impl From<serde_json::Error> for StepError {
+    fn from(error: serde_json::Error) -> Self {
+        Self::terminal(format!("JSON: {error}"))
+    }
+}
+
 /// A saga definition that is not well formed. Fix the definition; nothing was registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
