@@ -55,7 +55,11 @@ fn three_steps() -> SagaDefinition<Booking> {
             Step::remote("reserve", |_: &Booking| command("Reserve"))
                 .on_reply("Reserved", |b: &mut Booking, a: Ack| {
                     b.reserved = a.ok;
-                    if a.ok { ReplyOutcome::Success } else { ReplyOutcome::Failure("no".into()) }
+                    if a.ok {
+                        ReplyOutcome::Success
+                    } else {
+                        ReplyOutcome::Failure("no".into())
+                    }
                 })
                 .timeout(Duration::from_secs(30))
                 .compensate(|_: &mut Booking, ctx| {
@@ -67,7 +71,11 @@ fn three_steps() -> SagaDefinition<Booking> {
             Step::remote("charge", |_: &Booking| command("Charge"))
                 .on_reply("Charged", |b: &mut Booking, a: Ack| {
                     b.charged = a.ok;
-                    if a.ok { ReplyOutcome::Success } else { ReplyOutcome::Failure("declined".into()) }
+                    if a.ok {
+                        ReplyOutcome::Success
+                    } else {
+                        ReplyOutcome::Failure("declined".into())
+                    }
                 })
                 .timeout(Duration::from_secs(30)),
         )
@@ -89,7 +97,10 @@ fn reply(kind: &str, saga: SagaId) -> Message {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn bench_sagas(c: &mut Criterion) {
@@ -102,8 +113,15 @@ fn bench_sagas(c: &mut Criterion) {
                 let store = InMemoryStore::new();
                 let transport = InMemoryTransport::new();
                 transport.bind("participants", "participant-queue");
-                let engine = Engine::builder(Arc::new(store.clone())).register(three_steps()).build().expect("engine");
-                let relay = Relay::new(Arc::new(store.clone()), Arc::new(transport.clone()), RelayConfig::default());
+                let engine = Engine::builder(Arc::new(store.clone()))
+                    .register(three_steps())
+                    .build()
+                    .expect("engine");
+                let relay = Relay::new(
+                    Arc::new(store.clone()),
+                    Arc::new(transport.clone()),
+                    RelayConfig::default(),
+                );
                 let start = Instant::now();
                 for i in 0..iters {
                     let id = engine.start("booking", booking()).await.expect("start");
@@ -130,7 +148,9 @@ fn bench_transition(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let definition = three_steps();
     let now = Timestamp::now();
-    let started = saga_core::start(&definition, SagaId::new(), booking(), now).expect("start").instance;
+    let started = saga_core::start(&definition, SagaId::new(), booking(), now)
+        .expect("start")
+        .instance;
     let message = reply("Reserved", started.id);
     group.bench_function("decide", |b| {
         b.iter(|| saga_core::decide(&definition, &started, Event::Message(&message), now).expect("decide"))
@@ -139,7 +159,10 @@ fn bench_transition(c: &mut Criterion) {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let store = InMemoryStore::new();
-                let engine = Engine::builder(Arc::new(store.clone())).register(three_steps()).build().expect("engine");
+                let engine = Engine::builder(Arc::new(store.clone()))
+                    .register(three_steps())
+                    .build()
+                    .expect("engine");
                 let mut ids = Vec::with_capacity(iters as usize);
                 for _ in 0..iters {
                     ids.push(engine.start("booking", booking()).await.expect("start"));

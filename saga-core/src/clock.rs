@@ -28,9 +28,7 @@ impl Timestamp {
 
     /// The wall-clock time now.
     pub fn now() -> Self {
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
         Self(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
     }
 
@@ -119,7 +117,13 @@ mod tests {
         assert_eq!(clock.now(), Timestamp::from_millis(1_000));
         clock.advance(Duration::from_millis(250));
         assert_eq!(clock.now(), Timestamp::from_millis(1_250));
-        assert_eq!(clock.now().since(Timestamp::from_millis(1_000)), Duration::from_millis(250));
-        assert_eq!(Timestamp::from_millis(5).since(Timestamp::from_millis(9)), Duration::ZERO);
+        assert_eq!(
+            clock.now().since(Timestamp::from_millis(1_000)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            Timestamp::from_millis(5).since(Timestamp::from_millis(9)),
+            Duration::ZERO
+        );
     }
 }

@@ -144,7 +144,9 @@ impl Consumer {
             let mut in_flight = JoinSet::new();
             loop {
                 while in_flight.try_join_next().is_some() {}
-                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    break;
+                };
                 let next = tokio::select! {
                     () = shutdown.cancelled() => break,
                     next = subscription.next() => next,
@@ -185,10 +187,20 @@ mod tests {
         let policy = RetryPolicy::attempts(3);
         assert_eq!(settlement_for(&Ok(()), 0, &policy), Settlement::Ack);
         let unavailable = || Err(EngineError::Store(StoreError::Unavailable("down".into())));
-        assert!(matches!(settlement_for(&unavailable(), 0, &policy), Settlement::Retry { .. }));
-        assert!(matches!(settlement_for(&unavailable(), 1, &policy), Settlement::Retry { .. }));
-        assert!(matches!(settlement_for(&unavailable(), 2, &policy), Settlement::DeadLetter { reason } if reason.contains("gave up after 3")));
+        assert!(matches!(
+            settlement_for(&unavailable(), 0, &policy),
+            Settlement::Retry { .. }
+        ));
+        assert!(matches!(
+            settlement_for(&unavailable(), 1, &policy),
+            Settlement::Retry { .. }
+        ));
+        assert!(
+            matches!(settlement_for(&unavailable(), 2, &policy), Settlement::DeadLetter { reason } if reason.contains("gave up after 3"))
+        );
         let unknown = Err(EngineError::UnhandledKind { kind: "X".into() });
-        assert!(matches!(settlement_for(&unknown, 0, &policy), Settlement::DeadLetter { reason } if reason.contains("`X`")));
+        assert!(
+            matches!(settlement_for(&unknown, 0, &policy), Settlement::DeadLetter { reason } if reason.contains("`X`"))
+        );
     }
 }

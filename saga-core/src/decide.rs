@@ -67,6 +67,7 @@ pub struct Decision<E> {
 
 /// Whether an event changes the instance.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // Built once per event and moved straight into a commit; boxing would only add an allocation.
 pub enum Outcome<E> {
     /// It does; commit this.
     Changed(Decision<E>),
@@ -389,10 +390,7 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
     }
 
     /// Runs an action on a copy of the data; its outputs count only if it succeeds.
-    fn run_action(
-        &mut self,
-        action: &(dyn Fn(&mut D, &mut StepContext<E>) -> Result<(), StepError> + Send + Sync),
-    ) -> Result<(), StepError> {
+    fn run_action(&mut self, action: &crate::definition::LocalAction<D, E>) -> Result<(), StepError> {
         let mut data = self.data.clone();
         let mut context = StepContext::new(self.now, self.instance.attempt);
         action(&mut data, &mut context)?;

@@ -71,11 +71,10 @@ pub enum ReplyOutcome {
     Pending,
 }
 
-pub(crate) type LocalFn<D, E> =
-    Arc<dyn Fn(&mut D, &mut StepContext<E>) -> Result<(), StepError> + Send + Sync>;
+pub(crate) type LocalAction<D, E> = dyn Fn(&mut D, &mut StepContext<E>) -> Result<(), StepError> + Send + Sync;
+pub(crate) type LocalFn<D, E> = Arc<LocalAction<D, E>>;
 pub(crate) type CommandFn<D> = Arc<dyn Fn(&D) -> Result<Command, StepError> + Send + Sync>;
-pub(crate) type ReplyFn<D> =
-    Arc<dyn Fn(&mut D, &Message) -> Result<ReplyOutcome, serde_json::Error> + Send + Sync>;
+pub(crate) type ReplyFn<D> = Arc<dyn Fn(&mut D, &Message) -> Result<ReplyOutcome, serde_json::Error> + Send + Sync>;
 /// Extracts the correlation key from a reply payload.
 pub(crate) type MessageKeyFn = Arc<dyn Fn(&Message) -> Result<String, serde_json::Error> + Send + Sync>;
 pub(crate) type DataKeyFn<D> = Arc<dyn Fn(&D) -> String + Send + Sync>;
@@ -420,7 +419,11 @@ fn mermaid<D: SagaData, E: Send + 'static>(steps: &[Step<D, E>]) -> String {
             Action::Remote { replies, timeout, .. } => {
                 let kinds: Vec<String> = replies.iter().map(|r| escape(&r.kind)).collect();
                 let deadline = timeout.map(|t| format!(" ≤ {}", humane(t))).unwrap_or_default();
-                writeln!(out, "    s{i}[/\"{label}<br/>awaits {}{deadline}\"/]", kinds.join(" | "))
+                writeln!(
+                    out,
+                    "    s{i}[/\"{label}<br/>awaits {}{deadline}\"/]",
+                    kinds.join(" | ")
+                )
             }
         };
         if let Some(_c) = &step.compensation {
@@ -496,7 +499,11 @@ mod tests {
         assert!(matches!(no_reply, Err(DefinitionError::NoReplyHandler { .. })));
 
         let no_key = SagaDefinition::<u32>::builder("s")
-            .step(Step::remote("r", cmd).on_reply_keyed("Reply", |r: &String| r.clone(), |_, _: String| ReplyOutcome::Success))
+            .step(Step::remote("r", cmd).on_reply_keyed(
+                "Reply",
+                |r: &String| r.clone(),
+                |_, _: String| ReplyOutcome::Success,
+            ))
             .build();
         assert!(matches!(no_key, Err(DefinitionError::MissingKey { .. })));
 

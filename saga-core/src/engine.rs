@@ -324,11 +324,16 @@ impl Engine {
     ) -> Result<SagaId, EngineError> {
         let span = tracing::info_span!("saga.start", saga = definition, saga_id = %id);
         async {
-            let version = self.inner.latest.get(definition).copied().ok_or_else(|| EngineError::UnknownDefinition {
-                id,
-                definition: definition.to_owned(),
-                version: 0,
-            })?;
+            let version = self
+                .inner
+                .latest
+                .get(definition)
+                .copied()
+                .ok_or_else(|| EngineError::UnknownDefinition {
+                    id,
+                    definition: definition.to_owned(),
+                    version: 0,
+                })?;
             let runner = self.runner(definition, version, id)?;
             let pending = runner.start(id, Box::new(data), self.now())?;
             let status = pending.instance.status;
@@ -353,7 +358,9 @@ impl Engine {
     pub async fn handle(&self, message: &Message) -> Result<Handled, EngineError> {
         let id = self.correlate(message).await?;
         let span = tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
-        self.transition(id, Event::Message(message), Some(&message.id)).instrument(span).await
+        self.transition(id, Event::Message(message), Some(&message.id))
+            .instrument(span)
+            .await
     }
 
     /// Fires every deadline that has come (up to the configured batch) and
@@ -382,15 +389,13 @@ impl Engine {
     /// Applies an operator action and returns the instance afterwards.
     pub async fn act(&self, id: SagaId, action: OperatorAction) -> Result<SagaInstance, EngineError> {
         let span = tracing::info_span!("saga.operator", saga_id = %id, action = action.as_str());
-        self.transition(id, Event::Operator(action), None).instrument(span).await?;
-        self.inner
-            .store
-            .load(id)
-            .await?
-            .ok_or(EngineError::UnknownSaga {
-                kind: action.as_str().to_owned(),
-                key: Some(id.to_string()),
-            })
+        self.transition(id, Event::Operator(action), None)
+            .instrument(span)
+            .await?;
+        self.inner.store.load(id).await?.ok_or(EngineError::UnknownSaga {
+            kind: action.as_str().to_owned(),
+            key: Some(id.to_string()),
+        })
     }
 
     /// Fires deadlines every `interval` until `shutdown` is cancelled.
@@ -447,7 +452,9 @@ impl Engine {
         for route in routes {
             match &route.correlation {
                 Correlation::SagaId => {
-                    let Some(raw) = message.correlation_id.as_deref() else { continue };
+                    let Some(raw) = message.correlation_id.as_deref() else {
+                        continue;
+                    };
                     tried = Some(raw.to_owned());
                     let Ok(id) = raw.parse::<SagaId>() else { continue };
                     match self.inner.store.load(id).await? {
@@ -482,14 +489,19 @@ impl Engine {
     ) -> Result<Handled, EngineError> {
         let attempts = self.inner.config.max_conflict_retries.max(1);
         for _ in 0..attempts {
-            let instance = self.inner.store.load(id).await?.ok_or_else(|| EngineError::UnknownSaga {
-                kind: match event {
-                    Event::Message(m) => m.kind.clone(),
-                    Event::Deadline(_) => "deadline".to_owned(),
-                    Event::Operator(a) => a.as_str().to_owned(),
-                },
-                key: Some(id.to_string()),
-            })?;
+            let instance = self
+                .inner
+                .store
+                .load(id)
+                .await?
+                .ok_or_else(|| EngineError::UnknownSaga {
+                    kind: match event {
+                        Event::Message(m) => m.kind.clone(),
+                        Event::Deadline(_) => "deadline".to_owned(),
+                        Event::Operator(a) => a.as_str().to_owned(),
+                    },
+                    key: Some(id.to_string()),
+                })?;
             let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let revision = instance.revision;
             let finished = instance.status.is_terminal();
@@ -523,10 +535,10 @@ impl Engine {
         consumed: Option<&MessageId>,
     ) -> Result<bool, EngineError> {
         let mut tx = self.inner.store.begin().await?;
-        if let Some(message) = consumed {
-            if !tx.consume(&self.inner.config.consumer, message).await? {
-                return Ok(false);
-            }
+        if let Some(message) = consumed
+            && !tx.consume(&self.inner.config.consumer, message).await?
+        {
+            return Ok(false);
         }
         match expected_revision {
             None => tx.insert(&pending.instance).await?,

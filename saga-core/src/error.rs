@@ -34,16 +34,12 @@ pub enum StepError {
 impl StepError {
     /// A retryable failure.
     pub fn retryable(reason: impl Into<String>) -> Self {
-        Self::Retryable {
-            reason: reason.into(),
-        }
+        Self::Retryable { reason: reason.into() }
     }
 
     /// A terminal failure.
     pub fn terminal(reason: impl Into<String>) -> Self {
-        Self::Terminal {
-            reason: reason.into(),
-        }
+        Self::Terminal { reason: reason.into() }
     }
 
     /// Whether retrying may help.
@@ -278,13 +274,8 @@ impl RetryPolicy {
 
     /// The delay after failed attempt number `attempt` (1-based).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = self
-            .multiplier
-            .max(1)
-            .saturating_pow(attempt.saturating_sub(1));
-        self.initial_backoff
-            .saturating_mul(factor)
-            .min(self.max_backoff)
+        let factor = self.multiplier.max(1).saturating_pow(attempt.saturating_sub(1));
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
     }
 
     /// Whether another attempt is allowed after `attempts_made` attempts.

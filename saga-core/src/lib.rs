@@ -33,6 +33,8 @@ pub use store::{
     DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, Store,
     StoreError, Transaction,
 };
-pub use transport::{DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, Transport, TransportError};
+pub use transport::{
+    DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, Transport, TransportError,
+};
 
 pub use tokio_util::sync::CancellationToken;

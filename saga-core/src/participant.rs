@@ -59,7 +59,11 @@ impl Participant {
         if !tx.consume(&self.name, &command.id).await? {
             return Ok(Handling::Duplicate);
         }
-        let commands = self.handler.handle(tx.as_mut(), command).await.map_err(EngineError::Step)?;
+        let commands = self
+            .handler
+            .handle(tx.as_mut(), command)
+            .await
+            .map_err(EngineError::Step)?;
         let replies: Vec<Message> = commands
             .into_iter()
             .enumerate()
@@ -69,9 +73,7 @@ impl Participant {
             tx.enqueue(None, &replies).await?;
         }
         tx.commit().await?;
-        Ok(Handling::Handled {
-            replies: replies.len(),
-        })
+        Ok(Handling::Handled { replies: replies.len() })
     }
 }
 

@@ -34,16 +34,26 @@ fn order_saga(version: u32, timeout: Duration) -> SagaDefinition<Order> {
         .version(version)
         .key(|o: &Order| o.id.clone())
         .step(
-            Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id).map_err(|e| StepError::terminal(e.to_string()))?))
-                .on_reply_keyed("Reserved", |r: &Reply| r.order_id.clone(), |o: &mut Order, r: Reply| {
+            Step::remote("reserve", |o: &Order| {
+                Ok(Command::json("Reserve", "stock", &o.id).map_err(|e| StepError::terminal(e.to_string()))?)
+            })
+            .on_reply_keyed(
+                "Reserved",
+                |r: &Reply| r.order_id.clone(),
+                |o: &mut Order, r: Reply| {
                     if !r.ok {
                         return ReplyOutcome::Failure("out of stock".into());
                     }
                     // Parts arrive one reply at a time; three make the step succeed.
                     o.parts += 1;
-                    if o.parts >= 3 { ReplyOutcome::Success } else { ReplyOutcome::Pending }
-                })
-                .timeout(timeout),
+                    if o.parts >= 3 {
+                        ReplyOutcome::Success
+                    } else {
+                        ReplyOutcome::Pending
+                    }
+                },
+            )
+            .timeout(timeout),
         )
         .step(Step::local("confirm", move |o: &mut Order, _| {
             o.confirmed = version >= 1;
@@ -54,7 +64,15 @@ fn order_saga(version: u32, timeout: Duration) -> SagaDefinition<Order> {
 }
 
 fn reply(order: &str, ok: bool) -> Message {
-    Message::json("Reserved", "replies", &Reply { order_id: order.into(), ok }).expect("encodable")
+    Message::json(
+        "Reserved",
+        "replies",
+        &Reply {
+            order_id: order.into(),
+            ok,
+        },
+    )
+    .expect("encodable")
 }
 
 fn setup(clock: &ManualClock) -> (InMemoryStore, Engine) {
@@ -72,7 +90,10 @@ async fn status(store: &InMemoryStore, id: SagaId) -> SagaStatus {
 }
 
 fn order(id: &str) -> Order {
-    Order { id: id.into(), ..Order::default() }
+    Order {
+        id: id.into(),
+        ..Order::default()
+    }
 }
 
 #[tokio::test]
@@ -82,7 +103,11 @@ async fn replies_are_correlated_by_payload_key_and_deduplicated() {
     let id = engine.start("orders", order("o-1")).await.expect("start");
     let first = reply("o-1", true);
     assert!(matches!(engine.handle(&first).await, Ok(Handled::Applied { .. })));
-    assert_eq!(engine.handle(&first).await.expect("duplicate"), Handled::Duplicate, "the inbox drops a redelivery");
+    assert_eq!(
+        engine.handle(&first).await.expect("duplicate"),
+        Handled::Duplicate,
+        "the inbox drops a redelivery"
+    );
     engine.handle(&reply("o-1", true)).await.expect("second part");
     engine.handle(&reply("o-1", true)).await.expect("third part");
     assert_eq!(status(&store, id).await, SagaStatus::Completed);
@@ -90,8 +115,15 @@ async fn replies_are_correlated_by_payload_key_and_deduplicated() {
     assert_eq!(data.parts, 3, "each distinct reply counted once");
     assert!(data.confirmed);
     // Late replies for a finished saga change nothing.
-    assert!(matches!(engine.handle(&reply("o-1", false)).await, Ok(Handled::Ignored(_))));
-    assert_eq!(store.history(id).await.expect("history").len(), 4, "start + three replies");
+    assert!(matches!(
+        engine.handle(&reply("o-1", false)).await,
+        Ok(Handled::Ignored(_))
+    ));
+    assert_eq!(
+        store.history(id).await.expect("history").len(),
+        4,
+        "start + three replies"
+    );
 }
 
 #[tokio::test]
@@ -99,13 +131,21 @@ async fn unknown_messages_are_errors_that_say_why() {
     let clock = ManualClock::default();
     let (_store, engine) = setup(&clock);
     let unknown_order = engine.handle(&reply("nope", true)).await;
-    assert!(matches!(&unknown_order, Err(EngineError::UnknownSaga { key: Some(k), .. }) if k == "nope"), "{unknown_order:?}");
+    assert!(
+        matches!(&unknown_order, Err(EngineError::UnknownSaga { key: Some(k), .. }) if k == "nope"),
+        "{unknown_order:?}"
+    );
     let unknown_kind = engine.handle(&Message::new("Mystery", "x", b"{}".to_vec())).await;
     assert!(matches!(unknown_kind, Err(EngineError::UnhandledKind { .. })));
-    let garbage = engine.handle(&Message::new("Reserved", "x", b"not json".to_vec())).await;
+    let garbage = engine
+        .handle(&Message::new("Reserved", "x", b"not json".to_vec()))
+        .await;
     assert!(matches!(garbage, Err(EngineError::Decode { .. })));
     for error in [unknown_order, unknown_kind, garbage] {
-        assert!(!error.expect_err("an error").is_retryable(), "these go to the dead-letter queue");
+        assert!(
+            !error.expect_err("an error").is_retryable(),
+            "these go to the dead-letter queue"
+        );
     }
 }
 
@@ -119,8 +159,15 @@ async fn a_missed_deadline_fails_the_step_and_a_late_reply_changes_nothing() {
     clock.advance(Duration::from_secs(2));
     assert_eq!(engine.fire_due_deadlines().await.expect("scan"), 1);
     assert_eq!(status(&store, id).await, SagaStatus::Compensated);
-    assert_eq!(engine.fire_due_deadlines().await.expect("scan"), 0, "a deadline fires once");
-    assert!(matches!(engine.handle(&reply("o-2", true)).await, Ok(Handled::Ignored(_))));
+    assert_eq!(
+        engine.fire_due_deadlines().await.expect("scan"),
+        0,
+        "a deadline fires once"
+    );
+    assert!(matches!(
+        engine.handle(&reply("o-2", true)).await,
+        Ok(Handled::Ignored(_))
+    ));
 }
 
 #[tokio::test]
@@ -129,10 +176,22 @@ async fn starting_twice_with_one_id_or_key_is_refused() {
     let (_store, engine) = setup(&clock);
     let id = SagaId::new();
     engine.start_with_id("orders", id, order("o-3")).await.expect("start");
-    assert!(matches!(engine.start_with_id("orders", id, order("o-4")).await, Err(EngineError::AlreadyStarted { .. })));
-    assert!(matches!(engine.start("orders", order("o-3")).await, Err(EngineError::AlreadyStarted { .. })));
-    assert!(matches!(engine.start("orders", 42u32).await, Err(EngineError::DataType { .. })), "wrong data type");
-    assert!(matches!(engine.start("nope", order("x")).await, Err(EngineError::UnknownDefinition { .. })));
+    assert!(matches!(
+        engine.start_with_id("orders", id, order("o-4")).await,
+        Err(EngineError::AlreadyStarted { .. })
+    ));
+    assert!(matches!(
+        engine.start("orders", order("o-3")).await,
+        Err(EngineError::AlreadyStarted { .. })
+    ));
+    assert!(
+        matches!(engine.start("orders", 42u32).await, Err(EngineError::DataType { .. })),
+        "wrong data type"
+    );
+    assert!(matches!(
+        engine.start("nope", order("x")).await,
+        Err(EngineError::UnknownDefinition { .. })
+    ));
 }
 
 #[tokio::test]
@@ -159,16 +218,26 @@ async fn instances_continue_under_the_version_that_started_them() {
     clock.advance(Duration::from_secs(6));
     both.fire_due_deadlines().await.expect("scan");
     assert_eq!(status(&store, new).await, SagaStatus::Compensated, "v2's 5 s deadline");
-    assert_eq!(status(&store, old).await, SagaStatus::Running, "v1 keeps its 30 s deadline");
+    assert_eq!(
+        status(&store, old).await,
+        SagaStatus::Running,
+        "v1 keeps its 30 s deadline"
+    );
     // An engine without v1 cannot advance the old instance, and says so.
     let v2_only = Engine::builder(Arc::new(store.clone()))
         .clock(clock.clone())
         .register(order_saga(2, Duration::from_secs(5)))
         .build()
         .expect("engine");
-    assert!(matches!(v2_only.handle(&reply("old", true)).await, Err(EngineError::UnknownDefinition { version: 1, .. })));
     assert!(matches!(
-        Engine::builder(Arc::new(store.clone())).register(order_saga(1, Duration::ZERO)).register(order_saga(1, Duration::ZERO)).build(),
+        v2_only.handle(&reply("old", true)).await,
+        Err(EngineError::UnknownDefinition { version: 1, .. })
+    ));
+    assert!(matches!(
+        Engine::builder(Arc::new(store.clone()))
+            .register(order_saga(1, Duration::ZERO))
+            .register(order_saga(1, Duration::ZERO))
+            .build(),
         Err(saga_core::DefinitionError::DuplicateVersion { .. })
     ));
 }
@@ -176,18 +245,30 @@ async fn instances_continue_under_the_version_that_started_them() {
 fn fragile_saga(broken: Arc<AtomicBool>) -> SagaDefinition<Order> {
     SagaDefinition::builder("fragile")
         .step(
-            Step::local("book", |_: &mut Order, _| Ok(())).compensate(move |_: &mut Order, _| {
-                if broken.load(Ordering::SeqCst) {
-                    Err(StepError::retryable("ledger down"))
-                } else {
-                    Ok(())
-                }
-            })
-            .compensation_retry(RetryPolicy { max_attempts: 2, initial_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(1), multiplier: 1 }),
+            Step::local("book", |_: &mut Order, _| Ok(()))
+                .compensate(move |_: &mut Order, _| {
+                    if broken.load(Ordering::SeqCst) {
+                        Err(StepError::retryable("ledger down"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .compensation_retry(RetryPolicy {
+                    max_attempts: 2,
+                    initial_backoff: Duration::from_secs(1),
+                    max_backoff: Duration::from_secs(1),
+                    multiplier: 1,
+                }),
         )
         .step(
-            Step::remote("wait", |_: &Order| Ok(Command { kind: "Wait".into(), destination: "d".into(), payload: b"{}".to_vec() }))
-                .on_reply("Done", |_: &mut Order, _: serde_json::Value| ReplyOutcome::Success),
+            Step::remote("wait", |_: &Order| {
+                Ok(Command {
+                    kind: "Wait".into(),
+                    destination: "d".into(),
+                    payload: b"{}".to_vec(),
+                })
+            })
+            .on_reply("Done", |_: &mut Order, _: serde_json::Value| ReplyOutcome::Success),
         )
         .build()
         .expect("valid definition")
@@ -205,13 +286,29 @@ async fn operators_cancel_and_resume_stuck_sagas() {
         .expect("engine");
     let id = engine.start("fragile", Order::default()).await.expect("start");
     let cancelled = engine.act(id, OperatorAction::Cancel).await.expect("cancel");
-    assert_eq!(cancelled.status, SagaStatus::Compensating, "the compensation failed once and waits to retry");
+    assert_eq!(
+        cancelled.status,
+        SagaStatus::Compensating,
+        "the compensation failed once and waits to retry"
+    );
     clock.advance(Duration::from_secs(1));
     engine.fire_due_deadlines().await.expect("scan");
     let stuck = store.load(id).await.expect("load").expect("exists");
-    assert_eq!(stuck.status, SagaStatus::NeedsAttention, "out of retries: visible, not dropped");
-    assert!(stuck.failure.as_deref().is_some_and(|f| f.contains("cancelled by an operator") && f.contains("ledger down")));
-    assert!(matches!(engine.act(id, OperatorAction::Cancel).await, Err(EngineError::InvalidAction { .. })));
+    assert_eq!(
+        stuck.status,
+        SagaStatus::NeedsAttention,
+        "out of retries: visible, not dropped"
+    );
+    assert!(
+        stuck
+            .failure
+            .as_deref()
+            .is_some_and(|f| f.contains("cancelled by an operator") && f.contains("ledger down"))
+    );
+    assert!(matches!(
+        engine.act(id, OperatorAction::Cancel).await,
+        Err(EngineError::InvalidAction { .. })
+    ));
     broken.store(false, Ordering::SeqCst);
     let resumed = engine.act(id, OperatorAction::Resume).await.expect("resume");
     assert_eq!(resumed.status, SagaStatus::Compensated);
@@ -225,7 +322,11 @@ async fn operators_cancel_and_resume_stuck_sagas() {
             _ => None,
         })
         .collect();
-    assert_eq!(actions, ["cancel", "resume"], "operator actions are recorded in the history");
+    assert_eq!(
+        actions,
+        ["cancel", "resume"],
+        "operator actions are recorded in the history"
+    );
 }
 
 struct FailingEffects;
@@ -243,14 +344,24 @@ async fn a_failing_effect_rolls_the_whole_transition_back() {
     let definition = SagaDefinition::<Order, u8>::builder("effects")
         .step(Step::local("write", |_: &mut Order, ctx| {
             ctx.effect(1);
-            ctx.send(Command { kind: "Written".into(), destination: "d".into(), payload: b"{}".to_vec() });
+            ctx.send(Command {
+                kind: "Written".into(),
+                destination: "d".into(),
+                payload: b"{}".to_vec(),
+            });
             Ok(())
         }))
         .build()
         .expect("valid");
-    let engine = Engine::builder(Arc::new(store.clone())).register_with_effects(definition, FailingEffects).build().expect("engine");
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .register_with_effects(definition, FailingEffects)
+        .build()
+        .expect("engine");
     let result = engine.start("effects", Order::default()).await;
-    assert!(matches!(&result, Err(e @ EngineError::Effects(_)) if e.is_retryable()), "{result:?}");
+    assert!(
+        matches!(&result, Err(e @ EngineError::Effects(_)) if e.is_retryable()),
+        "{result:?}"
+    );
     assert!(store.is_empty(), "no instance");
     assert_eq!(store.unsent(), 0, "no outbox rows");
 }
@@ -262,7 +373,9 @@ impl CommandHandler for Stock {
     async fn handle(&self, _tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
         let id: String = command.decode().map_err(|e| StepError::terminal(e.to_string()))?;
         let reply = Reply { order_id: id, ok: true };
-        Ok(vec![Command::json("Reserved", "replies", &reply).map_err(|e| StepError::terminal(e.to_string()))?])
+        Ok(vec![
+            Command::json("Reserved", "replies", &reply).map_err(|e| StepError::terminal(e.to_string()))?,
+        ])
     }
 }
 
@@ -270,8 +383,13 @@ impl CommandHandler for Stock {
 async fn participants_handle_each_command_once_and_reply_through_the_outbox() {
     let store = InMemoryStore::new();
     let participant = Participant::new("stock", Arc::new(store.clone()), Stock);
-    let command = Message::json("Reserve", "stock", "o-9").expect("encodable").with_correlation_id("saga-1");
-    assert_eq!(participant.handle(&command).await.expect("handle"), Handling::Handled { replies: 1 });
+    let command = Message::json("Reserve", "stock", "o-9")
+        .expect("encodable")
+        .with_correlation_id("saga-1");
+    assert_eq!(
+        participant.handle(&command).await.expect("handle"),
+        Handling::Handled { replies: 1 }
+    );
     assert_eq!(participant.handle(&command).await.expect("again"), Handling::Duplicate);
     let replies = store.claim(10, Duration::from_secs(1)).await.expect("claim");
     assert_eq!(replies.len(), 1, "one reply for two deliveries");
@@ -285,9 +403,16 @@ async fn the_relay_keeps_messages_until_they_can_be_published() {
     let store = InMemoryStore::new();
     let transport = InMemoryTransport::new();
     transport.declare_destination("stock");
-    let engine = Engine::builder(Arc::new(store.clone())).register(order_saga(1, Duration::from_secs(30))).build().expect("engine");
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .register(order_saga(1, Duration::from_secs(30)))
+        .build()
+        .expect("engine");
     engine.start("orders", order("o-5")).await.expect("start");
-    let relay = Relay::new(Arc::new(store.clone()), Arc::new(transport.clone()), RelayConfig::default());
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(transport.clone()),
+        RelayConfig::default(),
+    );
     let round = relay.run_once().await.expect("round");
     assert_eq!((round.sent, round.failed), (0, 1), "nothing is bound to `stock` yet");
     assert_eq!(store.unsent(), 1, "the message stays in the outbox");
@@ -304,30 +429,58 @@ async fn the_whole_pipeline_runs_and_poison_messages_are_dead_lettered() {
     let transport = Arc::new(InMemoryTransport::new());
     transport.bind("stock", "stock-queue");
     transport.bind("replies", "reply-queue");
-    let engine = Engine::builder(Arc::new(store.clone())).register(order_saga(1, Duration::from_secs(30))).build().expect("engine");
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .register(order_saga(1, Duration::from_secs(30)))
+        .build()
+        .expect("engine");
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(Relay::new(Arc::new(store.clone()), transport.clone(), RelayConfig::default()).run(shutdown.clone()));
-    tasks.spawn(Consumer::new(Arc::new(engine.clone()), transport.clone(), ConsumerConfig::new("reply-queue")).run(shutdown.clone()));
     tasks.spawn(
-        Consumer::new(Arc::new(Participant::new("stock", Arc::new(store.clone()), Stock)), transport.clone(), ConsumerConfig::new("stock-queue"))
-            .run(shutdown.clone()),
+        Consumer::new(
+            Arc::new(engine.clone()),
+            transport.clone(),
+            ConsumerConfig::new("reply-queue"),
+        )
+        .run(shutdown.clone()),
+    );
+    tasks.spawn(
+        Consumer::new(
+            Arc::new(Participant::new("stock", Arc::new(store.clone()), Stock)),
+            transport.clone(),
+            ConsumerConfig::new("stock-queue"),
+        )
+        .run(shutdown.clone()),
     );
     // Poison first: it must not stop the consumer.
-    saga_core::Publisher::publish(transport.as_ref(), &Message::new("Reserved", "replies", b"{oops".to_vec())).await.expect("publish");
+    saga_core::Publisher::publish(
+        transport.as_ref(),
+        &Message::new("Reserved", "replies", b"{oops".to_vec()),
+    )
+    .await
+    .expect("publish");
     let id = engine.start("orders", order("o-6")).await.expect("start");
     // The stock participant replies once per command; two more parts arrive from elsewhere.
     for _ in 0..2 {
-        saga_core::Publisher::publish(transport.as_ref(), &reply("o-6", true)).await.expect("publish");
+        saga_core::Publisher::publish(transport.as_ref(), &reply("o-6", true))
+            .await
+            .expect("publish");
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while status(&store, id).await != SagaStatus::Completed {
-        assert!(tokio::time::Instant::now() < deadline, "the saga did not complete in 5 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga did not complete in 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let dead = transport.take("reply-queue.dlq");
     assert_eq!(dead.len(), 1, "the poison message is in the dead-letter queue");
-    assert!(dead[0].header(saga_core::DEAD_LETTER_REASON).is_some_and(|r| r.contains("cannot decode")));
+    assert!(
+        dead[0]
+            .header(saga_core::DEAD_LETTER_REASON)
+            .is_some_and(|r| r.contains("cannot decode"))
+    );
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
 }

@@ -169,13 +169,18 @@ fn definition(specs: &[StepSpec]) -> SagaDefinition<Data, Applied> {
                     step: i,
                     compensation: true,
                 });
-                ctx.send(Command::json(format!("Undo{i}"), PARTICIPANT, &i).map_err(|e| StepError::terminal(e.to_string()))?);
+                ctx.send(
+                    Command::json(format!("Undo{i}"), PARTICIPANT, &i)
+                        .map_err(|e| StepError::terminal(e.to_string()))?,
+                );
                 Ok(())
             });
         }
         builder = builder.step(step.retry(policy()).compensation_retry(policy()));
     }
-    builder.build().unwrap_or_else(|e| panic!("generated definition is invalid: {e}"))
+    builder
+        .build()
+        .unwrap_or_else(|e| panic!("generated definition is invalid: {e}"))
 }
 
 struct World {
@@ -245,7 +250,10 @@ impl World {
             // published again (same ids) by a later round.
             let claimed = self.store.claim(64, Duration::ZERO).await.unwrap_or_default();
             for entry in claimed {
-                self.transport.publish(&entry.message).await.unwrap_or_else(|e| panic!("publish: {e}"));
+                self.transport
+                    .publish(&entry.message)
+                    .await
+                    .unwrap_or_else(|e| panic!("publish: {e}"));
             }
         } else {
             let relay = Relay::new(
@@ -258,7 +266,12 @@ impl World {
     }
 
     fn participant(&mut self) {
-        for command in self.transport.take(PARTICIPANT_QUEUE) {
+        let mut commands = self.transport.take(PARTICIPANT_QUEUE);
+        // The relay publishes different sagas' messages concurrently, so their
+        // interleaving is arbitrary; only per-saga order is promised. Fix one
+        // interleaving so both runs of a schedule see the same replies.
+        commands.sort_by(|a, b| a.correlation_id.cmp(&b.correlation_id));
+        for command in commands {
             self.published.push(command.clone());
             if !self.seen_commands.insert(command.id.clone()) {
                 continue;
@@ -276,10 +289,14 @@ impl World {
                 answer = Answer::Failure;
             }
             let reply = |ok: bool, index: usize| {
-                Message::new(format!("Reply{step}"), "engine", format!("{{\"ok\":{ok}}}").into_bytes())
-                    .with_id(MessageId::derived_from(&command.id, index))
-                    .with_correlation_id(command.correlation_id.clone().unwrap_or_default())
-                    .with_header(IN_REPLY_TO, command.id.as_str())
+                Message::new(
+                    format!("Reply{step}"),
+                    "engine",
+                    format!("{{\"ok\":{ok}}}").into_bytes(),
+                )
+                .with_id(MessageId::derived_from(&command.id, index))
+                .with_correlation_id(command.correlation_id.clone().unwrap_or_default())
+                .with_header(IN_REPLY_TO, command.id.as_str())
             };
             if answer != Answer::Silence {
                 let ok = answer == Answer::Success;
@@ -302,7 +319,10 @@ impl World {
 
     async fn tick(&mut self, millis: u64) {
         self.clock.advance(Duration::from_millis(millis));
-        self.engine.fire_due_deadlines().await.unwrap_or_else(|e| panic!("deadlines: {e}"));
+        self.engine
+            .fire_due_deadlines()
+            .await
+            .unwrap_or_else(|e| panic!("deadlines: {e}"));
     }
 
     async fn apply(&mut self, op: &Op) {
@@ -371,7 +391,13 @@ impl World {
     async fn finals(&self) -> Vec<(SagaInstance, Vec<Transition>)> {
         let mut out = Vec::new();
         for id in &self.ids {
-            let instance = self.store.load(*id).await.ok().flatten().unwrap_or_else(|| panic!("instance {id} lost"));
+            let instance = self
+                .store
+                .load(*id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("instance {id} lost"));
             let history = self.store.history(*id).await.unwrap_or_default();
             out.push((instance, history));
         }
@@ -390,7 +416,9 @@ async fn simulate(specs: &[StepSpec], plans: &[Vec<ReplyPlan>], ops: &[Op], cras
 }
 
 fn check(world: &World, specs: &[StepSpec]) -> Result<(), TestCaseError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let finals = runtime.block_on(world.finals());
     let log = world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut emitted: BTreeMap<MessageId, String> = BTreeMap::new();
@@ -398,7 +426,10 @@ fn check(world: &World, specs: &[StepSpec]) -> Result<(), TestCaseError> {
         // 1. Terminal, or stuck only on a compensation that keeps failing.
         let status = instance.status;
         prop_assert!(
-            matches!(status, SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::NeedsAttention),
+            matches!(
+                status,
+                SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::NeedsAttention
+            ),
             "instance ended {status}"
         );
         // Where the forward run stopped: the step that failed, or all of them.
@@ -422,13 +453,20 @@ fn check(world: &World, specs: &[StepSpec]) -> Result<(), TestCaseError> {
                     specs[stuck].compensation_failures >= MAX_ATTEMPTS,
                     "needs attention only when a compensation exhausts its retries (step {stuck})"
                 );
-                let done = to_compensate.iter().position(|&i| i == stuck).unwrap_or(to_compensate.len());
+                let done = to_compensate
+                    .iter()
+                    .position(|&i| i == stuck)
+                    .unwrap_or(to_compensate.len());
                 to_compensate.truncate(done);
             }
             _ => prop_assert!(failed_at.is_some(), "a compensated saga had a failure"),
         }
         // 2 + 3. Effects applied exactly once each, forward in order then compensations in reverse.
-        let mine: Vec<Applied> = log.iter().filter(|(id, _)| *id == instance.id).map(|(_, a)| *a).collect();
+        let mine: Vec<Applied> = log
+            .iter()
+            .filter(|(id, _)| *id == instance.id)
+            .map(|(_, a)| *a)
+            .collect();
         let forward: Vec<usize> = mine.iter().filter(|a| !a.compensation).map(|a| a.step).collect();
         let compensated: Vec<usize> = mine.iter().filter(|a| a.compensation).map(|a| a.step).collect();
         prop_assert_eq!(&forward, &locals, "forward actions applied");
@@ -442,7 +480,11 @@ fn check(world: &World, specs: &[StepSpec]) -> Result<(), TestCaseError> {
         prop_assert_eq!(&back, instance);
         for transition in history {
             for (id, kind) in &transition.emitted {
-                prop_assert!(emitted.insert(id.clone(), kind.clone()).is_none(), "message id {} emitted twice", id);
+                prop_assert!(
+                    emitted.insert(id.clone(), kind.clone()).is_none(),
+                    "message id {} emitted twice",
+                    id
+                );
             }
         }
     }
@@ -460,15 +502,28 @@ fn check(world: &World, specs: &[StepSpec]) -> Result<(), TestCaseError> {
 }
 
 fn step_spec() -> impl Strategy<Value = StepSpec> {
-    (any::<bool>(), any::<bool>(), any::<bool>(), 0u32..5, prop::bool::weighted(0.1), prop::sample::select(vec![0u32, 0, 0, 1, 2, 3, 5]))
-        .prop_map(|(remote, compensable, deadline, failures, fatal, compensation_failures)| StepSpec {
-            remote,
-            compensable,
-            deadline,
-            failures: if failures >= 3 { failures * 2 / 3 + 1 } else { failures.min(1) * failures },
-            fatal,
-            compensation_failures,
-        })
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        0u32..5,
+        prop::bool::weighted(0.1),
+        prop::sample::select(vec![0u32, 0, 0, 1, 2, 3, 5]),
+    )
+        .prop_map(
+            |(remote, compensable, deadline, failures, fatal, compensation_failures)| StepSpec {
+                remote,
+                compensable,
+                deadline,
+                failures: if failures >= 3 {
+                    failures * 2 / 3 + 1
+                } else {
+                    failures.min(1) * failures
+                },
+                fatal,
+                compensation_failures,
+            },
+        )
 }
 
 fn reply_plan() -> impl Strategy<Value = ReplyPlan> {

@@ -65,30 +65,36 @@ fn trip_saga() -> Result<SagaDefinition<Trip>, saga_core::DefinitionError> {
             }),
         )
         .step(
-            Step::remote("reserve-hotel", |trip: &Trip| command("ReserveHotel", HOTEL, &trip.nights))
-                .on_reply("HotelReply", |trip: &mut Trip, reply: HotelReply| match reply.confirmation {
+            Step::remote("reserve-hotel", |trip: &Trip| {
+                command("ReserveHotel", HOTEL, &trip.nights)
+            })
+            .on_reply("HotelReply", |trip: &mut Trip, reply: HotelReply| {
+                match reply.confirmation {
                     Some(confirmation) => {
                         trip.hotel_confirmation = Some(confirmation);
                         ReplyOutcome::Success
                     }
                     None => ReplyOutcome::Failure("no room".into()),
-                })
-                .timeout(Duration::from_secs(5))
-                .compensate(|trip: &mut Trip, ctx| {
-                    ctx.send(command("CancelHotel", HOTEL, &trip.hotel_confirmation)?);
-                    Ok(())
-                }),
+                }
+            })
+            .timeout(Duration::from_secs(5))
+            .compensate(|trip: &mut Trip, ctx| {
+                ctx.send(command("CancelHotel", HOTEL, &trip.hotel_confirmation)?);
+                Ok(())
+            }),
         )
         .step(
-            Step::remote("charge-card", |trip: &Trip| command("ChargeCard", PAYMENTS, &trip.price))
-                .on_reply("PaymentReply", |_: &mut Trip, reply: PaymentReply| {
-                    if reply.charged {
-                        ReplyOutcome::Success
-                    } else {
-                        ReplyOutcome::Failure("card declined".into())
-                    }
-                })
-                .timeout(Duration::from_secs(5)),
+            Step::remote("charge-card", |trip: &Trip| {
+                command("ChargeCard", PAYMENTS, &trip.price)
+            })
+            .on_reply("PaymentReply", |_: &mut Trip, reply: PaymentReply| {
+                if reply.charged {
+                    ReplyOutcome::Success
+                } else {
+                    ReplyOutcome::Failure("card declined".into())
+                }
+            })
+            .timeout(Duration::from_secs(5)),
         )
         .build()
 }
@@ -105,8 +111,10 @@ impl CommandHandler for Hotel {
                 let reply = HotelReply {
                     confirmation: Some(format!("H-{nights}")),
                 };
-                Ok(vec![saga_core::Command::json("HotelReply", REPLIES, &reply)
-                    .map_err(|e| StepError::terminal(e.to_string()))?])
+                Ok(vec![
+                    saga_core::Command::json("HotelReply", REPLIES, &reply)
+                        .map_err(|e| StepError::terminal(e.to_string()))?,
+                ])
             }
             "CancelHotel" => {
                 println!("    hotel: reservation cancelled");
@@ -127,16 +135,18 @@ impl CommandHandler for Payments {
         let reply = PaymentReply {
             charged: price <= CARD_LIMIT,
         };
-        Ok(vec![Command::json("PaymentReply", REPLIES, &reply).map_err(|e| StepError::terminal(e.to_string()))?])
+        Ok(vec![
+            Command::json("PaymentReply", REPLIES, &reply).map_err(|e| StepError::terminal(e.to_string()))?,
+        ])
     }
 }
 
 async fn wait_until_finished(store: &InMemoryStore, id: SagaId) -> Result<SagaStatus, String> {
     for _ in 0..500 {
-        if let Some(instance) = store.load(id).await.map_err(|e| e.to_string())? {
-            if instance.status.is_terminal() {
-                return Ok(instance.status);
-            }
+        if let Some(instance) = store.load(id).await.map_err(|e| e.to_string())?
+            && instance.status.is_terminal()
+        {
+            return Ok(instance.status);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -151,7 +161,10 @@ async fn print_history(store: &InMemoryStore, id: SagaId) -> Result<(), String> 
             Cause::Deadline { .. } => "deadline".to_owned(),
             Cause::Operator { action } => format!("operator {action}"),
         };
-        let before = t.before.as_ref().map_or("-".to_owned(), |p| format!("{} @{}", p.status, p.step));
+        let before = t
+            .before
+            .as_ref()
+            .map_or("-".to_owned(), |p| format!("{} @{}", p.status, p.step));
         let sent: Vec<&str> = t.emitted.iter().map(|(_, kind)| kind.as_str()).collect();
         println!(
             "    r{} {cause:<20} {before:>16} -> {} @{}  sent {sent:?}{}",
@@ -182,8 +195,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tasks.spawn(relay.run(shutdown.clone()));
     let consumers: [(Arc<dyn saga_core::MessageHandler>, &str); 3] = [
         (Arc::new(engine.clone()), REPLIES),
-        (Arc::new(Participant::new("hotel", Arc::new(store.clone()), Hotel)), HOTEL),
-        (Arc::new(Participant::new("payments", Arc::new(store.clone()), Payments)), PAYMENTS),
+        (
+            Arc::new(Participant::new("hotel", Arc::new(store.clone()), Hotel)),
+            HOTEL,
+        ),
+        (
+            Arc::new(Participant::new("payments", Arc::new(store.clone()), Payments)),
+            PAYMENTS,
+        ),
     ];
     for (handler, queue) in consumers {
         let consumer = Consumer::new(handler, transport.clone(), ConsumerConfig::new(queue));
@@ -194,7 +213,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tasks.spawn(async move { deadlines.run_deadlines(Duration::from_millis(100), token).await });
 
     let mut failures = Vec::new();
-    for (traveller, price, expected) in [("ada", 600, SagaStatus::Completed), ("bob", 4_000, SagaStatus::Compensated)] {
+    for (traveller, price, expected) in [
+        ("ada", 600, SagaStatus::Completed),
+        ("bob", 4_000, SagaStatus::Compensated),
+    ] {
         let trip = Trip {
             traveller: traveller.into(),
             nights: 3,

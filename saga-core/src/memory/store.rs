@@ -207,7 +207,9 @@ impl Transaction for InMemoryTransaction {
             state.inbox.extend(this.consumed);
             for instance in this.inserts {
                 if let Some(key) = &instance.key {
-                    state.keys.insert((instance.definition.clone(), key.clone()), instance.id);
+                    state
+                        .keys
+                        .insert((instance.definition.clone(), key.clone()), instance.id);
                 }
                 state.set_deadline(instance.id, None, instance.deadline);
                 state.instances.insert(instance.id, instance);

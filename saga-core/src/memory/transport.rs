@@ -5,8 +5,9 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::message::Message;
-use crate::transport::{DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, TransportError};
-
+use crate::transport::{
+    DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, TransportError,
+};
 
 struct Queued {
     message: Message,
@@ -151,7 +152,9 @@ impl Publisher for InMemoryTransport {
 #[async_trait]
 impl Subscriber for InMemoryTransport {
     async fn subscribe(&self, queue: &str) -> Result<Box<dyn Subscription>, TransportError> {
-        let target = self.queue(queue).ok_or_else(|| TransportError::UnknownAddress(queue.to_owned()))?;
+        let target = self
+            .queue(queue)
+            .ok_or_else(|| TransportError::UnknownAddress(queue.to_owned()))?;
         // A dead-letter queue has no dead-letter queue of its own.
         let dead_letters = self.queue(&format!("{queue}.dlq"));
         Ok(Box::new(InMemorySubscription {

@@ -86,7 +86,12 @@ impl<D: SagaData, E: Send + 'static> SagaTest<D, E> {
         if self.inbox.contains(&message.id) {
             return Ok(Handled::Duplicate);
         }
-        let outcome = decide::decide(&self.definition, self.instance(), Event::Message(message), self.clock.now())?;
+        let outcome = decide::decide(
+            &self.definition,
+            self.instance(),
+            Event::Message(message),
+            self.clock.now(),
+        )?;
         Ok(match outcome {
             Outcome::Changed(decision) => {
                 self.inbox.insert(message.id.clone());
@@ -111,7 +116,12 @@ impl<D: SagaData, E: Send + 'static> SagaTest<D, E> {
 
     /// Applies an operator action.
     pub fn operator(&mut self, action: OperatorAction) -> Result<&mut Self, EngineError> {
-        let outcome = decide::decide(&self.definition, self.instance(), Event::Operator(action), self.clock.now())?;
+        let outcome = decide::decide(
+            &self.definition,
+            self.instance(),
+            Event::Operator(action),
+            self.clock.now(),
+        )?;
         if let Outcome::Changed(decision) = outcome {
             self.absorb(decision);
         }

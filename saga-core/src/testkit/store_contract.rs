@@ -63,7 +63,10 @@ fn transition(instance: &SagaInstance, note: &str) -> Transition {
             status: instance.status,
             step: instance.step,
         },
-        emitted: vec![(MessageId::derived(instance.id, instance.revision, 0), "Emitted".to_owned())],
+        emitted: vec![(
+            MessageId::derived(instance.id, instance.revision, 0),
+            "Emitted".to_owned(),
+        )],
         note: Some(note.to_owned()),
     }
 }
@@ -92,11 +95,27 @@ pub async fn inserted_instance_loads_back(store: Arc<dyn Store>) {
     instance.awaiting = Some(MessageId::new());
     must(insert(store.as_ref(), &instance).await, "insert");
     let loaded = must(store.load(instance.id).await, "load");
-    assert_eq!(loaded.as_ref(), Some(&instance), "a loaded instance must equal the inserted one");
+    assert_eq!(
+        loaded.as_ref(),
+        Some(&instance),
+        "a loaded instance must equal the inserted one"
+    );
     let found = must(store.find_by_key("orders", "order-1").await, "find_by_key");
-    assert_eq!(found, Some(instance.id), "find_by_key must find the instance by its key");
-    assert_eq!(must(store.find_by_key("other", "order-1").await, "find_by_key"), None, "keys are per definition");
-    assert_eq!(must(store.load(SagaId::new()).await, "load"), None, "an unknown id loads nothing");
+    assert_eq!(
+        found,
+        Some(instance.id),
+        "find_by_key must find the instance by its key"
+    );
+    assert_eq!(
+        must(store.find_by_key("other", "order-1").await, "find_by_key"),
+        None,
+        "keys are per definition"
+    );
+    assert_eq!(
+        must(store.load(SagaId::new()).await, "load"),
+        None,
+        "an unknown id loads nothing"
+    );
 }
 
 /// A second insert with the same id, or the same key under the same definition, fails.
@@ -108,16 +127,25 @@ pub async fn ids_and_keys_are_unique(store: Arc<dyn Store>) {
         ..first.clone()
     };
     assert!(
-        matches!(insert(store.as_ref(), &same_id).await, Err(StoreError::AlreadyExists { .. })),
+        matches!(
+            insert(store.as_ref(), &same_id).await,
+            Err(StoreError::AlreadyExists { .. })
+        ),
         "a duplicate id must be AlreadyExists"
     );
     let same_key = sample_instance("orders", Some("k"));
     assert!(
-        matches!(insert(store.as_ref(), &same_key).await, Err(StoreError::AlreadyExists { .. })),
+        matches!(
+            insert(store.as_ref(), &same_key).await,
+            Err(StoreError::AlreadyExists { .. })
+        ),
         "a duplicate key under one definition must be AlreadyExists"
     );
     let other_definition = sample_instance("payments", Some("k"));
-    must(insert(store.as_ref(), &other_definition).await, "the same key under another definition");
+    must(
+        insert(store.as_ref(), &other_definition).await,
+        "the same key under another definition",
+    );
 }
 
 /// An update with a stale revision is a conflict and changes nothing.
@@ -136,7 +164,11 @@ pub async fn stale_update_conflicts(store: Arc<dyn Store>) {
         other => panic!("a stale update must be a Conflict, got {other:?}"),
     }
     let loaded = must(store.load(instance.id).await, "load");
-    assert_eq!(loaded.map(|i| i.step), Some(1), "a conflicting update must not overwrite");
+    assert_eq!(
+        loaded.map(|i| i.step),
+        Some(1),
+        "a conflicting update must not overwrite"
+    );
 }
 
 /// A transaction dropped before commit writes nothing.
@@ -148,14 +180,35 @@ pub async fn dropped_transaction_leaves_nothing(store: Arc<dyn Store>) {
         assert!(must(tx.consume("c", &message_id).await, "consume"));
         must(tx.insert(&instance).await, "insert");
         must(tx.record(&transition(&instance, "x")).await, "record");
-        must(tx.enqueue(Some(instance.id), &[Message::new("M", "d", b"{}".to_vec())]).await, "enqueue");
+        must(
+            tx.enqueue(Some(instance.id), &[Message::new("M", "d", b"{}".to_vec())])
+                .await,
+            "enqueue",
+        );
     }
-    assert_eq!(must(store.load(instance.id).await, "load"), None, "no instance after rollback");
-    assert_eq!(must(store.find_by_key("orders", "dropped").await, "find"), None, "no key after rollback");
-    assert!(must(store.claim(10, Duration::from_secs(30)).await, "claim").is_empty(), "no outbox rows after rollback");
-    assert!(must(store.history(instance.id).await, "history").is_empty(), "no history after rollback");
+    assert_eq!(
+        must(store.load(instance.id).await, "load"),
+        None,
+        "no instance after rollback"
+    );
+    assert_eq!(
+        must(store.find_by_key("orders", "dropped").await, "find"),
+        None,
+        "no key after rollback"
+    );
+    assert!(
+        must(store.claim(10, Duration::from_secs(30)).await, "claim").is_empty(),
+        "no outbox rows after rollback"
+    );
+    assert!(
+        must(store.history(instance.id).await, "history").is_empty(),
+        "no history after rollback"
+    );
     let mut tx = must(store.begin().await, "begin");
-    assert!(must(tx.consume("c", &message_id).await, "consume"), "no inbox row after rollback");
+    assert!(
+        must(tx.consume("c", &message_id).await, "consume"),
+        "no inbox row after rollback"
+    );
 }
 
 /// A consumed message is recognised as a duplicate, per consumer.
@@ -165,10 +218,16 @@ pub async fn inbox_deduplicates(store: Arc<dyn Store>) {
     assert!(must(tx.consume("engine", &id).await, "consume"), "first consumption");
     must(tx.commit().await, "commit");
     let mut tx = must(store.begin().await, "begin");
-    assert!(!must(tx.consume("engine", &id).await, "consume"), "the second consumption must report a duplicate");
+    assert!(
+        !must(tx.consume("engine", &id).await, "consume"),
+        "the second consumption must report a duplicate"
+    );
     drop(tx);
     let mut tx = must(store.begin().await, "begin");
-    assert!(must(tx.consume("participant", &id).await, "consume"), "another consumer has its own inbox");
+    assert!(
+        must(tx.consume("participant", &id).await, "consume"),
+        "another consumer has its own inbox"
+    );
     must(tx.commit().await, "commit");
 }
 
@@ -243,7 +302,11 @@ pub async fn outbox_keeps_order_and_fields(store: Arc<dyn Store>) {
     must(tx.commit().await, "commit");
     let claimed = must(store.claim(10, Duration::from_secs(30)).await, "claim");
     let got: Vec<&Message> = claimed.iter().map(|e| &e.message).collect();
-    assert_eq!(got, messages.iter().collect::<Vec<_>>(), "messages must come back whole, in enqueue order");
+    assert_eq!(
+        got,
+        messages.iter().collect::<Vec<_>>(),
+        "messages must come back whole, in enqueue order"
+    );
     assert!(claimed[..3].iter().all(|e| e.saga == Some(saga)), "the saga is kept");
     assert!(claimed[3..].iter().all(|e| e.saga.is_none()), "no saga is kept as none");
     assert!(claimed.windows(2).all(|w| w[0].id < w[1].id), "outbox ids increase");
@@ -271,7 +334,11 @@ pub async fn outbox_claims_are_exclusive_until_released_or_expired(store: Arc<dy
     );
     // The zero lease has run out already.
     let fourth = must(store.claim(10, Duration::from_secs(60)).await, "claim");
-    assert_eq!(fourth.iter().map(|e| e.id).collect::<Vec<_>>(), vec![first[1].id], "an expired lease frees the message");
+    assert_eq!(
+        fourth.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![first[1].id],
+        "an expired lease frees the message"
+    );
 }
 
 /// Due deadlines come earliest first, follow updates, and respect the limit.
@@ -288,11 +355,19 @@ pub async fn deadlines_come_due_in_order(store: Arc<dyn Store>) {
     let dues: Vec<Timestamp> = due.iter().map(|d| d.due).collect();
     assert_eq!(
         dues,
-        vec![base + Duration::from_secs(10), base + Duration::from_secs(20), base + Duration::from_secs(30)],
+        vec![
+            base + Duration::from_secs(10),
+            base + Duration::from_secs(20),
+            base + Duration::from_secs(30)
+        ],
         "due deadlines, earliest first, none later than now"
     );
     assert_eq!(due[0].saga, instances[1].id);
-    assert_eq!(must(store.due(base + Duration::from_secs(30), 2).await, "due").len(), 2, "the limit holds");
+    assert_eq!(
+        must(store.due(base + Duration::from_secs(30), 2).await, "due").len(),
+        2,
+        "the limit holds"
+    );
     let mut cleared = instances[1].clone();
     cleared.deadline = None;
     cleared.revision = 2;
@@ -329,7 +404,11 @@ pub async fn history_and_listing(store: Arc<dyn Store>) {
         vec![(1, Some("started".into())), (2, Some("completed".into()))],
         "history in commit order"
     );
-    assert_eq!(history[0], transition(&sample_like(&a, 1), "started"), "a transition comes back whole");
+    assert_eq!(
+        history[0],
+        transition(&sample_like(&a, 1), "started"),
+        "a transition comes back whole"
+    );
     let running = must(
         store
             .list(&InstanceFilter {
@@ -340,7 +419,11 @@ pub async fn history_and_listing(store: Arc<dyn Store>) {
             .await,
         "list",
     );
-    assert_eq!(running.iter().map(|i| i.id).collect::<Vec<_>>(), vec![b.id], "filter by definition and status");
+    assert_eq!(
+        running.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![b.id],
+        "filter by definition and status"
+    );
     let all = must(store.list(&InstanceFilter::default()).await, "list");
     assert_eq!(all.len(), 3);
     assert_eq!(all[0].id, b.id, "most recently changed first");

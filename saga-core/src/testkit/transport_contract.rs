@@ -64,10 +64,14 @@ async fn publish(fixture: &Fixture, message: &Message) {
 }
 
 fn sample(fixture: &Fixture, n: u32) -> Message {
-    Message::new("ContractTest", fixture.destination.clone(), format!("{{\"n\":{n}}}").into_bytes())
-        .with_correlation_id("0190b5c2-0000-7000-8000-000000000001")
-        .with_header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
-        .with_header("x-custom", "value")
+    Message::new(
+        "ContractTest",
+        fixture.destination.clone(),
+        format!("{{\"n\":{n}}}").into_bytes(),
+    )
+    .with_correlation_id("0190b5c2-0000-7000-8000-000000000001")
+    .with_header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    .with_header("x-custom", "value")
 }
 
 /// What is published arrives with id, type, correlation, headers and body intact.
@@ -81,7 +85,11 @@ pub async fn published_message_arrives_whole(fixture: Fixture) {
     assert_eq!(got.kind, sent.kind, "type");
     assert_eq!(got.correlation_id, sent.correlation_id, "correlation id");
     assert_eq!(got.payload, sent.payload, "payload");
-    assert_eq!(got.header("traceparent"), sent.header("traceparent"), "traceparent header");
+    assert_eq!(
+        got.header("traceparent"),
+        sent.header("traceparent"),
+        "traceparent header"
+    );
     assert_eq!(got.header("x-custom"), Some("value"), "custom header");
     assert_eq!(delivery.retries, 0, "a first delivery has no retries");
     settle(delivery, Settlement::Ack).await;
@@ -101,7 +109,13 @@ pub async fn retry_redelivers_with_a_count(fixture: Fixture) {
     let sent = sample(&fixture, 2);
     publish(&fixture, &sent).await;
     let first = next(&mut subscription, "first delivery").await;
-    settle(first, Settlement::Retry { delay: Duration::from_millis(50) }).await;
+    settle(
+        first,
+        Settlement::Retry {
+            delay: Duration::from_millis(50),
+        },
+    )
+    .await;
     let second = next(&mut subscription, "redelivery after retry").await;
     assert_eq!(second.message.id, sent.id, "the same message comes back");
     assert_eq!(second.message.payload, sent.payload, "with the same body");
@@ -119,7 +133,13 @@ pub async fn dead_letter_moves_to_dlq_with_reason(fixture: Fixture) {
     let sent = sample(&fixture, 3);
     publish(&fixture, &sent).await;
     let delivery = next(&mut subscription, "delivery").await;
-    settle(delivery, Settlement::DeadLetter { reason: "cannot decode: expected value at line 1".into() }).await;
+    settle(
+        delivery,
+        Settlement::DeadLetter {
+            reason: "cannot decode: expected value at line 1".into(),
+        },
+    )
+    .await;
     let dead_letter = next(&mut dead, "dead letter").await;
     assert_eq!(dead_letter.message.id, sent.id, "the dead letter is the message");
     assert_eq!(dead_letter.message.payload, sent.payload);
@@ -132,7 +152,10 @@ pub async fn dead_letter_moves_to_dlq_with_reason(fixture: Fixture) {
     let follow_up = sample(&fixture, 4);
     publish(&fixture, &follow_up).await;
     let delivery = next(&mut subscription, "delivery after a dead letter").await;
-    assert_eq!(delivery.message.id, follow_up.id, "the queue keeps working after a dead letter");
+    assert_eq!(
+        delivery.message.id, follow_up.id,
+        "the queue keeps working after a dead letter"
+    );
     settle(delivery, Settlement::Ack).await;
 }
 
@@ -185,7 +208,9 @@ pub async fn competing_subscriptions_share_messages(fixture: Fixture) {
     }
     // Nothing more may arrive: each message went to exactly one subscription.
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
         "a message was delivered twice"
     );
     for consumer in consumers {
@@ -198,7 +223,11 @@ pub async fn competing_subscriptions_share_messages(fixture: Fixture) {
 
 /// Publishing to a destination that does not exist fails instead of dropping.
 pub async fn unknown_destination_is_an_error(fixture: Fixture) {
-    let message = Message::new("ContractTest", format!("{}.does-not-exist", fixture.destination), b"{}".to_vec());
+    let message = Message::new(
+        "ContractTest",
+        format!("{}.does-not-exist", fixture.destination),
+        b"{}".to_vec(),
+    );
     match fixture.transport.publish(&message).await {
         Err(TransportError::UnknownAddress(_) | TransportError::Rejected { .. } | TransportError::Unavailable(_)) => {}
         Err(other) => panic!("unexpected error for an unknown destination: {other}"),
