@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items.
 //! Engine throughput over the in-memory backends, on one core (a
 //! current-thread runtime).
 //!
@@ -181,5 +182,9 @@ fn bench_transition(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_sagas, bench_transition);
+criterion_group! {
+    name = benches;
+    config = Criterion::default();
+    targets = bench_sagas, bench_transition
+}
 criterion_main!(benches);

@@ -34,26 +34,24 @@ fn order_saga(version: u32, timeout: Duration) -> SagaDefinition<Order> {
         .version(version)
         .key(|o: &Order| o.id.clone())
         .step(
-            Step::remote("reserve", |o: &Order| {
-                Ok(Command::json("Reserve", "stock", &o.id).map_err(|e| StepError::terminal(e.to_string()))?)
-            })
-            .on_reply_keyed(
-                "Reserved",
-                |r: &Reply| r.order_id.clone(),
-                |o: &mut Order, r: Reply| {
-                    if !r.ok {
-                        return ReplyOutcome::Failure("out of stock".into());
-                    }
-                    // Parts arrive one reply at a time; three make the step succeed.
-                    o.parts += 1;
-                    if o.parts >= 3 {
-                        ReplyOutcome::Success
-                    } else {
-                        ReplyOutcome::Pending
-                    }
-                },
-            )
-            .timeout(timeout),
+            Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id)?))
+                .on_reply_keyed(
+                    "Reserved",
+                    |r: &Reply| r.order_id.clone(),
+                    |o: &mut Order, r: Reply| {
+                        if !r.ok {
+                            return ReplyOutcome::Failure("out of stock".into());
+                        }
+                        // Parts arrive one reply at a time; three make the step succeed.
+                        o.parts += 1;
+                        if o.parts >= 3 {
+                            ReplyOutcome::Success
+                        } else {
+                            ReplyOutcome::Pending
+                        }
+                    },
+                )
+                .timeout(timeout),
         )
         .step(Step::local("confirm", move |o: &mut Order, _| {
             o.confirmed = version >= 1;
