@@ -1,1 +1,24 @@
-//! Placeholder: implemented by its own issue.
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod link;
+mod mapping;
+mod publisher;
+mod subscription;
+mod topology;
+mod trace;
+mod transport;
+
+pub use config::{
+    AmqpConfig, BindingConfig, ExchangeConfig, ExchangeKind, QueueConfig, QueueType, ReconnectConfig, RedactedUrl,
+    RoutingKey, Topology,
+};
+pub use error::AmqpError;
+pub use mapping::{DESTINATION_HEADER, RETRIES_HEADER, content_id};
+pub use trace::{TRACEPARENT, TracedHandler, context_of, set_parent};
+pub use transport::AmqpTransport;
+
+/// The AMQP client this crate uses, for declaration arguments
+/// ([`lapin::types::FieldTable`]) and the like.
+pub use lapin;

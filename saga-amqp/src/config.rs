@@ -1,0 +1,323 @@
+//! Configuration: where the broker is, how to talk to it, and the topology to
+//! declare. Every exchange and queue name comes from here.
+
+use std::fmt;
+use std::time::Duration;
+
+use lapin::types::FieldTable;
+
+/// How an [`AmqpTransport`](crate::AmqpTransport) connects and behaves.
+#[derive(Clone, Debug)]
+pub struct AmqpConfig {
+    /// `amqp://` or `amqps://` URL, with credentials and an escaped vhost
+    /// (`%2f` for `/`). Never logged as is: see [`AmqpConfig::redacted_url`].
+    pub url: String,
+    /// The connection name shown by the broker (`rabbitmqctl list_connections`).
+    pub connection_name: String,
+    /// Unacknowledged deliveries each subscription may hold (`basic.qos`).
+    pub prefetch: u16,
+    /// Channels publishes are spread over. Each carries many confirms at once.
+    pub publisher_channels: usize,
+    /// Publishes waiting for their broker confirm at once, over all channels;
+    /// further publishes wait for a slot.
+    pub max_confirms_in_flight: usize,
+    /// The queue type of configured queues that do not name one.
+    pub queue_type: QueueType,
+    /// Backoff between reconnection attempts.
+    pub reconnect: ReconnectConfig,
+    /// Exchanges, queues and bindings declared at start-up and after every reconnect.
+    pub topology: Topology,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            connection_name: "saga-amqp".to_owned(),
+            prefetch: 64,
+            publisher_channels: 4,
+            max_confirms_in_flight: 4096,
+            queue_type: QueueType::Classic,
+            reconnect: ReconnectConfig::default(),
+            topology: Topology::default(),
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// Defaults with `url` and `topology`.
+    pub fn new(url: impl Into<String>, topology: Topology) -> Self {
+        Self {
+            url: url.into(),
+            topology,
+            ..Self::default()
+        }
+    }
+
+    /// The URL with its password masked, for logs and errors.
+    pub fn redacted_url(&self) -> RedactedUrl<'_> {
+        RedactedUrl(&self.url)
+    }
+}
+
+/// A URL displayed with its password replaced by `***`.
+#[derive(Clone, Copy)]
+pub struct RedactedUrl<'a>(pub &'a str);
+
+impl fmt::Display for RedactedUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = self.0;
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            // Not a URL we understand: show nothing that could be a secret.
+            return f.write_str("<url>");
+        };
+        let rest = &url[scheme_end..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let user_info = &authority[..at];
+                let user = user_info.split(':').next().unwrap_or_default();
+                let masked = if user_info.contains(':') { ":***" } else { "" };
+                write!(f, "{}{user}{masked}{}", &url[..scheme_end], &url[scheme_end + at..])
+            }
+            None => f.write_str(url),
+        }
+    }
+}
+
+impl fmt::Debug for RedactedUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Backoff between reconnection attempts: exponential, capped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReconnectConfig {
+    /// Wait after the first failed attempt.
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// How long one attempt (TCP, TLS, handshake, topology) may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ReconnectConfig {
+    /// The wait after `failures` consecutive failed attempts (1-based).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// The type of a queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum QueueType {
+    /// A classic queue, declared without arguments, so queues the platform
+    /// already has keep theirs.
+    #[default]
+    Classic,
+    /// A quorum queue (replicated; what RabbitMQ recommends for clusters).
+    /// Declared with `x-queue-type: quorum` and a dead-letter route to
+    /// `<queue>.dlq`, so what the broker itself dead-letters is kept too.
+    Quorum,
+}
+
+/// The type of an exchange.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ExchangeKind {
+    /// Every bound queue gets a copy; routing keys are ignored.
+    #[default]
+    Fanout,
+    /// Routed to queues bound with exactly the routing key.
+    Direct,
+    /// Routed by pattern (`order.*`, `#`).
+    Topic,
+}
+
+/// The routing key a message published to an exchange carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RoutingKey {
+    /// The empty routing key (what fanout exchanges ignore anyway).
+    #[default]
+    Empty,
+    /// The message type (`Message::kind`), e.g. `OrderCreated`.
+    Kind,
+    /// This fixed key.
+    Fixed(String),
+}
+
+/// An exchange to declare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeConfig {
+    /// Its name: the `destination` messages are published to.
+    pub name: String,
+    /// Its type.
+    pub kind: ExchangeKind,
+    /// Whether it survives a broker restart.
+    pub durable: bool,
+    /// The routing key of messages published to it.
+    pub routing_key: RoutingKey,
+}
+
+impl ExchangeConfig {
+    /// A durable exchange. Messages to a fanout exchange carry the empty
+    /// routing key, to a direct or topic exchange their type.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
+        let routing_key = match kind {
+            ExchangeKind::Fanout => RoutingKey::Empty,
+            ExchangeKind::Direct | ExchangeKind::Topic => RoutingKey::Kind,
+        };
+        Self {
+            name: name.into(),
+            kind,
+            durable: true,
+            routing_key,
+        }
+    }
+}
+
+/// A queue to declare, with its `<queue>.dlq` and delay queues.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// Its name.
+    pub name: String,
+    /// Whether it survives a broker restart (quorum queues always do).
+    pub durable: bool,
+    /// Its type; `None` takes [`AmqpConfig::queue_type`].
+    pub queue_type: Option<QueueType>,
+    /// Extra declaration arguments, e.g. to match those of a queue the
+    /// platform already declared (the broker refuses a declaration whose
+    /// arguments differ).
+    pub arguments: FieldTable,
+}
+
+impl QueueConfig {
+    /// A durable queue of the configured default type.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            durable: true,
+            queue_type: None,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// The same queue with type `queue_type`.
+    pub fn with_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = Some(queue_type);
+        self
+    }
+}
+
+/// A binding from an exchange to a queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingConfig {
+    /// The exchange.
+    pub exchange: String,
+    /// The queue.
+    pub queue: String,
+    /// The binding key (ignored by fanout exchanges; a pattern for topic ones).
+    pub routing_key: String,
+}
+
+/// What to declare: exchanges, queues (each with `<queue>.dlq`) and bindings.
+///
+/// Declaration is idempotent; it runs at start-up and after every reconnect.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Topology {
+    /// Exchanges.
+    pub exchanges: Vec<ExchangeConfig>,
+    /// Queues.
+    pub queues: Vec<QueueConfig>,
+    /// Bindings.
+    pub bindings: Vec<BindingConfig>,
+}
+
+impl Topology {
+    /// Nothing declared.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a durable exchange (see [`ExchangeConfig::new`] for its routing key).
+    pub fn exchange(mut self, name: impl Into<String>, kind: ExchangeKind) -> Self {
+        self.exchanges.push(ExchangeConfig::new(name, kind));
+        self
+    }
+
+    /// Adds an exchange as configured.
+    pub fn with_exchange(mut self, exchange: ExchangeConfig) -> Self {
+        self.exchanges.push(exchange);
+        self
+    }
+
+    /// Adds a durable queue of the default type.
+    pub fn queue(mut self, name: impl Into<String>) -> Self {
+        self.queues.push(QueueConfig::new(name));
+        self
+    }
+
+    /// Adds a queue as configured.
+    pub fn with_queue(mut self, queue: QueueConfig) -> Self {
+        self.queues.push(queue);
+        self
+    }
+
+    /// Binds `queue` to `exchange` with `routing_key`.
+    pub fn bind(mut self, exchange: impl Into<String>, queue: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        self.bindings.push(BindingConfig {
+            exchange: exchange.into(),
+            queue: queue.into(),
+            routing_key: routing_key.into(),
+        });
+        self
+    }
+
+    pub(crate) fn exchange_config(&self, name: &str) -> Option<&ExchangeConfig> {
+        self.exchanges.iter().find(|e| e.name == name)
+    }
+
+    pub(crate) fn queue_config(&self, name: &str) -> Option<&QueueConfig> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        let shown = |url: &str| RedactedUrl(url).to_string();
+        assert_eq!(shown("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(shown("amqps://user:p%40ss@host/vhost?heartbeat=10"), "amqps://user:***@host/vhost?heartbeat=10");
+        assert_eq!(shown("amqp://user@host"), "amqp://user@host");
+        assert_eq!(shown("amqp://host:5672"), "amqp://host:5672");
+        assert_eq!(shown("not a url with secret"), "<url>");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let config = ReconnectConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(config.backoff(1), Duration::from_millis(100));
+        assert_eq!(config.backoff(2), Duration::from_millis(200));
+        assert_eq!(config.backoff(5), Duration::from_secs(1));
+        assert_eq!(config.backoff(u32::MAX), Duration::from_secs(1));
+    }
+}

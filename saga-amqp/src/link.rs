@@ -1,0 +1,169 @@
+//! The connection to the broker: opened on demand, re-opened with backoff
+//! after it drops, the topology re-declared each time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lapin::{Channel, Connection, ConnectionProperties};
+use saga_core::{CancellationToken, TransportError};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::AmqpConfig;
+use crate::error::{AmqpError, unavailable};
+use crate::topology;
+
+/// Whether a caller waits out the backoff before the next connection attempt
+/// (a subscription, which has nothing else to do) or fails at once (a
+/// publisher, whose relay backs off by itself while the outbox accumulates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    Yes,
+    No,
+}
+
+#[derive(Default)]
+struct State {
+    connection: Option<Arc<Connection>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+pub(crate) struct Link {
+    config: Arc<AmqpConfig>,
+    state: Mutex<State>,
+    /// Bumped on every new connection, so caches of what was declared on the
+    /// previous one are dropped.
+    generation: AtomicU64,
+    closed: CancellationToken,
+}
+
+impl Link {
+    /// Connects and declares the topology once, reporting why it could not.
+    pub(crate) async fn start(config: Arc<AmqpConfig>) -> Result<Self, AmqpError> {
+        let connection = connect(&config).await?;
+        Ok(Self {
+            config,
+            state: Mutex::new(State {
+                connection: Some(Arc::new(connection)),
+                ..State::default()
+            }),
+            generation: AtomicU64::new(1),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Whether the connection is up right now.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.state
+            .try_lock()
+            .map(|state| state.connection.as_ref().is_some_and(|c| c.status().connected()))
+            .unwrap_or(false)
+    }
+
+    /// The live connection, reconnecting (and re-declaring the topology) when
+    /// it dropped.
+    pub(crate) async fn connection(&self, wait: Wait) -> Result<Arc<Connection>, TransportError> {
+        loop {
+            if self.closed.is_cancelled() {
+                return Err(TransportError::Closed);
+            }
+            let mut state = self.state.lock().await;
+            if let Some(connection) = &state.connection {
+                if connection.status().connected() {
+                    return Ok(Arc::clone(connection));
+                }
+                tracing::warn!(url = %self.config.redacted_url(), "connection to the broker lost; reconnecting");
+                state.connection = None;
+            }
+            if let Some(at) = state.retry_at.filter(|at| *at > Instant::now()) {
+                if wait == Wait::No {
+                    return Err(TransportError::Unavailable(
+                        format!("the broker is unreachable; next attempt in {:?}", at - Instant::now()).into(),
+                    ));
+                }
+                drop(state);
+                tokio::select! {
+                    () = self.closed.cancelled() => return Err(TransportError::Closed),
+                    () = tokio::time::sleep_until(at) => continue,
+                }
+            }
+            match connect(&self.config).await {
+                Ok(connection) => {
+                    let connection = Arc::new(connection);
+                    if state.failures > 0 {
+                        tracing::info!(url = %self.config.redacted_url(), "reconnected to the broker");
+                    }
+                    state.failures = 0;
+                    state.retry_at = None;
+                    state.connection = Some(Arc::clone(&connection));
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    return Ok(connection);
+                }
+                Err(error) => {
+                    state.failures = state.failures.saturating_add(1);
+                    let backoff = self.config.reconnect.backoff(state.failures);
+                    state.retry_at = Some(Instant::now() + backoff);
+                    tracing::warn!(error = %error, ?backoff, "reconnecting to the broker failed");
+                    if wait == Wait::No {
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new channel on the live connection.
+    pub(crate) async fn channel(&self, wait: Wait) -> Result<Channel, TransportError> {
+        let connection = self.connection(wait).await?;
+        connection.create_channel().await.map_err(unavailable)
+    }
+
+    /// Closes the connection; later calls fail with [`TransportError::Closed`].
+    pub(crate) async fn close(&self) {
+        self.closed.cancel();
+        let connection = self.state.lock().await.connection.take();
+        if let Some(connection) = connection.filter(|c| c.status().connected())
+            && let Err(error) = connection.close(200, "closing".into()).await
+        {
+            tracing::debug!(%error, "closing the connection failed");
+        }
+    }
+}
+
+/// Opens a connection and declares the topology on it.
+async fn connect(config: &AmqpConfig) -> Result<Connection, AmqpError> {
+    let attempt = async {
+        let properties = ConnectionProperties::default().with_connection_name(config.connection_name.as_str().into());
+        let connection = Connection::connect(&config.url, properties)
+            .await
+            .map_err(|source| AmqpError::Unavailable {
+                url: config.redacted_url().to_string(),
+                source,
+            })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| AmqpError::Unavailable {
+                url: config.redacted_url().to_string(),
+                source,
+            })?;
+        topology::declare(&channel, config).await?;
+        // Dropping the last handle closes the channel.
+        drop(channel);
+        Ok(connection)
+    };
+    tokio::time::timeout(config.reconnect.connect_timeout, attempt)
+        .await
+        .map_err(|_| AmqpError::Timeout {
+            url: config.redacted_url().to_string(),
+        })?
+}

@@ -1,0 +1,295 @@
+//! Consuming a queue with manual acks, and executing the consumer's
+//! settlements: ack, retry through a delay queue, or dead-letter to
+//! `<queue>.dlq`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures_core::Stream;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::protocol::AMQPSoftError;
+use lapin::types::FieldTable;
+use lapin::{Acker, BasicProperties, Channel, Consumer};
+use saga_core::{DEAD_LETTER_REASON, Delivery, MessageId, Settle, Settlement, Subscription, TransportError};
+
+use crate::config::AmqpConfig;
+use crate::error::{short, soft_error, unavailable};
+use crate::link::{Link, Wait};
+use crate::mapping;
+use crate::publisher::Publishing;
+use crate::topology::{self, DLQ_SUFFIX};
+
+/// What subscriptions and settlements share with the transport.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<AmqpConfig>,
+    pub(crate) link: Arc<Link>,
+    pub(crate) publishing: Publishing,
+    /// Delay queues declared on the current connection (generation, names).
+    retry_queues: Mutex<(u64, HashSet<String>)>,
+    /// Every delay queue ever declared, for [`AmqpTransport::delete_topology`](crate::AmqpTransport::delete_topology).
+    pub(crate) all_retry_queues: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Arc<AmqpConfig>, link: Arc<Link>, publishing: Publishing) -> Self {
+        Self {
+            config,
+            link,
+            publishing,
+            retry_queues: Mutex::new((0, HashSet::new())),
+            all_retry_queues: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Declares the delay queue `name` of `queue` once per connection.
+    async fn ensure_retry_queue(&self, queue: &str, name: &str, ttl_ms: u64) -> Result<(), TransportError> {
+        let generation = self.link.generation();
+        {
+            let declared = self.retry_queues.lock().unwrap_or_else(|p| p.into_inner());
+            if declared.0 == generation && declared.1.contains(name) {
+                return Ok(());
+            }
+        }
+        let channel = self.link.channel(Wait::No).await?;
+        let arguments = topology::retry_arguments(topology::queue_type(&self.config, queue), queue, ttl_ms);
+        topology::declare_queue(&channel, name, true, arguments).await?;
+        self.all_retry_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+        let mut declared = self.retry_queues.lock().unwrap_or_else(|p| p.into_inner());
+        if declared.0 != generation {
+            *declared = (generation, HashSet::new());
+        }
+        declared.1.insert(name.to_owned());
+        Ok(())
+    }
+}
+
+/// Starts consuming `queue` on a channel of its own (its prefetch is this
+/// subscription's; closing it requeues what was not acked).
+pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<(Channel, Consumer), TransportError> {
+    let name = short(queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.to_owned()))?;
+    let channel = shared.link.channel(wait).await?;
+    channel
+        .basic_qos(shared.config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(unavailable)?;
+    let consumer = channel
+        .basic_consume(name, "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(|e| match soft_error(&e) {
+            Some(AMQPSoftError::NOTFOUND) => TransportError::UnknownAddress(queue.to_owned()),
+            _ => unavailable(e),
+        })?;
+    Ok((channel, consumer))
+}
+
+/// A subscription that survives reconnects: after its channel or connection
+/// drops it reports the error once and consumes again on the next call.
+pub(crate) struct AmqpSubscription {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) queue: Arc<str>,
+    pub(crate) current: Option<(Channel, Consumer)>,
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, TransportError>> {
+        let closed = self.shared.link.closed().clone();
+        let (channel, consumer) = match &mut self.current {
+            Some(current) => current,
+            None => {
+                let opened = tokio::select! {
+                    () = closed.cancelled() => return None,
+                    opened = consume(&self.shared, &self.queue, Wait::Yes) => opened,
+                };
+                match opened {
+                    Ok(current) => self.current.insert(current),
+                    Err(TransportError::Closed) => return None,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        };
+        let item = tokio::select! {
+            () = closed.cancelled() => return None,
+            item = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *consumer).poll_next(cx)) => item,
+        };
+        match item {
+            Some(Ok(delivery)) => {
+                let channel = channel.clone();
+                Some(Ok(self.delivery(channel, delivery)))
+            }
+            Some(Err(e)) => {
+                self.current = None;
+                Some(Err(unavailable(e)))
+            }
+            None => {
+                self.current = None;
+                if closed.is_cancelled() {
+                    return None;
+                }
+                Some(Err(TransportError::Unavailable(
+                    format!("the broker cancelled the consumer of `{}`; consuming again", self.queue).into(),
+                )))
+            }
+        }
+    }
+}
+
+impl AmqpSubscription {
+    fn delivery(&self, channel: Channel, delivery: lapin::message::Delivery) -> Delivery {
+        let lapin::message::Delivery {
+            exchange,
+            properties,
+            data,
+            acker,
+            ..
+        } = delivery;
+        let (message, retries) = mapping::message(exchange.as_str(), &properties, data.clone());
+        let settle = AmqpSettle {
+            shared: Arc::clone(&self.shared),
+            queue: Arc::clone(&self.queue),
+            channel,
+            acker: Some(acker),
+            message_id: message.id.clone(),
+            destination: message.destination.clone(),
+            properties,
+            body: data,
+            retries,
+        };
+        Delivery {
+            message,
+            retries,
+            settle: Box::new(settle),
+        }
+    }
+}
+
+struct AmqpSettle {
+    shared: Arc<Shared>,
+    queue: Arc<str>,
+    /// Keeps the channel open until the delivery is settled.
+    channel: Channel,
+    acker: Option<Acker>,
+    message_id: MessageId,
+    destination: String,
+    properties: BasicProperties,
+    body: Vec<u8>,
+    retries: u32,
+}
+
+async fn ack(acker: &Acker) -> Result<(), TransportError> {
+    match acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(TransportError::Unavailable(
+            "the channel closed before the ack; the broker delivers the message again".into(),
+        )),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+async fn requeue(acker: &Acker) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    if let Err(error) = acker.nack(requeue).await {
+        // The channel is gone, and with it the delivery: the broker requeues it.
+        tracing::debug!(%error, "requeueing a delivery failed");
+    }
+}
+
+impl AmqpSettle {
+    /// Publishes the message to `queue` (through the default exchange) with
+    /// `properties`, then acks the original: at least once, never lost.
+    async fn forward(&self, acker: &Acker, queue: &str, properties: Result<BasicProperties, String>) -> Result<(), TransportError> {
+        let properties = match properties {
+            Ok(properties) => properties,
+            Err(reason) => {
+                requeue(acker).await;
+                return Err(TransportError::Rejected {
+                    id: self.message_id.to_string(),
+                    reason,
+                });
+            }
+        };
+        let published = self
+            .shared
+            .publishing
+            .publish(self.message_id.as_str(), "", queue, &self.body, properties)
+            .await;
+        match published {
+            Ok(()) => ack(acker).await,
+            Err(e) => {
+                requeue(acker).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
+        let Some(acker) = self.acker.take() else {
+            return Ok(());
+        };
+        match settlement {
+            Settlement::Ack => ack(&acker).await,
+            Settlement::Retry { delay } => {
+                let target = if delay.is_zero() {
+                    self.queue.to_string()
+                } else {
+                    let (name, ttl) = topology::retry_queue(&self.queue, delay);
+                    if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
+                        requeue(&acker).await;
+                        return Err(e);
+                    }
+                    name
+                };
+                let properties = mapping::republished(
+                    &self.properties,
+                    &self.message_id,
+                    &self.destination,
+                    self.retries.saturating_add(1),
+                    None,
+                );
+                self.forward(&acker, &target, properties).await
+            }
+            Settlement::DeadLetter { reason } => {
+                // A dead letter of a dead-letter queue stays where it is, at the back.
+                let target = if self.queue.ends_with(DLQ_SUFFIX) {
+                    self.queue.to_string()
+                } else {
+                    topology::dlq(&self.queue)
+                };
+                let properties = mapping::republished(
+                    &self.properties,
+                    &self.message_id,
+                    &self.destination,
+                    self.retries,
+                    Some((DEAD_LETTER_REASON, &reason)),
+                );
+                self.forward(&acker, &target, properties).await
+            }
+        }
+    }
+}
+
+impl Drop for AmqpSettle {
+    fn drop(&mut self) {
+        // Dropped unsettled (the handler panicked or was cancelled): give it
+        // back now rather than when the channel closes.
+        if let Some(acker) = self.acker.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let channel = self.channel.clone();
+            runtime.spawn(async move {
+                requeue(&acker).await;
+                drop(channel);
+            });
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! [`AmqpTransport`]: saga-core's `Publisher` and `Subscriber` over RabbitMQ.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use saga_core::{Message, Publisher, Subscriber, Subscription, TransportError};
+
+use crate::config::{AmqpConfig, RoutingKey};
+use crate::error::{AmqpError, short, unavailable};
+use crate::link::{Link, Wait};
+use crate::mapping;
+use crate::publisher::Publishing;
+use crate::subscription::{AmqpSubscription, Shared, consume};
+use crate::topology;
+use crate::trace;
+
+/// A RabbitMQ [`Transport`](saga_core::Transport).
+///
+/// - **Publishing**: persistent, `mandatory`, with publisher confirms;
+///   [`publish`](Publisher::publish) returns once the broker confirmed. A
+///   negative confirm or an unroutable message is
+///   [`TransportError::Rejected`]; an exchange that does not exist is
+///   [`TransportError::UnknownAddress`]. Concurrent publishes pipeline their
+///   confirms over a few channels.
+/// - **Consuming**: manual acks, `prefetch` unacked deliveries per
+///   subscription. Retries go through `<queue>.retry.<ms>` delay queues and
+///   come back counting one more retry; dead letters go to `<queue>.dlq` with
+///   the reason in [`saga_core::DEAD_LETTER_REASON`]. A delivery dropped
+///   unsettled is requeued.
+/// - **Reconnects**: a dropped connection is re-opened with backoff and the
+///   topology declared again; subscriptions report the error once and go on.
+///
+/// Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct AmqpTransport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpTransport")
+            .field("url", &self.shared.config.redacted_url())
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpTransport {
+    /// Connects to `config.url` and declares `config.topology`.
+    pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
+        if config.publisher_channels == 0 || config.max_confirms_in_flight == 0 {
+            return Err(AmqpError::InvalidConfig(
+                "publisher_channels and max_confirms_in_flight must be at least 1".to_owned(),
+            ));
+        }
+        let config = Arc::new(config);
+        let link = Arc::new(Link::start(Arc::clone(&config)).await?);
+        let declared: Vec<String> = config.topology.exchanges.iter().map(|e| e.name.clone()).collect();
+        let publishing = Publishing::new(
+            Arc::clone(&link),
+            config.publisher_channels,
+            config.max_confirms_in_flight,
+            &declared,
+        );
+        tracing::info!(url = %config.redacted_url(), "connected to the broker");
+        Ok(Self {
+            shared: Arc::new(Shared::new(config, link, publishing)),
+        })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.config
+    }
+
+    /// Whether the connection is up right now (it reconnects on demand).
+    pub fn is_connected(&self) -> bool {
+        self.shared.link.is_connected()
+    }
+
+    /// Graceful shutdown: subscriptions end (their `next` returns `None`),
+    /// publishing fails with [`TransportError::Closed`], and the connection
+    /// closes. Unacked deliveries go back to their queues.
+    pub async fn close(&self) {
+        self.shared.publishing.close();
+        self.shared.link.close().await;
+    }
+
+    /// Deletes the configured exchanges and queues, their `.dlq` and every
+    /// delay queue this transport declared. For tests and tools.
+    pub async fn delete_topology(&self) -> Result<(), TransportError> {
+        let channel = self.shared.link.channel(Wait::No).await?;
+        let topology = &self.shared.config.topology;
+        let mut queues: Vec<String> = Vec::new();
+        for queue in &topology.queues {
+            queues.push(queue.name.clone());
+            queues.push(topology::dlq(&queue.name));
+        }
+        queues.extend(
+            self.shared
+                .all_retry_queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        for queue in queues {
+            let name = short(&queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.clone()))?;
+            channel
+                .queue_delete(name, QueueDeleteOptions::default())
+                .await
+                .map_err(unavailable)?;
+        }
+        for exchange in &topology.exchanges {
+            let name = short(&exchange.name, "exchange name")
+                .map_err(|_| TransportError::UnknownAddress(exchange.name.clone()))?;
+            channel
+                .exchange_delete(name, ExchangeDeleteOptions::default())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    fn routing_key<'a>(&'a self, message: &'a Message) -> &'a str {
+        match self
+            .shared
+            .config
+            .topology
+            .exchange_config(&message.destination)
+            .map(|e| &e.routing_key)
+        {
+            Some(RoutingKey::Kind) => &message.kind,
+            Some(RoutingKey::Fixed(key)) => key,
+            Some(RoutingKey::Empty) | None => "",
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpTransport {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let publishing = &self.shared.publishing;
+        publishing.check_exchange(&message.destination).await?;
+        let properties =
+            mapping::properties(message, &trace::headers_for(message)).map_err(|reason| TransportError::Rejected {
+                id: message.id.to_string(),
+                reason,
+            })?;
+        publishing
+            .publish(
+                message.id.as_str(),
+                &message.destination,
+                self.routing_key(message),
+                &message.payload,
+                properties,
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl Subscriber for AmqpTransport {
+    async fn subscribe(&self, queue: &str) -> Result<Box<dyn Subscription>, TransportError> {
+        let current = consume(&self.shared, queue, Wait::No).await?;
+        Ok(Box::new(AmqpSubscription {
+            shared: Arc::clone(&self.shared),
+            queue: Arc::from(queue),
+            current: Some(current),
+        }))
+    }
+}

@@ -1,0 +1,52 @@
+//! Shared by the integration tests: the broker URL, unique names, and a
+//! connection that fails loudly when RabbitMQ is not running.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, QueueConfig, QueueType, RedactedUrl, Topology};
+
+/// `RABBITMQ_URL`, or the local broker.
+pub fn url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("saga-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A fanout exchange `name` bound to the queue `<name>.queue` of `queue_type`.
+pub fn config(name: &str, queue_type: QueueType) -> AmqpConfig {
+    let queue = format!("{name}.queue");
+    let topology = Topology::new()
+        .exchange(name, ExchangeKind::Fanout)
+        .with_queue(QueueConfig::new(&queue).with_type(queue_type))
+        .bind(name, &queue, "");
+    let mut config = AmqpConfig::new(url(), topology);
+    config.connection_name = name.to_owned();
+    config.reconnect.initial_backoff = Duration::from_millis(50);
+    config.reconnect.max_backoff = Duration::from_millis(500);
+    config
+}
+
+/// Connects, or fails the test saying what to start.
+pub async fn connect(config: AmqpConfig) -> AmqpTransport {
+    let url = RedactedUrl(&config.url).to_string();
+    match AmqpTransport::connect(config).await {
+        Ok(transport) => transport,
+        Err(e) if e.is_retryable() => panic!(
+            "RabbitMQ is not reachable at {url}: {e}. Start it (`rabbitmq-server -detached`, as root) or point RABBITMQ_URL at one."
+        ),
+        Err(e) => panic!("setting up the AMQP topology failed: {e}"),
+    }
+}
+
+/// Deletes what `transport` declared and closes it.
+pub async fn clean_up(transport: &AmqpTransport) {
+    if let Err(e) = transport.delete_topology().await {
+        eprintln!("cleaning up failed (names are unique, so nothing else is affected): {e}");
+    }
+    transport.close().await;
+}
