@@ -356,9 +356,9 @@ impl Engine {
     /// Messages already in the inbox are [`Handled::Duplicate`]; messages that
     /// name no instance are [`EngineError::UnknownSaga`] (dead-letter them).
     pub async fn handle(&self, message: &Message) -> Result<Handled, EngineError> {
-        let id = self.correlate(message).await?;
+        let (id, loaded) = self.correlate(message).await?;
         let span = tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
-        self.transition(id, Event::Message(message), Some(&message.id))
+        self.transition(id, loaded, Event::Message(message), Some(&message.id))
             .instrument(span)
             .await
     }
@@ -372,7 +372,7 @@ impl Engine {
         for deadline in due {
             let span = tracing::info_span!("saga.deadline", saga_id = %deadline.saga);
             let handled = self
-                .transition(deadline.saga, Event::Deadline(deadline.due), None)
+                .transition(deadline.saga, None, Event::Deadline(deadline.due), None)
                 .instrument(span)
                 .await;
             match handled {
@@ -389,7 +389,7 @@ impl Engine {
     /// Applies an operator action and returns the instance afterwards.
     pub async fn act(&self, id: SagaId, action: OperatorAction) -> Result<SagaInstance, EngineError> {
         let span = tracing::info_span!("saga.operator", saga_id = %id, action = action.as_str());
-        self.transition(id, Event::Operator(action), None)
+        self.transition(id, None, Event::Operator(action), None)
             .instrument(span)
             .await?;
         self.inner.store.load(id).await?.ok_or(EngineError::UnknownSaga {
@@ -440,7 +440,9 @@ impl Engine {
             })
     }
 
-    async fn correlate(&self, message: &Message) -> Result<SagaId, EngineError> {
+    /// Finds the instance a message belongs to; returns it too when finding
+    /// it meant loading it, so the transition need not load it again.
+    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<SagaInstance>), EngineError> {
         let routes = self
             .inner
             .routes
@@ -458,7 +460,7 @@ impl Engine {
                     tried = Some(raw.to_owned());
                     let Ok(id) = raw.parse::<SagaId>() else { continue };
                     match self.inner.store.load(id).await? {
-                        Some(instance) if instance.definition == route.definition => return Ok(id),
+                        Some(instance) if instance.definition == route.definition => return Ok((id, Some(instance))),
                         _ => continue,
                     }
                 }
@@ -468,7 +470,7 @@ impl Engine {
                         source,
                     })?;
                     if let Some(id) = self.inner.store.find_by_key(&route.definition, &key).await? {
-                        return Ok(id);
+                        return Ok((id, None));
                     }
                     tried = Some(key);
                 }
@@ -484,24 +486,24 @@ impl Engine {
     async fn transition(
         &self,
         id: SagaId,
+        mut loaded: Option<SagaInstance>,
         event: Event<'_>,
         consumed: Option<&MessageId>,
     ) -> Result<Handled, EngineError> {
         let attempts = self.inner.config.max_conflict_retries.max(1);
         for _ in 0..attempts {
-            let instance = self
-                .inner
-                .store
-                .load(id)
-                .await?
-                .ok_or_else(|| EngineError::UnknownSaga {
-                    kind: match event {
-                        Event::Message(m) => m.kind.clone(),
-                        Event::Deadline(_) => "deadline".to_owned(),
-                        Event::Operator(a) => a.as_str().to_owned(),
-                    },
-                    key: Some(id.to_string()),
-                })?;
+            let instance = match loaded.take() {
+                Some(instance) => Some(instance),
+                None => self.inner.store.load(id).await?,
+            };
+            let instance = instance.ok_or_else(|| EngineError::UnknownSaga {
+                kind: match event {
+                    Event::Message(m) => m.kind.clone(),
+                    Event::Deadline(_) => "deadline".to_owned(),
+                    Event::Operator(a) => a.as_str().to_owned(),
+                },
+                key: Some(id.to_string()),
+            })?;
             let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let revision = instance.revision;
             let finished = instance.status.is_terminal();
