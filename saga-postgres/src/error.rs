@@ -1,0 +1,85 @@
+//! Mapping sqlx errors onto saga-core's [`StoreError`].
+
+use saga_core::{SagaId, StoreError};
+
+/// SQLSTATEs that mean "try again": sqlx classifies constraint violations
+/// (`ErrorKind`) but not these, so they are named here once.
+const TRANSIENT_SQLSTATES: &[&str] = &[
+    "40001", // serialization_failure
+    "40P01", // deadlock_detected
+    "57P01", // admin_shutdown
+    "57P02", // crash_shutdown
+    "57P03", // cannot_connect_now
+    "53300", // too_many_connections
+    "08000", // connection_exception
+    "08003", // connection_does_not_exist
+    "08006", // connection_failure
+    "08001", // sqlclient_unable_to_establish_sqlconnection
+    "08004", // sqlserver_rejected_establishment_of_sqlconnection
+];
+
+/// Whether `error` is worth retrying as is (connection trouble, a server
+/// restarting, a serialization failure or deadlock).
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| TRANSIENT_SQLSTATES.contains(&code.as_ref())),
+        _ => false,
+    }
+}
+
+/// The general mapping: transient → `Unavailable`, undecodable → `Corrupt`,
+/// the rest → `Backend`.
+pub(crate) fn store_error(error: sqlx::Error) -> StoreError {
+    if is_transient(&error) {
+        return StoreError::Unavailable(Box::new(error));
+    }
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            StoreError::Corrupt {
+                what: "a row".to_owned(),
+                source: Box::new(error),
+            }
+        }
+        other => StoreError::Backend(Box::new(other)),
+    }
+}
+
+/// Like [`store_error`], but a unique violation on an instance constraint
+/// (its id or its key) is `AlreadyExists`.
+pub(crate) fn insert_error(error: sqlx::Error, id: SagaId) -> StoreError {
+    if let sqlx::Error::Database(db) = &error {
+        let on_instances = db
+            .constraint()
+            .is_some_and(|c| c == "saga_instances_pkey" || c == "saga_instances_key");
+        if db.is_unique_violation() && on_instances {
+            return StoreError::AlreadyExists { id };
+        }
+    }
+    store_error(error)
+}
+
+/// A row that cannot be read back as what it should be.
+pub(crate) fn corrupt(what: impl Into<String>, source: impl Into<saga_core::BoxError>) -> StoreError {
+    StoreError::Corrupt {
+        what: what.into(),
+        source: source.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_and_pool_timeouts_are_retryable() {
+        let io = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        assert!(store_error(io).is_retryable());
+        assert!(store_error(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(!store_error(sqlx::Error::RowNotFound).is_retryable());
+        assert!(matches!(
+            store_error(sqlx::Error::Decode("bad".into())),
+            StoreError::Corrupt { .. }
+        ));
+    }
+}

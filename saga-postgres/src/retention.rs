@@ -1,0 +1,139 @@
+//! Cleaning up what is no longer needed: consumed-message (inbox) rows,
+//! sent outbox rows, and, only when configured, finished instances.
+
+use std::time::Duration;
+
+use saga_core::{CancellationToken, StoreError, Timestamp};
+
+use crate::error::store_error;
+use crate::store::PostgresStore;
+
+/// How long rows are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Inbox rows older than this are deleted. It must exceed the longest
+    /// time a message can be redelivered (broker retries, a relay re-sending
+    /// after a crash), or a late duplicate would be applied again.
+    pub inbox: Duration,
+    /// Sent outbox rows older than this are deleted. Zero deletes them as
+    /// soon as they are marked sent (no trace kept, least work).
+    pub sent_messages: Duration,
+    /// Completed or compensated instances (with their history) last changed
+    /// longer ago than this are deleted. `None` (the default) keeps them:
+    /// they are the record of what happened.
+    pub finished_instances: Option<Duration>,
+    /// Rows deleted per statement, to keep each delete's locks short.
+    pub batch_size: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            inbox: Duration::from_secs(7 * 24 * 3600),
+            sent_messages: Duration::from_secs(24 * 3600),
+            finished_instances: None,
+            batch_size: 10_000,
+        }
+    }
+}
+
+/// What one [`PostgresStore::purge`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Inbox rows.
+    pub inbox: u64,
+    /// Sent outbox rows.
+    pub sent_messages: u64,
+    /// Finished instances (their history went with them).
+    pub instances: u64,
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64().min(1e11)
+}
+
+impl PostgresStore {
+    /// Deletes the rows the retention configuration no longer keeps, in
+    /// batches. Safe to run from several replicas at once.
+    pub async fn purge(&self) -> Result<Purged, StoreError> {
+        let retention = &self.config().retention;
+        let batch = i64::try_from(retention.batch_size.max(1)).unwrap_or(i64::MAX);
+        let mut purged = Purged {
+            inbox: self
+                .delete_batched(
+                    "DELETE FROM saga_inbox WHERE ctid IN (SELECT ctid FROM saga_inbox \
+                     WHERE consumed_at < now() - $1 * interval '1 second' LIMIT $2)",
+                    seconds(retention.inbox),
+                    batch,
+                )
+                .await?,
+            sent_messages: self
+                .delete_batched(
+                    "DELETE FROM saga_outbox WHERE id IN (SELECT id FROM saga_outbox \
+                     WHERE sent_at < now() - $1 * interval '1 second' LIMIT $2)",
+                    seconds(retention.sent_messages),
+                    batch,
+                )
+                .await?,
+            instances: 0,
+        };
+        if let Some(keep) = retention.finished_instances {
+            let before = (Timestamp::now() - keep).as_millis();
+            loop {
+                let mut tx = self.pool().begin().await.map_err(store_error)?;
+                let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+                    "DELETE FROM saga_instances WHERE id IN (SELECT id FROM saga_instances \
+                     WHERE status IN ('completed', 'compensated') AND updated_at < $1 LIMIT $2) RETURNING id",
+                )
+                .bind(before)
+                .bind(batch)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                sqlx::query("DELETE FROM saga_history WHERE saga_id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                tx.commit().await.map_err(store_error)?;
+                purged.instances += ids.len() as u64;
+                if (ids.len() as i64) < batch {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn delete_batched(&self, sql: &'static str, older_than_secs: f64, batch: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(sql)
+                .bind(older_than_secs)
+                .bind(batch)
+                .execute(self.pool())
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+            total += deleted;
+            if deleted < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs [`purge`](Self::purge) every `interval` until `shutdown` is
+    /// cancelled; failures are logged and retried at the next round.
+    pub async fn run_retention(&self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            match self.purge().await {
+                Ok(purged) => tracing::debug!(?purged, "retention ran"),
+                Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}

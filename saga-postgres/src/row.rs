@@ -1,0 +1,106 @@
+//! Reading rows back into saga-core types. A row that does not fit is
+//! `StoreError::Corrupt`, never a panic.
+
+use std::collections::BTreeMap;
+
+use saga_core::{Cause, Message, MessageId, OutboxEntry, Position, SagaId, SagaInstance, SagaStatus, StoreError, Timestamp, Transition};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+use crate::error::{corrupt, store_error};
+
+/// The columns [`instance`] reads, in a `SELECT`.
+macro_rules! instance_columns {
+    () => {
+        "id, definition, definition_version, key, status, step, attempt, awaiting, deadline, failure, \
+         data::text AS data, data_version, revision, created_at, updated_at"
+    };
+}
+pub(crate) use instance_columns;
+
+fn get<'r, T>(row: &'r PgRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(column).map_err(store_error)
+}
+
+fn u32_of(value: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(|e| corrupt(format!("{what} = {value}"), e))
+}
+
+/// A `saga_instances` row.
+pub(crate) fn instance(row: &PgRow) -> Result<SagaInstance, StoreError> {
+    let id = SagaId::from_uuid(get::<Uuid>(row, "id")?);
+    let what = |field: &str| format!("saga_instances {id} {field}");
+    let status: String = get(row, "status")?;
+    let status = status.parse::<SagaStatus>().map_err(|e| corrupt(what("status"), e))?;
+    let revision: i64 = get(row, "revision")?;
+    Ok(SagaInstance {
+        id,
+        definition: get(row, "definition")?,
+        definition_version: u32_of(get(row, "definition_version")?, &what("definition_version"))?,
+        key: get(row, "key")?,
+        status,
+        step: u32_of(get(row, "step")?, &what("step"))?,
+        attempt: u32_of(get(row, "attempt")?, &what("attempt"))?,
+        awaiting: get::<Option<String>>(row, "awaiting")?.map(MessageId::from),
+        deadline: get::<Option<i64>>(row, "deadline")?.map(Timestamp::from_millis),
+        failure: get(row, "failure")?,
+        data: get(row, "data")?,
+        data_version: u32_of(get(row, "data_version")?, &what("data_version"))?,
+        revision: u64::try_from(revision).map_err(|e| corrupt(what("revision"), e))?,
+        created_at: Timestamp::from_millis(get(row, "created_at")?),
+        updated_at: Timestamp::from_millis(get(row, "updated_at")?),
+    })
+}
+
+fn json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str, what: &str) -> Result<T, StoreError> {
+    let sqlx::types::Json(value) = get::<sqlx::types::Json<serde_json::Value>>(row, column)?;
+    serde_json::from_value(value).map_err(|e| corrupt(format!("{what} {column}"), e))
+}
+
+/// A `saga_history` row.
+pub(crate) fn transition(row: &PgRow) -> Result<Transition, StoreError> {
+    let saga_id = SagaId::from_uuid(get::<Uuid>(row, "saga_id")?);
+    let revision: i64 = get(row, "revision")?;
+    let what = format!("saga_history {saga_id}/{revision}");
+    let before: Option<sqlx::types::Json<serde_json::Value>> = get(row, "before")?;
+    let before: Option<Position> = match before {
+        Some(sqlx::types::Json(value)) => {
+            Some(serde_json::from_value(value).map_err(|e| corrupt(format!("{what} before"), e))?)
+        }
+        None => None,
+    };
+    Ok(Transition {
+        saga_id,
+        revision: u64::try_from(revision).map_err(|e| corrupt(what.clone(), e))?,
+        at: Timestamp::from_millis(get(row, "at")?),
+        cause: json::<Cause>(row, "cause", &what)?,
+        before,
+        after: json::<Position>(row, "after", &what)?,
+        emitted: json::<Vec<(MessageId, String)>>(row, "emitted", &what)?,
+        note: get(row, "note")?,
+    })
+}
+
+/// A `saga_outbox` row.
+pub(crate) fn outbox_entry(row: &PgRow) -> Result<OutboxEntry, StoreError> {
+    let id: i64 = get(row, "id")?;
+    let what = format!("saga_outbox {id}");
+    let headers: BTreeMap<String, String> = json(row, "headers", &what)?;
+    Ok(OutboxEntry {
+        id,
+        saga: get::<Option<Uuid>>(row, "saga_id")?.map(SagaId::from_uuid),
+        message: Message {
+            id: MessageId::from(get::<String>(row, "message_id")?),
+            kind: get(row, "kind")?,
+            destination: get(row, "destination")?,
+            correlation_id: get(row, "correlation_id")?,
+            timestamp: Timestamp::from_millis(get(row, "created_at")?),
+            headers,
+            payload: get(row, "payload")?,
+        },
+    })
+}
