@@ -105,6 +105,12 @@ impl Consumer {
         } = delivery;
         let result = handler.handle(&message).await;
         let settlement = settlement_for(&result, retries, policy);
+        let outcome = match &settlement {
+            Settlement::Ack => "ack",
+            Settlement::Retry { .. } => "retry",
+            Settlement::DeadLetter { .. } => "dead_letter",
+        };
+        metrics::counter!("saga_messages_total", "outcome" => outcome).increment(1);
         match &settlement {
             Settlement::Ack => {}
             Settlement::Retry { delay } => {

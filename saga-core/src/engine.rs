@@ -338,7 +338,10 @@ impl Engine {
             let pending = runner.start(id, Box::new(data), self.now())?;
             let status = pending.instance.status;
             match self.commit(pending, None, None).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    metrics::counter!("saga_started_total", "saga" => definition.to_owned()).increment(1);
+                    record_transition(definition, None, status);
+                }
                 Err(EngineError::Store(StoreError::AlreadyExists { id })) => {
                     return Err(EngineError::AlreadyStarted { id });
                 }
@@ -506,6 +509,7 @@ impl Engine {
             })?;
             let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let revision = instance.revision;
+            let before = instance.status;
             let finished = instance.status.is_terminal();
             let Some(pending) = runner.decide(instance, event, self.now())? else {
                 return Ok(Handled::Ignored(if finished {
@@ -518,6 +522,7 @@ impl Engine {
             match self.commit(pending, Some(revision), consumed).await {
                 Ok(true) => {
                     tracing::debug!(%status, "transition committed");
+                    record_transition(runner.name(), Some(before), status);
                     return Ok(Handled::Applied { saga: id, status });
                 }
                 Ok(false) => return Ok(Handled::Duplicate),
@@ -558,6 +563,18 @@ impl Engine {
         }
         tx.commit().await?;
         Ok(true)
+    }
+}
+
+/// Counts a committed transition, and the saga's end when it ended.
+fn record_transition(saga: &str, before: Option<SagaStatus>, after: SagaStatus) {
+    metrics::counter!("saga_transitions_total", "saga" => saga.to_owned()).increment(1);
+    let ended = matches!(
+        after,
+        SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::NeedsAttention
+    );
+    if ended && before != Some(after) {
+        metrics::counter!("saga_finished_total", "saga" => saga.to_owned(), "status" => after.as_str()).increment(1);
     }
 }
 

@@ -75,6 +75,10 @@ impl Relay {
         }
         let claimed = entries.len();
         let (sent, failed) = self.publish_all(entries).await;
+        metrics::counter!("saga_outbox_published_total").increment(sent.len() as u64);
+        if !failed.is_empty() {
+            metrics::counter!("saga_outbox_publish_failures_total").increment(failed.len() as u64);
+        }
         if !sent.is_empty() {
             self.outbox.mark_sent(&sent).await?;
         }

@@ -1,0 +1,76 @@
+//! The engine, consumer and relay report Prometheus-style counters through
+//! the `metrics` facade.
+
+use std::sync::Arc;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use saga_core::memory::InMemoryStore;
+use saga_core::{Engine, Message, ReplyOutcome, SagaDefinition, Step};
+
+fn counter(snapshot: &[(String, Vec<(String, String)>, u64)], name: &str, labels: &[(&str, &str)]) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+#[test]
+fn sagas_started_transitions_and_endings_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            let definition = SagaDefinition::<u32>::builder("counted")
+                .step(
+                    Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?)).on_reply(
+                        "Answer",
+                        |_: &mut u32, ok: bool| {
+                            if ok {
+                                ReplyOutcome::Success
+                            } else {
+                                ReplyOutcome::Failure("no".into())
+                            }
+                        },
+                    ),
+                )
+                .build()
+                .expect("valid");
+            let engine = Engine::builder(Arc::new(InMemoryStore::new()))
+                .register(definition)
+                .build()
+                .expect("engine");
+            for ok in [true, false, true] {
+                let id = engine.start("counted", 0u32).await.expect("start");
+                let answer = Message::json("Answer", "r", &ok)
+                    .expect("json")
+                    .with_correlation_id(id.to_string());
+                engine.handle(&answer).await.expect("handle");
+            }
+        });
+    });
+    let snapshot: Vec<(String, Vec<(String, String)>, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(v) => {
+                let key = key.key();
+                let labels = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                Some((key.name().to_owned(), labels, v))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(counter(&snapshot, "saga_started_total", &[("saga", "counted")]), 3);
+    assert_eq!(counter(&snapshot, "saga_transitions_total", &[("saga", "counted")]), 6);
+    assert_eq!(counter(&snapshot, "saga_finished_total", &[("status", "completed")]), 2);
+    assert_eq!(
+        counter(&snapshot, "saga_finished_total", &[("status", "compensated")]),
+        1
+    );
+}
