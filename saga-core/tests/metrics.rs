@@ -7,7 +7,10 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use saga_core::memory::InMemoryStore;
 use saga_core::{Engine, Message, ReplyOutcome, SagaDefinition, Step};
 
-fn counter(snapshot: &[(String, Vec<(String, String)>, u64)], name: &str, labels: &[(&str, &str)]) -> u64 {
+/// A counter's name, labels and value.
+type CounterRow = (String, Vec<(String, String)>, u64);
+
+fn counter(snapshot: &[CounterRow], name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
         .iter()
         .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
@@ -50,7 +53,7 @@ fn sagas_started_transitions_and_endings_are_counted() {
             }
         });
     });
-    let snapshot: Vec<(String, Vec<(String, String)>, u64)> = snapshotter
+    let snapshot: Vec<CounterRow> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
