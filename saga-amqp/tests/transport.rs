@@ -1,0 +1,373 @@
+//! The RabbitMQ transport against a real broker: properties and trace context
+//! on the wire, redelivery and dead letters through saga-core's `Consumer`,
+//! unroutable messages, and resuming after the connection is killed.
+
+#[path = "support/broker.rs"]
+mod broker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opentelemetry::trace::{TraceContextExt, TracerProvider};
+use saga_amqp::lapin::options::{BasicGetOptions, BasicPublishOptions};
+use saga_amqp::lapin::types::{AMQPValue, ShortString};
+use saga_amqp::lapin::{BasicProperties, Connection, ConnectionProperties};
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, QueueType, Topology};
+use saga_core::{
+    CancellationToken, Consumer, ConsumerConfig, DEAD_LETTER_REASON, Delivery, EngineError, Message, MessageHandler,
+    Publisher, RetryPolicy, Settlement, StoreError, Subscriber, Subscription, TransportError,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn next(subscription: &mut Box<dyn Subscription>, what: &str) -> Delivery {
+    match tokio::time::timeout(WAIT, subscription.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        Ok(Some(Err(e))) => panic!("{what}: receiving failed: {e}"),
+        Ok(None) => panic!("{what}: the subscription closed"),
+        Err(_) => panic!("{what}: nothing arrived within {WAIT:?}"),
+    }
+}
+
+async fn raw_connection() -> Connection {
+    Connection::connect(&broker::url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ is not reachable: {e}. Start it with `rabbitmq-server -detached`."))
+}
+
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+fn text(value: Option<&AMQPValue>) -> Option<String> {
+    match value {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn properties_headers_and_trace_context_cross_the_broker() {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let _tracing = tracing::subscriber::set_default(subscriber);
+
+    let name = broker::unique("props");
+    let queue = format!("{name}.queue");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+
+    // Published inside a span and without a traceparent: the span's context is injected.
+    let span = tracing::info_span!("test.publish");
+    let trace_id = span.context().span().span_context().trace_id();
+    let sent = Message::new("OrderCreated", name.clone(), b"{\"order\":1}".to_vec())
+        .with_correlation_id("0190b5c2-0000-7000-8000-000000000001")
+        .with_header("in-reply-to", "m-0");
+    transport.publish(&sent).instrument(span).await.expect("published");
+
+    // On the wire, as the platform's other services see it.
+    let raw = raw_connection().await;
+    let channel = raw.create_channel().await.expect("a channel");
+    let got = channel
+        .basic_get(ShortString::from(queue.as_str()), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("the message is in the queue");
+    let properties = &got.delivery.properties;
+    assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
+    assert_eq!(properties.content_type().as_ref().map(ShortString::as_str), Some("application/json"));
+    assert_eq!(properties.message_id().as_ref().map(ShortString::as_str), Some(sent.id.as_str()));
+    assert_eq!(properties.correlation_id().as_ref().map(ShortString::as_str), sent.correlation_id.as_deref());
+    assert_eq!(properties.kind().as_ref().map(ShortString::as_str), Some("OrderCreated"));
+    let seconds = u64::try_from(sent.timestamp.as_millis() / 1000).expect("after 1970");
+    assert_eq!(properties.timestamp(), &Some(seconds), "timestamp in seconds");
+    assert_eq!(text(header(properties, "in-reply-to")).as_deref(), Some("m-0"));
+    let traceparent = text(header(properties, "traceparent")).expect("a traceparent header");
+    assert!(traceparent.contains(&trace_id.to_string()), "{traceparent} continues trace {trace_id}");
+    assert_eq!(got.delivery.data, sent.payload);
+
+    // Consumed: the handling span continues the trace.
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    transport.publish(&sent.clone().with_header("traceparent", traceparent.clone())).await.expect("published");
+    let delivery = next(&mut subscription, "traced delivery").await;
+    let handling = tracing::info_span!("test.handle");
+    saga_amqp::set_parent(&handling, &delivery.message);
+    assert_eq!(handling.context().span().span_context().trace_id(), trace_id, "the consumer continues the trace");
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
+
+    // A platform publisher that sets no message id: the id derives from the content, and stays.
+    let body = b"{\"order\":2}".to_vec();
+    channel
+        .basic_publish(
+            ShortString::from(name.as_str()),
+            ShortString::from(""),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_type(ShortString::from("OrderPaid")),
+        )
+        .await
+        .expect("raw publish");
+    let delivery = next(&mut subscription, "message without id").await;
+    let expected = saga_amqp::content_id("OrderPaid", &body);
+    assert_eq!(delivery.message.id, expected);
+    assert_eq!(delivery.message.destination, name);
+    delivery
+        .settle
+        .settle(Settlement::Retry { delay: Duration::from_millis(20) })
+        .await
+        .expect("retried");
+    let again = next(&mut subscription, "retried message without id").await;
+    assert_eq!(again.message.id, expected, "a retried message keeps its derived id");
+    assert_eq!(again.message.destination, name, "and its destination");
+    assert_eq!(again.retries, 1);
+    again.settle.settle(Settlement::Ack).await.expect("acked");
+
+    drop(subscription);
+    let _ = raw.close(200, "done".into()).await;
+    broker::clean_up(&transport).await;
+}
+
+/// Fails `Flaky` messages twice (retryably), `Broken` ones always
+/// (retryably), and `Poison` ones terminally; records what it handled.
+struct Handler {
+    attempts: Mutex<HashMap<String, u32>>,
+    handled: mpsc::UnboundedSender<Message>,
+}
+
+#[async_trait]
+impl MessageHandler for Handler {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            let n = attempts.entry(message.id.to_string()).or_default();
+            *n += 1;
+            *n
+        };
+        let unavailable = || EngineError::Store(StoreError::Unavailable("the store is down".into()));
+        match message.kind.as_str() {
+            "Flaky" if attempt <= 2 => Err(unavailable()),
+            "Broken" => Err(unavailable()),
+            "Poison" => Err(EngineError::UnhandledKind { kind: "Poison".into() }),
+            _ => {
+                let _ = self.handled.send(message.clone());
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn redelivery_and_dead_letters(queue_type: QueueType) {
+    let name = broker::unique("consumer");
+    let queue = format!("{name}.queue");
+    let transport = Arc::new(broker::connect(broker::config(&name, queue_type)).await);
+    let (tx, mut handled) = mpsc::unbounded_channel();
+    let handler = Arc::new(Handler {
+        attempts: Mutex::default(),
+        handled: tx,
+    });
+    let mut config = ConsumerConfig::new(&queue);
+    config.retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(100),
+        multiplier: 2,
+    };
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(handler.clone(), transport.clone(), config);
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let mut dead = transport.subscribe(&format!("{queue}.dlq")).await.expect("subscribed to the dlq");
+
+    let publish = |kind: &str| {
+        let message = Message::new(kind, name.clone(), b"{}".to_vec());
+        let transport = transport.clone();
+        async move {
+            transport.publish(&message).await.expect("published");
+            message
+        }
+    };
+
+    // Redelivered after failing twice.
+    let flaky = publish("Flaky").await;
+    let got = tokio::time::timeout(WAIT, handled.recv()).await.expect("handled in time").expect("handled");
+    assert_eq!(got.id, flaky.id);
+    assert_eq!(handler.attempts.lock().unwrap_or_else(|p| p.into_inner())[flaky.id.as_str()], 3);
+
+    // A poison message is dead-lettered at once, with its reason.
+    let poison = publish("Poison").await;
+    let dead_letter = next(&mut dead, "poison message in the dlq").await;
+    assert_eq!(dead_letter.message.id, poison.id);
+    let reason = dead_letter.message.header(DEAD_LETTER_REASON).expect("a reason").to_owned();
+    assert!(reason.contains("Poison"), "reason: {reason}");
+    dead_letter.settle.settle(Settlement::Ack).await.expect("acked");
+
+    // Out of retries: dead-lettered after the last attempt.
+    let broken = publish("Broken").await;
+    let dead_letter = next(&mut dead, "exhausted message in the dlq").await;
+    assert_eq!(dead_letter.message.id, broken.id);
+    let reason = dead_letter.message.header(DEAD_LETTER_REASON).unwrap_or_default().to_owned();
+    assert!(reason.contains("gave up after 3 attempts"), "reason: {reason}");
+    assert_eq!(dead_letter.retries, 2, "two retries before giving up");
+    dead_letter.settle.settle(Settlement::Ack).await.expect("acked");
+
+    // And the consumer keeps working.
+    let good = publish("Good").await;
+    let got = tokio::time::timeout(WAIT, handled.recv()).await.expect("handled in time").expect("handled");
+    assert_eq!(got.id, good.id);
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, running).await.expect("the consumer stops").expect("no panic");
+    drop(dead);
+    broker::clean_up(&transport).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_messages_are_retried_then_dead_lettered_on_classic_queues() {
+    redelivery_and_dead_letters(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_messages_are_retried_then_dead_lettered_on_quorum_queues() {
+    redelivery_and_dead_letters(QueueType::Quorum).await;
+}
+
+#[tokio::test]
+async fn unroutable_and_unknown_destinations_are_errors_and_publishing_goes_on() {
+    let name = broker::unique("routing");
+    let lonely = format!("{name}.unbound");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.topology = config.topology.exchange(&lonely, ExchangeKind::Direct);
+    let transport = broker::connect(config).await;
+
+    let unroutable = Message::new("Nobody", lonely.clone(), b"{}".to_vec());
+    match transport.publish(&unroutable).await {
+        Err(TransportError::Rejected { id, reason }) => {
+            assert_eq!(id, unroutable.id.to_string());
+            assert!(reason.contains("unroutable"), "reason: {reason}");
+        }
+        other => panic!("an unroutable message must be rejected, got {other:?}"),
+    }
+    let missing = Message::new("Nobody", format!("{name}.missing"), b"{}".to_vec());
+    assert!(
+        matches!(transport.publish(&missing).await, Err(TransportError::UnknownAddress(_))),
+        "a missing exchange is an unknown address"
+    );
+    // Neither broke publishing.
+    let concurrent: Vec<_> = (0..50)
+        .map(|n| {
+            let transport = transport.clone();
+            let message = Message::new("Fine", name.clone(), format!("{{\"n\":{n}}}").into_bytes());
+            tokio::spawn(async move { transport.publish(&message).await })
+        })
+        .collect();
+    for publish in concurrent {
+        publish.await.expect("no panic").expect("published");
+    }
+    broker::clean_up(&transport).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_retryable_error_without_credentials() {
+    let mut config = AmqpConfig::new("amqp://guest:hunter2@127.0.0.1:1/%2f", Topology::new());
+    config.reconnect.connect_timeout = Duration::from_secs(5);
+    let error = AmqpTransport::connect(config).await.expect_err("nothing listens on port 1");
+    assert!(error.is_retryable());
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains("hunter2"), "the password leaked: {shown}");
+}
+
+/// Closes this test's connections from the broker side, as an operator or a
+/// broker restart would.
+async fn kill_connections(connection_name: &str) {
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs (the tests run as root next to the broker)");
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    let pids: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(connection_name))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert!(!pids.is_empty(), "no connection named {connection_name} in:\n{listing}");
+    for pid in pids {
+        let closed = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "killed by the reconnect test"])
+            .output()
+            .await
+            .expect("rabbitmqctl runs");
+        assert!(closed.status.success(), "closing {pid}: {}", String::from_utf8_lossy(&closed.stderr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_and_consuming_resume_after_the_connection_is_killed() {
+    let name = broker::unique("reconnect");
+    let queue = format!("{name}.queue");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let before = Message::new("Before", name.clone(), b"{}".to_vec());
+    transport.publish(&before).await.expect("published");
+    let delivery = next(&mut subscription, "before the kill").await;
+    assert_eq!(delivery.message.id, before.id);
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
+
+    kill_connections(&name).await;
+
+    // Publishing fails while the connection is down, then succeeds again.
+    let after = Message::new("After", name.clone(), b"{}".to_vec());
+    let deadline = Instant::now() + WAIT;
+    let mut failures = 0;
+    loop {
+        match transport.publish(&after).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(e.is_retryable(), "a passing error: {e}");
+                failures += 1;
+                assert!(Instant::now() < deadline, "publishing did not resume ({failures} failures, last: {e})");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // The subscription reports the drop at most a few times, then delivers again.
+    let mut errors = 0;
+    let delivery = loop {
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(Some(Ok(delivery))) => break delivery,
+            Ok(Some(Err(e))) => {
+                errors += 1;
+                assert!(errors < 20, "the subscription keeps failing: {e}");
+            }
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!("nothing arrived after the reconnect ({errors} errors)"),
+        }
+    };
+    assert_eq!(delivery.message.id, after.id, "the message published after the reconnect arrives");
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
+    assert!(transport.is_connected());
+
+    drop(subscription);
+    broker::clean_up(&transport).await;
+}
+
+#[tokio::test]
+async fn close_ends_subscriptions_and_publishing() {
+    let name = broker::unique("close");
+    let queue = format!("{name}.queue");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    transport.delete_topology().await.expect("deleted");
+    transport.close().await;
+    assert!(
+        tokio::time::timeout(WAIT, subscription.next()).await.expect("returns at once").is_none(),
+        "a closed transport's subscriptions end"
+    );
+    let message = Message::new("Late", name, b"{}".to_vec());
+    assert!(matches!(transport.publish(&message).await, Err(TransportError::Closed)));
+}
