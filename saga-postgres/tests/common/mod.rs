@@ -42,6 +42,15 @@ pub struct TestDb {
 impl TestDb {
     /// Creates an empty database with the store's schema.
     pub async fn new() -> Self {
+        let db = Self::empty().await;
+        let pool = db.pool(2).await;
+        saga_postgres::migrate(&pool).await.unwrap_or_else(|e| panic!("migrate: {e}"));
+        pool.close().await;
+        db
+    }
+
+    /// Creates an empty database without the schema.
+    pub async fn empty() -> Self {
         let name = format!("saga_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = admin().await;
         // The name is generated here (hex only), not taken from input.
@@ -50,14 +59,10 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
         let _ = conn.close().await;
-        let db = Self {
+        Self {
             options: admin_options().database(&name),
             name,
-        };
-        let pool = db.pool(2).await;
-        saga_postgres::migrate(&pool).await.unwrap_or_else(|e| panic!("migrate: {e}"));
-        pool.close().await;
-        db
+        }
     }
 
     /// A new pool on the test database.
