@@ -1,1 +1,3 @@
+//! The order service binary.
+
 fn main() {}

@@ -1,0 +1,25 @@
+//! Generates the gRPC code and the file descriptor set (for reflection) from
+//! `proto/order.proto`, with a vendored `protoc` unless `PROTOC` names one.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let proto = proto_dir.join("order.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    println!("cargo:rerun-if-env-changed=PROTOC");
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(explicit) => PathBuf::from(explicit),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let include = protoc_bin_vendored::include_path()?;
+
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("order_descriptor.bin"))
+        .compile_with_config(config, &[proto], &[proto_dir, include])?;
+    Ok(())
+}
