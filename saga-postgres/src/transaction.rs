@@ -14,32 +14,39 @@ use crate::error::{insert_error, store_error};
 use crate::store::Shared;
 use std::sync::Arc;
 
-/// The history and outbox CTEs, their parameters numbered from `$n`.
+/// The history and outbox CTEs, their parameters numbered from `$n`. After
+/// an instance write they insert only if the write matched a row (`GUARD`):
+/// that also makes them wait for it, so a stale transition reports its
+/// conflict instead of colliding with the winner's history row.
 macro_rules! rest_ctes {
     (1) => {
-        rest_ctes!(@ "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8",
+        rest_ctes!(@ "", "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8",
                      "$9", "$10", "$11", "$12", "$13", "$14", "$15", "$16")
     };
     (16) => {
-        rest_ctes!(@ "$16", "$17", "$18", "$19", "$20", "$21", "$22", "$23",
+        rest_ctes!(@ GUARD, "$16", "$17", "$18", "$19", "$20", "$21", "$22", "$23",
                      "$24", "$25", "$26", "$27", "$28", "$29", "$30", "$31")
     };
     (17) => {
-        rest_ctes!(@ "$17", "$18", "$19", "$20", "$21", "$22", "$23", "$24",
+        rest_ctes!(@ GUARD, "$17", "$18", "$19", "$20", "$21", "$22", "$23", "$24",
                      "$25", "$26", "$27", "$28", "$29", "$30", "$31", "$32")
     };
-    (@ $h1:literal, $h2:literal, $h3:literal, $h4:literal, $h5:literal, $h6:literal, $h7:literal, $h8:literal,
+    (@ GUARD, $($rest:literal),*) => {
+        rest_ctes!(@ " WHERE EXISTS (SELECT 1 FROM written)", $($rest),*)
+    };
+    (@ $guard:literal, $h1:literal, $h2:literal, $h3:literal, $h4:literal, $h5:literal, $h6:literal, $h7:literal, $h8:literal,
        $o1:literal, $o2:literal, $o3:literal, $o4:literal, $o5:literal, $o6:literal, $o7:literal, $o8:literal) => {
         concat!(
             "history AS (INSERT INTO saga_history (saga_id, revision, at, cause, before, after, emitted, note) \
              SELECT * FROM UNNEST(", $h1, "::uuid[], ", $h2, "::bigint[], ", $h3, "::bigint[], ", $h4,
             "::text[]::jsonb[], ", $h5, "::text[]::jsonb[], ", $h6, "::text[]::jsonb[], ", $h7,
-            "::text[]::jsonb[], ", $h8, "::text[])), ",
+            "::text[]::jsonb[], ", $h8, "::text[])", $guard, "), ",
             "outbox AS (INSERT INTO saga_outbox (saga_id, message_id, kind, destination, correlation_id, \
              created_at, headers, payload) \
              SELECT s, m, k, d, c, t, h, p FROM UNNEST(", $o1, "::uuid[], ", $o2, "::text[], ", $o3,
             "::text[], ", $o4, "::text[], ", $o5, "::text[], ", $o6, "::bigint[], ", $o7,
-            "::text[]::jsonb[], ", $o8, "::bytea[]) WITH ORDINALITY AS u(s, m, k, d, c, t, h, p, n) ORDER BY n)"
+            "::text[]::jsonb[], ", $o8, "::bytea[]) WITH ORDINALITY AS u(s, m, k, d, c, t, h, p, n)", $guard,
+            " ORDER BY n)"
         )
     };
 }
