@@ -19,6 +19,7 @@ use crate::id::{MessageId, SagaId};
 use crate::instance::{SagaInstance, SagaStatus};
 use crate::message::Message;
 use crate::store::{Store, StoreError, Transaction};
+use crate::upgrade::Upgrade;
 
 /// Applies a definition's application effects (type `E`) inside the
 /// transition's transaction, e.g. writing the service's own tables.
@@ -103,6 +104,9 @@ trait Runner: Send + Sync {
     fn decide(&self, instance: SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError>;
     fn mermaid(&self) -> String;
     fn step_names(&self) -> Vec<String>;
+    fn data_version(&self) -> u32;
+    /// Why `instance` could not continue under this definition, if it could not.
+    fn check(&self, instance: &SagaInstance) -> Result<(), String>;
 }
 
 struct TypedRunner<D, E> {
@@ -176,6 +180,35 @@ impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
     fn step_names(&self) -> Vec<String> {
         self.definition.steps.iter().map(|s| s.name.clone()).collect()
     }
+
+    fn data_version(&self) -> u32 {
+        self.definition.data_version
+    }
+
+    fn check(&self, instance: &SagaInstance) -> Result<(), String> {
+        let steps = &self.definition.steps;
+        if let Err(e) = serde_json::from_str::<D>(&instance.data) {
+            return Err(format!("its data does not decode as {}: {e}", type_name::<D>()));
+        }
+        if instance.data_version != self.definition.data_version {
+            return Err(format!(
+                "its data is schema version {}, the definition's is {}",
+                instance.data_version, self.definition.data_version
+            ));
+        }
+        let step = instance.step as usize;
+        match instance.status {
+            SagaStatus::Running if step >= steps.len() => Err(format!("it runs step {step}, which does not exist")),
+            SagaStatus::Running if instance.awaiting.is_some() && !steps[step].is_remote() => Err(format!(
+                "it awaits a reply at step `{}`, which is local",
+                steps[step].name
+            )),
+            SagaStatus::Compensating | SagaStatus::NeedsAttention if step > steps.len() => {
+                Err(format!("it compensates from step {step}, which does not exist"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 struct Route {
@@ -189,6 +222,7 @@ pub struct EngineBuilder {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     runners: Vec<Arc<dyn Runner>>,
+    upgrades: Vec<Upgrade>,
 }
 
 impl EngineBuilder {
@@ -227,7 +261,15 @@ impl EngineBuilder {
         self
     }
 
-    /// Checks that no name and version is registered twice, and builds.
+    /// Registers an upgrade: instances found at its `from` version move to its
+    /// `to` version (which must be registered too) at their next transition.
+    pub fn upgrade(mut self, upgrade: Upgrade) -> Self {
+        self.upgrades.push(upgrade);
+        self
+    }
+
+    /// Checks that no name and version is registered twice, that every
+    /// upgrade leads to a registered version, and builds.
     pub fn build(self) -> Result<Engine, DefinitionError> {
         let mut by_version: HashMap<(String, u32), Arc<dyn Runner>> = HashMap::new();
         let mut latest: HashMap<String, u32> = HashMap::new();
@@ -256,6 +298,17 @@ impl EngineBuilder {
             }
             by_version.insert(key, runner);
         }
+        let mut upgrades = HashMap::new();
+        for upgrade in self.upgrades {
+            if upgrade.to <= upgrade.from || !by_version.contains_key(&(upgrade.saga.clone(), upgrade.to)) {
+                return Err(DefinitionError::BadUpgrade {
+                    saga: upgrade.saga,
+                    from: upgrade.from,
+                    to: upgrade.to,
+                });
+            }
+            upgrades.insert((upgrade.saga.clone(), upgrade.from), upgrade);
+        }
         Ok(Engine {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -264,6 +317,7 @@ impl EngineBuilder {
                 by_version,
                 latest,
                 routes,
+                upgrades,
             }),
         })
     }
@@ -276,6 +330,7 @@ struct Inner {
     by_version: HashMap<(String, u32), Arc<dyn Runner>>,
     latest: HashMap<String, u32>,
     routes: HashMap<String, Vec<Route>>,
+    upgrades: HashMap<(String, u32), Upgrade>,
 }
 
 /// Runs sagas: starts instances, feeds them messages, fires their deadlines
@@ -294,6 +349,7 @@ impl Engine {
             clock: Arc::new(SystemClock),
             config: EngineConfig::default(),
             runners: Vec::new(),
+            upgrades: Vec::new(),
         }
     }
 
@@ -432,6 +488,36 @@ impl Engine {
             .map(|r| r.step_names())
     }
 
+    /// Applies registered upgrades until the instance is at a version without one.
+    fn upgraded(&self, mut instance: SagaInstance) -> Result<SagaInstance, EngineError> {
+        // Each upgrade raises the version, so this ends.
+        while let Some(upgrade) = self
+            .inner
+            .upgrades
+            .get(&(instance.definition.clone(), instance.definition_version))
+        {
+            let data_version = self.runner(&upgrade.saga, upgrade.to, instance.id)?.data_version();
+            instance = upgrade.apply(instance, data_version)?;
+        }
+        Ok(instance)
+    }
+
+    /// Checks that a stored instance can continue under this engine's
+    /// definitions (after any registered upgrade): its definition and version
+    /// are registered, its data decodes, its step exists. Returns the
+    /// instance as it would continue. Run it in CI over samples of stored
+    /// instances before deploying a new version (see
+    /// `testkit::assert_resumable`).
+    pub fn check_resumable(&self, instance: &SagaInstance) -> Result<SagaInstance, EngineError> {
+        let upgraded = self.upgraded(instance.clone())?;
+        let runner = self.runner(&upgraded.definition, upgraded.definition_version, upgraded.id)?;
+        runner.check(&upgraded).map_err(|reason| EngineError::NotResumable {
+            id: instance.id,
+            reason,
+        })?;
+        Ok(upgraded)
+    }
+
     fn runner(&self, definition: &str, version: u32, id: SagaId) -> Result<&Arc<dyn Runner>, EngineError> {
         self.inner
             .by_version
@@ -507,8 +593,9 @@ impl Engine {
                 },
                 key: Some(id.to_string()),
             })?;
-            let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let revision = instance.revision;
+            let instance = self.upgraded(instance)?;
+            let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let before = instance.status;
             let finished = instance.status.is_terminal();
             let Some(pending) = runner.decide(instance, event, self.now())? else {

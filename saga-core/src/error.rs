@@ -138,6 +138,16 @@ pub enum DefinitionError {
         /// The step.
         step: String,
     },
+    /// An upgrade does not lead to a newer, registered version.
+    #[error("the upgrade of saga `{saga}` from version {from} to {to} does not lead to a newer registered version")]
+    BadUpgrade {
+        /// The saga.
+        saga: String,
+        /// The version it upgrades from.
+        from: u32,
+        /// The version it upgrades to.
+        to: u32,
+    },
     /// The same name and version were registered twice.
     #[error("saga `{saga}` version {version} is registered twice")]
     DuplicateVersion {
@@ -217,6 +227,15 @@ pub enum EngineError {
         id: SagaId,
         /// How many attempts were made.
         attempts: u32,
+    },
+    /// A stored instance cannot continue under the registered definitions:
+    /// register its version beside the new one, or an upgrade.
+    #[error("saga {id} cannot resume: {reason}")]
+    NotResumable {
+        /// The instance.
+        id: SagaId,
+        /// Why not.
+        reason: String,
     },
     /// The operator action does not apply to the instance's current state.
     #[error("cannot {action} saga {id}: {reason}")]

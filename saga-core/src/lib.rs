@@ -13,6 +13,7 @@ mod participant;
 mod relay;
 mod store;
 mod transport;
+mod upgrade;
 
 pub mod memory;
 #[cfg(feature = "testkit")]
@@ -36,5 +37,6 @@ pub use store::{
 pub use transport::{
     DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, Transport, TransportError,
 };
+pub use upgrade::Upgrade;
 
 pub use tokio_util::sync::CancellationToken;

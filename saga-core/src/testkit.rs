@@ -10,3 +10,26 @@ pub mod store_contract;
 pub mod transport_contract;
 
 pub use saga_test::SagaTest;
+
+use crate::engine::Engine;
+use crate::instance::SagaInstance;
+
+/// Asserts that every stored instance in `samples` can continue under
+/// `engine`'s definitions and upgrades (see [`Engine::check_resumable`]).
+/// Run it in CI with instances saved from production before deploying a new
+/// definition version.
+///
+/// # Panics
+/// Listing every instance that cannot resume, and why.
+pub fn assert_resumable(engine: &Engine, samples: &[SagaInstance]) {
+    let problems: Vec<String> = samples
+        .iter()
+        .filter_map(|instance| engine.check_resumable(instance).err().map(|e| format!("- {e}")))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "{} stored instance(s) cannot resume:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}

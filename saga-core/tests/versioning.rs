@@ -1,0 +1,174 @@
+//! Definition versions side by side, typed upgrades, and the resume check
+//! users run in CI before deploying a new version.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use saga_core::memory::InMemoryStore;
+use saga_core::testkit::assert_resumable;
+use saga_core::{
+    Command, DefinitionError, Engine, EngineError, Message, ReplyOutcome, SagaDefinition, SagaStatus, SagaStore, Step,
+    Upgrade,
+};
+
+#[derive(Clone, Serialize, Deserialize)]
+struct V1 {
+    total: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct V2 {
+    total_cents: u64,
+    audited: bool,
+}
+
+fn v1() -> SagaDefinition<V1> {
+    SagaDefinition::builder("payment")
+        .step(
+            Step::remote("charge", |_: &V1| Ok(Command::json("Charge", "bank", &())?)).on_reply(
+                "Charged",
+                |_: &mut V1, ok: bool| {
+                    if ok {
+                        ReplyOutcome::Success
+                    } else {
+                        ReplyOutcome::Failure("declined".into())
+                    }
+                },
+            ),
+        )
+        .build()
+        .expect("v1")
+}
+
+fn v2() -> SagaDefinition<V2> {
+    SagaDefinition::builder("payment")
+        .version(2)
+        .data_version(2)
+        .step(
+            Step::remote("charge", |_: &V2| Ok(Command::json("Charge", "bank", &())?)).on_reply(
+                "Charged",
+                |_: &mut V2, ok: bool| {
+                    if ok {
+                        ReplyOutcome::Success
+                    } else {
+                        ReplyOutcome::Failure("declined".into())
+                    }
+                },
+            ),
+        )
+        .step(Step::local("audit", |data: &mut V2, _| {
+            data.audited = true;
+            Ok(())
+        }))
+        .build()
+        .expect("v2")
+}
+
+fn upgrade() -> Upgrade {
+    Upgrade::new("payment", 1, 2, |old: V1| V2 {
+        total_cents: (old.total * 100.0).round() as u64,
+        audited: false,
+    })
+}
+
+#[tokio::test]
+async fn an_upgrade_moves_an_instance_in_flight_to_the_new_version() {
+    let store = InMemoryStore::new();
+    let old = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .build()
+        .expect("engine");
+    let id = old.start("payment", V1 { total: 21.5 }).await.expect("start");
+
+    let new = Engine::builder(Arc::new(store.clone()))
+        .register(v2())
+        .upgrade(upgrade())
+        .build()
+        .expect("engine");
+    let reply = Message::json("Charged", "r", &true)
+        .expect("json")
+        .with_correlation_id(id.to_string());
+    new.handle(&reply).await.expect("handle");
+
+    let instance = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(instance.definition_version, 2, "the instance continues under v2");
+    assert_eq!(instance.data_version, 2);
+    assert_eq!(instance.status, SagaStatus::Completed, "and runs v2's extra step");
+    let data: V2 = serde_json::from_str(&instance.data).expect("v2 data");
+    assert_eq!(
+        data,
+        V2 {
+            total_cents: 2150,
+            audited: true
+        }
+    );
+}
+
+#[tokio::test]
+async fn the_resume_check_names_what_would_break() {
+    let store = InMemoryStore::new();
+    let old = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .build()
+        .expect("engine");
+    let id = old.start("payment", V1 { total: 3.0 }).await.expect("start");
+    let sample = store.load(id).await.expect("load").expect("exists");
+
+    // Without the upgrade, v2 alone cannot run a v1 instance.
+    let v2_only = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v2())
+        .build()
+        .expect("engine");
+    assert!(matches!(
+        v2_only.check_resumable(&sample),
+        Err(EngineError::UnknownDefinition { version: 1, .. })
+    ));
+
+    let with_upgrade = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v2())
+        .upgrade(upgrade())
+        .build()
+        .expect("engine");
+    let upgraded = with_upgrade.check_resumable(&sample).expect("resumable");
+    assert_eq!(upgraded.definition_version, 2);
+    assert_resumable(&with_upgrade, std::slice::from_ref(&sample));
+
+    let mut corrupt = sample.clone();
+    corrupt.data = r#"{"total":"lots"}"#.to_owned();
+    assert!(matches!(
+        with_upgrade.check_resumable(&corrupt),
+        Err(EngineError::Decode { .. })
+    ));
+
+    let mut lost = sample.clone();
+    lost.step = 7;
+    assert!(
+        matches!(with_upgrade.check_resumable(&lost), Err(EngineError::NotResumable { reason, .. }) if reason.contains("step 7"))
+    );
+    let both_versions = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v1())
+        .register(v2())
+        .build()
+        .expect("engine");
+    assert_resumable(&both_versions, &[sample]);
+}
+
+#[test]
+fn an_upgrade_must_lead_to_a_registered_newer_version() {
+    let to_nowhere = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v1())
+        .upgrade(upgrade())
+        .build();
+    assert!(matches!(
+        to_nowhere,
+        Err(DefinitionError::BadUpgrade { from: 1, to: 2, .. })
+    ));
+    let backwards = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v1())
+        .upgrade(Upgrade::new("payment", 2, 1, |v: V2| V1 {
+            total: v.total_cents as f64 / 100.0,
+        }))
+        .build();
+    assert!(matches!(backwards, Err(DefinitionError::BadUpgrade { .. })));
+}
