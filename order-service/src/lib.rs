@@ -8,3 +8,5 @@ pub mod proto {
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("order_descriptor");
 }
+
+pub mod domain;
