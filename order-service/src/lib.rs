@@ -10,3 +10,5 @@ pub mod proto {
 }
 
 pub mod domain;
+pub mod saga;
+pub mod wire;

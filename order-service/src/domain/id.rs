@@ -138,7 +138,10 @@ mod tests {
         assert!(UserId::parse("u-1").is_ok());
         assert_eq!(UserId::parse("").expect_err("invalid").field, "user_id");
         assert_eq!(UserId::parse("   ").expect_err("invalid").field, "user_id");
-        assert_eq!(ProductId::parse("x".repeat(129)).expect_err("invalid").field, "product_id");
+        assert_eq!(
+            ProductId::parse("x".repeat(129)).expect_err("invalid").field,
+            "product_id"
+        );
         assert!(ProductId::parse("é".repeat(128)).is_ok());
         assert!(ProductId::parse("a\nb").is_err());
     }
@@ -164,8 +167,17 @@ mod tests {
             OrderId::for_idempotency_key(&alice, &key),
             OrderId::for_idempotency_key(&bob, &key)
         );
-        let (a, bc) = (UserId::parse("a").expect("valid"), IdempotencyKey::parse("bc").expect("valid"));
-        let (ab, c) = (UserId::parse("ab").expect("valid"), IdempotencyKey::parse("c").expect("valid"));
-        assert_ne!(OrderId::for_idempotency_key(&a, &bc), OrderId::for_idempotency_key(&ab, &c));
+        let (a, bc) = (
+            UserId::parse("a").expect("valid"),
+            IdempotencyKey::parse("bc").expect("valid"),
+        );
+        let (ab, c) = (
+            UserId::parse("ab").expect("valid"),
+            IdempotencyKey::parse("c").expect("valid"),
+        );
+        assert_ne!(
+            OrderId::for_idempotency_key(&a, &bc),
+            OrderId::for_idempotency_key(&ab, &c)
+        );
     }
 }

@@ -32,7 +32,10 @@ impl Money {
             return Err(InvalidInput::new(field, "must be finite"));
         }
         if value < 0.0 {
-            return Err(InvalidInput::new(field, format_args!("must not be negative (got {value})")));
+            return Err(InvalidInput::new(
+                field,
+                format_args!("must not be negative (got {value})"),
+            ));
         }
         if value == 0.0 {
             // Also folds -0.0 into zero.
@@ -59,7 +62,9 @@ impl Money {
 
     /// `self × quantity`, or `None` on overflow.
     pub fn checked_mul(self, quantity: u32) -> Option<Money> {
-        self.0.checked_mul(Decimal::from(quantity)).map(|d| Money(d.normalize()))
+        self.0
+            .checked_mul(Decimal::from(quantity))
+            .map(|d| Money(d.normalize()))
     }
 
     /// `self + other`, or `None` on overflow.

@@ -195,7 +195,10 @@ mod tests {
         let none = Order::place(OrderId::new(), user.clone(), vec![]).expect_err("no items");
         assert_eq!(none.field, "items");
         let many = vec![item("a", 1, 1.0); MAX_ITEMS + 1];
-        assert_eq!(Order::place(OrderId::new(), user, many).expect_err("too many").field, "items");
+        assert_eq!(
+            Order::place(OrderId::new(), user, many).expect_err("too many").field,
+            "items"
+        );
     }
 
     #[test]
