@@ -50,7 +50,10 @@ async fn raw_lapin(messages: usize) -> Duration {
         .queue_declare(ShortString::from(queue.as_str()), durable, FieldTable::default())
         .await
         .expect("declare");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     let bodies: Vec<Vec<u8>> = (0..messages).map(payload).collect();
     let started = Instant::now();
     for body in &bodies {
@@ -179,7 +182,9 @@ fn main() {
         for round in 1..=rounds {
             let r = rate(messages, raw_lapin(messages).await);
             let t = rate(messages, transport(messages).await);
-            println!("round {round}: raw lapin publish+confirm {r:>9.0} msg/s | transport publish+consume+ack {t:>9.0} msg/s");
+            println!(
+                "round {round}: raw lapin publish+confirm {r:>9.0} msg/s | transport publish+consume+ack {t:>9.0} msg/s"
+            );
             raw.push(r);
             ours.push(t);
         }

@@ -276,7 +276,12 @@ impl Topology {
     }
 
     /// Binds `queue` to `exchange` with `routing_key`.
-    pub fn bind(mut self, exchange: impl Into<String>, queue: impl Into<String>, routing_key: impl Into<String>) -> Self {
+    pub fn bind(
+        mut self,
+        exchange: impl Into<String>,
+        queue: impl Into<String>,
+        routing_key: impl Into<String>,
+    ) -> Self {
         self.bindings.push(BindingConfig {
             exchange: exchange.into(),
             queue: queue.into(),
@@ -301,8 +306,14 @@ mod tests {
     #[test]
     fn passwords_never_show() {
         let shown = |url: &str| RedactedUrl(url).to_string();
-        assert_eq!(shown("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
-        assert_eq!(shown("amqps://user:p%40ss@host/vhost?heartbeat=10"), "amqps://user:***@host/vhost?heartbeat=10");
+        assert_eq!(
+            shown("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            shown("amqps://user:p%40ss@host/vhost?heartbeat=10"),
+            "amqps://user:***@host/vhost?heartbeat=10"
+        );
         assert_eq!(shown("amqp://user@host"), "amqp://user@host");
         assert_eq!(shown("amqp://host:5672"), "amqp://host:5672");
         assert_eq!(shown("not a url with secret"), "<url>");

@@ -143,12 +143,13 @@ impl Link {
 async fn connect(config: &AmqpConfig) -> Result<Connection, AmqpError> {
     let attempt = async {
         let properties = ConnectionProperties::default().with_connection_name(config.connection_name.as_str().into());
-        let connection = Connection::connect(&config.url, properties)
-            .await
-            .map_err(|source| AmqpError::Unavailable {
-                url: config.redacted_url().to_string(),
-                source,
-            })?;
+        let connection =
+            Connection::connect(&config.url, properties)
+                .await
+                .map_err(|source| AmqpError::Unavailable {
+                    url: config.redacted_url().to_string(),
+                    source,
+                })?;
         let channel = connection
             .create_channel()
             .await

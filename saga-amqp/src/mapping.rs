@@ -39,7 +39,10 @@ pub fn content_id(kind: &str, body: &[u8]) -> MessageId {
 pub(crate) fn properties(message: &Message, extra: &[(String, String)]) -> Result<BasicProperties, String> {
     let mut headers = BTreeMap::new();
     for (name, value) in message.headers.iter().chain(extra.iter().map(|(n, v)| (n, v))) {
-        headers.insert(short(name, "header name")?, AMQPValue::LongString(LongString::from(value.as_bytes())));
+        headers.insert(
+            short(name, "header name")?,
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
     }
     let seconds = u64::try_from(message.timestamp.as_millis() / 1000).unwrap_or(0);
     let mut properties = BasicProperties::default()
@@ -57,7 +60,11 @@ pub(crate) fn properties(message: &Message, extra: &[(String, String)]) -> Resul
 
 /// A delivered message and how often it was retried.
 pub(crate) fn message(exchange: &str, properties: &BasicProperties, body: Vec<u8>) -> (Message, u32) {
-    let kind = properties.kind().as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default();
+    let kind = properties
+        .kind()
+        .as_ref()
+        .map(|k| k.as_str().to_owned())
+        .unwrap_or_default();
     let id = match properties.message_id() {
         Some(id) if !id.as_str().is_empty() => MessageId::from(id.as_str()),
         _ => content_id(&kind, &body),
@@ -65,7 +72,9 @@ pub(crate) fn message(exchange: &str, properties: &BasicProperties, body: Vec<u8
     let timestamp = properties
         .timestamp()
         .and_then(|seconds| i64::try_from(seconds).ok())
-        .map_or_else(Timestamp::now, |seconds| Timestamp::from_millis(seconds.saturating_mul(1000)));
+        .map_or_else(Timestamp::now, |seconds| {
+            Timestamp::from_millis(seconds.saturating_mul(1000))
+        });
     let mut headers = BTreeMap::new();
     let mut retries = 0;
     let mut destination = exchange.to_owned();
@@ -136,7 +145,10 @@ pub(crate) fn republished(
     header: Option<(&str, &str)>,
 ) -> Result<BasicProperties, String> {
     let mut table = original.headers().clone().unwrap_or_default();
-    table.insert(ShortString::from(RETRIES_HEADER), AMQPValue::LongLongInt(i64::from(retries)));
+    table.insert(
+        ShortString::from(RETRIES_HEADER),
+        AMQPValue::LongLongInt(i64::from(retries)),
+    );
     if !table.contains_key(DESTINATION_HEADER) {
         table.insert(
             ShortString::from(DESTINATION_HEADER),
@@ -144,7 +156,10 @@ pub(crate) fn republished(
         );
     }
     if let Some((name, value)) = header {
-        table.insert(short(name, "header name")?, AMQPValue::LongString(LongString::from(value.as_bytes())));
+        table.insert(
+            short(name, "header name")?,
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
     }
     let mut properties = original.clone().with_headers(table);
     // Keep the id a message without one was given, so its redeliveries deduplicate.
@@ -169,7 +184,10 @@ mod tests {
             .with_header("in-reply-to", "m-0");
         let properties = properties(&sent, &[("tracestate".into(), "a=b".into())]).expect("valid message");
         assert_eq!(properties.delivery_mode(), &Some(2));
-        assert_eq!(properties.content_type().as_ref().map(ShortString::as_str), Some("application/json"));
+        assert_eq!(
+            properties.content_type().as_ref().map(ShortString::as_str),
+            Some("application/json")
+        );
         let (got, retries) = message("orders", &properties, sent.payload.clone());
         assert_eq!(retries, 0);
         assert_eq!(got.id, sent.id);

@@ -204,7 +204,12 @@ async fn requeue(acker: &Acker) {
 impl AmqpSettle {
     /// Publishes the message to `queue` (through the default exchange) with
     /// `properties`, then acks the original: at least once, never lost.
-    async fn forward(&self, acker: &Acker, queue: &str, properties: Result<BasicProperties, String>) -> Result<(), TransportError> {
+    async fn forward(
+        &self,
+        acker: &Acker,
+        queue: &str,
+        properties: Result<BasicProperties, String>,
+    ) -> Result<(), TransportError> {
         let properties = match properties {
             Ok(properties) => properties,
             Err(reason) => {

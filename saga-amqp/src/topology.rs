@@ -28,7 +28,9 @@ pub(crate) fn dlq(queue: &str) -> String {
 /// so a queue has few delay queues, each with one TTL (messages expire in
 /// order: no head-of-line blocking by a longer delay).
 pub(crate) fn retry_queue(queue: &str, delay: Duration) -> (String, u64) {
-    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).clamp(1, MAX_DELAY_MS);
+    let millis = u64::try_from(delay.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_DELAY_MS);
     let ttl = millis.next_power_of_two();
     (format!("{queue}.retry.{ttl}"), ttl)
 }
@@ -173,8 +175,14 @@ mod tests {
     #[test]
     fn delays_round_up_to_a_power_of_two_milliseconds() {
         assert_eq!(retry_queue("q", Duration::ZERO), ("q.retry.1".to_owned(), 1));
-        assert_eq!(retry_queue("q", Duration::from_millis(100)), ("q.retry.128".to_owned(), 128));
-        assert_eq!(retry_queue("q", Duration::from_millis(128)), ("q.retry.128".to_owned(), 128));
+        assert_eq!(
+            retry_queue("q", Duration::from_millis(100)),
+            ("q.retry.128".to_owned(), 128)
+        );
+        assert_eq!(
+            retry_queue("q", Duration::from_millis(128)),
+            ("q.retry.128".to_owned(), 128)
+        );
         assert_eq!(retry_queue("q", Duration::from_secs(30)).1, 32_768);
         assert_eq!(retry_queue("q", Duration::from_secs(u64::MAX)).1, MAX_DELAY_MS);
     }

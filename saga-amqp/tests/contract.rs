@@ -18,7 +18,10 @@ async fn contract(queue_type: QueueType) {
             let config = broker::config(&name, queue_type);
             let queue = format!("{name}.queue");
             let transport = broker::connect(config).await;
-            transports.lock().unwrap_or_else(|p| p.into_inner()).push(transport.clone());
+            transports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(transport.clone());
             Fixture {
                 transport: Arc::new(transport),
                 destination: name,

@@ -56,7 +56,8 @@ fn text(value: Option<&AMQPValue>) -> Option<String> {
 #[tokio::test]
 async fn properties_headers_and_trace_context_cross_the_broker() {
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-    let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     let _tracing = tracing::subscriber::set_default(subscriber);
 
     let name = broker::unique("props");
@@ -81,24 +82,46 @@ async fn properties_headers_and_trace_context_cross_the_broker() {
         .expect("the message is in the queue");
     let properties = &got.delivery.properties;
     assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
-    assert_eq!(properties.content_type().as_ref().map(ShortString::as_str), Some("application/json"));
-    assert_eq!(properties.message_id().as_ref().map(ShortString::as_str), Some(sent.id.as_str()));
-    assert_eq!(properties.correlation_id().as_ref().map(ShortString::as_str), sent.correlation_id.as_deref());
-    assert_eq!(properties.kind().as_ref().map(ShortString::as_str), Some("OrderCreated"));
+    assert_eq!(
+        properties.content_type().as_ref().map(ShortString::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        properties.message_id().as_ref().map(ShortString::as_str),
+        Some(sent.id.as_str())
+    );
+    assert_eq!(
+        properties.correlation_id().as_ref().map(ShortString::as_str),
+        sent.correlation_id.as_deref()
+    );
+    assert_eq!(
+        properties.kind().as_ref().map(ShortString::as_str),
+        Some("OrderCreated")
+    );
     let seconds = u64::try_from(sent.timestamp.as_millis() / 1000).expect("after 1970");
     assert_eq!(properties.timestamp(), &Some(seconds), "timestamp in seconds");
     assert_eq!(text(header(properties, "in-reply-to")).as_deref(), Some("m-0"));
     let traceparent = text(header(properties, "traceparent")).expect("a traceparent header");
-    assert!(traceparent.contains(&trace_id.to_string()), "{traceparent} continues trace {trace_id}");
+    assert!(
+        traceparent.contains(&trace_id.to_string()),
+        "{traceparent} continues trace {trace_id}"
+    );
     assert_eq!(got.delivery.data, sent.payload);
 
     // Consumed: the handling span continues the trace.
     let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
-    transport.publish(&sent.clone().with_header("traceparent", traceparent.clone())).await.expect("published");
+    transport
+        .publish(&sent.clone().with_header("traceparent", traceparent.clone()))
+        .await
+        .expect("published");
     let delivery = next(&mut subscription, "traced delivery").await;
     let handling = tracing::info_span!("test.handle");
     saga_amqp::set_parent(&handling, &delivery.message);
-    assert_eq!(handling.context().span().span_context().trace_id(), trace_id, "the consumer continues the trace");
+    assert_eq!(
+        handling.context().span().span_context().trace_id(),
+        trace_id,
+        "the consumer continues the trace"
+    );
     delivery.settle.settle(Settlement::Ack).await.expect("acked");
 
     // A platform publisher that sets no message id: the id derives from the content, and stays.
@@ -119,7 +142,9 @@ async fn properties_headers_and_trace_context_cross_the_broker() {
     assert_eq!(delivery.message.destination, name);
     delivery
         .settle
-        .settle(Settlement::Retry { delay: Duration::from_millis(20) })
+        .settle(Settlement::Retry {
+            delay: Duration::from_millis(20),
+        })
         .await
         .expect("retried");
     let again = next(&mut subscription, "retried message without id").await;
@@ -181,7 +206,10 @@ async fn redelivery_and_dead_letters(queue_type: QueueType) {
     let shutdown = CancellationToken::new();
     let consumer = Consumer::new(handler.clone(), transport.clone(), config);
     let running = tokio::spawn(consumer.run(shutdown.clone()));
-    let mut dead = transport.subscribe(&format!("{queue}.dlq")).await.expect("subscribed to the dlq");
+    let mut dead = transport
+        .subscribe(&format!("{queue}.dlq"))
+        .await
+        .expect("subscribed to the dlq");
 
     let publish = |kind: &str| {
         let message = Message::new(kind, name.clone(), b"{}".to_vec());
@@ -194,15 +222,25 @@ async fn redelivery_and_dead_letters(queue_type: QueueType) {
 
     // Redelivered after failing twice.
     let flaky = publish("Flaky").await;
-    let got = tokio::time::timeout(WAIT, handled.recv()).await.expect("handled in time").expect("handled");
+    let got = tokio::time::timeout(WAIT, handled.recv())
+        .await
+        .expect("handled in time")
+        .expect("handled");
     assert_eq!(got.id, flaky.id);
-    assert_eq!(handler.attempts.lock().unwrap_or_else(|p| p.into_inner())[flaky.id.as_str()], 3);
+    assert_eq!(
+        handler.attempts.lock().unwrap_or_else(|p| p.into_inner())[flaky.id.as_str()],
+        3
+    );
 
     // A poison message is dead-lettered at once, with its reason.
     let poison = publish("Poison").await;
     let dead_letter = next(&mut dead, "poison message in the dlq").await;
     assert_eq!(dead_letter.message.id, poison.id);
-    let reason = dead_letter.message.header(DEAD_LETTER_REASON).expect("a reason").to_owned();
+    let reason = dead_letter
+        .message
+        .header(DEAD_LETTER_REASON)
+        .expect("a reason")
+        .to_owned();
     assert!(reason.contains("Poison"), "reason: {reason}");
     dead_letter.settle.settle(Settlement::Ack).await.expect("acked");
 
@@ -210,18 +248,28 @@ async fn redelivery_and_dead_letters(queue_type: QueueType) {
     let broken = publish("Broken").await;
     let dead_letter = next(&mut dead, "exhausted message in the dlq").await;
     assert_eq!(dead_letter.message.id, broken.id);
-    let reason = dead_letter.message.header(DEAD_LETTER_REASON).unwrap_or_default().to_owned();
+    let reason = dead_letter
+        .message
+        .header(DEAD_LETTER_REASON)
+        .unwrap_or_default()
+        .to_owned();
     assert!(reason.contains("gave up after 3 attempts"), "reason: {reason}");
     assert_eq!(dead_letter.retries, 2, "two retries before giving up");
     dead_letter.settle.settle(Settlement::Ack).await.expect("acked");
 
     // And the consumer keeps working.
     let good = publish("Good").await;
-    let got = tokio::time::timeout(WAIT, handled.recv()).await.expect("handled in time").expect("handled");
+    let got = tokio::time::timeout(WAIT, handled.recv())
+        .await
+        .expect("handled in time")
+        .expect("handled");
     assert_eq!(got.id, good.id);
 
     shutdown.cancel();
-    tokio::time::timeout(WAIT, running).await.expect("the consumer stops").expect("no panic");
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the consumer stops")
+        .expect("no panic");
     drop(dead);
     broker::clean_up(&transport).await;
 }
@@ -254,7 +302,10 @@ async fn unroutable_and_unknown_destinations_are_errors_and_publishing_goes_on()
     }
     let missing = Message::new("Nobody", format!("{name}.missing"), b"{}".to_vec());
     assert!(
-        matches!(transport.publish(&missing).await, Err(TransportError::UnknownAddress(_))),
+        matches!(
+            transport.publish(&missing).await,
+            Err(TransportError::UnknownAddress(_))
+        ),
         "a missing exchange is an unknown address"
     );
     // Neither broke publishing.
@@ -275,7 +326,9 @@ async fn unroutable_and_unknown_destinations_are_errors_and_publishing_goes_on()
 async fn an_unreachable_broker_is_a_retryable_error_without_credentials() {
     let mut config = AmqpConfig::new("amqp://guest:hunter2@127.0.0.1:1/%2f", Topology::new());
     config.reconnect.connect_timeout = Duration::from_secs(5);
-    let error = AmqpTransport::connect(config).await.expect_err("nothing listens on port 1");
+    let error = AmqpTransport::connect(config)
+        .await
+        .expect_err("nothing listens on port 1");
     assert!(error.is_retryable());
     let shown = format!("{error} {error:?}");
     assert!(!shown.contains("hunter2"), "the password leaked: {shown}");
@@ -302,7 +355,11 @@ async fn kill_connections(connection_name: &str) {
             .output()
             .await
             .expect("rabbitmqctl runs");
-        assert!(closed.status.success(), "closing {pid}: {}", String::from_utf8_lossy(&closed.stderr));
+        assert!(
+            closed.status.success(),
+            "closing {pid}: {}",
+            String::from_utf8_lossy(&closed.stderr)
+        );
     }
 }
 
@@ -330,7 +387,10 @@ async fn publishing_and_consuming_resume_after_the_connection_is_killed() {
             Err(e) => {
                 assert!(e.is_retryable(), "a passing error: {e}");
                 failures += 1;
-                assert!(Instant::now() < deadline, "publishing did not resume ({failures} failures, last: {e})");
+                assert!(
+                    Instant::now() < deadline,
+                    "publishing did not resume ({failures} failures, last: {e})"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -348,7 +408,10 @@ async fn publishing_and_consuming_resume_after_the_connection_is_killed() {
             Err(_) => panic!("nothing arrived after the reconnect ({errors} errors)"),
         }
     };
-    assert_eq!(delivery.message.id, after.id, "the message published after the reconnect arrives");
+    assert_eq!(
+        delivery.message.id, after.id,
+        "the message published after the reconnect arrives"
+    );
     delivery.settle.settle(Settlement::Ack).await.expect("acked");
     assert!(transport.is_connected());
 
@@ -365,7 +428,10 @@ async fn close_ends_subscriptions_and_publishing() {
     transport.delete_topology().await.expect("deleted");
     transport.close().await;
     assert!(
-        tokio::time::timeout(WAIT, subscription.next()).await.expect("returns at once").is_none(),
+        tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .expect("returns at once")
+            .is_none(),
         "a closed transport's subscriptions end"
     );
     let message = Message::new("Late", name, b"{}".to_vec());
