@@ -308,7 +308,59 @@ async fn unroutable_and_unknown_destinations_are_errors_and_publishing_goes_on()
         ),
         "a missing exchange is an unknown address"
     );
-    // Neither broke publishing.
+    // An exchange deleted while in use: its publish fails, the channel it
+    // closed is replaced.
+    let raw = raw_connection().await;
+    let channel = raw.create_channel().await.expect("a channel");
+    let fleeting = format!("{name}.fleeting");
+    let exchange = || ShortString::from(fleeting.as_str());
+    let declare = || async {
+        channel
+            .exchange_declare(
+                exchange(),
+                saga_amqp::lapin::ExchangeKind::Fanout,
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("declared");
+        channel
+            .queue_bind(
+                ShortString::from(format!("{name}.queue").as_str()),
+                exchange(),
+                ShortString::from(""),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("bound");
+    };
+    declare().await;
+    let message = Message::new("Fleeting", fleeting.clone(), b"{}".to_vec());
+    transport.publish(&message).await.expect("published while it exists");
+    channel
+        .exchange_delete(exchange(), Default::default())
+        .await
+        .expect("deleted");
+    for _ in 0..4 {
+        // Every pool channel sees the exchange gone, or the check does.
+        match transport.publish(&message).await {
+            Err(TransportError::Rejected { .. } | TransportError::UnknownAddress(_)) => {}
+            other => panic!("publishing to a deleted exchange must fail, got {other:?}"),
+        }
+    }
+    declare().await;
+    transport
+        .publish(&message)
+        .await
+        .expect("published once it exists again");
+    channel
+        .exchange_delete(exchange(), Default::default())
+        .await
+        .expect("deleted");
+    let _ = raw.close(200, "done".into()).await;
+
+    // None of it broke publishing.
     let concurrent: Vec<_> = (0..50)
         .map(|n| {
             let transport = transport.clone();
