@@ -1,14 +1,30 @@
-//! The reference order service.
+//! The reference order service: the platform's order API over gRPC, with
+//! every order driven by a saga declared with saga-core.
+//!
+//! Layers: [`proto`] → [`grpc`] (decode, parse into domain values, map errors
+//! to statuses) → [`orders`] (place and read) → [`domain`] (pure) and
+//! [`saga`] (the order saga) → [`app`] (start-up wiring of the backends).
+
+pub mod app;
+pub mod config;
+pub mod demo_stock;
+pub mod domain;
+pub mod grpc;
+pub mod orders;
+pub mod repository;
+pub mod saga;
+pub mod telemetry;
+pub mod wire;
+
+pub use app::{Application, StartError};
+pub use config::{Config, ConfigError};
 
 pub mod proto {
-    //! Generated protobuf and gRPC code for `proto/order.proto`.
+    //! Generated protobuf and gRPC code for `proto/order.proto` (clients
+    //! included, for tests and tools).
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("order");
 
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("order_descriptor");
 }
-
-pub mod domain;
-pub mod saga;
-pub mod wire;

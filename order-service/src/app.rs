@@ -1,0 +1,345 @@
+//! Start-up wiring: picks the backends, builds the engine, relay, consumers,
+//! deadline scanner, gRPC server and operations endpoints, and runs them
+//! until one cancellation token says stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use saga_core::memory::{InMemoryStore, InMemoryTransport};
+use saga_core::{CancellationToken, Consumer, ConsumerConfig, Engine, Participant, Relay, RelayConfig};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::{Backend, Config, ListenAddr};
+use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
+use crate::grpc::OrderGrpc;
+use crate::orders::Orders;
+use crate::proto;
+use crate::proto::order_service_server::OrderServiceServer;
+use crate::repository::InMemoryOrders;
+use crate::saga::{OrderSagaConfig, order_saga};
+use crate::telemetry;
+use crate::wire::WireNames;
+
+/// The queue the embedded demo stock service consumes (bound to the orders,
+/// confirmed and cancelled exchanges).
+pub const DEMO_STOCK_QUEUE: &str = "demo_stock_service_queue";
+
+/// How long shutdown waits for background work before giving up on it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A port could not be bound: free it or choose another (`GRPC_PORT`, `METRICS_PORT`).
+    #[error("cannot listen on {addr} ({variable}): {source}")]
+    Bind {
+        /// The variable that chose the address.
+        variable: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The requested backends are not part of this build.
+    #[error(
+        "production mode (DATABASE_URL + RABBITMQ_URL) is not available in this build yet; \
+         unset both to run in embedded mode"
+    )]
+    ProductionUnavailable,
+    /// The saga definition or reflection could not be built (a bug).
+    #[error("start-up failed: {0}")]
+    Internal(#[source] saga_core::BoxError),
+    /// The gRPC server failed while running.
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// The state behind the operations endpoints.
+#[derive(Clone)]
+struct Ops {
+    ready: Arc<AtomicBool>,
+    prometheus: PrometheusHandle,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// The background machinery of the chosen backend.
+struct Workers {
+    engine: Engine,
+    relay: Relay,
+    consumers: Vec<Consumer>,
+    deadline_interval: Duration,
+}
+
+/// A built, not yet running, service.
+pub struct Application {
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    grpc_port: u16,
+    metrics_port: u16,
+    orders: Orders,
+    workers: Workers,
+    ops: Ops,
+}
+
+impl Application {
+    /// Binds the ports and wires the backends chosen by `config`.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let (grpc_listener, grpc_port) = bind("GRPC_PORT", &config.grpc).await?;
+        let (metrics_listener, metrics_port) = bind("METRICS_PORT", &config.metrics).await?;
+        let saga = OrderSagaConfig {
+            names: config.names.clone(),
+            stock_reply_timeout: config.stock_reply_timeout,
+        };
+        let (orders, workers, refresh) = match &config.backend {
+            Backend::Embedded => embedded(&saga)?,
+            Backend::Production { .. } => return Err(StartError::ProductionUnavailable),
+        };
+        Ok(Self {
+            grpc_listener,
+            metrics_listener,
+            grpc_port,
+            metrics_port,
+            orders,
+            workers,
+            ops: Ops {
+                ready: Arc::new(AtomicBool::new(false)),
+                prometheus: telemetry::prometheus(),
+                refresh,
+            },
+        })
+    }
+
+    /// The bound gRPC port.
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_port
+    }
+
+    /// The bound port of `/metrics`, `/healthz` and `/readyz`.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// Serves until `shutdown` is cancelled: then reports NOT_SERVING, stops
+    /// accepting, finishes requests and transitions in flight, and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let Self {
+            grpc_listener,
+            metrics_listener,
+            orders,
+            workers,
+            ops,
+            ..
+        } = self;
+
+        let mut tasks = JoinSet::new();
+        let Workers {
+            engine,
+            relay,
+            consumers,
+            deadline_interval,
+        } = workers;
+        tasks.spawn(relay.run(shutdown.clone()));
+        for consumer in consumers {
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
+        {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { engine.run_deadlines(deadline_interval, shutdown).await });
+        }
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        set_health(&reporter, ServingStatus::NotServing).await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Internal(Box::new(e)))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartError::Internal(Box::new(e)))?;
+
+        let http = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .with_state(ops.clone());
+        {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let serve = axum::serve(metrics_listener, http).with_graceful_shutdown(shutdown.cancelled_owned());
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "the metrics endpoint failed");
+                }
+            });
+        }
+
+        // Everything is wired: embedded mode is ready.
+        set_health(&reporter, ServingStatus::Serving).await;
+        ops.ready.store(true, Ordering::SeqCst);
+        tracing::info!("ready");
+
+        let stopping = {
+            let shutdown = shutdown.clone();
+            let ready = Arc::clone(&ops.ready);
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!("shutting down: no new requests, finishing those in flight");
+                ready.store(false, Ordering::SeqCst);
+                set_health(&reporter, ServingStatus::NotServing).await;
+            }
+        };
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(OrderGrpc::server(orders))
+            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopping)
+            .await;
+        // Whatever ended the server, stop the rest too.
+        shutdown.cancel();
+
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a background task failed");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("background work did not finish within {SHUTDOWN_GRACE:?}; abandoning it");
+        }
+        tracing::info!("stopped");
+        served.map_err(StartError::Serve)
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+async fn bind(variable: &'static str, addr: &ListenAddr) -> Result<(TcpListener, u16), StartError> {
+    let bind_error = |source| StartError::Bind {
+        variable,
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind((addr.host.as_str(), addr.port))
+        .await
+        .map_err(bind_error)?;
+    let port = listener
+        .local_addr()
+        .map(|a: SocketAddr| a.port())
+        .map_err(bind_error)?;
+    Ok((listener, port))
+}
+
+type Refresh = Arc<dyn Fn() + Send + Sync>;
+
+/// In-memory store, in-process transport with the wire contract's topology,
+/// and the demo stock service.
+fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartError> {
+    let names: &WireNames = &saga.names;
+    tracing::warn!(
+        "EMBEDDED MODE: orders live in memory and are lost when the process stops; \
+         stock comes from a built-in demo catalogue ({}). \
+         Set DATABASE_URL and RABBITMQ_URL to run on PostgreSQL + RabbitMQ.",
+        DEMO_CATALOGUE
+            .iter()
+            .map(|(p, n)| format!("{p}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let store = InMemoryStore::new();
+    let transport = InMemoryTransport::new();
+    transport
+        .bind(&names.stock_update_exchange, &names.stock_update_queue)
+        .bind(&names.orders_exchange, DEMO_STOCK_QUEUE)
+        .bind(&names.order_confirmed_exchange, DEMO_STOCK_QUEUE)
+        .bind(&names.order_cancelled_exchange, DEMO_STOCK_QUEUE);
+
+    let table = InMemoryOrders::new();
+    let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .register_with_effects(definition, table.clone())
+        .build()
+        .map_err(|e| StartError::Internal(Box::new(e)))?;
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(transport.clone()),
+        RelayConfig::default(),
+    );
+    let engine_consumer = Consumer::new(
+        Arc::new(engine.clone()),
+        Arc::new(transport.clone()),
+        ConsumerConfig::new(names.stock_update_queue.clone()),
+    );
+    let stock = Participant::new(
+        "demo-stock",
+        Arc::new(store.clone()),
+        DemoStock::new(DEMO_CATALOGUE, names.stock_update_exchange.clone()),
+    );
+    let stock_consumer = Consumer::new(
+        Arc::new(stock),
+        Arc::new(transport.clone()),
+        ConsumerConfig {
+            concurrency: 1,
+            ..ConsumerConfig::new(DEMO_STOCK_QUEUE)
+        },
+    );
+
+    let refresh: Refresh = {
+        let queue = names.stock_update_queue.clone();
+        Arc::new(move || {
+            metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(store.unsent() as f64);
+            metrics::gauge!(telemetry::DEAD_LETTERS).set(transport.stats(&queue).dead_lettered as f64);
+        })
+    };
+    let deadline_interval = (saga.stock_reply_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let orders = Orders::new(engine.clone(), Arc::new(table));
+    Ok((
+        orders,
+        Workers {
+            engine,
+            relay,
+            consumers: vec![engine_consumer, stock_consumer],
+            deadline_interval,
+        },
+        refresh,
+    ))
+}
+
+async fn metrics(State(ops): State<Ops>) -> String {
+    (ops.refresh)();
+    ops.prometheus.run_upkeep();
+    ops.prometheus.render()
+}
+
+async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
+    if ops.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}

@@ -1,0 +1,403 @@
+//! Configuration from environment variables, parsed once into typed values.
+//! A bad value is a [`ConfigError`] naming the variable.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::saga::DEFAULT_STOCK_REPLY_TIMEOUT;
+use crate::wire::WireNames;
+
+/// A variable that does not hold a usable value. Fix the variable and restart.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub variable: &'static str,
+    /// What is wrong with its value (never the value of a secret).
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, reason: impl fmt::Display) -> Self {
+        Self {
+            variable,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Where to listen: `:50054` (every interface), `host:port` or `[::1]:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenAddr {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port; 0 picks a free one.
+    pub port: u16,
+}
+
+impl ListenAddr {
+    /// Every interface, `port`.
+    pub fn any(port: u16) -> Self {
+        Self {
+            host: "0.0.0.0".to_owned(),
+            port,
+        }
+    }
+
+    /// The loopback interface, `port` (0 for tests).
+    pub fn localhost(port: u16) -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port,
+        }
+    }
+
+    fn parse(variable: &'static str, value: &str) -> Result<Self, ConfigError> {
+        let invalid = |why: &str| {
+            ConfigError::new(
+                variable,
+                format_args!("{why} (expected `:port` or `host:port`, got `{value}`)"),
+            )
+        };
+        let (host, port) = match value.rsplit_once(':') {
+            Some((host, port)) => (host, port),
+            None => ("", value),
+        };
+        let port: u16 = port.parse().map_err(|_| invalid("not a port number"))?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if host.contains(char::is_whitespace) {
+            return Err(invalid("not a host name"));
+        }
+        Ok(Self {
+            host: if host.is_empty() {
+                "0.0.0.0".to_owned()
+            } else {
+                host.to_owned()
+            },
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A connection URL that may hold a password: shown with the password masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL as given, password included: pass it to the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            return f.write_str("<redacted>");
+        };
+        let rest = &url[scheme_end..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let user = rest[..at].split(':').next().unwrap_or_default();
+                write!(f, "{}{user}:***{}", &url[..scheme_end], &rest[at..])
+            }
+            None => f.write_str(url),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({self})")
+    }
+}
+
+/// Where state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// In-memory store and in-process transport with a demo stock service:
+    /// nothing is durable.
+    Embedded,
+    /// PostgreSQL and RabbitMQ.
+    Production {
+        /// `DATABASE_URL`.
+        database_url: SecretUrl,
+        /// `RABBITMQ_URL`.
+        rabbitmq_url: SecretUrl,
+    },
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// OpenTelemetry settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtelConfig {
+    /// `OTEL_SERVICE_NAME` (default `order-service`).
+    pub service_name: String,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: traces are exported only when set.
+    pub endpoint: Option<String>,
+}
+
+/// Everything the service is configured with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `GRPC_PORT` (default `:50054`).
+    pub grpc: ListenAddr,
+    /// `METRICS_PORT` (default `:9004`): `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: ListenAddr,
+    /// `DATABASE_URL` + `RABBITMQ_URL`, or neither for embedded mode.
+    pub backend: Backend,
+    /// `STOCK_REPLY_TIMEOUT` (default `30s`).
+    pub stock_reply_timeout: Duration,
+    /// `LOG_FORMAT`: `human` (default) or `json`.
+    pub log_format: LogFormat,
+    /// `OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otel: OtelConfig,
+    /// Exchange and queue names (the platform's).
+    pub names: WireNames,
+}
+
+impl Default for Config {
+    /// Embedded mode on the platform's default ports.
+    fn default() -> Self {
+        Self {
+            grpc: ListenAddr::any(50054),
+            metrics: ListenAddr::any(9004),
+            backend: Backend::Embedded,
+            stock_reply_timeout: DEFAULT_STOCK_REPLY_TIMEOUT,
+            log_format: LogFormat::Human,
+            otel: OtelConfig {
+                service_name: "order-service".to_owned(),
+                endpoint: None,
+            },
+            names: WireNames::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `lookup`; unset and empty are the same.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let defaults = Self::default();
+        let grpc = match get("GRPC_PORT") {
+            Some(value) => ListenAddr::parse("GRPC_PORT", &value)?,
+            None => defaults.grpc,
+        };
+        let metrics = match get("METRICS_PORT") {
+            Some(value) => ListenAddr::parse("METRICS_PORT", &value)?,
+            None => defaults.metrics,
+        };
+        let backend = match (get("DATABASE_URL"), get("RABBITMQ_URL")) {
+            (None, None) => Backend::Embedded,
+            (Some(database), Some(rabbitmq)) => Backend::Production {
+                database_url: parse_url("DATABASE_URL", database, &["postgres", "postgresql"])?,
+                rabbitmq_url: parse_url("RABBITMQ_URL", rabbitmq, &["amqp", "amqps"])?,
+            },
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "RABBITMQ_URL",
+                    "is not set but DATABASE_URL is: set both (PostgreSQL + RabbitMQ) or neither (embedded mode)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "is not set but RABBITMQ_URL is: set both (PostgreSQL + RabbitMQ) or neither (embedded mode)",
+                ));
+            }
+        };
+        let stock_reply_timeout = match get("STOCK_REPLY_TIMEOUT") {
+            Some(value) => parse_duration(&value).map_err(|why| ConfigError::new("STOCK_REPLY_TIMEOUT", why))?,
+            None => defaults.stock_reply_timeout,
+        };
+        let log_format = match get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
+            None | Some("human") | Some("text") => LogFormat::Human,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format_args!("expected `human` or `json`, got `{other}`"),
+                ));
+            }
+        };
+        let otel = OtelConfig {
+            service_name: get("OTEL_SERVICE_NAME").unwrap_or(defaults.otel.service_name),
+            endpoint: match get("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                Some(endpoint) if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) => {
+                    return Err(ConfigError::new(
+                        "OTEL_EXPORTER_OTLP_ENDPOINT",
+                        "expected an http:// or https:// URL",
+                    ));
+                }
+                endpoint => endpoint,
+            },
+        };
+        Ok(Self {
+            grpc,
+            metrics,
+            backend,
+            stock_reply_timeout,
+            log_format,
+            otel,
+            names: defaults.names,
+        })
+    }
+}
+
+fn parse_url(variable: &'static str, value: String, schemes: &[&str]) -> Result<SecretUrl, ConfigError> {
+    let scheme = value.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    match scheme {
+        Some(scheme) if schemes.contains(&scheme.as_str()) => Ok(SecretUrl(value)),
+        // Never echo the value: it may hold a password.
+        _ => Err(ConfigError::new(
+            variable,
+            format_args!("expected a URL starting with {}://", schemes.join("://, ")),
+        )),
+    }
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1h` (a whole number and a unit); at least
+/// 1 ms, at most a day.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like `30s` or `500ms`, got `{value}`"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" | "min" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        "" => return Err(format!("`{value}` needs a unit: ms, s, m or h")),
+        other => return Err(format!("unknown unit `{other}` in `{value}` (use ms, s, m or h)")),
+    };
+    if duration.is_zero() || duration > Duration::from_secs(86_400) {
+        return Err(format!("`{value}` must be between 1ms and 24h"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn no_variables_means_embedded_mode_on_the_platform_ports() {
+        assert_eq!(config(&[]), Ok(Config::default()));
+        let defaults = Config::default();
+        assert_eq!(defaults.grpc.to_string(), "0.0.0.0:50054");
+        assert_eq!(defaults.metrics.to_string(), "0.0.0.0:9004");
+        assert_eq!(defaults.backend, Backend::Embedded);
+    }
+
+    #[test]
+    fn listen_addresses_take_the_platform_forms() {
+        let parsed = |v: &str| config(&[("GRPC_PORT", v)]).map(|c| c.grpc.to_string());
+        assert_eq!(parsed(":50054"), Ok("0.0.0.0:50054".to_owned()));
+        assert_eq!(parsed("127.0.0.1:7000"), Ok("127.0.0.1:7000".to_owned()));
+        assert_eq!(parsed("localhost:7000"), Ok("localhost:7000".to_owned()));
+        assert_eq!(parsed("[::1]:7000"), Ok("[::1]:7000".to_owned()));
+        assert_eq!(parsed("7000"), Ok("0.0.0.0:7000".to_owned()));
+        for bad in [":abc", "host:", ":70000", "a b:1"] {
+            assert_eq!(parsed(bad).expect_err("invalid").variable, "GRPC_PORT", "{bad}");
+        }
+        assert_eq!(
+            config(&[("METRICS_PORT", "x")]).expect_err("invalid").variable,
+            "METRICS_PORT"
+        );
+    }
+
+    #[test]
+    fn both_urls_or_neither() {
+        let only_db = config(&[("DATABASE_URL", "postgres://u:p@db/orders")]).expect_err("invalid");
+        assert_eq!(only_db.variable, "RABBITMQ_URL");
+        let only_mq = config(&[("RABBITMQ_URL", "amqp://u:p@mq/%2f")]).expect_err("invalid");
+        assert_eq!(only_mq.variable, "DATABASE_URL");
+        let both = config(&[
+            ("DATABASE_URL", "postgres://u:p@db/orders"),
+            ("RABBITMQ_URL", "amqp://mq"),
+        ])
+        .expect("valid");
+        assert!(matches!(both.backend, Backend::Production { .. }));
+        assert_eq!(
+            config(&[("DATABASE_URL", ""), ("RABBITMQ_URL", " ")]),
+            Ok(Config::default())
+        );
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let bad =
+            config(&[("DATABASE_URL", "mysql://u:hunter2@db"), ("RABBITMQ_URL", "amqp://mq")]).expect_err("invalid");
+        assert!(!bad.to_string().contains("hunter2"), "{bad}");
+        let url = SecretUrl("postgres://orders:hunter2@db:5432/orders?sslmode=require".to_owned());
+        assert_eq!(url.to_string(), "postgres://orders:***@db:5432/orders?sslmode=require");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(
+            SecretUrl("amqp://mq:5672/%2f".to_owned()).to_string(),
+            "amqp://mq:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn durations_are_humane() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "30", "s", "0s", "-1s", "1.5s", "30 parsecs", "25h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let error = config(&[("STOCK_REPLY_TIMEOUT", "soon")]).expect_err("invalid");
+        assert_eq!(error.variable, "STOCK_REPLY_TIMEOUT");
+        assert_eq!(
+            config(&[("STOCK_REPLY_TIMEOUT", "5s")]).map(|c| c.stock_reply_timeout),
+            Ok(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn log_format_is_human_or_json() {
+        assert_eq!(
+            config(&[("LOG_FORMAT", "json")]).map(|c| c.log_format),
+            Ok(LogFormat::Json)
+        );
+        assert_eq!(
+            config(&[("LOG_FORMAT", "xml")]).expect_err("invalid").variable,
+            "LOG_FORMAT"
+        );
+    }
+}

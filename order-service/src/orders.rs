@@ -1,0 +1,116 @@
+//! The application layer: placing and reading orders, whatever the transport
+//! or the storage. One error enum, [`OrderError`], mapped to the wire status
+//! by the gRPC layer.
+
+use std::sync::Arc;
+
+use saga_core::{Engine, EngineError, SagaId};
+
+use crate::domain::{IdempotencyKey, InvalidInput, Order, OrderId, OrderItem, UserId};
+use crate::repository::{OrderRepository, RepositoryError};
+use crate::saga::{ORDER_SAGA, OrderSagaData};
+use crate::telemetry;
+
+/// Why an order could not be placed or read. Each variant says what the
+/// caller should do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OrderError {
+    /// The request is malformed: fix the named field (`INVALID_ARGUMENT`).
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// No such order for this user (`NOT_FOUND`; never reveals whether the id
+    /// exists for someone else).
+    #[error("order {0} not found")]
+    NotFound(String),
+    /// The idempotency key was used before for a different order: use a new
+    /// key (`INVALID_ARGUMENT`, naming `idempotency-key`).
+    #[error("idempotency-key: was already used for a different order")]
+    IdempotencyKeyReused,
+    /// The store is unreachable: retry later (`UNAVAILABLE`).
+    #[error("the order store is unavailable, try again later: {0}")]
+    Unavailable(#[source] saga_core::BoxError),
+    /// A bug or corrupt data: nothing to do but report it (`INTERNAL`).
+    #[error("internal error: {0}")]
+    Internal(#[source] saga_core::BoxError),
+}
+
+impl From<RepositoryError> for OrderError {
+    fn from(error: RepositoryError) -> Self {
+        match error {
+            RepositoryError::Unavailable(_) => Self::Unavailable(Box::new(error)),
+            _ => Self::Internal(Box::new(error)),
+        }
+    }
+}
+
+impl From<EngineError> for OrderError {
+    fn from(error: EngineError) -> Self {
+        if error.is_retryable() {
+            Self::Unavailable(Box::new(error))
+        } else {
+            Self::Internal(Box::new(error))
+        }
+    }
+}
+
+/// Places and reads orders.
+#[derive(Clone)]
+pub struct Orders {
+    engine: Engine,
+    repository: Arc<dyn OrderRepository>,
+}
+
+impl Orders {
+    /// Orders run by `engine` (with the order saga registered) and read from `repository`.
+    pub fn new(engine: Engine, repository: Arc<dyn OrderRepository>) -> Self {
+        Self { engine, repository }
+    }
+
+    /// Places an order: stores it `PENDING` and starts its saga, in one
+    /// transaction. With an idempotency key, a retry returns the order the
+    /// first attempt placed (as it stands now) and starts nothing.
+    pub async fn place(
+        &self,
+        user: UserId,
+        items: Vec<OrderItem>,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<Order, OrderError> {
+        let id = idempotency_key
+            .as_ref()
+            .map_or_else(OrderId::new, |key| OrderId::for_idempotency_key(&user, key));
+        let order = Order::place(id, user, items)?;
+        let saga = SagaId::from_uuid(*id.as_uuid());
+        match self
+            .engine
+            .start_with_id(ORDER_SAGA, saga, OrderSagaData::new(order.clone()))
+            .await
+        {
+            Ok(_) => {
+                telemetry::saga_started();
+                tracing::info!(order_id = %id, user_id = %order.user_id, total = %order.total, "order placed");
+                Ok(order)
+            }
+            Err(EngineError::AlreadyStarted { .. }) if idempotency_key.is_some() => {
+                let existing =
+                    self.repository.get(id).await?.ok_or_else(|| {
+                        OrderError::Internal(format!("order {id} has a saga but no order row").into())
+                    })?;
+                if existing.user_id != order.user_id || existing.items != order.items {
+                    return Err(OrderError::IdempotencyKeyReused);
+                }
+                tracing::info!(order_id = %id, "idempotent retry; returning the existing order");
+                Ok(existing)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The order `id`, if `user` owns it.
+    pub async fn get(&self, id: OrderId, user: &UserId) -> Result<Order, OrderError> {
+        match self.repository.get(id).await? {
+            Some(order) if order.is_owned_by(user) => Ok(order),
+            _ => Err(OrderError::NotFound(id.to_string())),
+        }
+    }
+}
