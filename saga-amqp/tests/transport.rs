@@ -489,3 +489,121 @@ async fn close_ends_subscriptions_and_publishing() {
     let message = Message::new("Late", name, b"{}".to_vec());
     assert!(matches!(transport.publish(&message).await, Err(TransportError::Closed)));
 }
+
+/// A TCP proxy in front of the broker that can play "broker down": it cuts
+/// every connection and refuses new ones until it is up again.
+struct Outage {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Outage {
+    async fn start(broker: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        let port = listener.local_addr().expect("bound").port();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let state = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    continue; // dropped: refused
+                }
+                let broker = broker.clone();
+                let mut down = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { port, up }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+/// `url` with its host and port replaced by 127.0.0.1:`port`, and the broker's `host:port`.
+fn through_port(url: &str, port: u16) -> (String, String) {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let (credentials, host) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let broker = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5672")
+    };
+    let proxied = format!(
+        "{}{credentials}127.0.0.1:{port}{}",
+        &url[..scheme_end],
+        &rest[authority_end..]
+    );
+    (proxied, broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes() {
+    let url = broker::url();
+    let (_, broker_address) = through_port(&url, 0);
+    let outage = Outage::start(broker_address).await;
+    let name = broker::unique("outage");
+    let queue = format!("{name}.queue");
+    let mut config = broker::config(&name, QueueType::Quorum);
+    config.url = through_port(&url, outage.port).0;
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+
+    outage.set(false);
+    let down_since = Instant::now();
+    let mut failures = 0;
+    while down_since.elapsed() < Duration::from_secs(1) {
+        let message = Message::new("Lost", name.clone(), b"{}".to_vec());
+        let started = Instant::now();
+        match transport.publish(&message).await {
+            Err(e) => {
+                assert!(e.is_retryable(), "a passing error: {e}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "publishing fails fast while the broker is away"
+                );
+                failures += 1;
+            }
+            Ok(()) => panic!("published while the broker was away"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failures > 0);
+    assert!(!transport.is_connected());
+
+    outage.set(true);
+    let after = Message::new("After", name.clone(), b"{}".to_vec());
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = transport.publish(&after).await {
+        assert!(Instant::now() < deadline, "publishing did not resume: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivery = loop {
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(Some(Ok(delivery))) => break delivery,
+            Ok(Some(Err(_))) => {}
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!("nothing arrived after the broker came back"),
+        }
+    };
+    assert_eq!(delivery.message.id, after.id);
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
+
+    drop(subscription);
+    broker::clean_up(&transport).await;
+}
