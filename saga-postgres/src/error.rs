@@ -1,6 +1,6 @@
 //! Mapping sqlx errors onto saga-core's [`StoreError`].
 
-use saga_core::{SagaId, StoreError};
+use saga_core::StoreError;
 
 /// SQLSTATEs that mean "try again": sqlx classifies constraint violations
 /// (`ErrorKind`) but not these, so they are named here once.
@@ -43,20 +43,6 @@ pub(crate) fn store_error(error: sqlx::Error) -> StoreError {
         }
         other => StoreError::Backend(Box::new(other)),
     }
-}
-
-/// Like [`store_error`], but a unique violation on an instance constraint
-/// (its id or its key) is `AlreadyExists`.
-pub(crate) fn insert_error(error: sqlx::Error, id: SagaId) -> StoreError {
-    if let sqlx::Error::Database(db) = &error {
-        let on_instances = db
-            .constraint()
-            .is_some_and(|c| c == "saga_instances_pkey" || c == "saga_instances_key");
-        if db.is_unique_violation() && on_instances {
-            return StoreError::AlreadyExists { id };
-        }
-    }
-    store_error(error)
 }
 
 /// A row that cannot be read back as what it should be.

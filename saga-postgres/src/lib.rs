@@ -6,7 +6,7 @@ mod row;
 mod store;
 mod transaction;
 
-use saga_core::Transaction;
+use saga_core::{StoreError, Transaction};
 use sqlx::PgConnection;
 
 pub use retention::{Purged, RetentionConfig};
@@ -23,12 +23,17 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
     MIGRATOR.run(pool).await
 }
 
-/// The PostgreSQL connection of a saga transaction, if `tx` is a
-/// [`PostgresTransaction`]: SQL executed on it commits or rolls back
-/// together with the transition (use it from an `EffectHandler` or a
-/// participant's `CommandHandler`).
-pub fn connection(tx: &mut dyn Transaction) -> Option<&mut PgConnection> {
-    tx.backend()
-        .downcast_mut::<PostgresTransaction>()
-        .map(PostgresTransaction::connection)
+/// The PostgreSQL connection of a saga transaction: SQL executed on it
+/// commits or rolls back together with the transition. Use it from an
+/// `EffectHandler` or a participant's `CommandHandler`.
+///
+/// The first call opens the database transaction (`BEGIN`); transitions
+/// that never ask for the connection commit in a single statement.
+/// [`StoreError::Backend`] if `tx` is not a [`PostgresTransaction`];
+/// [`StoreError::Unavailable`] if the database cannot be reached.
+pub async fn connection(tx: &mut dyn Transaction) -> Result<&mut PgConnection, StoreError> {
+    match tx.backend().downcast_mut::<PostgresTransaction>() {
+        Some(tx) => tx.connection().await,
+        None => Err(StoreError::Backend("the transaction is not a PostgresTransaction".into())),
+    }
 }

@@ -133,9 +133,9 @@ impl PostgresStore {
 
     /// Opens a transaction typed as this backend's, for application code
     /// that wants saga writes and its own SQL together outside the engine.
-    pub async fn begin_postgres(&self) -> Result<PostgresTransaction, StoreError> {
-        let tx = self.shared.pool.begin().await.map_err(store_error)?;
-        Ok(PostgresTransaction::new(tx, Arc::clone(&self.shared)))
+    /// Nothing is sent to the database yet.
+    pub fn begin_postgres(&self) -> PostgresTransaction {
+        PostgresTransaction::new(Arc::clone(&self.shared))
     }
 
     /// Starts, once, the task that turns `NOTIFY`s from any replica into
@@ -205,7 +205,7 @@ impl SagaStore for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>, StoreError> {
-        Ok(Box::new(self.begin_postgres().await?))
+        Ok(Box::new(self.begin_postgres()))
     }
 }
 

@@ -1,69 +1,91 @@
-//! One transition's transaction: the inbox row is written at once (its answer
-//! is needed at once); the instance, history and outbox writes are buffered
-//! and sent as a single statement at commit, so a transition costs four round
-//! trips (`BEGIN`, inbox, state, `COMMIT`) whatever it writes.
+//! One transition's transaction, optimistic like the engine it serves.
+//!
+//! Round trips are what a transition costs on PostgreSQL, so the common case
+//! takes two: [`consume`](Transaction::consume) reads the inbox, and
+//! [`commit`](Transaction::commit) sends one statement that inserts the inbox
+//! row, writes the instance (checking its revision), appends the history and
+//! the outbox rows. A single statement is atomic on its own, so no
+//! `BEGIN`/`COMMIT` is needed. A duplicate committed concurrently between the
+//! read and the commit hits the inbox's primary key and comes back as
+//! [`StoreError::ConsumedConcurrently`]; a stale revision writes nothing and
+//! comes back as [`StoreError::Conflict`].
+//!
+//! When application code asks for the connection ([`crate::connection`]),
+//! a real transaction is opened (`BEGIN`) and the same statement runs in it
+//! at commit, before `COMMIT`: the application's writes and the saga's
+//! commit or roll back together.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use saga_core::{Message, MessageId, SagaId, SagaInstance, StoreError, Transaction, Transition};
 use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
-use crate::error::{insert_error, store_error};
+use crate::error::store_error;
 use crate::store::Shared;
-use std::sync::Arc;
 
-/// The history and outbox CTEs, their parameters numbered from `$n`. After
-/// an instance write they insert only if the write matched a row (`GUARD`):
-/// that also makes them wait for it, so a stale transition reports its
-/// conflict instead of colliding with the winner's history row.
+/// The inbox, history and outbox CTEs (parameters `$1`–`$18`), inserting
+/// only if the instance write matched a row when `guarded`. The guard also
+/// makes them wait for that write, so a stale transition reports its
+/// conflict instead of colliding with the winner's rows.
 macro_rules! rest_ctes {
-    (1) => {
-        rest_ctes!(@ "", "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8",
-                     "$9", "$10", "$11", "$12", "$13", "$14", "$15", "$16")
+    (guarded) => {
+        rest_ctes!(@ " WHERE EXISTS (SELECT 1 FROM written)")
     };
-    (16) => {
-        rest_ctes!(@ GUARD, "$16", "$17", "$18", "$19", "$20", "$21", "$22", "$23",
-                     "$24", "$25", "$26", "$27", "$28", "$29", "$30", "$31")
+    (unguarded) => {
+        rest_ctes!(@ "")
     };
-    (17) => {
-        rest_ctes!(@ GUARD, "$17", "$18", "$19", "$20", "$21", "$22", "$23", "$24",
-                     "$25", "$26", "$27", "$28", "$29", "$30", "$31", "$32")
-    };
-    (@ GUARD, $($rest:literal),*) => {
-        rest_ctes!(@ " WHERE EXISTS (SELECT 1 FROM written)", $($rest),*)
-    };
-    (@ $guard:literal, $h1:literal, $h2:literal, $h3:literal, $h4:literal, $h5:literal, $h6:literal, $h7:literal, $h8:literal,
-       $o1:literal, $o2:literal, $o3:literal, $o4:literal, $o5:literal, $o6:literal, $o7:literal, $o8:literal) => {
+    (@ $guard:literal) => {
         concat!(
+            "inbox AS (INSERT INTO saga_inbox (consumer, message_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[])", $guard, "), ",
             "history AS (INSERT INTO saga_history (saga_id, revision, at, cause, before, after, emitted, note) \
-             SELECT * FROM UNNEST(", $h1, "::uuid[], ", $h2, "::bigint[], ", $h3, "::bigint[], ", $h4,
-            "::text[]::jsonb[], ", $h5, "::text[]::jsonb[], ", $h6, "::text[]::jsonb[], ", $h7,
-            "::text[]::jsonb[], ", $h8, "::text[])", $guard, "), ",
+             SELECT * FROM UNNEST($3::uuid[], $4::bigint[], $5::bigint[], $6::text[]::jsonb[], \
+             $7::text[]::jsonb[], $8::text[]::jsonb[], $9::text[]::jsonb[], $10::text[])", $guard, "), ",
             "outbox AS (INSERT INTO saga_outbox (saga_id, message_id, kind, destination, correlation_id, \
              created_at, headers, payload) \
-             SELECT s, m, k, d, c, t, h, p FROM UNNEST(", $o1, "::uuid[], ", $o2, "::text[], ", $o3,
-            "::text[], ", $o4, "::text[], ", $o5, "::text[], ", $o6, "::bigint[], ", $o7,
-            "::text[]::jsonb[], ", $o8, "::bytea[]) WITH ORDINALITY AS u(s, m, k, d, c, t, h, p, n)", $guard,
-            " ORDER BY n)"
+             SELECT s, m, k, d, c, t, h, p FROM UNNEST($11::uuid[], $12::text[], $13::text[], $14::text[], \
+             $15::text[], $16::bigint[], $17::text[]::jsonb[], $18::bytea[]) \
+             WITH ORDINALITY AS u(s, m, k, d, c, t, h, p, n)", $guard, " ORDER BY n)"
         )
     };
 }
+
+const INSERT_SQL: &str = concat!(
+    "WITH written AS (INSERT INTO saga_instances (id, definition, definition_version, key, status, \
+     step, attempt, awaiting, deadline, failure, data, data_version, revision, created_at, updated_at) \
+     VALUES ($19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29::json, $30, $31, $32, $33) RETURNING 1), ",
+    rest_ctes!(guarded),
+    " SELECT count(*) FROM written"
+);
+
+const UPDATE_SQL: &str = concat!(
+    "WITH written AS (UPDATE saga_instances SET definition = $20, definition_version = $21, key = $22, \
+     status = $23, step = $24, attempt = $25, awaiting = $26, deadline = $27, failure = $28, \
+     data = $29::json, data_version = $30, revision = $31, created_at = $32, updated_at = $33 \
+     WHERE id = $19 AND revision = $34 RETURNING 1), ",
+    rest_ctes!(guarded),
+    " SELECT count(*) FROM written"
+);
+
+const REST_SQL: &str = concat!("WITH ", rest_ctes!(unguarded), " SELECT 1::bigint");
 
 /// A saga store transaction on PostgreSQL.
 ///
 /// Reach it from an [`EffectHandler`](saga_core::EffectHandler) or a
 /// [`CommandHandler`](saga_core::CommandHandler) with [`connection`](crate::connection)
-/// (or by downcasting [`Transaction::backend`]) to write the application's
-/// own tables in the same transaction.
+/// to write the application's own tables in the same transaction.
 ///
-/// The saga's own writes (instance, history, outbox) are buffered and reach
-/// the database at [`commit`](Transaction::commit), or earlier with
+/// The saga's own writes (inbox, instance, history, outbox) are buffered and
+/// reach the database at [`commit`](Transaction::commit), or earlier with
 /// [`flush`](Self::flush) if application SQL must see them.
 pub struct PostgresTransaction {
-    tx: sqlx::Transaction<'static, Postgres>,
     shared: Arc<Shared>,
+    /// Opened only when application code needs the connection, or the
+    /// writes do not fit in one statement.
+    tx: Option<sqlx::Transaction<'static, Postgres>>,
     instances: Vec<InstanceWrite>,
     rest: Rest,
     enqueued: bool,
@@ -76,93 +98,112 @@ enum InstanceWrite {
 }
 
 impl PostgresTransaction {
-    pub(crate) fn new(tx: sqlx::Transaction<'static, Postgres>, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
-            tx,
             shared,
+            tx: None,
             instances: Vec::new(),
             rest: Rest::default(),
             enqueued: false,
         }
     }
 
-    /// The connection the transaction runs on: application SQL executed on
-    /// it commits or rolls back with the saga's writes.
-    pub fn connection(&mut self) -> &mut PgConnection {
-        &mut self.tx
+    /// The connection of this transaction, opening it (`BEGIN`) on first
+    /// use: application SQL executed on it commits or rolls back with the
+    /// saga's writes.
+    pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
+        let tx = match self.tx.take() {
+            Some(tx) => tx,
+            None => self.shared.pool.begin().await.map_err(store_error)?,
+        };
+        Ok(&mut **self.tx.insert(tx))
     }
 
-    /// Sends the buffered saga writes now (they are otherwise sent at
-    /// commit). A stale revision is reported here as [`StoreError::Conflict`].
+    /// Sends the buffered saga writes now, in this transaction (opening it
+    /// if needed); they are otherwise sent at commit. A stale revision is
+    /// reported here as [`StoreError::Conflict`].
     pub async fn flush(&mut self) -> Result<(), StoreError> {
-        let instances = std::mem::take(&mut self.instances);
-        let rest = std::mem::take(&mut self.rest);
-        if instances.is_empty() && rest.is_empty() {
+        if self.instances.is_empty() && self.rest.is_empty() {
             return Ok(());
         }
+        let instances = std::mem::take(&mut self.instances);
+        let rest = std::mem::take(&mut self.rest);
+        let conn = self.connection().await?;
         let count = instances.len();
         let mut rest = Some(rest);
         for (index, write) in instances.into_iter().enumerate() {
-            // The last instance write travels with the history and outbox rows.
+            // The last instance write travels with the inbox, history and outbox rows.
             let rest = if index + 1 == count { rest.take() } else { None };
-            self.write_instance(write, rest.unwrap_or_default()).await?;
+            write_all(&mut *conn, Some(write), rest.unwrap_or_default()).await?;
         }
         if let Some(rest) = rest {
-            let query = rest.bind(sqlx::query(concat!("WITH ", rest_ctes!(1), " SELECT 1::bigint")));
-            query.execute(&mut *self.tx).await.map_err(store_error)?;
-        }
-        Ok(())
-    }
-
-    async fn write_instance(&mut self, write: InstanceWrite, rest: Rest) -> Result<(), StoreError> {
-        match write {
-            InstanceWrite::Insert(values) => {
-                let id = SagaId::from_uuid(values.id);
-                let query = sqlx::query(concat!(
-                    "WITH written AS (INSERT INTO saga_instances (id, definition, definition_version, key, status, \
-                     step, attempt, awaiting, deadline, failure, data, data_version, revision, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::json, $12, $13, $14, $15) RETURNING 1), ",
-                    rest_ctes!(16),
-                    " SELECT count(*) FROM written"
-                ));
-                let query = rest.bind(values.bind(query));
-                query
-                    .execute(&mut *self.tx)
-                    .await
-                    .map_err(|e| insert_error(e, id))?;
-            }
-            InstanceWrite::Update(values, expected) => {
-                let id = values.id;
-                let expected_db = i64::try_from(expected).map_err(|e| StoreError::Backend(Box::new(e)))?;
-                let query = sqlx::query_scalar::<_, i64>(concat!(
-                    "WITH written AS (UPDATE saga_instances SET definition = $2, definition_version = $3, key = $4, \
-                     status = $5, step = $6, attempt = $7, awaiting = $8, deadline = $9, failure = $10, \
-                     data = $11::json, data_version = $12, revision = $13, created_at = $14, updated_at = $15 \
-                     WHERE id = $1 AND revision = $16 RETURNING 1), ",
-                    rest_ctes!(17),
-                    " SELECT count(*) FROM written"
-                ));
-                let query = rest.bind(values.bind(query).bind(expected_db));
-                let updated = query.fetch_one(&mut *self.tx).await.map_err(store_error)?;
-                if updated == 0 {
-                    // A fresh statement sees the winner's commit.
-                    let actual: Option<i64> = sqlx::query_scalar("SELECT revision FROM saga_instances WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(&mut *self.tx)
-                        .await
-                        .map_err(store_error)?;
-                    return Err(StoreError::Conflict {
-                        id: SagaId::from_uuid(id),
-                        expected,
-                        actual: actual.and_then(|r| u64::try_from(r).ok()),
-                    });
-                }
-            }
+            write_all(&mut *conn, None, rest).await?;
         }
         Ok(())
     }
 }
 
+/// Runs one combined statement; maps "nothing matched" to a conflict.
+async fn write_all<'e, E>(executor: E, write: Option<InstanceWrite>, rest: Rest) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let first_consumed = rest.i_message.first().cloned();
+    let (sql, values, expected, id) = match write {
+        None => (REST_SQL, None, None, None),
+        Some(InstanceWrite::Insert(values)) => {
+            let id = values.id;
+            (INSERT_SQL, Some(values), None, Some(id))
+        }
+        Some(InstanceWrite::Update(values, expected)) => {
+            let id = values.id;
+            (UPDATE_SQL, Some(values), Some(expected), Some(id))
+        }
+    };
+    let mut query = rest.bind(sqlx::query_scalar::<_, i64>(sql));
+    if let Some(values) = values {
+        query = values.bind(query);
+    }
+    if let Some(expected) = expected {
+        query = query.bind(i64::try_from(expected).map_err(|e| StoreError::Backend(Box::new(e)))?);
+    }
+    let written = query
+        .fetch_one(executor)
+        .await
+        .map_err(|e| classify(e, id, first_consumed))?;
+    match (expected, id) {
+        (Some(expected), Some(id)) if written == 0 => Err(StoreError::Conflict {
+            id: SagaId::from_uuid(id),
+            expected,
+            // Found out by the caller when it matters (see `Conflict`).
+            actual: None,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Unique violations of the combined statement: the instance's id or key
+/// (`AlreadyExists`), or the inbox (a concurrent consumer committed first).
+fn classify(error: sqlx::Error, id: Option<Uuid>, consumed: Option<String>) -> StoreError {
+    if let sqlx::Error::Database(db) = &error {
+        if db.is_unique_violation() {
+            match (db.constraint(), id, consumed) {
+                (Some("saga_instances_pkey" | "saga_instances_key"), Some(id), _) => {
+                    return StoreError::AlreadyExists {
+                        id: SagaId::from_uuid(id),
+                    };
+                }
+                (Some("saga_inbox_pkey"), _, Some(message)) => {
+                    return StoreError::ConsumedConcurrently {
+                        id: MessageId::from(message),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+    store_error(error)
+}
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 type PgScalar<'q> = sqlx::query::QueryScalar<'q, Postgres, i64, sqlx::postgres::PgArguments>;
@@ -254,6 +295,8 @@ impl InstanceValues {
 /// History and outbox rows as column arrays (for `UNNEST`).
 #[derive(Default)]
 struct Rest {
+    i_consumer: Vec<String>,
+    i_message: Vec<String>,
     h_saga: Vec<Uuid>,
     h_revision: Vec<i64>,
     h_at: Vec<i64>,
@@ -278,7 +321,11 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 
 impl Rest {
     fn is_empty(&self) -> bool {
-        self.h_saga.is_empty() && self.o_id.is_empty()
+        self.i_message.is_empty() && self.h_saga.is_empty() && self.o_id.is_empty()
+    }
+
+    fn consumes(&self, consumer: &str, message: &str) -> bool {
+        self.i_consumer.iter().zip(&self.i_message).any(|(c, m)| c == consumer && m == message)
     }
 
     fn push_transition(&mut self, t: &Transition) -> Result<(), StoreError> {
@@ -310,7 +357,9 @@ impl Rest {
     }
 
     fn bind<Q: Bind>(self, q: Q) -> Q {
-        q.bind_value(self.h_saga)
+        q.bind_value(self.i_consumer)
+            .bind_value(self.i_message)
+            .bind_value(self.h_saga)
             .bind_value(self.h_revision)
             .bind_value(self.h_at)
             .bind_value(self.h_cause)
@@ -332,17 +381,27 @@ impl Rest {
 #[async_trait]
 impl Transaction for PostgresTransaction {
     async fn consume(&mut self, consumer: &str, message: &MessageId) -> Result<bool, StoreError> {
-        // A concurrent transaction holding the same key makes this wait for
-        // it; once it commits, nothing is inserted and this is a duplicate.
-        let inserted = sqlx::query(
-            "INSERT INTO saga_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        if self.rest.consumes(consumer, message.as_str()) {
+            return Ok(false);
+        }
+        // Optimistic: a read now, the insert at commit (where a concurrent
+        // consumer that committed first makes it fail).
+        let query = sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM saga_inbox WHERE consumer = $1 AND message_id = $2)",
         )
         .bind(consumer)
-        .bind(message.as_str())
-        .execute(&mut *self.tx)
-        .await
+        .bind(message.as_str());
+        let seen = match &mut self.tx {
+            Some(tx) => query.fetch_one(&mut **tx).await,
+            None => query.fetch_one(&self.shared.pool).await,
+        }
         .map_err(store_error)?;
-        Ok(inserted.rows_affected() == 1)
+        if seen {
+            return Ok(false);
+        }
+        self.rest.i_consumer.push(consumer.to_owned());
+        self.rest.i_message.push(message.as_str().to_owned());
+        Ok(true)
     }
 
     async fn insert(&mut self, instance: &SagaInstance) -> Result<(), StoreError> {
@@ -369,16 +428,53 @@ impl Transaction for PostgresTransaction {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.flush().await?;
-        let this = *self;
-        this.tx.commit().await.map_err(store_error)?;
-        if this.enqueued {
-            this.shared.outbox_committed();
+        let result = if self.tx.is_none() && self.instances.len() <= 1 {
+            // Everything fits in one statement: it is its own transaction.
+            let write = self.instances.pop();
+            let rest = std::mem::take(&mut self.rest);
+            if write.is_none() && rest.is_empty() {
+                Ok(())
+            } else {
+                write_all(&self.shared.pool, write, rest).await
+            }
+        } else {
+            match self.flush().await {
+                Ok(()) => match self.tx.take() {
+                    Some(tx) => tx.commit().await.map_err(store_error),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            }
+        };
+        let result = self.with_actual_revision(result).await;
+        if result.is_ok() && self.enqueued {
+            self.shared.outbox_committed();
         }
-        Ok(())
+        result
     }
 
     fn backend(&mut self) -> &mut (dyn Any + Send) {
         self
+    }
+}
+
+impl PostgresTransaction {
+    /// Fills in the revision a conflicting writer left, read after the fact.
+    async fn with_actual_revision(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
+        match result {
+            Err(StoreError::Conflict { id, expected, .. }) => {
+                let actual: Option<i64> = sqlx::query_scalar("SELECT revision FROM saga_instances WHERE id = $1")
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.shared.pool)
+                    .await
+                    .map_err(store_error)?;
+                Err(StoreError::Conflict {
+                    id,
+                    expected,
+                    actual: actual.and_then(|r| u64::try_from(r).ok()),
+                })
+            }
+            other => other,
+        }
     }
 }

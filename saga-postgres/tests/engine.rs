@@ -128,7 +128,7 @@ struct OrderTables {
 impl EffectHandler<OrderEffect> for OrderTables {
     async fn apply(&self, tx: &mut dyn Transaction, saga: &SagaInstance, effects: Vec<OrderEffect>) -> Result<(), StepError> {
         let order: Order = serde_json::from_str(&saga.data).map_err(StepError::from)?;
-        let conn = saga_postgres::connection(tx).ok_or_else(|| StepError::terminal("not a PostgreSQL transaction"))?;
+        let conn = saga_postgres::connection(tx).await.map_err(|e| StepError::retryable(e.to_string()))?;
         for effect in effects {
             match effect {
                 OrderEffect::Create => {
@@ -187,7 +187,7 @@ struct Inventory;
 impl CommandHandler for Inventory {
     async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
         let items: Vec<String> = command.decode().map_err(StepError::from)?;
-        let conn = saga_postgres::connection(tx).ok_or_else(|| StepError::terminal("not a PostgreSQL transaction"))?;
+        let conn = saga_postgres::connection(tx).await.map_err(|e| StepError::retryable(e.to_string()))?;
         sqlx::query("INSERT INTO reservations (command_id, skus) VALUES ($1, $2)")
             .bind(command.id.as_str())
             .bind(&items)
