@@ -35,6 +35,10 @@ use crate::wire::WireNames;
 /// confirmed and cancelled exchanges).
 pub const DEMO_STOCK_QUEUE: &str = "demo_stock_service_queue";
 
+/// How long shutdown waits for gRPC calls in flight (long-lived streams such
+/// as a health `Watch` would otherwise hold it forever).
+const GRPC_DRAIN: Duration = Duration::from_secs(5);
+
 /// How long shutdown waits for background work before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -203,13 +207,23 @@ impl Application {
                 set_health(&reporter, ServingStatus::NotServing).await;
             }
         };
-        let served = tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(OrderGrpc::server(orders))
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopping)
-            .await;
+            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopping);
+        let drain_limit = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(GRPC_DRAIN).await;
+        };
+        let served = tokio::select! {
+            served = serve => served,
+            () = drain_limit => {
+                tracing::warn!("gRPC calls still open after {GRPC_DRAIN:?} (streams?); closing them");
+                Ok(())
+            }
+        };
         // Whatever ended the server, stop the rest too.
         shutdown.cancel();
 

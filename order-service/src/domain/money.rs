@@ -42,13 +42,13 @@ impl Money {
             return Ok(Self::ZERO);
         }
         // Rust prints the shortest decimal that round-trips, never in exponent form.
-        let decimal = Decimal::from_str(&value.to_string())
-            .map_err(|_| InvalidInput::new(field, format_args!("has too many digits (got {value})")))?;
+        let decimal =
+            Decimal::from_str(&value.to_string()).map_err(|_| InvalidInput::new(field, "has too many digits"))?;
         let money = Self(decimal.normalize());
         if money > Self::MAX_PRICE {
             return Err(InvalidInput::new(
                 field,
-                format_args!("must be at most {} (got {value})", Self::MAX_PRICE),
+                format_args!("must be at most {}", Self::MAX_PRICE),
             ));
         }
         Ok(money)
@@ -85,8 +85,8 @@ impl fmt::Display for Money {
 }
 
 impl<'a> Sum<&'a Money> for Option<Money> {
-    fn sum<I: Iterator<Item = &'a Money>>(iter: I) -> Self {
-        iter.fold(Some(Money::ZERO), |acc, m| acc?.checked_add(*m))
+    fn sum<I: Iterator<Item = &'a Money>>(mut iter: I) -> Self {
+        iter.try_fold(Money::ZERO, |acc, m| acc.checked_add(*m))
     }
 }
 

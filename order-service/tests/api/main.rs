@@ -1,0 +1,6 @@
+//! End-to-end tests of the service in embedded mode, over real gRPC and HTTP.
+
+mod helpers;
+mod operations;
+mod orders;
+mod validation;

@@ -1,0 +1,106 @@
+use order_service::proto::{CreateOrderRequest, OrderItem};
+use tonic::{Code, Request};
+
+use crate::helpers::{item, spawn_app};
+
+fn request(user_id: &str, items: Vec<OrderItem>) -> CreateOrderRequest {
+    CreateOrderRequest {
+        user_id: user_id.to_owned(),
+        items,
+    }
+}
+
+#[tokio::test]
+async fn invalid_orders_are_rejected_naming_the_field() {
+    let app = spawn_app().await;
+    let ok = || item("apple", 1, 1.0);
+    let cases: Vec<(&str, CreateOrderRequest, &str)> = vec![
+        ("empty user", request("", vec![ok()]), "user_id"),
+        ("blank user", request("   ", vec![ok()]), "user_id"),
+        ("huge user", request(&"u".repeat(100_000), vec![ok()]), "user_id"),
+        ("no items", request("alice", vec![]), "items"),
+        ("too many items", request("alice", vec![ok(); 101]), "items"),
+        (
+            "empty product",
+            request("alice", vec![ok(), item("", 1, 1.0)]),
+            "items[1].product_id",
+        ),
+        (
+            "huge product",
+            request("alice", vec![item(&"p".repeat(10_000), 1, 1.0)]),
+            "items[0].product_id",
+        ),
+        (
+            "zero quantity",
+            request("alice", vec![item("apple", 0, 1.0)]),
+            "items[0].quantity",
+        ),
+        (
+            "negative quantity",
+            request("alice", vec![item("apple", -3, 1.0)]),
+            "items[0].quantity",
+        ),
+        (
+            "huge quantity",
+            request("alice", vec![item("apple", i32::MAX, 1.0)]),
+            "items[0].quantity",
+        ),
+        (
+            "NaN price",
+            request("alice", vec![ok(), ok(), item("apple", 1, f64::NAN)]),
+            "items[2].price",
+        ),
+        (
+            "infinite price",
+            request("alice", vec![item("apple", 1, f64::INFINITY)]),
+            "items[0].price",
+        ),
+        (
+            "negative price",
+            request("alice", vec![item("apple", 1, -0.01)]),
+            "items[0].price",
+        ),
+        (
+            "huge price",
+            request("alice", vec![item("apple", 1, 1e300)]),
+            "items[0].price",
+        ),
+    ];
+    for (case, body, field) in cases {
+        let status = app.send_create(Request::new(body)).await.expect_err(case);
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "{case}: expected the message to name `{field}`, got `{}`",
+            status.message()
+        );
+        assert!(status.message().len() < 300, "{case}: the message echoes too much");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_idempotency_key_is_rejected() {
+    let app = spawn_app().await;
+    let status = app
+        .place_order_with_key("alice", &"k".repeat(500), vec![item("apple", 1, 1.0)])
+        .await
+        .expect_err("too long");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("idempotency-key:"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn a_rejected_request_stores_nothing() {
+    let app = spawn_app().await;
+    let rejected = app
+        .place_order_with_key("alice", "k-1", vec![item("apple", 1, f64::NAN)])
+        .await
+        .expect_err("invalid");
+    assert_eq!(rejected.code(), Code::InvalidArgument);
+    // Had anything been stored under the key, a different valid order with it would be refused.
+    let placed = app
+        .place_order_with_key("alice", "k-1", vec![item("apple", 1, 1.0)])
+        .await
+        .expect("the key is still unused");
+    assert_eq!(placed.total_price, 1.0);
+}
