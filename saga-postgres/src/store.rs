@@ -228,20 +228,25 @@ impl OutboxStore for PostgresStore {
         }
         // `locked`: available rows in id order, skipping rows other claims,
         // releases or marks are working on. A row is claimed only if every
-        // earlier unsent row of its saga is claimed with it: a row held by
-        // another relay (leased or locked) keeps its saga's later rows back,
-        // so a saga's messages are never published out of order.
+        // earlier unsent row of its saga is claimed with it: the saga's first
+        // unsent row outside `locked` (held by another relay, leased or
+        // locked) is a barrier its later rows wait behind, so a saga's
+        // messages are never published out of order. Finding the barrier
+        // walks the (saga_id, id) index from the start and stops at once.
         let rows = sqlx::query(
             "WITH locked AS ( \
                 SELECT id, saga_id FROM saga_outbox \
                 WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED \
+             ), barrier AS ( \
+                SELECT s.saga_id, ( \
+                    SELECT p.id FROM saga_outbox p \
+                    WHERE p.saga_id = s.saga_id AND p.sent_at IS NULL AND p.id NOT IN (SELECT id FROM locked) \
+                    ORDER BY p.id LIMIT 1) AS first_held \
+                FROM (SELECT DISTINCT saga_id FROM locked WHERE saga_id IS NOT NULL) s \
              ), ok AS ( \
-                SELECT l.id FROM locked l \
-                WHERE l.saga_id IS NULL OR NOT EXISTS ( \
-                    SELECT 1 FROM saga_outbox p \
-                    WHERE p.saga_id = l.saga_id AND p.id < l.id AND p.sent_at IS NULL \
-                      AND p.id NOT IN (SELECT id FROM locked)) \
+                SELECT l.id FROM locked l LEFT JOIN barrier b ON b.saga_id = l.saga_id \
+                WHERE b.first_held IS NULL OR l.id < b.first_held \
              ) \
              UPDATE saga_outbox o SET claimed_until = now() + $2::float8 * interval '1 millisecond' \
              FROM ok WHERE o.id = ok.id \
@@ -265,7 +270,7 @@ impl OutboxStore for PostgresStore {
         let query = if self.shared.config.retention.sent_messages.is_zero() {
             sqlx::query("DELETE FROM saga_outbox WHERE id = ANY($1)")
         } else {
-            sqlx::query("UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1)")
+            sqlx::query("UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL")
         };
         query.bind(ids).execute(&self.shared.pool).await.map_err(store_error)?;
         Ok(())
