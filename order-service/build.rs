@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let proto = proto_dir.join("order.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
+    println!("cargo:rerun-if-changed=migrations");
     println!("cargo:rerun-if-env-changed=PROTOC");
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

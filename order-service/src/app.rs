@@ -7,29 +7,35 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
-use saga_core::{CancellationToken, Consumer, ConsumerConfig, Engine, Participant, Relay, RelayConfig};
+use saga_core::{
+    CancellationToken, Consumer, ConsumerConfig, Engine, EngineError, Message, MessageHandler, Participant, Relay,
+    RelayConfig,
+};
+use saga_postgres::PostgresStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::{Backend, Config, ListenAddr};
+use crate::config::{Backend, Config, ListenAddr, SecretUrl};
 use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
 use crate::grpc::OrderGrpc;
 use crate::orders::Orders;
 use crate::proto;
 use crate::proto::order_service_server::OrderServiceServer;
-use crate::repository::InMemoryOrders;
+use crate::repository::{InMemoryOrders, PostgresOrders};
 use crate::saga::{OrderSagaConfig, order_saga};
 use crate::telemetry;
-use crate::wire::WireNames;
+use crate::wire::{STOCK_UPDATE_RESULT, WireNames};
 
 /// The queue the embedded demo stock service consumes (bound to the orders,
 /// confirmed and cancelled exchanges).
@@ -57,12 +63,24 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The requested backends are not part of this build.
-    #[error(
-        "production mode (DATABASE_URL + RABBITMQ_URL) is not available in this build yet; \
-         unset both to run in embedded mode"
-    )]
-    ProductionUnavailable,
+    /// PostgreSQL could not be reached or migrated: start it, check `DATABASE_URL`.
+    #[error("PostgreSQL ({url}): {source}")]
+    Database {
+        /// The URL, password masked.
+        url: String,
+        /// The cause.
+        #[source]
+        source: saga_core::BoxError,
+    },
+    /// RabbitMQ could not be reached or its topology declared: start it, check `RABBITMQ_URL`.
+    #[error("RabbitMQ ({url}): {source}")]
+    Broker {
+        /// The URL, password masked.
+        url: String,
+        /// The cause.
+        #[source]
+        source: saga_core::BoxError,
+    },
     /// The saga definition or reflection could not be built (a bug).
     #[error("start-up failed: {0}")]
     Internal(#[source] saga_core::BoxError),
@@ -85,6 +103,8 @@ struct Workers {
     relay: Relay,
     consumers: Vec<Consumer>,
     deadline_interval: Duration,
+    /// Closes the broker connection once everything has stopped.
+    close: Option<Arc<AmqpTransport>>,
 }
 
 /// A built, not yet running, service.
@@ -109,7 +129,10 @@ impl Application {
         };
         let (orders, workers, refresh) = match &config.backend {
             Backend::Embedded => embedded(&saga)?,
-            Backend::Production { .. } => return Err(StartError::ProductionUnavailable),
+            Backend::Production {
+                database_url,
+                rabbitmq_url,
+            } => production(&saga, database_url, rabbitmq_url).await?,
         };
         Ok(Self {
             grpc_listener,
@@ -154,6 +177,7 @@ impl Application {
             relay,
             consumers,
             deadline_interval,
+            close,
         } = workers;
         tasks.spawn(relay.run(shutdown.clone()));
         for consumer in consumers {
@@ -237,6 +261,9 @@ impl Application {
         .await;
         if drained.is_err() {
             tracing::warn!("background work did not finish within {SHUTDOWN_GRACE:?}; abandoning it");
+        }
+        if let Some(transport) = close {
+            transport.close().await;
         }
         tracing::info!("stopped");
         served.map_err(StartError::Serve)
@@ -339,9 +366,95 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
             relay,
             consumers: vec![engine_consumer, stock_consumer],
             deadline_interval,
+            close: None,
         },
         refresh,
     ))
+}
+
+/// PostgreSQL (saga store and order tables, migrated) and RabbitMQ (the
+/// wire contract's topology, declared).
+async fn production(
+    saga: &OrderSagaConfig,
+    database_url: &SecretUrl,
+    rabbitmq_url: &SecretUrl,
+) -> Result<(Orders, Workers, Refresh), StartError> {
+    let names = &saga.names;
+    let database = |source: saga_core::BoxError| StartError::Database {
+        url: database_url.to_string(),
+        source,
+    };
+    tracing::info!(database = %database_url, broker = %rabbitmq_url, "connecting");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(database_url.expose())
+        .await
+        .map_err(|e| database(Box::new(e)))?;
+    saga_postgres::migrate(&pool).await.map_err(|e| database(Box::new(e)))?;
+    PostgresOrders::migrate(&pool)
+        .await
+        .map_err(|e| database(Box::new(e)))?;
+    let store = Arc::new(PostgresStore::new(pool.clone()));
+
+    let topology = Topology::new()
+        .exchange(&names.orders_exchange, ExchangeKind::Fanout)
+        .exchange(&names.stock_update_exchange, ExchangeKind::Fanout)
+        .exchange(&names.order_confirmed_exchange, ExchangeKind::Fanout)
+        .exchange(&names.order_cancelled_exchange, ExchangeKind::Fanout)
+        .queue(&names.stock_update_queue)
+        .bind(&names.stock_update_exchange, &names.stock_update_queue, "");
+    let mut amqp = AmqpConfig::new(rabbitmq_url.expose(), topology);
+    amqp.connection_name = "order-service".to_owned();
+    let transport = Arc::new(AmqpTransport::connect(amqp).await.map_err(|e| StartError::Broker {
+        url: rabbitmq_url.to_string(),
+        source: Box::new(e),
+    })?);
+
+    let table = PostgresOrders::new(pool);
+    let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
+    let engine = Engine::builder(store.clone())
+        .register_with_effects(definition, table.clone())
+        .build()
+        .map_err(|e| StartError::Internal(Box::new(e)))?;
+    let relay = Relay::new(store, transport.clone(), RelayConfig::default());
+    let handler = StockReplies { engine: engine.clone() };
+    let consumer = Consumer::new(
+        Arc::new(TracedHandler::new(Arc::new(handler))),
+        transport.clone(),
+        ConsumerConfig::new(names.stock_update_queue.clone()),
+    );
+    let deadline_interval = (saga.stock_reply_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    tracing::info!("PostgreSQL migrated and RabbitMQ topology declared");
+    Ok((
+        Orders::new(engine.clone(), Arc::new(table)),
+        Workers {
+            engine,
+            relay,
+            consumers: vec![consumer],
+            deadline_interval,
+            close: Some(transport),
+        },
+        Arc::new(|| {}),
+    ))
+}
+
+/// The engine, fed from the stock reply queue. Publishers on the platform
+/// may leave the AMQP `type` unset; every message on that queue is a
+/// `StockUpdateResult`, so that is what an untyped one is taken for.
+struct StockReplies {
+    engine: Engine,
+}
+
+#[async_trait]
+impl MessageHandler for StockReplies {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        if message.kind.is_empty() {
+            let mut typed = message.clone();
+            typed.kind = STOCK_UPDATE_RESULT.to_owned();
+            return self.engine.handle(&typed).await.map(|_| ());
+        }
+        self.engine.handle(message).await.map(|_| ())
+    }
 }
 
 async fn metrics(State(ops): State<Ops>) -> String {

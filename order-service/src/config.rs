@@ -94,6 +94,11 @@ impl fmt::Display for ListenAddr {
 pub struct SecretUrl(String);
 
 impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
     /// The URL as given, password included: pass it to the driver only.
     pub fn expose(&self) -> &str {
         &self.0

@@ -4,6 +4,7 @@
 //! order and its saga never disagree.
 
 mod memory;
+mod postgres;
 
 use async_trait::async_trait;
 use saga_core::BoxError;
@@ -11,6 +12,7 @@ use saga_core::BoxError;
 use crate::domain::{Order, OrderId};
 
 pub use memory::InMemoryOrders;
+pub use postgres::PostgresOrders;
 
 /// Why orders could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -3,4 +3,5 @@
 mod helpers;
 mod operations;
 mod orders;
+mod production;
 mod validation;

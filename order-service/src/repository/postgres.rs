@@ -1,0 +1,180 @@
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+use saga_core::{EffectHandler, SagaInstance, StepError, StoreError, Transaction};
+use sqlx::{PgPool, Row};
+
+use super::{OrderRepository, RepositoryError};
+use crate::domain::{Order, OrderId, OrderItem, OrderStatus};
+use crate::saga::OrderEffect;
+use crate::telemetry;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// The `orders` and `order_items` tables in PostgreSQL, written by the order
+/// saga's effects inside the saga's own transaction (see
+/// [`saga_postgres::connection`]).
+#[derive(Clone)]
+pub struct PostgresOrders {
+    pool: PgPool,
+}
+
+impl PostgresOrders {
+    /// The tables reached through `pool`; run [`migrate`](Self::migrate) first.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Creates or upgrades the tables in schema `order_service`, with their own
+    /// migration history (so they never collide with saga-postgres's). Safe
+    /// when replicas start together.
+    pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("CREATE SCHEMA IF NOT EXISTS order_service")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("SET search_path TO order_service")
+            .execute(&mut *conn)
+            .await?;
+        let migrated = MIGRATOR.run(&mut *conn).await;
+        // Never hand a connection with a changed search path back to the pool.
+        conn.detach();
+        migrated
+    }
+}
+
+fn step_error(error: sqlx::Error) -> StepError {
+    // The whole transition rolls back; the engine and consumer retry it.
+    StepError::retryable(format!("order tables: {error}"))
+}
+
+fn store_error(error: StoreError) -> StepError {
+    if error.is_retryable() {
+        StepError::retryable(error.to_string())
+    } else {
+        StepError::terminal(error.to_string())
+    }
+}
+
+#[async_trait]
+impl EffectHandler<OrderEffect> for PostgresOrders {
+    async fn apply(
+        &self,
+        tx: &mut dyn Transaction,
+        _saga: &SagaInstance,
+        effects: Vec<OrderEffect>,
+    ) -> Result<(), StepError> {
+        let conn = saga_postgres::connection(tx).await.map_err(store_error)?;
+        for effect in effects {
+            match effect {
+                OrderEffect::Insert(order) => {
+                    sqlx::query(
+                        "INSERT INTO order_service.orders (id, user_id, total_price, status) \
+                         VALUES ($1, $2, $3::numeric, $4)",
+                    )
+                    .bind(order.id.as_uuid())
+                    .bind(order.user_id.as_str())
+                    .bind(order.total.to_string())
+                    .bind(order.status.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(step_error)?;
+                    for (position, item) in order.items.iter().enumerate() {
+                        sqlx::query(
+                            "INSERT INTO order_service.order_items (order_id, position, product_id, quantity, price) \
+                             VALUES ($1, $2, $3, $4, $5::numeric)",
+                        )
+                        .bind(order.id.as_uuid())
+                        .bind(i32::try_from(position).unwrap_or(i32::MAX))
+                        .bind(item.product_id.as_str())
+                        .bind(i32::try_from(item.quantity.get()).unwrap_or(i32::MAX))
+                        .bind(item.price.to_string())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(step_error)?;
+                    }
+                }
+                OrderEffect::SetStatus(id, status) => {
+                    sqlx::query("UPDATE order_service.orders SET status = $2, updated_at = now() WHERE id = $1")
+                        .bind(id.as_uuid())
+                        .bind(status.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(step_error)?;
+                    // Counted before commit: a rolled-back transition may be counted twice.
+                    telemetry::order_status_changed(status);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_error(id: OrderId) -> impl Fn(sqlx::Error) -> RepositoryError {
+    move |error| match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => RepositoryError::Unavailable(Box::new(error)),
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) => {
+            RepositoryError::Unavailable(db.into())
+        }
+        other => RepositoryError::Corrupt {
+            id,
+            source: Box::new(other),
+        },
+    }
+}
+
+fn corrupt(id: OrderId, what: impl std::fmt::Display) -> RepositoryError {
+    RepositoryError::Corrupt {
+        id,
+        source: what.to_string().into(),
+    }
+}
+
+#[async_trait]
+impl OrderRepository for PostgresOrders {
+    async fn get(&self, id: OrderId) -> Result<Option<Order>, RepositoryError> {
+        let Some(row) = sqlx::query("SELECT user_id, status FROM order_service.orders WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(read_error(id))?
+        else {
+            return Ok(None);
+        };
+        let items = sqlx::query(
+            "SELECT product_id, quantity, price::text AS price FROM order_service.order_items \
+             WHERE order_id = $1 ORDER BY position",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_error(id))?;
+
+        let text = |row: &sqlx::postgres::PgRow, column: &str| -> Result<String, RepositoryError> {
+            row.try_get::<String, _>(column).map_err(|e| corrupt(id, e))
+        };
+        let decimal = |value: String| -> Result<f64, RepositoryError> {
+            let exact = Decimal::from_str(&value).map_err(|e| corrupt(id, e))?;
+            f64::from_str(&exact.to_string()).map_err(|e| corrupt(id, e))
+        };
+        let items = items
+            .iter()
+            .map(|row| {
+                let quantity: i32 = row.try_get("quantity").map_err(|e| corrupt(id, e))?;
+                let price = decimal(text(row, "price")?)?;
+                OrderItem::parse(text(row, "product_id")?, quantity, price).map_err(|e| corrupt(id, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let user = crate::domain::UserId::parse(text(&row, "user_id")?).map_err(|e| corrupt(id, e))?;
+        let status: OrderStatus = text(&row, "status")?.parse().map_err(|e| corrupt(id, e))?;
+        let mut order = Order::place(id, user, items).map_err(|e| corrupt(id, e))?;
+        order.status = status;
+        Ok(Some(order))
+    }
+}
