@@ -123,6 +123,12 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let (grpc_listener, grpc_port) = bind("GRPC_PORT", &config.grpc).await?;
         let (metrics_listener, metrics_port) = bind("METRICS_PORT", &config.metrics).await?;
+        if let Some(endpoint) = &config.otel.endpoint {
+            tracing::warn!(
+                endpoint,
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set, but OTLP trace export is not part of this build yet"
+            );
+        }
         let saga = OrderSagaConfig {
             names: config.names.clone(),
             stock_reply_timeout: config.stock_reply_timeout,
