@@ -92,9 +92,18 @@ async fn store_writer(store: PostgresStore, stop: Arc<AtomicBool>, done: Arc<Ato
             saga_id: next.id,
             revision: next.revision,
             at: next.updated_at,
-            cause: Cause::Message { id: message.clone(), kind: "Reply".into() },
-            before: Some(Position { status: current.status, step: current.step }),
-            after: Position { status: next.status, step: next.step },
+            cause: Cause::Message {
+                id: message.clone(),
+                kind: "Reply".into(),
+            },
+            before: Some(Position {
+                status: current.status,
+                step: current.step,
+            }),
+            after: Position {
+                status: next.status,
+                step: next.step,
+            },
             emitted: vec![(emitted.id.clone(), emitted.kind.clone())],
             note: None,
         };
@@ -117,7 +126,9 @@ struct Tally {
 async fn engine_writer(engine: Engine, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
     let saga = engine.start("tally", Tally::default()).await.unwrap();
     while !stop.load(Ordering::Relaxed) {
-        let reply = Message::json("Tick", "engine", &1).unwrap().with_correlation_id(saga.to_string());
+        let reply = Message::json("Tick", "engine", &1)
+            .unwrap()
+            .with_correlation_id(saga.to_string());
         engine.handle(&reply).await.unwrap();
         done.fetch_add(1, Ordering::Relaxed);
     }
@@ -157,13 +168,17 @@ async fn relay_bench(store: PostgresStore, rows: usize) -> f64 {
         .await
         .unwrap() as usize;
     let transport = InMemoryTransport::new();
-    transport.bind("inventory", "inventory");
-    let relay = Relay::new(Arc::new(store.clone()), Arc::new(transport.clone()), RelayConfig::default());
+    transport.bind("inventory", "inventory").bind("collector", "inventory");
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(transport.clone()),
+        RelayConfig::default(),
+    );
     let started = Instant::now();
     let mut sent = 0;
     while sent < rows {
         let round = relay.run_once().await.unwrap();
-        if round.claimed == 0 {
+        if round.sent == 0 {
             break;
         }
         sent += round.sent;
@@ -192,7 +207,10 @@ async fn main() {
         )
     });
     let name = format!("saga_bench_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let pool = PgPoolOptions::new()
         .max_connections(writers as u32 + 4)
         .connect_with(admin_options.clone().database(&name))
@@ -213,7 +231,10 @@ async fn main() {
     println!("raw single-row INSERT commits/s:      {raw:>9.0}");
     let transitions = {
         let store = store.clone();
-        measure(writers, secs, move |_, stop, done| store_writer(store.clone(), stop, done)).await
+        measure(writers, secs, move |_, stop, done| {
+            store_writer(store.clone(), stop, done)
+        })
+        .await
     };
     println!(
         "store transitions/s (inbox+state+history+outbox): {transitions:>9.0}  ({:.0} % of raw)",
@@ -223,18 +244,23 @@ async fn main() {
         .register(
             SagaDefinition::<Tally>::builder("tally")
                 .step(
-                    Step::remote("collect", |_: &Tally| Command::json("Collect", "collector", &()).map_err(StepError::from))
-                        .on_reply("Tick", |t: &mut Tally, _: u64| {
-                            t.count += 1;
-                            ReplyOutcome::Pending
-                        }),
+                    Step::remote("collect", |_: &Tally| {
+                        Command::json("Collect", "collector", &()).map_err(StepError::from)
+                    })
+                    .on_reply("Tick", |t: &mut Tally, _: u64| {
+                        t.count += 1;
+                        ReplyOutcome::Pending
+                    }),
                 )
                 .build()
                 .unwrap(),
         )
         .build()
         .unwrap();
-    let handled = measure(writers, secs, move |_, stop, done| engine_writer(engine.clone(), stop, done)).await;
+    let handled = measure(writers, secs, move |_, stop, done| {
+        engine_writer(engine.clone(), stop, done)
+    })
+    .await;
     println!(
         "Engine::handle transitions/s (load+decide+commit, no outbox): {handled:>9.0}  ({:.0} % of raw)",
         100.0 * handled / raw
@@ -243,5 +269,7 @@ async fn main() {
     println!("relay rows/s (outbox drained, batch 256): {relayed:>9.0}");
 
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut admin).await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await;
 }

@@ -23,7 +23,9 @@ const TRANSIENT_SQLSTATES: &[&str] = &[
 pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| TRANSIENT_SQLSTATES.contains(&code.as_ref())),
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| TRANSIENT_SQLSTATES.contains(&code.as_ref())),
         _ => false,
     }
 }

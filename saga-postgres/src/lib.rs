@@ -34,6 +34,8 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
 pub async fn connection(tx: &mut dyn Transaction) -> Result<&mut PgConnection, StoreError> {
     match tx.backend().downcast_mut::<PostgresTransaction>() {
         Some(tx) => tx.connection().await,
-        None => Err(StoreError::Backend("the transaction is not a PostgresTransaction".into())),
+        None => Err(StoreError::Backend(
+            "the transaction is not a PostgresTransaction".into(),
+        )),
     }
 }

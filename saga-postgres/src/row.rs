@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use saga_core::{Cause, Message, MessageId, OutboxEntry, Position, SagaId, SagaInstance, SagaStatus, StoreError, Timestamp, Transition};
+use saga_core::{
+    Cause, Message, MessageId, OutboxEntry, Position, SagaId, SagaInstance, SagaStatus, StoreError, Timestamp,
+    Transition,
+};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;

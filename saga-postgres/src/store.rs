@@ -73,7 +73,10 @@ impl Shared {
         let channel = self.config.notify_channel.clone();
         tokio::spawn(async move {
             pending.store(false, Ordering::Release);
-            let sent = sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&pool).await;
+            let sent = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(&pool)
+                .await;
             if let Err(e) = sent {
                 // Relays poll as well: a lost notification only costs latency.
                 tracing::debug!(error = %e, "outbox notification not sent");
@@ -185,11 +188,15 @@ async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>) {
 #[async_trait]
 impl SagaStore for PostgresStore {
     async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, StoreError> {
-        let row = sqlx::query(concat!("SELECT ", instance_columns!(), " FROM saga_instances WHERE id = $1"))
-            .bind(id.as_uuid())
-            .fetch_optional(&self.shared.pool)
-            .await
-            .map_err(store_error)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            instance_columns!(),
+            " FROM saga_instances WHERE id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.shared.pool)
+        .await
+        .map_err(store_error)?;
         row.as_ref().map(row::instance).transpose()
     }
 
@@ -270,7 +277,9 @@ impl OutboxStore for PostgresStore {
         let query = if self.shared.config.retention.sent_messages.is_zero() {
             sqlx::query("DELETE FROM saga_outbox WHERE id = ANY($1)")
         } else {
-            sqlx::query("UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL")
+            sqlx::query(
+                "UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL",
+            )
         };
         query.bind(ids).execute(&self.shared.pool).await.map_err(store_error)?;
         Ok(())

@@ -185,21 +185,21 @@ where
 /// Unique violations of the combined statement: the instance's id or key
 /// (`AlreadyExists`), or the inbox (a concurrent consumer committed first).
 fn classify(error: sqlx::Error, id: Option<Uuid>, consumed: Option<String>) -> StoreError {
-    if let sqlx::Error::Database(db) = &error {
-        if db.is_unique_violation() {
-            match (db.constraint(), id, consumed) {
-                (Some("saga_instances_pkey" | "saga_instances_key"), Some(id), _) => {
-                    return StoreError::AlreadyExists {
-                        id: SagaId::from_uuid(id),
-                    };
-                }
-                (Some("saga_inbox_pkey"), _, Some(message)) => {
-                    return StoreError::ConsumedConcurrently {
-                        id: MessageId::from(message),
-                    };
-                }
-                _ => {}
+    if let sqlx::Error::Database(db) = &error
+        && db.is_unique_violation()
+    {
+        match (db.constraint(), id, consumed) {
+            (Some("saga_instances_pkey" | "saga_instances_key"), Some(id), _) => {
+                return StoreError::AlreadyExists {
+                    id: SagaId::from_uuid(id),
+                };
             }
+            (Some("saga_inbox_pkey"), _, Some(message)) => {
+                return StoreError::ConsumedConcurrently {
+                    id: MessageId::from(message),
+                };
+            }
+            _ => {}
         }
     }
     store_error(error)
@@ -325,7 +325,10 @@ impl Rest {
     }
 
     fn consumes(&self, consumer: &str, message: &str) -> bool {
-        self.i_consumer.iter().zip(&self.i_message).any(|(c, m)| c == consumer && m == message)
+        self.i_consumer
+            .iter()
+            .zip(&self.i_message)
+            .any(|(c, m)| c == consumer && m == message)
     }
 
     fn push_transition(&mut self, t: &Transition) -> Result<(), StoreError> {
@@ -405,7 +408,8 @@ impl Transaction for PostgresTransaction {
     }
 
     async fn insert(&mut self, instance: &SagaInstance) -> Result<(), StoreError> {
-        self.instances.push(InstanceWrite::Insert(InstanceValues::new(instance)?));
+        self.instances
+            .push(InstanceWrite::Insert(InstanceValues::new(instance)?));
         Ok(())
     }
 

@@ -10,8 +10,8 @@ use common::TestDb;
 use saga_core::memory::InMemoryTransport;
 use saga_core::{
     CancellationToken, Command, CommandHandler, EffectHandler, Engine, EngineError, Handled, Message, Participant,
-    Relay, RelayConfig, ReplyOutcome, SagaDefinition, SagaInstance, SagaStatus, SagaStore, Step, StepError,
-    Store, Transaction,
+    Relay, RelayConfig, ReplyOutcome, SagaDefinition, SagaInstance, SagaStatus, SagaStore, Step, StepError, Store,
+    Transaction,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -25,11 +25,13 @@ struct Tally {
 fn tally_definition() -> SagaDefinition<Tally> {
     SagaDefinition::builder("tally")
         .step(
-            Step::remote("collect", |_: &Tally| Command::json("Collect", "collector", &()).map_err(StepError::from))
-                .on_reply("Tick", |t: &mut Tally, _: serde_json::Value| {
-                    t.count += 1;
-                    ReplyOutcome::Pending
-                }),
+            Step::remote("collect", |_: &Tally| {
+                Command::json("Collect", "collector", &()).map_err(StepError::from)
+            })
+            .on_reply("Tick", |t: &mut Tally, _: serde_json::Value| {
+                t.count += 1;
+                ReplyOutcome::Pending
+            }),
         )
         .build()
         .expect("valid definition")
@@ -54,13 +56,23 @@ async fn concurrent_replies_from_two_replicas_each_apply_exactly_once() {
     let db = TestDb::new().await;
     let replica_a: Arc<dyn Store> = Arc::new(db.store(6).await);
     let replica_b: Arc<dyn Store> = Arc::new(db.store(6).await);
-    let engine_a = Engine::builder(Arc::clone(&replica_a)).register(tally_definition()).build().expect("engine");
-    let engine_b = Engine::builder(Arc::clone(&replica_b)).register(tally_definition()).build().expect("engine");
+    let engine_a = Engine::builder(Arc::clone(&replica_a))
+        .register(tally_definition())
+        .build()
+        .expect("engine");
+    let engine_b = Engine::builder(Arc::clone(&replica_b))
+        .register(tally_definition())
+        .build()
+        .expect("engine");
     let saga = engine_a.start("tally", Tally::default()).await.expect("start");
 
     // Every reply is delivered twice, to different replicas.
     let ticks: Vec<Message> = (0..REPLIES)
-        .map(|i| Message::json("Tick", "engine", &i).expect("json").with_correlation_id(saga.to_string()))
+        .map(|i| {
+            Message::json("Tick", "engine", &i)
+                .expect("json")
+                .with_correlation_id(saga.to_string())
+        })
         .collect();
     let mut deliveries: Vec<(usize, Message)> = Vec::new();
     for (i, tick) in ticks.iter().enumerate() {
@@ -69,8 +81,7 @@ async fn concurrent_replies_from_two_replicas_each_apply_exactly_once() {
     }
     let mut tasks = Vec::new();
     for task in 0..TASKS {
-        let mine: Vec<(usize, Message)> =
-            deliveries.iter().skip(task).step_by(TASKS).cloned().collect();
+        let mine: Vec<(usize, Message)> = deliveries.iter().skip(task).step_by(TASKS).cloned().collect();
         let (a, b) = (engine_a.clone(), engine_b.clone());
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
@@ -126,9 +137,16 @@ struct OrderTables {
 
 #[async_trait]
 impl EffectHandler<OrderEffect> for OrderTables {
-    async fn apply(&self, tx: &mut dyn Transaction, saga: &SagaInstance, effects: Vec<OrderEffect>) -> Result<(), StepError> {
+    async fn apply(
+        &self,
+        tx: &mut dyn Transaction,
+        saga: &SagaInstance,
+        effects: Vec<OrderEffect>,
+    ) -> Result<(), StepError> {
         let order: Order = serde_json::from_str(&saga.data).map_err(StepError::from)?;
-        let conn = saga_postgres::connection(tx).await.map_err(|e| StepError::retryable(e.to_string()))?;
+        let conn = saga_postgres::connection(tx)
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
         for effect in effects {
             match effect {
                 OrderEffect::Create => {
@@ -167,10 +185,16 @@ fn order_definition() -> SagaDefinition<Order, OrderEffect> {
             Ok(())
         }))
         .step(
-            Step::remote("reserve", |o: &Order| Command::json("Reserve", "inventory", &o.items).map_err(StepError::from))
-                .on_reply("Reserved", |_: &mut Order, ok: bool| {
-                    if ok { ReplyOutcome::Success } else { ReplyOutcome::Failure("out of stock".into()) }
-                }),
+            Step::remote("reserve", |o: &Order| {
+                Command::json("Reserve", "inventory", &o.items).map_err(StepError::from)
+            })
+            .on_reply("Reserved", |_: &mut Order, ok: bool| {
+                if ok {
+                    ReplyOutcome::Success
+                } else {
+                    ReplyOutcome::Failure("out of stock".into())
+                }
+            }),
         )
         .step(Step::local("confirm", |_: &mut Order, ctx| {
             ctx.effect(OrderEffect::Confirm);
@@ -187,14 +211,18 @@ struct Inventory;
 impl CommandHandler for Inventory {
     async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
         let items: Vec<String> = command.decode().map_err(StepError::from)?;
-        let conn = saga_postgres::connection(tx).await.map_err(|e| StepError::retryable(e.to_string()))?;
+        let conn = saga_postgres::connection(tx)
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
         sqlx::query("INSERT INTO reservations (command_id, skus) VALUES ($1, $2)")
             .bind(command.id.as_str())
             .bind(&items)
             .execute(&mut *conn)
             .await
             .map_err(|e| StepError::retryable(e.to_string()))?;
-        Ok(vec![Command::json("Reserved", "replies", &true).map_err(StepError::from)?])
+        Ok(vec![
+            Command::json("Reserved", "replies", &true).map_err(StepError::from)?,
+        ])
     }
 }
 
@@ -277,9 +305,16 @@ async fn an_order_saga_runs_to_completion_writing_application_tables() {
         .await
         .expect("items");
     assert_eq!(items, 2);
-    let reserved: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations").fetch_one(&pool).await.expect("count");
+    let reserved: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
     assert_eq!(reserved, 1, "the participant wrote its table once");
-    assert_eq!(store.history(saga).await.expect("history").len(), 2, "start, then the reply");
+    assert_eq!(
+        store.history(saga).await.expect("history").len(),
+        2,
+        "start, then the reply"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +332,10 @@ async fn a_failing_effect_rolls_the_whole_transition_back() {
         items: vec!["fig".into()],
     };
     let result = engine.start("order", order).await;
-    assert!(matches!(&result, Err(e @ EngineError::Effects(_)) if e.is_retryable()), "{result:?}");
+    assert!(
+        matches!(&result, Err(e @ EngineError::Effects(_)) if e.is_retryable()),
+        "{result:?}"
+    );
     for table in [
         "SELECT count(*) FROM orders",
         "SELECT count(*) FROM order_items",

@@ -38,7 +38,9 @@ async fn a_saga_held_by_one_replica_is_not_claimed_by_another() {
     let b = db.store(2).await;
     let saga = SagaId::new();
     let mut tx = a.begin().await.expect("begin");
-    tx.enqueue(Some(saga), &messages(Some(saga), 3, "d")).await.expect("enqueue");
+    tx.enqueue(Some(saga), &messages(Some(saga), 3, "d"))
+        .await
+        .expect("enqueue");
     tx.enqueue(None, &messages(None, 1, "d")).await.expect("enqueue");
     tx.commit().await.expect("commit");
 
@@ -64,13 +66,17 @@ async fn concurrent_claims_never_hand_out_a_message_twice() {
     let mut tx = store.begin().await.expect("begin");
     for _ in 0..20 {
         let saga = SagaId::new();
-        tx.enqueue(Some(saga), &messages(Some(saga), 5, "d")).await.expect("enqueue");
+        tx.enqueue(Some(saga), &messages(Some(saga), 5, "d"))
+            .await
+            .expect("enqueue");
     }
     tx.commit().await.expect("commit");
     let mut tasks = Vec::new();
     for _ in 0..6 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move { store.claim(7, Duration::from_secs(60)).await }));
+        tasks.push(tokio::spawn(
+            async move { store.claim(7, Duration::from_secs(60)).await },
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for task in tasks {
@@ -104,7 +110,10 @@ async fn a_commit_on_one_replica_wakes_a_relay_waiting_on_another() {
         .await
         .expect("the wait ends by its timeout at the latest")
         .expect("task");
-    assert!(waited < Duration::from_secs(10), "NOTIFY must wake the other replica (waited {waited:?})");
+    assert!(
+        waited < Duration::from_secs(10),
+        "NOTIFY must wake the other replica (waited {waited:?})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +130,9 @@ async fn a_transaction_failing_halfway_leaves_nothing() {
     use saga_core::Transaction as _;
     assert!(tx.consume("engine", &message).await.expect("consume"));
     tx.insert(&instance).await.expect("insert");
-    tx.enqueue(Some(instance.id), &messages(Some(instance.id), 2, "d")).await.expect("enqueue");
+    tx.enqueue(Some(instance.id), &messages(Some(instance.id), 2, "d"))
+        .await
+        .expect("enqueue");
     sqlx::query("INSERT INTO orders (id) VALUES ($1)")
         .bind(instance.id.as_uuid())
         .execute(tx.connection().await.expect("connection"))
@@ -132,7 +143,10 @@ async fn a_transaction_failing_halfway_leaves_nothing() {
     let ghost = sample_instance("orders", None);
     tx.update(&ghost, 1).await.expect("buffered");
     let failed = tx.flush().await;
-    assert!(matches!(failed, Err(StoreError::Conflict { actual: None, .. })), "{failed:?}");
+    assert!(
+        matches!(failed, Err(StoreError::Conflict { actual: None, .. })),
+        "{failed:?}"
+    );
     drop(tx);
 
     let pool = store.pool();
@@ -141,7 +155,10 @@ async fn a_transaction_failing_halfway_leaves_nothing() {
     assert_eq!(count(pool, "SELECT count(*) FROM saga_inbox").await, 0);
     assert_eq!(count(pool, "SELECT count(*) FROM orders").await, 0);
     let mut tx = store.begin().await.expect("begin");
-    assert!(tx.consume("engine", &message).await.expect("consume"), "the message is not consumed");
+    assert!(
+        tx.consume("engine", &message).await.expect("consume"),
+        "the message is not consumed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +167,9 @@ async fn committed_but_unpublished_messages_are_published_by_a_new_relay() {
     let before_crash = db.store(2).await;
     let saga = SagaId::new();
     let mut tx = before_crash.begin().await.expect("begin");
-    tx.enqueue(Some(saga), &messages(Some(saga), 5, "events")).await.expect("enqueue");
+    tx.enqueue(Some(saga), &messages(Some(saga), 5, "events"))
+        .await
+        .expect("enqueue");
     tx.enqueue(None, &messages(None, 3, "events")).await.expect("enqueue");
     tx.commit().await.expect("commit");
     // A relay claimed part of it and died before publishing.
@@ -180,15 +199,27 @@ async fn committed_but_unpublished_messages_are_published_by_a_new_relay() {
     }
     shutdown.cancel();
     let _ = running.await;
-    assert_eq!(published.len(), 8, "every committed message is published after the restart");
+    assert_eq!(
+        published.len(),
+        8,
+        "every committed message is published after the restart"
+    );
     let of_saga: Vec<&str> = published
         .iter()
         .filter(|m| m.correlation_id.as_deref() == Some(saga.to_string().as_str()))
         .map(|m| m.kind.as_str())
         .collect();
-    assert_eq!(of_saga, ["M0", "M1", "M2", "M3", "M4"], "a saga's messages keep their order");
     assert_eq!(
-        count(after_restart.pool(), "SELECT count(*) FROM saga_outbox WHERE sent_at IS NULL").await,
+        of_saga,
+        ["M0", "M1", "M2", "M3", "M4"],
+        "a saga's messages keep their order"
+    );
+    assert_eq!(
+        count(
+            after_restart.pool(),
+            "SELECT count(*) FROM saga_outbox WHERE sent_at IS NULL"
+        )
+        .await,
         0
     );
 }
@@ -246,7 +277,11 @@ async fn retention_deletes_old_inbox_and_sent_rows_and_only_configured_instances
     assert_eq!((purged.inbox, purged.sent_messages, purged.instances), (1, 1, 0));
     assert_eq!(count(&pool, "SELECT count(*) FROM saga_inbox").await, 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM saga_outbox").await, 1);
-    assert_eq!(count(&pool, "SELECT count(*) FROM saga_instances").await, 3, "instances are kept by default");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM saga_instances").await,
+        3,
+        "instances are kept by default"
+    );
 
     let drops_instances = db.store_with(2, config(Some(hour))).await;
     let purged = drops_instances.purge().await.expect("purge");
@@ -272,7 +307,10 @@ async fn a_zero_sent_retention_deletes_messages_when_marked_sent() {
     tx.enqueue(None, &messages(None, 3, "d")).await.expect("enqueue");
     tx.commit().await.expect("commit");
     let claimed = store.claim(10, Duration::from_secs(60)).await.expect("claim");
-    store.mark_sent(&claimed.iter().map(|e| e.id).collect::<Vec<_>>()).await.expect("mark_sent");
+    store
+        .mark_sent(&claimed.iter().map(|e| e.id).collect::<Vec<_>>())
+        .await
+        .expect("mark_sent");
     assert_eq!(count(store.pool(), "SELECT count(*) FROM saga_outbox").await, 0);
 }
 

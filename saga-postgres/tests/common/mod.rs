@@ -44,7 +44,9 @@ impl TestDb {
     pub async fn new() -> Self {
         let db = Self::empty().await;
         let pool = db.pool(2).await;
-        saga_postgres::migrate(&pool).await.unwrap_or_else(|e| panic!("migrate: {e}"));
+        saga_postgres::migrate(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrate: {e}"));
         pool.close().await;
         db
     }
@@ -94,10 +96,14 @@ impl Drop for TestDb {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
             let Ok(runtime) = runtime else { return };
             runtime.block_on(async move {
-                let Ok(mut conn) = PgConnection::connect_with(&admin_options()).await else { return };
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                    .execute(&mut conn)
-                    .await;
+                let Ok(mut conn) = PgConnection::connect_with(&admin_options()).await else {
+                    return;
+                };
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
                 let _ = conn.close().await;
             });
         });
