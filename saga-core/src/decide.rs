@@ -392,7 +392,11 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
     /// Runs an action on a copy of the data; its outputs count only if it succeeds.
     fn run_action(&mut self, action: &crate::definition::LocalAction<D, E>) -> Result<(), StepError> {
         let mut data = self.data.clone();
-        let mut context = StepContext::new(self.now, self.instance.attempt);
+        let failure = match self.instance.status {
+            SagaStatus::Running => None,
+            _ => self.instance.failure.clone(),
+        };
+        let mut context = StepContext::new(self.now, self.instance.attempt, failure);
         action(&mut data, &mut context)?;
         self.data = data;
         for command in context.commands {

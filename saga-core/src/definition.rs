@@ -25,15 +25,17 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaData f
 pub struct StepContext<E> {
     now: Timestamp,
     attempt: u32,
+    failure: Option<String>,
     pub(crate) commands: Vec<Command>,
     pub(crate) effects: Vec<E>,
 }
 
 impl<E> StepContext<E> {
-    pub(crate) fn new(now: Timestamp, attempt: u32) -> Self {
+    pub(crate) fn new(now: Timestamp, attempt: u32, failure: Option<String>) -> Self {
         Self {
             now,
             attempt,
+            failure,
             commands: Vec::new(),
             effects: Vec::new(),
         }
@@ -47,6 +49,12 @@ impl<E> StepContext<E> {
     /// Attempts of this action already made and failed (0 on the first try).
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// In a compensation: why the saga is compensating (the failed step's
+    /// reason, a missed deadline, or an operator's cancel). `None` in forward steps.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     /// Sends `command` when the transition commits.

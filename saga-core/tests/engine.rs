@@ -482,3 +482,36 @@ async fn the_whole_pipeline_runs_and_poison_messages_are_dead_lettered() {
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
 }
+
+#[test]
+fn compensations_know_why_the_saga_failed() {
+    use saga_core::testkit::SagaTest;
+    let definition = SagaDefinition::<Vec<String>>::builder("why")
+        .step(
+            Step::local("first", |log: &mut Vec<String>, ctx| {
+                log.push(format!("forward sees {:?}", ctx.failure()));
+                Ok(())
+            })
+            .compensate(|log: &mut Vec<String>, ctx| {
+                log.push(format!("compensation sees {:?}", ctx.failure()));
+                Ok(())
+            }),
+        )
+        .step(Step::local("second", |_: &mut Vec<String>, _| {
+            Err(StepError::terminal("boom"))
+        }))
+        .build()
+        .expect("valid");
+    let mut test = SagaTest::new(definition);
+    let id = SagaId::new();
+    test.start_with_id(id, Vec::new());
+    assert_eq!(test.instance().id, id);
+    assert_eq!(test.status(), SagaStatus::Compensated);
+    assert_eq!(
+        test.data(),
+        [
+            "forward sees None",
+            "compensation sees Some(\"step `second` failed: boom\")"
+        ]
+    );
+}

@@ -62,7 +62,15 @@ impl<D: SagaData, E: Send + 'static> SagaTest<D, E> {
     /// # Panics
     /// If starting fails (the definition cannot encode its data).
     pub fn start(&mut self, data: D) -> &mut Self {
-        let decision = decide::start(&self.definition, SagaId::new(), data, self.clock.now())
+        self.start_with_id(SagaId::new(), data)
+    }
+
+    /// Starts the instance with a chosen id (e.g. a business id).
+    ///
+    /// # Panics
+    /// If starting fails (the definition cannot encode its data).
+    pub fn start_with_id(&mut self, id: SagaId, data: D) -> &mut Self {
+        let decision = decide::start(&self.definition, id, data, self.clock.now())
             .unwrap_or_else(|e| panic!("starting the saga failed: {e}"));
         self.absorb(decision);
         self
