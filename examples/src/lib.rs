@@ -1,2 +1,12 @@
-//! Runnable examples of the saga library. Each binary in `src/bin` shows one
-//! idea and runs over the in-memory backends by default.
+//! Runnable examples of the saga library.
+//!
+//! - `trip-booking` (`src/bin/trip_booking.rs`): one saga with compensations
+//!   over the in-memory backends.
+//! - `inventory-service` ([`inventory`]): the platform's stock service as a
+//!   saga *participant* on PostgreSQL + RabbitMQ.
+//! - `order-cli` ([`cli`]): a command-line client of the order service.
+//!
+//! The binaries are thin: their logic lives here so tests can drive it.
+
+pub mod cli;
+pub mod inventory;

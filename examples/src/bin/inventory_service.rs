@@ -1,0 +1,59 @@
+//! `inventory-service`: the platform's stock service as a saga participant
+//! on PostgreSQL + RabbitMQ. Configuration from the environment (see
+//! `examples/README.md`); stops cleanly on SIGINT or SIGTERM.
+//!
+//! Run: `cargo run -p saga-examples --bin inventory-service`
+
+use std::process::ExitCode;
+
+use saga_core::CancellationToken;
+use saga_examples::inventory::{InventoryConfig, InventoryService};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match InventoryConfig::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("inventory-service: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let service = match InventoryService::build(config).await {
+        Ok(service) => service,
+        Err(error) => {
+            eprintln!("inventory-service: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    service.run_until_stopped(shutdown).await;
+    ExitCode::SUCCESS
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminate => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,212 @@
+//! Start-up wiring: the pool on the inventory schema (migrated and seeded),
+//! the saga store, the RabbitMQ topology, the participant's two consumers
+//! and the outbox relay, all run until one cancellation token says stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
+use saga_core::{
+    CancellationToken, Consumer, ConsumerConfig, EngineError, Message, MessageHandler, Participant, Relay, RelayConfig,
+};
+use saga_postgres::{PostgresStore, PostgresStoreConfig};
+use tokio::task::JoinSet;
+
+use super::config::InventoryConfig;
+use super::keeper::{Inventory, StockKeeper};
+use super::schema::{self, MigrateError};
+use order_service::wire::{ORDER_CANCELLED, ORDER_CREATED};
+
+/// The participant's inbox consumer name.
+const PARTICIPANT: &str = "inventory-service";
+
+/// How long shutdown waits for messages in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the inventory service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InventoryError {
+    /// PostgreSQL could not be reached: start it, check `DATABASE_URL`.
+    #[error("PostgreSQL ({url}): {source}")]
+    Database {
+        /// The URL, password masked.
+        url: String,
+        /// The cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The tables could not be created or seeded: check the role's rights on
+    /// the database and `INVENTORY_SCHEMA`.
+    #[error("PostgreSQL ({url}): migrating schema `{schema}`: {source}")]
+    Migrate {
+        /// The URL, password masked.
+        url: String,
+        /// The schema.
+        schema: String,
+        /// The cause.
+        #[source]
+        source: MigrateError,
+    },
+    /// RabbitMQ could not be reached or its topology declared: start it,
+    /// check `RABBITMQ_URL` and the exchange and queue names.
+    #[error("RabbitMQ ({url}): {source}")]
+    Broker {
+        /// The URL, password masked.
+        url: String,
+        /// The cause.
+        #[source]
+        source: saga_amqp::AmqpError,
+    },
+}
+
+/// A built, not yet running, inventory service.
+pub struct InventoryService {
+    inventory: Inventory,
+    store: PostgresStore,
+    transport: Arc<AmqpTransport>,
+    relay: Relay,
+    consumers: Vec<Consumer>,
+}
+
+impl InventoryService {
+    /// Connects to PostgreSQL (migrating and seeding the inventory schema)
+    /// and RabbitMQ (declaring the exchanges, queues and bindings).
+    pub async fn build(config: InventoryConfig) -> Result<Self, InventoryError> {
+        let url = config.database_url.to_string();
+        tracing::info!(database = %config.database_url, broker = %config.rabbitmq_url, schema = %config.schema, "connecting");
+        let pool = schema::pool(config.database_url.expose(), &config.schema)
+            .await
+            .map_err(|source| InventoryError::Database {
+                url: url.clone(),
+                source,
+            })?;
+        schema::migrate(&pool, &config.schema, &config.seed)
+            .await
+            .map_err(|source| InventoryError::Migrate {
+                url,
+                schema: config.schema.to_string(),
+                source,
+            })?;
+        let store = PostgresStore::with_config(
+            pool.clone(),
+            PostgresStoreConfig {
+                notify_channel: format!("{}_outbox", config.schema),
+                ..PostgresStoreConfig::default()
+            },
+        );
+
+        let names = &config.names;
+        let topology = Topology::new()
+            .exchange(&names.orders_exchange, ExchangeKind::Fanout)
+            .exchange(&names.order_cancelled_exchange, ExchangeKind::Fanout)
+            .exchange(&names.stock_update_exchange, ExchangeKind::Fanout)
+            .queue(&names.orders_queue)
+            .queue(&names.cancelled_queue)
+            .bind(&names.orders_exchange, &names.orders_queue, "")
+            .bind(&names.order_cancelled_exchange, &names.cancelled_queue, "");
+        let mut amqp = AmqpConfig::new(config.rabbitmq_url.expose(), topology);
+        amqp.connection_name = PARTICIPANT.to_owned();
+        let transport = Arc::new(
+            AmqpTransport::connect(amqp)
+                .await
+                .map_err(|source| InventoryError::Broker {
+                    url: config.rabbitmq_url.to_string(),
+                    source,
+                })?,
+        );
+
+        let participant = Arc::new(Participant::new(
+            PARTICIPANT,
+            Arc::new(store.clone()),
+            StockKeeper::new(names.stock_update_exchange.clone()),
+        ));
+        let consumers = [
+            (&names.orders_queue, ORDER_CREATED),
+            (&names.cancelled_queue, ORDER_CANCELLED),
+        ]
+        .into_iter()
+        .map(|(queue, kind)| {
+            let handler = Arc::new(TracedHandler::new(Arc::new(Untyped {
+                kind,
+                participant: participant.clone(),
+            })));
+            Consumer::new(
+                handler,
+                transport.clone(),
+                ConsumerConfig {
+                    concurrency: config.concurrency,
+                    ..ConsumerConfig::new(queue.clone())
+                },
+            )
+        })
+        .collect();
+        let relay = Relay::new(Arc::new(store.clone()), transport.clone(), RelayConfig::default());
+        tracing::info!("PostgreSQL migrated and seeded, RabbitMQ topology declared");
+        Ok(Self {
+            inventory: Inventory::new(pool),
+            store,
+            transport,
+            relay,
+            consumers,
+        })
+    }
+
+    /// Reads of the stock and reservations.
+    pub fn inventory(&self) -> Inventory {
+        self.inventory.clone()
+    }
+
+    /// Consumes and relays until `shutdown` is cancelled, then lets the
+    /// messages in flight finish (within a grace period) and closes the
+    /// broker connection.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.relay.run(shutdown.clone()));
+        for consumer in self.consumers {
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
+        {
+            let store = self.store.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { store.run_retention(Duration::from_secs(3600), shutdown).await });
+        }
+        tracing::info!("ready");
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: finishing the messages in flight");
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(error) = joined {
+                    tracing::error!(%error, "a background task failed");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("work still in flight after {SHUTDOWN_GRACE:?}; abandoning it (it will be redelivered)");
+        }
+        self.transport.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Feeds one queue to the participant. The platform's publishers may leave
+/// the AMQP `type` unset; everything on this queue is of one type, so an
+/// untyped message is taken for it.
+struct Untyped {
+    kind: &'static str,
+    participant: Arc<Participant>,
+}
+
+#[async_trait]
+impl MessageHandler for Untyped {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        if message.kind.is_empty() {
+            let mut typed = message.clone();
+            self.kind.clone_into(&mut typed.kind);
+            return self.participant.handle(&typed).await.map(|_| ());
+        }
+        self.participant.handle(message).await.map(|_| ())
+    }
+}

@@ -1,0 +1,172 @@
+//! The inventory service as a participant: reservations all or nothing,
+//! refusals, idempotency per message and per order, releases.
+
+use saga_core::MessageId;
+use saga_examples::inventory::ReservationStatus;
+
+use crate::helpers::{TestEnv, new_order_id, order_cancelled, order_created};
+
+#[tokio::test]
+async fn an_order_reserves_all_its_items() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100,p2=5").await;
+    let mut broker = env.broker().await;
+
+    let order = new_order_id();
+    broker.place_order(&order, &[("p1", 2), ("p2", 5), ("p1", 1)]).await;
+    let reply = broker.reply_for(&order).await;
+    assert!(reply.success, "{reply:?}");
+    assert_eq!(reply.reason, None);
+
+    assert_eq!(inventory.units("p1").await, (97, 3));
+    assert_eq!(inventory.units("p2").await, (0, 5));
+    let reservation = inventory
+        .inventory
+        .reservation(&order)
+        .await
+        .expect("readable")
+        .expect("a reservation");
+    assert_eq!(reservation.status, ReservationStatus::Reserved);
+    assert_eq!(reservation.items, vec![("p1".to_owned(), 3), ("p2".to_owned(), 5)]);
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_out_of_stock_is_refused_and_reserves_nothing() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100,p2=5").await;
+    let mut broker = env.broker().await;
+
+    let short = new_order_id();
+    broker.place_order(&short, &[("p1", 2), ("p2", 6)]).await;
+    let reply = broker.reply_for(&short).await;
+    assert!(!reply.success);
+    let reason = reply.reason.expect("a reason");
+    assert!(reason.contains("p2"), "{reason}");
+
+    let unknown = new_order_id();
+    broker.place_order(&unknown, &[("p1", 1), ("unobtainium", 1)]).await;
+    let reply = broker.reply_for(&unknown).await;
+    assert!(!reply.success);
+    assert!(reply.reason.unwrap_or_default().contains("unobtainium"));
+
+    assert_eq!(inventory.units("p1").await, (100, 0));
+    assert_eq!(inventory.units("p2").await, (5, 0));
+    let reservation = inventory.inventory.reservation(&short).await.expect("readable");
+    assert_eq!(
+        reservation.map(|r| (r.status, r.items.len())),
+        Some((ReservationStatus::Rejected, 0))
+    );
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_order_created_reserves_and_replies_once() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100").await;
+    let mut broker = env.broker().await;
+
+    // The same message (same id) twice, as after a relay crash.
+    let order = new_order_id();
+    let message = order_created(broker.names(), &order, &[("p1", 2)]);
+    broker.publish(&message).await;
+    broker.publish(&message).await;
+    // One queue, one message at a time: once a later message is handled,
+    // both copies were.
+    let later = new_order_id();
+    let sentinel = broker.place_order(&later, &[("p1", 1)]).await;
+    inventory.wait_until_handled(sentinel.id.as_str()).await;
+
+    assert_eq!(inventory.units("p1").await, (97, 3));
+    assert_eq!(inventory.replies_for(&order).await, 1);
+    assert!(broker.reply_for(&order).await.success);
+
+    // The same order under another message id (a platform publisher that
+    // re-sends): the first answer again, nothing reserved twice.
+    let again = order_created(broker.names(), &order, &[("p1", 2)]).with_id(MessageId::new());
+    broker.publish(&again).await;
+    inventory.wait_until_handled(again.id.as_str()).await;
+    assert!(broker.reply_for(&order).await.success);
+    assert_eq!(inventory.units("p1").await, (97, 3));
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn order_cancelled_releases_exactly_once() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100,p2=10").await;
+    let mut broker = env.broker().await;
+
+    let order = new_order_id();
+    broker.place_order(&order, &[("p1", 3), ("p2", 4)]).await;
+    assert!(broker.reply_for(&order).await.success);
+    assert_eq!(inventory.units("p1").await, (97, 3));
+
+    // Delivered twice, then cancelled again under another message id.
+    let cancel = order_cancelled(broker.names(), &order);
+    broker.publish(&cancel).await;
+    broker.publish(&cancel).await;
+    let again = broker.cancel_order(&order).await;
+    inventory.wait_until_handled(again.id.as_str()).await;
+
+    assert_eq!(inventory.units("p1").await, (100, 0));
+    assert_eq!(inventory.units("p2").await, (10, 0));
+    let reservation = inventory.inventory.reservation(&order).await.expect("readable");
+    assert_eq!(reservation.map(|r| r.status), Some(ReservationStatus::Released));
+
+    // A refused order holds nothing: its cancellation releases nothing.
+    let refused = new_order_id();
+    broker.place_order(&refused, &[("p1", 1), ("p2", 11)]).await;
+    assert!(!broker.reply_for(&refused).await.success);
+    let cancelled = broker.cancel_order(&refused).await;
+    inventory.wait_until_handled(cancelled.id.as_str()).await;
+    assert_eq!(inventory.units("p1").await, (100, 0));
+    assert_eq!(inventory.units("p2").await, (10, 0));
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancellation_before_the_order_releases_nothing_and_refuses_it_later() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100").await;
+    let mut broker = env.broker().await;
+
+    // The cancellations queue got ahead of the orders queue.
+    let order = new_order_id();
+    let cancelled = broker.cancel_order(&order).await;
+    inventory.wait_until_handled(cancelled.id.as_str()).await;
+    assert_eq!(inventory.units("p1").await, (100, 0));
+
+    broker.place_order(&order, &[("p1", 5)]).await;
+    let reply = broker.reply_for(&order).await;
+    assert!(!reply.success, "a cancelled order must not hold stock");
+    assert_eq!(inventory.units("p1").await, (100, 0));
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_dead_lettered_and_does_not_stop_the_service() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100").await;
+    let mut broker = env.broker().await;
+
+    let poison = saga_core::Message::new("", broker.names().orders_exchange.clone(), b"not json".to_vec());
+    broker.publish(&poison).await;
+    let order = new_order_id();
+    broker.place_order(&order, &[("p1", 1)]).await;
+    assert!(broker.reply_for(&order).await.success);
+    assert!(!inventory.has_handled(poison.id.as_str()).await);
+
+    broker.close().await;
+    inventory.stop().await;
+}

@@ -1,0 +1,8 @@
+//! Tests of the examples against real PostgreSQL and RabbitMQ (each test in
+//! a fresh database with exchange and queue names of its own) and an
+//! in-process order service.
+
+mod cli;
+mod end_to_end;
+mod helpers;
+mod inventory;
