@@ -607,3 +607,21 @@ async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes(
     drop(subscription);
     broker::clean_up(&transport).await;
 }
+
+#[tokio::test]
+async fn amqps_urls_speak_tls() {
+    // The plain-text port does not speak TLS: the handshake fails, which shows
+    // a TLS client was built (rather than the scheme being unsupported).
+    let url = through_port(&broker::url(), 5672).0.replacen("amqp://", "amqps://", 1);
+    let mut config = AmqpConfig::new(url, Topology::new());
+    config.reconnect.connect_timeout = Duration::from_secs(5);
+    let error = AmqpTransport::connect(config)
+        .await
+        .expect_err("no TLS on the plain port");
+    let shown = format!("{error:?}").to_lowercase();
+    // rustls reports the plain-text reply as an invalid TLS record.
+    assert!(
+        shown.contains("invalidcontenttype") || shown.contains("invaliddata"),
+        "{shown}"
+    );
+}
