@@ -8,7 +8,9 @@ use std::str::FromStr;
 use order_service::config::SecretUrl;
 
 /// The PostgreSQL URL used when `DATABASE_URL` is not set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/inventory";
+/// (The tables go to their own schema, `INVENTORY_SCHEMA`, so sharing the
+/// `postgres` database is harmless.)
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The RabbitMQ URL used when `RABBITMQ_URL` is not set.
 pub const DEFAULT_RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The catalogue seeded when `INVENTORY_SEED` is not set (the same products

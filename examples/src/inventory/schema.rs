@@ -10,7 +10,9 @@
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use std::time::Duration;
+
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 
 use super::config::{Catalogue, SchemaName};
 
@@ -44,14 +46,27 @@ CREATE TABLE IF NOT EXISTS reservation_items (
 /// An arbitrary constant: the advisory lock serializing inventory migrations.
 const MIGRATION_LOCK: i64 = 0x696e_7665_6e74_6f72;
 
+/// How long the first connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A pool whose connections use `schema` (only) as their `search_path`.
+/// One connection is opened first, so an unreachable server or a wrong
+/// password is reported as such (a pool would only say it timed out).
 pub(crate) async fn pool(url: &str, schema: &SchemaName) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?.options([("search_path", schema.as_str())]);
-    PgPoolOptions::new()
-        .max_connections(10)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_with(options)
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
         .await
+        .map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {CONNECT_TIMEOUT:?}"),
+            ))
+        })??;
+    let _ = first.close().await;
+    Ok(PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options))
 }
 
 /// Creates `schema`, saga-postgres's store tables and the inventory tables in

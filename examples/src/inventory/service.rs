@@ -29,7 +29,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[non_exhaustive]
 pub enum InventoryError {
     /// PostgreSQL could not be reached: start it, check `DATABASE_URL`.
-    #[error("PostgreSQL ({url}): {source}")]
+    #[error("PostgreSQL ({url}) is not reachable: {source}; start it or check DATABASE_URL")]
     Database {
         /// The URL, password masked.
         url: String,
@@ -51,7 +51,7 @@ pub enum InventoryError {
     },
     /// RabbitMQ could not be reached or its topology declared: start it,
     /// check `RABBITMQ_URL` and the exchange and queue names.
-    #[error("RabbitMQ ({url}): {source}")]
+    #[error("RabbitMQ ({url}): {source}; start it or check RABBITMQ_URL")]
     Broker {
         /// The URL, password masked.
         url: String,
