@@ -128,7 +128,12 @@ impl TestEnv {
 
     /// Starts the inventory service with `seed`.
     pub async fn spawn_inventory(&self, seed: &str) -> RunningInventory {
-        let service = InventoryService::build(self.inventory_config(seed))
+        self.spawn_inventory_with(self.inventory_config(seed)).await
+    }
+
+    /// Starts the inventory service with `config`.
+    pub async fn spawn_inventory_with(&self, config: InventoryConfig) -> RunningInventory {
+        let service = InventoryService::build(config)
             .await
             .unwrap_or_else(|e| panic!("the inventory service starts: {e}"));
         let inventory = service.inventory();

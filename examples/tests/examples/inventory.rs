@@ -170,3 +170,45 @@ async fn an_undecodable_message_is_dead_lettered_and_does_not_stop_the_service()
     broker.close().await;
     inventory.stop().await;
 }
+
+#[tokio::test]
+async fn two_replicas_never_sell_the_same_unit_twice() {
+    let env = TestEnv::new().await;
+    let config = saga_examples::inventory::InventoryConfig {
+        concurrency: 8,
+        ..env.inventory_config("p1=5,p2=100")
+    };
+    let first = env.spawn_inventory_with(config.clone()).await;
+    let second = env.spawn_inventory_with(config).await;
+    let mut broker = env.broker().await;
+
+    // 12 orders of one p1 each (and p2 in a varying order, to cross locks).
+    let orders: Vec<String> = (0..12).map(|_| new_order_id()).collect();
+    for (n, order) in orders.iter().enumerate() {
+        let items: &[(&str, u32)] = if n % 2 == 0 {
+            &[("p1", 1), ("p2", 1)]
+        } else {
+            &[("p2", 1), ("p1", 1)]
+        };
+        broker.place_order(order, items).await;
+    }
+    let mut confirmed = 0;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..100 {
+        if seen.len() == orders.len() {
+            break;
+        }
+        let (_, reply) = broker.next_reply().await;
+        if seen.insert(reply.order_id.clone()) && reply.success {
+            confirmed += 1;
+        }
+    }
+    assert_eq!(seen.len(), orders.len(), "a reply for every order");
+    assert_eq!(confirmed, 5);
+    assert_eq!(first.units("p1").await, (0, 5));
+    assert_eq!(first.units("p2").await, (95, 5));
+
+    broker.close().await;
+    first.stop().await;
+    second.stop().await;
+}
