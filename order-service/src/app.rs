@@ -3,6 +3,7 @@
 //! until one cancellation token says stop.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,6 +21,8 @@ use saga_core::{
     RelayConfig,
 };
 use saga_postgres::PostgresStore;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
@@ -34,7 +37,7 @@ use crate::proto;
 use crate::proto::order_service_server::OrderServiceServer;
 use crate::repository::{InMemoryOrders, PostgresOrders};
 use crate::saga::{OrderSagaConfig, order_saga};
-use crate::telemetry;
+use crate::telemetry::{self, TracedPublisher};
 use crate::wire::{STOCK_UPDATE_RESULT, WireNames};
 
 /// The queue the embedded demo stock service consumes (bound to the orders,
@@ -98,14 +101,57 @@ struct Ops {
 }
 
 /// The background machinery of the chosen backend.
-struct Workers {
+enum Workers {
+    /// Embedded mode: everything is in process and ready at once.
+    Ready(Running),
+    /// Production mode: PostgreSQL and RabbitMQ are waited for when the
+    /// service runs.
+    Production(Box<ProductionStart>),
+}
+
+/// Running machinery: relay, consumers and the deadline scanner.
+struct Running {
     engine: Engine,
     relay: Relay,
     consumers: Vec<Consumer>,
     deadline_interval: Duration,
-    /// Closes the broker connection once everything has stopped.
-    close: Option<Arc<AmqpTransport>>,
 }
+
+/// Production mode before its backends are reachable.
+struct ProductionStart {
+    saga: OrderSagaConfig,
+    database_url: SecretUrl,
+    rabbitmq_url: SecretUrl,
+    pool: PgPool,
+    engine: Engine,
+    /// Opens the order API once the database is migrated.
+    open: Arc<AtomicBool>,
+}
+
+/// Reports readiness through gRPC health and `/readyz`.
+#[derive(Clone)]
+struct Readiness {
+    reporter: HealthReporter,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+}
+
+impl Readiness {
+    async fn serving(&self) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        set_health(&self.reporter, ServingStatus::Serving).await;
+        self.ready.store(true, Ordering::SeqCst);
+        tracing::info!("ready");
+    }
+}
+
+/// First and longest pause between attempts to reach PostgreSQL or RabbitMQ at start-up.
+const STARTUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// How often the outbox backlog gauge is refreshed in production mode.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built, not yet running, service.
 pub struct Application {
@@ -119,16 +165,12 @@ pub struct Application {
 }
 
 impl Application {
-    /// Binds the ports and wires the backends chosen by `config`.
+    /// Binds the ports and wires the backends chosen by `config`. Does not
+    /// reach PostgreSQL or RabbitMQ: [`run_until_stopped`](Self::run_until_stopped)
+    /// waits for them.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let (grpc_listener, grpc_port) = bind("GRPC_PORT", &config.grpc).await?;
         let (metrics_listener, metrics_port) = bind("METRICS_PORT", &config.metrics).await?;
-        if let Some(endpoint) = &config.otel.endpoint {
-            tracing::warn!(
-                endpoint,
-                "OTEL_EXPORTER_OTLP_ENDPOINT is set, but OTLP trace export is not part of this build yet"
-            );
-        }
         let saga = OrderSagaConfig {
             names: config.names.clone(),
             stock_reply_timeout: config.stock_reply_timeout,
@@ -138,7 +180,7 @@ impl Application {
             Backend::Production {
                 database_url,
                 rabbitmq_url,
-            } => production(&saga, database_url, rabbitmq_url).await?,
+            } => production(&saga, database_url, rabbitmq_url)?,
         };
         Ok(Self {
             grpc_listener,
@@ -167,6 +209,11 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled: then reports NOT_SERVING, stops
     /// accepting, finishes requests and transitions in flight, and returns.
+    ///
+    /// In production mode the gRPC and HTTP ports serve at once, NOT_SERVING
+    /// (and `UNAVAILABLE` for orders) while PostgreSQL and RabbitMQ are waited
+    /// for with backoff; orders are accepted once the database is migrated,
+    /// and health turns SERVING once the broker topology is declared too.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let Self {
             grpc_listener,
@@ -178,24 +225,13 @@ impl Application {
         } = self;
 
         let mut tasks = JoinSet::new();
-        let Workers {
-            engine,
-            relay,
-            consumers,
-            deadline_interval,
-            close,
-        } = workers;
-        tasks.spawn(relay.run(shutdown.clone()));
-        for consumer in consumers {
-            tasks.spawn(consumer.run(shutdown.clone()));
-        }
-        {
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move { engine.run_deadlines(deadline_interval, shutdown).await });
-        }
-
         let (reporter, health) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::NotServing).await;
+        let readiness = Readiness {
+            reporter: reporter.clone(),
+            ready: Arc::clone(&ops.ready),
+            shutdown: shutdown.clone(),
+        };
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -222,10 +258,8 @@ impl Application {
             });
         }
 
-        // Everything is wired: embedded mode is ready.
-        set_health(&reporter, ServingStatus::Serving).await;
-        ops.ready.store(true, Ordering::SeqCst);
-        tracing::info!("ready");
+        // Reports SERVING once its backends are reachable.
+        tasks.spawn(workers.run(readiness, shutdown.clone()));
 
         let stopping = {
             let shutdown = shutdown.clone();
@@ -267,9 +301,6 @@ impl Application {
         .await;
         if drained.is_err() {
             tracing::warn!("background work did not finish within {SHUTDOWN_GRACE:?}; abandoning it");
-        }
-        if let Some(transport) = close {
-            transport.close().await;
         }
         tracing::info!("stopped");
         served.map_err(StartError::Serve)
@@ -363,85 +394,232 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
             metrics::gauge!(telemetry::DEAD_LETTERS).set(transport.stats(&queue).dead_lettered as f64);
         })
     };
-    let deadline_interval = (saga.stock_reply_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let deadline_interval = deadline_interval(saga);
     let orders = Orders::new(engine.clone(), Arc::new(table));
     Ok((
         orders,
-        Workers {
+        Workers::Ready(Running {
             engine,
             relay,
             consumers: vec![engine_consumer, stock_consumer],
             deadline_interval,
-            close: None,
-        },
+        }),
         refresh,
     ))
 }
 
-/// PostgreSQL (saga store and order tables, migrated) and RabbitMQ (the
-/// wire contract's topology, declared).
-async fn production(
+/// PostgreSQL (saga store and order tables) and RabbitMQ, wired but not yet
+/// reached: the pool connects lazily, and [`Workers::run`] waits for both.
+fn production(
     saga: &OrderSagaConfig,
     database_url: &SecretUrl,
     rabbitmq_url: &SecretUrl,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
-    let names = &saga.names;
-    let database = |source: saga_core::BoxError| StartError::Database {
-        url: database_url.to_string(),
-        source,
-    };
-    tracing::info!(database = %database_url, broker = %rabbitmq_url, "connecting");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(database_url.expose())
-        .await
-        .map_err(|e| database(Box::new(e)))?;
-    saga_postgres::migrate(&pool).await.map_err(|e| database(Box::new(e)))?;
-    PostgresOrders::migrate(&pool)
-        .await
-        .map_err(|e| database(Box::new(e)))?;
+    let pool = PgPoolOptions::new()
+        // Bounds how long a request waits while the database is away.
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(database_url.expose())
+        .map_err(|e| StartError::Database {
+            url: database_url.to_string(),
+            source: Box::new(e),
+        })?;
     let store = Arc::new(PostgresStore::new(pool.clone()));
-
-    let topology = Topology::new()
-        .exchange(&names.orders_exchange, ExchangeKind::Fanout)
-        .exchange(&names.stock_update_exchange, ExchangeKind::Fanout)
-        .exchange(&names.order_confirmed_exchange, ExchangeKind::Fanout)
-        .exchange(&names.order_cancelled_exchange, ExchangeKind::Fanout)
-        .queue(&names.stock_update_queue)
-        .bind(&names.stock_update_exchange, &names.stock_update_queue, "");
-    let mut amqp = AmqpConfig::new(rabbitmq_url.expose(), topology);
-    amqp.connection_name = "order-service".to_owned();
-    let transport = Arc::new(AmqpTransport::connect(amqp).await.map_err(|e| StartError::Broker {
-        url: rabbitmq_url.to_string(),
-        source: Box::new(e),
-    })?);
-
-    let table = PostgresOrders::new(pool);
+    let table = PostgresOrders::new(pool.clone());
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
-    let engine = Engine::builder(store.clone())
+    let engine = Engine::builder(store)
         .register_with_effects(definition, table.clone())
         .build()
         .map_err(|e| StartError::Internal(Box::new(e)))?;
-    let relay = Relay::new(store, transport.clone(), RelayConfig::default());
-    let handler = StockReplies { engine: engine.clone() };
-    let consumer = Consumer::new(
-        Arc::new(TracedHandler::new(Arc::new(handler))),
-        transport.clone(),
-        ConsumerConfig::new(names.stock_update_queue.clone()),
-    );
-    let deadline_interval = (saga.stock_reply_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
-    tracing::info!("PostgreSQL migrated and RabbitMQ topology declared");
+    let (orders, open) = Orders::closed(engine.clone(), Arc::new(table));
     Ok((
-        Orders::new(engine.clone(), Arc::new(table)),
-        Workers {
+        orders,
+        Workers::Production(Box::new(ProductionStart {
+            saga: saga.clone(),
+            database_url: database_url.clone(),
+            rabbitmq_url: rabbitmq_url.clone(),
+            pool,
             engine,
-            relay,
-            consumers: vec![consumer],
-            deadline_interval,
-            close: Some(transport),
-        },
+            open,
+        })),
         Arc::new(|| {}),
     ))
+}
+
+fn deadline_interval(saga: &OrderSagaConfig) -> Duration {
+    (saga.stock_reply_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
+
+/// Retries `attempt` with backoff until it succeeds or `shutdown` is
+/// cancelled (`None`), logging what it waits for.
+async fn wait_for<T, E: std::fmt::Display, F: Future<Output = Result<T, E>> + Send + 'static>(
+    what: &str,
+    url: &SecretUrl,
+    shutdown: &CancellationToken,
+    mut attempt: impl FnMut() -> F,
+) -> Option<T> {
+    let (mut backoff, longest) = STARTUP_BACKOFF;
+    loop {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            result = attempt() => result,
+        };
+        match result {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                tracing::warn!(url = %url, %error, retry_in = ?backoff, "waiting for {what}");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(longest);
+            }
+        }
+    }
+}
+
+/// Migrates the saga store and the order tables.
+///
+/// sqlx's `Migrator::run` future is not `Send` in a generic context (its
+/// `Acquire` bound is higher-ranked), so it cannot be awaited inside a spawned
+/// task; it runs on a blocking thread driven by this runtime instead.
+fn migrate(pool: PgPool) -> Pin<Box<dyn Future<Output = Result<(), saga_core::BoxError>> + Send>> {
+    let runtime = tokio::runtime::Handle::current();
+    Box::pin(async move {
+        let migrating = tokio::task::spawn_blocking(move || {
+            runtime.block_on(async {
+                saga_postgres::migrate(&pool).await?;
+                PostgresOrders::migrate(&pool).await?;
+                Ok::<_, sqlx::migrate::MigrateError>(())
+            })
+        });
+        migrating.await?.map_err(Into::into)
+    })
+}
+
+/// Unsent outbox messages: a count over the outbox's partial index of unsent rows.
+async fn outbox_backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM saga_outbox WHERE sent_at IS NULL")
+        .fetch_one(pool)
+        .await
+}
+
+/// Refreshes the outbox backlog gauge until `shutdown`.
+async fn report_backlog(pool: PgPool, shutdown: CancellationToken) {
+    loop {
+        match outbox_backlog(&pool).await {
+            Ok(unsent) => telemetry::outbox_backlog(u64::try_from(unsent).unwrap_or(0)),
+            Err(error) => tracing::debug!(%error, "cannot count the outbox backlog"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(BACKLOG_INTERVAL) => {}
+        }
+    }
+}
+
+impl Workers {
+    /// Waits for the backends (production mode), reports readiness, and runs
+    /// the relay, consumers and deadline scanner until `shutdown`.
+    async fn run(self, readiness: Readiness, shutdown: CancellationToken) {
+        match self {
+            Self::Ready(running) => {
+                readiness.serving().await;
+                running.run(shutdown).await;
+            }
+            Self::Production(start) => (*start).run(readiness, shutdown).await,
+        }
+    }
+}
+
+impl Running {
+    async fn run(self, shutdown: CancellationToken) {
+        let Self {
+            engine,
+            relay,
+            consumers,
+            deadline_interval,
+        } = self;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(relay.run(shutdown.clone()));
+        for consumer in consumers {
+            tasks.spawn(consumer.run(shutdown.clone()));
+        }
+        {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { engine.run_deadlines(deadline_interval, shutdown).await });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "a background task failed");
+            }
+        }
+    }
+}
+
+impl ProductionStart {
+    async fn run(self, readiness: Readiness, shutdown: CancellationToken) {
+        let Self {
+            saga,
+            database_url,
+            rabbitmq_url,
+            pool,
+            engine,
+            open,
+        } = self;
+        let names = &saga.names;
+        tracing::info!(database = %database_url, broker = %rabbitmq_url, "connecting");
+        if wait_for("PostgreSQL", &database_url, &shutdown, || migrate(pool.clone()))
+            .await
+            .is_none()
+        {
+            return;
+        }
+        open.store(true, Ordering::Release);
+        tracing::info!("PostgreSQL migrated; accepting orders");
+
+        // Deadlines and the backlog gauge need only the database.
+        let mut tasks = JoinSet::new();
+        {
+            let (engine, shutdown) = (engine.clone(), shutdown.clone());
+            let interval = deadline_interval(&saga);
+            tasks.spawn(async move { engine.run_deadlines(interval, shutdown).await });
+        }
+        tasks.spawn(report_backlog(pool.clone(), shutdown.clone()));
+
+        let topology = Topology::new()
+            .exchange(&names.orders_exchange, ExchangeKind::Fanout)
+            .exchange(&names.stock_update_exchange, ExchangeKind::Fanout)
+            .exchange(&names.order_confirmed_exchange, ExchangeKind::Fanout)
+            .exchange(&names.order_cancelled_exchange, ExchangeKind::Fanout)
+            .queue(&names.stock_update_queue)
+            .bind(&names.stock_update_exchange, &names.stock_update_queue, "");
+        let mut amqp = AmqpConfig::new(rabbitmq_url.expose(), topology);
+        amqp.connection_name = "order-service".to_owned();
+        let connecting = || Box::pin(AmqpTransport::connect(amqp.clone()));
+        let connected = wait_for("RabbitMQ", &rabbitmq_url, &shutdown, connecting).await;
+        if let Some(transport) = connected {
+            let transport = Arc::new(transport);
+            tracing::info!("RabbitMQ topology declared");
+            let store = Arc::new(PostgresStore::new(pool));
+            let publisher = Arc::new(TracedPublisher::new(transport.clone()));
+            tasks.spawn(Relay::new(store, publisher, RelayConfig::default()).run(shutdown.clone()));
+            let handler = StockReplies { engine };
+            let consumer = Consumer::new(
+                Arc::new(TracedHandler::new(Arc::new(handler))),
+                transport.clone(),
+                ConsumerConfig::new(names.stock_update_queue.clone()),
+            );
+            tasks.spawn(consumer.run(shutdown.clone()));
+            readiness.serving().await;
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a background task failed");
+                }
+            }
+            transport.close().await;
+        }
+        while tasks.join_next().await.is_some() {}
+    }
 }
 
 /// The engine, fed from the stock reply queue. Publishers on the platform

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::domain::{IdempotencyKey, InvalidInput, MAX_ITEMS, Order, OrderId, OrderItem, OrderStatus, UserId};
 use crate::orders::{OrderError, Orders};
@@ -69,8 +70,13 @@ impl OrderService for OrderGrpc {
         request: Request<proto::CreateOrderRequest>,
     ) -> Result<Response<proto::CreateOrderResponse>, Status> {
         let started = Instant::now();
-        let result = self.create(request).await.map_err(Status::from);
-        observe("CreateOrder", &result, started);
+        let span = telemetry::grpc_span("CreateOrder", request.metadata());
+        let result = self
+            .create(request)
+            .instrument(span.clone())
+            .await
+            .map_err(Status::from);
+        observe("CreateOrder", &span, &result, started);
         result.map(|order| Response::new(proto::CreateOrderResponse { order: Some(order) }))
     }
 
@@ -79,15 +85,18 @@ impl OrderService for OrderGrpc {
         request: Request<proto::GetOrderRequest>,
     ) -> Result<Response<proto::GetOrderResponse>, Status> {
         let started = Instant::now();
-        let result = self.get(request).await.map_err(Status::from);
-        observe("GetOrder", &result, started);
+        let span = telemetry::grpc_span("GetOrder", request.metadata());
+        let result = self.get(request).instrument(span.clone()).await.map_err(Status::from);
+        observe("GetOrder", &span, &result, started);
         result.map(|order| Response::new(proto::GetOrderResponse { order: Some(order) }))
     }
 }
 
-fn observe<T>(method: &'static str, result: &Result<T, Status>, started: Instant) {
+fn observe<T>(method: &'static str, span: &tracing::Span, result: &Result<T, Status>, started: Instant) {
     let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
     telemetry::grpc_request(method, code, started.elapsed());
+    span.record("rpc.grpc.status_code", code as i32);
+    let _entered = span.enter();
     if let Err(status) = result
         && matches!(code, tonic::Code::Internal | tonic::Code::Unavailable)
     {
@@ -102,9 +111,12 @@ impl From<OrderError> for Status {
             OrderError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
             OrderError::NotFound(_) => Status::not_found(error.to_string()),
             OrderError::IdempotencyKeyReused => Status::invalid_argument(error.to_string()),
+            OrderError::Starting => Status::unavailable(
+                "the order service is starting and waiting for its database (PostgreSQL); try again shortly",
+            ),
             OrderError::Unavailable(_) => {
                 tracing::warn!(error = %error, "store unavailable");
-                Status::unavailable("the order store is unavailable; try again later")
+                Status::unavailable("the order database (PostgreSQL) is unavailable; try again later")
             }
             other => {
                 tracing::error!(error = %other, "internal error");

@@ -1,9 +1,10 @@
 //! The order service binary: configuration from the environment, then
-//! [`Application`] until SIGINT or SIGTERM.
+//! [`Application`] until SIGINT or SIGTERM, then the last traces flushed.
 
 use std::process::ExitCode;
 
-use order_service::{Application, Config, telemetry};
+use order_service::telemetry::Telemetry;
+use order_service::{Application, Config};
 use saga_core::CancellationToken;
 
 #[tokio::main]
@@ -15,11 +16,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(config.log_format);
+    let telemetry = Telemetry::init(config.log_format, &config.otel);
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(error) => {
             eprintln!("order-service: {error}");
+            telemetry.shutdown().await;
             return ExitCode::FAILURE;
         }
     };
@@ -30,13 +32,15 @@ async fn main() -> ExitCode {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    match app.run_until_stopped(shutdown).await {
+    let code = match app.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "order-service failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -3,6 +3,7 @@
 //! by the gRPC layer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use saga_core::{Engine, EngineError, SagaId};
 
@@ -27,6 +28,10 @@ pub enum OrderError {
     /// key (`INVALID_ARGUMENT`, naming `idempotency-key`).
     #[error("idempotency-key: was already used for a different order")]
     IdempotencyKeyReused,
+    /// The service is starting and its database is not ready yet: retry
+    /// shortly (`UNAVAILABLE`).
+    #[error("the service is starting: the order database is not ready yet")]
+    Starting,
     /// The store is unreachable: retry later (`UNAVAILABLE`).
     #[error("the order store is unavailable, try again later: {0}")]
     Unavailable(#[source] saga_core::BoxError),
@@ -59,12 +64,38 @@ impl From<EngineError> for OrderError {
 pub struct Orders {
     engine: Engine,
     repository: Arc<dyn OrderRepository>,
+    open: Arc<AtomicBool>,
 }
 
 impl Orders {
     /// Orders run by `engine` (with the order saga registered) and read from `repository`.
     pub fn new(engine: Engine, repository: Arc<dyn OrderRepository>) -> Self {
-        Self { engine, repository }
+        Self {
+            engine,
+            repository,
+            open: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Like [`new`](Self::new), but every call fails with
+    /// [`OrderError::Starting`] until the returned flag is set (once the
+    /// database is reachable and migrated).
+    pub fn closed(engine: Engine, repository: Arc<dyn OrderRepository>) -> (Self, Arc<AtomicBool>) {
+        let open = Arc::new(AtomicBool::new(false));
+        let orders = Self {
+            engine,
+            repository,
+            open: Arc::clone(&open),
+        };
+        (orders, open)
+    }
+
+    fn check_open(&self) -> Result<(), OrderError> {
+        if self.open.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(OrderError::Starting)
+        }
     }
 
     /// Places an order: stores it `PENDING` and starts its saga, in one
@@ -76,6 +107,7 @@ impl Orders {
         items: Vec<OrderItem>,
         idempotency_key: Option<IdempotencyKey>,
     ) -> Result<Order, OrderError> {
+        self.check_open()?;
         let id = idempotency_key
             .as_ref()
             .map_or_else(OrderId::new, |key| OrderId::for_idempotency_key(&user, key));
@@ -108,6 +140,7 @@ impl Orders {
 
     /// The order `id`, if `user` owns it.
     pub async fn get(&self, id: OrderId, user: &UserId) -> Result<Order, OrderError> {
+        self.check_open()?;
         match self.repository.get(id).await? {
             Some(order) if order.is_owned_by(user) => Ok(order),
             _ => Err(OrderError::NotFound(id.to_string())),

@@ -1,16 +1,28 @@
 //! Logs and metrics: the subscriber set-up, the Prometheus recorder, and the
 //! service's metric names in one place.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, SdkTracerProvider};
+use saga_core::{Message, Publisher, SagaInstance, TransportError};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, OtelConfig};
 use crate::domain::OrderStatus;
+use crate::saga::OrderSagaData;
 
 /// gRPC requests handled, by `method` and `code`.
 pub const GRPC_REQUESTS: &str = "grpc_server_handled_total";
@@ -28,19 +40,165 @@ pub const SAGAS_IN_FLIGHT: &str = "order_sagas_in_flight";
 pub const OUTBOX_BACKLOG: &str = "saga_outbox_backlog";
 /// Messages waiting in the stock reply dead-letter queue.
 pub const DEAD_LETTERS: &str = "saga_dead_letters";
+/// Seconds from `OrderCreated` committed to the stock reply (or deadline)
+/// that decided the order, by `outcome` (`reserved`, `refused`, `timeout`).
+/// Measured from the saga's timestamps when the deciding transition is applied.
+pub const STOCK_REPLY_LATENCY: &str = "order_stock_reply_seconds";
 
-/// Installs the global `tracing` subscriber: `RUST_LOG` filters (default
-/// `info`), `format` picks human-readable lines or JSON lines. Does nothing if
-/// a subscriber is installed already (as in tests).
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match format {
-        LogFormat::Human => registry.with(tracing_subscriber::fmt::layer()).try_init(),
-        LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
-            .try_init(),
-    };
+/// The installed logging and tracing: keep it until the process ends and call
+/// [`shutdown`](Self::shutdown) to flush the spans not yet exported.
+#[must_use = "dropping it without shutdown() loses the spans not yet exported"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// How long shutdown waits for the last spans to reach the collector.
+const FLUSH_LIMIT: Duration = Duration::from_secs(3);
+
+impl Telemetry {
+    /// Installs the global `tracing` subscriber: `RUST_LOG` filters (default
+    /// `info`), `format` picks human-readable lines or JSON lines, and when
+    /// `otel.endpoint` is set, spans are exported over OTLP/gRPC (batched on
+    /// the tokio runtime) with `otel.service_name` as `service.name`.
+    ///
+    /// Must run inside a tokio runtime. An unreachable collector never breaks
+    /// or slows the service: exports are bounded in time and spans beyond
+    /// the queue are dropped. Does nothing if a subscriber is installed
+    /// already (as in tests).
+    pub fn init(format: LogFormat, otel: &OtelConfig) -> Self {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let provider = otel
+            .endpoint
+            .as_deref()
+            .and_then(|endpoint| match tracer_provider(endpoint, otel) {
+                Ok(provider) => Some(provider),
+                Err(error) => {
+                    // Logging is not installed yet.
+                    eprintln!("order-service: OTLP trace export disabled: {error}");
+                    None
+                }
+            });
+        let otel_layer = provider
+            .as_ref()
+            .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(otel.service_name.clone())));
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+        let _ = match format {
+            LogFormat::Human => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+            LogFormat::Json => registry
+                .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+                .try_init(),
+        };
+        if let (Some(endpoint), true) = (&otel.endpoint, provider.is_some()) {
+            tracing::info!(endpoint, service_name = %otel.service_name, "exporting traces over OTLP/gRPC");
+        }
+        Self { provider }
+    }
+
+    /// Exports the spans still queued (waiting at most a few seconds for the
+    /// collector) and stops the exporter.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else { return };
+        // The SDK blocks the calling thread until its batch task (on this
+        // runtime) answers: never block a runtime thread with it.
+        let flushing = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_LIMIT));
+        match tokio::time::timeout(FLUSH_LIMIT + Duration::from_secs(1), flushing).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "flushing traces failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "flushing traces failed"),
+            Err(_) => tracing::warn!("the trace collector did not answer in time; spans dropped"),
+        }
+    }
+}
+
+fn tracer_provider(endpoint: &str, otel: &OtelConfig) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let batch = BatchConfigBuilder::default()
+        .with_max_queue_size(4096)
+        .with_scheduled_delay(Duration::from_secs(1))
+        .with_max_export_timeout(Duration::from_secs(3))
+        .build();
+    let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+        .with_batch_config(batch)
+        .build();
+    let resource = Resource::builder().with_service_name(otel.service_name.clone()).build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource)
+        .build())
+}
+
+/// Reads the W3C trace context from gRPC request metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|key| match key {
+                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// A server span for one gRPC call of `method`, continuing the caller's trace
+/// when its metadata carries a `traceparent`.
+pub fn grpc_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "grpc.request",
+        otel.name = %format_args!("order.OrderService/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "order.OrderService",
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+    if parent.span().span_context().is_valid() {
+        // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// Publishes each message in a `saga.publish` producer span, so every message
+/// the relay sends carries a `traceparent` (the AMQP transport injects the
+/// current span's context) and its publication shows in the trace.
+pub struct TracedPublisher {
+    inner: Arc<dyn Publisher>,
+}
+
+impl TracedPublisher {
+    /// Traces `inner`.
+    pub fn new(inner: Arc<dyn Publisher>) -> Self {
+        Self { inner }
+    }
+}
+
+#[async_trait]
+impl Publisher for TracedPublisher {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let span = tracing::info_span!(
+            "saga.publish",
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.destination.name = %message.destination,
+            message_id = %message.id,
+            kind = %message.kind,
+        );
+        self.inner.publish(message).instrument(span).await
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use (several
@@ -54,6 +212,7 @@ pub fn prometheus() -> PrometheusHandle {
             ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(GRPC_LATENCY.to_owned()), &buckets)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STOCK_REPLY_LATENCY.to_owned()), &REPLY_BUCKETS))
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -82,7 +241,21 @@ fn describe() {
     );
     metrics::describe_gauge!(OUTBOX_BACKLOG, "Messages committed to the outbox, not yet published");
     metrics::describe_gauge!(DEAD_LETTERS, "Messages in the stock reply dead-letter queue");
+    metrics::describe_histogram!(
+        STOCK_REPLY_LATENCY,
+        metrics::Unit::Seconds,
+        "Time from OrderCreated committed to the stock reply or deadline that decided the order, by outcome"
+    );
+    metrics::describe_counter!(
+        "saga_messages_total",
+        "Messages consumed, by settlement outcome (ack, retry, dead_letter)"
+    );
 }
+
+/// Buckets of the stock reply latency: from milliseconds to the longest deadlines.
+const REPLY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// Records one handled gRPC request.
 pub fn grpc_request(method: &'static str, code: tonic::Code, elapsed: Duration) {
@@ -97,13 +270,49 @@ pub fn saga_started() {
     metrics::gauge!(SAGAS_IN_FLIGHT).increment(1.0);
 }
 
-/// Records a committed order status change (the end of its saga).
-pub fn order_status_changed(status: OrderStatus) {
-    let finished = match status {
-        OrderStatus::Confirmed => SAGAS_COMPLETED,
-        OrderStatus::Cancelled => SAGAS_COMPENSATED,
+/// What decided an order, for [`order_decided`]: the saga's start and decision
+/// times and why it was cancelled.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    started: saga_core::Timestamp,
+    decided: saga_core::Timestamp,
+    cancelled_by: &'static str,
+}
+
+impl Decision {
+    /// Read from the saga instance of the transition that decided the order.
+    pub fn of(saga: &SagaInstance) -> Self {
+        // The saga records a reason only when the product service refused.
+        let cancelled_by = match serde_json::from_str::<OrderSagaData>(&saga.data) {
+            Ok(OrderSagaData {
+                cancel_reason: None, ..
+            }) => "timeout",
+            Ok(_) => "refused",
+            Err(_) => "cancelled",
+        };
+        Self {
+            started: saga.created_at,
+            decided: saga.updated_at,
+            cancelled_by,
+        }
+    }
+}
+
+/// Records a committed order status change (the end of its saga) and how long
+/// the stock reply took.
+pub fn order_decided(status: OrderStatus, decision: &Decision) {
+    let (finished, outcome) = match status {
+        OrderStatus::Confirmed => (SAGAS_COMPLETED, "reserved"),
+        OrderStatus::Cancelled => (SAGAS_COMPENSATED, decision.cancelled_by),
         OrderStatus::Pending => return,
     };
     metrics::counter!(finished).increment(1);
     metrics::gauge!(SAGAS_IN_FLIGHT).decrement(1.0);
+    metrics::histogram!(STOCK_REPLY_LATENCY, "outcome" => outcome)
+        .record(decision.decided.since(decision.started).as_secs_f64());
+}
+
+/// Sets the outbox backlog gauge.
+pub fn outbox_backlog(unsent: u64) {
+    metrics::gauge!(OUTBOX_BACKLOG).set(unsent as f64);
 }

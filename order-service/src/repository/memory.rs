@@ -35,7 +35,7 @@ impl InMemoryOrders {
         self.len() == 0
     }
 
-    fn apply(orders: &RwLock<HashMap<OrderId, Order>>, effects: Vec<OrderEffect>) {
+    fn apply(orders: &RwLock<HashMap<OrderId, Order>>, effects: Vec<OrderEffect>, decision: &telemetry::Decision) {
         // Writers never panic while holding the lock, so a poisoned map is still consistent.
         let mut orders = orders.write().unwrap_or_else(|p| p.into_inner());
         for effect in effects {
@@ -46,7 +46,7 @@ impl InMemoryOrders {
                 OrderEffect::SetStatus(id, status) => match orders.get_mut(&id) {
                     Some(order) => {
                         order.status = status;
-                        telemetry::order_status_changed(status);
+                        telemetry::order_decided(status, decision);
                     }
                     None => {
                         tracing::error!(order_id = %id, %status, "status change for an order that was never stored")
@@ -62,15 +62,16 @@ impl EffectHandler<OrderEffect> for InMemoryOrders {
     async fn apply(
         &self,
         tx: &mut dyn Transaction,
-        _saga: &SagaInstance,
+        saga: &SagaInstance,
         effects: Vec<OrderEffect>,
     ) -> Result<(), StepError> {
+        let decision = telemetry::Decision::of(saga);
         let tx = tx
             .backend()
             .downcast_mut::<InMemoryTransaction>()
             .ok_or_else(|| StepError::terminal("the in-memory orders table needs the in-memory saga store"))?;
         let orders = Arc::clone(&self.orders);
-        tx.on_commit(move || Self::apply(&orders, effects));
+        tx.on_commit(move || Self::apply(&orders, effects, &decision));
         Ok(())
     }
 }

@@ -62,7 +62,7 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
     async fn apply(
         &self,
         tx: &mut dyn Transaction,
-        _saga: &SagaInstance,
+        saga: &SagaInstance,
         effects: Vec<OrderEffect>,
     ) -> Result<(), StepError> {
         let conn = saga_postgres::connection(tx).await.map_err(store_error)?;
@@ -103,7 +103,7 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
                         .await
                         .map_err(step_error)?;
                     // Counted before commit: a rolled-back transition may be counted twice.
-                    telemetry::order_status_changed(status);
+                    telemetry::order_decided(status, &telemetry::Decision::of(saga));
                 }
             }
         }
@@ -138,6 +138,11 @@ fn corrupt(id: OrderId, what: impl std::fmt::Display) -> RepositoryError {
 
 #[async_trait]
 impl OrderRepository for PostgresOrders {
+    #[tracing::instrument(
+        name = "db.get_order",
+        skip(self),
+        fields(otel.kind = "client", db.system = "postgresql", order_id = %id)
+    )]
     async fn get(&self, id: OrderId) -> Result<Option<Order>, RepositoryError> {
         let Some(row) = sqlx::query("SELECT user_id, status FROM order_service.orders WHERE id = $1")
             .bind(id.as_uuid())

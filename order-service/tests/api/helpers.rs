@@ -10,6 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// How long anything asynchronous may take before a test gives up.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -30,6 +33,12 @@ pub async fn spawn_app() -> TestApp {
         metrics: ListenAddr::localhost(0),
         ..Config::default()
     };
+    spawn_app_with(config).await
+}
+
+/// Starts the service with `config` (its ports should be loopback, 0), without
+/// waiting for it to be ready.
+pub async fn spawn_app_with(config: Config) -> TestApp {
     let app = Application::build(config).await.expect("the application builds");
     let grpc_addr = SocketAddr::from(([127, 0, 0, 1], app.grpc_port()));
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], app.metrics_port()));
@@ -115,6 +124,27 @@ impl TestApp {
                 "order {order_id} still PENDING after {PATIENCE:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// gRPC health of the whole server.
+    pub async fn health(&self) -> ServingStatus {
+        let request = HealthCheckRequest { service: String::new() };
+        match HealthClient::new(self.channel.clone()).check(request).await {
+            Ok(response) => response.into_inner().status(),
+            Err(status) => panic!("health check failed: {status}"),
+        }
+    }
+
+    /// Waits until health says SERVING; `what` names what to start if it never does.
+    pub async fn wait_until_serving(&self, what: &str) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.health().await != ServingStatus::Serving {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the service is not SERVING after {PATIENCE:?}: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

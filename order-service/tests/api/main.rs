@@ -1,7 +1,11 @@
-//! End-to-end tests of the service in embedded mode, over real gRPC and HTTP.
+//! End-to-end tests of the service over real gRPC and HTTP: embedded mode,
+//! production mode on PostgreSQL + RabbitMQ, and the built binary's tracing.
 
 mod helpers;
 mod operations;
 mod orders;
+mod platform;
 mod production;
+mod proxy;
+mod telemetry;
 mod validation;

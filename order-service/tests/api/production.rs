@@ -1,258 +1,310 @@
 //! The service on PostgreSQL + RabbitMQ, with a test stock service speaking
 //! the platform's wire format (untyped AMQP messages, JSON bodies).
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Duration;
 
-use order_service::config::{Backend, ListenAddr, SecretUrl};
 use order_service::proto::OrderStatus;
-use order_service::proto::order_service_client::OrderServiceClient;
-use order_service::wire::{OrderCreated, StockUpdateResult, WireNames};
-use order_service::{Application, Config};
-use saga_amqp::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
-use saga_core::{CancellationToken, Message, Publisher, Settlement, Subscriber};
-use sqlx::Connection;
-use tonic::transport::Channel;
+use order_service::saga::NO_STOCK_REPLY;
+use saga_core::{MessageId, Settlement, Subscriber};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{PATIENCE, item};
+use crate::helpers::{PATIENCE, TestApp, spawn_app_with};
+use crate::platform::{Platform, START_BACKENDS, Stock, basket, database_addr, with_host};
+use crate::proxy::Proxy;
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-fn rabbitmq_url() -> String {
-    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-/// Creates a fresh database and returns its URL.
-async fn fresh_database(name: &str) -> String {
-    let admin = database_url();
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL is not reachable at DATABASE_URL ({e}); start it, e.g. \
-             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
-        )
-    });
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("the test database is created");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base)
-        .to_owned();
-    format!("{base}/{name}")
-}
-
-async fn drop_database(name: &str) {
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&database_url()).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut conn)
-        .await;
-    }
-}
-
-async fn delete_topology(names: &WireNames, queues: &[String]) {
-    let Ok(conn) =
-        saga_amqp::lapin::Connection::connect(&rabbitmq_url(), saga_amqp::lapin::ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    if let Ok(channel) = conn.create_channel().await {
-        for queue in queues {
-            for name in [queue.clone(), format!("{queue}.dlq")] {
-                let _ = channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
-        for exchange in [
-            &names.orders_exchange,
-            &names.stock_update_exchange,
-            &names.order_confirmed_exchange,
-            &names.order_cancelled_exchange,
-        ] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
-    let _ = conn.close(0, "done".into()).await;
-}
-
-/// Answers every `OrderCreated` like the platform's product service: an
-/// untyped message, success unless a product is called `unobtainium`.
-async fn run_stock_service(transport: Arc<AmqpTransport>, queue: String, reply_to: String, stop: CancellationToken) {
-    let mut deliveries = transport
-        .subscribe(&queue)
-        .await
-        .expect("the test stock queue is consumable");
-    loop {
-        let next = tokio::select! {
-            () = stop.cancelled() => return,
-            next = deliveries.next() => next,
-        };
-        let Some(Ok(delivery)) = next else { continue };
-        if let Ok(order) = delivery.message.decode::<OrderCreated>() {
-            let refused = order.items.iter().any(|i| i.product_id == "unobtainium");
-            let result = StockUpdateResult {
-                order_id: order.order_id,
-                success: !refused,
-                reason: refused.then(|| "unknown product unobtainium".to_owned()),
-            };
-            let body = serde_json::to_vec(&result).expect("JSON");
-            transport
-                .publish(&Message::new("", reply_to.clone(), body))
-                .await
-                .expect("the reply is published");
-        }
-        let _ = delivery.settle.settle(Settlement::Ack).await;
-    }
-}
+/// Long enough never to fire in tests that do not wait for it.
+const NO_DEADLINE: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn orders_are_decided_through_postgres_and_rabbitmq() {
-    let suffix = uuid::Uuid::now_v7().simple().to_string();
-    let database = format!("order_service_test_{suffix}");
-    let names = WireNames {
-        orders_exchange: format!("orders_exchange_{suffix}"),
-        stock_update_exchange: format!("stock_update_exchange_{suffix}"),
-        stock_update_queue: format!("order_service_stock_update_queue_{suffix}"),
-        order_confirmed_exchange: format!("order_confirmed_exchange_{suffix}"),
-        order_cancelled_exchange: format!("order_cancelled_exchange_{suffix}"),
-    };
-    let stock_queue = format!("test_stock_{suffix}");
-    let database_url = fresh_database(&database).await;
+    let mut platform = Platform::new().await;
+    let app = platform.start_service(NO_DEADLINE).await;
+    platform.start_stock(Stock::Platform);
 
-    let config = Config {
-        grpc: ListenAddr::localhost(0),
-        metrics: ListenAddr::localhost(0),
-        backend: Backend::Production {
-            database_url: SecretUrl::new(database_url),
-            rabbitmq_url: SecretUrl::new(rabbitmq_url()),
-        },
-        names: names.clone(),
-        stock_reply_timeout: Duration::from_secs(20),
-        ..Config::default()
-    };
-    let app = Application::build(config).await.unwrap_or_else(|e| {
-        panic!("the service starts on PostgreSQL + RabbitMQ ({e}); is RabbitMQ running (`rabbitmq-server -detached`)?")
-    });
-    let grpc = format!("http://127.0.0.1:{}", app.grpc_port());
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-
-    let topology = Topology::new()
-        .exchange(&names.orders_exchange, ExchangeKind::Fanout)
-        .exchange(&names.stock_update_exchange, ExchangeKind::Fanout)
-        .queue(&stock_queue)
-        .bind(&names.orders_exchange, &stock_queue, "");
-    let transport = Arc::new(
-        AmqpTransport::connect(AmqpConfig::new(rabbitmq_url(), topology))
-            .await
-            .expect("the test stock service connects"),
-    );
-    let stop_stock = CancellationToken::new();
-    let stock = tokio::spawn(run_stock_service(
-        transport.clone(),
-        stock_queue.clone(),
-        names.stock_update_exchange.clone(),
-        stop_stock.clone(),
-    ));
-
-    let channel = Channel::from_shared(grpc)
-        .expect("URI")
-        .connect()
-        .await
-        .expect("gRPC connects");
-    let client = OrderServiceClient::new(channel);
-    let place = |user: &str, product: &str| {
-        let mut client = client.clone();
-        let request = order_service::proto::CreateOrderRequest {
-            user_id: user.to_owned(),
-            items: vec![item(product, 2, 10.25), item("pear", 1, 0.5)],
-        };
-        async move {
-            client
-                .create_order(request)
-                .await
-                .expect("placed")
-                .into_inner()
-                .order
-                .expect("order")
-        }
-    };
-    let decided = |id: String| {
-        let mut client = client.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + PATIENCE;
-            loop {
-                let request = order_service::proto::GetOrderRequest {
-                    order_id: id.clone(),
-                    user_id: "alice".to_owned(),
-                };
-                let order = client
-                    .get_order(request)
-                    .await
-                    .expect("readable")
-                    .into_inner()
-                    .order
-                    .expect("order");
-                if order.status() != OrderStatus::Pending {
-                    return order;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "order {id} still PENDING");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-
-    let good = place("alice", "apple").await;
+    let good = app.place_order("alice", basket("apple")).await.expect("placed");
     assert_eq!(good.status(), OrderStatus::Pending);
     assert_eq!(good.total_price, 21.0);
-    let bad = place("alice", "unobtainium").await;
-    let good = decided(good.id).await;
+    let bad = app.place_order("alice", basket("unobtainium")).await.expect("placed");
+    let good = app.wait_until_decided(&good.id, "alice").await;
     assert_eq!(good.status(), OrderStatus::Confirmed);
     assert_eq!(good.items.len(), 2);
     assert_eq!(good.items[0].price, 10.25);
-    assert_eq!(decided(bad.id).await.status(), OrderStatus::Cancelled);
+    assert_eq!(
+        app.wait_until_decided(&bad.id, "alice").await.status(),
+        OrderStatus::Cancelled
+    );
+    platform.confirmed.wait_for(&good.id).await;
+    platform.cancelled.wait_for(&bad.id).await;
+    assert_eq!(
+        platform.cancelled.bodies_for(&bad.id)[0]["reason"],
+        "unknown product unobtainium"
+    );
 
-    // A poison message goes to the dead-letter queue and does not stop the consumer.
-    transport
-        .publish(&Message::new(
-            "",
-            names.stock_update_exchange.clone(),
-            b"not json".to_vec(),
-        ))
-        .await
-        .expect("published");
-    let mut dead = transport
-        .subscribe(&format!("{}.dlq", names.stock_update_queue))
+    // Step latencies, the outbox backlog and saga-core's own counters.
+    let (status, metrics) = app.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    for expected in [
+        r#"order_stock_reply_seconds_bucket{outcome="reserved""#,
+        r#"order_stock_reply_seconds_bucket{outcome="refused""#,
+        "order_stock_reply_seconds_count",
+        "saga_outbox_backlog ",
+        r#"saga_messages_total{outcome="ack"}"#,
+        "saga_transitions_total{",
+        "saga_outbox_published_total",
+        r#"grpc_server_handled_total{method="CreateOrder",code="Ok"}"#,
+    ] {
+        assert!(metrics.contains(expected), "/metrics lacks `{expected}`:\n{metrics}");
+    }
+
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn no_reply_before_the_deadline_cancels_and_a_late_reply_changes_nothing() {
+    let platform = Platform::new().await;
+    let app = platform.start_service(Duration::from_millis(700)).await;
+
+    let order = app.place_order("alice", basket("apple")).await.expect("placed");
+    let decided = app.wait_until_decided(&order.id, "alice").await;
+    assert_eq!(decided.status(), OrderStatus::Cancelled);
+    platform.cancelled.wait_for(&order.id).await;
+    assert_eq!(platform.cancelled.bodies_for(&order.id)[0]["reason"], NO_STOCK_REPLY);
+
+    // The product service answers after all: nothing changes, nothing is published.
+    platform.reply(&order.id, true, MessageId::new()).await;
+    platform.wait_until_replies_drained().await;
+    let window = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < window {
+        let order = app.get_order(&order.id, "alice").await.expect("readable");
+        assert_eq!(order.status(), OrderStatus::Cancelled);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(platform.confirmed.distinct_for(&order.id), 0, "a late reply confirmed");
+    assert_eq!(platform.cancelled.distinct_for(&order.id), 1, "cancelled twice");
+
+    let (_, metrics) = app.http_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"order_stock_reply_seconds_bucket{outcome="timeout""#),
+        "{metrics}"
+    );
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn duplicate_and_contradicting_replies_decide_once() {
+    let platform = Platform::new().await;
+    let app = platform.start_service(NO_DEADLINE).await;
+
+    // The same reply twice (same message id), handled concurrently or not.
+    let duplicated = app.place_order("alice", basket("apple")).await.expect("placed");
+    let id = MessageId::new();
+    platform.reply(&duplicated.id, true, id.clone()).await;
+    platform.reply(&duplicated.id, true, id).await;
+    // Success, then, once decided, a contradicting failure (another message id).
+    let contradicted = app.place_order("alice", basket("apple")).await.expect("placed");
+    platform.reply(&contradicted.id, true, MessageId::new()).await;
+    let decided = app.wait_until_decided(&contradicted.id, "alice").await;
+    assert_eq!(decided.status(), OrderStatus::Confirmed);
+    platform.reply(&contradicted.id, false, MessageId::new()).await;
+    // Success and failure racing (consumed concurrently): whichever commits first decides.
+    let raced = app.place_order("alice", basket("apple")).await.expect("placed");
+    platform.reply(&raced.id, true, MessageId::new()).await;
+    platform.reply(&raced.id, false, MessageId::new()).await;
+
+    for order in [&duplicated, &contradicted] {
+        let decided = app.wait_until_decided(&order.id, "alice").await;
+        assert_eq!(decided.status(), OrderStatus::Confirmed, "{}", order.id);
+        platform.confirmed.wait_for(&order.id).await;
+    }
+    let raced_status = app.wait_until_decided(&raced.id, "alice").await.status();
+    match raced_status {
+        OrderStatus::Confirmed => platform.confirmed.wait_for(&raced.id).await,
+        _ => platform.cancelled.wait_for(&raced.id).await,
+    }
+    platform.wait_until_replies_drained().await;
+    let window = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < window {
+        for (order, status) in [
+            (&duplicated, OrderStatus::Confirmed),
+            (&contradicted, OrderStatus::Confirmed),
+            (&raced, raced_status),
+        ] {
+            let now = app.get_order(&order.id, "alice").await.expect("readable");
+            assert_eq!(now.status(), status, "{}", order.id);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for order in [&duplicated, &contradicted] {
+        assert_eq!(platform.confirmed.distinct_for(&order.id), 1, "{}", order.id);
+        assert_eq!(platform.cancelled.distinct_for(&order.id), 0, "{}", order.id);
+    }
+    let (confirmed, cancelled) = match raced_status {
+        OrderStatus::Confirmed => (1, 0),
+        _ => (0, 1),
+    };
+    assert_eq!(platform.confirmed.distinct_for(&raced.id), confirmed);
+    assert_eq!(platform.cancelled.distinct_for(&raced.id), cancelled);
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn messages_it_cannot_act_on_go_to_the_dead_letter_queue() {
+    let mut platform = Platform::new().await;
+    let app = platform.start_service(NO_DEADLINE).await;
+    platform.start_stock(Stock::Platform);
+
+    let unknown_order = format!(r#"{{"order_id":"{}","success":true}}"#, uuid::Uuid::new_v4());
+    let poison: [&[u8]; 3] = [b"not json", br#"{"what":"wrong shape"}"#, unknown_order.as_bytes()];
+    for body in poison {
+        platform.publish_reply(body, MessageId::new()).await;
+    }
+    let mut dead = platform
+        .transport
+        .subscribe(&format!("{}.dlq", platform.names.stock_update_queue))
         .await
         .expect("the DLQ is consumable");
-    let dead_letter = tokio::time::timeout(PATIENCE, dead.next())
-        .await
-        .expect("dead-lettered in time")
-        .expect("a delivery")
-        .expect("a delivery");
-    assert_eq!(dead_letter.message.payload, b"not json");
-    let _ = dead_letter.settle.settle(Settlement::Ack).await;
+    let mut dead_bodies = HashSet::new();
+    while dead_bodies.len() < poison.len() {
+        let delivery = tokio::time::timeout(PATIENCE, dead.next())
+            .await
+            .expect("dead-lettered in time")
+            .expect("a delivery")
+            .expect("a delivery");
+        dead_bodies.insert(delivery.message.payload.clone());
+        let _ = delivery.settle.settle(Settlement::Ack).await;
+    }
+    let expected: HashSet<Vec<u8>> = poison.iter().map(|b| b.to_vec()).collect();
+    assert_eq!(dead_bodies, expected);
     drop(dead);
-    let after = place("alice", "apple").await;
-    assert_eq!(decided(after.id).await.status(), OrderStatus::Confirmed);
 
-    stop_stock.cancel();
-    let _ = stock.await;
-    shutdown.cancel();
-    tokio::time::timeout(PATIENCE, running)
+    // The consumer carries on.
+    let after = app.place_order("alice", basket("apple")).await.expect("placed");
+    assert_eq!(
+        app.wait_until_decided(&after.id, "alice").await.status(),
+        OrderStatus::Confirmed
+    );
+    let (_, metrics) = app.http_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"saga_messages_total{outcome="dead_letter"}"#),
+        "{metrics}"
+    );
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn two_replicas_decide_every_order_exactly_once() {
+    const ORDERS: usize = 24;
+    let mut platform = Platform::new().await;
+    let replicas = [
+        platform.start_service(NO_DEADLINE).await,
+        platform.start_service(NO_DEADLINE).await,
+    ];
+    platform.start_stock(Stock::Platform);
+
+    let mut placed = Vec::new();
+    for n in 0..ORDERS {
+        let product = if n % 4 == 3 { "unobtainium" } else { "apple" };
+        let order = replicas[n % 2]
+            .place_order("alice", basket(product))
+            .await
+            .expect("placed");
+        placed.push((order.id, product == "apple"));
+    }
+    for (n, (id, reserved)) in placed.iter().enumerate() {
+        // Read through the other replica.
+        let decided = replicas[(n + 1) % 2].wait_until_decided(id, "alice").await;
+        let expected = if *reserved {
+            OrderStatus::Confirmed
+        } else {
+            OrderStatus::Cancelled
+        };
+        assert_eq!(decided.status(), expected, "order {id}");
+        let events = if *reserved {
+            &platform.confirmed
+        } else {
+            &platform.cancelled
+        };
+        events.wait_for(id).await;
+    }
+    let [first, second] = replicas;
+    first.stop().await.expect("a clean stop");
+    second.stop().await.expect("a clean stop");
+    // Everything published is in; count by message id.
+    let (confirmed, cancelled) = (platform.confirmed.per_order(), platform.cancelled.per_order());
+    for (id, reserved) in &placed {
+        let (wanted, unwanted) = if *reserved {
+            (&confirmed, &cancelled)
+        } else {
+            (&cancelled, &confirmed)
+        };
+        assert_eq!(wanted.get(id).map_or(0, HashSet::len), 1, "order {id}");
+        assert!(!unwanted.contains_key(id), "order {id} decided both ways");
+    }
+    assert_eq!(confirmed.len() + cancelled.len(), ORDERS);
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn it_waits_for_the_database_and_rides_out_its_outage() {
+    let mut platform = Platform::new().await;
+    let proxy = Proxy::start(database_addr(), false).await;
+    let url = with_host(&platform.database_url, proxy.addr);
+    let app: TestApp = spawn_app_with(platform.config_on(url, NO_DEADLINE)).await;
+    platform.start_stock(Stock::Platform);
+
+    // PostgreSQL is away at start-up: the service waits, not serving.
+    assert_eq!(app.health().await, ServingStatus::NotServing);
+    assert_eq!(app.http_get("/readyz").await.0, 503);
+    let starting = app.place_order("alice", basket("apple")).await.expect_err("not ready");
+    assert_eq!(starting.code(), Code::Unavailable, "{starting:?}");
+
+    proxy.restore().await;
+    app.wait_until_serving(START_BACKENDS).await;
+    let before = app.place_order("alice", basket("apple")).await.expect("placed");
+    assert_eq!(
+        app.wait_until_decided(&before.id, "alice").await.status(),
+        OrderStatus::Confirmed
+    );
+
+    // PostgreSQL goes away while serving: UNAVAILABLE with a clear message.
+    proxy.cut();
+    let create = app
+        .place_order("alice", basket("apple"))
         .await
-        .expect("stops in time")
-        .expect("no panic")
-        .expect("a clean stop");
-    transport.close().await;
-    delete_topology(&names, &[names.stock_update_queue.clone(), stock_queue]).await;
-    drop_database(&database).await;
+        .expect_err("database down");
+    assert_eq!(create.code(), Code::Unavailable, "{create:?}");
+    assert!(create.message().contains("database"), "{create:?}");
+    let get = app.get_order(&before.id, "alice").await.expect_err("database down");
+    assert_eq!(get.code(), Code::Unavailable, "{get:?}");
+
+    // ... and recovers by itself when it returns.
+    proxy.restore().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let after = loop {
+        match app.place_order("alice", basket("apple")).await {
+            Ok(order) => break order,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(tokio::time::Instant::now() < deadline, "no recovery: {status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        app.wait_until_decided(&after.id, "alice").await.status(),
+        OrderStatus::Confirmed
+    );
+    assert_eq!(
+        app.get_order(&before.id, "alice").await.expect("readable").status(),
+        OrderStatus::Confirmed
+    );
+    app.stop().await.expect("a clean stop");
+    drop(proxy);
+    platform.clean_up().await;
 }
