@@ -11,6 +11,9 @@ use order_service::{Application, Config};
 use saga_core::CancellationToken;
 use saga_examples::inventory::ReservationStatus;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::helpers::{PATIENCE, TestEnv, eventually};
 
@@ -38,6 +41,20 @@ async fn place_order(client: &OrderServiceClient<Channel>, items: &[(&str, i32)]
         .into_inner()
         .order
         .expect("an order")
+}
+
+/// Waits until the service reports SERVING (its database and broker are ready).
+async fn wait_until_serving(channel: &Channel) {
+    eventually("the order service SERVING", || async {
+        let request = HealthCheckRequest { service: String::new() };
+        let status = HealthClient::new(channel.clone())
+            .check(request)
+            .await
+            .map(|response| response.into_inner().status())
+            .ok()?;
+        (status == ServingStatus::Serving).then_some(())
+    })
+    .await;
 }
 
 async fn wait_until_decided(client: &OrderServiceClient<Channel>, id: &str) -> Order {
@@ -88,6 +105,7 @@ async fn orders_are_confirmed_or_cancelled_by_the_inventory_service() {
         .connect()
         .await
         .expect("the gRPC port accepts connections");
+    wait_until_serving(&channel).await;
     let client = OrderServiceClient::new(channel);
 
     let good = place_order(&client, &[("p1", 2), ("p2", 1)]).await;
