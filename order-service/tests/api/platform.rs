@@ -59,19 +59,25 @@ pub fn with_host(url: &str, addr: SocketAddr) -> String {
 
 /// The `host:port` PostgreSQL listens on, from `DATABASE_URL`.
 pub fn database_addr() -> SocketAddr {
-    let url = database_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    addr_of(&database_url(), 5432)
+}
+
+/// The `host:port` RabbitMQ listens on, from `RABBITMQ_URL`.
+pub fn broker_addr() -> SocketAddr {
+    addr_of(&rabbitmq_url(), 5672)
+}
+
+fn addr_of(url: &str, default_port: u16) -> SocketAddr {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let host_port = if host_port.contains(':') {
         host_port.to_owned()
     } else {
-        format!("{host_port}:5432")
+        format!("{host_port}:{default_port}")
     };
     let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port
-        .parse()
-        .expect("DATABASE_URL names host:port as an IP address")
+    host_port.parse().expect("the URL names its host as an IP address")
 }
 
 /// How the test stock service answers `OrderCreated`.

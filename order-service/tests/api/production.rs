@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use order_service::config::{Backend, SecretUrl};
 use order_service::proto::OrderStatus;
 use order_service::saga::NO_STOCK_REPLY;
 use saga_core::{MessageId, Settlement, Subscriber};
@@ -11,7 +12,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::helpers::{PATIENCE, TestApp, spawn_app_with};
-use crate::platform::{Platform, START_BACKENDS, Stock, basket, database_addr, with_host};
+use crate::platform::{Platform, START_BACKENDS, Stock, basket, broker_addr, database_addr, rabbitmq_url, with_host};
 use crate::proxy::Proxy;
 
 /// Long enough never to fire in tests that do not wait for it.
@@ -302,6 +303,47 @@ async fn it_waits_for_the_database_and_rides_out_its_outage() {
     );
     assert_eq!(
         app.get_order(&before.id, "alice").await.expect("readable").status(),
+        OrderStatus::Confirmed
+    );
+    app.stop().await.expect("a clean stop");
+    drop(proxy);
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn orders_are_accepted_while_rabbitmq_is_awaited_and_flow_once_it_is_there() {
+    let mut platform = Platform::new().await;
+    let proxy = Proxy::start(broker_addr(), false).await;
+    let mut config = platform.config(NO_DEADLINE);
+    if let Backend::Production { rabbitmq_url: url, .. } = &mut config.backend {
+        *url = SecretUrl::new(with_host(&rabbitmq_url(), proxy.addr));
+    }
+    let app = spawn_app_with(config).await;
+    platform.start_stock(Stock::Platform);
+
+    // Once the database is migrated, orders are taken: the outbox holds their events.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let order = loop {
+        match app.place_order("alice", basket("apple")).await {
+            Ok(order) => break order,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(tokio::time::Instant::now() < deadline, "never accepted: {status:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(order.status(), OrderStatus::Pending);
+    assert_eq!(
+        app.health().await,
+        ServingStatus::NotServing,
+        "SERVING without a broker"
+    );
+
+    proxy.restore().await;
+    app.wait_until_serving(START_BACKENDS).await;
+    assert_eq!(
+        app.wait_until_decided(&order.id, "alice").await.status(),
         OrderStatus::Confirmed
     );
     app.stop().await.expect("a clean stop");
