@@ -25,6 +25,10 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Backoff between reconnection attempts.
     pub reconnect: ReconnectConfig,
+    /// How long one broker operation (opening a channel, a declaration, a
+    /// publish until its confirm, an ack) may take before it fails as
+    /// `Unavailable`: a guard against a connection that dies mid-operation.
+    pub operation_timeout: Duration,
     /// Exchanges, queues and bindings declared at start-up and after every reconnect.
     pub topology: Topology,
 }
@@ -39,6 +43,7 @@ impl Default for AmqpConfig {
             max_confirms_in_flight: 4096,
             queue_type: QueueType::Classic,
             reconnect: ReconnectConfig::default(),
+            operation_timeout: Duration::from_secs(30),
             topology: Topology::default(),
         }
     }

@@ -69,6 +69,19 @@ pub(crate) fn unavailable(error: lapin::Error) -> TransportError {
     TransportError::Unavailable(Box::new(error))
 }
 
+/// `operation`, failing as `Unavailable` when the broker does not answer
+/// within `limit` (lapin leaves an operation pending forever when the
+/// connection dies at the wrong moment).
+pub(crate) async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    operation: impl Future<Output = lapin::Result<T>>,
+) -> Result<lapin::Result<T>, TransportError> {
+    tokio::time::timeout(limit, operation)
+        .await
+        .map_err(|_| TransportError::Unavailable(format!("{what}: no answer from the broker within {limit:?}").into()))
+}
+
 /// A text value that must fit an AMQP short string (names, ids, header keys).
 pub(crate) fn short(value: &str, what: &str) -> Result<lapin::types::ShortString, String> {
     lapin::types::ShortString::try_new(value).map_err(|e| format!("{what} `{}…`: {e}", truncated(value)))

@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
-use crate::error::{AmqpError, unavailable};
+use crate::error::{AmqpError, unavailable, within};
 use crate::topology;
 
 /// Whether a caller waits out the backoff before the next connection attempt
@@ -124,7 +124,23 @@ impl Link {
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self, wait: Wait) -> Result<Channel, TransportError> {
         let connection = self.connection(wait).await?;
-        connection.create_channel().await.map_err(unavailable)
+        match within(
+            self.config.operation_timeout,
+            "opening a channel",
+            connection.create_channel(),
+        )
+        .await
+        {
+            Ok(channel) => channel.map_err(unavailable),
+            Err(timed_out) => {
+                // The connection died under the request: do not hand it out again.
+                let mut state = self.state.lock().await;
+                if state.connection.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connection)) {
+                    state.connection = None;
+                }
+                Err(timed_out)
+            }
+        }
     }
 
     /// Closes the connection; later calls fail with [`TransportError::Closed`].

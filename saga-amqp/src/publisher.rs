@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::AMQPSoftError;
@@ -12,11 +13,12 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use saga_core::TransportError;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::error::{short, soft_error, unavailable};
+use crate::error::{short, soft_error, unavailable, within};
 use crate::link::{Link, Wait};
 
 pub(crate) struct Publishing {
     link: Arc<Link>,
+    timeout: Duration,
     channels: Vec<Mutex<Option<Channel>>>,
     next: AtomicUsize,
     in_flight: Semaphore,
@@ -27,12 +29,19 @@ pub(crate) struct Publishing {
 }
 
 impl Publishing {
-    pub(crate) fn new(link: Arc<Link>, channels: usize, in_flight: usize, declared: &[String]) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        timeout: Duration,
+        channels: usize,
+        in_flight: usize,
+        declared: &[String],
+    ) -> Self {
         let mut known: HashSet<String> = declared.iter().cloned().collect();
         // The default exchange always exists.
         known.insert(String::new());
         Self {
             link,
+            timeout,
             channels: (0..channels.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             in_flight: Semaphore::new(in_flight.max(1)),
@@ -66,10 +75,8 @@ impl Publishing {
             passive: true,
             ..ExchangeDeclareOptions::default()
         };
-        match channel
-            .exchange_declare(name, lapin::ExchangeKind::Direct, passive, FieldTable::default())
-            .await
-        {
+        let check = channel.exchange_declare(name, lapin::ExchangeKind::Direct, passive, FieldTable::default());
+        match within(self.timeout, "checking an exchange", check).await? {
             Ok(()) => {
                 self.known_exchanges
                     .write()
@@ -92,10 +99,13 @@ impl Publishing {
             return Ok(channel.clone());
         }
         let channel = self.link.channel(Wait::No).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(unavailable)?;
+        within(
+            self.timeout,
+            "enabling confirms",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?
+        .map_err(unavailable)?;
         *current = Some(channel.clone());
         Ok(channel)
     }
@@ -122,14 +132,13 @@ impl Publishing {
             mandatory: true,
             immediate: false,
         };
-        let confirmation = match channel
-            .basic_publish(exchange_name, routing_key, options, body, properties)
-            .await
-        {
-            Ok(confirm) => confirm.await,
-            Err(e) => Err(e),
+        let confirmation = async {
+            channel
+                .basic_publish(exchange_name, routing_key, options, body, properties)
+                .await?
+                .await
         };
-        match confirmation {
+        match within(self.timeout, "publishing", confirmation).await? {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(rejected(format!(
                 "unroutable: `{exchange}` has no queue bound for this routing key ({} {})",

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_core::Stream;
@@ -14,7 +15,7 @@ use lapin::{Acker, BasicProperties, Channel, Consumer};
 use saga_core::{DEAD_LETTER_REASON, Delivery, MessageId, Settle, Settlement, Subscription, TransportError};
 
 use crate::config::AmqpConfig;
-use crate::error::{short, soft_error, unavailable};
+use crate::error::{short, soft_error, unavailable, within};
 use crate::link::{Link, Wait};
 use crate::mapping;
 use crate::publisher::Publishing;
@@ -53,7 +54,14 @@ impl Shared {
         }
         let channel = self.link.channel(Wait::No).await?;
         let arguments = topology::retry_arguments(topology::queue_type(&self.config, queue), queue, ttl_ms);
-        topology::declare_queue(&channel, name, true, arguments).await?;
+        let limit = self.config.operation_timeout;
+        tokio::time::timeout(limit, topology::declare_queue(&channel, name, true, arguments))
+            .await
+            .map_err(|_| {
+                TransportError::Unavailable(
+                    format!("declaring `{name}`: no answer from the broker within {limit:?}").into(),
+                )
+            })??;
         self.all_retry_queues
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -72,13 +80,17 @@ impl Shared {
 pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<(Channel, Consumer), TransportError> {
     let name = short(queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.to_owned()))?;
     let channel = shared.link.channel(wait).await?;
-    channel
-        .basic_qos(shared.config.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(unavailable)?;
-    let consumer = channel
-        .basic_consume(name, "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
+    let limit = shared.config.operation_timeout;
+    within(
+        limit,
+        "setting the prefetch",
+        channel.basic_qos(shared.config.prefetch, BasicQosOptions::default()),
+    )
+    .await?
+    .map_err(unavailable)?;
+    let consume = channel.basic_consume(name, "".into(), BasicConsumeOptions::default(), FieldTable::default());
+    let consumer = within(limit, "starting to consume", consume)
+        .await?
         .map_err(|e| match soft_error(&e) {
             Some(AMQPSoftError::NOTFOUND) => TransportError::UnknownAddress(queue.to_owned()),
             _ => unavailable(e),
@@ -180,8 +192,8 @@ struct AmqpSettle {
     retries: u32,
 }
 
-async fn ack(acker: &Acker) -> Result<(), TransportError> {
-    match acker.ack(BasicAckOptions::default()).await {
+async fn ack(acker: &Acker, limit: Duration) -> Result<(), TransportError> {
+    match within(limit, "acking", acker.ack(BasicAckOptions::default())).await? {
         Ok(true) => Ok(()),
         Ok(false) => Err(TransportError::Unavailable(
             "the channel closed before the ack; the broker delivers the message again".into(),
@@ -190,18 +202,25 @@ async fn ack(acker: &Acker) -> Result<(), TransportError> {
     }
 }
 
-async fn requeue(acker: &Acker) {
+async fn requeue(acker: &Acker, limit: Duration) {
     let requeue = BasicNackOptions {
         multiple: false,
         requeue: true,
     };
-    if let Err(error) = acker.nack(requeue).await {
+    if let Err(error) = within(limit, "requeueing", acker.nack(requeue))
+        .await
+        .and_then(|r| r.map_err(unavailable))
+    {
         // The channel is gone, and with it the delivery: the broker requeues it.
         tracing::debug!(%error, "requeueing a delivery failed");
     }
 }
 
 impl AmqpSettle {
+    fn limit(&self) -> Duration {
+        self.shared.config.operation_timeout
+    }
+
     /// Publishes the message to `queue` (through the default exchange) with
     /// `properties`, then acks the original: at least once, never lost.
     async fn forward(
@@ -213,7 +232,7 @@ impl AmqpSettle {
         let properties = match properties {
             Ok(properties) => properties,
             Err(reason) => {
-                requeue(acker).await;
+                requeue(acker, self.limit()).await;
                 return Err(TransportError::Rejected {
                     id: self.message_id.to_string(),
                     reason,
@@ -226,9 +245,9 @@ impl AmqpSettle {
             .publish(self.message_id.as_str(), "", queue, &self.body, properties)
             .await;
         match published {
-            Ok(()) => ack(acker).await,
+            Ok(()) => ack(acker, self.limit()).await,
             Err(e) => {
-                requeue(acker).await;
+                requeue(acker, self.limit()).await;
                 Err(e)
             }
         }
@@ -242,14 +261,14 @@ impl Settle for AmqpSettle {
             return Ok(());
         };
         match settlement {
-            Settlement::Ack => ack(&acker).await,
+            Settlement::Ack => ack(&acker, self.limit()).await,
             Settlement::Retry { delay } => {
                 let target = if delay.is_zero() {
                     self.queue.to_string()
                 } else {
                     let (name, ttl) = topology::retry_queue(&self.queue, delay);
                     if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
-                        requeue(&acker).await;
+                        requeue(&acker, self.limit()).await;
                         return Err(e);
                     }
                     name
@@ -291,8 +310,9 @@ impl Drop for AmqpSettle {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let channel = self.channel.clone();
+            let limit = self.limit();
             runtime.spawn(async move {
-                requeue(&acker).await;
+                requeue(&acker, limit).await;
                 drop(channel);
             });
         }

@@ -7,7 +7,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use saga_core::{Message, Publisher, Subscriber, Subscription, TransportError};
 
 use crate::config::{AmqpConfig, RoutingKey};
-use crate::error::{AmqpError, short, unavailable};
+use crate::error::{AmqpError, short, unavailable, within};
 use crate::link::{Link, Wait};
 use crate::mapping;
 use crate::publisher::Publishing;
@@ -59,6 +59,7 @@ impl AmqpTransport {
         let declared: Vec<String> = config.topology.exchanges.iter().map(|e| e.name.clone()).collect();
         let publishing = Publishing::new(
             Arc::clone(&link),
+            config.operation_timeout,
             config.publisher_channels,
             config.max_confirms_in_flight,
             &declared,
@@ -92,6 +93,7 @@ impl AmqpTransport {
     pub async fn delete_topology(&self) -> Result<(), TransportError> {
         let channel = self.shared.link.channel(Wait::No).await?;
         let topology = &self.shared.config.topology;
+        let timeout = self.shared.config.operation_timeout;
         let mut queues: Vec<String> = Vec::new();
         for queue in &topology.queues {
             queues.push(queue.name.clone());
@@ -107,18 +109,24 @@ impl AmqpTransport {
         );
         for queue in queues {
             let name = short(&queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.clone()))?;
-            channel
-                .queue_delete(name, QueueDeleteOptions::default())
-                .await
-                .map_err(unavailable)?;
+            within(
+                timeout,
+                "deleting a queue",
+                channel.queue_delete(name, QueueDeleteOptions::default()),
+            )
+            .await?
+            .map_err(unavailable)?;
         }
         for exchange in &topology.exchanges {
             let name = short(&exchange.name, "exchange name")
                 .map_err(|_| TransportError::UnknownAddress(exchange.name.clone()))?;
-            channel
-                .exchange_delete(name, ExchangeDeleteOptions::default())
-                .await
-                .map_err(unavailable)?;
+            within(
+                timeout,
+                "deleting an exchange",
+                channel.exchange_delete(name, ExchangeDeleteOptions::default()),
+            )
+            .await?
+            .map_err(unavailable)?;
         }
         Ok(())
     }

@@ -561,6 +561,8 @@ async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes(
     let queue = format!("{name}.queue");
     let mut config = broker::config(&name, QueueType::Quorum);
     config.url = through_port(&url, outage.port).0;
+    // A connection that dies mid-operation can leave one hanging: bounded.
+    config.operation_timeout = Duration::from_secs(1);
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
 

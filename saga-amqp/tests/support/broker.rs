@@ -28,6 +28,8 @@ pub fn config(name: &str, queue_type: QueueType) -> AmqpConfig {
     config.connection_name = name.to_owned();
     config.reconnect.initial_backoff = Duration::from_millis(50);
     config.reconnect.max_backoff = Duration::from_millis(500);
+    config.reconnect.connect_timeout = Duration::from_secs(5);
+    config.operation_timeout = Duration::from_secs(5);
     config
 }
 
