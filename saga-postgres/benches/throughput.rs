@@ -7,7 +7,11 @@
 //!
 //! `cargo bench -p saga-postgres --bench throughput` (release). Environment:
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
-//! `BENCH_WRITERS` (16), `BENCH_SECS` (5), `BENCH_RELAY_ROWS` (50000).
+//! `BENCH_WRITERS` (16), `BENCH_SECS` (5), `BENCH_ROUNDS` (3: raw and store
+//! are measured alternately, and the median round's ratio is reported, so a
+//! change in the machine's load affects both sides), `BENCH_RELAY_ROWS`
+//! (50000), `BENCH_PING` (1; 0 disables sqlx's ping on pool acquire for both
+//! sides).
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -27,8 +31,19 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Runs `writers` copies of `body` for `secs` and returns operations per second.
-async fn measure<F, Fut>(writers: usize, secs: u64, body: F) -> f64
+/// Cluster-wide WAL counters (`pg_stat_wal`): records, full-page images, bytes, syncs.
+async fn wal(pool: &PgPool) -> [f64; 4] {
+    let (records, fpi, bytes, syncs): (i64, i64, f64, i64) =
+        sqlx::query_as("SELECT wal_records, wal_fpi, wal_bytes::float8, wal_sync FROM pg_stat_wal")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    [records as f64, fpi as f64, bytes, syncs as f64]
+}
+
+/// Runs `writers` copies of `body` for `secs`, prints the WAL written per
+/// operation in the counted window, and returns operations per second.
+async fn measure<F, Fut>(pool: &PgPool, writers: usize, secs: u64, body: F) -> f64
 where
     F: Fn(usize, Arc<AtomicBool>, Arc<AtomicU64>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -40,10 +55,20 @@ where
         .collect();
     // Warm up (connections, prepared statements), then count.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let wal_before = wal(pool).await;
     let start_count = done.load(Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let counted = done.load(Ordering::Relaxed) - start_count;
+    let wal_after = wal(pool).await;
+    let per_op = |i: usize| (wal_after[i] - wal_before[i]) / counted.max(1) as f64;
+    println!(
+        "  WAL per operation: {:.1} records, {:.2} full-page images, {:.0} bytes; {:.1} operations per WAL sync",
+        per_op(0),
+        per_op(1),
+        per_op(2),
+        1.0 / per_op(3)
+    );
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -198,6 +223,7 @@ async fn main() {
     let writers: usize = env("BENCH_WRITERS", 16);
     let secs: u64 = env("BENCH_SECS", 5);
     let relay_rows: usize = env("BENCH_RELAY_ROWS", 50_000);
+    let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let admin_options: PgConnectOptions = url.parse().unwrap();
     let mut admin = PgConnection::connect_with(&admin_options).await.unwrap_or_else(|e| {
@@ -211,8 +237,11 @@ async fn main() {
         .execute(&mut admin)
         .await
         .unwrap();
+    // BENCH_PING=0 turns off sqlx's liveness ping on every pool acquire
+    // (`test_before_acquire`), for both sides alike.
     let pool = PgPoolOptions::new()
         .max_connections(writers as u32 + 4)
+        .test_before_acquire(env("BENCH_PING", 1) != 0)
         .connect_with(admin_options.clone().database(&name))
         .await
         .unwrap();
@@ -223,22 +252,35 @@ async fn main() {
         .unwrap();
     let store = PostgresStore::new(pool.clone());
 
-    println!("writers: {writers}, {secs} s per measurement");
-    let raw = {
-        let pool = pool.clone();
-        measure(writers, secs, move |_, stop, done| raw_writer(pool.clone(), stop, done)).await
-    };
-    println!("raw single-row INSERT commits/s:      {raw:>9.0}");
-    let transitions = {
-        let store = store.clone();
-        measure(writers, secs, move |_, stop, done| {
-            store_writer(store.clone(), stop, done)
-        })
-        .await
-    };
+    println!("writers: {writers}, {secs} s per measurement, {rounds} rounds of raw then store");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let raw = {
+            let writer_pool = pool.clone();
+            measure(&pool, writers, secs, move |_, stop, done| {
+                raw_writer(writer_pool.clone(), stop, done)
+            })
+            .await
+        };
+        println!("round {round}: raw single-row INSERT commits/s: {raw:>9.0}");
+        let transitions = {
+            let store = store.clone();
+            measure(&pool, writers, secs, move |_, stop, done| {
+                store_writer(store.clone(), stop, done)
+            })
+            .await
+        };
+        println!(
+            "round {round}: store transitions/s (inbox+state+history+outbox): {transitions:>9.0}  ({:.0} % of raw)",
+            100.0 * transitions / raw
+        );
+        ratios.push((transitions / raw, raw, transitions));
+    }
+    ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (ratio, raw, transitions) = ratios[ratios.len() / 2];
     println!(
-        "store transitions/s (inbox+state+history+outbox): {transitions:>9.0}  ({:.0} % of raw)",
-        100.0 * transitions / raw
+        "median round: raw {raw:.0}/s, store {transitions:.0}/s, ratio {:.0} %",
+        100.0 * ratio
     );
     let engine = Engine::builder(Arc::new(store.clone()))
         .register(
@@ -257,7 +299,7 @@ async fn main() {
         )
         .build()
         .unwrap();
-    let handled = measure(writers, secs, move |_, stop, done| {
+    let handled = measure(&pool, writers, secs, move |_, stop, done| {
         engine_writer(engine.clone(), stop, done)
     })
     .await;

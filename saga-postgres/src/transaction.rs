@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use saga_core::{Message, MessageId, SagaId, SagaInstance, StoreError, Transaction, Transition};
+use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
@@ -83,6 +84,9 @@ const REST_SQL: &str = concat!("WITH ", rest_ctes!(unguarded), " SELECT 1::bigin
 /// [`flush`](Self::flush) if application SQL must see them.
 pub struct PostgresTransaction {
     shared: Arc<Shared>,
+    /// The pool connection, taken by the inbox read and kept to the commit,
+    /// so a transition acquires (and sqlx pings) a connection once.
+    held: Option<PoolConnection<Postgres>>,
     /// Opened only when application code needs the connection, or the
     /// writes do not fit in one statement.
     tx: Option<sqlx::Transaction<'static, Postgres>>,
@@ -101,6 +105,7 @@ impl PostgresTransaction {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared,
+            held: None,
             tx: None,
             instances: Vec::new(),
             rest: Rest::default(),
@@ -114,7 +119,13 @@ impl PostgresTransaction {
     pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
         let tx = match self.tx.take() {
             Some(tx) => tx,
-            None => self.shared.pool.begin().await.map_err(store_error)?,
+            None => {
+                let conn = match self.held.take() {
+                    Some(conn) => conn,
+                    None => self.shared.pool.acquire().await.map_err(store_error)?,
+                };
+                sqlx::Transaction::begin(conn, None).await.map_err(store_error)?
+            }
         };
         Ok(&mut **self.tx.insert(tx))
     }
@@ -396,7 +407,13 @@ impl Transaction for PostgresTransaction {
         .bind(message.as_str());
         let seen = match &mut self.tx {
             Some(tx) => query.fetch_one(&mut **tx).await,
-            None => query.fetch_one(&self.shared.pool).await,
+            None => {
+                let conn = match &mut self.held {
+                    Some(conn) => conn,
+                    None => self.held.insert(self.shared.pool.acquire().await.map_err(store_error)?),
+                };
+                query.fetch_one(&mut **conn).await
+            }
         }
         .map_err(store_error)?;
         if seen {
@@ -436,8 +453,11 @@ impl Transaction for PostgresTransaction {
             // Everything fits in one statement: it is its own transaction.
             let write = self.instances.pop();
             let rest = std::mem::take(&mut self.rest);
+            let held = self.held.take();
             if write.is_none() && rest.is_empty() {
                 Ok(())
+            } else if let Some(mut conn) = held {
+                write_all(&mut *conn, write, rest).await
             } else {
                 write_all(&self.shared.pool, write, rest).await
             }
@@ -450,6 +470,8 @@ impl Transaction for PostgresTransaction {
                 Err(e) => Err(e),
             }
         };
+        // Give the connection back before reading with another one.
+        drop(self.held.take());
         let result = self.with_actual_revision(result).await;
         if result.is_ok() && self.enqueued {
             self.shared.outbox_committed();
