@@ -1,9 +1,4 @@
-//! The reference order service: the platform's order API over gRPC, with
-//! every order driven by a saga declared with saga-core.
-//!
-//! Layers: [`proto`] → [`grpc`] (decode, parse into domain values, map errors
-//! to statuses) → [`orders`] (place and read) → [`domain`] (pure) and
-//! [`saga`] (the order saga) → [`app`] (start-up wiring of the backends).
+#![doc = include_str!("../README.md")]
 
 pub mod app;
 pub mod config;
