@@ -174,6 +174,12 @@ pub struct ExchangeConfig {
     pub durable: bool,
     /// The routing key of messages published to it.
     pub routing_key: RoutingKey,
+    /// Whether a message no queue is bound for is an error (the default:
+    /// published `mandatory`, a returned message is `Rejected` and the relay
+    /// retries it). Set it to `false` for event exchanges whose consumers may
+    /// not exist yet — the broker then drops such a message, as a plain
+    /// fanout publish would.
+    pub require_route: bool,
 }
 
 impl ExchangeConfig {
@@ -189,7 +195,14 @@ impl ExchangeConfig {
             kind,
             durable: true,
             routing_key,
+            require_route: true,
         }
+    }
+
+    /// Lets the broker drop messages no queue is bound for (see [`require_route`](Self::require_route)).
+    pub fn allow_unrouted(mut self) -> Self {
+        self.require_route = false;
+        self
     }
 }
 

@@ -117,6 +117,7 @@ impl Publishing {
         id: &str,
         exchange: &str,
         routing_key: &str,
+        mandatory: bool,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), TransportError> {
@@ -129,7 +130,7 @@ impl Publishing {
         let _slot = self.in_flight.acquire().await.map_err(|_| TransportError::Closed)?;
         let channel = self.channel().await?;
         let options = BasicPublishOptions {
-            mandatory: true,
+            mandatory,
             immediate: false,
         };
         let confirmation = async {

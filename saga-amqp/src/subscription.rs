@@ -242,7 +242,7 @@ impl AmqpSettle {
         let published = self
             .shared
             .publishing
-            .publish(self.message_id.as_str(), "", queue, &self.body, properties)
+            .publish(self.message_id.as_str(), "", queue, true, &self.body, properties)
             .await;
         match published {
             Ok(()) => ack(acker, self.limit()).await,

@@ -131,6 +131,15 @@ impl AmqpTransport {
         Ok(())
     }
 
+    /// Whether an unroutable message to `destination` is an error.
+    fn require_route(&self, destination: &str) -> bool {
+        self.shared
+            .config
+            .topology
+            .exchange_config(destination)
+            .is_none_or(|e| e.require_route)
+    }
+
     fn routing_key<'a>(&'a self, message: &'a Message) -> &'a str {
         match self
             .shared
@@ -161,6 +170,7 @@ impl Publisher for AmqpTransport {
                 message.id.as_str(),
                 &message.destination,
                 self.routing_key(message),
+                self.require_route(&message.destination),
                 &message.payload,
                 properties,
             )

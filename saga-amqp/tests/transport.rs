@@ -300,6 +300,20 @@ async fn unroutable_and_unknown_destinations_are_errors_and_publishing_goes_on()
         }
         other => panic!("an unroutable message must be rejected, got {other:?}"),
     }
+    // An event exchange whose consumers may not exist yet: the broker drops
+    // the message and publishing succeeds.
+    let optional = format!("{name}.optional");
+    let mut config = broker::config(&format!("{name}-opt"), QueueType::Classic);
+    config.topology = config
+        .topology
+        .with_exchange(saga_amqp::ExchangeConfig::new(&optional, ExchangeKind::Fanout).allow_unrouted());
+    let lenient = broker::connect(config).await;
+    lenient
+        .publish(&Message::new("Nobody", optional.clone(), b"{}".to_vec()))
+        .await
+        .expect("an unrouted message to an exchange that allows it is accepted");
+    lenient.delete_topology().await.expect("cleanup");
+    lenient.close().await;
     let missing = Message::new("Nobody", format!("{name}.missing"), b"{}".to_vec());
     assert!(
         matches!(

@@ -176,6 +176,9 @@ impl Consumer {
                     }
                 }
             }
+            // Stop deliveries first (the broker then sends no more), then let
+            // the handlers in flight finish and settle.
+            drop(subscription);
             while in_flight.join_next().await.is_some() {}
         }
         .instrument(span)
