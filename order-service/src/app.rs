@@ -18,7 +18,7 @@ use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
 use saga_core::{
     CancellationToken, Consumer, ConsumerConfig, Engine, EngineError, Message, MessageHandler, Participant, Relay,
-    RelayConfig,
+    RelayConfig, RetryPolicy,
 };
 use saga_postgres::PostgresStore;
 use sqlx::PgPool;
@@ -66,18 +66,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// PostgreSQL could not be reached or migrated: start it, check `DATABASE_URL`.
+    /// `DATABASE_URL` is not a usable PostgreSQL URL: fix it. (An unreachable
+    /// database is waited for, not an error.)
     #[error("PostgreSQL ({url}): {source}")]
     Database {
-        /// The URL, password masked.
-        url: String,
-        /// The cause.
-        #[source]
-        source: saga_core::BoxError,
-    },
-    /// RabbitMQ could not be reached or its topology declared: start it, check `RABBITMQ_URL`.
-    #[error("RabbitMQ ({url}): {source}")]
-    Broker {
         /// The URL, password masked.
         url: String,
         /// The cause.
@@ -445,6 +437,20 @@ fn production(
     ))
 }
 
+/// Stock replies that fail retryably (the database is away) are retried for
+/// about three minutes (backoff up to 10 s) before they are dead-lettered, so a database restart does
+/// not turn replies into dead letters (and orders into timeouts).
+fn reply_consumer_config(queue: &str) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(queue);
+    config.retry = RetryPolicy {
+        max_attempts: 26,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(10),
+        multiplier: 2,
+    };
+    config
+}
+
 fn deadline_interval(saga: &OrderSagaConfig) -> Duration {
     (saga.stock_reply_timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
 }
@@ -607,7 +613,7 @@ impl ProductionStart {
             let consumer = Consumer::new(
                 Arc::new(TracedHandler::new(Arc::new(handler))),
                 transport.clone(),
-                ConsumerConfig::new(names.stock_update_queue.clone()),
+                reply_consumer_config(&names.stock_update_queue),
             );
             tasks.spawn(consumer.run(shutdown.clone()));
             readiness.serving().await;
@@ -652,5 +658,23 @@ async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stock_replies_ride_out_a_database_restart_of_a_few_minutes() {
+        let policy = reply_consumer_config("q").retry;
+        let mut waited = Duration::ZERO;
+        let mut attempts = 1;
+        while policy.allows_another(attempts) {
+            waited += policy.backoff(attempts);
+            attempts += 1;
+        }
+        assert!(waited >= Duration::from_secs(180), "dead-lettered after {waited:?}");
+        assert!(waited <= Duration::from_secs(600), "retried for {waited:?}");
     }
 }
