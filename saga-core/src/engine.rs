@@ -393,7 +393,7 @@ impl Engine {
             let runner = self.runner(definition, version, id)?;
             let pending = runner.start(id, Box::new(data), self.now())?;
             let status = pending.instance.status;
-            match self.commit(pending, None, None).await {
+            match self.commit(pending, None, None, false).await {
                 Ok(_) => {
                     metrics::counter!("saga_started_total", "saga" => definition.to_owned()).increment(1);
                     record_transition(definition, None, status);
@@ -580,6 +580,10 @@ impl Engine {
         consumed: Option<&MessageId>,
     ) -> Result<Handled, EngineError> {
         let attempts = self.inner.config.max_conflict_retries.max(1);
+        // Optimistic first: the inbox is checked at commit. Only once that
+        // reports the message consumed do we ask the inbox up front, which
+        // then names the duplicate.
+        let mut check_inbox_first = false;
         for _ in 0..attempts {
             let instance = match loaded.take() {
                 Some(instance) => Some(instance),
@@ -606,13 +610,16 @@ impl Engine {
                 }));
             };
             let status = pending.instance.status;
-            match self.commit(pending, Some(revision), consumed).await {
+            match self.commit(pending, Some(revision), consumed, check_inbox_first).await {
                 Ok(true) => {
                     tracing::debug!(%status, "transition committed");
                     record_transition(runner.name(), Some(before), status);
                     return Ok(Handled::Applied { saga: id, status });
                 }
                 Ok(false) => return Ok(Handled::Duplicate),
+                Err(EngineError::Store(StoreError::ConsumedConcurrently { .. })) if consumed.is_some() => {
+                    check_inbox_first = true;
+                }
                 Err(EngineError::Store(e)) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
             }
@@ -627,12 +634,17 @@ impl Engine {
         pending: Pending,
         expected_revision: Option<u64>,
         consumed: Option<&MessageId>,
+        check_inbox_first: bool,
     ) -> Result<bool, EngineError> {
         let mut tx = self.inner.store.begin().await?;
-        if let Some(message) = consumed
-            && !tx.consume(&self.inner.config.consumer, message).await?
-        {
-            return Ok(false);
+        match consumed {
+            Some(message) if check_inbox_first => {
+                if !tx.consume(&self.inner.config.consumer, message).await? {
+                    return Ok(false);
+                }
+            }
+            Some(message) => tx.consume_at_commit(&self.inner.config.consumer, message).await?,
+            None => {}
         }
         match expected_revision {
             None => tx.insert(&pending.instance).await?,

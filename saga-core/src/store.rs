@@ -103,6 +103,20 @@ pub trait Transaction: Send {
     /// a duplicate and drop this transaction.
     async fn consume(&mut self, consumer: &str, message: &MessageId) -> Result<bool, StoreError>;
 
+    /// Records that `consumer` consumes `message`, checked no later than at
+    /// commit: if it was consumed already, this call or [`commit`](Self::commit)
+    /// fails with [`StoreError::ConsumedConcurrently`] and nothing of the
+    /// transaction is written. Backends that can check at commit override it
+    /// to save the read [`consume`](Self::consume) needs; the engine uses it
+    /// first and falls back to `consume` after such a failure.
+    async fn consume_at_commit(&mut self, consumer: &str, message: &MessageId) -> Result<(), StoreError> {
+        if self.consume(consumer, message).await? {
+            Ok(())
+        } else {
+            Err(StoreError::ConsumedConcurrently { id: message.clone() })
+        }
+    }
+
     /// Inserts a new instance (revision as given). [`StoreError::AlreadyExists`]
     /// when its id, or its key under the same definition, is taken.
     async fn insert(&mut self, instance: &SagaInstance) -> Result<(), StoreError>;

@@ -424,6 +424,17 @@ impl Transaction for PostgresTransaction {
         Ok(true)
     }
 
+    async fn consume_at_commit(&mut self, consumer: &str, message: &MessageId) -> Result<(), StoreError> {
+        if self.rest.consumes(consumer, message.as_str()) {
+            return Err(StoreError::ConsumedConcurrently { id: message.clone() });
+        }
+        // No read: the inbox row goes into the commit's single statement,
+        // whose unique key rejects a message consumed before.
+        self.rest.i_consumer.push(consumer.to_owned());
+        self.rest.i_message.push(message.as_str().to_owned());
+        Ok(())
+    }
+
     async fn insert(&mut self, instance: &SagaInstance) -> Result<(), StoreError> {
         self.instances
             .push(InstanceWrite::Insert(InstanceValues::new(instance)?));

@@ -22,6 +22,7 @@ where
     stale_update_conflicts(fresh().await).await;
     dropped_transaction_leaves_nothing(fresh().await).await;
     inbox_deduplicates(fresh().await).await;
+    consumption_checked_at_commit_writes_nothing_for_a_duplicate(fresh().await).await;
     concurrent_consumers_of_one_message_commit_once(fresh().await).await;
     concurrent_updates_apply_once(fresh().await).await;
     outbox_keeps_order_and_fields(fresh().await).await;
@@ -229,6 +230,52 @@ pub async fn inbox_deduplicates(store: Arc<dyn Store>) {
         "another consumer has its own inbox"
     );
     must(tx.commit().await, "commit");
+}
+
+/// A message consumed already makes a transaction that consumes it at
+/// commit fail as a whole.
+pub async fn consumption_checked_at_commit_writes_nothing_for_a_duplicate(store: Arc<dyn Store>) {
+    let instance = sample_instance("orders", None);
+    must(insert(store.as_ref(), &instance).await, "insert");
+    let id = MessageId::new();
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.consume_at_commit("engine", &id).await, "consume at commit");
+    let mut next = instance.clone();
+    next.revision = 2;
+    must(tx.update(&next, 1).await, "update");
+    must(tx.commit().await, "the first consumption commits");
+
+    let mut tx = must(store.begin().await, "begin");
+    let mut again = next.clone();
+    again.revision = 3;
+    again.step = 9;
+    let outcome = async {
+        tx.consume_at_commit("engine", &id).await?;
+        tx.update(&again, 2).await?;
+        tx.enqueue(Some(instance.id), &[Message::new("M", "d", b"{}".to_vec())])
+            .await?;
+        tx.commit().await
+    }
+    .await;
+    assert!(
+        matches!(outcome, Err(StoreError::ConsumedConcurrently { .. })),
+        "a second consumption must fail as ConsumedConcurrently, got {outcome:?}"
+    );
+    let loaded = must(store.load(instance.id).await, "load");
+    assert_eq!(
+        loaded.map(|i| i.revision),
+        Some(2),
+        "the duplicate's update must not be written"
+    );
+    assert!(
+        must(store.claim(10, Duration::from_secs(30)).await, "claim").is_empty(),
+        "nor its messages"
+    );
+    let mut tx = must(store.begin().await, "begin");
+    assert!(
+        !must(tx.consume("engine", &id).await, "consume"),
+        "the inbox holds the message"
+    );
 }
 
 /// Two transactions consuming the same message: at most one commits having
