@@ -49,7 +49,9 @@ pub const STOCK_REPLY_LATENCY: &str = "order_stock_reply_seconds";
 /// [`shutdown`](Self::shutdown) to flush the spans not yet exported.
 #[must_use = "dropping it without shutdown() loses the spans not yet exported"]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    provider: SdkTracerProvider,
+    /// Whether spans are exported (and so need flushing).
+    exporting: bool,
 }
 
 /// How long shutdown waits for the last spans to reach the collector.
@@ -57,9 +59,12 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(3);
 
 impl Telemetry {
     /// Installs the global `tracing` subscriber: `RUST_LOG` filters (default
-    /// `info`), `format` picks human-readable lines or JSON lines, and when
-    /// `otel.endpoint` is set, spans are exported over OTLP/gRPC (batched on
-    /// the tokio runtime) with `otel.service_name` as `service.name`.
+    /// `info`), `format` picks human-readable lines or JSON lines.
+    ///
+    /// Spans always carry OpenTelemetry trace context, so `traceparent` is
+    /// continued from callers and passed on with every message published; they
+    /// are exported only when `otel.endpoint` is set: over OTLP/gRPC, batched
+    /// on the tokio runtime, with `otel.service_name` as `service.name`.
     ///
     /// Must run inside a tokio runtime. An unreachable collector never breaks
     /// or slows the service: exports are bounded in time and spans beyond
@@ -67,20 +72,25 @@ impl Telemetry {
     /// already (as in tests).
     pub fn init(format: LogFormat, otel: &OtelConfig) -> Self {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        let provider = otel
+        let exporter = otel
             .endpoint
             .as_deref()
-            .and_then(|endpoint| match tracer_provider(endpoint, otel) {
-                Ok(provider) => Some(provider),
+            .and_then(|endpoint| match batch_exporter(endpoint) {
+                Ok(processor) => Some(processor),
                 Err(error) => {
                     // Logging is not installed yet.
                     eprintln!("order-service: OTLP trace export disabled: {error}");
                     None
                 }
             });
-        let otel_layer = provider
-            .as_ref()
-            .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(otel.service_name.clone())));
+        let exporting = exporter.is_some();
+        let resource = Resource::builder().with_service_name(otel.service_name.clone()).build();
+        let mut provider = SdkTracerProvider::builder().with_resource(resource);
+        if let Some(processor) = exporter {
+            provider = provider.with_span_processor(processor);
+        }
+        let provider = provider.build();
+        let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(otel.service_name.clone()));
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
         let _ = match format {
@@ -89,16 +99,19 @@ impl Telemetry {
                 .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
                 .try_init(),
         };
-        if let (Some(endpoint), true) = (&otel.endpoint, provider.is_some()) {
+        if let (Some(endpoint), true) = (&otel.endpoint, exporting) {
             tracing::info!(endpoint, service_name = %otel.service_name, "exporting traces over OTLP/gRPC");
         }
-        Self { provider }
+        Self { provider, exporting }
     }
 
     /// Exports the spans still queued (waiting at most a few seconds for the
     /// collector) and stops the exporter.
     pub async fn shutdown(self) {
-        let Some(provider) = self.provider else { return };
+        if !self.exporting {
+            return;
+        }
+        let provider = self.provider;
         // The SDK blocks the calling thread until its batch task (on this
         // runtime) answers: never block a runtime thread with it.
         let flushing = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_LIMIT));
@@ -111,7 +124,8 @@ impl Telemetry {
     }
 }
 
-fn tracer_provider(endpoint: &str, otel: &OtelConfig) -> Result<SdkTracerProvider, String> {
+/// The OTLP/gRPC exporter behind a batch processor on the tokio runtime.
+fn batch_exporter(endpoint: &str) -> Result<BatchSpanProcessor<opentelemetry_sdk::runtime::Tokio>, String> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
@@ -123,13 +137,8 @@ fn tracer_provider(endpoint: &str, otel: &OtelConfig) -> Result<SdkTracerProvide
         .with_scheduled_delay(Duration::from_secs(1))
         .with_max_export_timeout(Duration::from_secs(3))
         .build();
-    let processor = BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+    Ok(BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
         .with_batch_config(batch)
-        .build();
-    let resource = Resource::builder().with_service_name(otel.service_name.clone()).build();
-    Ok(SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_resource(resource)
         .build())
 }
 

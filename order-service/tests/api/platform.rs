@@ -95,7 +95,8 @@ pub struct Platform {
     pub database_url: String,
     pub names: WireNames,
     pub transport: Arc<AmqpTransport>,
-    stock_queue: String,
+    /// The queue the test stock service consumes `OrderCreated` from.
+    pub stock_queue: String,
     confirmed_queue: String,
     cancelled_queue: String,
     /// Every `OrderConfirmed` / `OrderCancelled` seen: (message id, order id).
