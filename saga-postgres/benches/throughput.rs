@@ -133,7 +133,7 @@ async fn store_writer(store: PostgresStore, stop: Arc<AtomicBool>, done: Arc<Ato
             note: None,
         };
         let mut tx = store.begin().await.unwrap();
-        assert!(tx.consume("saga-engine", &message).await.unwrap());
+        tx.consume_at_commit("saga-engine", &message).await.unwrap();
         tx.update(&next, current.revision).await.unwrap();
         tx.record(&transition).await.unwrap();
         tx.enqueue(Some(next.id), &[emitted]).await.unwrap();
