@@ -483,22 +483,43 @@ async fn wait_for<T, E: std::fmt::Display, F: Future<Output = Result<T, E>> + Se
     }
 }
 
-/// Migrates the saga store and the order tables.
+/// Migrates the saga store and the order tables, on a thread of its own.
 ///
 /// sqlx's `Migrator::run` future is not `Send` in a generic context (its
 /// `Acquire` bound is higher-ranked), so it cannot be awaited inside a spawned
-/// task; it runs on a blocking thread driven by this runtime instead.
-fn migrate(pool: PgPool) -> Pin<Box<dyn Future<Output = Result<(), saga_core::BoxError>> + Send>> {
-    let runtime = tokio::runtime::Handle::current();
+/// task. It runs on a dedicated thread with its own small runtime and its own
+/// connection instead, so an attempt still waiting when the process stops
+/// never touches the main runtime while it shuts down.
+fn migrate(url: SecretUrl) -> Pin<Box<dyn Future<Output = Result<(), saga_core::BoxError>> + Send>> {
+    let (done, migrated) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("migrate".to_owned()).spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(saga_core::BoxError::from)
+            .and_then(|runtime| {
+                runtime.block_on(async {
+                    let pool = PgPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(Duration::from_secs(2))
+                        .connect(url.expose())
+                        .await?;
+                    let result = async {
+                        saga_postgres::migrate(&pool).await?;
+                        PostgresOrders::migrate(&pool).await
+                    }
+                    .await;
+                    pool.close().await;
+                    result.map_err(saga_core::BoxError::from)
+                })
+            });
+        let _ = done.send(result);
+    });
     Box::pin(async move {
-        let migrating = tokio::task::spawn_blocking(move || {
-            runtime.block_on(async {
-                saga_postgres::migrate(&pool).await?;
-                PostgresOrders::migrate(&pool).await?;
-                Ok::<_, sqlx::migrate::MigrateError>(())
-            })
-        });
-        migrating.await?.map_err(Into::into)
+        spawned?;
+        migrated
+            .await
+            .map_err(|_| "the migration thread stopped without an answer")?
     })
 }
 
@@ -574,7 +595,7 @@ impl ProductionStart {
         } = self;
         let names = &saga.names;
         tracing::info!(database = %database_url, broker = %rabbitmq_url, "connecting");
-        if wait_for("PostgreSQL", &database_url, &shutdown, || migrate(pool.clone()))
+        if wait_for("PostgreSQL", &database_url, &shutdown, || migrate(database_url.clone()))
             .await
             .is_none()
         {
