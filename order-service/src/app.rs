@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology, TracedHandler};
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
 use saga_core::{
     CancellationToken, Consumer, ConsumerConfig, Engine, EngineError, Message, MessageHandler, Participant, Relay,
@@ -616,8 +616,11 @@ impl ProductionStart {
         let topology = Topology::new()
             .exchange(&names.orders_exchange, ExchangeKind::Fanout)
             .exchange(&names.stock_update_exchange, ExchangeKind::Fanout)
-            .exchange(&names.order_confirmed_exchange, ExchangeKind::Fanout)
-            .exchange(&names.order_cancelled_exchange, ExchangeKind::Fanout)
+            // Events nobody may listen to yet (OrderCancelled is new to the
+            // platform): an unbound exchange must not jam the outbox with
+            // retries, so the broker may drop them.
+            .with_exchange(ExchangeConfig::new(&names.order_confirmed_exchange, ExchangeKind::Fanout).allow_unrouted())
+            .with_exchange(ExchangeConfig::new(&names.order_cancelled_exchange, ExchangeKind::Fanout).allow_unrouted())
             .queue(&names.stock_update_queue)
             .bind(&names.stock_update_exchange, &names.stock_update_queue, "");
         let mut amqp = AmqpConfig::new(rabbitmq_url.expose(), topology);

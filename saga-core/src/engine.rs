@@ -637,14 +637,13 @@ impl Engine {
         check_inbox_first: bool,
     ) -> Result<bool, EngineError> {
         let mut tx = self.inner.store.begin().await?;
-        match consumed {
-            Some(message) if check_inbox_first => {
-                if !tx.consume(&self.inner.config.consumer, message).await? {
-                    return Ok(false);
-                }
+        if let Some(message) = consumed {
+            let consumer = &self.inner.config.consumer;
+            if !check_inbox_first {
+                tx.consume_at_commit(consumer, message).await?;
+            } else if !tx.consume(consumer, message).await? {
+                return Ok(false);
             }
-            Some(message) => tx.consume_at_commit(&self.inner.config.consumer, message).await?,
-            None => {}
         }
         match expected_revision {
             None => tx.insert(&pending.instance).await?,

@@ -11,6 +11,7 @@ mod instance;
 mod message;
 mod participant;
 mod relay;
+mod signal;
 mod store;
 mod transport;
 mod upgrade;
@@ -30,6 +31,7 @@ pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, Unknow
 pub use message::{Command, IN_REPLY_TO, Message};
 pub use participant::{CommandHandler, Handling, Participant};
 pub use relay::{Relay, RelayConfig, RelayRound};
+pub use signal::cancel_on_signal;
 pub use store::{
     DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, Store,
     StoreError, Transaction,

@@ -23,6 +23,9 @@ const TRANSIENT_SQLSTATES: &[&str] = &[
 pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed | sqlx::Error::Tls(_) => true,
+        // A connection cut mid-exchange (e.g. during the TLS request at
+        // connect) shows up as a protocol error; a fresh connection cures it.
+        sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db
             .code()
             .is_some_and(|code| TRANSIENT_SQLSTATES.contains(&code.as_ref())),
@@ -64,6 +67,7 @@ mod tests {
         let io = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
         assert!(store_error(io).is_retryable());
         assert!(store_error(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(store_error(sqlx::Error::Protocol("unexpected response from SSLRequest".into())).is_retryable());
         assert!(!store_error(sqlx::Error::RowNotFound).is_retryable());
         assert!(matches!(
             store_error(sqlx::Error::Decode("bad".into())),
