@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,10 +15,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology, TracedHandler};
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
-use saga_core::{
-    CancellationToken, Consumer, ConsumerConfig, Engine, EngineError, Message, MessageHandler, Participant, Relay,
-    RelayConfig, RetryPolicy,
-};
+use saga_core::{CancellationToken, Consumer, ConsumerConfig, Engine, Participant, Relay, RelayConfig, RetryPolicy};
 use saga_postgres::PostgresStore;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -633,11 +629,12 @@ impl ProductionStart {
             let store = Arc::new(PostgresStore::new(pool));
             let publisher = Arc::new(TracedPublisher::new(transport.clone()));
             tasks.spawn(Relay::new(store, publisher, RelayConfig::default()).run(shutdown.clone()));
-            let handler = StockReplies { engine };
+            let handler = engine;
             let consumer = Consumer::new(
                 Arc::new(TracedHandler::new(Arc::new(handler))),
                 transport.clone(),
-                reply_consumer_config(&names.stock_update_queue),
+                // The platform's product service may leave the AMQP `type` unset.
+                reply_consumer_config(&names.stock_update_queue).with_default_kind(STOCK_UPDATE_RESULT),
             );
             tasks.spawn(consumer.run(shutdown.clone()));
             readiness.serving().await;
@@ -649,25 +646,6 @@ impl ProductionStart {
             transport.close().await;
         }
         while tasks.join_next().await.is_some() {}
-    }
-}
-
-/// The engine, fed from the stock reply queue. Publishers on the platform
-/// may leave the AMQP `type` unset; every message on that queue is a
-/// `StockUpdateResult`, so that is what an untyped one is taken for.
-struct StockReplies {
-    engine: Engine,
-}
-
-#[async_trait]
-impl MessageHandler for StockReplies {
-    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
-        if message.kind.is_empty() {
-            let mut typed = message.clone();
-            typed.kind = STOCK_UPDATE_RESULT.to_owned();
-            return self.engine.handle(&typed).await.map(|_| ());
-        }
-        self.engine.handle(message).await.map(|_| ())
     }
 }
 

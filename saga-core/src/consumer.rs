@@ -34,6 +34,9 @@ pub struct ConsumerConfig {
     /// Redelivery of messages whose handling failed retryably; past
     /// `max_attempts` they are dead-lettered.
     pub retry: RetryPolicy,
+    /// The type given to messages that arrive without one (publishers that
+    /// set no AMQP `type`), for a queue that carries a single type.
+    pub default_kind: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -48,7 +51,14 @@ impl ConsumerConfig {
                 max_backoff: Duration::from_secs(30),
                 multiplier: 2,
             },
+            default_kind: None,
         }
+    }
+
+    /// Takes untyped messages on this queue for `kind`.
+    pub fn with_default_kind(mut self, kind: impl Into<String>) -> Self {
+        self.default_kind = Some(kind.into());
+        self
     }
 }
 
@@ -97,12 +107,18 @@ impl Consumer {
     }
 
     /// Handles one delivery and settles it.
-    pub async fn process(handler: &dyn MessageHandler, delivery: Delivery, policy: &RetryPolicy) {
+    pub async fn process(handler: &dyn MessageHandler, delivery: Delivery, config: &ConsumerConfig) {
         let Delivery {
-            message,
+            mut message,
             retries,
             settle,
         } = delivery;
+        if message.kind.is_empty()
+            && let Some(kind) = &config.default_kind
+        {
+            message.kind.clone_from(kind);
+        }
+        let policy = &config.retry;
         let result = handler.handle(&message).await;
         let settlement = settlement_for(&result, retries, policy);
         let outcome = match &settlement {
@@ -146,7 +162,7 @@ impl Consumer {
                 }
             };
             let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-            let policy = Arc::new(self.config.retry);
+            let config = Arc::new(self.config);
             let mut in_flight = JoinSet::new();
             loop {
                 while in_flight.try_join_next().is_some() {}
@@ -168,9 +184,9 @@ impl Consumer {
                     }
                     Some(Ok(delivery)) => {
                         let handler = Arc::clone(&self.handler);
-                        let policy = Arc::clone(&policy);
+                        let config = Arc::clone(&config);
                         in_flight.spawn(async move {
-                            Consumer::process(handler.as_ref(), delivery, &policy).await;
+                            Consumer::process(handler.as_ref(), delivery, &config).await;
                             drop(permit);
                         });
                     }

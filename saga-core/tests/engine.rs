@@ -515,3 +515,37 @@ fn compensations_know_why_the_saga_failed() {
         ]
     );
 }
+
+struct Kinds(std::sync::Mutex<Vec<String>>);
+
+#[async_trait]
+impl saga_core::MessageHandler for Kinds {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        self.0.lock().expect("not poisoned").push(message.kind.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn untyped_messages_take_the_queues_default_kind() {
+    use saga_core::{Publisher, Subscriber};
+    let transport = InMemoryTransport::new();
+    transport.bind("replies", "reply-queue");
+    transport
+        .publish(&Message::new("", "replies", b"{}".to_vec()))
+        .await
+        .expect("publish");
+    transport
+        .publish(&Message::new("Typed", "replies", b"{}".to_vec()))
+        .await
+        .expect("publish");
+    let handler = Kinds(std::sync::Mutex::new(Vec::new()));
+    let config = ConsumerConfig::new("reply-queue").with_default_kind("StockUpdateResult");
+    let mut subscription = transport.subscribe("reply-queue").await.expect("subscribe");
+    for _ in 0..2 {
+        let delivery = subscription.next().await.expect("open").expect("delivery");
+        Consumer::process(&handler, delivery, &config).await;
+    }
+    assert_eq!(*handler.0.lock().expect("not poisoned"), ["StockUpdateResult", "Typed"]);
+    assert_eq!(transport.stats("reply-queue").ready, 0, "both acked");
+}

@@ -5,11 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
-use saga_core::{
-    CancellationToken, Consumer, ConsumerConfig, EngineError, Message, MessageHandler, Participant, Relay, RelayConfig,
-};
+use saga_core::{CancellationToken, Consumer, ConsumerConfig, Participant, Relay, RelayConfig};
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use tokio::task::JoinSet;
 
@@ -128,16 +125,15 @@ impl InventoryService {
         ]
         .into_iter()
         .map(|(queue, kind)| {
-            let handler = Arc::new(TracedHandler::new(Arc::new(Untyped {
-                kind,
-                participant: participant.clone(),
-            })));
+            // The platform's publishers may leave the AMQP `type` unset;
+            // each queue carries one type.
+            let handler = Arc::new(TracedHandler::new(participant.clone()));
             Consumer::new(
                 handler,
                 transport.clone(),
                 ConsumerConfig {
                     concurrency: config.concurrency,
-                    ..ConsumerConfig::new(queue.clone())
+                    ..ConsumerConfig::new(queue.clone()).with_default_kind(kind)
                 },
             )
         })
@@ -188,25 +184,5 @@ impl InventoryService {
         }
         self.transport.close().await;
         tracing::info!("stopped");
-    }
-}
-
-/// Feeds one queue to the participant. The platform's publishers may leave
-/// the AMQP `type` unset; everything on this queue is of one type, so an
-/// untyped message is taken for it.
-struct Untyped {
-    kind: &'static str,
-    participant: Arc<Participant>,
-}
-
-#[async_trait]
-impl MessageHandler for Untyped {
-    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
-        if message.kind.is_empty() {
-            let mut typed = message.clone();
-            self.kind.clone_into(&mut typed.kind);
-            return self.participant.handle(&typed).await.map(|_| ());
-        }
-        self.participant.handle(message).await.map(|_| ())
     }
 }
