@@ -348,6 +348,7 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
     let table = InMemoryOrders::new();
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
     let engine = Engine::builder(Arc::new(store.clone()))
+        .message_headers(saga_amqp::inject_current)
         .register_with_effects(definition, table.clone())
         .build()
         .map_err(|e| StartError::Internal(Box::new(e)))?;
@@ -415,6 +416,7 @@ fn production(
     let table = PostgresOrders::new(pool.clone());
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
     let engine = Engine::builder(store)
+        .message_headers(saga_amqp::inject_current)
         .register_with_effects(definition, table.clone())
         .build()
         .map_err(|e| StartError::Internal(Box::new(e)))?;

@@ -86,7 +86,8 @@ async fn trace_context_flows_from_the_caller_through_rabbitmq_and_back() {
     );
     let order = app.send_create(request).await.expect("placed");
 
-    // OrderCreated leaves with a trace context of its own publication.
+    // OrderCreated continues the trace of the CreateOrder call that caused it
+    // (the engine records the trace context as the message enters the outbox).
     let created = tokio::time::timeout(PATIENCE, stock.next())
         .await
         .expect("OrderCreated in time")
@@ -97,8 +98,8 @@ async fn trace_context_flows_from_the_caller_through_rabbitmq_and_back() {
         .header("traceparent")
         .unwrap_or_else(|| panic!("no traceparent header: {:?}", created.message.headers));
     assert!(
-        traceparent.starts_with("00-") && traceparent.len() == 55,
-        "{traceparent}"
+        traceparent.starts_with(&format!("00-{caller_trace}-")) && traceparent.len() == 55,
+        "OrderCreated must continue the caller's trace {caller_trace}: {traceparent}"
     );
     let _ = created.settle.settle(Settlement::Ack).await;
 

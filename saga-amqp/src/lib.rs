@@ -16,7 +16,7 @@ pub use config::{
 };
 pub use error::AmqpError;
 pub use mapping::{DESTINATION_HEADER, RETRIES_HEADER, content_id};
-pub use trace::{TRACEPARENT, TracedHandler, context_of, set_parent};
+pub use trace::{TRACEPARENT, TracedHandler, context_of, inject_current, set_parent};
 pub use transport::AmqpTransport;
 
 /// The AMQP client this crate uses, for declaration arguments

@@ -50,6 +50,22 @@ pub(crate) fn headers_for(message: &Message) -> Vec<(String, String)> {
     headers
 }
 
+/// Adds the current tracing span's `traceparent` (and `tracestate`) to
+/// `headers`, unless they carry a trace context already. Give it to
+/// `saga_core::EngineBuilder::message_headers` so messages entering the
+/// outbox continue the trace of what caused them.
+pub fn inject_current(headers: &mut std::collections::BTreeMap<String, String>) {
+    if headers.contains_key(TRACEPARENT) {
+        return;
+    }
+    let context = tracing::Span::current().context();
+    if context.span().span_context().is_valid() {
+        let mut injected = Vec::new();
+        TraceContextPropagator::new().inject_context(&context, &mut Headers(&mut injected));
+        headers.extend(injected);
+    }
+}
+
 /// The trace context `message` carries (empty when it carries none).
 pub fn context_of(message: &Message) -> Context {
     TraceContextPropagator::new().extract(&MessageHeaders(message))

@@ -3,7 +3,7 @@
 //! crashed engine is rebuilt from the store by constructing a new one.
 
 use std::any::{Any, type_name};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,9 +216,14 @@ struct Route {
     correlation: Correlation,
 }
 
+/// Adds headers to a message as it enters the outbox (see
+/// [`EngineBuilder::message_headers`]).
+type HeaderHook = dyn Fn(&mut BTreeMap<String, String>) + Send + Sync;
+
 /// Builds an [`Engine`]: the store, a clock, and the definitions it runs.
 pub struct EngineBuilder {
     store: Arc<dyn Store>,
+    message_headers: Option<Arc<HeaderHook>>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     runners: Vec<Arc<dyn Runner>>,
@@ -235,6 +240,15 @@ impl EngineBuilder {
     /// Tuning.
     pub fn config(mut self, config: EngineConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Adds headers to every message a transition emits, as it enters the
+    /// outbox, in the span of the call that caused the transition: e.g. the
+    /// trace context, so a message continues the trace of the request or
+    /// message that caused it rather than the relay's.
+    pub fn message_headers(mut self, hook: impl Fn(&mut BTreeMap<String, String>) + Send + Sync + 'static) -> Self {
+        self.message_headers = Some(Arc::new(hook));
         self
     }
 
@@ -311,6 +325,7 @@ impl EngineBuilder {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
+                message_headers: self.message_headers,
                 store: self.store,
                 clock: self.clock,
                 config: self.config,
@@ -324,6 +339,7 @@ impl EngineBuilder {
 }
 
 struct Inner {
+    message_headers: Option<Arc<HeaderHook>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
@@ -345,6 +361,7 @@ impl Engine {
     /// Starts building an engine over `store`.
     pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
         EngineBuilder {
+            message_headers: None,
             store,
             clock: Arc::new(SystemClock),
             config: EngineConfig::default(),
@@ -631,7 +648,7 @@ impl Engine {
     /// `false` when the inbox shows the message was consumed already.
     async fn commit(
         &self,
-        pending: Pending,
+        mut pending: Pending,
         expected_revision: Option<u64>,
         consumed: Option<&MessageId>,
         check_inbox_first: bool,
@@ -651,6 +668,9 @@ impl Engine {
         }
         tx.record(&pending.transition).await?;
         if !pending.messages.is_empty() {
+            if let Some(hook) = &self.inner.message_headers {
+                pending.messages.iter_mut().for_each(|m| hook(&mut m.headers));
+            }
             tx.enqueue(Some(pending.instance.id), &pending.messages).await?;
         }
         if let Some(effects) = pending.effects {
