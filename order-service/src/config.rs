@@ -18,7 +18,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(variable: &'static str, reason: impl fmt::Display) -> Self {
+    /// `variable` holds no usable value, because `reason`.
+    pub fn new(variable: &'static str, reason: impl fmt::Display) -> Self {
         Self {
             variable,
             reason: reason.to_string(),

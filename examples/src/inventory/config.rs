@@ -17,24 +17,8 @@ pub const DEFAULT_RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// as the order service's embedded demo).
 pub const DEFAULT_SEED: &str = "apple=100,banana=100,coffee=50,book=20,laptop=5";
 
-/// A variable that does not hold a usable value: fix it and restart.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{variable}: {reason}")]
-pub struct ConfigError {
-    /// The environment variable.
-    pub variable: &'static str,
-    /// What is wrong with its value (never the value of a secret).
-    pub reason: String,
-}
-
-impl ConfigError {
-    fn new(variable: &'static str, reason: impl fmt::Display) -> Self {
-        Self {
-            variable,
-            reason: reason.to_string(),
-        }
-    }
-}
+/// A variable that does not hold a usable value (shared with the order service).
+pub use order_service::ConfigError;
 
 /// A PostgreSQL schema name: lower-case ASCII letters, digits and `_`,
 /// starting with a letter or `_`, at most 63 bytes. Parsed, so it can be
