@@ -349,6 +349,7 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
     let engine = Engine::builder(Arc::new(store.clone()))
         .message_headers(saga_amqp::inject_current)
+        .on_committed(telemetry::saga_committed)
         .register_with_effects(definition, table.clone())
         .build()
         .map_err(|e| StartError::Internal(Box::new(e)))?;
@@ -417,6 +418,7 @@ fn production(
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
     let engine = Engine::builder(store)
         .message_headers(saga_amqp::inject_current)
+        .on_committed(telemetry::saga_committed)
         .register_with_effects(definition, table.clone())
         .build()
         .map_err(|e| StartError::Internal(Box::new(e)))?;

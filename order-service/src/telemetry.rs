@@ -321,6 +321,21 @@ pub fn order_decided(status: OrderStatus, decision: &Decision) {
         .record(decision.decided.since(decision.started).as_secs_f64());
 }
 
+/// Records the end of an order saga, once, after the transition that ended it
+/// committed (give it to `EngineBuilder::on_committed`).
+pub fn saga_committed(saga: &SagaInstance, transition: &saga_core::Transition) {
+    let before = transition.before.as_ref().map(|p| p.status);
+    if before == Some(saga.status) {
+        return;
+    }
+    let status = match saga.status {
+        saga_core::SagaStatus::Completed => OrderStatus::Confirmed,
+        saga_core::SagaStatus::Compensated => OrderStatus::Cancelled,
+        _ => return,
+    };
+    order_decided(status, &Decision::of(saga));
+}
+
 /// Sets the outbox backlog gauge.
 pub fn outbox_backlog(unsent: u64) {
     metrics::gauge!(OUTBOX_BACKLOG).set(unsent as f64);

@@ -16,7 +16,7 @@ use crate::decide::{self, Decision, Event, OperatorAction, Outcome};
 use crate::definition::{Correlation, SagaData, SagaDefinition};
 use crate::error::{DefinitionError, EngineError, StepError};
 use crate::id::{MessageId, SagaId};
-use crate::instance::{SagaInstance, SagaStatus};
+use crate::instance::{SagaInstance, SagaStatus, Transition};
 use crate::message::Message;
 use crate::store::{Store, StoreError, Transaction};
 use crate::upgrade::Upgrade;
@@ -220,10 +220,14 @@ struct Route {
 /// [`EngineBuilder::message_headers`]).
 type HeaderHook = dyn Fn(&mut BTreeMap<String, String>) + Send + Sync;
 
+/// Told of every committed transition (see [`EngineBuilder::on_committed`]).
+type CommitHook = dyn Fn(&SagaInstance, &Transition) + Send + Sync;
+
 /// Builds an [`Engine`]: the store, a clock, and the definitions it runs.
 pub struct EngineBuilder {
     store: Arc<dyn Store>,
     message_headers: Option<Arc<HeaderHook>>,
+    on_committed: Option<Arc<CommitHook>>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     runners: Vec<Arc<dyn Runner>>,
@@ -249,6 +253,15 @@ impl EngineBuilder {
     /// message that caused it rather than the relay's.
     pub fn message_headers(mut self, hook: impl Fn(&mut BTreeMap<String, String>) + Send + Sync + 'static) -> Self {
         self.message_headers = Some(Arc::new(hook));
+        self
+    }
+
+    /// Calls `hook` after each transition this engine committed, with the
+    /// instance as committed and its history entry: the place for metrics
+    /// and notifications that must count a transition once (an effect
+    /// handler runs before commit, and again if the transition is retried).
+    pub fn on_committed(mut self, hook: impl Fn(&SagaInstance, &Transition) + Send + Sync + 'static) -> Self {
+        self.on_committed = Some(Arc::new(hook));
         self
     }
 
@@ -326,6 +339,7 @@ impl EngineBuilder {
         Ok(Engine {
             inner: Arc::new(Inner {
                 message_headers: self.message_headers,
+                on_committed: self.on_committed,
                 store: self.store,
                 clock: self.clock,
                 config: self.config,
@@ -340,6 +354,7 @@ impl EngineBuilder {
 
 struct Inner {
     message_headers: Option<Arc<HeaderHook>>,
+    on_committed: Option<Arc<CommitHook>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
@@ -362,6 +377,7 @@ impl Engine {
     pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
         EngineBuilder {
             message_headers: None,
+            on_committed: None,
             store,
             clock: Arc::new(SystemClock),
             config: EngineConfig::default(),
@@ -680,6 +696,9 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
+        if let Some(hook) = &self.inner.on_committed {
+            hook(&pending.instance, &pending.transition);
+        }
         Ok(true)
     }
 }

@@ -549,3 +549,43 @@ async fn untyped_messages_take_the_queues_default_kind() {
     assert_eq!(*handler.0.lock().expect("not poisoned"), ["StockUpdateResult", "Typed"]);
     assert_eq!(transport.stats("reply-queue").ready, 0, "both acked");
 }
+
+#[tokio::test]
+async fn the_commit_hook_hears_each_committed_transition_once() {
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&heard);
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .message_headers(|headers| {
+            headers.insert("x-origin".into(), "test".into());
+        })
+        .on_committed(move |instance, transition| {
+            log.lock()
+                .expect("not poisoned")
+                .push((instance.status, transition.revision));
+        })
+        .register(order_saga(1, Duration::from_secs(30)))
+        .build()
+        .expect("engine");
+    engine.start("orders", order("o-7")).await.expect("start");
+    let part = reply("o-7", true);
+    engine.handle(&part).await.expect("part");
+    engine.handle(&part).await.expect("duplicate");
+    engine.handle(&reply("o-7", false)).await.expect("refusal");
+    assert_eq!(
+        *heard.lock().expect("not poisoned"),
+        [
+            (SagaStatus::Running, 1),
+            (SagaStatus::Running, 2),
+            (SagaStatus::Compensated, 3)
+        ],
+        "start, the first part, the refusal; not the duplicate"
+    );
+    let sent = store.claim(10, Duration::from_secs(1)).await.expect("claim");
+    assert!(
+        sent.iter().all(|e| e.message.header("x-origin") == Some("test")),
+        "headers added at enqueue"
+    );
+}

@@ -8,7 +8,6 @@ use saga_core::{EffectHandler, SagaInstance, StepError, Transaction};
 use super::{OrderRepository, RepositoryError};
 use crate::domain::{Order, OrderId};
 use crate::saga::OrderEffect;
-use crate::telemetry;
 
 /// The orders table of embedded mode: a map next to the
 /// [`InMemoryStore`](saga_core::memory::InMemoryStore), written by the order
@@ -35,7 +34,7 @@ impl InMemoryOrders {
         self.len() == 0
     }
 
-    fn apply(orders: &RwLock<HashMap<OrderId, Order>>, effects: Vec<OrderEffect>, decision: &telemetry::Decision) {
+    fn apply(orders: &RwLock<HashMap<OrderId, Order>>, effects: Vec<OrderEffect>) {
         // Writers never panic while holding the lock, so a poisoned map is still consistent.
         let mut orders = orders.write().unwrap_or_else(|p| p.into_inner());
         for effect in effects {
@@ -44,10 +43,7 @@ impl InMemoryOrders {
                     orders.insert(order.id, order);
                 }
                 OrderEffect::SetStatus(id, status) => match orders.get_mut(&id) {
-                    Some(order) => {
-                        order.status = status;
-                        telemetry::order_decided(status, decision);
-                    }
+                    Some(order) => order.status = status,
                     None => {
                         tracing::error!(order_id = %id, %status, "status change for an order that was never stored")
                     }
@@ -62,16 +58,15 @@ impl EffectHandler<OrderEffect> for InMemoryOrders {
     async fn apply(
         &self,
         tx: &mut dyn Transaction,
-        saga: &SagaInstance,
+        _saga: &SagaInstance,
         effects: Vec<OrderEffect>,
     ) -> Result<(), StepError> {
-        let decision = telemetry::Decision::of(saga);
         let tx = tx
             .backend()
             .downcast_mut::<InMemoryTransaction>()
             .ok_or_else(|| StepError::terminal("the in-memory orders table needs the in-memory saga store"))?;
         let orders = Arc::clone(&self.orders);
-        tx.on_commit(move || Self::apply(&orders, effects, &decision));
+        tx.on_commit(move || Self::apply(&orders, effects));
         Ok(())
     }
 }

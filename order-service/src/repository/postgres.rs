@@ -8,7 +8,6 @@ use sqlx::{PgPool, Row};
 use super::{OrderRepository, RepositoryError};
 use crate::domain::{Order, OrderId, OrderItem, OrderStatus};
 use crate::saga::OrderEffect;
-use crate::telemetry;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
@@ -62,7 +61,7 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
     async fn apply(
         &self,
         tx: &mut dyn Transaction,
-        saga: &SagaInstance,
+        _saga: &SagaInstance,
         effects: Vec<OrderEffect>,
     ) -> Result<(), StepError> {
         let conn = saga_postgres::connection(tx).await.map_err(store_error)?;
@@ -102,8 +101,6 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
                         .execute(&mut *conn)
                         .await
                         .map_err(step_error)?;
-                    // Counted before commit: a rolled-back transition may be counted twice.
-                    telemetry::order_decided(status, &telemetry::Decision::of(saga));
                 }
             }
         }
