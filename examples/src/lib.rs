@@ -5,8 +5,11 @@
 //! - `inventory-service` ([`inventory`]): the platform's stock service as a
 //!   saga *participant* on PostgreSQL + RabbitMQ.
 //! - `order-cli` ([`cli`]): a command-line client of the order service.
+//! - `load-test` ([`load`]): the end-to-end load benchmark of the order
+//!   service and the inventory service on PostgreSQL + RabbitMQ.
 //!
 //! The binaries are thin: their logic lives here so tests can drive it.
 
 pub mod cli;
 pub mod inventory;
+pub mod load;

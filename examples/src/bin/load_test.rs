@@ -1,0 +1,139 @@
+//! `load-test`: the end-to-end load benchmark (see `examples/README.md`,
+//! "Load benchmark").
+//!
+//! Run: `cargo run --release -p saga-examples --bin load-test -- --mode closed --clients 32 --duration 20`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use order_service::config::SecretUrl;
+use saga_examples::load::{self, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    /// Each client waits for its saga to finish before the next order.
+    Closed,
+    /// Orders on a schedule at `--rate` / `--rates`.
+    Open,
+}
+
+/// End-to-end load benchmark of the order service (production mode) with the inventory service.
+#[derive(Debug, Parser)]
+#[command(name = "load-test")]
+struct Args {
+    /// Closed loop (maximum throughput) or open loop (fixed rates).
+    #[arg(long, value_enum, default_value = "closed")]
+    mode: ModeArg,
+    /// Concurrent clients (closed), the cap on open calls (open), and the raw measurements' concurrency.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds orders are offered per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Open loop: orders per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open loop: several rates, one run each (e.g. `100,250,500`); plots latency against them.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// At most this many orders per run.
+    #[arg(long)]
+    max_orders: Option<u64>,
+    /// Unmeasured orders placed first.
+    #[arg(long, default_value_t = 50)]
+    warmup: u64,
+    /// Seconds each raw ceiling is measured; 0 skips them.
+    #[arg(long, default_value_t = 5.0)]
+    raw_duration: f64,
+    /// Products ordered round-robin (seeded with ample stock).
+    #[arg(long, default_value_t = 64)]
+    products: usize,
+    /// Use an order service already running here (platform exchange names) instead of starting one.
+    #[arg(long)]
+    grpc_addr: Option<String>,
+    /// With `--grpc-addr`: the service's pid, for its CPU time and peak RSS.
+    #[arg(long)]
+    service_pid: Option<u32>,
+    /// Where `<timestamp>.json` and `.svg` are written.
+    #[arg(long, default_value = "results")]
+    results: PathBuf,
+    /// PostgreSQL; a fresh database is created there and dropped afterwards.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+    /// RabbitMQ.
+    #[arg(long, env = "RABBITMQ_URL", default_value = DEFAULT_RABBITMQ_URL, hide_env_values = true)]
+    rabbitmq_url: String,
+}
+
+fn seconds(name: &str, value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value).map_err(|_| format!("--{name}: {value} is not a number of seconds"))
+}
+
+fn config(args: Args) -> Result<LoadConfig, String> {
+    let mode = match args.mode {
+        ModeArg::Closed => Mode::Closed,
+        ModeArg::Open => {
+            let mut rates = args.rates;
+            rates.extend(args.rate);
+            Mode::Open { rates }
+        }
+    };
+    let raw = seconds("raw-duration", args.raw_duration)?;
+    let config = LoadConfig {
+        database_url: SecretUrl::new(args.database_url),
+        rabbitmq_url: SecretUrl::new(args.rabbitmq_url),
+        grpc_addr: args.grpc_addr,
+        service_pid: args.service_pid,
+        mode,
+        clients: args.clients,
+        duration: seconds("duration", args.duration)?,
+        max_orders: args.max_orders,
+        warmup_orders: args.warmup,
+        raw_duration: (!raw.is_zero()).then_some(raw),
+        products: (0..args.products).map(|i| format!("load-{i}")).collect(),
+        results_dir: Some(args.results),
+        ..LoadConfig::default()
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match config(Args::parse()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("load-test: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,lapin=off")))
+        .init();
+    let results = config.results_dir.clone();
+    let report = match load::run(config).await {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("load-test: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.render());
+    if let Some(dir) = results {
+        match report.write(&dir) {
+            Ok(paths) => {
+                for path in paths {
+                    println!("wrote {}", path.display());
+                }
+            }
+            Err(error) => {
+                eprintln!("load-test: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,30 @@
+//! `load-test`: the end-to-end load benchmark of the order service in
+//! production mode (PostgreSQL + RabbitMQ) with the inventory service as its
+//! participant.
+//!
+//! A run creates a fresh database and exchange / queue names of its own,
+//! starts both services in this process (or uses an external order service),
+//! measures the machine's raw ceilings with the same concurrency (single-row
+//! INSERT commits; persistent, confirmed, consumed and acked messages),
+//! offers `CreateOrder` closed-loop or open-loop, sees each saga finish by
+//! consuming `OrderConfirmed` / `OrderCancelled` (never by polling), and
+//! reports sagas per second, create → confirmed latency percentiles, CPU
+//! seconds per 1,000 sagas and peak RSS, and the ratio to the ceiling
+//! ([`LoadReport`]). Nothing is relaxed for speed: the services run with
+//! their defaults (`synchronous_commit` as the server has it, reported;
+//! persistent messages, publisher confirms, acks after commit).
+
+mod bench;
+mod config;
+mod drive;
+mod error;
+mod raw;
+mod report;
+mod stage;
+mod usage;
+
+pub use bench::run;
+pub use config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
+pub use error::LoadError;
+pub use raw::{Durability, RawFigure};
+pub use report::{COMMITS_PER_SAGA, Ceiling, LoadReport, MESSAGES_PER_SAGA, Percentiles, RunReport};

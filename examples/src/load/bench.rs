@@ -1,0 +1,235 @@
+//! One load run from start to clean-up.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology};
+use saga_core::{CancellationToken, Subscriber};
+use tokio::task::JoinSet;
+
+use super::config::{LoadConfig, Mode};
+use super::drive::{Orders, Outcome, Seen, Tracker, observe};
+use super::error::LoadError;
+use super::raw;
+use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
+use super::stage::{ORDER_SERVICE_THREADS, Services, Stage, connect};
+use super::usage;
+
+/// gRPC connections the clients share (HTTP/2 multiplexes the calls).
+const MAX_CHANNELS: usize = 8;
+
+/// Runs the benchmark `config` describes: creates a fresh database and
+/// broker names, starts the services (unless external), measures the raw
+/// ceilings, offers the orders, and removes everything it created, also when
+/// a step fails.
+pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
+    config.validate().map_err(LoadError::Config)?;
+    let started_at = super::report::timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs()),
+    );
+    let stage = Stage::create(&config).await?;
+    let result = on_stage(&config, &stage, started_at).await;
+    stage.clean_up().await;
+    result
+}
+
+async fn on_stage(config: &LoadConfig, stage: &Stage, started_at: String) -> Result<LoadReport, LoadError> {
+    // The observer's queues first, so no event of the run is missed.
+    let confirmed_exchange = &stage.wire.order_confirmed_exchange;
+    let cancelled_exchange = &stage.wire.order_cancelled_exchange;
+    let topology = Topology::new()
+        .with_exchange(ExchangeConfig::new(confirmed_exchange, ExchangeKind::Fanout).allow_unrouted())
+        .with_exchange(ExchangeConfig::new(cancelled_exchange, ExchangeKind::Fanout).allow_unrouted())
+        .queue(&stage.confirmed_queue)
+        .queue(&stage.cancelled_queue)
+        .bind(confirmed_exchange, &stage.confirmed_queue, "")
+        .bind(cancelled_exchange, &stage.cancelled_queue, "");
+    let mut amqp = AmqpConfig::new(stage.rabbitmq_url.expose(), topology);
+    amqp.connection_name = "load-test-observer".to_owned();
+    amqp.prefetch = 512;
+    let events = AmqpTransport::connect(amqp).await.map_err(|source| LoadError::Broker {
+        url: stage.rabbitmq_url.to_string(),
+        what: "declaring the observer's queues".to_owned(),
+        source: Box::new(source),
+    })?;
+    let services = match Services::start(config, stage).await {
+        Ok(services) => services,
+        Err(error) => {
+            events.close().await;
+            return Err(error);
+        }
+    };
+    let result = measure(config, stage, &services, &events, started_at).await;
+    services.stop().await;
+    events.close().await;
+    result
+}
+
+async fn measure(
+    config: &LoadConfig,
+    stage: &Stage,
+    services: &Services,
+    events: &AmqpTransport,
+    started_at: String,
+) -> Result<LoadReport, LoadError> {
+    let tracker = Arc::new(Tracker::default());
+    let stop = CancellationToken::new();
+    let mut observers = JoinSet::new();
+    for (queue, outcome) in [
+        (&stage.confirmed_queue, Outcome::Confirmed),
+        (&stage.cancelled_queue, Outcome::Cancelled),
+    ] {
+        let subscription = events.subscribe(queue).await.map_err(|source| LoadError::Broker {
+            url: stage.rabbitmq_url.to_string(),
+            what: format!("consuming {queue}"),
+            source: Box::new(source),
+        })?;
+        observers.spawn(observe(subscription, outcome, tracker.clone(), stop.clone()));
+    }
+    let result = offer(config, stage, services, tracker, started_at).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while observers.join_next().await.is_some() {}
+    })
+    .await;
+    observers.abort_all();
+    result
+}
+
+async fn offer(
+    config: &LoadConfig,
+    stage: &Stage,
+    services: &Services,
+    tracker: Arc<Tracker>,
+    started_at: String,
+) -> Result<LoadReport, LoadError> {
+    let mut channels = Vec::new();
+    for _ in 0..config.clients.min(MAX_CHANNELS) {
+        channels.push(connect(&services.grpc_addr).await?);
+    }
+    let orders = Orders::new(channels, config.products.clone(), tracker);
+    let max_orders = config.max_orders.unwrap_or(u64::MAX);
+
+    if config.warmup_orders > 0 {
+        let warm = orders
+            .closed(
+                config.clients.min(4),
+                config.drain_timeout,
+                config.warmup_orders,
+                config.drain_timeout,
+            )
+            .await;
+        tracing::info!(confirmed = warm.confirmed, "warmed up");
+    }
+
+    let ceiling = match config.raw_duration {
+        Some(duration) => {
+            tracing::info!("measuring raw PostgreSQL commits");
+            let (commits, durability) = raw::postgres_commits(stage, config.clients, duration).await?;
+            tracing::info!("measuring raw RabbitMQ messages");
+            let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
+            Some(Ceiling::new(commits, messages, durability))
+        }
+        None => None,
+    };
+
+    let pid = config.service_pid;
+    let mut runs = Vec::new();
+    let settings: Vec<Option<f64>> = match &config.mode {
+        Mode::Closed => vec![None],
+        Mode::Open { rates } => rates.iter().copied().map(Some).collect(),
+    };
+    for rate in settings {
+        tracing::info!(?rate, "offering orders");
+        let before = usage::cpu(pid, ORDER_SERVICE_THREADS);
+        let seen = match rate {
+            None => {
+                orders
+                    .closed(config.clients, config.duration, max_orders, config.drain_timeout)
+                    .await
+            }
+            Some(rate) => {
+                orders
+                    .open(rate, config.clients, config.duration, max_orders, config.drain_timeout)
+                    .await
+            }
+        };
+        let after = usage::cpu(pid, ORDER_SERVICE_THREADS);
+        let used = match (before, after) {
+            (Some(before), Some(after)) => Some(after.since(&before)),
+            _ => None,
+        };
+        runs.push(run_report(config, rate, &seen, used, ceiling.as_ref(), pid));
+    }
+
+    let measured_process = match (&config.grpc_addr, pid) {
+        (None, _) => "this process: the order service AND the inventory service, the load generator and the \
+                      event observer (the order-service threads figure is the service's runtime alone)"
+            .to_owned(),
+        (Some(_), Some(pid)) => format!("the external order service, pid {pid}"),
+        (Some(_), None) => "the load generator only (external service; pass --service-pid for its figures)".to_owned(),
+    };
+    Ok(LoadReport {
+        started_at,
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        measured_process,
+        config: config_json(config),
+        ceiling,
+        runs,
+    })
+}
+
+fn run_report(
+    config: &LoadConfig,
+    rate: Option<f64>,
+    seen: &Seen,
+    used: Option<usage::CpuSample>,
+    ceiling: Option<&Ceiling>,
+    pid: Option<u32>,
+) -> RunReport {
+    let completed = seen.confirmed + seen.cancelled;
+    let seconds = seen.elapsed.as_secs_f64();
+    let completed_per_second = if seconds > 0.0 { completed as f64 / seconds } else { 0.0 };
+    let per_1000 = |cpu: Duration| (completed > 0).then(|| cpu.as_secs_f64() * 1000.0 / completed as f64);
+    RunReport {
+        mode: if rate.is_some() { "open" } else { "closed" }.to_owned(),
+        offered_per_second: rate,
+        clients: config.clients,
+        sent: seen.sent,
+        errors: seen.errors,
+        confirmed: seen.confirmed,
+        cancelled: seen.cancelled,
+        unobserved: seen.unobserved,
+        seconds,
+        completed_per_second,
+        latency_ms: Percentiles::of_sorted_micros(&seen.latencies_us),
+        ratio_of_ceiling: ceiling
+            .filter(|c| c.sagas_per_second > 0.0)
+            .map(|c| completed_per_second / c.sagas_per_second),
+        cpu_seconds_per_1000: used.and_then(|u| per_1000(u.process)),
+        service_thread_cpu_seconds_per_1000: used.and_then(|u| u.service_threads).and_then(per_1000),
+        peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),
+    }
+}
+
+fn config_json(config: &LoadConfig) -> serde_json::Value {
+    let (mode, rates) = match &config.mode {
+        Mode::Closed => ("closed", Vec::new()),
+        Mode::Open { rates } => ("open", rates.clone()),
+    };
+    serde_json::json!({
+        "mode": mode,
+        "rates": rates,
+        "clients": config.clients,
+        "duration_s": config.duration.as_secs_f64(),
+        "max_orders": config.max_orders,
+        "warmup_orders": config.warmup_orders,
+        "raw_duration_s": config.raw_duration.map(|d| d.as_secs_f64()),
+        "products": config.products.len(),
+        "service": config.grpc_addr.clone().unwrap_or_else(|| "in-process (production mode)".to_owned()),
+        "database_url": config.database_url.to_string(),
+        "rabbitmq_url": config.rabbitmq_url.to_string(),
+    })
+}

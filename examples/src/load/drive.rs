@@ -1,0 +1,356 @@
+//! Offering orders and seeing them finish: `CreateOrder` over gRPC, and the
+//! order service's `OrderConfirmed` / `OrderCancelled` events consumed from
+//! queues of the run's own, matched by order id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use order_service::proto::order_service_client::OrderServiceClient;
+use order_service::proto::{CreateOrderRequest, OrderItem};
+use saga_core::{CancellationToken, Settlement, Subscription};
+use serde::Deserialize;
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// How a saga ended, as its event said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// `OrderConfirmed`.
+    Confirmed,
+    /// `OrderCancelled`.
+    Cancelled,
+}
+
+/// An order sent and not yet seen finished.
+struct Waiting {
+    sent: Instant,
+    done: Option<oneshot::Sender<Outcome>>,
+}
+
+#[derive(Default)]
+struct Tally {
+    waiting: HashMap<String, Waiting>,
+    /// Events seen before their `CreateOrder` answer arrived.
+    early: HashMap<String, (Outcome, Instant)>,
+    latencies_us: Vec<u64>,
+    confirmed: u64,
+    cancelled: u64,
+    last_completion: Option<Instant>,
+}
+
+/// Matches events to the orders sent, and records latencies.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    tally: Mutex<Tally>,
+    changed: Notify,
+}
+
+/// What one run saw.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Seen {
+    /// Orders accepted by `CreateOrder`.
+    pub sent: u64,
+    /// `CreateOrder` calls that failed.
+    pub errors: u64,
+    /// Sagas seen confirmed.
+    pub confirmed: u64,
+    /// Sagas seen cancelled.
+    pub cancelled: u64,
+    /// Orders accepted whose event was not seen within the drain timeout.
+    pub unobserved: u64,
+    /// From the first send to the last completion seen.
+    pub elapsed: Duration,
+    /// Create → confirmed, microseconds, sorted.
+    pub latencies_us: Vec<u64>,
+}
+
+impl Tracker {
+    fn tally(&self) -> MutexGuard<'_, Tally> {
+        // A panic while holding the lock leaves plain counters behind; keep going.
+        self.tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets everything (between runs).
+    fn reset(&self) {
+        *self.tally() = Tally::default();
+    }
+
+    fn record(tally: &mut Tally, sent: Instant, outcome: Outcome, at: Instant) {
+        match outcome {
+            Outcome::Confirmed => {
+                tally.confirmed += 1;
+                let micros = at.saturating_duration_since(sent).as_micros();
+                tally.latencies_us.push(u64::try_from(micros).unwrap_or(u64::MAX));
+            }
+            Outcome::Cancelled => tally.cancelled += 1,
+        }
+        tally.last_completion = Some(tally.last_completion.map_or(at, |last| last.max(at)));
+    }
+
+    /// Order `id`, sent at `sent`, was accepted; `done` hears how it ended.
+    fn register(&self, id: String, sent: Instant, done: Option<oneshot::Sender<Outcome>>) {
+        let mut tally = self.tally();
+        if let Some((outcome, at)) = tally.early.remove(&id) {
+            Self::record(&mut tally, sent, outcome, at);
+            if let Some(done) = done {
+                let _ = done.send(outcome);
+            }
+        } else {
+            tally.waiting.insert(id, Waiting { sent, done });
+        }
+        drop(tally);
+        self.changed.notify_waiters();
+    }
+
+    /// The event for order `id` arrived at `at`.
+    fn observe(&self, id: String, outcome: Outcome, at: Instant) {
+        let mut tally = self.tally();
+        if let Some(waiting) = tally.waiting.remove(&id) {
+            Self::record(&mut tally, waiting.sent, outcome, at);
+            if let Some(done) = waiting.done {
+                let _ = done.send(outcome);
+            }
+        } else if tally.early.len() < 1_000_000 {
+            // Not answered yet (or a redelivery, or an order of an earlier run).
+            tally.early.insert(id, (outcome, at));
+        }
+        drop(tally);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until every accepted order has been seen finished, or `deadline`.
+    async fn drain(&self, deadline: Instant) {
+        for _ in 0..10_000_000u64 {
+            let changed = self.changed.notified();
+            if self.tally().waiting.is_empty() || Instant::now() >= deadline {
+                return;
+            }
+            // Woken by every event; re-checked at least every 100 ms.
+            let wake = deadline.min(Instant::now() + Duration::from_millis(100));
+            let _ = tokio::time::timeout_at(wake, changed).await;
+        }
+    }
+
+    fn seen(&self, started: Instant, sent: u64, errors: u64) -> Seen {
+        let tally = self.tally();
+        let mut latencies_us = tally.latencies_us.clone();
+        latencies_us.sort_unstable();
+        Seen {
+            sent,
+            errors,
+            confirmed: tally.confirmed,
+            cancelled: tally.cancelled,
+            unobserved: tally.waiting.len() as u64,
+            elapsed: tally
+                .last_completion
+                .map_or(Duration::ZERO, |last| last.saturating_duration_since(started)),
+            latencies_us,
+        }
+    }
+}
+
+/// The body fields the observer needs of `OrderConfirmed` / `OrderCancelled`.
+#[derive(Deserialize)]
+struct EventBody {
+    order_id: String,
+}
+
+/// Consumes one event queue until `stop`, acking each event after noting it.
+pub(crate) async fn observe(
+    mut events: Box<dyn Subscription>,
+    outcome: Outcome,
+    tracker: Arc<Tracker>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            next = events.next() => next,
+        };
+        match next {
+            None => return,
+            Some(Err(error)) => {
+                // The transport reconnects by itself; wait a little and go on.
+                tracing::warn!(%error, "the event subscription failed; consuming again");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            Some(Ok(delivery)) => {
+                let at = Instant::now();
+                match delivery.message.decode::<EventBody>() {
+                    Ok(body) => tracker.observe(body.order_id, outcome, at),
+                    Err(error) => tracing::warn!(%error, "an event without an order id"),
+                }
+                let _ = delivery.settle.settle(Settlement::Ack).await;
+            }
+        }
+    }
+}
+
+/// The clients placing orders.
+#[derive(Clone)]
+pub(crate) struct Orders {
+    channels: Arc<Vec<Channel>>,
+    products: Arc<Vec<String>>,
+    next: Arc<AtomicU64>,
+    tracker: Arc<Tracker>,
+}
+
+impl Orders {
+    /// Orders over `channels` (round-robin) for `products` (round-robin).
+    pub(crate) fn new(channels: Vec<Channel>, products: Vec<String>, tracker: Arc<Tracker>) -> Self {
+        Self {
+            channels: Arc::new(channels),
+            products: Arc::new(products),
+            next: Arc::new(AtomicU64::new(0)),
+            tracker,
+        }
+    }
+
+    /// Places one order; its id, or why not.
+    async fn place(&self) -> Result<String, tonic::Status> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let pick = |len: usize| usize::try_from(n % len.max(1) as u64).unwrap_or(0);
+        let channel = self.channels[pick(self.channels.len())].clone();
+        let request = CreateOrderRequest {
+            user_id: format!("load-user-{}", n % 1000),
+            items: vec![OrderItem {
+                product_id: self.products[pick(self.products.len())].clone(),
+                quantity: 1,
+                price: 9.99,
+            }],
+        };
+        let response = OrderServiceClient::new(channel).create_order(request).await?;
+        response
+            .into_inner()
+            .order
+            .map(|order| order.id)
+            .ok_or_else(|| tonic::Status::internal("CreateOrder answered without an order"))
+    }
+
+    /// Closed loop: `clients` each place an order and wait for its event
+    /// before the next, for `duration` or `max_orders` orders.
+    pub(crate) async fn closed(&self, clients: usize, duration: Duration, max_orders: u64, drain: Duration) -> Seen {
+        self.tracker.reset();
+        let started = Instant::now();
+        let end = started + duration;
+        let budget = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tasks = JoinSet::new();
+        for _ in 0..clients {
+            let (orders, budget, sent, errors) = (self.clone(), budget.clone(), sent.clone(), errors.clone());
+            tasks.spawn(async move {
+                while Instant::now() < end && budget.fetch_add(1, Ordering::Relaxed) < max_orders {
+                    let at = Instant::now();
+                    match orders.place().await {
+                        Ok(id) => {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            let (done, finished) = oneshot::channel();
+                            orders.tracker.register(id, at, Some(done));
+                            // Not seen within the drain time: this client stops (counted unobserved).
+                            if tokio::time::timeout(drain, finished).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                tracing::warn!(%status, "CreateOrder failed");
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            });
+        }
+        let _ = tokio::time::timeout_at(end + drain * 2, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+        self.tracker.drain(Instant::now() + drain).await;
+        self.tracker
+            .seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
+    }
+
+    /// Open loop: orders at `rate` per second for `duration` (or `max_orders`),
+    /// at most `clients` calls open at once; latency counts from each order's
+    /// scheduled time.
+    pub(crate) async fn open(
+        &self,
+        rate: f64,
+        clients: usize,
+        duration: Duration,
+        max_orders: u64,
+        drain: Duration,
+    ) -> Seen {
+        self.tracker.reset();
+        let planned = (rate * duration.as_secs_f64()).ceil();
+        let total = if (1.0..1e12).contains(&planned) {
+            planned as u64
+        } else {
+            1
+        }
+        .min(max_orders);
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let started = Instant::now();
+        let sent = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let open_calls = Arc::new(Semaphore::new(clients));
+        let give_up = started + duration + drain;
+        let mut tasks = JoinSet::new();
+        for i in 0..total {
+            let at = started + interval.mul_f64(i as f64);
+            tokio::time::sleep_until(at).await;
+            let Ok(Ok(permit)) = tokio::time::timeout_at(give_up, open_calls.clone().acquire_owned()).await else {
+                break;
+            };
+            let (orders, sent, errors) = (self.clone(), sent.clone(), errors.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                match orders.place().await {
+                    Ok(id) => {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        orders.tracker.register(id, at, None);
+                    }
+                    Err(status) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                            tracing::warn!(%status, "CreateOrder failed");
+                        }
+                    }
+                }
+            });
+            // Reap finished calls as we go so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+        let _ = tokio::time::timeout_at(give_up, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+        self.tracker.drain(Instant::now() + drain).await;
+        self.tracker
+            .seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_match_orders_whichever_arrives_first() {
+        let tracker = Tracker::default();
+        let t0 = Instant::now();
+        tracker.register("a".to_owned(), t0, None);
+        tracker.observe("a".to_owned(), Outcome::Confirmed, t0 + Duration::from_millis(5));
+        // The event before the CreateOrder answer.
+        tracker.observe("b".to_owned(), Outcome::Cancelled, t0 + Duration::from_millis(7));
+        tracker.register("b".to_owned(), t0, None);
+        tracker.register("c".to_owned(), t0, None);
+        let seen = tracker.seen(t0, 3, 0);
+        assert_eq!((seen.confirmed, seen.cancelled, seen.unobserved), (1, 1, 1));
+        assert_eq!(seen.latencies_us, vec![5000]);
+        assert_eq!(seen.elapsed, Duration::from_millis(7));
+    }
+}

@@ -1,0 +1,212 @@
+//! The machine's own limits, measured in the same run with the same
+//! concurrency: single-row INSERT commits in PostgreSQL, and persistent,
+//! confirmed, consumed and acked messages through one RabbitMQ queue.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
+use saga_core::{Message, Publisher, Settlement, Subscriber};
+use serde::Serialize;
+use sqlx::postgres::PgPoolOptions;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::error::LoadError;
+use super::stage::Stage;
+
+/// One raw figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct RawFigure {
+    /// Operations completed (commits, or messages consumed and acked).
+    pub operations: u64,
+    /// Over how long.
+    pub seconds: f64,
+    /// Operations per second.
+    pub per_second: f64,
+}
+
+impl RawFigure {
+    fn new(operations: u64, elapsed: Duration) -> Self {
+        let seconds = elapsed.as_secs_f64();
+        Self {
+            operations,
+            seconds,
+            per_second: if seconds > 0.0 {
+                operations as f64 / seconds
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// PostgreSQL's settings that decide durability, as the server reports them.
+#[derive(Clone, Debug, Serialize)]
+pub struct Durability {
+    /// `synchronous_commit`.
+    pub synchronous_commit: String,
+    /// `fsync`.
+    pub fsync: String,
+}
+
+/// `clients` connections each committing single-row INSERTs (autocommit)
+/// into a scratch table for `duration`.
+pub(crate) async fn postgres_commits(
+    stage: &Stage,
+    clients: usize,
+    duration: Duration,
+) -> Result<(RawFigure, Durability), LoadError> {
+    let url = stage.database_url.to_string();
+    let failed = |what: &str| {
+        let url = url.clone();
+        let what = what.to_owned();
+        move |source| LoadError::Database { url, what, source }
+    };
+    let max = u32::try_from(clients).unwrap_or(u32::MAX);
+    let pool = PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(stage.database_url.expose())
+        .await
+        .map_err(failed("connecting"))?;
+    let result = async {
+        let setting = |name: &'static str| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                    .fetch_one(&pool)
+                    .await
+            }
+        };
+        let durability = Durability {
+            synchronous_commit: setting("synchronous_commit").await.map_err(failed("SHOW"))?,
+            fsync: setting("fsync").await.map_err(failed("SHOW"))?,
+        };
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS load_raw_insert (id bigserial PRIMARY KEY, client integer NOT NULL, \
+             at timestamptz NOT NULL DEFAULT now())",
+        )
+        .execute(&pool)
+        .await
+        .map_err(failed("creating the scratch table"))?;
+        let commits = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let end = started + duration;
+        let mut tasks = JoinSet::new();
+        for client in 0..clients {
+            let (pool, commits) = (pool.clone(), commits.clone());
+            let client = i32::try_from(client).unwrap_or(i32::MAX);
+            tasks.spawn(async move {
+                let mut conn = pool.acquire().await?;
+                while Instant::now() < end {
+                    sqlx::query("INSERT INTO load_raw_insert (client) VALUES ($1)")
+                        .bind(client)
+                        .execute(&mut *conn)
+                        .await?;
+                    commits.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), sqlx::Error>(())
+            });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Err(error)) = joined {
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(failed("inserting")(error));
+        }
+        Ok((
+            RawFigure::new(commits.load(Ordering::Relaxed), started.elapsed()),
+            durability,
+        ))
+    }
+    .await;
+    pool.close().await;
+    result
+}
+
+/// `clients` publishers sending persistent messages with publisher confirms
+/// (saga-amqp's transport, the one the services use) for `duration` to one
+/// durable queue, and one subscriber consuming and acking each. The figure
+/// is messages consumed and acked per second, up to the last one.
+pub(crate) async fn amqp_messages(
+    stage: &Stage,
+    clients: usize,
+    duration: Duration,
+    drain: Duration,
+) -> Result<RawFigure, LoadError> {
+    let failed = |what: &str| {
+        let (url, what) = (stage.rabbitmq_url.to_string(), what.to_owned());
+        move |source: saga_core::BoxError| LoadError::Broker { url, what, source }
+    };
+    let topology = Topology::new()
+        .exchange(&stage.raw_exchange, ExchangeKind::Fanout)
+        .queue(&stage.raw_queue)
+        .bind(&stage.raw_exchange, &stage.raw_queue, "");
+    let mut config = AmqpConfig::new(stage.rabbitmq_url.expose(), topology);
+    config.connection_name = "load-test-raw".to_owned();
+    let transport = Arc::new(
+        AmqpTransport::connect(config)
+            .await
+            .map_err(|e| failed("connecting")(Box::new(e)))?,
+    );
+    let result = async {
+        let mut subscription = transport
+            .subscribe(&stage.raw_queue)
+            .await
+            .map_err(|e| failed("consuming the scratch queue")(Box::new(e)))?;
+        let published = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let end = started + duration;
+        let mut publishers = JoinSet::new();
+        for _ in 0..clients {
+            let (transport, published) = (transport.clone(), published.clone());
+            let exchange = stage.raw_exchange.clone();
+            publishers.spawn(async move {
+                while Instant::now() < end {
+                    let message = Message::new("Raw", exchange.as_str(), vec![b'x'; 128]);
+                    transport.publish(&message).await?;
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), saga_core::TransportError>(())
+            });
+        }
+        let consume = async {
+            let mut consumed = 0u64;
+            let mut last = started;
+            let give_up = end + drain;
+            while Instant::now() < give_up {
+                let publishing = Instant::now() < end || !publishers.is_empty();
+                if !publishing && consumed >= published.load(Ordering::Relaxed) {
+                    break;
+                }
+                while publishers.try_join_next().is_some() {}
+                match tokio::time::timeout(Duration::from_millis(200), subscription.next()).await {
+                    Ok(Some(Ok(delivery))) => {
+                        delivery
+                            .settle
+                            .settle(Settlement::Ack)
+                            .await
+                            .map_err(|e| failed("acking")(Box::new(e)))?;
+                        consumed += 1;
+                        last = Instant::now();
+                    }
+                    Ok(Some(Err(error))) => return Err(failed("consuming")(Box::new(error))),
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            Ok(RawFigure::new(consumed, last.saturating_duration_since(started)))
+        };
+        let figure = consume.await;
+        publishers.abort_all();
+        figure
+    }
+    .await;
+    transport.close().await;
+    result
+}

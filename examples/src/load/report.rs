@@ -1,0 +1,377 @@
+//! What a run found: the figures, the physical ceiling they are compared
+//! with, a text summary, `<timestamp>.json` and an SVG plot of latency
+//! percentiles against offered load.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::error::LoadError;
+use super::raw::{Durability, RawFigure};
+
+/// PostgreSQL commits one saga needs: the order service's start transition
+/// (order row, saga state, `OrderCreated` in the outbox), the inventory's
+/// reservation (stock, reservation, inbox, reply in the outbox), and the
+/// order service's decision on the reply (status, saga state, inbox,
+/// `OrderConfirmed` in the outbox). The relays' claim and mark-sent commits
+/// are per batch (up to 256 messages) and not counted, so the ceiling is an
+/// upper bound.
+pub const COMMITS_PER_SAGA: u32 = 3;
+
+/// Persistent, confirmed, consumed and acked messages one saga needs:
+/// `OrderCreated`, `StockUpdateResult`, `OrderConfirmed`.
+pub const MESSAGES_PER_SAGA: u32 = 3;
+
+/// Latency percentiles in milliseconds (nearest rank).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `sorted` microseconds.
+    pub fn of_sorted_micros(sorted: &[u64]) -> Self {
+        let rank = |q: f64| {
+            if sorted.is_empty() {
+                return 0.0;
+            }
+            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+            sorted[index] as f64 / 1000.0
+        };
+        Self {
+            p50: rank(0.50),
+            p95: rank(0.95),
+            p99: rank(0.99),
+            max: rank(1.0),
+        }
+    }
+}
+
+/// The physical ceiling of this machine in sagas per second.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceiling {
+    /// Raw single-row INSERT commits.
+    pub postgres_commits: RawFigure,
+    /// Raw persistent, confirmed, consumed and acked messages.
+    pub rabbitmq_messages: RawFigure,
+    /// See [`COMMITS_PER_SAGA`].
+    pub commits_per_saga: u32,
+    /// See [`MESSAGES_PER_SAGA`].
+    pub messages_per_saga: u32,
+    /// `min(commits/s / commits per saga, messages/s / messages per saga)`.
+    pub sagas_per_second: f64,
+    /// PostgreSQL's durability settings during the run.
+    pub durability: Durability,
+}
+
+impl Ceiling {
+    /// The ceiling from the two raw figures.
+    pub fn new(postgres_commits: RawFigure, rabbitmq_messages: RawFigure, durability: Durability) -> Self {
+        let sagas_per_second = (postgres_commits.per_second / f64::from(COMMITS_PER_SAGA))
+            .min(rabbitmq_messages.per_second / f64::from(MESSAGES_PER_SAGA));
+        Self {
+            postgres_commits,
+            rabbitmq_messages,
+            commits_per_saga: COMMITS_PER_SAGA,
+            messages_per_saga: MESSAGES_PER_SAGA,
+            sagas_per_second,
+            durability,
+        }
+    }
+}
+
+/// One run at one setting.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// `closed` or `open`.
+    pub mode: String,
+    /// Orders per second offered (open loop).
+    pub offered_per_second: Option<f64>,
+    /// Concurrent clients (closed) or the cap on open calls (open).
+    pub clients: usize,
+    /// Orders accepted by `CreateOrder`.
+    pub sent: u64,
+    /// `CreateOrder` calls that failed.
+    pub errors: u64,
+    /// Sagas seen confirmed (`OrderConfirmed` consumed).
+    pub confirmed: u64,
+    /// Sagas seen cancelled (`OrderCancelled` consumed).
+    pub cancelled: u64,
+    /// Accepted orders whose event was not seen within the drain timeout.
+    pub unobserved: u64,
+    /// From the first order sent to the last event seen.
+    pub seconds: f64,
+    /// Completed sagas (confirmed + cancelled) per second.
+    pub completed_per_second: f64,
+    /// `CreateOrder` sent → `OrderConfirmed` received.
+    pub latency_ms: Percentiles,
+    /// `completed_per_second` over the ceiling's sagas per second.
+    pub ratio_of_ceiling: Option<f64>,
+    /// CPU seconds per 1,000 completed sagas of the measured process.
+    pub cpu_seconds_per_1000: Option<f64>,
+    /// CPU seconds per 1,000 completed sagas of the in-process order
+    /// service's own runtime threads (no load generator, inventory or broker client of the run).
+    pub service_thread_cpu_seconds_per_1000: Option<f64>,
+    /// Peak RSS (`VmHWM`) of the measured process so far, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl RunReport {
+    /// Whether every accepted order was seen confirmed and no call failed.
+    pub fn all_confirmed(&self) -> bool {
+        self.sent > 0 && self.errors == 0 && self.unobserved == 0 && self.cancelled == 0 && self.confirmed == self.sent
+    }
+}
+
+/// Everything a load run found.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadReport {
+    /// When the run started (UTC, `YYYYMMDDTHHMMSSZ`).
+    pub started_at: String,
+    /// CPUs the operating system offers this process.
+    pub cpus: usize,
+    /// What the CPU and RSS figures measure.
+    pub measured_process: String,
+    /// The settings.
+    pub config: serde_json::Value,
+    /// The machine's own limits in this run (absent if skipped).
+    pub ceiling: Option<Ceiling>,
+    /// One per setting.
+    pub runs: Vec<RunReport>,
+}
+
+impl LoadReport {
+    /// A human-readable summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "load run {} on {} CPUs", self.started_at, self.cpus);
+        let _ = writeln!(out, "CPU / RSS measured on: {}", self.measured_process);
+        if let Some(c) = &self.ceiling {
+            let _ = writeln!(
+                out,
+                "raw PostgreSQL: {:.0} single-row INSERT commits/s (synchronous_commit={}, fsync={})",
+                c.postgres_commits.per_second, c.durability.synchronous_commit, c.durability.fsync
+            );
+            let _ = writeln!(
+                out,
+                "raw RabbitMQ:   {:.0} persistent msgs/s published with confirm, consumed and acked",
+                c.rabbitmq_messages.per_second
+            );
+            let _ = writeln!(
+                out,
+                "ceiling: min({:.0}/{}, {:.0}/{}) = {:.0} sagas/s ({} commits and {} messages per saga)",
+                c.postgres_commits.per_second,
+                c.commits_per_saga,
+                c.rabbitmq_messages.per_second,
+                c.messages_per_saga,
+                c.sagas_per_second,
+                c.commits_per_saga,
+                c.messages_per_saga
+            );
+        }
+        for run in &self.runs {
+            let offered = run
+                .offered_per_second
+                .map_or_else(|| format!("{} clients", run.clients), |r| format!("{r:.0}/s offered"));
+            let _ = writeln!(
+                out,
+                "{} ({offered}): {} sent, {} confirmed, {} cancelled, {} unobserved, {} errors in {:.1} s",
+                run.mode, run.sent, run.confirmed, run.cancelled, run.unobserved, run.errors, run.seconds
+            );
+            let ratio = run
+                .ratio_of_ceiling
+                .map_or_else(String::new, |r| format!(" = {:.1} % of the ceiling", r * 100.0));
+            let _ = writeln!(out, "  {:.0} sagas/s{ratio}", run.completed_per_second);
+            let l = &run.latency_ms;
+            let _ = writeln!(
+                out,
+                "  create -> confirmed ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+                l.p50, l.p95, l.p99, l.max
+            );
+            let cpu = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+            let _ = writeln!(
+                out,
+                "  CPU s per 1,000 sagas: {} (process), {} (order-service threads); peak RSS {} MiB",
+                cpu(run.cpu_seconds_per_1000),
+                cpu(run.service_thread_cpu_seconds_per_1000),
+                cpu(run.peak_rss_mib)
+            );
+        }
+        out
+    }
+
+    /// Writes `<dir>/<started_at>.json`, and `<dir>/<started_at>.svg` when
+    /// there are several open-loop runs. Returns the paths written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+        let io = |what: String| move |source| LoadError::Io { what, source };
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let mut written = Vec::new();
+        let json_path = dir.join(format!("{}.json", self.started_at));
+        let json = serde_json::to_string_pretty(self)
+            .map_err(|e| io("encoding the report".to_owned())(std::io::Error::other(e)))?;
+        std::fs::write(&json_path, json + "\n").map_err(io(format!("writing {}", json_path.display())))?;
+        written.push(json_path);
+        if let Some(svg) = self.plot() {
+            let svg_path = dir.join(format!("{}.svg", self.started_at));
+            std::fs::write(&svg_path, svg).map_err(io(format!("writing {}", svg_path.display())))?;
+            written.push(svg_path);
+        }
+        Ok(written)
+    }
+
+    /// Latency percentiles against offered load, when there are at least two open-loop runs.
+    pub fn plot(&self) -> Option<String> {
+        let points: Vec<(f64, &Percentiles)> = self
+            .runs
+            .iter()
+            .filter_map(|run| run.offered_per_second.map(|rate| (rate, &run.latency_ms)))
+            .collect();
+        if points.len() < 2 {
+            return None;
+        }
+        Some(svg(&points))
+    }
+}
+
+/// One line of the plot: its name, colour and value.
+type Series = (&'static str, &'static str, fn(&Percentiles) -> f64);
+
+/// A line chart of p50 / p95 / p99 (ms) against offered sagas per second.
+fn svg(points: &[(f64, &Percentiles)]) -> String {
+    let (width, height, left, right, top, bottom) = (640.0, 400.0, 60.0, 20.0, 30.0, 50.0);
+    let max_x = points.iter().map(|(x, _)| *x).fold(1.0, f64::max) * 1.05;
+    let max_y = points.iter().map(|(_, p)| p.p99).fold(1.0, f64::max) * 1.1;
+    let sx = |x: f64| left + x / max_x * (width - left - right);
+    let sy = |y: f64| height - bottom - y / max_y * (height - top - bottom);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="18" text-anchor="middle">create → confirmed latency vs offered load</text>"#,
+        width / 2.0
+    );
+    let (x0, y0, x1, y1) = (sx(0.0), sy(0.0), sx(max_x), sy(max_y));
+    let _ = writeln!(
+        out,
+        r#"<path d="M{x0},{y1} L{x0},{y0} L{x1},{y0}" stroke="black" fill="none"/>"#
+    );
+    for i in 0..=4 {
+        let (x, y) = (max_x * f64::from(i) / 4.0, max_y * f64::from(i) / 4.0);
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{x:.0}</text><text x="{:.1}" y="{:.1}" text-anchor="end">{y:.1}</text>"#,
+            sx(x),
+            y0 + 16.0,
+            x0 - 6.0,
+            sy(y) + 4.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">offered sagas/s</text><text x="14" y="{:.1}" transform="rotate(-90 14 {:.1})" text-anchor="middle">ms</text>"#,
+        (x0 + x1) / 2.0,
+        height - 12.0,
+        (y0 + y1) / 2.0,
+        (y0 + y1) / 2.0
+    );
+    let series: [Series; 3] = [
+        ("p50", "#1f77b4", |p| p.p50),
+        ("p95", "#ff7f0e", |p| p.p95),
+        ("p99", "#d62728", |p| p.p99),
+    ];
+    for (n, (name, colour, value)) in series.iter().enumerate() {
+        let line: Vec<String> = points
+            .iter()
+            .map(|(x, p)| format!("{:.1},{:.1}", sx(*x), sy(value(p))))
+            .collect();
+        let _ = writeln!(
+            out,
+            r#"<polyline points="{}" stroke="{colour}" stroke-width="2" fill="none"/>"#,
+            line.join(" ")
+        );
+        for (x, p) in points {
+            let _ = writeln!(
+                out,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                sx(*x),
+                sy(value(p))
+            );
+        }
+        let ly = top + 14.0 * n as f64;
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{ly:.1}" fill="{colour}">{name}</text>"#,
+            left + 10.0
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// `YYYYMMDDTHHMMSSZ` of `unix_seconds` (UTC).
+pub(crate) fn timestamp(unix_seconds: u64) -> String {
+    let days = i64::try_from(unix_seconds / 86_400).unwrap_or(0);
+    let rest = unix_seconds % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let micros: Vec<u64> = (1..=100).map(|ms| ms * 1000).collect();
+        let p = Percentiles::of_sorted_micros(&micros);
+        assert_eq!((p.p50, p.p95, p.p99, p.max), (50.0, 95.0, 99.0, 100.0));
+        assert_eq!(Percentiles::of_sorted_micros(&[]).max, 0.0);
+    }
+
+    #[test]
+    fn timestamps_are_utc_civil_dates() {
+        assert_eq!(timestamp(0), "19700101T000000Z");
+        assert_eq!(timestamp(951_782_400 + 3_723), "20000229T010203Z");
+    }
+
+    #[test]
+    fn the_ceiling_is_the_scarcer_resource() {
+        let figure = |per_second| RawFigure {
+            operations: 0,
+            seconds: 1.0,
+            per_second,
+        };
+        let durability = Durability {
+            synchronous_commit: "on".to_owned(),
+            fsync: "on".to_owned(),
+        };
+        let ceiling = Ceiling::new(figure(17_000.0), figure(11_500.0), durability);
+        assert!((ceiling.sagas_per_second - 11_500.0 / 3.0).abs() < 1e-6);
+    }
+}

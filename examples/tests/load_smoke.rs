@@ -1,0 +1,49 @@
+//! A CI-sized run of the load benchmark: a few seconds at a low rate against
+//! real PostgreSQL and RabbitMQ, asserting only that every saga completed
+//! (each order's `OrderConfirmed` consumed), never a speed.
+
+use std::time::Duration;
+
+use order_service::config::SecretUrl;
+use saga_examples::load::{self, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
+
+const ORDERS: u64 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_saga_of_a_small_run_is_confirmed() {
+    let results = std::env::temp_dir().join(format!("saga_load_smoke_{}", uuid::Uuid::new_v4().simple()));
+    let config = LoadConfig {
+        database_url: SecretUrl::new(std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())),
+        rabbitmq_url: SecretUrl::new(std::env::var("RABBITMQ_URL").unwrap_or_else(|_| DEFAULT_RABBITMQ_URL.to_owned())),
+        mode: Mode::Open { rates: vec![10.0] },
+        clients: 4,
+        duration: Duration::from_secs(2),
+        max_orders: Some(ORDERS),
+        warmup_orders: 0,
+        raw_duration: Some(Duration::from_millis(500)),
+        drain_timeout: Duration::from_secs(20),
+        products: vec!["smoke-a".to_owned(), "smoke-b".to_owned()],
+        results_dir: Some(results.clone()),
+        ..LoadConfig::default()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(180), load::run(config))
+        .await
+        .expect("the smoke run finishes within 3 minutes")
+        .unwrap_or_else(|error| panic!("the load smoke run could not run: {error}"));
+
+    assert_eq!(report.runs.len(), 1);
+    let run = &report.runs[0];
+    assert_eq!(run.sent, ORDERS, "every order is accepted:\n{}", report.render());
+    assert!(
+        run.all_confirmed(),
+        "every saga is seen confirmed through its OrderConfirmed event:\n{}",
+        report.render()
+    );
+    assert!(report.ceiling.is_some(), "the raw ceilings are measured");
+
+    let written = report.write(&results).expect("the report is written");
+    let json = std::fs::read_to_string(&written[0]).expect("the JSON is readable");
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("the JSON parses");
+    assert_eq!(parsed["runs"][0]["confirmed"], ORDERS);
+    let _ = std::fs::remove_dir_all(&results);
+}
