@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time: `env!` would bake in the path the build script was
+    // compiled at, which breaks when a target directory serves two checkouts.
+    let proto_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let proto = proto_dir.join("order.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     println!("cargo:rerun-if-changed=migrations");
