@@ -10,6 +10,7 @@
 //!
 //! The binaries are thin: their logic lives here so tests can drive it.
 
+pub mod broker;
 pub mod cli;
 pub mod inventory;
 pub mod load;

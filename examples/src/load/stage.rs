@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use order_service::config::{Backend, ListenAddr, SecretUrl};
 use order_service::wire::WireNames;
 use order_service::{Application, Config};
-use saga_amqp::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use saga_core::CancellationToken;
 use sqlx::Connection;
 use tokio::runtime::Runtime;
@@ -164,25 +163,7 @@ impl Stage {
                 self.wire.order_cancelled_exchange.clone(),
             ]);
         }
-        let broker = async {
-            let conn = saga_amqp::lapin::Connection::connect(self.rabbitmq_url.expose(), Default::default()).await;
-            let Ok(conn) = conn else { return };
-            if let Ok(channel) = conn.create_channel().await {
-                for queue in &queues {
-                    for name in [queue.clone(), format!("{queue}.dlq")] {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for exchange in &exchanges {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-            }
-            let _ = conn.close(0, "done".into()).await;
-        };
+        let broker = crate::broker::delete_topology(self.rabbitmq_url.expose(), &queues, &exchanges);
         if tokio::time::timeout(PATIENCE, broker).await.is_err() {
             tracing::warn!("the run's queues and exchanges could not all be deleted in time");
         }

@@ -10,7 +10,6 @@ use order_service::config::SecretUrl;
 use order_service::wire::{
     ORDER_CANCELLED, ORDER_CREATED, OrderCancelled, OrderCreated, OrderCreatedItem, StockUpdateResult, WireNames,
 };
-use saga_amqp::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
 use saga_core::{CancellationToken, Message, Publisher, Settlement, Subscriber, Subscription};
 use saga_examples::inventory::{Inventory, InventoryConfig, InventoryNames, InventoryService, StockLevel};
@@ -171,23 +170,7 @@ impl TestEnv {
     }
 
     async fn clean_up(database: String, queues: Vec<String>, exchanges: Vec<String>) {
-        if let Ok(conn) = saga_amqp::lapin::Connection::connect(&rabbitmq_url(), Default::default()).await {
-            if let Ok(channel) = conn.create_channel().await {
-                for queue in &queues {
-                    for name in [queue.clone(), format!("{queue}.dlq")] {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for exchange in &exchanges {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-            }
-            let _ = conn.close(0, "done".into()).await;
-        }
+        saga_examples::broker::delete_topology(&rabbitmq_url(), &queues, &exchanges).await;
         if let Ok(mut conn) = sqlx::PgConnection::connect(&database_url()).await {
             let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
             let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
