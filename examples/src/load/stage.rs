@@ -188,6 +188,29 @@ struct Hosted {
 }
 
 impl Hosted {
+    /// Waits for the hosted service to report that it started; stops it when
+    /// it failed to, or did not say so within [`PATIENCE`].
+    async fn started<T, E>(
+        self,
+        name: &str,
+        started: tokio::sync::oneshot::Receiver<Result<T, E>>,
+        failed: impl FnOnce(E) -> LoadError,
+    ) -> Result<(Self, T), LoadError> {
+        match tokio::time::timeout(PATIENCE, started).await {
+            Ok(Ok(Ok(value))) => Ok((self, value)),
+            outcome => {
+                self.stop(name).await;
+                Err(match outcome {
+                    Ok(Ok(Err(error))) => failed(error),
+                    _ => LoadError::Grpc {
+                        addr: "in-process".to_owned(),
+                        what: format!("{name} did not start within {PATIENCE:?}"),
+                    },
+                })
+            }
+        }
+    }
+
     fn runtime(threads: &str) -> Result<Runtime, LoadError> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -296,19 +319,12 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         shutdown,
         running,
     };
-    match tokio::time::timeout(PATIENCE, started).await {
-        Ok(Ok(Ok(()))) => Ok(hosted),
-        outcome => {
-            hosted.stop("the inventory service").await;
-            Err(match outcome {
-                Ok(Ok(Err(error))) => LoadError::Inventory(Box::new(error)),
-                _ => LoadError::Grpc {
-                    addr: "inventory".to_owned(),
-                    what: format!("the inventory service did not start within {PATIENCE:?}"),
-                },
-            })
-        }
-    }
+    let (hosted, ()) = hosted
+        .started("the inventory service", started, |error| {
+            LoadError::Inventory(Box::new(error))
+        })
+        .await?;
+    Ok(hosted)
 }
 
 async fn start_order_service(stage: &Stage) -> Result<(Hosted, u16), LoadError> {
@@ -346,19 +362,11 @@ async fn start_order_service(stage: &Stage) -> Result<(Hosted, u16), LoadError> 
         shutdown,
         running,
     };
-    match tokio::time::timeout(PATIENCE, started).await {
-        Ok(Ok(Ok(port))) => Ok((hosted, port)),
-        outcome => {
-            hosted.stop("the order service").await;
-            Err(match outcome {
-                Ok(Ok(Err(error))) => LoadError::OrderService(Box::new(error)),
-                _ => LoadError::Grpc {
-                    addr: "in-process".to_owned(),
-                    what: format!("the order service did not start within {PATIENCE:?}"),
-                },
-            })
-        }
-    }
+    hosted
+        .started("the order service", started, |error| {
+            LoadError::OrderService(Box::new(error))
+        })
+        .await
 }
 
 /// Connects to `addr` (bounded in time).
