@@ -125,15 +125,27 @@ pub struct InventoryNames {
     pub cancelled_queue: String,
 }
 
+impl InventoryNames {
+    /// The exchanges of the order service's `wire` names, with this
+    /// service's own queues.
+    pub fn beside(wire: &order_service::wire::WireNames, orders_queue: String, cancelled_queue: String) -> Self {
+        Self {
+            orders_exchange: wire.orders_exchange.clone(),
+            order_cancelled_exchange: wire.order_cancelled_exchange.clone(),
+            stock_update_exchange: wire.stock_update_exchange.clone(),
+            orders_queue,
+            cancelled_queue,
+        }
+    }
+}
+
 impl Default for InventoryNames {
     fn default() -> Self {
-        Self {
-            orders_exchange: "orders_exchange".to_owned(),
-            order_cancelled_exchange: "order_cancelled_exchange".to_owned(),
-            stock_update_exchange: "stock_update_exchange".to_owned(),
-            orders_queue: "product_service_orders_queue".to_owned(),
-            cancelled_queue: "product_service_order_cancelled_queue".to_owned(),
-        }
+        Self::beside(
+            &order_service::wire::WireNames::default(),
+            "product_service_orders_queue".to_owned(),
+            "product_service_order_cancelled_queue".to_owned(),
+        )
     }
 }
 

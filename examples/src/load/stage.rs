@@ -111,13 +111,11 @@ impl Stage {
             rabbitmq_url: config.rabbitmq_url.clone(),
             database_url: SecretUrl::new(format!("{base}/{database}{query}")),
             database,
-            inventory: InventoryNames {
-                orders_exchange: wire.orders_exchange.clone(),
-                order_cancelled_exchange: wire.order_cancelled_exchange.clone(),
-                stock_update_exchange: wire.stock_update_exchange.clone(),
-                orders_queue: format!("load_inventory_orders_{suffix}"),
-                cancelled_queue: format!("load_inventory_cancelled_{suffix}"),
-            },
+            inventory: InventoryNames::beside(
+                &wire,
+                format!("load_inventory_orders_{suffix}"),
+                format!("load_inventory_cancelled_{suffix}"),
+            ),
             wire,
             own_exchanges,
             confirmed_queue: format!("load_observe_confirmed_{suffix}"),
@@ -188,6 +186,21 @@ struct Hosted {
 }
 
 impl Hosted {
+    /// Runs `service` on a runtime of its own; it gets the token that stops it.
+    fn spawn<F>(threads: &str, service: impl FnOnce(CancellationToken) -> F) -> Result<Self, LoadError>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let runtime = Self::runtime(threads)?;
+        let shutdown = CancellationToken::new();
+        let running = runtime.spawn(service(shutdown.clone()));
+        Ok(Self {
+            runtime,
+            shutdown,
+            running,
+        })
+    }
+
     /// Waits for the hosted service to report that it started; stops it when
     /// it failed to, or did not say so within [`PATIENCE`].
     async fn started<T, E>(
@@ -297,28 +310,18 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         names: stage.inventory.clone(),
         ..InventoryConfig::default()
     };
-    let runtime = Hosted::runtime("inventory")?;
-    let shutdown = CancellationToken::new();
     let (built, started) = tokio::sync::oneshot::channel();
-    let running = {
-        let shutdown = shutdown.clone();
-        runtime.spawn(async move {
-            match InventoryService::build(inventory).await {
-                Ok(service) => {
-                    let _ = built.send(Ok(()));
-                    service.run_until_stopped(shutdown).await;
-                }
-                Err(error) => {
-                    let _ = built.send(Err(error));
-                }
+    let hosted = Hosted::spawn("inventory", |shutdown| async move {
+        match InventoryService::build(inventory).await {
+            Ok(service) => {
+                let _ = built.send(Ok(()));
+                service.run_until_stopped(shutdown).await;
             }
-        })
-    };
-    let hosted = Hosted {
-        runtime,
-        shutdown,
-        running,
-    };
+            Err(error) => {
+                let _ = built.send(Err(error));
+            }
+        }
+    })?;
     let (hosted, ()) = hosted
         .started("the inventory service", started, |error| {
             LoadError::Inventory(Box::new(error))
@@ -338,30 +341,20 @@ async fn start_order_service(stage: &Stage) -> Result<(Hosted, u16), LoadError> 
         names: stage.wire.clone(),
         ..Config::default()
     };
-    let runtime = Hosted::runtime(ORDER_SERVICE_THREADS)?;
-    let shutdown = CancellationToken::new();
     let (built, started) = tokio::sync::oneshot::channel();
-    let running = {
-        let shutdown = shutdown.clone();
-        runtime.spawn(async move {
-            match Application::build(config).await {
-                Ok(app) => {
-                    let _ = built.send(Ok(app.grpc_port()));
-                    if let Err(error) = app.run_until_stopped(shutdown).await {
-                        tracing::error!(%error, "the order service failed");
-                    }
-                }
-                Err(error) => {
-                    let _ = built.send(Err(error));
+    let hosted = Hosted::spawn(ORDER_SERVICE_THREADS, |shutdown| async move {
+        match Application::build(config).await {
+            Ok(app) => {
+                let _ = built.send(Ok(app.grpc_port()));
+                if let Err(error) = app.run_until_stopped(shutdown).await {
+                    tracing::error!(%error, "the order service failed");
                 }
             }
-        })
-    };
-    let hosted = Hosted {
-        runtime,
-        shutdown,
-        running,
-    };
+            Err(error) => {
+                let _ = built.send(Err(error));
+            }
+        }
+    })?;
     hosted
         .started("the order service", started, |error| {
             LoadError::OrderService(Box::new(error))

@@ -99,13 +99,11 @@ impl TestEnv {
         Self {
             database_url: format!("{base}/{database}"),
             database,
-            names: InventoryNames {
-                orders_exchange: wire.orders_exchange.clone(),
-                order_cancelled_exchange: wire.order_cancelled_exchange.clone(),
-                stock_update_exchange: wire.stock_update_exchange.clone(),
-                orders_queue: format!("inventory_orders_{suffix}"),
-                cancelled_queue: format!("inventory_cancelled_{suffix}"),
-            },
+            names: InventoryNames::beside(
+                &wire,
+                format!("inventory_orders_{suffix}"),
+                format!("inventory_cancelled_{suffix}"),
+            ),
             wire,
             replies_queue: format!("test_replies_{suffix}"),
         }
