@@ -101,7 +101,13 @@ trait Runner: Send + Sync {
     fn version(&self) -> u32;
     fn routes(&self) -> Vec<(String, Correlation)>;
     fn start(&self, id: SagaId, data: Box<dyn Any + Send>, now: Timestamp) -> Result<Pending, EngineError>;
-    fn decide(&self, instance: SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError>;
+    /// The transition to commit, or why the event changes nothing.
+    fn decide(
+        &self,
+        instance: SagaInstance,
+        event: Event<'_>,
+        now: Timestamp,
+    ) -> Result<Result<Pending, &'static str>, EngineError>;
     fn mermaid(&self) -> String;
     fn step_names(&self) -> Vec<String>;
     fn data_version(&self) -> u32;
@@ -162,15 +168,16 @@ impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
         decide::start(&self.definition, id, *data, now).map(|d| self.bind(d))
     }
 
-    fn decide(&self, instance: SagaInstance, event: Event<'_>, now: Timestamp) -> Result<Option<Pending>, EngineError> {
-        let id = instance.id;
-        match decide::decide_owned(&self.definition, instance, event, now)? {
-            Outcome::Changed(decision) => Ok(Some(self.bind(decision))),
-            Outcome::Ignored(reason) => {
-                tracing::debug!(saga_id = %id, reason, "event ignored");
-                Ok(None)
-            }
-        }
+    fn decide(
+        &self,
+        instance: SagaInstance,
+        event: Event<'_>,
+        now: Timestamp,
+    ) -> Result<Result<Pending, &'static str>, EngineError> {
+        Ok(match decide::decide_owned(&self.definition, instance, event, now)? {
+            Outcome::Changed(decision) => Ok(self.bind(decision)),
+            Outcome::Ignored(reason) => Err(reason),
+        })
     }
 
     fn mermaid(&self) -> String {
@@ -634,13 +641,12 @@ impl Engine {
             let instance = self.upgraded(instance)?;
             let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let before = instance.status;
-            let finished = instance.status.is_terminal();
-            let Some(pending) = runner.decide(instance, event, self.now())? else {
-                return Ok(Handled::Ignored(if finished {
-                    "the saga has finished"
-                } else {
-                    "the event does not apply to the saga's current step"
-                }));
+            let pending = match runner.decide(instance, event, self.now())? {
+                Ok(pending) => pending,
+                Err(reason) => {
+                    tracing::debug!(reason, "event ignored");
+                    return Ok(Handled::Ignored(reason));
+                }
             };
             let status = pending.instance.status;
             match self.commit(pending, Some(revision), consumed, check_inbox_first).await {
