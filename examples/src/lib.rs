@@ -7,6 +7,8 @@
 //! - `order-cli` ([`cli`]): a command-line client of the order service.
 //! - `load-test` ([`load`]): the end-to-end load benchmark of the order
 //!   service and the inventory service on PostgreSQL + RabbitMQ.
+//! - `sagactl` ([`sagactl`]): the operator's command line for the admin API
+//!   (list, show, retry, cancel, resume sagas; list and replay dead letters).
 //!
 //! The binaries are thin: their logic lives here so tests can drive it.
 
@@ -14,3 +16,4 @@ pub mod broker;
 pub mod cli;
 pub mod inventory;
 pub mod load;
+pub mod sagactl;

@@ -16,6 +16,7 @@
 
 mod bench;
 mod config;
+mod costs;
 mod drive;
 mod error;
 mod raw;
@@ -25,6 +26,7 @@ mod usage;
 
 pub use bench::run;
 pub use config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
+pub use costs::SagaCosts;
 pub use error::LoadError;
 pub use raw::{Durability, RawFigure};
 pub use report::{COMMITS_PER_SAGA, Ceiling, LoadReport, MESSAGES_PER_SAGA, Percentiles, RunReport};

@@ -25,7 +25,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admin::{self, AdminGrpc, AdminServer, DeadLetterSource, Operations};
 use crate::config::{Backend, Config, ListenAddr, SecretUrl};
+use crate::dashboard::{self, DashboardConfig};
 use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
 use crate::grpc::OrderGrpc;
 use crate::orders::Orders;
@@ -103,6 +105,7 @@ struct Running {
     relay: Relay,
     consumers: Vec<Consumer>,
     deadline_interval: Duration,
+    dead_letters: DeadLetterSource,
 }
 
 /// Production mode before its backends are reachable.
@@ -114,6 +117,8 @@ struct ProductionStart {
     engine: Engine,
     /// Opens the order API once the database is migrated.
     open: Arc<AtomicBool>,
+    /// Connected to RabbitMQ once it is reached.
+    dead_letters: DeadLetterSource,
 }
 
 /// Reports readiness through gRPC health and `/readyz`.
@@ -150,6 +155,10 @@ pub struct Application {
     orders: Orders,
     workers: Workers,
     ops: Ops,
+    /// The web dashboard's routes, served beside the operations endpoints.
+    dashboard: Router,
+    /// The admin API, when `ADMIN_TOKEN` is set.
+    admin: Option<AdminServer>,
 }
 
 impl Application {
@@ -170,6 +179,15 @@ impl Application {
                 rabbitmq_url,
             } => production(&saga, database_url, rabbitmq_url)?,
         };
+        let dashboard = dashboard::routes(
+            workers.engine().clone(),
+            config.admin_token.as_ref(),
+            DashboardConfig::default(),
+        );
+        let admin = config
+            .admin_token
+            .clone()
+            .map(|token| AdminGrpc::server(workers.operations(), token));
         Ok(Self {
             grpc_listener,
             metrics_listener,
@@ -182,6 +200,8 @@ impl Application {
                 prometheus: telemetry::prometheus(),
                 refresh,
             },
+            dashboard,
+            admin,
         })
     }
 
@@ -209,6 +229,8 @@ impl Application {
             orders,
             workers,
             ops,
+            dashboard,
+            admin,
             ..
         } = self;
 
@@ -220,14 +242,10 @@ impl Application {
             ready: Arc::clone(&ops.ready),
             shutdown: shutdown.clone(),
         };
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection_v1 = reflection(admin.is_some())
             .build_v1()
             .map_err(|e| StartError::Internal(Box::new(e)))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection_v1alpha = reflection(admin.is_some())
             .build_v1alpha()
             .map_err(|e| StartError::Internal(Box::new(e)))?;
 
@@ -235,7 +253,8 @@ impl Application {
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
-            .with_state(ops.clone());
+            .with_state(ops.clone())
+            .merge(dashboard);
         {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
@@ -264,6 +283,7 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(OrderGrpc::server(orders))
+            .add_optional_service(admin)
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopping);
         let drain_limit = async {
             shutdown.cancelled().await;
@@ -292,6 +312,18 @@ impl Application {
         }
         tracing::info!("stopped");
         served.map_err(StartError::Serve)
+    }
+}
+
+/// Reflection over the services served: the admin API only when it is.
+fn reflection(admin: bool) -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    if admin {
+        builder.register_encoded_file_descriptor_set(admin::proto::FILE_DESCRIPTOR_SET)
+    } else {
+        builder
     }
 }
 
@@ -377,6 +409,11 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
         },
     );
 
+    // Embedded mode answers the admin API's dead-letter calls from the in-process queues.
+    let dead_letters = DeadLetterSource::ready(
+        vec![names.stock_update_queue.clone(), DEMO_STOCK_QUEUE.to_owned()],
+        Arc::new(transport.clone()),
+    );
     let refresh: Refresh = {
         let queue = names.stock_update_queue.clone();
         Arc::new(move || {
@@ -393,6 +430,7 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
             relay,
             consumers: vec![engine_consumer, stock_consumer],
             deadline_interval,
+            dead_letters,
         }),
         refresh,
     ))
@@ -432,6 +470,7 @@ fn production(
             pool,
             engine,
             open,
+            dead_letters: DeadLetterSource::pending(vec![saga.names.stock_update_queue.clone()]),
         })),
         Arc::new(|| {}),
     ))
@@ -545,6 +584,30 @@ async fn report_backlog(pool: PgPool, shutdown: CancellationToken) {
 }
 
 impl Workers {
+    /// The engine the workers drive.
+    fn engine(&self) -> &Engine {
+        match self {
+            Self::Ready(running) => &running.engine,
+            Self::Production(start) => &start.engine,
+        }
+    }
+
+    /// What the admin API operates on.
+    fn operations(&self) -> Operations {
+        match self {
+            Self::Ready(running) => Operations::new(
+                running.engine.clone(),
+                running.dead_letters.clone(),
+                Arc::new(AtomicBool::new(true)),
+            ),
+            Self::Production(start) => Operations::new(
+                start.engine.clone(),
+                start.dead_letters.clone(),
+                Arc::clone(&start.open),
+            ),
+        }
+    }
+
     /// Waits for the backends (production mode), reports readiness, and runs
     /// the relay, consumers and deadline scanner until `shutdown`.
     async fn run(self, readiness: Readiness, shutdown: CancellationToken) {
@@ -565,6 +628,7 @@ impl Running {
             relay,
             consumers,
             deadline_interval,
+            dead_letters: _,
         } = self;
         let mut tasks = JoinSet::new();
         tasks.spawn(relay.run(shutdown.clone()));
@@ -592,6 +656,7 @@ impl ProductionStart {
             pool,
             engine,
             open,
+            dead_letters,
         } = self;
         let names = &saga.names;
         tracing::info!(database = %database_url, broker = %rabbitmq_url, "connecting");
@@ -630,7 +695,10 @@ impl ProductionStart {
         if let Some(transport) = connected {
             let transport = Arc::new(transport);
             tracing::info!("RabbitMQ topology declared");
-            let store = Arc::new(PostgresStore::new(pool));
+            dead_letters.connect(transport.clone());
+            // The engine's own store: its commits hand their messages to
+            // this relay directly (no claim), and wake it without a NOTIFY.
+            let store: Arc<dyn saga_core::OutboxStore> = engine.store().clone();
             let publisher = Arc::new(TracedPublisher::new(transport.clone()));
             tasks.spawn(Relay::new(store, publisher, RelayConfig::default()).run(shutdown.clone()));
             let handler = engine;

@@ -130,6 +130,28 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+/// A bearer token (`ADMIN_TOKEN`): never shown in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token as given: compare it with what a caller presents, never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
 /// Where state lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -181,6 +203,10 @@ pub struct Config {
     pub otel: OtelConfig,
     /// Exchange and queue names (the platform's).
     pub names: WireNames,
+    /// `ADMIN_TOKEN`: the bearer token of the admin API and the dashboard.
+    /// While it is unset the admin API is not served and the read-only
+    /// dashboard asks for no token.
+    pub admin_token: Option<AdminToken>,
 }
 
 impl Default for Config {
@@ -197,6 +223,7 @@ impl Default for Config {
                 endpoint: None,
             },
             names: WireNames::default(),
+            admin_token: None,
         }
     }
 }
@@ -272,6 +299,7 @@ impl Config {
             log_format,
             otel,
             names: defaults.names,
+            admin_token: get("ADMIN_TOKEN").map(AdminToken::new),
         })
     }
 }
@@ -377,6 +405,14 @@ mod tests {
             SecretUrl("amqp://mq:5672/%2f".to_owned()).to_string(),
             "amqp://mq:5672/%2f"
         );
+    }
+
+    #[test]
+    fn the_admin_token_is_optional_and_never_shown() {
+        assert_eq!(config(&[]).map(|c| c.admin_token), Ok(None));
+        let config = config(&[("ADMIN_TOKEN", " s3cret ")]).expect("valid");
+        assert_eq!(config.admin_token.as_ref().map(AdminToken::expose), Some("s3cret"));
+        assert!(!format!("{config:?}").contains("s3cret"));
     }
 
     #[test]

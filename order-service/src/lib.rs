@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 
+pub mod admin;
 pub mod app;
 pub mod config;
+pub mod dashboard;
 pub mod demo_stock;
 pub mod domain;
 pub mod grpc;

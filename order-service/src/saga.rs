@@ -28,7 +28,8 @@ pub const ORDER_SAGA: &str = "order";
 /// The default stock reply deadline.
 pub const DEFAULT_STOCK_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why an order is cancelled when the product service never answered.
+/// Why an order is cancelled when nothing more precise is known (the engine
+/// always records why a step failed, so this is a fallback).
 pub const NO_STOCK_REPLY: &str = "no stock reservation reply before the deadline";
 
 /// Why an order is cancelled when the product service said no without a reason.
@@ -95,9 +96,16 @@ pub fn order_saga(config: &OrderSagaConfig) -> Result<SagaDefinition<OrderSagaDa
             })
             .compensate(move |data, ctx| {
                 let order = &data.order;
-                let reason = data.cancel_reason.as_deref().unwrap_or(NO_STOCK_REPLY);
-                ctx.effect(OrderEffect::SetStatus(order.id, OrderStatus::Cancelled));
+                // The product service's refusal when there was one; otherwise the
+                // engine's account of the failure (no reply before the deadline,
+                // cancelled by an operator).
+                let reason = data
+                    .cancel_reason
+                    .as_deref()
+                    .or(ctx.failure())
+                    .unwrap_or(NO_STOCK_REPLY);
                 let cancelled = OrderCancelled::new(order.id, &order.user_id, reason);
+                ctx.effect(OrderEffect::SetStatus(order.id, OrderStatus::Cancelled));
                 ctx.send(Command::json(ORDER_CANCELLED, &cancelled_exchange, &cancelled)?);
                 Ok(())
             }),
@@ -248,7 +256,8 @@ mod tests {
         test.advance(Duration::from_secs(1));
         assert_eq!(test.status(), SagaStatus::Compensated);
         assert_eq!(test.sent_kinds(), [ORDER_CREATED, ORDER_CANCELLED]);
-        assert_eq!(body(&test, 1)["reason"], NO_STOCK_REPLY);
+        let reason = body(&test, 1)["reason"].as_str().map(str::to_owned).unwrap_or_default();
+        assert!(reason.contains("no reply before its deadline"), "{reason}");
         assert_eq!(
             test.effects().last(),
             Some(&OrderEffect::SetStatus(order.id, OrderStatus::Cancelled))

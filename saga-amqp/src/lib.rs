@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod dead_letter;
 mod error;
 mod link;
 mod mapping;
@@ -15,7 +16,7 @@ pub use config::{
     RoutingKey, Topology,
 };
 pub use error::AmqpError;
-pub use mapping::{DESTINATION_HEADER, RETRIES_HEADER, content_id};
+pub use mapping::{DESTINATION_HEADER, RETRIES_HEADER, ROUTING_KEY_HEADER, content_id};
 pub use trace::{TRACEPARENT, TracedHandler, context_of, inject_current, set_parent};
 pub use transport::AmqpTransport;
 

@@ -15,6 +15,10 @@ pub const RETRIES_HEADER: &str = "x-saga-retries";
 /// Header keeping a message's original destination while it goes through a
 /// delay or dead-letter queue.
 pub const DESTINATION_HEADER: &str = "x-saga-destination";
+/// Header keeping the routing key a message was first published with, beside
+/// [`DESTINATION_HEADER`]: with both, a dead letter can be replayed to where
+/// it came from.
+pub const ROUTING_KEY_HEADER: &str = "x-saga-routing-key";
 
 /// Namespace of ids given to delivered messages that carry no `message_id`.
 const CONTENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x1f6e_2c4d_9a0b_4e51_8c3d_7b2a_5e90_a001);
@@ -87,6 +91,7 @@ pub(crate) fn message(exchange: &str, properties: &BasicProperties, body: Vec<u8
                         destination = text;
                     }
                 }
+                ROUTING_KEY_HEADER => {}
                 _ => {
                     // Nested values (e.g. the broker's `x-death`) have no string form.
                     if let Some(text) = text(value) {
@@ -109,7 +114,7 @@ pub(crate) fn message(exchange: &str, properties: &BasicProperties, body: Vec<u8
 }
 
 /// `value` as a string, if it is a scalar.
-fn text(value: &AMQPValue) -> Option<String> {
+pub(crate) fn text(value: &AMQPValue) -> Option<String> {
     Some(match value {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
@@ -135,12 +140,20 @@ fn integer(value: &AMQPValue) -> Option<i64> {
     })
 }
 
+/// Where a delivery was first published: its exchange and routing key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Published<'a> {
+    pub(crate) exchange: &'a str,
+    pub(crate) routing_key: &'a str,
+}
+
 /// The properties of a message settled for another round: `retries` counted,
-/// its original destination kept, `header` (e.g. the dead-letter reason) set.
+/// where it was first published kept (on its first round only: later rounds
+/// arrive from a delay queue), `header` (e.g. the dead-letter reason) set.
 pub(crate) fn republished(
     original: &BasicProperties,
     message_id: &MessageId,
-    destination: &str,
+    published: Published<'_>,
     retries: u32,
     header: Option<(&str, &str)>,
 ) -> Result<BasicProperties, String> {
@@ -152,7 +165,11 @@ pub(crate) fn republished(
     if !table.contains_key(DESTINATION_HEADER) {
         table.insert(
             ShortString::from(DESTINATION_HEADER),
-            AMQPValue::LongString(LongString::from(destination.as_bytes())),
+            AMQPValue::LongString(LongString::from(published.exchange.as_bytes())),
+        );
+        table.insert(
+            ShortString::from(ROUTING_KEY_HEADER),
+            AMQPValue::LongString(LongString::from(published.routing_key.as_bytes())),
         );
     }
     if let Some((name, value)) = header {
@@ -204,13 +221,38 @@ mod tests {
     fn republishing_counts_retries_and_keeps_the_destination() {
         let sent = Message::new("OrderCreated", "orders", b"{}".to_vec());
         let first = properties(&sent, &[]).expect("valid message");
-        let again = republished(&first, &sent.id, "orders", 1, None).expect("valid");
-        let again = republished(&again, &sent.id, "", 2, Some(("x-dead-letter-reason", "bad"))).expect("valid");
+        let first_round = Published {
+            exchange: "orders",
+            routing_key: "OrderCreated",
+        };
+        let again = republished(&first, &sent.id, first_round, 1, None).expect("valid");
+        let from_delay_queue = Published {
+            exchange: "",
+            routing_key: "orders.retry.128",
+        };
+        let again = republished(
+            &again,
+            &sent.id,
+            from_delay_queue,
+            2,
+            Some(("x-dead-letter-reason", "bad")),
+        )
+        .expect("valid");
+        let headers = again.headers().clone().unwrap_or_default();
+        assert_eq!(
+            headers.inner().get(ROUTING_KEY_HEADER).and_then(text).as_deref(),
+            Some("OrderCreated"),
+            "the first routing key is kept"
+        );
         let (got, retries) = message("", &again, b"{}".to_vec());
         assert_eq!(retries, 2);
         assert_eq!(got.destination, "orders");
         assert_eq!(got.header("x-dead-letter-reason"), Some("bad"));
         assert!(got.header(RETRIES_HEADER).is_none(), "internal headers stay internal");
+        assert!(
+            got.header(ROUTING_KEY_HEADER).is_none(),
+            "internal headers stay internal"
+        );
     }
 
     #[test]
@@ -221,7 +263,11 @@ mod tests {
         let (other, _) = message("payments", &bare, b"{\"order\":2}".to_vec());
         assert_eq!(first.id, again.id);
         assert_ne!(first.id, other.id);
-        let republished = republished(&bare, &first.id, "payments", 1, None).expect("valid");
+        let published = Published {
+            exchange: "payments",
+            routing_key: "",
+        };
+        let republished = republished(&bare, &first.id, published, 1, None).expect("valid");
         let (retried, _) = message("", &republished, b"{\"order\":1}".to_vec());
         assert_eq!(retried.id, first.id);
     }
@@ -230,5 +276,145 @@ mod tests {
     fn overlong_names_are_errors_not_panics() {
         let sent = Message::new("K".repeat(300), "orders", Vec::new());
         assert!(properties(&sent, &[]).is_err());
+    }
+}
+
+/// Deliveries are external input: whatever properties and headers a
+/// publisher sets, reading them never panics, and what this crate publishes
+/// reads back as it was sent.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn short_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[a-zA-Z0-9._-]{1,40}",
+            any::<String>().prop_filter("fits a short string", |s| s.len() <= 255),
+        ]
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(RETRIES_HEADER.to_owned()),
+            Just(DESTINATION_HEADER.to_owned()),
+            Just(ROUTING_KEY_HEADER.to_owned()),
+            Just("traceparent".to_owned()),
+            short_text(),
+        ]
+    }
+
+    fn scalar() -> impl Strategy<Value = AMQPValue> {
+        prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+            any::<i16>().prop_map(AMQPValue::ShortInt),
+            any::<u16>().prop_map(AMQPValue::ShortUInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u32>().prop_map(AMQPValue::LongUInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<f32>().prop_map(AMQPValue::Float),
+            any::<f64>().prop_map(AMQPValue::Double),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            short_text().prop_map(|s| AMQPValue::ShortString(ShortString::from(s))),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+            "-?[0-9]{1,25}".prop_map(|s| AMQPValue::LongString(LongString::from(s))),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(|b| AMQPValue::ByteArray(b.into())),
+            Just(AMQPValue::Void),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = AMQPValue> {
+        scalar().prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(|v| AMQPValue::FieldArray(v.into())),
+                prop::collection::btree_map("[a-z]{1,8}", inner, 0..4).prop_map(|m| {
+                    let table: BTreeMap<ShortString, AMQPValue> =
+                        m.into_iter().map(|(k, v)| (ShortString::from(k), v)).collect();
+                    AMQPValue::FieldTable(FieldTable::from(table))
+                }),
+            ]
+        })
+    }
+
+    fn delivered() -> impl Strategy<Value = BasicProperties> {
+        (
+            proptest::option::of(short_text()),
+            proptest::option::of(short_text()),
+            proptest::option::of(short_text()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(prop::collection::btree_map(header_name(), value(), 0..6)),
+        )
+            .prop_map(|(id, kind, correlation, timestamp, headers)| {
+                let mut properties = BasicProperties::default();
+                if let Some(id) = id {
+                    properties = properties.with_message_id(ShortString::from(id));
+                }
+                if let Some(kind) = kind {
+                    properties = properties.with_type(ShortString::from(kind));
+                }
+                if let Some(correlation) = correlation {
+                    properties = properties.with_correlation_id(ShortString::from(correlation));
+                }
+                if let Some(timestamp) = timestamp {
+                    properties = properties.with_timestamp(timestamp);
+                }
+                if let Some(headers) = headers {
+                    let table: BTreeMap<ShortString, AMQPValue> =
+                        headers.into_iter().map(|(k, v)| (ShortString::from(k), v)).collect();
+                    properties = properties.with_headers(FieldTable::from(table));
+                }
+                properties
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_delivery_reads_without_panicking(
+            properties in delivered(),
+            exchange in short_text(),
+            body in prop::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let (message, retries) = message(&exchange, &properties, body.clone());
+            prop_assert!(!message.id.as_str().is_empty(), "every delivery has an id");
+            prop_assert_eq!(&message.payload, &body);
+            prop_assert!(message.header(RETRIES_HEADER).is_none(), "internal headers stay internal");
+            if let Some(AMQPValue::LongLongInt(n)) = properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(RETRIES_HEADER))
+            {
+                prop_assert_eq!(retries, u32::try_from(*n).unwrap_or(0));
+            }
+            // Republishing it (a retry, a dead letter) never panics either.
+            let published = Published { exchange: &exchange, routing_key: "" };
+            let _ = republished(&properties, &message.id, published, retries.saturating_add(1), Some(("x-dead-letter-reason", "test")));
+        }
+
+        #[test]
+        fn what_is_published_reads_back_as_sent(
+            kind in short_text(),
+            correlation in proptest::option::of(short_text()),
+            headers in prop::collection::btree_map("[a-z][a-z0-9-]{0,20}", any::<String>(), 0..5),
+            body in prop::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut sent = Message::new(kind, "orders", body);
+            sent.correlation_id = correlation;
+            sent.headers = headers
+                .into_iter()
+                .filter(|(name, _)| !name.starts_with("x-saga-"))
+                .collect();
+            let properties = properties(&sent, &[]).expect("names fit");
+            let (got, retries) = message("orders", &properties, sent.payload.clone());
+            prop_assert_eq!(retries, 0);
+            prop_assert_eq!(got.id, sent.id);
+            prop_assert_eq!(got.kind, sent.kind);
+            prop_assert_eq!(got.correlation_id, sent.correlation_id);
+            prop_assert_eq!(got.headers, sent.headers);
+            prop_assert_eq!(got.payload, sent.payload);
+        }
     }
 }

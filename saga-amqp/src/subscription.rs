@@ -154,6 +154,7 @@ impl AmqpSubscription {
     fn delivery(&self, channel: Channel, delivery: lapin::message::Delivery) -> Delivery {
         let lapin::message::Delivery {
             exchange,
+            routing_key,
             properties,
             data,
             acker,
@@ -166,7 +167,8 @@ impl AmqpSubscription {
             channel,
             acker: Some(acker),
             message_id: message.id.clone(),
-            destination: message.destination.clone(),
+            exchange: exchange.as_str().to_owned(),
+            routing_key: routing_key.as_str().to_owned(),
             properties,
             body: data,
             retries,
@@ -186,7 +188,9 @@ struct AmqpSettle {
     channel: Channel,
     acker: Option<Acker>,
     message_id: MessageId,
-    destination: String,
+    /// The exchange and routing key it arrived by (recorded on its first round).
+    exchange: String,
+    routing_key: String,
     properties: BasicProperties,
     body: Vec<u8>,
     retries: u32,
@@ -219,6 +223,13 @@ async fn requeue(acker: &Acker, limit: Duration) {
 impl AmqpSettle {
     fn limit(&self) -> Duration {
         self.shared.config.operation_timeout
+    }
+
+    fn published(&self) -> mapping::Published<'_> {
+        mapping::Published {
+            exchange: &self.exchange,
+            routing_key: &self.routing_key,
+        }
     }
 
     /// Publishes the message to `queue` (through the default exchange) with
@@ -276,7 +287,7 @@ impl Settle for AmqpSettle {
                 let properties = mapping::republished(
                     &self.properties,
                     &self.message_id,
-                    &self.destination,
+                    self.published(),
                     self.retries.saturating_add(1),
                     None,
                 );
@@ -292,7 +303,7 @@ impl Settle for AmqpSettle {
                 let properties = mapping::republished(
                     &self.properties,
                     &self.message_id,
-                    &self.destination,
+                    self.published(),
                     self.retries,
                     Some((DEAD_LETTER_REASON, &reason)),
                 );

@@ -26,8 +26,11 @@ use crate::trace;
 /// - **Consuming**: manual acks, `prefetch` unacked deliveries per
 ///   subscription. Retries go through `<queue>.retry.<ms>` delay queues and
 ///   come back counting one more retry; dead letters go to `<queue>.dlq` with
-///   the reason in [`saga_core::DEAD_LETTER_REASON`]. A delivery dropped
-///   unsettled is requeued.
+///   the reason in [`saga_core::DEAD_LETTER_REASON`] and the exchange and
+///   routing key it was first published with; a delivery dropped unsettled
+///   is requeued.
+/// - **Dead letters**: browsed and replayed to where they were first
+///   published through [`DeadLetterQueue`](saga_core::DeadLetterQueue).
 /// - **Reconnects**: a dropped connection is re-opened with backoff and the
 ///   topology declared again; subscriptions report the error once and go on.
 ///
@@ -68,6 +71,10 @@ impl AmqpTransport {
         Ok(Self {
             shared: Arc::new(Shared::new(config, link, publishing)),
         })
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// The configuration it runs with.

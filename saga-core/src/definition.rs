@@ -306,6 +306,19 @@ impl<D: SagaData, E: Send + 'static> SagaDefinition<D, E> {
 
     /// The definition as a Mermaid flowchart: forward steps, where a failure
     /// leads, and the compensations in reverse order.
+    ///
+    /// ```
+    /// use saga_core::{SagaDefinition, Step};
+    ///
+    /// let definition: SagaDefinition<u32> = SagaDefinition::builder("trip")
+    ///     .step(Step::local("book-hotel", |_: &mut u32, _| Ok(())).compensate(|_, _| Ok(())))
+    ///     .step(Step::local("book-flight", |_: &mut u32, _| Ok(())))
+    ///     .build()?;
+    /// let chart = definition.to_mermaid();
+    /// assert!(chart.starts_with("flowchart"));
+    /// assert!(chart.contains("book-hotel") && chart.contains("book-flight"));
+    /// # Ok::<(), saga_core::DefinitionError>(())
+    /// ```
     pub fn to_mermaid(&self) -> String {
         mermaid(&self.steps)
     }

@@ -58,6 +58,11 @@ pub struct EngineConfig {
     pub max_conflict_retries: u32,
     /// How many due deadlines one scan fires at most.
     pub deadline_batch: usize,
+    /// How long a deadline that could not be applied for good (its saga's
+    /// row is corrupt, or its definition version is not registered) is left
+    /// out of the scans before it is tried, and reported, again. Left out,
+    /// such deadlines neither fill every scan's batch nor flood the log.
+    pub broken_deadline_retry: Duration,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +71,7 @@ impl Default for EngineConfig {
             consumer: "saga-engine".to_owned(),
             max_conflict_retries: 16,
             deadline_batch: 256,
+            broken_deadline_retry: Duration::from_secs(300),
         }
     }
 }
@@ -354,6 +360,7 @@ impl EngineBuilder {
                 latest,
                 routes,
                 upgrades,
+                broken_deadlines: std::sync::Mutex::default(),
             }),
         })
     }
@@ -369,6 +376,9 @@ struct Inner {
     latest: HashMap<String, u32>,
     routes: HashMap<String, Vec<Route>>,
     upgrades: HashMap<(String, u32), Upgrade>,
+    /// Deadlines that could not be applied for good: the saga, its deadline,
+    /// and when to try it again.
+    broken_deadlines: std::sync::Mutex<HashMap<SagaId, (Timestamp, Timestamp)>>,
 }
 
 /// Runs sagas: starts instances, feeds them messages, fires their deadlines
@@ -464,11 +474,35 @@ impl Engine {
 
     /// Fires every deadline that has come (up to the configured batch) and
     /// returns how many caused a transition.
+    ///
+    /// A deadline that cannot be applied for good (its saga's row does not
+    /// decode, its definition version is not registered) is reported once
+    /// and left out of the scans for
+    /// [`broken_deadline_retry`](EngineConfig::broken_deadline_retry), so
+    /// broken sagas never crowd healthy ones out of the batch.
     pub async fn fire_due_deadlines(&self) -> Result<usize, EngineError> {
         let now = self.now();
-        let due = self.inner.store.due(now, self.inner.config.deadline_batch).await?;
+        let batch = self.inner.config.deadline_batch;
+        let set_aside = {
+            let mut broken = self.broken_deadlines();
+            broken.retain(|_, (_, retry_at)| *retry_at > now);
+            broken.len()
+        };
+        let due = self.inner.store.due(now, batch.saturating_add(set_aside)).await?;
         let mut fired = 0;
+        let mut tried = 0;
         for deadline in due {
+            if tried >= batch {
+                break;
+            }
+            let known_broken = self
+                .broken_deadlines()
+                .get(&deadline.saga)
+                .is_some_and(|(due, _)| *due == deadline.due);
+            if known_broken {
+                continue;
+            }
+            tried += 1;
             let span = tracing::info_span!("saga.deadline", saga_id = %deadline.saga);
             let handled = self
                 .transition(deadline.saga, None, Event::Deadline(deadline.due), None)
@@ -479,18 +513,50 @@ impl Engine {
                 Ok(_) => {}
                 Err(e) if e.is_retryable() => return Err(e),
                 // One broken instance must not stop the others' deadlines.
-                Err(e) => tracing::error!(saga_id = %deadline.saga, error = %e, "deadline could not be applied"),
+                Err(e) => {
+                    let retry = self.inner.config.broken_deadline_retry;
+                    tracing::error!(
+                        saga_id = %deadline.saga,
+                        error = %e,
+                        retry_in = ?retry,
+                        "deadline could not be applied; the saga needs an operator"
+                    );
+                    metrics::counter!("saga_deadline_failures_total").increment(1);
+                    self.broken_deadlines()
+                        .insert(deadline.saga, (deadline.due, now + retry));
+                }
             }
         }
         Ok(fired)
     }
 
-    /// Applies an operator action and returns the instance afterwards.
+    fn broken_deadlines(&self) -> std::sync::MutexGuard<'_, HashMap<SagaId, (Timestamp, Timestamp)>> {
+        // A panic while holding it leaves a plain map: keep using it.
+        self.inner
+            .broken_deadlines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies an operator action, recorded in the instance's history, and
+    /// returns the instance afterwards.
+    ///
+    /// [`EngineError::UnknownSaga`] when there is no such instance;
+    /// [`EngineError::InvalidAction`] when the action does not apply to the
+    /// instance as it stands (e.g. cancelling a finished one): nothing changed.
     pub async fn act(&self, id: SagaId, action: OperatorAction) -> Result<SagaInstance, EngineError> {
         let span = tracing::info_span!("saga.operator", saga_id = %id, action = action.as_str());
-        self.transition(id, None, Event::Operator(action), None)
+        let handled = self
+            .transition(id, None, Event::Operator(action), None)
             .instrument(span)
             .await?;
+        if let Handled::Ignored(reason) = handled {
+            return Err(EngineError::InvalidAction {
+                id,
+                action: action.as_str(),
+                reason: reason.to_owned(),
+            });
+        }
         self.inner.store.load(id).await?.ok_or(EngineError::UnknownSaga {
             kind: action.as_str().to_owned(),
             key: Some(id.to_string()),
@@ -598,8 +664,8 @@ impl Engine {
                         what: format!("`{}` message {}", message.kind, message.id),
                         source,
                     })?;
-                    if let Some(id) = self.inner.store.find_by_key(&route.definition, &key).await? {
-                        return Ok((id, None));
+                    if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
+                        return Ok((instance.id, Some(instance)));
                     }
                     tried = Some(key);
                 }

@@ -2,6 +2,7 @@
 
 mod clock;
 mod consumer;
+mod dead_letter;
 mod decide;
 mod definition;
 mod engine;
@@ -13,6 +14,7 @@ mod participant;
 mod relay;
 mod signal;
 mod store;
+mod summary;
 mod transport;
 mod upgrade;
 
@@ -22,6 +24,9 @@ pub mod testkit;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use consumer::{Consumer, ConsumerConfig, MessageHandler, settlement_for};
+pub use dead_letter::{
+    DeadLetter, DeadLetterPage, DeadLetterQueue, Origin, ReplayFailure, ReplayReport, ReplaySelection,
+};
 pub use decide::{Decision, Event, OperatorAction, Outcome, decide, start};
 pub use definition::{ReplyOutcome, SagaBuilder, SagaData, SagaDefinition, Step, StepContext};
 pub use engine::{EffectHandler, Engine, EngineBuilder, EngineConfig, Handled};
@@ -33,9 +38,10 @@ pub use participant::{CommandHandler, Handling, Participant};
 pub use relay::{Relay, RelayConfig, RelayRound};
 pub use signal::cancel_on_signal;
 pub use store::{
-    DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, Store,
-    StoreError, Transaction,
+    DeadlineStore, DueDeadline, InstanceCursor, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore,
+    SagaStore, Store, StoreError, Transaction,
 };
+pub use summary::{MINUTE, MinuteOutcomes, Summary, SummaryQuery, UNFINISHED};
 pub use transport::{
     DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, Transport, TransportError,
 };

@@ -34,6 +34,40 @@ pub enum Handling {
 }
 
 /// Runs a [`CommandHandler`] with inbox deduplication and an outbox for replies.
+///
+/// A command delivered twice (the broker redelivers after a lost ack) is
+/// handled once: the second delivery finds its id in the inbox.
+///
+/// ```
+/// use std::sync::Arc;
+/// use async_trait::async_trait;
+/// use saga_core::memory::InMemoryStore;
+/// use saga_core::{Command, CommandHandler, Handling, Message, OutboxStore, Participant, StepError, Transaction};
+///
+/// struct Stock;
+///
+/// #[async_trait]
+/// impl CommandHandler for Stock {
+///     async fn handle(&self, _tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
+///         let order: serde_json::Value = serde_json::from_slice(&command.payload)
+///             .map_err(|e| StepError::terminal(format!("undecodable command: {e}")))?;
+///         let reply = serde_json::json!({"order_id": order["order_id"], "success": true});
+///         Ok(vec![Command::json("StockUpdateResult", "stock_update_exchange", &reply)?])
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = InMemoryStore::new();
+/// let stock = Participant::new("stock", Arc::new(store.clone()), Stock);
+/// let command = Message::json("OrderCreated", "orders_exchange", &serde_json::json!({"order_id": "o-1"}))?;
+///
+/// assert_eq!(stock.handle(&command).await?, Handling::Handled { replies: 1 });
+/// assert_eq!(stock.handle(&command).await?, Handling::Duplicate);
+/// let claimed = store.claim(10, std::time::Duration::from_secs(5)).await?;
+/// assert_eq!(claimed.len(), 1, "one reply in the outbox");
+/// # Ok(()) }
+/// ```
 pub struct Participant {
     name: String,
     store: Arc<dyn SagaStore>,

@@ -17,18 +17,29 @@ use crate::transport::Publisher;
 pub struct RelayConfig {
     /// Messages claimed per round.
     pub batch_size: usize,
-    /// How long a claim keeps other relays off the claimed messages.
+    /// How long a claim keeps other relays off the claimed messages. It is
+    /// also how long the messages of a relay that dies mid-round (a killed
+    /// process) wait before another relay, or the restarted one, takes
+    /// them: keep it short. A round publishes for at most three quarters of
+    /// it, then gives back what is still unconfirmed, so a live relay never
+    /// publishes messages whose lease may have passed to another.
     pub lease: Duration,
     /// The longest wait between rounds when no notification arrives.
     pub poll_interval: Duration,
+    /// Rounds [`Relay::run`] keeps going at once: while one waits for
+    /// confirms or marks its messages sent, the next claims and publishes
+    /// what was committed meanwhile. A claim never hands out a saga's
+    /// message while an earlier one of it is held, so order per saga holds.
+    pub rounds_in_flight: usize,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 256,
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(5),
             poll_interval: Duration::from_millis(500),
+            rounds_in_flight: 4,
         }
     }
 }
@@ -70,11 +81,31 @@ impl Relay {
     /// Claims one batch, publishes it, and marks what was confirmed.
     pub async fn run_once(&self) -> Result<RelayRound, StoreError> {
         let entries = self.outbox.claim(self.config.batch_size, self.config.lease).await?;
+        self.deliver(entries).await
+    }
+
+    /// Publishes a claimed batch, marks what was confirmed and gives back
+    /// the rest.
+    async fn deliver(&self, entries: Vec<OutboxEntry>) -> Result<RelayRound, StoreError> {
         if entries.is_empty() {
             return Ok(RelayRound::default());
         }
         let claimed = entries.len();
-        let (sent, failed) = self.publish_all(entries).await;
+        let ids: Vec<OutboxId> = entries.iter().map(|entry| entry.id).collect();
+        let budget = self.config.lease.mul_f64(0.75);
+        let (sent, failed) = match tokio::time::timeout(budget, self.publish_all(entries)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Confirms not back in time: give the whole batch back. What
+                // was published meanwhile goes out again, with the same ids.
+                tracing::warn!(
+                    claimed,
+                    ?budget,
+                    "publishing outlasted the claim's budget; giving the batch back"
+                );
+                (Vec::new(), ids)
+            }
+        };
         metrics::counter!("saga_outbox_published_total").increment(sent.len() as u64);
         if !failed.is_empty() {
             metrics::counter!("saga_outbox_publish_failures_total").increment(failed.len() as u64);
@@ -122,38 +153,86 @@ impl Relay {
         (sent, failed)
     }
 
-    /// Runs rounds until `shutdown` is cancelled, waking on outbox
-    /// notifications and polling as the fallback.
+    /// Runs rounds until `shutdown` is cancelled (up to
+    /// [`RelayConfig::rounds_in_flight`] at once), waking on outbox
+    /// notifications and polling as the fallback. Rounds under way when
+    /// `shutdown` comes are finished.
     pub async fn run(self, shutdown: CancellationToken) {
+        let in_flight = self.config.rounds_in_flight.max(1);
+        let mut rounds: JoinSet<Result<RelayRound, StoreError>> = JoinSet::new();
         let mut backoff = Duration::from_millis(50);
+        // A round that ended in trouble: back off before the next claim.
+        let mut trouble = false;
         loop {
             if shutdown.is_cancelled() {
-                return;
+                break;
             }
-            match self.run_once().await {
-                Ok(round) if round.failed > 0 => {
-                    tracing::warn!(failed = round.failed, "publishing failed; backing off");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+            while let Some(ended) = rounds.try_join_next() {
+                trouble |= self.ended(ended);
+            }
+            if std::mem::take(&mut trouble) {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
                 }
-                Ok(round) if round.claimed > 0 => backoff = Duration::from_millis(50),
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            if rounds.len() >= in_flight {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    Some(ended) = rounds.join_next() => trouble = self.ended(ended),
+                }
+                continue;
+            }
+            match self.outbox.claim(self.config.batch_size, self.config.lease).await {
+                Ok(entries) if !entries.is_empty() => {
+                    backoff = Duration::from_millis(50);
+                    let relay = self.clone();
+                    rounds.spawn(async move { relay.deliver(entries).await });
+                    // Let the round start before claiming the next batch.
+                    tokio::task::yield_now().await;
+                }
                 Ok(_) => {
+                    // Nothing to claim: wait for news, or for a round to end
+                    // (its failures may have given messages back).
                     tokio::select! {
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => break,
                         () = self.outbox.wait_for_messages(self.config.poll_interval) => {}
+                        Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended),
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox unavailable; backing off");
                     tokio::select! {
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+            }
+        }
+        while let Some(ended) = rounds.join_next().await {
+            self.ended(ended);
+        }
+    }
+
+    /// Logs how a round ended; true if it had trouble (back off).
+    fn ended(&self, ended: Result<Result<RelayRound, StoreError>, tokio::task::JoinError>) -> bool {
+        match ended {
+            Ok(Ok(round)) if round.failed > 0 => {
+                tracing::warn!(failed = round.failed, "publishing failed; backing off");
+                true
+            }
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "outbox unavailable; backing off");
+                true
+            }
+            // A panicking round loses nothing: the claim's lease runs out.
+            Err(e) => {
+                tracing::error!(error = %e, "a relay round failed");
+                true
             }
         }
     }

@@ -15,6 +15,7 @@ use crate::error::BoxError;
 use crate::id::{MessageId, SagaId};
 use crate::instance::{SagaInstance, SagaStatus, Transition};
 use crate::message::Message;
+use crate::summary::{Summary, SummaryQuery};
 
 /// What a store could not do.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,16 @@ pub trait SagaStore: Send + Sync {
 
     /// The id of the instance of `definition` whose business key is `key`.
     async fn find_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaId>, StoreError>;
+
+    /// The instance of `definition` whose business key is `key`. The default
+    /// finds its id, then loads it; backends that can read it at once
+    /// override this (one round trip instead of two per keyed reply).
+    async fn load_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaInstance>, StoreError> {
+        match self.find_by_key(definition, key).await? {
+            Some(id) => self.load(id).await,
+            None => Ok(None),
+        }
+    }
 
     /// Opens a transaction. Dropping it without [`Transaction::commit`] rolls back.
     async fn begin(&self) -> Result<Box<dyn Transaction>, StoreError>;
@@ -190,7 +201,7 @@ pub trait DeadlineStore: Send + Sync {
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<DueDeadline>, StoreError>;
 }
 
-/// Which instances to list.
+/// Which instances to list. Conditions combine with AND.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceFilter {
     /// Only this definition.
@@ -199,8 +210,66 @@ pub struct InstanceFilter {
     pub statuses: Vec<SagaStatus>,
     /// Only instances last changed at or before this time.
     pub updated_before: Option<Timestamp>,
+    /// Only instances started at or before this time.
+    pub created_before: Option<Timestamp>,
+    /// Only stuck instances: those that need attention, and those not
+    /// finished whose last change was at or before this time (see
+    /// [`InstanceFilter::is_stuck`]).
+    pub stuck_since: Option<Timestamp>,
+    /// Only instances after this one in the listing order: pass the
+    /// [`InstanceCursor::of`] the last instance of a page to get the next.
+    pub after: Option<InstanceCursor>,
     /// At most this many (newest first); 0 means the backend's default of 100.
     pub limit: usize,
+}
+
+impl InstanceFilter {
+    /// The limit a backend applies: `limit`, or 100 when it is 0.
+    pub fn effective_limit(&self) -> usize {
+        if self.limit == 0 { 100 } else { self.limit }
+    }
+
+    /// Whether `instance` counts as stuck for a threshold time `since`: it
+    /// needs attention, or it is running or compensating and has not changed
+    /// since then. Backends filter by this rule.
+    pub fn is_stuck(instance: &SagaInstance, since: Timestamp) -> bool {
+        match instance.status {
+            SagaStatus::NeedsAttention => true,
+            SagaStatus::Running | SagaStatus::Compensating => instance.updated_at <= since,
+            SagaStatus::Completed | SagaStatus::Compensated => false,
+        }
+    }
+
+    /// Whether `instance` passes every condition (a reference for backends
+    /// and the in-memory store's implementation).
+    pub fn matches(&self, instance: &SagaInstance) -> bool {
+        self.definition.as_ref().is_none_or(|d| &instance.definition == d)
+            && (self.statuses.is_empty() || self.statuses.contains(&instance.status))
+            && self.updated_before.is_none_or(|t| instance.updated_at <= t)
+            && self.created_before.is_none_or(|t| instance.created_at <= t)
+            && self.stuck_since.is_none_or(|t| Self::is_stuck(instance, t))
+            && self.after.is_none_or(|cursor| InstanceCursor::of(instance) < cursor)
+    }
+}
+
+/// A position in an instance listing (most recently changed first, then by
+/// id, descending): listings continue after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceCursor {
+    /// The instance's last change.
+    pub updated_at: Timestamp,
+    /// The instance.
+    pub id: SagaId,
+}
+
+impl InstanceCursor {
+    /// The position of `instance`.
+    pub fn of(instance: &SagaInstance) -> Self {
+        Self {
+            updated_at: instance.updated_at,
+            id: instance.id,
+        }
+    }
 }
 
 /// Reading instances and their history, for operators.
@@ -211,6 +280,15 @@ pub trait QueryStore: Send + Sync {
 
     /// Instances matching `filter`, most recently changed first.
     async fn list(&self, filter: &InstanceFilter) -> Result<Vec<SagaInstance>, StoreError>;
+
+    /// An overview for operators: unfinished instances per status, outcomes
+    /// per minute since `query.since`, and the most recent and the stuck
+    /// instances, by the rules of [`Summary::compute`]. Dashboards call it on
+    /// every page load, so backends answer from indexes, with every part
+    /// bounded by `query`'s limit or time window. Backends may find recently
+    /// finished instances through their history, as the engine writes it: an
+    /// instance finishes with the transition that recorded its final status.
+    async fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError>;
 }
 
 /// Everything the engine and relay need from a backend.

@@ -1,10 +1,12 @@
 //! Testing helpers (feature `testkit`):
 //! - [`store_contract`] and [`transport_contract`]: the backend contract
-//!   suites every backend runs unchanged;
+//!   suites every backend runs unchanged, and [`dead_letter_contract`] for
+//!   transports that offer [`DeadLetterQueue`](crate::DeadLetterQueue);
 //! - [`SagaTest`]: given a definition and state, when a reply, timeout or
 //!   duplicate arrives, then expect this state and these messages — on
 //!   virtual time, without a store.
 
+pub mod dead_letter_contract;
 mod saga_test;
 pub mod store_contract;
 pub mod transport_contract;

@@ -148,6 +148,51 @@ async fn unknown_messages_are_errors_that_say_why() {
 }
 
 #[tokio::test]
+async fn sagas_whose_deadline_cannot_be_applied_never_crowd_out_the_others() {
+    let clock = ManualClock::default();
+    let (store, old) = setup(&clock);
+    // Three sagas of a version the new engine no longer has, due first.
+    for id in ["b-1", "b-2", "b-3"] {
+        old.start("orders", order(id)).await.expect("start");
+    }
+    clock.advance(Duration::from_secs(1));
+    let config = saga_core::EngineConfig {
+        deadline_batch: 2,
+        broken_deadline_retry: Duration::from_secs(60),
+        ..saga_core::EngineConfig::default()
+    };
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .config(config)
+        .register(order_saga(2, Duration::from_secs(30)))
+        .build()
+        .expect("engine");
+    let healthy = [
+        engine.start("orders", order("h-1")).await.expect("start"),
+        engine.start("orders", order("h-2")).await.expect("start"),
+    ];
+    clock.advance(Duration::from_secs(60));
+
+    // Each scan tries at most two; the broken ones are reported once, then left out.
+    let mut fired = 0;
+    for _ in 0..3 {
+        fired += engine.fire_due_deadlines().await.expect("scan");
+    }
+    assert_eq!(fired, 2, "both healthy deadlines fired despite the broken ones");
+    for id in healthy {
+        assert_eq!(status(&store, id).await, SagaStatus::Compensated);
+    }
+    // Until they are due for another try, a scan does not touch them.
+    assert_eq!(engine.fire_due_deadlines().await.expect("scan"), 0);
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(
+        engine.fire_due_deadlines().await.expect("scan"),
+        0,
+        "tried again, still broken"
+    );
+}
+
+#[tokio::test]
 async fn a_missed_deadline_fails_the_step_and_a_late_reply_changes_nothing() {
     let clock = ManualClock::default();
     let (store, engine) = setup(&clock);
@@ -325,6 +370,19 @@ async fn operators_cancel_and_resume_stuck_sagas() {
         ["cancel", "resume"],
         "operator actions are recorded in the history"
     );
+    let recorded = store.history(id).await.expect("history").len();
+    for action in [OperatorAction::Retry, OperatorAction::Cancel, OperatorAction::Resume] {
+        let refused = engine.act(id, action).await;
+        assert!(
+            matches!(&refused, Err(EngineError::InvalidAction { reason, .. }) if reason.contains("finished")),
+            "{action} of a finished saga is refused, not silently ignored: {refused:?}"
+        );
+    }
+    assert_eq!(
+        store.history(id).await.expect("history").len(),
+        recorded,
+        "refusals change nothing"
+    );
 }
 
 struct FailingEffects;
@@ -419,6 +477,52 @@ async fn the_relay_keeps_messages_until_they_can_be_published() {
     assert_eq!(round.sent, 1);
     assert_eq!(store.unsent(), 0);
     assert_eq!(transport.take("stock-queue").len(), 1);
+}
+
+/// A broker that takes messages and never confirms them.
+struct NeverConfirms;
+
+#[async_trait]
+impl saga_core::Publisher for NeverConfirms {
+    async fn publish(&self, _message: &Message) -> Result<(), saga_core::TransportError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_round_that_outlasts_its_lease_gives_the_batch_back() {
+    let store = InMemoryStore::new();
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .register(order_saga(1, Duration::from_secs(30)))
+        .build()
+        .expect("engine");
+    engine.start("orders", order("o-6")).await.expect("start");
+    engine.start("orders", order("o-7")).await.expect("start");
+    let lease = Duration::from_millis(200);
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(NeverConfirms),
+        RelayConfig {
+            lease,
+            ..RelayConfig::default()
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let round = tokio::time::timeout(Duration::from_secs(5), relay.run_once())
+        .await
+        .expect("the round ends within its lease, not when the broker answers")
+        .expect("round");
+    assert!(started.elapsed() < lease, "the round took {:?}", started.elapsed());
+    assert_eq!((round.claimed, round.sent, round.failed), (2, 0, 2));
+    // Given back at once: another relay need not wait for the lease.
+    let again = store.claim(10, Duration::from_secs(1)).await.expect("claim");
+    assert_eq!(again.len(), 2, "the batch is claimable again");
+}
+
+#[test]
+fn a_dead_relays_messages_wait_a_few_seconds_not_a_reply_deadline() {
+    let lease = RelayConfig::default().lease;
+    assert!(lease <= Duration::from_secs(5), "{lease:?}");
 }
 
 #[tokio::test]

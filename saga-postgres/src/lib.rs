@@ -1,8 +1,10 @@
 #![doc = include_str!("../README.md")]
 
 mod error;
+mod query;
 mod retention;
 mod row;
+mod statement;
 mod store;
 mod transaction;
 

@@ -1,17 +1,18 @@
 //! [`PostgresStore`]: saga-core's `Store` on PostgreSQL.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use saga_core::{
     CancellationToken, DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore,
-    SagaId, SagaInstance, SagaStore, StoreError, Timestamp, Transaction, Transition,
+    SagaId, SagaInstance, SagaStore, StoreError, Summary, SummaryQuery, Timestamp, Transaction, Transition,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::{Notify, OnceCell, oneshot};
 
 use crate::error::store_error;
 use crate::retention::RetentionConfig;
@@ -27,6 +28,20 @@ pub struct PostgresStoreConfig {
     /// The `LISTEN/NOTIFY` channel that wakes relays when messages were
     /// committed to the outbox (by any replica).
     pub notify_channel: String,
+    /// The shortest time between two `NOTIFY`s from this store. The first
+    /// commit after a quiet spell notifies at once; commits within the
+    /// interval after it share one trailing `NOTIFY`, so a busy store sends
+    /// one statement per interval rather than one per commit. Relays of this
+    /// process are woken at once regardless.
+    pub notify_interval: Duration,
+    /// Whether the messages this store commits while a relay claims from
+    /// it are leased to that relay as they are written (for the lease its
+    /// claims ask for), so its next claim takes them from memory: no claim
+    /// statement, no read back. A saga's message is handed off only if all
+    /// earlier ones of the saga are sent, so order is kept; rows the relay
+    /// does not publish in time (it stopped, the process died) are claimed
+    /// like any other once the lease ends.
+    pub handoff: bool,
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
     pub retention: RetentionConfig,
@@ -36,6 +51,8 @@ impl Default for PostgresStoreConfig {
     fn default() -> Self {
         Self {
             notify_channel: "saga_outbox".to_owned(),
+            notify_interval: Duration::from_millis(10),
+            handoff: true,
             retention: RetentionConfig::default(),
         }
     }
@@ -49,40 +66,154 @@ pub(crate) struct Shared {
     local: Notify,
     /// Wakes relays on other replicas' commits (fed by the listener task).
     remote: Arc<Notify>,
-    /// A `pg_notify` is about to be sent: later commits need not send their own.
-    notify_pending: Arc<AtomicBool>,
+    /// A notification came since claims last read the table.
+    remote_dirty: Arc<AtomicBool>,
+    /// Coalesces the `NOTIFY`s of this store's commits.
+    notifier: Arc<Notifier>,
+    /// Messages leased to this process's relay at commit.
+    handoff: Mutex<HandOff>,
+    /// Mark-sent requests of concurrent relay rounds.
+    marks: Mutex<Marks>,
     listener: OnceCell<()>,
     shutdown: CancellationToken,
 }
 
+/// Messages committed and leased to this store's relay, waiting for its next claim.
+struct HandOff {
+    /// In commit order, each with the time its lease ends (as seen here).
+    queue: VecDeque<(OutboxEntry, Instant)>,
+    /// A relay claimed or waited for messages lately: until then, commits
+    /// lease their messages to it.
+    attached_until: Option<Instant>,
+    /// The lease that relay's claims ask for.
+    lease: Duration,
+    /// When claims last read the outbox table.
+    last_read: Option<Instant>,
+    /// This process committed (or released) messages it did not hand off since then.
+    table_dirty: bool,
+    /// When a claim was last served from hand-offs.
+    served: Option<Instant>,
+}
+
+/// Hand-offs waiting beyond this many: commits leave their messages to claims.
+const HANDOFF_CAPACITY: usize = 10_000;
+
+/// A relay that has not asked for messages for this long (beyond its poll
+/// wait) is taken as gone.
+const RELAY_GRACE: Duration = Duration::from_secs(2);
+
+/// While hand-offs keep a relay busy, its claims still read the table this
+/// often: other replicas' messages, and those left by processes that died.
+const READ_TABLE_EVERY: Duration = Duration::from_millis(250);
+
 impl Shared {
-    /// Called after a commit that enqueued messages.
-    pub(crate) fn outbox_committed(&self) {
-        self.local.notify_one();
-        // Sent after the commit, on its own connection and at most one at a
-        // time: a NOTIFY inside the transition's transaction would take
-        // PostgreSQL's global notify lock through the commit's WAL flush and
-        // serialize all committing writers. The flag is cleared before the
-        // NOTIFY is sent, so a commit that skips sending is always covered by
-        // a NOTIFY sent after it committed.
-        if self.notify_pending.swap(true, Ordering::AcqRel) {
+    fn marks(&self) -> MutexGuard<'_, Marks> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn handoff(&self) -> MutexGuard<'_, HandOff> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether commits now lease their messages to this store's relay.
+    pub(crate) fn hands_off(&self) -> bool {
+        self.handoff_lease().is_some()
+    }
+
+    /// The relay's lease, if commits now hand their messages to it.
+    fn handoff_lease(&self) -> Option<Duration> {
+        if !self.config.handoff {
+            return None;
+        }
+        let handoff = self.handoff();
+        let now = Instant::now();
+        let attached = handoff.attached_until.is_some_and(|until| now < until);
+        // A relay that lets hand-offs wait is not keeping up: leave new
+        // messages to claims (batches) until it has caught up.
+        let lease = handoff.lease;
+        let keeping_up = handoff
+            .queue
+            .front()
+            .is_none_or(|(_, until)| *until > now + lease - lease / 8);
+        (attached && keeping_up && handoff.queue.len() < HANDOFF_CAPACITY && !lease.is_zero()).then_some(lease)
+    }
+
+    /// The lease for messages being committed, in milliseconds, if they are
+    /// to be handed off.
+    pub(crate) fn handoff_lease_millis(&self) -> Option<f64> {
+        self.handoff_lease().map(lease_millis)
+    }
+
+    /// Queues committed messages that were leased to this store's relay.
+    pub(crate) fn hand_off(&self, entries: Vec<OutboxEntry>) {
+        if entries.is_empty() {
             return;
         }
-        let pending = Arc::clone(&self.notify_pending);
+        let mut handoff = self.handoff();
+        let lease = handoff.lease;
+        // The lease began at the statement; it ends no later than this here.
+        let until = Instant::now() + lease;
+        handoff.queue.extend(entries.into_iter().map(|e| (e, until)));
+    }
+
+    /// Called after a commit that enqueued messages; `handed_off` if all
+    /// of them went to this store's relay (no other relay need know).
+    pub(crate) fn outbox_committed(&self, handed_off: bool) {
+        self.local.notify_one();
+        if handed_off {
+            return;
+        }
+        self.handoff().table_dirty = true;
+        // Sent after the commit, on its own connection, by one task at a
+        // time: a NOTIFY inside the transition's transaction would take
+        // PostgreSQL's global notify lock through the commit's WAL flush and
+        // serialize all committing writers, and one NOTIFY per commit would
+        // double the statements a busy store sends.
+        let notifier = &self.notifier;
+        notifier.dirty.store(true, Ordering::SeqCst);
+        if notifier.running.swap(true, Ordering::SeqCst) {
+            return; // the running task sends a NOTIFY after this commit
+        }
+        let notifier = Arc::clone(notifier);
         let pool = self.pool.clone();
         let channel = self.config.notify_channel.clone();
+        let interval = self.config.notify_interval;
         tokio::spawn(async move {
-            pending.store(false, Ordering::Release);
-            let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(channel)
-                .execute(&pool)
-                .await;
-            if let Err(e) = sent {
-                // Relays poll as well: a lost notification only costs latency.
-                tracing::debug!(error = %e, "outbox notification not sent");
+            loop {
+                // Every commit that marked `dirty` before this swap is covered
+                // by the NOTIFY sent next (it runs after those commits).
+                if notifier.dirty.swap(false, Ordering::SeqCst) {
+                    let sent = sqlx::query("SELECT pg_notify($1, '')")
+                        .bind(&channel)
+                        .execute(&pool)
+                        .await;
+                    if let Err(e) = sent {
+                        // Relays poll as well: a lost notification only costs latency.
+                        tracing::debug!(error = %e, "outbox notification not sent");
+                    }
+                    tokio::time::sleep(interval).await;
+                    continue;
+                }
+                notifier.running.store(false, Ordering::SeqCst);
+                // A commit between the swap and this store found the task
+                // running and left its NOTIFY to it: take the task back.
+                if !notifier.dirty.load(Ordering::SeqCst) || notifier.running.swap(true, Ordering::SeqCst) {
+                    return;
+                }
             }
         });
     }
+}
+
+/// The state behind [`Shared::outbox_committed`]'s coalescing.
+#[derive(Default)]
+struct Notifier {
+    /// Commits happened that no NOTIFY sent yet covers.
+    dirty: AtomicBool,
+    /// A task is sending NOTIFYs.
+    running: AtomicBool,
 }
 
 impl Drop for Shared {
@@ -117,7 +248,17 @@ impl PostgresStore {
                 config,
                 local: Notify::new(),
                 remote: Arc::new(Notify::new()),
-                notify_pending: Arc::new(AtomicBool::new(false)),
+                remote_dirty: Arc::new(AtomicBool::new(false)),
+                notifier: Arc::new(Notifier::default()),
+                handoff: Mutex::new(HandOff {
+                    queue: VecDeque::new(),
+                    attached_until: None,
+                    lease: Duration::ZERO,
+                    last_read: None,
+                    table_dirty: false,
+                    served: None,
+                }),
+                marks: Mutex::new(Marks::default()),
                 listener: OnceCell::new(),
                 shutdown: CancellationToken::new(),
             }),
@@ -151,11 +292,12 @@ impl PostgresStore {
                 let pool = shared.pool.clone();
                 let channel = shared.config.notify_channel.clone();
                 let wake = Arc::clone(&shared.remote);
+                let dirty = Arc::clone(&shared.remote_dirty);
                 let shutdown = shared.shutdown.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = listen(pool, channel, wake) => {}
+                        () = listen(pool, channel, wake, dirty) => {}
                     }
                 });
             })
@@ -164,15 +306,18 @@ impl PostgresStore {
 }
 
 /// Forwards notifications on `channel` to `wake`, reconnecting with backoff.
-async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>) {
+async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, dirty: Arc<AtomicBool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(&channel).await?;
+            // Notifications may have been missed while not listening.
+            dirty.store(true, Ordering::SeqCst);
             loop {
                 listener.recv().await?;
                 while listener.next_buffered().is_some() {}
+                dirty.store(true, Ordering::SeqCst);
                 wake.notify_one();
             }
         };
@@ -211,6 +356,20 @@ impl SagaStore for PostgresStore {
         Ok(id.map(SagaId::from_uuid))
     }
 
+    async fn load_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaInstance>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            instance_columns!(),
+            " FROM saga_instances WHERE definition = $1 AND key = $2"
+        ))
+        .bind(definition)
+        .bind(key)
+        .fetch_optional(&self.shared.pool)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(row::instance).transpose()
+    }
+
     async fn begin(&self) -> Result<Box<dyn Transaction>, StoreError> {
         Ok(Box::new(self.begin_postgres()))
     }
@@ -227,9 +386,48 @@ fn lease_millis(lease: Duration) -> f64 {
     lease.as_millis().min(YEAR_MILLIS) as f64
 }
 
-#[async_trait]
-impl OutboxStore for PostgresStore {
-    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+/// Mark-sent requests waiting for the statement that writes them.
+#[derive(Default)]
+pub(crate) struct Marks {
+    pending: Vec<OutboxId>,
+    waiting: Vec<oneshot::Sender<Result<(), (bool, String)>>>,
+    /// A caller is writing marks (and writes what comes in meanwhile).
+    writing: bool,
+}
+
+/// Hands the writing over if the writer's task is cancelled: requests it
+/// had not taken fail (their rows stay leased, and are published again).
+/// The second field is set once the writer finished normally.
+struct Writing<'a>(&'a Shared, bool);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            return;
+        }
+        let mut marks = self.0.marks();
+        marks.writing = false;
+        marks.pending.clear();
+        marks.waiting.clear();
+    }
+}
+
+impl PostgresStore {
+    /// Marks rows sent: deletes them when sent messages are not kept.
+    async fn write_marks(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        let query = if self.shared.config.retention.sent_messages.is_zero() {
+            sqlx::query("DELETE FROM saga_outbox WHERE id = ANY($1)")
+        } else {
+            sqlx::query(
+                "UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL",
+            )
+        };
+        query.bind(ids).execute(&self.shared.pool).await.map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Claims unsent rows from the table (see [`OutboxStore::claim`]).
+    async fn claim_from_table(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -238,19 +436,21 @@ impl OutboxStore for PostgresStore {
         // earlier unsent row of its saga is claimed with it: the saga's first
         // unsent row outside `locked` (held by another relay, leased or
         // locked) is a barrier its later rows wait behind, so a saga's
-        // messages are never published out of order. Finding the barrier
-        // walks the (saga_id, id) index from the start and stops at once.
+        // messages are never published out of order. A barrier that matters
+        // has a smaller id than some row of `locked`, so finding the barriers
+        // reads the unsent-rows index only up to the batch's last id: the
+        // batch itself and what other relays hold.
         let rows = sqlx::query(
             "WITH locked AS ( \
                 SELECT id, saga_id FROM saga_outbox \
                 WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED \
              ), barrier AS ( \
-                SELECT s.saga_id, ( \
-                    SELECT p.id FROM saga_outbox p \
-                    WHERE p.saga_id = s.saga_id AND p.sent_at IS NULL AND p.id NOT IN (SELECT id FROM locked) \
-                    ORDER BY p.id LIMIT 1) AS first_held \
-                FROM (SELECT DISTINCT saga_id FROM locked WHERE saga_id IS NOT NULL) s \
+                SELECT p.saga_id, min(p.id) AS first_held FROM saga_outbox p \
+                WHERE p.sent_at IS NULL AND p.id < (SELECT max(id) FROM locked) \
+                  AND p.saga_id IN (SELECT saga_id FROM locked) \
+                  AND p.id NOT IN (SELECT id FROM locked) \
+                GROUP BY p.saga_id \
              ), ok AS ( \
                 SELECT l.id FROM locked l LEFT JOIN barrier b ON b.saga_id = l.saga_id \
                 WHERE b.first_held IS NULL OR l.id < b.first_held \
@@ -269,20 +469,122 @@ impl OutboxStore for PostgresStore {
         entries.sort_by_key(|e| e.id);
         Ok(entries)
     }
+}
+
+#[async_trait]
+impl OutboxStore for PostgresStore {
+    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Messages handed off at commit first; the table too when there are
+        // none, or it has not been read for a while.
+        let now = Instant::now();
+        let handed = {
+            let mut handoff = self.shared.handoff();
+            handoff.attached_until = Some(now + RELAY_GRACE);
+            handoff.lease = lease;
+            // A relay publishes for at most three quarters of its lease: an
+            // entry with less left is given back to the table's claims.
+            let enough = now + lease.mul_f64(0.75) + Duration::from_millis(10);
+            let mut handed: Vec<OutboxEntry> = Vec::new();
+            let mut stale: Vec<OutboxId> = Vec::new();
+            loop {
+                // A transition's messages stay in one batch, so concurrent
+                // rounds never hold two of one saga.
+                let same_saga = |next: &OutboxEntry| {
+                    handed
+                        .last()
+                        .is_some_and(|last| last.saga.is_some() && last.saga == next.saga)
+                };
+                match handoff.queue.front() {
+                    Some((next, _)) if handed.len() < limit || same_saga(next) => {}
+                    _ => break,
+                }
+                match handoff.queue.pop_front() {
+                    Some((entry, until)) if until >= enough => handed.push(entry),
+                    Some((entry, _)) => stale.push(entry.id),
+                    None => break,
+                }
+            }
+            // While hand-offs serve the relay, the table is read only when
+            // there may be rows they do not cover: this process committed or
+            // released some, another replica notified, or it is time to look.
+            let due = handoff.last_read.is_none_or(|at| now >= at + READ_TABLE_EVERY);
+            let dirty = handoff.table_dirty || self.shared.remote_dirty.load(Ordering::SeqCst);
+            if !handed.is_empty() {
+                handoff.served = Some(now);
+            }
+            let serving = handoff.served.is_some_and(|at| now < at + READ_TABLE_EVERY);
+            let read = due || dirty || !serving || !stale.is_empty();
+            if read {
+                handoff.last_read = Some(now);
+                handoff.table_dirty = false;
+                self.shared.remote_dirty.store(false, Ordering::SeqCst);
+            }
+            if !read {
+                return Ok(handed);
+            }
+            (handed, stale)
+        };
+        let (handed, stale) = handed;
+        if !stale.is_empty() {
+            // Claimable again at once (rather than when their lease ends),
+            // by the claim below among others.
+            self.release(&stale).await?;
+        }
+        let mut entries = self.claim_from_table(limit - handed.len(), lease).await?;
+        if !handed.is_empty() {
+            entries.extend(handed);
+            entries.sort_by_key(|e| e.id);
+        }
+        Ok(entries)
+    }
 
     async fn mark_sent(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let query = if self.shared.config.retention.sent_messages.is_zero() {
-            sqlx::query("DELETE FROM saga_outbox WHERE id = ANY($1)")
-        } else {
-            sqlx::query(
-                "UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL",
-            )
+        // Rounds running at once share statements: the first writes, and
+        // keeps writing what the others add meanwhile (one commit each).
+        let (done, rx) = oneshot::channel();
+        let writer = {
+            let mut marks = self.shared.marks();
+            marks.pending.extend_from_slice(ids);
+            marks.waiting.push(done);
+            !std::mem::replace(&mut marks.writing, true)
         };
-        query.bind(ids).execute(&self.shared.pool).await.map_err(store_error)?;
-        Ok(())
+        if writer {
+            let mut writing = Writing(&self.shared, false);
+            loop {
+                let (ids, waiting) = {
+                    let mut marks = self.shared.marks();
+                    if marks.pending.is_empty() {
+                        // Under the lock: a request after this finds no writer and writes.
+                        marks.writing = false;
+                        writing.1 = true;
+                        break;
+                    }
+                    (std::mem::take(&mut marks.pending), std::mem::take(&mut marks.waiting))
+                };
+                let written = self
+                    .write_marks(&ids)
+                    .await
+                    .map_err(|e| (e.is_retryable(), e.to_string()));
+                for waiter in waiting {
+                    let _ = waiter.send(written.clone());
+                }
+            }
+            drop(writing);
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((true, e))) => Err(StoreError::Unavailable(e.into())),
+            Ok(Err((false, e))) => Err(StoreError::Backend(e.into())),
+            // The writer went away (its task was cancelled): the rows stay
+            // leased and are published again after it, which is allowed.
+            Err(_) => Err(StoreError::Unavailable("marking sent was interrupted".into())),
+        }
     }
 
     async fn release(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
@@ -294,12 +596,15 @@ impl OutboxStore for PostgresStore {
             .execute(&self.shared.pool)
             .await
             .map_err(store_error)?;
+        // Back in the table: the next claim reads it.
+        self.shared.handoff().table_dirty = true;
         Ok(())
     }
 
     async fn wait_for_messages(&self, timeout: Duration) {
         self.ensure_listener().await;
         let shared = &self.shared;
+        shared.handoff().attached_until = Some(Instant::now() + timeout + RELAY_GRACE);
         let _ = tokio::time::timeout(timeout, async {
             tokio::select! {
                 () = shared.local.notified() => {}
@@ -349,8 +654,9 @@ impl QueryStore for PostgresStore {
     }
 
     async fn list(&self, filter: &InstanceFilter) -> Result<Vec<SagaInstance>, StoreError> {
-        let limit = if filter.limit == 0 { 100 } else { filter.limit };
         let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        // The stuck rule is `InstanceFilter::is_stuck`; the cursor compares
+        // (updated_at, id) as a row, like the ORDER BY.
         let rows = sqlx::query(concat!(
             "SELECT ",
             instance_columns!(),
@@ -358,15 +664,26 @@ impl QueryStore for PostgresStore {
              WHERE ($1::text IS NULL OR definition = $1) \
                AND (cardinality($2::text[]) = 0 OR status = ANY($2)) \
                AND ($3::bigint IS NULL OR updated_at <= $3) \
+               AND ($5::bigint IS NULL OR created_at <= $5) \
+               AND ($6::bigint IS NULL OR status = 'needs_attention' \
+                    OR (status IN ('running', 'compensating') AND updated_at <= $6)) \
+               AND ($7::bigint IS NULL OR (updated_at, id) < ($7, $8::uuid)) \
              ORDER BY updated_at DESC, id DESC LIMIT $4"
         ))
         .bind(filter.definition.as_deref())
         .bind(statuses)
         .bind(filter.updated_before.map(|t| t.as_millis()))
-        .bind(db_limit(limit))
+        .bind(db_limit(filter.effective_limit()))
+        .bind(filter.created_before.map(|t| t.as_millis()))
+        .bind(filter.stuck_since.map(|t| t.as_millis()))
+        .bind(filter.after.map(|c| c.updated_at.as_millis()))
+        .bind(filter.after.map(|c| *c.id.as_uuid()))
         .fetch_all(&self.shared.pool)
         .await
         .map_err(store_error)?;
         rows.iter().map(row::instance).collect()
+    }
+    async fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
+        self.summarize(query).await
     }
 }

@@ -1,14 +1,22 @@
 //! One transition's transaction, optimistic like the engine it serves.
 //!
-//! Round trips are what a transition costs on PostgreSQL, so the common case
-//! takes two: [`consume`](Transaction::consume) reads the inbox, and
-//! [`commit`](Transaction::commit) sends one statement that inserts the inbox
-//! row, writes the instance (checking its revision), appends the history and
-//! the outbox rows. A single statement is atomic on its own, so no
-//! `BEGIN`/`COMMIT` is needed. A duplicate committed concurrently between the
-//! read and the commit hits the inbox's primary key and comes back as
-//! [`StoreError::ConsumedConcurrently`]; a stale revision writes nothing and
-//! comes back as [`StoreError::Conflict`].
+//! Round trips are what a transition costs on PostgreSQL, so the engine's
+//! case takes one: [`commit`](Transaction::commit) sends one statement that
+//! records the consumed message, writes the instance (checking its
+//! revision), appends the history and the outbox rows. A single statement is
+//! atomic on its own, so no `BEGIN`/`COMMIT` is needed. A message consumed
+//! before comes back as [`StoreError::ConsumedConcurrently`] (a unique index
+//! catches a concurrent one); a stale revision writes nothing and comes back
+//! as [`StoreError::Conflict`].
+//!
+//! Where a consumed message is recorded: if it caused a transition recorded
+//! in the same transaction (the engine's case), on that history row
+//! (`consumer`, `message_id`, unique), which is written anyway; otherwise
+//! (participants) in `saga_inbox`. Every duplicate check looks both ways, so
+//! a message recorded one way is a duplicate the other way too; of two
+//! *concurrent* consumers of one message, the unique index catches the second
+//! when both record it the same way, which they do: the engine always
+//! records on the history, a participant always in the inbox.
 //!
 //! When application code asks for the connection ([`crate::connection`]),
 //! a real transaction is opened (`BEGIN`) and the same statement runs in it
@@ -19,59 +27,14 @@ use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use saga_core::{Message, MessageId, SagaId, SagaInstance, StoreError, Transaction, Transition};
+use saga_core::{Cause, Message, MessageId, OutboxEntry, SagaId, SagaInstance, StoreError, Transaction, Transition};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::error::store_error;
+use crate::statement::{InstanceRow, Rows, Shape};
 use crate::store::Shared;
-
-/// The inbox, history and outbox CTEs (parameters `$1`–`$18`), inserting
-/// only if the instance write matched a row when `guarded`. The guard also
-/// makes them wait for that write, so a stale transition reports its
-/// conflict instead of colliding with the winner's rows.
-macro_rules! rest_ctes {
-    (guarded) => {
-        rest_ctes!(@ " WHERE EXISTS (SELECT 1 FROM written)")
-    };
-    (unguarded) => {
-        rest_ctes!(@ "")
-    };
-    (@ $guard:literal) => {
-        concat!(
-            "inbox AS (INSERT INTO saga_inbox (consumer, message_id) \
-             SELECT * FROM UNNEST($1::text[], $2::text[])", $guard, "), ",
-            "history AS (INSERT INTO saga_history (saga_id, revision, at, cause, before, after, emitted, note) \
-             SELECT * FROM UNNEST($3::uuid[], $4::bigint[], $5::bigint[], $6::text[]::jsonb[], \
-             $7::text[]::jsonb[], $8::text[]::jsonb[], $9::text[]::jsonb[], $10::text[])", $guard, "), ",
-            "outbox AS (INSERT INTO saga_outbox (saga_id, message_id, kind, destination, correlation_id, \
-             created_at, headers, payload) \
-             SELECT s, m, k, d, c, t, h, p FROM UNNEST($11::uuid[], $12::text[], $13::text[], $14::text[], \
-             $15::text[], $16::bigint[], $17::text[]::jsonb[], $18::bytea[]) \
-             WITH ORDINALITY AS u(s, m, k, d, c, t, h, p, n)", $guard, " ORDER BY n)"
-        )
-    };
-}
-
-const INSERT_SQL: &str = concat!(
-    "WITH written AS (INSERT INTO saga_instances (id, definition, definition_version, key, status, \
-     step, attempt, awaiting, deadline, failure, data, data_version, revision, created_at, updated_at) \
-     VALUES ($19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29::json, $30, $31, $32, $33) RETURNING 1), ",
-    rest_ctes!(guarded),
-    " SELECT count(*) FROM written"
-);
-
-const UPDATE_SQL: &str = concat!(
-    "WITH written AS (UPDATE saga_instances SET definition = $20, definition_version = $21, key = $22, \
-     status = $23, step = $24, attempt = $25, awaiting = $26, deadline = $27, failure = $28, \
-     data = $29::json, data_version = $30, revision = $31, created_at = $32, updated_at = $33 \
-     WHERE id = $19 AND revision = $34 RETURNING 1), ",
-    rest_ctes!(guarded),
-    " SELECT count(*) FROM written"
-);
-
-const REST_SQL: &str = concat!("WITH ", rest_ctes!(unguarded), " SELECT 1::bigint");
 
 /// A saga store transaction on PostgreSQL.
 ///
@@ -92,7 +55,11 @@ pub struct PostgresTransaction {
     tx: Option<sqlx::Transaction<'static, Postgres>>,
     instances: Vec<InstanceWrite>,
     rest: Rest,
-    enqueued: bool,
+    /// Messages enqueued.
+    enqueued: usize,
+    /// Outbox rows leased to this process's relay by statements sent so
+    /// far, handed to it once the transaction has committed.
+    handed_off: Vec<OutboxEntry>,
 }
 
 /// A buffered instance write, already turned into column values.
@@ -109,7 +76,8 @@ impl PostgresTransaction {
             tx: None,
             instances: Vec::new(),
             rest: Rest::default(),
-            enqueued: false,
+            enqueued: 0,
+            handed_off: Vec::new(),
         }
     }
 
@@ -139,49 +107,91 @@ impl PostgresTransaction {
         }
         let instances = std::mem::take(&mut self.instances);
         let rest = std::mem::take(&mut self.rest);
+        let shared = Arc::clone(&self.shared);
         let conn = self.connection().await?;
         let count = instances.len();
         let mut rest = Some(rest);
+        let mut handed_off = Vec::new();
         for (index, write) in instances.into_iter().enumerate() {
             // The last instance write travels with the inbox, history and outbox rows.
             let rest = if index + 1 == count { rest.take() } else { None };
-            write_all(&mut *conn, Some(write), rest.unwrap_or_default()).await?;
+            handed_off.extend(write_all(&mut *conn, &shared, Some(write), rest.unwrap_or_default()).await?);
         }
         if let Some(rest) = rest {
-            write_all(&mut *conn, None, rest).await?;
+            handed_off.extend(write_all(&mut *conn, &shared, None, rest).await?);
         }
+        self.handed_off.extend(handed_off);
         Ok(())
     }
 }
 
-/// Runs one combined statement; maps "nothing matched" to a conflict.
-async fn write_all<'e, E>(executor: E, write: Option<InstanceWrite>, rest: Rest) -> Result<(), StoreError>
+/// Runs one combined statement (see [`crate::statement`]); maps "nothing
+/// matched" to a conflict and "consumed before" to `ConsumedConcurrently`.
+/// Returns the outbox rows it leased to this process's relay (to hand over
+/// once committed).
+async fn write_all<'e, E>(
+    executor: E,
+    shared: &Shared,
+    write: Option<InstanceWrite>,
+    rest: Rest,
+) -> Result<Vec<OutboxEntry>, StoreError>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
-    let first_consumed = rest.i_message.first().cloned();
-    let (sql, values, expected, id) = match write {
-        None => (REST_SQL, None, None, None),
-        Some(InstanceWrite::Insert(values)) => {
-            let id = values.id;
-            (INSERT_SQL, Some(values), None, Some(id))
-        }
-        Some(InstanceWrite::Update(values, expected)) => {
-            let id = values.id;
-            (UPDATE_SQL, Some(values), Some(expected), Some(id))
-        }
+    let mut rest = rest.settled();
+    let first_consumed = rest
+        .i_message
+        .iter()
+        .chain(rest.h_message.iter().flatten())
+        .next()
+        .cloned();
+    let (instance, values, expected) = match write {
+        None => (InstanceRow::None, None, None),
+        Some(InstanceWrite::Insert(values)) => (InstanceRow::Insert, Some(values), None),
+        Some(InstanceWrite::Update(values, expected)) => (InstanceRow::Update, Some(values), Some(expected)),
     };
-    let mut query = rest.bind(sqlx::query_scalar::<_, i64>(sql));
+    let id = values.as_ref().map(|v| v.id);
+    let foreign = rest
+        .o_saga
+        .iter()
+        .flatten()
+        .any(|saga| Some(*saga) != id || instance == InstanceRow::None);
+    // Leased for the hand-off only if the relay takes them (and they were kept).
+    let lease = if foreign || rest.messages.len() != rest.o_id.len() {
+        None
+    } else {
+        shared.handoff_lease_millis()
+    };
+    let messages = std::mem::take(&mut rest.messages);
+    let shape = Shape {
+        instance,
+        inbox: Rows::of(rest.i_message.len()),
+        history: Rows::of(rest.h_saga.len()),
+        history_consumes: rest.h_message.iter().any(Option::is_some),
+        outbox: Rows::of(rest.o_id.len()),
+        foreign,
+    };
+    let outboxed = shape.outbox != Rows::None;
+    let mut query = sqlx::query_as::<_, (i64, bool, bool, Vec<i64>)>(shape.sql());
     if let Some(values) = values {
         query = values.bind(query);
     }
     if let Some(expected) = expected {
         query = query.bind(i64::try_from(expected).map_err(|e| StoreError::Backend(Box::new(e)))?);
     }
-    let written = query
+    let mut query = rest.bind(query, &shape);
+    if outboxed {
+        query = query.bind(lease);
+    }
+    let (written, fresh, handed, ids) = query
         .fetch_one(executor)
         .await
-        .map_err(|e| classify(e, id, first_consumed))?;
+        .map_err(|e| classify(e, id, first_consumed.clone()))?;
+    if !fresh {
+        return Err(StoreError::ConsumedConcurrently {
+            id: MessageId::from(first_consumed.unwrap_or_default()),
+        });
+    }
     match (expected, id) {
         (Some(expected), Some(id)) if written == 0 => Err(StoreError::Conflict {
             id: SagaId::from_uuid(id),
@@ -189,7 +199,12 @@ where
             // Found out by the caller when it matters (see `Conflict`).
             actual: None,
         }),
-        _ => Ok(()),
+        _ if handed && ids.len() == messages.len() => Ok(ids
+            .into_iter()
+            .zip(messages)
+            .map(|(id, (saga, message))| OutboxEntry { id, saga, message })
+            .collect()),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -205,7 +220,7 @@ fn classify(error: sqlx::Error, id: Option<Uuid>, consumed: Option<String>) -> S
                     id: SagaId::from_uuid(id),
                 };
             }
-            (Some("saga_inbox_pkey"), _, Some(message)) => {
+            (Some("saga_inbox_pkey" | "saga_history_consumed"), _, Some(message)) => {
                 return StoreError::ConsumedConcurrently {
                     id: MessageId::from(message),
                 };
@@ -217,7 +232,7 @@ fn classify(error: sqlx::Error, id: Option<Uuid>, consumed: Option<String>) -> S
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
-type PgScalar<'q> = sqlx::query::QueryScalar<'q, Postgres, i64, sqlx::postgres::PgArguments>;
+type PgWritten<'q> = sqlx::query::QueryAs<'q, Postgres, (i64, bool, bool, Vec<i64>), sqlx::postgres::PgArguments>;
 
 /// Something parameters can be bound to in order.
 trait Bind: Sized {
@@ -235,7 +250,7 @@ impl Bind for PgQuery<'_> {
     }
 }
 
-impl Bind for PgScalar<'_> {
+impl Bind for PgWritten<'_> {
     fn bind_value<T>(self, value: T) -> Self
     where
         T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Send + 'static,
@@ -303,9 +318,11 @@ impl InstanceValues {
     }
 }
 
-/// History and outbox rows as column arrays (for `UNNEST`).
+/// Inbox, history and outbox rows as column arrays (for `UNNEST`).
 #[derive(Default)]
 struct Rest {
+    /// Consumed messages; [`settled`](Self::settled) moves those that caused
+    /// a transition recorded here onto its history row.
     i_consumer: Vec<String>,
     i_message: Vec<String>,
     h_saga: Vec<Uuid>,
@@ -316,6 +333,10 @@ struct Rest {
     h_after: Vec<String>,
     h_emitted: Vec<String>,
     h_note: Vec<Option<String>>,
+    /// The id of the message that caused the transition, if one did.
+    h_caused_by: Vec<Option<String>>,
+    h_consumer: Vec<Option<String>>,
+    h_message: Vec<Option<String>>,
     o_saga: Vec<Option<Uuid>>,
     o_id: Vec<String>,
     o_kind: Vec<String>,
@@ -324,6 +345,9 @@ struct Rest {
     o_created: Vec<i64>,
     o_headers: Vec<String>,
     o_payload: Vec<Vec<u8>>,
+    /// The messages themselves, kept (when the store hands off) to give
+    /// the relay what it would otherwise read back.
+    messages: Vec<(Option<SagaId>, Message)>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
@@ -354,10 +378,19 @@ impl Rest {
         self.h_after.push(after);
         self.h_emitted.push(emitted);
         self.h_note.push(t.note.clone());
+        self.h_caused_by.push(match &t.cause {
+            Cause::Message { id, .. } => Some(id.as_str().to_owned()),
+            _ => None,
+        });
+        self.h_consumer.push(None);
+        self.h_message.push(None);
         Ok(())
     }
 
-    fn push_message(&mut self, saga: Option<SagaId>, m: &Message) -> Result<(), StoreError> {
+    fn push_message(&mut self, saga: Option<SagaId>, m: &Message, keep: bool) -> Result<(), StoreError> {
+        if keep {
+            self.messages.push((saga, m.clone()));
+        }
         let headers = to_json(&m.headers)?;
         self.o_saga.push(saga.map(|s| *s.as_uuid()));
         self.o_id.push(m.id.as_str().to_owned());
@@ -370,25 +403,63 @@ impl Rest {
         Ok(())
     }
 
-    fn bind<Q: Bind>(self, q: Q) -> Q {
-        q.bind_value(self.i_consumer)
-            .bind_value(self.i_message)
-            .bind_value(self.h_saga)
-            .bind_value(self.h_revision)
-            .bind_value(self.h_at)
-            .bind_value(self.h_cause)
-            .bind_value(self.h_before)
-            .bind_value(self.h_after)
-            .bind_value(self.h_emitted)
-            .bind_value(self.h_note)
-            .bind_value(self.o_saga)
-            .bind_value(self.o_id)
-            .bind_value(self.o_kind)
-            .bind_value(self.o_destination)
-            .bind_value(self.o_correlation)
-            .bind_value(self.o_created)
-            .bind_value(self.o_headers)
-            .bind_value(self.o_payload)
+    /// Moves each consumed message that caused a transition recorded here
+    /// from the inbox rows onto that transition's history row.
+    fn settled(mut self) -> Self {
+        let mut index = 0;
+        while index < self.i_message.len() {
+            let cause =
+                self.h_caused_by.iter().zip(&self.h_message).position(|(cause, taken)| {
+                    taken.is_none() && cause.as_deref() == Some(self.i_message[index].as_str())
+                });
+            match cause {
+                Some(row) => {
+                    self.h_consumer[row] = Some(self.i_consumer.remove(index));
+                    self.h_message[row] = Some(self.i_message.remove(index));
+                }
+                None => index += 1,
+            }
+        }
+        self
+    }
+
+    /// Binds the inbox, history and outbox parts `shape` has: a part of one
+    /// row as scalars, of several as arrays.
+    fn bind<Q: Bind>(self, q: Q, shape: &Shape) -> Q {
+        /// Binds one column of a part.
+        fn column<Q: Bind, T>(q: Q, rows: Rows, values: Vec<T>) -> Q
+        where
+            T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Send + 'static,
+            Vec<T>: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres>,
+            Option<T>: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres>,
+        {
+            match rows {
+                Rows::None => q,
+                Rows::One => q.bind_value(values.into_iter().next()),
+                Rows::Many => q.bind_value(values),
+            }
+        }
+        let (i, h, o) = (shape.inbox, shape.history, shape.outbox);
+        let q = column(q, i, self.i_consumer);
+        let q = column(q, i, self.i_message);
+        let q = column(q, h, self.h_saga);
+        let q = column(q, h, self.h_revision);
+        let q = column(q, h, self.h_at);
+        let q = column(q, h, self.h_cause);
+        let q = column(q, h, self.h_before);
+        let q = column(q, h, self.h_after);
+        let q = column(q, h, self.h_emitted);
+        let q = column(q, h, self.h_note);
+        let q = column(q, h, self.h_consumer);
+        let q = column(q, h, self.h_message);
+        let q = column(q, o, self.o_saga);
+        let q = column(q, o, self.o_id);
+        let q = column(q, o, self.o_kind);
+        let q = column(q, o, self.o_destination);
+        let q = column(q, o, self.o_correlation);
+        let q = column(q, o, self.o_created);
+        let q = column(q, o, self.o_headers);
+        column(q, o, self.o_payload)
     }
 }
 
@@ -401,7 +472,8 @@ impl Transaction for PostgresTransaction {
         // Optimistic: a read now, the insert at commit (where a concurrent
         // consumer that committed first makes it fail).
         let query = sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM saga_inbox WHERE consumer = $1 AND message_id = $2)",
+            "SELECT EXISTS (SELECT 1 FROM saga_inbox WHERE consumer = $1 AND message_id = $2) \
+             OR EXISTS (SELECT 1 FROM saga_history WHERE consumer = $1 AND message_id = $2)",
         )
         .bind(consumer)
         .bind(message.as_str());
@@ -452,10 +524,11 @@ impl Transaction for PostgresTransaction {
     }
 
     async fn enqueue(&mut self, saga: Option<SagaId>, messages: &[Message]) -> Result<(), StoreError> {
+        let keep = self.shared.hands_off();
         for message in messages {
-            self.rest.push_message(saga, message)?;
+            self.rest.push_message(saga, message, keep)?;
         }
-        self.enqueued |= !messages.is_empty();
+        self.enqueued += messages.len();
         Ok(())
     }
 
@@ -465,13 +538,15 @@ impl Transaction for PostgresTransaction {
             let write = self.instances.pop();
             let rest = std::mem::take(&mut self.rest);
             let held = self.held.take();
-            if write.is_none() && rest.is_empty() {
-                Ok(())
+            let shared = Arc::clone(&self.shared);
+            let written = if write.is_none() && rest.is_empty() {
+                Ok(Vec::new())
             } else if let Some(mut conn) = held {
-                write_all(&mut *conn, write, rest).await
+                write_all(&mut *conn, &shared, write, rest).await
             } else {
-                write_all(&self.shared.pool, write, rest).await
-            }
+                write_all(&shared.pool, &shared, write, rest).await
+            };
+            written.map(|handed| self.handed_off.extend(handed))
         } else {
             match self.flush().await {
                 Ok(()) => match self.tx.take() {
@@ -484,8 +559,11 @@ impl Transaction for PostgresTransaction {
         // Give the connection back before reading with another one.
         drop(self.held.take());
         let result = self.with_actual_revision(result).await;
-        if result.is_ok() && self.enqueued {
-            self.shared.outbox_committed();
+        if result.is_ok() && self.enqueued > 0 {
+            let handed_off = std::mem::take(&mut self.handed_off);
+            let all = handed_off.len() == self.enqueued;
+            self.shared.hand_off(handed_off);
+            self.shared.outbox_committed(all);
         }
         result
     }

@@ -10,8 +10,8 @@ use common::TestDb;
 use saga_core::memory::InMemoryTransport;
 use saga_core::testkit::store_contract::sample_instance;
 use saga_core::{
-    Message, MessageId, OutboxStore, QueryStore, Relay, RelayConfig, SagaId, SagaStatus, SagaStore, StoreError,
-    Timestamp,
+    Cause, Message, MessageId, OutboxStore, Position, QueryStore, Relay, RelayConfig, SagaId, SagaInstance, SagaStatus,
+    SagaStore, StoreError, Timestamp, Transition,
 };
 use saga_postgres::{PostgresStoreConfig, RetentionConfig};
 
@@ -114,6 +114,361 @@ async fn a_commit_on_one_replica_wakes_a_relay_waiting_on_another() {
         waited < Duration::from_secs(10),
         "NOTIFY must wake the other replica (waited {waited:?})"
     );
+}
+
+/// Whether a notification arrives on `listener` within 20 s.
+async fn notified(listener: &mut sqlx::postgres::PgListener) -> bool {
+    tokio::time::timeout(Duration::from_secs(20), listener.recv())
+        .await
+        .is_ok_and(|n| n.is_ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_within_the_notify_interval_share_a_trailing_notify() {
+    let db = TestDb::new().await;
+    let writer = db
+        .store_with(
+            2,
+            PostgresStoreConfig {
+                notify_interval: Duration::from_millis(500),
+                ..PostgresStoreConfig::default()
+            },
+        )
+        .await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool(1).await)
+        .await
+        .expect("listener connects");
+    listener.listen("saga_outbox").await.expect("LISTEN");
+    let commit = || async {
+        let mut tx = writer.begin().await.expect("begin");
+        tx.enqueue(None, &messages(None, 1, "d")).await.expect("enqueue");
+        tx.commit().await.expect("commit");
+    };
+    commit().await;
+    assert!(notified(&mut listener).await, "the first commit notifies at once");
+    // Within the interval: no NOTIFY each, but one after them.
+    commit().await;
+    commit().await;
+    assert!(
+        notified(&mut listener).await,
+        "commits within the interval must still be followed by a NOTIFY"
+    );
+}
+
+/// The next revision of `instance`, caused by message `cause`, with its history entry.
+fn caused_by(instance: &SagaInstance, cause: &MessageId) -> (SagaInstance, Transition) {
+    let mut next = instance.clone();
+    next.revision += 1;
+    next.step += 1;
+    let transition = Transition {
+        saga_id: next.id,
+        revision: next.revision,
+        at: next.updated_at,
+        cause: Cause::Message {
+            id: cause.clone(),
+            kind: "Reply".to_owned(),
+        },
+        before: Some(Position {
+            status: instance.status,
+            step: instance.step,
+        }),
+        after: Position {
+            status: next.status,
+            step: next.step,
+        },
+        emitted: Vec::new(),
+        note: None,
+    };
+    (next, transition)
+}
+
+/// Commits a transition of `instance` caused by `message`, consuming it as
+/// the engine does; `record` false leaves out the history entry (so the
+/// consumption goes to the inbox).
+async fn consume_in_transition(
+    store: &saga_postgres::PostgresStore,
+    instance: &SagaInstance,
+    message: &MessageId,
+    record: bool,
+) -> Result<SagaInstance, StoreError> {
+    let (next, transition) = caused_by(instance, message);
+    let mut tx = store.begin().await?;
+    tx.consume_at_commit("engine", message).await?;
+    tx.update(&next, instance.revision).await?;
+    if record {
+        tx.record(&transition).await?;
+    }
+    tx.commit().await.map(|()| next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_consumed_by_its_transition_is_recorded_on_the_history_and_is_a_duplicate_both_ways() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let pool = store.pool().clone();
+    let instance = sample_instance("orders", None);
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&instance).await.expect("insert");
+    tx.commit().await.expect("commit");
+
+    let message = MessageId::new();
+    let next = consume_in_transition(&store, &instance, &message, true)
+        .await
+        .expect("the first consumption commits");
+    assert_eq!(count(&pool, "SELECT count(*) FROM saga_inbox").await, 0, "no inbox row");
+    let recorded: Option<(String, String)> =
+        sqlx::query_as("SELECT consumer, message_id FROM saga_history WHERE message_id IS NOT NULL")
+            .fetch_optional(&pool)
+            .await
+            .expect("history readable");
+    assert_eq!(
+        recorded,
+        Some(("engine".to_owned(), message.as_str().to_owned())),
+        "the history row records the consumption"
+    );
+
+    let mut tx = store.begin().await.expect("begin");
+    assert!(
+        !tx.consume("engine", &message).await.expect("consume"),
+        "a read of the inbox finds it on the history"
+    );
+    drop(tx);
+    let again = consume_in_transition(&store, &next, &message, true).await;
+    assert!(
+        matches!(again, Err(StoreError::ConsumedConcurrently { .. })),
+        "a second transition caused by it must fail as ConsumedConcurrently, got {again:?}"
+    );
+    let plain = consume_in_transition(&store, &next, &message, false).await;
+    assert!(
+        matches!(plain, Err(StoreError::ConsumedConcurrently { .. })),
+        "consuming it into the inbox must fail too, got {plain:?}"
+    );
+    let loaded = store.load(instance.id).await.expect("load").expect("instance");
+    assert_eq!(loaded.revision, next.revision, "the duplicates wrote nothing");
+    assert_eq!(count(&pool, "SELECT count(*) FROM saga_inbox").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_the_inbox_is_a_duplicate_for_a_transition_it_would_cause() {
+    // E.g. consumed before migration 0004, when the engine's consumptions went to the inbox.
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let instance = sample_instance("orders", None);
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&instance).await.expect("insert");
+    tx.commit().await.expect("commit");
+    let message = MessageId::new();
+    let mut tx = store.begin().await.expect("begin");
+    assert!(tx.consume("engine", &message).await.expect("consume"));
+    tx.commit().await.expect("commit");
+
+    let outcome = consume_in_transition(&store, &instance, &message, true).await;
+    assert!(
+        matches!(outcome, Err(StoreError::ConsumedConcurrently { .. })),
+        "the transition must fail as ConsumedConcurrently, got {outcome:?}"
+    );
+    let loaded = store.load(instance.id).await.expect("load").expect("instance");
+    assert_eq!(loaded.revision, instance.revision, "nothing written");
+    assert!(store.history(instance.id).await.expect("history").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_writing_several_rows_of_each_kind_writes_them_all() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let pool = store.pool().clone();
+    let instance = sample_instance("orders", None);
+    let (first, caused) = (MessageId::new(), MessageId::new());
+    let (second_instance, mut second) = caused_by(&instance, &caused);
+    second.revision = instance.revision + 1;
+    let (_, mut third) = caused_by(&second_instance, &MessageId::new());
+    third.revision = instance.revision + 2;
+    let saga = instance.id;
+    let mut tx = store.begin().await.expect("begin");
+    tx.consume_at_commit("engine", &first).await.expect("consume");
+    tx.consume_at_commit("engine", &caused).await.expect("consume");
+    tx.insert(&instance).await.expect("insert");
+    tx.record(&second).await.expect("record");
+    tx.record(&third).await.expect("record");
+    tx.enqueue(Some(saga), &messages(Some(saga), 3, "d"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM saga_inbox").await,
+        1,
+        "`first` caused nothing recorded"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM saga_history").await, 2);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM saga_history WHERE message_id IS NOT NULL").await,
+        1,
+        "`caused` is on the history row of the transition it caused"
+    );
+    let claimed = store.claim(10, Duration::from_secs(60)).await.expect("claim");
+    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M0", "M1", "M2"], "in order");
+
+    // Without an instance write, both again: each is a duplicate.
+    for message in [&first, &caused] {
+        let mut tx = store.begin().await.expect("begin");
+        tx.consume_at_commit("engine", message).await.expect("consume");
+        tx.consume_at_commit("engine", &MessageId::new())
+            .await
+            .expect("consume");
+        tx.enqueue(None, &messages(None, 2, "d")).await.expect("enqueue");
+        let outcome = tx.commit().await;
+        assert!(
+            matches!(outcome, Err(StoreError::ConsumedConcurrently { .. })),
+            "consuming {message} again must fail, got {outcome:?}"
+        );
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM saga_outbox").await,
+        3,
+        "the duplicates wrote nothing"
+    );
+}
+
+/// Whether outbox row `id` is leased (claimed and not expired).
+async fn leased(pool: &sqlx::PgPool, id: i64) -> bool {
+    sqlx::query_scalar("SELECT claimed_until > now() FROM saga_outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .map(|leased: Option<bool>| leased.unwrap_or(false))
+        .expect("outbox row readable")
+}
+
+/// Commits a transition of `instance` (inserted when `insert`) that emits
+/// one message; returns the instance as committed.
+async fn emit(store: &saga_postgres::PostgresStore, instance: &SagaInstance, insert: bool, kind: &str) -> SagaInstance {
+    let mut tx = store.begin().await.expect("begin");
+    let next = if insert {
+        tx.insert(instance).await.expect("insert");
+        instance.clone()
+    } else {
+        let mut next = instance.clone();
+        next.revision += 1;
+        tx.update(&next, instance.revision).await.expect("update");
+        next
+    };
+    let message = Message::new(kind, "d", b"{}".to_vec()).with_correlation_id(instance.id.to_string());
+    tx.enqueue(Some(instance.id), &[message]).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    next
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let other = db.store(2).await;
+    let pool = store.pool().clone();
+    // A claim attaches the relay.
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    let first = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert_eq!(first.len(), 1, "the commit's message is handed over");
+    assert_eq!(first[0].message.kind, "M1");
+    assert_eq!(first[0].saga, Some(instance.id));
+    assert!(
+        leased(&pool, first[0].id).await,
+        "a handed-off row is leased in the table"
+    );
+    assert!(
+        other
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "another relay does not get a handed-off row"
+    );
+
+    // M1 is not sent yet: M2 must wait for it, so it is not handed off.
+    let instance = emit(&store, &instance, false, "M2").await;
+    let unsent: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT id, claimed_until IS NOT NULL FROM saga_outbox WHERE kind = 'M2'")
+            .fetch_all(&pool)
+            .await
+            .expect("outbox readable");
+    assert_eq!(unsent.len(), 1);
+    assert!(
+        !unsent[0].1,
+        "a message behind an unsent one of its saga is left to claims"
+    );
+    assert!(
+        other
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "nor is it claimed before the earlier one is sent"
+    );
+    store.mark_sent(&[first[0].id]).await.expect("mark_sent");
+    let _ = emit(&store, &instance, false, "M3").await;
+    let rest = other.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = rest.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_off_messages_no_relay_takes_are_claimed_once_their_lease_ends() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let other = db.store(2).await;
+    // The relay's claims ask for a short lease; commits lease for as long.
+    assert!(
+        store
+            .claim(10, Duration::from_millis(300))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let _ = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    assert!(
+        other
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "leased to the first store's relay"
+    );
+    // That relay never claims it (it stopped): another relay does after the lease.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let claimed = loop {
+        let claimed = other.claim(10, Duration::from_secs(30)).await.expect("claim");
+        if !claimed.is_empty() || Instant::now() > deadline {
+            break claimed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(claimed.len(), 1, "the row must be claimable once its lease ran out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_loads_by_its_key_under_its_definition_only() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let instance = sample_instance("orders", Some("order-7"));
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&instance).await.expect("insert");
+    tx.commit().await.expect("commit");
+    let loaded = store.load_by_key("orders", "order-7").await.expect("load_by_key");
+    assert_eq!(loaded, Some(instance), "the instance, whole");
+    assert_eq!(
+        store.load_by_key("payments", "order-7").await.expect("load_by_key"),
+        None
+    );
+    assert_eq!(store.load_by_key("orders", "order-8").await.expect("load_by_key"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

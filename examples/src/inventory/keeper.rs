@@ -77,26 +77,40 @@ impl StockKeeper {
             *wanted.entry(item.product_id.as_str()).or_default() += i64::from(item.quantity);
         }
         let products: Vec<&str> = wanted.keys().copied().collect();
-        let rows = sqlx::query(
-            "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
+        let quantities: Vec<i64> = wanted.values().copied().collect();
+        // One statement (a round trip each costs more than the work): lock
+        // the stock rows in product order, find the first product short of
+        // stock, and only if there is none take the units and record them;
+        // otherwise record the refusal.
+        let short = sqlx::query(
+            "WITH wanted AS (SELECT * FROM UNNEST($2::text[], $3::bigint[]) AS w (product_id, quantity)), \
+             locked AS (SELECT s.product_id, s.available FROM stock s JOIN wanted w ON w.product_id = s.product_id \
+                        ORDER BY s.product_id FOR UPDATE OF s), \
+             short AS (SELECT w.product_id, l.available, w.quantity FROM wanted w \
+                       LEFT JOIN locked l ON l.product_id = w.product_id \
+                       WHERE l.available IS NULL OR l.available < w.quantity ORDER BY w.product_id LIMIT 1), \
+             taken AS (UPDATE stock SET available = stock.available - w.quantity, \
+                       reserved = stock.reserved + w.quantity FROM wanted w \
+                       WHERE stock.product_id = w.product_id AND NOT EXISTS (SELECT 1 FROM short)), \
+             items AS (INSERT INTO reservation_items (order_id, product_id, quantity) \
+                       SELECT $1, product_id, quantity FROM wanted WHERE NOT EXISTS (SELECT 1 FROM short)) \
+             SELECT product_id, available, quantity FROM short",
         )
+        .bind(&key)
         .bind(&products)
-        .fetch_all(&mut *conn)
+        .bind(&quantities)
+        .fetch_optional(&mut *conn)
         .await?;
-        let mut available: BTreeMap<String, i64> = BTreeMap::new();
-        for row in rows {
-            available.insert(row.try_get("product_id")?, row.try_get("available")?);
-        }
-        let shortage = wanted
-            .iter()
-            .find_map(|(product, quantity)| match available.get(*product) {
-                None => Some(format!("unknown product `{product}`")),
-                Some(units) if units < quantity => Some(format!(
-                    "insufficient stock for `{product}`: {units} available, {quantity} wanted"
-                )),
-                Some(_) => None,
-            });
-        if let Some(reason) = shortage {
+        if let Some(row) = short {
+            let product: String = row.try_get("product_id")?;
+            let units: Option<i64> = row.try_get("available")?;
+            let quantity: i64 = row.try_get("quantity")?;
+            let reason = match units {
+                None => format!("unknown product `{product}`"),
+                Some(units) => {
+                    format!("insufficient stock for `{product}`: {units} available, {quantity} wanted")
+                }
+            };
             sqlx::query("UPDATE reservations SET status = 'rejected', reason = $2 WHERE order_id = $1")
                 .bind(&key)
                 .bind(&reason)
@@ -105,24 +119,6 @@ impl StockKeeper {
             tracing::info!(order_id = %key, %reason, "order refused");
             return Ok(answer(false, Some(reason)));
         }
-        let quantities: Vec<i64> = wanted.values().copied().collect();
-        sqlx::query(
-            "UPDATE stock SET available = stock.available - w.quantity, reserved = stock.reserved + w.quantity \
-             FROM UNNEST($1::text[], $2::bigint[]) AS w (product_id, quantity) WHERE stock.product_id = w.product_id",
-        )
-        .bind(&products)
-        .bind(&quantities)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO reservation_items (order_id, product_id, quantity) \
-             SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])",
-        )
-        .bind(&key)
-        .bind(&products)
-        .bind(&quantities)
-        .execute(&mut *conn)
-        .await?;
         tracing::info!(order_id = %key, products = products.len(), "stock reserved");
         Ok(answer(true, None))
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
-use saga_core::{CancellationToken, Consumer, ConsumerConfig, Participant, Relay, RelayConfig};
+use saga_core::{CancellationToken, Consumer, ConsumerConfig, Participant, Relay, RelayConfig, RetryPolicy};
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use tokio::task::JoinSet;
 
@@ -56,6 +56,24 @@ pub enum InventoryError {
         #[source]
         source: saga_amqp::AmqpError,
     },
+}
+
+/// How a queue is consumed: `concurrency` messages at once, untyped
+/// messages taken for `kind`, and failures that may pass (the database is
+/// away) retried for about three minutes (backoff up to 10 s) before the
+/// message is dead-lettered. A PostgreSQL restart must not turn an
+/// `OrderCreated` into a dead letter (its order would time out) nor an
+/// `OrderCancelled` (its stock would stay reserved for good).
+fn consumer_config(queue: &str, kind: &str, concurrency: usize) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(queue).with_default_kind(kind);
+    config.concurrency = concurrency;
+    config.retry = RetryPolicy {
+        max_attempts: 26,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(10),
+        multiplier: 2,
+    };
+    config
 }
 
 /// A built, not yet running, inventory service.
@@ -131,10 +149,7 @@ impl InventoryService {
             Consumer::new(
                 handler,
                 transport.clone(),
-                ConsumerConfig {
-                    concurrency: config.concurrency,
-                    ..ConsumerConfig::new(queue.clone()).with_default_kind(kind)
-                },
+                consumer_config(queue, kind, config.concurrency),
             )
         })
         .collect();
@@ -184,5 +199,26 @@ impl InventoryService {
         }
         self.transport.close().await;
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_ride_out_a_database_restart_of_a_few_minutes() {
+        let config = consumer_config("q", ORDER_CREATED, 4);
+        assert_eq!(config.concurrency, 4);
+        assert_eq!(config.default_kind.as_deref(), Some(ORDER_CREATED));
+        let policy = config.retry;
+        let mut waited = Duration::ZERO;
+        let mut attempts = 1;
+        while policy.allows_another(attempts) {
+            waited += policy.backoff(attempts);
+            attempts += 1;
+        }
+        assert!(waited >= Duration::from_secs(180), "dead-lettered after {waited:?}");
+        assert!(waited <= Duration::from_secs(600), "retried for {waited:?}");
     }
 }

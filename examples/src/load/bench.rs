@@ -8,6 +8,7 @@ use saga_core::{CancellationToken, Subscriber};
 use tokio::task::JoinSet;
 
 use super::config::{LoadConfig, Mode};
+use super::costs::{self, SagaCosts};
 use super::drive::{Orders, Outcome, Seen, Tracker, observe};
 use super::error::LoadError;
 use super::raw;
@@ -109,7 +110,7 @@ async fn offer(
     for _ in 0..config.clients.min(MAX_CHANNELS) {
         channels.push(connect(&services.grpc_addr).await?);
     }
-    let orders = Orders::new(channels, config.products.clone(), tracker);
+    let orders = Orders::new(channels, config.products.clone(), Arc::clone(&tracker));
     let max_orders = config.max_orders.unwrap_or(u64::MAX);
 
     if config.warmup_orders > 0 {
@@ -144,24 +145,29 @@ async fn offer(
     for rate in settings {
         tracing::info!(?rate, "offering orders");
         let before = usage::cpu(pid, ORDER_SERVICE_THREADS);
-        let seen = match rate {
-            None => {
-                orders
-                    .closed(config.clients, config.duration, max_orders, config.drain_timeout)
-                    .await
-            }
-            Some(rate) => {
-                orders
-                    .open(rate, config.clients, config.duration, max_orders, config.drain_timeout)
-                    .await
+        let offered = async {
+            match rate {
+                None => {
+                    orders
+                        .closed(config.clients, config.duration, max_orders, config.drain_timeout)
+                        .await
+                }
+                Some(rate) => {
+                    orders
+                        .open(rate, config.clients, config.duration, max_orders, config.drain_timeout)
+                        .await
+                }
             }
         };
+        let (seen, costs) = tokio::join!(offered, sample_costs(stage, &tracker, config.duration));
         let after = usage::cpu(pid, ORDER_SERVICE_THREADS);
         let used = match (before, after) {
             (Some(before), Some(after)) => Some(after.since(&before)),
             _ => None,
         };
-        runs.push(run_report(config, rate, &seen, used, ceiling.as_ref(), pid));
+        let mut report = run_report(config, rate, &seen, used, ceiling.as_ref(), pid);
+        report.costs = costs;
+        runs.push(report);
     }
 
     let measured_process = match (&config.grpc_addr, pid) {
@@ -179,6 +185,23 @@ async fn offer(
         ceiling,
         runs,
     })
+}
+
+/// Samples what sagas cost from a fifth into the run to half a second
+/// before its end (while the load is steady).
+async fn sample_costs(stage: &Stage, tracker: &Tracker, duration: Duration) -> Option<SagaCosts> {
+    let started = tokio::time::Instant::now();
+    let mut conn = costs::connect(stage.database_url.expose()).await?;
+    let from = (duration / 5).max(Duration::from_secs(1));
+    let to = duration.saturating_sub(Duration::from_millis(500));
+    if to <= from {
+        return None;
+    }
+    tokio::time::sleep_until(started + from).await;
+    let before = costs::sample(&mut conn, tracker.completed()).await;
+    tokio::time::sleep_until(started + to).await;
+    let after = costs::sample(&mut conn, tracker.completed()).await;
+    SagaCosts::between(&before, &after)
 }
 
 fn run_report(
@@ -211,6 +234,7 @@ fn run_report(
         cpu_seconds_per_1000: used.and_then(|u| per_1000(u.process)),
         service_thread_cpu_seconds_per_1000: used.and_then(|u| u.service_threads).and_then(per_1000),
         peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),
+        costs: None,
     }
 }
 

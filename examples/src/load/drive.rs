@@ -135,6 +135,12 @@ impl Tracker {
         }
     }
 
+    /// Sagas seen finished so far in this run.
+    pub(crate) fn completed(&self) -> u64 {
+        let tally = self.tally();
+        tally.confirmed + tally.cancelled
+    }
+
     fn seen(&self, started: Instant, sent: u64, errors: u64) -> Seen {
         let tally = self.tally();
         let mut latencies_us = tally.latencies_us.clone();

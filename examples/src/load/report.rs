@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::costs::SagaCosts;
 use super::error::LoadError;
 use super::raw::{Durability, RawFigure};
 
@@ -122,6 +123,8 @@ pub struct RunReport {
     pub service_thread_cpu_seconds_per_1000: Option<f64>,
     /// Peak RSS (`VmHWM`) of the measured process so far, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// What one saga cost each component while the load was steady.
+    pub costs: Option<SagaCosts>,
 }
 
 impl RunReport {
@@ -204,6 +207,22 @@ impl LoadReport {
                 cpu(run.service_thread_cpu_seconds_per_1000),
                 cpu(run.peak_rss_mib)
             );
+            if let Some(c) = &run.costs {
+                let fig =
+                    |v: Option<f64>, digits: usize| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.digits$}"));
+                let _ = writeln!(
+                    out,
+                    "  per saga ({} sagas in {:.1} s of steady load): {} PostgreSQL transactions; CPU ms: \
+                     {} PostgreSQL backends, {} RabbitMQ, {} this process; {} WAL bytes (cluster-wide)",
+                    c.sagas,
+                    c.seconds,
+                    fig(c.transactions_per_saga, 2),
+                    fig(c.postgres_cpu_ms_per_saga, 2),
+                    fig(c.rabbitmq_cpu_ms_per_saga, 2),
+                    fig(c.process_cpu_ms_per_saga, 2),
+                    fig(c.wal_bytes_per_saga, 0),
+                );
+            }
         }
         out
     }

@@ -72,6 +72,28 @@ pub(crate) fn cpu(pid: Option<u32>, threads: &str) -> Option<CpuSample> {
     })
 }
 
+/// CPU time of every process whose command name is `command` (e.g. the
+/// RabbitMQ server's `beam.smp`); `None` if there is none.
+pub(crate) fn cpu_of_command(command: &str) -> Option<Duration> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten().take(1_000_000) {
+        let is_pid = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_pid {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((_, t)) = stat_ticks(&stat).filter(|(name, _)| *name == command) {
+            total = Some(total.unwrap_or(Duration::ZERO) + ticks(t));
+        }
+    }
+    total
+}
+
 /// Peak resident set size (`VmHWM`) in KiB of `pid` (this process when `None`).
 pub(crate) fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
     let path = pid.map_or_else(|| "/proc/self/status".to_owned(), |pid| format!("/proc/{pid}/status"));

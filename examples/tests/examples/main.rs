@@ -6,3 +6,4 @@ mod cli;
 mod end_to_end;
 mod helpers;
 mod inventory;
+mod sagactl;

@@ -1,6 +1,8 @@
 //! End-to-end tests of the service over real gRPC and HTTP: embedded mode,
 //! production mode on PostgreSQL + RabbitMQ, and the built binary's tracing.
 
+mod admin;
+mod dashboard;
 mod helpers;
 mod operations;
 mod orders;
@@ -9,3 +11,4 @@ mod production;
 mod proxy;
 mod telemetry;
 mod validation;
+mod versioning;

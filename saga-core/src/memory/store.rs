@@ -14,6 +14,7 @@ use crate::store::{
     DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, StoreError,
     Transaction,
 };
+use crate::summary::{Summary, SummaryQuery};
 
 #[derive(Default)]
 struct State {
@@ -80,6 +81,26 @@ impl InMemoryStore {
         // A panic while holding the lock cannot leave a half-applied commit
         // (commits validate before they write), so the data is still consistent.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether a claim would find a message: one not held, and not behind
+    /// a held one of its saga (such a message waits for that one, so it
+    /// must not make a relay poll in a loop).
+    fn claimable(&self) -> bool {
+        let now = self.clock.now();
+        let state = self.lock();
+        let mut blocked: HashSet<SagaId> = HashSet::new();
+        for queued in state.outbox.values() {
+            let held = queued.claimed_until.is_some_and(|until| until > now);
+            if held || queued.saga.is_some_and(|s| blocked.contains(&s)) {
+                if let Some(saga) = queued.saga {
+                    blocked.insert(saga);
+                }
+                continue;
+            }
+            return true;
+        }
+        false
     }
 
     /// Messages in the outbox not yet marked sent.
@@ -299,7 +320,7 @@ impl OutboxStore for InMemoryStore {
 
     async fn wait_for_messages(&self, timeout: Duration) {
         let notified = self.notify.notified();
-        if self.lock().outbox.values().any(|q| q.claimed_until.is_none()) {
+        if self.claimable() {
             return;
         }
         let _ = tokio::time::timeout(timeout, notified).await;
@@ -327,18 +348,20 @@ impl QueryStore for InMemoryStore {
     }
 
     async fn list(&self, filter: &InstanceFilter) -> Result<Vec<SagaInstance>, StoreError> {
-        let limit = if filter.limit == 0 { 100 } else { filter.limit };
         let state = self.lock();
         let mut found: Vec<SagaInstance> = state
             .instances
             .values()
-            .filter(|i| filter.definition.as_ref().is_none_or(|d| &i.definition == d))
-            .filter(|i| filter.statuses.is_empty() || filter.statuses.contains(&i.status))
-            .filter(|i| filter.updated_before.is_none_or(|t| i.updated_at <= t))
+            .filter(|i| filter.matches(i))
             .cloned()
             .collect();
         found.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
-        found.truncate(limit);
+        found.truncate(filter.effective_limit());
         Ok(found)
+    }
+    async fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
+        let state = self.lock();
+        let history = state.history.values().flatten();
+        Ok(Summary::compute(state.instances.values(), history, query))
     }
 }

@@ -4,6 +4,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+use crate::dead_letter::{
+    DeadLetter, DeadLetterPage, DeadLetterQueue, Origin, ReplayFailure, ReplayReport, ReplaySelection,
+};
 use crate::message::Message;
 use crate::transport::{
     DEAD_LETTER_REASON, Delivery, Publisher, Settle, Settlement, Subscriber, Subscription, TransportError,
@@ -53,7 +56,8 @@ pub struct QueueStats {
 }
 
 /// An in-process [`Transport`](crate::Transport) with fanout destinations,
-/// competing consumers, delayed retries and a `<queue>.dlq` per queue.
+/// competing consumers, delayed retries and a `<queue>.dlq` per queue, whose
+/// messages it can browse and replay ([`DeadLetterQueue`]).
 ///
 /// Like a broker with publisher confirms and `mandatory`, publishing to an
 /// unknown destination, or one with no queue bound, is an error. A delivery
@@ -238,5 +242,60 @@ impl Drop for InMemorySettle {
         if let Some(queued) = self.queued.take() {
             self.queue.push_front(queued);
         }
+    }
+}
+
+#[async_trait]
+impl DeadLetterQueue for InMemoryTransport {
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<DeadLetterPage, TransportError> {
+        let dlq = format!("{queue}.dlq");
+        let dead_letters = self.queue(&dlq).ok_or(TransportError::UnknownAddress(dlq))?;
+        let items = dead_letters.items();
+        Ok(DeadLetterPage {
+            total: items.len(),
+            letters: items
+                .iter()
+                .take(limit)
+                .map(|queued| DeadLetter {
+                    reason: queued.message.header(DEAD_LETTER_REASON).map(str::to_owned),
+                    retries: queued.retries,
+                    origin: Some(Origin {
+                        destination: queued.message.destination.clone(),
+                        routing_key: None,
+                    }),
+                    message: queued.message.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn replay(&self, queue: &str, selection: &ReplaySelection) -> Result<ReplayReport, TransportError> {
+        let dlq = format!("{queue}.dlq");
+        let dead_letters = self.queue(&dlq).ok_or(TransportError::UnknownAddress(dlq))?;
+        let chosen: VecDeque<Queued> = {
+            let mut items = dead_letters.items();
+            let (chosen, kept) = items.drain(..).partition(|q| selection.selects(&q.message.id));
+            *items = kept;
+            chosen
+        };
+        let mut report = ReplayReport::default();
+        for queued in chosen {
+            let id = queued.message.id.clone();
+            let mut message = queued.message.clone();
+            message.headers.remove(DEAD_LETTER_REASON);
+            match self.publish(&message).await {
+                Ok(()) => report.replayed.push(id),
+                Err(error) => {
+                    report.failed.push(ReplayFailure {
+                        id,
+                        reason: error.to_string(),
+                    });
+                    // Not published: back in the dead-letter queue, so nothing is lost.
+                    dead_letters.push_back(queued);
+                }
+            }
+        }
+        report.not_found = selection.missing(&report);
+        Ok(report)
     }
 }

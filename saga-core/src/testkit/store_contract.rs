@@ -9,7 +9,8 @@ use crate::clock::Timestamp;
 use crate::id::{MessageId, SagaId};
 use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
 use crate::message::Message;
-use crate::store::{InstanceFilter, Store, StoreError};
+use crate::store::{InstanceCursor, InstanceFilter, Store, StoreError};
+use crate::summary::{MinuteOutcomes, SummaryQuery};
 
 /// Runs every case, each on a fresh store from `fresh`.
 pub async fn run_all<F, Fut>(fresh: F)
@@ -29,6 +30,8 @@ where
     outbox_claims_are_exclusive_until_released_or_expired(fresh().await).await;
     deadlines_come_due_in_order(fresh().await).await;
     history_and_listing(fresh().await).await;
+    listing_finds_stuck_and_old_instances_and_pages(fresh().await).await;
+    summary_counts_outcomes_and_lists_recent_and_stuck(fresh().await).await;
 }
 
 /// A running instance with `key`, at revision 1.
@@ -476,6 +479,117 @@ pub async fn history_and_listing(store: Arc<dyn Store>) {
     assert_eq!(all[0].id, b.id, "most recently changed first");
 }
 
+/// Stuck means needing attention, or unfinished and unchanged since a time;
+/// `created_before` filters by age; a cursor continues a listing without
+/// repeating or skipping an instance, also among equal change times.
+pub async fn listing_finds_stuck_and_old_instances_and_pages(store: Arc<dyn Store>) {
+    let base = Timestamp::from_millis(1_700_000_000_000);
+    let at = |secs: u64| base + Duration::from_secs(secs);
+    let make = |status: SagaStatus, created: u64, updated: u64| SagaInstance {
+        status,
+        created_at: at(created),
+        updated_at: at(updated),
+        ..sample_instance("orders", None)
+    };
+    let old_running = make(SagaStatus::Running, 0, 10);
+    let old_compensating = make(SagaStatus::Compensating, 0, 20);
+    let fresh_running = make(SagaStatus::Running, 50, 100);
+    let attention = make(SagaStatus::NeedsAttention, 50, 100);
+    let old_completed = make(SagaStatus::Completed, 0, 10);
+    let old_compensated = make(SagaStatus::Compensated, 0, 10);
+    let all = [
+        &old_running,
+        &old_compensating,
+        &fresh_running,
+        &attention,
+        &old_completed,
+        &old_compensated,
+    ];
+    for instance in all {
+        let mut tx = must(store.begin().await, "begin");
+        must(tx.insert(instance).await, "insert");
+        must(tx.commit().await, "commit");
+    }
+    let ids = |found: Vec<SagaInstance>| {
+        let mut ids: Vec<SagaId> = found.iter().map(|i| i.id).collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut expected: Vec<SagaId>| {
+        expected.sort();
+        expected
+    };
+    let stuck = must(
+        store
+            .list(&InstanceFilter {
+                stuck_since: Some(at(60)),
+                ..InstanceFilter::default()
+            })
+            .await,
+        "list stuck",
+    );
+    assert_eq!(
+        ids(stuck),
+        sorted(vec![old_running.id, old_compensating.id, attention.id]),
+        "stuck: unfinished and unchanged since the threshold, or needing attention whenever it changed"
+    );
+    let stuck_running = must(
+        store
+            .list(&InstanceFilter {
+                stuck_since: Some(at(60)),
+                statuses: vec![SagaStatus::Running],
+                ..InstanceFilter::default()
+            })
+            .await,
+        "list stuck running",
+    );
+    assert_eq!(ids(stuck_running), vec![old_running.id], "stuck combines with statuses");
+    let old = must(
+        store
+            .list(&InstanceFilter {
+                created_before: Some(at(10)),
+                ..InstanceFilter::default()
+            })
+            .await,
+        "list old",
+    );
+    assert_eq!(
+        ids(old),
+        sorted(vec![
+            old_running.id,
+            old_compensating.id,
+            old_completed.id,
+            old_compensated.id
+        ]),
+        "created_before filters by start time"
+    );
+
+    // Pages of two: every instance once, in listing order.
+    let everything = must(store.list(&InstanceFilter::default()).await, "list all");
+    let mut paged = Vec::new();
+    let mut after = None;
+    for _ in 0..all.len() {
+        let page = must(
+            store
+                .list(&InstanceFilter {
+                    after,
+                    limit: 2,
+                    ..InstanceFilter::default()
+                })
+                .await,
+            "list a page",
+        );
+        let Some(last) = page.last() else { break };
+        after = Some(InstanceCursor::of(last));
+        paged.extend(page.iter().map(|i| i.id));
+    }
+    assert_eq!(
+        paged,
+        everything.iter().map(|i| i.id).collect::<Vec<_>>(),
+        "paging with a cursor lists every instance once, in order"
+    );
+}
+
 fn sample_like(instance: &SagaInstance, revision: u64) -> SagaInstance {
     SagaInstance {
         revision,
@@ -483,4 +597,152 @@ fn sample_like(instance: &SagaInstance, revision: u64) -> SagaInstance {
         updated_at: instance.created_at,
         ..instance.clone()
     }
+}
+
+/// The summary counts unfinished instances per status and outcomes per
+/// minute (entries into a final or attention status, from `since` on), and
+/// lists the most recently changed and the stuck instances, bounded by the
+/// limit.
+pub async fn summary_counts_outcomes_and_lists_recent_and_stuck(store: Arc<dyn Store>) {
+    use SagaStatus::{Compensated, Compensating, Completed, NeedsAttention, Running};
+    // A whole minute, so outcomes fall in the minutes `base` and `base + 60 s`.
+    let base = Timestamp::from_millis(1_700_000_040_000);
+    let at = |secs: i64| Timestamp::from_millis(base.as_millis() + secs * 1000);
+    let store = store.as_ref();
+
+    let running = start(store, Running, at(10)).await;
+    let old_running = start(store, Running, at(0)).await;
+    let compensating = advance(store, start(store, Running, at(1)).await, Compensating, at(2)).await;
+    let attention = start(store, Running, at(3)).await;
+    let attention = advance(store, attention, Compensating, at(4)).await;
+    let attention = advance(store, attention, NeedsAttention, at(61)).await;
+    // Still needing attention after a failed retry: not a new outcome.
+    let attention = advance(store, attention, NeedsAttention, at(62)).await;
+    let completed = advance(store, start(store, Running, at(5)).await, Completed, at(20)).await;
+    let completed_later = advance(store, start(store, Running, at(30)).await, Completed, at(70)).await;
+    let failed_at_once = start(store, Compensated, at(65)).await;
+    let before_since = advance(store, start(store, Running, at(-120)).await, Completed, at(-60)).await;
+
+    let query = SummaryQuery {
+        since: base,
+        stuck_since: at(5),
+        limit: 0,
+    };
+    let summary = must(store.summary(&query).await, "summary");
+    assert_eq!(
+        summary.unfinished,
+        vec![(Running, 2), (Compensating, 1), (NeedsAttention, 1)],
+        "unfinished instances per status"
+    );
+    assert_eq!(
+        summary.per_minute,
+        vec![
+            MinuteOutcomes {
+                minute: base,
+                completed: 1,
+                compensated: 0,
+                needs_attention: 0,
+            },
+            MinuteOutcomes {
+                minute: at(60),
+                completed: 1,
+                compensated: 1,
+                needs_attention: 1,
+            },
+        ],
+        "outcomes per minute since {base:?}"
+    );
+    let ids = |instances: &[SagaInstance]| instances.iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&summary.recent),
+        ids(&[
+            completed_later.clone(),
+            failed_at_once.clone(),
+            attention.clone(),
+            completed,
+            running,
+            compensating.clone(),
+            old_running.clone(),
+            before_since,
+        ]),
+        "every instance, most recently changed first"
+    );
+    assert_eq!(summary.recent[0], completed_later, "instances come back whole");
+    assert_eq!(
+        ids(&summary.stuck),
+        ids(&[old_running.clone(), compensating.clone(), attention.clone()]),
+        "stuck: needing attention, or unfinished and unchanged since {:?}; longest unchanged first",
+        query.stuck_since
+    );
+
+    let bounded = must(store.summary(&SummaryQuery { limit: 2, ..query }).await, "summary");
+    assert_eq!(
+        ids(&bounded.recent),
+        ids(&[completed_later, failed_at_once]),
+        "recent, limited"
+    );
+    assert_eq!(ids(&bounded.stuck), ids(&[old_running, compensating]), "stuck, limited");
+    assert_eq!(
+        bounded.per_minute, summary.per_minute,
+        "the limit bounds lists, not counts"
+    );
+    let later = must(store.summary(&SummaryQuery { since: at(61), ..query }).await, "summary");
+    assert_eq!(
+        later.per_minute,
+        vec![MinuteOutcomes {
+            minute: at(60),
+            completed: 1,
+            compensated: 1,
+            needs_attention: 1,
+        }],
+        "outcomes before `since` are left out"
+    );
+}
+
+/// Starts an instance in `status` at `at`, with its first transition, as the engine does.
+async fn start(store: &dyn Store, status: SagaStatus, at: Timestamp) -> SagaInstance {
+    let instance = SagaInstance {
+        status,
+        created_at: at,
+        updated_at: at,
+        ..sample_instance("orders", None)
+    };
+    let mut first = transition(&instance, "started");
+    first.at = at;
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.insert(&instance).await, "insert");
+    must(tx.record(&first).await, "record");
+    must(tx.commit().await, "commit");
+    instance
+}
+
+/// Moves `instance` to `status` at `at`, recording the transition.
+async fn advance(store: &dyn Store, instance: SagaInstance, status: SagaStatus, at: Timestamp) -> SagaInstance {
+    let next = SagaInstance {
+        status,
+        revision: instance.revision + 1,
+        updated_at: at,
+        ..instance.clone()
+    };
+    let step = Transition {
+        saga_id: next.id,
+        revision: next.revision,
+        at,
+        cause: Cause::Deadline { due: at },
+        before: Some(Position {
+            status: instance.status,
+            step: instance.step,
+        }),
+        after: Position {
+            status,
+            step: next.step,
+        },
+        emitted: Vec::new(),
+        note: None,
+    };
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.update(&next, instance.revision).await, "update");
+    must(tx.record(&step).await, "record");
+    must(tx.commit().await, "commit");
+    next
 }

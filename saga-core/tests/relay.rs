@@ -1,0 +1,94 @@
+//! The relay's run loop with several rounds in flight, over the in-memory
+//! store: every message published, each saga's in outbox order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use saga_core::memory::InMemoryStore;
+use saga_core::{CancellationToken, Message, Publisher, Relay, RelayConfig, SagaId, SagaStore, TransportError};
+
+/// Records the order messages are published in; some confirm slowly, so
+/// rounds overlap.
+#[derive(Default)]
+struct SlowPublisher {
+    published: Mutex<Vec<(String, u32)>>,
+}
+
+#[async_trait]
+impl Publisher for SlowPublisher {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let saga = message.correlation_id.clone().unwrap_or_default();
+        let seq: u32 = message.kind.parse().unwrap_or(u32::MAX);
+        self.published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((saga, seq));
+        // Every third message takes its time to confirm.
+        if seq.is_multiple_of(3) {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_in_flight_keep_each_sagas_messages_in_order() {
+    let store = InMemoryStore::new();
+    let sagas: Vec<SagaId> = (0..6).map(|_| SagaId::new()).collect();
+    // Interleaved, as concurrent sagas would commit them.
+    for seq in 0..5u32 {
+        for saga in &sagas {
+            let mut tx = store.begin().await.expect("begin");
+            let message = Message::new(seq.to_string(), "d", b"{}".to_vec()).with_correlation_id(saga.to_string());
+            tx.enqueue(Some(*saga), &[message]).await.expect("enqueue");
+            tx.commit().await.expect("commit");
+        }
+    }
+    let publisher = Arc::new(SlowPublisher::default());
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        publisher.clone(),
+        RelayConfig {
+            batch_size: 4,
+            rounds_in_flight: 4,
+            poll_interval: Duration::from_millis(20),
+            ..RelayConfig::default()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let expected = sagas.len() * 5;
+    loop {
+        let count = publisher
+            .published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        if count >= expected || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the relay stops, finishing its rounds")
+        .expect("the relay did not panic");
+
+    let published = publisher
+        .published
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert_eq!(published.len(), expected, "every message published once: {published:?}");
+    let mut per_saga: HashMap<String, Vec<u32>> = HashMap::new();
+    for (saga, seq) in published {
+        per_saga.entry(saga).or_default().push(seq);
+    }
+    for (saga, seqs) in per_saga {
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4], "saga {saga} published out of order");
+    }
+}
