@@ -11,7 +11,9 @@
 //! are measured alternately, and the median round's ratio is reported, so a
 //! change in the machine's load affects both sides), `BENCH_RELAY_ROWS`
 //! (50000), `BENCH_PING` (1; 0 disables sqlx's ping on pool acquire for both
-//! sides).
+//! sides), `BENCH_COMMIT_BATCH` and `BENCH_COMMITS_IN_FLIGHT` (the store's
+//! `commit_batch` and `commits_in_flight`; `BENCH_COMMIT_BATCH=1` turns
+//! batching off).
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use saga_core::{
     Cause, Command, Engine, Message, MessageId, OutboxStore, Position, Relay, RelayConfig, ReplyOutcome,
     SagaDefinition, SagaId, SagaInstance, SagaStatus, SagaStore, Step, StepError, Timestamp, Transition,
 };
-use saga_postgres::PostgresStore;
+use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -503,7 +505,16 @@ async fn main() {
         .execute(&pool)
         .await
         .unwrap();
-    let store = PostgresStore::new(pool.clone());
+    // BENCH_COMMIT_BATCH=1 sends every transition on its own statement.
+    let defaults = PostgresStoreConfig::default();
+    let store = PostgresStore::with_config(
+        pool.clone(),
+        PostgresStoreConfig {
+            commit_batch: env("BENCH_COMMIT_BATCH", defaults.commit_batch),
+            commits_in_flight: env("BENCH_COMMITS_IN_FLIGHT", defaults.commits_in_flight),
+            ..defaults
+        },
+    );
 
     let probe_ops: usize = env("BENCH_PROBE_OPS", 2000);
     if probe_ops > 0 {
@@ -534,6 +545,14 @@ async fn main() {
         );
         ratios.push((transitions / raw, raw, transitions));
     }
+    let batching = store.commit_batching();
+    println!(
+        "commit batching: {} shared statements carried {} transitions ({:.1} each), {} retried alone",
+        batching.shared_statements,
+        batching.batched_transitions,
+        batching.batched_transitions as f64 / batching.shared_statements.max(1) as f64,
+        batching.retried_alone
+    );
     ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (ratio, raw, transitions) = ratios[ratios.len() / 2];
     println!(

@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 
 pub use retention::{Purged, RetentionConfig};
 pub use store::{PostgresStore, PostgresStoreConfig};
-pub use transaction::PostgresTransaction;
+pub use transaction::{CommitBatching, PostgresTransaction};
 
 /// The embedded schema migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();

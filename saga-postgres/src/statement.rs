@@ -75,7 +75,7 @@ pub(crate) struct Shape {
 const SHAPES: usize = 3 * 3 * 3 * 2 * 3 * 2;
 
 /// Columns of `saga_instances`, in parameter order.
-const INSTANCE_COLUMNS: [&str; 15] = [
+pub(crate) const INSTANCE_COLUMNS: [&str; 15] = [
     "id",
     "definition",
     "definition_version",

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, OnceCell, oneshot};
 use crate::error::store_error;
 use crate::retention::RetentionConfig;
 use crate::row::{self, instance_columns};
-use crate::transaction::PostgresTransaction;
+use crate::transaction::{Batcher, CommitBatching, PostgresTransaction};
 
 /// How a [`PostgresStore`] behaves. Table names are fixed; to keep the
 /// tables in their own schema, set `search_path` on the pool's connections
@@ -42,6 +42,15 @@ pub struct PostgresStoreConfig {
     /// does not publish in time (it stopped, the process died) are claimed
     /// like any other once the lease ends.
     pub handoff: bool,
+    /// The most transitions one statement commits. While earlier commits
+    /// are under way, the engine's transitions that arrive meanwhile share
+    /// the next statement (group commit; each still returns only once its
+    /// own rows are committed). `1` sends every transition on its own.
+    pub commit_batch: usize,
+    /// The most statements carrying transitions at once when they are
+    /// batched ([`commit_batch`](Self::commit_batch) above 1). Fewer make
+    /// larger batches under load.
+    pub commits_in_flight: usize,
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
     pub retention: RetentionConfig,
@@ -53,6 +62,8 @@ impl Default for PostgresStoreConfig {
             notify_channel: "saga_outbox".to_owned(),
             notify_interval: Duration::from_millis(10),
             handoff: true,
+            commit_batch: 64,
+            commits_in_flight: 2,
             retention: RetentionConfig::default(),
         }
     }
@@ -74,6 +85,8 @@ pub(crate) struct Shared {
     handoff: Mutex<HandOff>,
     /// Mark-sent requests of concurrent relay rounds.
     marks: Mutex<Marks>,
+    /// Transitions waiting to share a statement.
+    pub(crate) batcher: Batcher,
     listener: OnceCell<()>,
     shutdown: CancellationToken,
 }
@@ -259,6 +272,7 @@ impl PostgresStore {
                     served: None,
                 }),
                 marks: Mutex::new(Marks::default()),
+                batcher: Batcher::default(),
                 listener: OnceCell::new(),
                 shutdown: CancellationToken::new(),
             }),
@@ -273,6 +287,11 @@ impl PostgresStore {
     /// The configuration.
     pub fn config(&self) -> &PostgresStoreConfig {
         &self.shared.config
+    }
+
+    /// How this store's commits shared statements so far.
+    pub fn commit_batching(&self) -> CommitBatching {
+        self.shared.batcher.stats()
     }
 
     /// Opens a transaction typed as this backend's, for application code

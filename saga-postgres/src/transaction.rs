@@ -36,6 +36,11 @@ use crate::error::store_error;
 use crate::statement::{InstanceRow, Rows, Shape};
 use crate::store::Shared;
 
+mod batch;
+
+pub(crate) use batch::Batcher;
+pub use batch::CommitBatching;
+
 /// A saga store transaction on PostgreSQL.
 ///
 /// Reach it from an [`EffectHandler`](saga_core::EffectHandler) or a
@@ -66,6 +71,22 @@ pub struct PostgresTransaction {
 enum InstanceWrite {
     Insert(InstanceValues),
     Update(InstanceValues, u64),
+}
+
+impl InstanceWrite {
+    fn values(&self) -> &InstanceValues {
+        match self {
+            Self::Insert(values) | Self::Update(values, _) => values,
+        }
+    }
+
+    /// The revision an update expects; `None` for an insert.
+    fn expected(&self) -> Option<i64> {
+        match self {
+            Self::Insert(_) => None,
+            Self::Update(_, expected) => i64::try_from(*expected).ok(),
+        }
+    }
 }
 
 impl PostgresTransaction {
@@ -541,6 +562,17 @@ impl Transaction for PostgresTransaction {
             let shared = Arc::clone(&self.shared);
             let written = if write.is_none() && rest.is_empty() {
                 Ok(Vec::new())
+            } else if held.is_none()
+                && shared.config.commit_batch > 1
+                && let Some(write) = write
+            {
+                let rest = rest.settled();
+                if batch::fits(&write, &rest) {
+                    // Shares a statement with concurrent transitions.
+                    batch::commit(&shared, batch::Batched::new(write, rest)).await
+                } else {
+                    write_all(&shared.pool, &shared, Some(write), rest).await
+                }
             } else if let Some(mut conn) = held {
                 write_all(&mut *conn, &shared, write, rest).await
             } else {

@@ -716,3 +716,177 @@ async fn an_unreachable_database_is_retryable() {
     let consumed = tx.consume("engine", &MessageId::new()).await;
     assert!(matches!(consumed, Err(StoreError::Unavailable(_))), "{consumed:?}");
 }
+
+/// Commits `instance`'s next revision caused by `message`, emitting one
+/// message, as the engine does; `expected` is the revision it expects.
+async fn engine_transition(
+    store: &saga_postgres::PostgresStore,
+    instance: &SagaInstance,
+    message: &MessageId,
+) -> Result<SagaInstance, StoreError> {
+    let (next, transition) = caused_by(instance, message);
+    let mut tx = store.begin().await?;
+    tx.consume_at_commit("engine", message).await?;
+    tx.update(&next, instance.revision).await?;
+    tx.record(&transition).await?;
+    tx.enqueue(Some(next.id), &messages(Some(next.id), 1, "d")).await?;
+    tx.commit().await.map(|()| next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() {
+    let db = TestDb::new().await;
+    let store = db
+        .store_with(
+            8,
+            PostgresStoreConfig {
+                commits_in_flight: 1,
+                ..PostgresStoreConfig::default()
+            },
+        )
+        .await;
+    let pool = store.pool().clone();
+    let sagas = 40;
+    let instances: Vec<SagaInstance> = (0..sagas).map(|_| sample_instance("orders", None)).collect();
+
+    // Starts, one of them twice: exactly one AlreadyExists.
+    let mut starts = tokio::task::JoinSet::new();
+    for instance in instances.iter().chain(instances.first()).cloned() {
+        let store = store.clone();
+        starts.spawn(async move {
+            let transition = Transition {
+                saga_id: instance.id,
+                revision: instance.revision,
+                at: instance.created_at,
+                cause: Cause::Started,
+                before: None,
+                after: Position {
+                    status: instance.status,
+                    step: instance.step,
+                },
+                emitted: Vec::new(),
+                note: None,
+            };
+            let mut tx = store.begin().await?;
+            tx.insert(&instance).await?;
+            tx.record(&transition).await?;
+            tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
+                .await?;
+            tx.commit().await
+        });
+    }
+    let started = starts.join_all().await;
+    assert_eq!(started.iter().filter(|r| r.is_ok()).count(), sagas);
+    assert!(
+        matches!(
+            started.iter().find(|r| r.is_err()),
+            Some(Err(StoreError::AlreadyExists { .. }))
+        ),
+        "the second start of one saga is AlreadyExists: {started:?}"
+    );
+
+    // One saga's message consumed before: its redelivery is a duplicate.
+    let consumed = MessageId::new();
+    let first = engine_transition(&store, &instances[0], &consumed)
+        .await
+        .expect("a transition commits");
+    let mut current = instances.clone();
+    current[0] = first;
+
+    // A reply per saga, two for the first five (same revision expected):
+    // one of each pair wins. And the redelivered message.
+    let mut replies = tokio::task::JoinSet::new();
+    for (i, instance) in current.iter().enumerate() {
+        let copies = if i < 5 { 2 } else { 1 };
+        for _ in 0..copies {
+            let (store, instance) = (store.clone(), instance.clone());
+            replies.spawn(async move { engine_transition(&store, &instance, &MessageId::new()).await });
+        }
+    }
+    {
+        let (store, instance) = (store.clone(), current[0].clone());
+        let consumed = consumed.clone();
+        replies.spawn(async move { engine_transition(&store, &instance, &consumed).await });
+    }
+    let decided = replies.join_all().await;
+    let won = decided.iter().filter(|r| r.is_ok()).count();
+    let conflicts = decided
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::Conflict { .. })))
+        .count();
+    let duplicates = decided
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::ConsumedConcurrently { .. })))
+        .count();
+    // The redelivery and saga 0's two replies compete for one revision.
+    assert_eq!(won, sagas, "one reply per saga wins: {decided:?}");
+    assert_eq!(conflicts + duplicates, 6, "{decided:?}");
+    assert!(duplicates <= 1, "only the redelivery can be a duplicate: {decided:?}");
+
+    for instance in &current {
+        let loaded = store.load(instance.id).await.expect("load").expect("instance");
+        assert_eq!(loaded.revision, instance.revision + 1, "one transition each");
+    }
+    let history = count(&pool, "SELECT count(*) FROM saga_history").await;
+    let outbox = count(&pool, "SELECT count(*) FROM saga_outbox").await;
+    assert_eq!(
+        history,
+        (sagas + 1 + sagas) as i64,
+        "starts, the first transition, the winners"
+    );
+    assert_eq!(outbox, history, "one message per recorded transition");
+    let consumptions = count(
+        &pool,
+        "SELECT count(DISTINCT message_id) FROM saga_history WHERE message_id IS NOT NULL",
+    )
+    .await;
+    assert_eq!(consumptions, (1 + sagas) as i64);
+
+    let batching = store.commit_batching();
+    assert!(
+        batching.shared_statements > 0 && batching.batched_transitions >= 2 * batching.shared_statements,
+        "concurrent transitions shared statements: {batching:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_consumed_by_concurrent_transitions_of_many_sagas_takes_effect_once() {
+    let db = TestDb::new().await;
+    let store = db
+        .store_with(
+            8,
+            PostgresStoreConfig {
+                commits_in_flight: 1,
+                ..PostgresStoreConfig::default()
+            },
+        )
+        .await;
+    let instances: Vec<SagaInstance> = (0..12).map(|_| sample_instance("orders", None)).collect();
+    for instance in &instances {
+        let mut tx = store.begin().await.expect("begin");
+        tx.insert(instance).await.expect("insert");
+        tx.commit().await.expect("commit");
+    }
+    // A shared statement carrying two of them fails on the consumption's
+    // unique key as a whole; each transition then runs alone.
+    let message = MessageId::new();
+    let mut replies = tokio::task::JoinSet::new();
+    for instance in instances.iter().cloned() {
+        let (store, message) = (store.clone(), message.clone());
+        replies.spawn(async move { engine_transition(&store, &instance, &message).await });
+    }
+    let decided = replies.join_all().await;
+    assert_eq!(decided.iter().filter(|r| r.is_ok()).count(), 1, "{decided:?}");
+    assert!(
+        decided
+            .iter()
+            .all(|r| r.is_ok() || matches!(r, Err(StoreError::ConsumedConcurrently { .. }))),
+        "{decided:?}"
+    );
+    let pool = store.pool();
+    assert_eq!(count(pool, "SELECT count(*) FROM saga_outbox").await, 1, "one effect");
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM saga_instances WHERE revision > 1").await,
+        1
+    );
+}

@@ -1,0 +1,357 @@
+//! Group commit: concurrent transitions of the engine's common shape share
+//! one statement.
+//!
+//! Under load, what a transition costs PostgreSQL is mostly per statement
+//! (starting the plan's execution, opening each table and index, the round
+//! trip, the commit's WAL flush), not per row. So while earlier commits are
+//! under way, transitions that arrive wait in a queue, and the next statement
+//! takes all of them. Each transition's rows are written, or none, exactly as
+//! its own statement would write them, and each caller returns only after
+//! the statement carrying its transition has committed: durability is the
+//! same, only the statement is shared.
+//!
+//! Only the engine's common transition is batched: one instance written
+//! (inserted, or updated at an expected revision), one history row of it,
+//! which may record the consumed message, and at most one outbox message of
+//! that saga. A transition the shared statement did not write (a stale
+//! revision, a message consumed before, an instance that exists) runs again
+//! on its own statement, which reports why exactly as without batching; so
+//! does every transition of a batch whose statement failed (a unique
+//! violation by a concurrent consumer aborts the whole statement).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use saga_core::{OutboxEntry, StoreError};
+use tokio::sync::oneshot;
+
+use super::{InstanceValues, InstanceWrite, Rest, write_all};
+use crate::statement::INSTANCE_COLUMNS;
+use crate::store::Shared;
+
+/// A transition waiting for a statement.
+pub(crate) struct Batched {
+    write: InstanceWrite,
+    /// Settled: a consumed message is on the history row.
+    rest: Rest,
+}
+
+impl Batched {
+    /// The transition as a batch member: its shape must be the one batched
+    /// (see [`fits`]).
+    pub(crate) fn new(write: InstanceWrite, rest: Rest) -> Self {
+        Self { write, rest }
+    }
+
+    /// Whether its message (if any) was kept for the hand-off.
+    fn keeps_message(&self) -> bool {
+        self.rest.o_id.len() == 1 && self.rest.messages.len() == 1
+    }
+}
+
+/// Whether a transition has the shape batched: one instance written, one
+/// history row of it, at most one outbox message of it, no inbox row
+/// (`rest` settled).
+pub(crate) fn fits(write: &InstanceWrite, rest: &Rest) -> bool {
+    let id = write.values().id;
+    rest.i_message.is_empty()
+        && rest.h_saga.len() == 1
+        && rest.h_saga[0] == id
+        && rest.o_id.len() <= 1
+        && rest.o_saga.iter().all(|saga| *saga == Some(id))
+}
+
+type Reply = oneshot::Sender<Result<Vec<OutboxEntry>, StoreError>>;
+
+/// Transitions waiting, and how many statements are carrying others.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    state: Mutex<Queue>,
+    shared_statements: AtomicU64,
+    batched_transitions: AtomicU64,
+    retried_alone: AtomicU64,
+}
+
+/// How a store's commits were batched since it was created (see
+/// `PostgresStoreConfig::commit_batch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitBatching {
+    /// Statements that committed two or more transitions.
+    pub shared_statements: u64,
+    /// Transitions those statements committed.
+    pub batched_transitions: u64,
+    /// Transitions a shared statement did not write (a conflict, a
+    /// duplicate, a failed statement) that then ran on their own.
+    pub retried_alone: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<(Batched, Reply)>,
+    /// Tasks sending statements; at most `commits_in_flight`.
+    runners: usize,
+}
+
+impl Batcher {
+    pub(crate) fn stats(&self) -> CommitBatching {
+        CommitBatching {
+            shared_statements: self.shared_statements.load(Ordering::Relaxed),
+            batched_transitions: self.batched_transitions.load(Ordering::Relaxed),
+            retried_alone: self.retried_alone.load(Ordering::Relaxed),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Commits `item` in the next statement with room, returning the outbox
+/// rows leased to this process's relay (as [`write_all`] does).
+pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<OutboxEntry>, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    let start_runner = {
+        let mut queue = shared.batcher.queue();
+        queue.waiting.push_back((item, reply));
+        let start = queue.runners < shared.config.commits_in_flight.max(1);
+        if start {
+            queue.runners += 1;
+        }
+        start
+    };
+    if start_runner {
+        // A task of its own: a caller that gives up waiting does not strand
+        // the others whose transitions its statement carries.
+        tokio::spawn(run(Arc::clone(shared)));
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Backend("the commit task ended without an answer".into())))
+}
+
+/// Sends statements while transitions wait.
+async fn run(shared: Arc<Shared>) {
+    let most = shared.config.commit_batch.max(1);
+    loop {
+        let batch: Vec<(Batched, Reply)> = {
+            let mut queue = shared.batcher.queue();
+            if queue.waiting.is_empty() {
+                queue.runners -= 1;
+                return;
+            }
+            let take = queue.waiting.len().min(most);
+            queue.waiting.drain(..take).collect()
+        };
+        if let [_] = batch.as_slice() {
+            if let Some((item, reply)) = batch.into_iter().next() {
+                let _ = reply.send(alone(&shared, item).await);
+            }
+            continue;
+        }
+        let (items, replies): (Vec<Batched>, Vec<Reply>) = batch.into_iter().unzip();
+        let outcomes = together(&shared, &items).await;
+        let written = outcomes.iter().filter(|o| o.is_some()).count() as u64;
+        let stats = &shared.batcher;
+        if written > 0 {
+            stats.shared_statements.fetch_add(1, Ordering::Relaxed);
+            stats.batched_transitions.fetch_add(written, Ordering::Relaxed);
+            metrics::histogram!("saga_postgres_commit_batch_size").record(written as f64);
+        }
+        for ((item, reply), outcome) in items.into_iter().zip(replies).zip(outcomes) {
+            let result = match outcome {
+                Some(handed) => Ok(handed),
+                // Not written by the shared statement: its own says why.
+                None => {
+                    stats.retried_alone.fetch_add(1, Ordering::Relaxed);
+                    alone(&shared, item).await
+                }
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// One transition in a statement of its own.
+async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, StoreError> {
+    write_all(&shared.pool, shared, Some(item.write), item.rest).await
+}
+
+/// Writes `items` in one statement. For each item: the outbox rows leased
+/// for the hand-off if it was written, `None` if it was not (or the
+/// statement failed).
+async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEntry>>> {
+    let lease = shared.handoff_lease_millis();
+    fn values(item: &Batched) -> &InstanceValues {
+        item.write.values()
+    }
+    let instance = |f: fn(&InstanceValues) -> Option<String>| items.iter().map(|i| f(values(i))).collect::<Vec<_>>();
+    let number = |f: fn(&InstanceValues) -> i64| items.iter().map(|i| f(values(i))).collect::<Vec<_>>();
+    let history = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
+    let outbox = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
+    let query = sqlx::query_as::<_, (i64, Option<i64>, bool)>(sql())
+        .bind(items.iter().map(|i| values(i).id).collect::<Vec<_>>())
+        .bind(instance(|v| Some(v.definition.clone())))
+        .bind(number(|v| v.definition_version))
+        .bind(instance(|v| v.key.clone()))
+        .bind(instance(|v| Some(v.status.to_owned())))
+        .bind(number(|v| v.step))
+        .bind(number(|v| v.attempt))
+        .bind(instance(|v| v.awaiting.clone()))
+        .bind(items.iter().map(|i| values(i).deadline).collect::<Vec<_>>())
+        .bind(instance(|v| v.failure.clone()))
+        .bind(instance(|v| Some(v.data.clone())))
+        .bind(number(|v| v.data_version))
+        .bind(number(|v| v.revision))
+        .bind(number(|v| v.created_at))
+        .bind(number(|v| v.updated_at))
+        .bind(items.iter().map(|i| i.write.expected()).collect::<Vec<_>>())
+        .bind(items.iter().map(|i| i.rest.h_revision[0]).collect::<Vec<_>>())
+        .bind(items.iter().map(|i| i.rest.h_at[0]).collect::<Vec<_>>())
+        .bind(history(|r| r.h_cause.first().cloned()))
+        .bind(history(|r| r.h_before[0].clone()))
+        .bind(history(|r| r.h_after.first().cloned()))
+        .bind(history(|r| r.h_emitted.first().cloned()))
+        .bind(history(|r| r.h_note[0].clone()))
+        .bind(history(|r| r.h_consumer[0].clone()))
+        .bind(history(|r| r.h_message[0].clone()))
+        .bind(outbox(|r| r.o_id.first().cloned()))
+        .bind(outbox(|r| r.o_kind.first().cloned()))
+        .bind(outbox(|r| r.o_destination.first().cloned()))
+        .bind(outbox(|r| r.o_correlation.first().cloned().flatten()))
+        .bind(
+            items
+                .iter()
+                .map(|i| i.rest.o_created.first().copied())
+                .collect::<Vec<_>>(),
+        )
+        .bind(outbox(|r| r.o_headers.first().cloned()))
+        .bind(
+            items
+                .iter()
+                .map(|i| i.rest.o_payload.first().cloned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            items
+                .iter()
+                .map(|i| lease.filter(|_| i.keeps_message()))
+                .collect::<Vec<_>>(),
+        );
+    let mut outcomes: Vec<Option<Vec<OutboxEntry>>> = (0..items.len()).map(|_| None).collect();
+    let rows = match query.fetch_all(&shared.pool).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            tracing::debug!(%error, size = items.len(), "a shared commit statement failed; each transition runs alone");
+            return outcomes;
+        }
+    };
+    for (n, outbox_id, handed) in rows {
+        let Some(index) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) else {
+            continue;
+        };
+        let (Some(item), Some(outcome)) = (items.get(index), outcomes.get_mut(index)) else {
+            continue;
+        };
+        let entries = match (outbox_id, handed, item.rest.messages.first()) {
+            (Some(id), true, Some((saga, message))) if item.keeps_message() => vec![OutboxEntry {
+                id,
+                saga: *saga,
+                message: message.clone(),
+            }],
+            _ => Vec::new(),
+        };
+        *outcome = Some(entries);
+    }
+    outcomes
+}
+
+/// The shared statement. Parameters are arrays, one element per transition:
+/// the instance's 15 columns and its expected revision (`NULL` to insert);
+/// the history row's columns but the saga; the outbox row's columns but the
+/// saga (`NULL`s without a message) and its hand-off lease in milliseconds.
+/// It returns a row per transition written: its position, its outbox row's
+/// id, and whether that row was leased for the hand-off.
+fn sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let updated = INSTANCE_COLUMNS
+            .iter()
+            .skip(1)
+            .map(|column| {
+                if *column == "data" {
+                    format!("{column} = f.{column}::json")
+                } else {
+                    format!("{column} = f.{column}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let inserted = INSTANCE_COLUMNS
+            .iter()
+            .map(|column| {
+                if *column == "data" {
+                    format!("f.{column}::json")
+                } else {
+                    format!("f.{column}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "WITH item AS (SELECT * FROM UNNEST(\
+               $1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::text[], \
+               $9::int8[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], \
+               $17::int8[], $18::int8[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[], \
+               $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::int8[], $31::text[], $32::bytea[], \
+               $33::float8[]) WITH ORDINALITY AS u({columns}, expected, \
+               h_revision, h_at, h_cause, h_before, h_after, h_emitted, h_note, h_consumer, h_message, \
+               o_message_id, o_kind, o_destination, o_correlation, o_created, o_headers, o_payload, o_lease, n)), \
+             fresh AS MATERIALIZED (SELECT u.*, \
+               CASE WHEN u.o_message_id IS NOT NULL THEN nextval('saga_outbox_id_seq') END AS oid, \
+               u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR NOT EXISTS (\
+                 SELECT 1 FROM saga_instances i JOIN saga_outbox o ON o.id = i.last_outbox_id \
+                 WHERE i.id = u.id AND o.sent_at IS NULL)) AS handed \
+               FROM item u WHERE u.h_message IS NULL OR \
+                 NOT EXISTS (SELECT 1 FROM saga_inbox b WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
+               ORDER BY u.n), \
+             upd AS (UPDATE saga_instances s SET {updated}, last_outbox_id = coalesce(f.oid, s.last_outbox_id) \
+               FROM fresh f WHERE f.expected IS NOT NULL AND s.id = f.id AND s.revision = f.expected RETURNING f.n), \
+             ins AS (INSERT INTO saga_instances ({names}, last_outbox_id) SELECT {inserted}, f.oid \
+               FROM fresh f WHERE f.expected IS NULL ORDER BY f.n ON CONFLICT DO NOTHING RETURNING id), \
+             written AS (SELECT n FROM upd UNION ALL \
+               SELECT f.n FROM fresh f JOIN ins ON ins.id = f.id WHERE f.expected IS NULL), \
+             history AS (INSERT INTO saga_history \
+               (saga_id, revision, at, cause, before, after, emitted, note, consumer, message_id) \
+               SELECT f.id, f.h_revision, f.h_at, f.h_cause::jsonb, f.h_before::jsonb, f.h_after::jsonb, \
+               f.h_emitted::jsonb, f.h_note, f.h_consumer, f.h_message FROM fresh f JOIN written w ON w.n = f.n), \
+             outbox AS (INSERT INTO saga_outbox (id, saga_id, message_id, kind, destination, correlation_id, \
+               created_at, headers, payload, claimed_until) \
+               SELECT f.oid, f.id, f.o_message_id, f.o_kind, f.o_destination, f.o_correlation, f.o_created, \
+               f.o_headers::jsonb, f.o_payload, \
+               CASE WHEN f.handed THEN now() + f.o_lease * interval '1 millisecond' END \
+               FROM fresh f JOIN written w ON w.n = f.n WHERE f.oid IS NOT NULL ORDER BY f.n) \
+             SELECT f.n, f.oid, f.handed FROM fresh f JOIN written w ON w.n = f.n",
+            columns = INSTANCE_COLUMNS.join(", "),
+            names = INSTANCE_COLUMNS.join(", "),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_numbered_in_order_without_gaps() {
+        let sql = sql();
+        if std::env::var_os("PRINT_BATCH_SQL").is_some() {
+            println!("{sql}");
+        }
+        for n in 1..=33 {
+            assert!(sql.contains(&format!("${n}::")), "lacks ${n}: {sql}");
+        }
+        assert!(!sql.contains("$34"), "{sql}");
+    }
+}
