@@ -733,18 +733,20 @@ async fn engine_transition(
     tx.commit().await.map(|()| next)
 }
 
+/// A store whose commits wait for one statement at a time, so concurrent
+/// ones gather into batches.
+async fn batching_store(db: &TestDb) -> saga_postgres::PostgresStore {
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        ..PostgresStoreConfig::default()
+    };
+    db.store_with(8, config).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() {
     let db = TestDb::new().await;
-    let store = db
-        .store_with(
-            8,
-            PostgresStoreConfig {
-                commits_in_flight: 1,
-                ..PostgresStoreConfig::default()
-            },
-        )
-        .await;
+    let store = batching_store(&db).await;
     let pool = store.pool().clone();
     let sagas = 40;
     let instances: Vec<SagaInstance> = (0..sagas).map(|_| sample_instance("orders", None)).collect();
@@ -852,15 +854,7 @@ async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_consumed_by_concurrent_transitions_of_many_sagas_takes_effect_once() {
     let db = TestDb::new().await;
-    let store = db
-        .store_with(
-            8,
-            PostgresStoreConfig {
-                commits_in_flight: 1,
-                ..PostgresStoreConfig::default()
-            },
-        )
-        .await;
+    let store = batching_store(&db).await;
     let instances: Vec<SagaInstance> = (0..12).map(|_| sample_instance("orders", None)).collect();
     for instance in &instances {
         let mut tx = store.begin().await.expect("begin");
@@ -871,7 +865,7 @@ async fn one_message_consumed_by_concurrent_transitions_of_many_sagas_takes_effe
     // unique key as a whole; each transition then runs alone.
     let message = MessageId::new();
     let mut replies = tokio::task::JoinSet::new();
-    for instance in instances.iter().cloned() {
+    for instance in instances {
         let (store, message) = (store.clone(), message.clone());
         replies.spawn(async move { engine_transition(&store, &instance, &message).await });
     }

@@ -276,29 +276,21 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
 fn sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
+        // A batch member's value of an instance column, cast where needed.
+        let value = |column: &str| {
+            if column == "data" {
+                format!("f.{column}::json")
+            } else {
+                format!("f.{column}")
+            }
+        };
         let updated = INSTANCE_COLUMNS
             .iter()
             .skip(1)
-            .map(|column| {
-                if *column == "data" {
-                    format!("{column} = f.{column}::json")
-                } else {
-                    format!("{column} = f.{column}")
-                }
-            })
+            .map(|column| format!("{column} = {}", value(column)))
             .collect::<Vec<_>>()
             .join(", ");
-        let inserted = INSTANCE_COLUMNS
-            .iter()
-            .map(|column| {
-                if *column == "data" {
-                    format!("f.{column}::json")
-                } else {
-                    format!("f.{column}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let inserted = INSTANCE_COLUMNS.iter().map(|column| value(column)).collect::<Vec<_>>().join(", ");
         format!(
             "WITH item AS (SELECT * FROM UNNEST(\
                $1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::text[], \
