@@ -182,7 +182,11 @@ impl Application {
         let dashboard = dashboard::routes(
             workers.engine().clone(),
             config.admin_token.as_ref(),
-            DashboardConfig::default(),
+            DashboardConfig {
+                window_minutes: config.dashboard_window_minutes,
+                stuck_after: config.dashboard_stuck_after,
+                ..DashboardConfig::default()
+            },
         );
         let admin = config
             .admin_token

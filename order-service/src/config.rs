@@ -207,6 +207,12 @@ pub struct Config {
     /// While it is unset the admin API is not served and the read-only
     /// dashboard asks for no token.
     pub admin_token: Option<AdminToken>,
+    /// `DASHBOARD_STUCK_AFTER` (default `5m`): running or compensating
+    /// orders unchanged this long are listed as stuck on the dashboard.
+    pub dashboard_stuck_after: Duration,
+    /// `DASHBOARD_WINDOW_MINUTES` (default 15, 1 to 60): the minutes the
+    /// dashboard charts outcomes over.
+    pub dashboard_window_minutes: u32,
 }
 
 impl Default for Config {
@@ -224,6 +230,8 @@ impl Default for Config {
             },
             names: WireNames::default(),
             admin_token: None,
+            dashboard_stuck_after: Duration::from_secs(5 * 60),
+            dashboard_window_minutes: 15,
         }
     }
 }
@@ -291,6 +299,22 @@ impl Config {
                 endpoint => endpoint,
             },
         };
+        let dashboard_stuck_after = match get("DASHBOARD_STUCK_AFTER") {
+            Some(value) => parse_duration(&value).map_err(|why| ConfigError::new("DASHBOARD_STUCK_AFTER", why))?,
+            None => defaults.dashboard_stuck_after,
+        };
+        let dashboard_window_minutes = match get("DASHBOARD_WINDOW_MINUTES") {
+            Some(value) => match value.parse::<u32>() {
+                Ok(minutes @ 1..=60) => minutes,
+                _ => {
+                    return Err(ConfigError::new(
+                        "DASHBOARD_WINDOW_MINUTES",
+                        format_args!("expected a whole number of minutes from 1 to 60, got `{value}`"),
+                    ));
+                }
+            },
+            None => defaults.dashboard_window_minutes,
+        };
         Ok(Self {
             grpc,
             metrics,
@@ -300,6 +324,8 @@ impl Config {
             otel,
             names: defaults.names,
             admin_token: get("ADMIN_TOKEN").map(AdminToken::new),
+            dashboard_stuck_after,
+            dashboard_window_minutes,
         })
     }
 }
@@ -413,6 +439,19 @@ mod tests {
         let config = config(&[("ADMIN_TOKEN", " s3cret ")]).expect("valid");
         assert_eq!(config.admin_token.as_ref().map(AdminToken::expose), Some("s3cret"));
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_dashboard_thresholds_come_from_the_environment() {
+        let set = config(&[("DASHBOARD_STUCK_AFTER", "90s"), ("DASHBOARD_WINDOW_MINUTES", "30")]).expect("valid");
+        assert_eq!(set.dashboard_stuck_after, Duration::from_secs(90));
+        assert_eq!(set.dashboard_window_minutes, 30);
+        for bad in ["0", "61", "ten"] {
+            let error = config(&[("DASHBOARD_WINDOW_MINUTES", bad)]).expect_err(bad);
+            assert!(error.to_string().contains("DASHBOARD_WINDOW_MINUTES"), "{error}");
+        }
+        let error = config(&[("DASHBOARD_STUCK_AFTER", "soon")]).expect_err("not a duration");
+        assert!(error.to_string().contains("DASHBOARD_STUCK_AFTER"), "{error}");
     }
 
     #[test]
