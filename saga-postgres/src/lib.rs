@@ -4,6 +4,7 @@ mod error;
 mod query;
 mod retention;
 mod row;
+mod staged;
 mod statement;
 mod store;
 mod transaction;
@@ -12,6 +13,7 @@ use saga_core::{StoreError, Transaction};
 use sqlx::PgConnection;
 
 pub use retention::{Purged, RetentionConfig};
+pub use staged::{StagedWrite, stage};
 pub use store::{PostgresStore, PostgresStoreConfig};
 pub use transaction::{CommitBatching, PostgresTransaction};
 

@@ -160,10 +160,63 @@ impl Shape {
     /// order.
     pub(crate) fn sql(self) -> &'static str {
         static SQL: [OnceLock<String>; SHAPES] = [const { OnceLock::new() }; SHAPES];
-        SQL[self.index()].get_or_init(|| self.build())
+        SQL[self.index()].get_or_init(|| {
+            let parts = self.parts();
+            format!(
+                "WITH {} SELECT {}, {}, {}",
+                parts.ctes, parts.written, parts.fresh, parts.outboxed
+            )
+        })
     }
 
-    fn build(self) -> String {
+    /// The statement's SQL with application writes as further CTEs
+    /// (`staged`, each `name AS (...)`, parameters numbered after the
+    /// saga's). A stale revision or a message consumed before then raises
+    /// (`saga_abort`, migration 0006) instead of writing nothing, so the
+    /// application's writes roll back with the saga's.
+    pub(crate) fn staged_sql(self, staged: &[String]) -> String {
+        let parts = self.parts();
+        let mut guards = Vec::new();
+        if parts.fresh != "true" {
+            guards.push(format!("WHEN NOT {} THEN saga_abort('consumed')", parts.fresh));
+        }
+        if self.instance != InstanceRow::None {
+            guards.push(format!("WHEN {} = 0 THEN saga_abort('conflict')", parts.written));
+        }
+        let written = if guards.is_empty() {
+            parts.written.clone()
+        } else {
+            format!("CASE {} ELSE {} END", guards.join(" "), parts.written)
+        };
+        let ctes: Vec<&str> = std::iter::once(parts.ctes.as_str())
+            .filter(|ctes| !ctes.is_empty())
+            .chain(staged.iter().map(String::as_str))
+            .collect();
+        format!(
+            "WITH {} SELECT {written}, {}, {}",
+            ctes.join(", "),
+            parts.fresh,
+            parts.outboxed
+        )
+    }
+
+    /// How many parameters the saga's part of the statement takes.
+    pub(crate) fn parameters(self) -> usize {
+        let rows = |rows: Rows, columns: usize| if rows == Rows::None { 0 } else { columns };
+        let instance = match self.instance {
+            InstanceRow::None => 0,
+            InstanceRow::Insert => 15,
+            InstanceRow::Update => 16,
+        };
+        instance + rows(self.inbox, 2) + rows(self.history, 10) + rows(self.outbox, 9)
+    }
+
+    fn parts(self) -> &'static Parts {
+        static PARTS: [OnceLock<Parts>; SHAPES] = [const { OnceLock::new() }; SHAPES];
+        PARTS[self.index()].get_or_init(|| self.build())
+    }
+
+    fn build(self) -> Parts {
         let mut params = Params(0);
         let instance = match self.instance {
             InstanceRow::None => None,
@@ -345,23 +398,34 @@ impl Shape {
             }
         }
         let outboxed = lease.is_some();
-        format!(
-            "WITH {} SELECT {}, {}, {}, {}",
-            ctes.join(", "),
-            if instance.is_some() {
+        Parts {
+            ctes: ctes.join(", "),
+            written: if instance.is_some() {
                 "(SELECT count(*) FROM written)"
             } else {
                 "0::bigint"
-            },
-            if fresh { FRESH } else { "true" },
-            if outboxed { "(SELECT ok FROM handoff)" } else { "false" },
-            if outboxed {
-                "coalesce((SELECT array_agg(id ORDER BY id) FROM outbox), '{}')"
+            }
+            .to_owned(),
+            fresh: if fresh { FRESH } else { "true" }.to_owned(),
+            outboxed: if outboxed {
+                "(SELECT ok FROM handoff), coalesce((SELECT array_agg(id ORDER BY id) FROM outbox), '{}')"
             } else {
-                "'{}'::bigint[]"
-            },
-        )
+                "false, '{}'::bigint[]"
+            }
+            .to_owned(),
+        }
     }
+}
+
+/// A statement's CTEs and the expressions of the row it returns.
+struct Parts {
+    ctes: String,
+    /// The instance rows written.
+    written: String,
+    /// Whether every message consumed was new.
+    fresh: String,
+    /// Whether the outbox rows were leased for the hand-off, and their ids.
+    outboxed: String,
 }
 
 /// The `ids` CTE: a new outbox id for each row (drawn in row order, so a

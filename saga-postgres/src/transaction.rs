@@ -33,6 +33,7 @@ use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::error::store_error;
+use crate::staged::StagedWrite;
 use crate::statement::{InstanceRow, Rows, Shape};
 use crate::store::Shared;
 
@@ -119,6 +120,12 @@ impl PostgresTransaction {
         Ok(&mut **self.tx.insert(tx))
     }
 
+    /// Stages an application write for the commit statement (see
+    /// [`stage`](crate::stage)).
+    pub fn stage(&mut self, write: StagedWrite) {
+        self.rest.staged.push(write);
+    }
+
     /// Sends the buffered saga writes now, in this transaction (opening it
     /// if needed); they are otherwise sent at commit. A stale revision is
     /// reported here as [`StoreError::Conflict`].
@@ -193,7 +200,22 @@ where
         foreign,
     };
     let outboxed = shape.outbox != Rows::None;
-    let mut query = sqlx::query_as::<_, (i64, bool, bool, Vec<i64>)>(shape.sql());
+    let staged = std::mem::take(&mut rest.staged);
+    let mut query: PgWritten = if staged.is_empty() {
+        sqlx::query_as(shape.sql())
+    } else {
+        let mut offset = shape.parameters();
+        let ctes: Vec<String> = staged
+            .iter()
+            .enumerate()
+            .map(|(index, write)| {
+                let cte = write.cte(&format!("staged_{index}"), offset);
+                offset += write.parameters();
+                cte
+            })
+            .collect();
+        sqlx::query_as(sqlx::AssertSqlSafe(shape.staged_sql(&ctes)))
+    };
     if let Some(values) = values {
         query = values.bind(query);
     }
@@ -204,10 +226,11 @@ where
     if outboxed {
         query = query.bind(lease);
     }
+    let query = staged.into_iter().fold(query, |query, write| write.bind_to(query));
     let (written, fresh, handed, ids) = query
         .fetch_one(executor)
         .await
-        .map_err(|e| classify(e, id, first_consumed.clone()))?;
+        .map_err(|e| classify(e, id, expected, first_consumed.clone()))?;
     if !fresh {
         return Err(StoreError::ConsumedConcurrently {
             id: MessageId::from(first_consumed.unwrap_or_default()),
@@ -231,7 +254,26 @@ where
 
 /// Unique violations of the combined statement: the instance's id or key
 /// (`AlreadyExists`), or the inbox (a concurrent consumer committed first).
-fn classify(error: sqlx::Error, id: Option<Uuid>, consumed: Option<String>) -> StoreError {
+fn classify(error: sqlx::Error, id: Option<Uuid>, expected: Option<u64>, consumed: Option<String>) -> StoreError {
+    // Raised by `saga_abort` (migration 0006) in a statement carrying staged writes.
+    if let sqlx::Error::Database(db) = &error {
+        match (db.code().as_deref(), id, &consumed) {
+            (Some("SG001"), Some(id), _) => {
+                return StoreError::Conflict {
+                    id: SagaId::from_uuid(id),
+                    expected: expected.unwrap_or_default(),
+                    // Found out by the caller when it matters (see `Conflict`).
+                    actual: None,
+                };
+            }
+            (Some("SG002"), _, Some(message)) => {
+                return StoreError::ConsumedConcurrently {
+                    id: MessageId::from(message.clone()),
+                };
+            }
+            _ => {}
+        }
+    }
     if let sqlx::Error::Database(db) = &error
         && db.is_unique_violation()
     {
@@ -253,7 +295,9 @@ fn classify(error: sqlx::Error, id: Option<Uuid>, consumed: Option<String>) -> S
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
-type PgWritten<'q> = sqlx::query::QueryAs<'q, Postgres, (i64, bool, bool, Vec<i64>), sqlx::postgres::PgArguments>;
+/// The commit statement's query: it returns the row `Shape::sql` describes.
+pub(crate) type PgWritten =
+    sqlx::query::QueryAs<'static, Postgres, (i64, bool, bool, Vec<i64>), sqlx::postgres::PgArguments>;
 
 /// Something parameters can be bound to in order.
 trait Bind: Sized {
@@ -271,7 +315,7 @@ impl Bind for PgQuery<'_> {
     }
 }
 
-impl Bind for PgWritten<'_> {
+impl Bind for PgWritten {
     fn bind_value<T>(self, value: T) -> Self
     where
         T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Send + 'static,
@@ -369,6 +413,8 @@ struct Rest {
     /// The messages themselves, kept (when the store hands off) to give
     /// the relay what it would otherwise read back.
     messages: Vec<(Option<SagaId>, Message)>,
+    /// Application writes carried in the statement.
+    staged: Vec<StagedWrite>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
@@ -377,7 +423,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 
 impl Rest {
     fn is_empty(&self) -> bool {
-        self.i_message.is_empty() && self.h_saga.is_empty() && self.o_id.is_empty()
+        self.i_message.is_empty() && self.h_saga.is_empty() && self.o_id.is_empty() && self.staged.is_empty()
     }
 
     fn consumes(&self, consumer: &str, message: &str) -> bool {

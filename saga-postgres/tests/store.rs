@@ -13,7 +13,7 @@ use saga_core::{
     Cause, Message, MessageId, OutboxStore, Position, QueryStore, Relay, RelayConfig, SagaId, SagaInstance, SagaStatus,
     SagaStore, StoreError, Timestamp, Transition,
 };
-use saga_postgres::{PostgresStoreConfig, RetentionConfig};
+use saga_postgres::{PostgresStoreConfig, RetentionConfig, StagedWrite};
 
 fn messages(saga: Option<SagaId>, n: usize, destination: &str) -> Vec<Message> {
     (0..n)
@@ -883,4 +883,140 @@ async fn one_message_consumed_by_concurrent_transitions_of_many_sagas_takes_effe
         count(pool, "SELECT count(*) FROM saga_instances WHERE revision > 1").await,
         1
     );
+}
+
+/// Creates the application tables the staged-write tests write.
+async fn app_tables(pool: &sqlx::PgPool) {
+    for sql in [
+        "CREATE TABLE app_orders (id uuid PRIMARY KEY, status text NOT NULL)",
+        "CREATE TABLE app_items (order_id uuid NOT NULL REFERENCES app_orders (id), position int NOT NULL, \
+         product text NOT NULL, PRIMARY KEY (order_id, position))",
+    ] {
+        sqlx::query(sql).execute(pool).await.expect("application table");
+    }
+}
+
+/// An order row and its items, staged.
+fn stage_order(tx: &mut dyn saga_core::Transaction, id: uuid::Uuid, products: &[&str]) {
+    saga_postgres::stage(
+        tx,
+        StagedWrite::new("INSERT INTO app_orders (id, status) VALUES ($1, 'PENDING')").bind(id),
+    )
+    .expect("a PostgreSQL transaction");
+    saga_postgres::stage(
+        tx,
+        StagedWrite::new(
+            "INSERT INTO app_items (order_id, position, product) \
+             SELECT $1, p.n, p.product FROM UNNEST($2::text[]) WITH ORDINALITY AS p(product, n)",
+        )
+        .bind(id)
+        .bind(products.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>()),
+    )
+    .expect("a PostgreSQL transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_writes_commit_in_the_transition_s_statement_or_not_at_all() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let pool = store.pool().clone();
+    app_tables(&pool).await;
+
+    // Started with an order and two items, in one statement.
+    let instance = sample_instance("orders", None);
+    let order = *instance.id.as_uuid();
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&instance).await.expect("insert");
+    stage_order(&mut *tx, order, &["apple", "book"]);
+    tx.commit().await.expect("the start commits");
+    assert_eq!(count(&pool, "SELECT count(*) FROM app_orders").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM app_items").await, 2);
+
+    // A reply that moves the saga also confirms the order.
+    let confirm = |id: uuid::Uuid| {
+        StagedWrite::new("UPDATE app_orders SET status = $2 WHERE id = $1")
+            .bind(id)
+            .bind("CONFIRMED".to_owned())
+    };
+    let reply = MessageId::new();
+    let (next, transition) = caused_by(&instance, &reply);
+    let mut tx = store.begin().await.expect("begin");
+    tx.consume_at_commit("engine", &reply).await.expect("consume");
+    tx.update(&next, instance.revision).await.expect("update");
+    tx.record(&transition).await.expect("record");
+    saga_postgres::stage(&mut *tx, confirm(order)).expect("stage");
+    tx.commit().await.expect("the reply commits");
+    let status: String = sqlx::query_scalar("SELECT status FROM app_orders")
+        .fetch_one(&pool)
+        .await
+        .expect("order");
+    assert_eq!(status, "CONFIRMED");
+
+    // A stale revision writes nothing, the staged write included.
+    sqlx::query("UPDATE app_orders SET status = 'PENDING'")
+        .execute(&pool)
+        .await
+        .expect("reset");
+    let (stale, transition) = caused_by(&instance, &MessageId::new());
+    let mut tx = store.begin().await.expect("begin");
+    tx.update(&stale, instance.revision).await.expect("update");
+    tx.record(&transition).await.expect("record");
+    saga_postgres::stage(&mut *tx, confirm(order)).expect("stage");
+    let result = tx.commit().await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict { expected, .. }) if expected == instance.revision),
+        "a stale revision is a conflict: {result:?}"
+    );
+
+    // So does a message consumed before.
+    let (again, transition) = caused_by(&next, &reply);
+    let mut tx = store.begin().await.expect("begin");
+    tx.consume_at_commit("engine", &reply).await.expect("consume");
+    tx.update(&again, next.revision).await.expect("update");
+    tx.record(&transition).await.expect("record");
+    saga_postgres::stage(&mut *tx, confirm(order)).expect("stage");
+    let result = tx.commit().await;
+    assert!(
+        matches!(result, Err(StoreError::ConsumedConcurrently { .. })),
+        "a duplicate: {result:?}"
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM app_orders")
+        .fetch_one(&pool)
+        .await
+        .expect("order");
+    assert_eq!(status, "PENDING", "neither aborted statement wrote the order");
+
+    // A staged write that fails takes the saga's rows down with it.
+    let other = sample_instance("orders", None);
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&other).await.expect("insert");
+    tx.enqueue(Some(other.id), &messages(Some(other.id), 1, "d"))
+        .await
+        .expect("enqueue");
+    stage_order(&mut *tx, order, &["twice"]);
+    let result = tx.commit().await;
+    assert!(result.is_err(), "the order exists already: {result:?}");
+    assert!(store.load(other.id).await.expect("load").is_none(), "no instance");
+    assert_eq!(count(&pool, "SELECT count(*) FROM saga_outbox").await, 0, "no message");
+    assert_eq!(count(&pool, "SELECT count(*) FROM app_items").await, 2);
+
+    // Beside SQL run on the transaction's connection.
+    let third = sample_instance("orders", None);
+    let third_order = *third.id.as_uuid();
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&third).await.expect("insert");
+    let conn = saga_postgres::connection(&mut *tx).await.expect("connection");
+    sqlx::query("INSERT INTO app_orders (id, status) VALUES ($1, 'NEW')")
+        .bind(third_order)
+        .execute(&mut *conn)
+        .await
+        .expect("insert on the connection");
+    saga_postgres::stage(&mut *tx, confirm(third_order)).expect("stage");
+    tx.commit().await.expect("commits");
+    let status: String = sqlx::query_scalar("SELECT status FROM app_orders WHERE id = $1")
+        .bind(third_order)
+        .fetch_one(&pool)
+        .await
+        .expect("order");
+    assert_eq!(status, "CONFIRMED", "the staged write saw the connection's row");
 }

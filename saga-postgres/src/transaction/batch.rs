@@ -51,11 +51,12 @@ impl Batched {
 }
 
 /// Whether a transition has the shape batched: one instance written, one
-/// history row of it, at most one outbox message of it, no inbox row
-/// (`rest` settled).
+/// history row of it, at most one outbox message of it, no inbox row and
+/// no staged write (`rest` settled).
 pub(crate) fn fits(write: &InstanceWrite, rest: &Rest) -> bool {
     let id = write.values().id;
     rest.i_message.is_empty()
+        && rest.staged.is_empty()
         && rest.h_saga.len() == 1
         && rest.h_saga[0] == id
         && rest.o_id.len() <= 1
