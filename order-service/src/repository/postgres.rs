@@ -3,6 +3,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 use saga_core::{EffectHandler, SagaInstance, StepError, StoreError, Transaction};
+use saga_postgres::StagedWrite;
 use sqlx::{PgPool, Row};
 
 use super::{OrderRepository, RepositoryError};
@@ -12,8 +13,8 @@ use crate::saga::OrderEffect;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// The `orders` and `order_items` tables in PostgreSQL, written by the order
-/// saga's effects inside the saga's own transaction (see
-/// [`saga_postgres::connection`]).
+/// saga's effects inside the saga's own transaction: staged in its commit
+/// statement (see [`saga_postgres::stage`]).
 #[derive(Clone)]
 pub struct PostgresOrders {
     pool: PgPool,
@@ -43,11 +44,6 @@ impl PostgresOrders {
     }
 }
 
-fn step_error(error: sqlx::Error) -> StepError {
-    // The whole transition rolls back; the engine and consumer retry it.
-    StepError::retryable(format!("order tables: {error}"))
-}
-
 fn store_error(error: StoreError) -> StepError {
     if error.is_retryable() {
         StepError::retryable(error.to_string())
@@ -64,45 +60,47 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
         _saga: &SagaInstance,
         effects: Vec<OrderEffect>,
     ) -> Result<(), StepError> {
-        let conn = saga_postgres::connection(tx).await.map_err(store_error)?;
+        // Staged: the writes travel in the transition's own statement (one
+        // round trip, no BEGIN/COMMIT) and commit or roll back with it.
         for effect in effects {
-            match effect {
+            let write = match effect {
                 OrderEffect::Insert(order) => {
-                    sqlx::query(
-                        "INSERT INTO order_service.orders (id, user_id, total_price, status) \
-                         VALUES ($1, $2, $3::numeric, $4)",
-                    )
-                    .bind(order.id.as_uuid())
-                    .bind(order.user_id.as_str())
-                    .bind(order.total.to_string())
-                    .bind(order.status.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(step_error)?;
-                    for (position, item) in order.items.iter().enumerate() {
-                        sqlx::query(
-                            "INSERT INTO order_service.order_items (order_id, position, product_id, quantity, price) \
-                             VALUES ($1, $2, $3, $4, $5::numeric)",
+                    let id = *order.id.as_uuid();
+                    saga_postgres::stage(
+                        tx,
+                        StagedWrite::new(
+                            "INSERT INTO order_service.orders (id, user_id, total_price, status) \
+                             VALUES ($1, $2, $3::numeric, $4)",
                         )
-                        .bind(order.id.as_uuid())
-                        .bind(i32::try_from(position).unwrap_or(i32::MAX))
-                        .bind(item.product_id.as_str())
-                        .bind(i32::try_from(item.quantity.get()).unwrap_or(i32::MAX))
-                        .bind(item.price.to_string())
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(step_error)?;
-                    }
+                        .bind(id)
+                        .bind(order.user_id.as_str().to_owned())
+                        .bind(order.total.to_string())
+                        .bind(order.status.as_str()),
+                    )
+                    .map_err(store_error)?;
+                    let items = &order.items;
+                    StagedWrite::new(
+                        "INSERT INTO order_service.order_items (order_id, position, product_id, quantity, price) \
+                         SELECT $1, i.n - 1, i.product_id, i.quantity, i.price::numeric \
+                         FROM UNNEST($2::text[], $3::int4[], $4::text[]) WITH ORDINALITY AS i(product_id, quantity, price, n)",
+                    )
+                    .bind(id)
+                    .bind(items.iter().map(|i| i.product_id.as_str().to_owned()).collect::<Vec<_>>())
+                    .bind(
+                        items
+                            .iter()
+                            .map(|i| i32::try_from(i.quantity.get()).unwrap_or(i32::MAX))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(items.iter().map(|i| i.price.to_string()).collect::<Vec<_>>())
                 }
                 OrderEffect::SetStatus(id, status) => {
-                    sqlx::query("UPDATE order_service.orders SET status = $2, updated_at = now() WHERE id = $1")
-                        .bind(id.as_uuid())
+                    StagedWrite::new("UPDATE order_service.orders SET status = $2, updated_at = now() WHERE id = $1")
+                        .bind(*id.as_uuid())
                         .bind(status.as_str())
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(step_error)?;
                 }
-            }
+            };
+            saga_postgres::stage(tx, write).map_err(store_error)?;
         }
         Ok(())
     }
