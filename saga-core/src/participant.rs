@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use crate::error::{EngineError, StepError};
 use crate::id::MessageId;
 use crate::message::{Command, IN_REPLY_TO, Message};
-use crate::store::{SagaStore, Transaction};
+use crate::store::{SagaStore, StoreError, Transaction};
 
 /// Handles commands for a participant. Make your changes through `tx` (downcast
 /// `tx.backend()` to your store's transaction) and return the replies; all of
@@ -84,20 +84,34 @@ impl Participant {
         }
     }
 
-    /// Handles `command` once: inbox check, handler, replies to the outbox, commit.
+    /// Handles `command` once: handler, replies to the outbox, and the
+    /// inbox record of the command, committed together.
+    ///
+    /// The command is consumed at commit ([`Transaction::consume_at_commit`]):
+    /// backends that check there save a read per command, and a duplicate
+    /// is found when the commit meets the earlier record; what the handler
+    /// wrote through `tx` then rolls back. A handler error is reported only
+    /// for a command not consumed before, so a redelivered command that now
+    /// fails is still a duplicate.
     ///
     /// Replies get ids derived from the command's id, the command's
     /// correlation id, and an `in-reply-to` header naming the command.
     pub async fn handle(&self, command: &Message) -> Result<Handling, EngineError> {
         let mut tx = self.store.begin().await?;
-        if !tx.consume(&self.name, &command.id).await? {
-            return Ok(Handling::Duplicate);
+        match tx.consume_at_commit(&self.name, &command.id).await {
+            Err(StoreError::ConsumedConcurrently { .. }) => return Ok(Handling::Duplicate),
+            other => other?,
         }
-        let commands = self
-            .handler
-            .handle(tx.as_mut(), command)
-            .await
-            .map_err(EngineError::Step)?;
+        let commands = match self.handler.handle(tx.as_mut(), command).await {
+            Ok(commands) => commands,
+            Err(error) => {
+                drop(tx);
+                return match self.consumed_before(command).await? {
+                    true => Ok(Handling::Duplicate),
+                    false => Err(EngineError::Step(error)),
+                };
+            }
+        };
         let replies: Vec<Message> = commands
             .into_iter()
             .enumerate()
@@ -106,8 +120,18 @@ impl Participant {
         if !replies.is_empty() {
             tx.enqueue(None, &replies).await?;
         }
-        tx.commit().await?;
-        Ok(Handling::Handled { replies: replies.len() })
+        match tx.commit().await {
+            Err(StoreError::ConsumedConcurrently { .. }) => Ok(Handling::Duplicate),
+            other => other
+                .map(|()| Handling::Handled { replies: replies.len() })
+                .map_err(Into::into),
+        }
+    }
+
+    /// Whether `command` was consumed by this participant already.
+    async fn consumed_before(&self, command: &Message) -> Result<bool, EngineError> {
+        let mut tx = self.store.begin().await?;
+        Ok(!tx.consume(&self.name, &command.id).await?)
     }
 }
 

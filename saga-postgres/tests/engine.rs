@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use common::TestDb;
 use saga_core::memory::InMemoryTransport;
 use saga_core::{
-    CancellationToken, Command, CommandHandler, EffectHandler, Engine, EngineError, Handled, Message, Participant,
-    Relay, RelayConfig, ReplyOutcome, SagaDefinition, SagaInstance, SagaStatus, SagaStore, Step, StepError, Store,
-    Transaction,
+    CancellationToken, Command, CommandHandler, EffectHandler, Engine, EngineError, Handled, Handling, Message,
+    Participant, Relay, RelayConfig, ReplyOutcome, SagaDefinition, SagaInstance, SagaStatus, SagaStore, Step,
+    StepError, Store, Transaction,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -346,4 +346,77 @@ async fn a_failing_effect_rolls_the_whole_transition_back() {
         let n: i64 = sqlx::query_scalar(table).fetch_one(&pool).await.expect("count");
         assert_eq!(n, 0, "`{table}` must find nothing after the rollback");
     }
+}
+
+/// A participant whose table write succeeds only once per command.
+struct AppendOnlyInventory;
+
+#[async_trait]
+impl CommandHandler for AppendOnlyInventory {
+    async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
+        let conn = saga_postgres::connection(tx)
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
+        // A redelivered command meets its own reservation: a terminal error
+        // that must not reach the caller, since the command was handled.
+        sqlx::query("INSERT INTO reservations (command_id, skus) VALUES ($1, '{}')")
+            .bind(command.id.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| StepError::terminal(e.to_string()))?;
+        Ok(vec![
+            Command::json("Reserved", "replies", &true).map_err(StepError::from)?,
+        ])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_finds_a_redelivered_command_a_duplicate_at_commit_or_after_its_handler_failed() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let pool = store.pool().clone();
+    create_application_tables(&pool).await;
+    let store: Arc<dyn SagaStore> = Arc::new(store);
+    let command = Message::json("Reserve", "inventory", &vec!["apple".to_owned()]).expect("encodable");
+
+    // The plain handler writes again on redelivery; the commit finds the duplicate.
+    let inventory = Participant::new("inventory", Arc::clone(&store), Inventory);
+    let handled = inventory.handle(&command).await.expect("first delivery");
+    assert_eq!(handled, Handling::Handled { replies: 1 });
+    let other = Message::json("Reserve", "inventory", &vec!["pear".to_owned()]).expect("encodable");
+    sqlx::query("DELETE FROM reservations")
+        .execute(&pool)
+        .await
+        .expect("clear");
+    let again = inventory.handle(&command).await.expect("redelivery");
+    assert_eq!(again, Handling::Duplicate, "the commit meets the inbox record");
+    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(reservations, 0, "the duplicate's write rolled back");
+
+    // A handler that fails on redelivery: still a duplicate, not an error.
+    let strict = Participant::new("strict", Arc::clone(&store), AppendOnlyInventory);
+    assert_eq!(
+        strict.handle(&other).await.expect("first delivery"),
+        Handling::Handled { replies: 1 }
+    );
+    assert_eq!(strict.handle(&other).await.expect("redelivery"), Handling::Duplicate);
+    // A command it never handled, failing: the error is reported.
+    let fresh = Message::json("Reserve", "inventory", &vec!["fig".to_owned()]).expect("encodable");
+    sqlx::query("INSERT INTO reservations (command_id, skus) VALUES ($1, '{}')")
+        .bind(fresh.id.as_str())
+        .execute(&pool)
+        .await
+        .expect("a reservation in the way");
+    assert!(
+        matches!(strict.handle(&fresh).await, Err(EngineError::Step(_))),
+        "a failing command not consumed before is an error"
+    );
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_outbox")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(outbox, 2, "one reply per command handled");
 }
