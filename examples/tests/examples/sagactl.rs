@@ -13,8 +13,12 @@ use order_service::proto::order_service_client::OrderServiceClient;
 use order_service::proto::{CreateOrderRequest, GetOrderRequest, Order, OrderItem, OrderStatus};
 use order_service::{Application, Config};
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
-use saga_core::{CancellationToken, Message, MessageId, Publisher};
+use saga_core::{
+    CancellationToken, Cause, Message, MessageId, Position, Publisher, SagaId, SagaStatus, SagaStore, Timestamp,
+    Transition,
+};
 use saga_examples::sagactl::{Sagactl, SagactlError, run};
+use saga_postgres::PostgresStore;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -124,6 +128,53 @@ async fn sagactl(addr: &str, token: Option<&str>, args: &[&str]) -> Result<Strin
     let mut out = Vec::new();
     run(cli, &mut out).await?;
     Ok(String::from_utf8(out).expect("UTF-8 output"))
+}
+
+/// Puts a running order saga where one whose compensation kept failing
+/// would be: needing attention while compensating its first step.
+async fn strand(database_url: &str, order_id: &str) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await
+        .expect("the test database is reachable");
+    let store = PostgresStore::new(pool.clone());
+    let id: SagaId = order_id.parse().expect("the order id is the saga id");
+    let mut instance = store.load(id).await.expect("loaded").expect("exists");
+    let before = Position {
+        status: instance.status,
+        step: instance.step,
+    };
+    let expected_revision = instance.revision;
+    instance.status = SagaStatus::NeedsAttention;
+    instance.step = 1;
+    instance.awaiting = None;
+    instance.deadline = None;
+    instance.failure = Some("compensation of `create-order` failed: orders table locked".to_owned());
+    instance.revision += 1;
+    instance.updated_at = Timestamp::now();
+    let mut tx = store.begin().await.expect("begin");
+    tx.update(&instance, expected_revision).await.expect("updated");
+    tx.record(&Transition {
+        saga_id: id,
+        revision: instance.revision,
+        at: instance.updated_at,
+        cause: Cause::Message {
+            id: MessageId::new(),
+            kind: "Test".into(),
+        },
+        before: Some(before),
+        after: Position {
+            status: instance.status,
+            step: instance.step,
+        },
+        emitted: Vec::new(),
+        note: None,
+    })
+    .await
+    .expect("recorded");
+    tx.commit().await.expect("committed");
+    pool.close().await;
 }
 
 fn refused_with(error: &SagactlError, expected: tonic::Code) -> bool {
@@ -298,6 +349,29 @@ async fn a_stuck_order_is_retried_and_cancelled_and_dead_letters_replayed() {
         "{shown}"
     );
     assert!(shown.contains("OrderCancelled"), "{shown}");
+    let refused = service
+        .sagactl(&["resume", &order.id])
+        .await
+        .expect_err("not needing attention");
+    assert!(refused_with(&refused, tonic::Code::FailedPrecondition), "{refused}");
+
+    // A compensation that kept failing leaves an order needing attention;
+    // once its cause is fixed, an operator resumes it.
+    let stranded = service.place_order("p2").await;
+    strand(&env.database_url, &stranded.id).await;
+    let listed = service
+        .sagactl(&["list", "--status", "needs-attention"])
+        .await
+        .expect("list");
+    assert!(listed.contains(&stranded.id), "{listed}");
+    let resumed = service.sagactl(&["resume", &stranded.id]).await.expect("resume");
+    assert!(
+        resumed.starts_with(&format!("resumed saga {}: now compensated", stranded.id)),
+        "{resumed}"
+    );
+    assert_eq!(service.order_status(&stranded.id).await, OrderStatus::Cancelled);
+    let shown = service.sagactl(&["show", &stranded.id]).await.expect("show");
+    assert!(shown.contains("operator resume"), "{shown}");
 
     // A reply the service cannot read is dead-lettered.
     let poison = MessageId::from("sagactl-poison");

@@ -127,7 +127,15 @@ fn row<'a>(body: &'a str, table: &str, id: &str) -> &'a str {
     let Some(start) = body.find(&format!("id=\"{table}\"")) else {
         return "";
     };
-    let table = &body[start..body[start..].find("</table>").map_or(body.len(), |end| start + end)];
+    // The table ends at its `</table>`; an empty list is a paragraph,
+    // whose section ends first.
+    let rest = &body[start..];
+    let end = [rest.find("</table>"), rest.find("</section>")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+    let table = &rest[..end];
     table
         .find(&format!("data-saga=\"{id}\""))
         .map(|at| &table[at..table[at..].find("</tr>").map_or(table.len(), |end| at + end)])
@@ -351,5 +359,31 @@ async fn replicas_sharing_a_database_show_the_same_figures() {
 
     a.stop().await.expect("a clean stop");
     b.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn an_order_left_waiting_for_stock_is_listed_as_stuck() {
+    let mut platform = Platform::new().await;
+    platform.start_stock(Stock::Silent);
+    let config = Config {
+        dashboard_stuck_after: Duration::from_millis(200),
+        ..platform.config(Duration::from_secs(600))
+    };
+    let app = spawn_app_with(config).await;
+    app.wait_until_serving(crate::platform::START_BACKENDS).await;
+    let waiting = app.place_order("alice", basket("apple")).await.expect("placed");
+
+    let home = home_when(app.metrics_addr, &[], |body| {
+        !row(body, "stuck-list", &waiting.id).is_empty()
+    })
+    .await;
+    let stuck = row(&home.body, "stuck-list", &waiting.id);
+    assert!(stuck.contains("data-status=\"running\""), "{stuck}");
+    assert!(stuck.contains("reserve-stock"), "the step it waits in: {stuck}");
+    assert!(!home.body.contains("Nothing is stuck."), "{}", home.body);
+    assert_eq!(count_card(&home.body, "running"), Some(1));
+
+    app.stop().await.expect("a clean stop");
     platform.clean_up().await;
 }
