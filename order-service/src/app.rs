@@ -450,6 +450,10 @@ fn production(
     let pool = PgPoolOptions::new()
         // Bounds how long a request waits while the database is away.
         .acquire_timeout(Duration::from_secs(2))
+        // No ping per acquire (a round trip, several per saga): a connection
+        // the database dropped fails its first statement, which the store
+        // reports as transient and the caller retries on a fresh one.
+        .test_before_acquire(false)
         .connect_lazy(database_url.expose())
         .map_err(|e| StartError::Database {
             url: database_url.to_string(),

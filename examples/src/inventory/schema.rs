@@ -66,6 +66,9 @@ pub(crate) async fn pool(url: &str, schema: &SchemaName) -> Result<PgPool, sqlx:
     Ok(PgPoolOptions::new()
         .max_connections(10)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping per acquire, as in the order service: a dropped
+        // connection fails its first statement, which is retried.
+        .test_before_acquire(false)
         .connect_lazy_with(options))
 }
 
