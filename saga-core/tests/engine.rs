@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
 use saga_core::{
-    CancellationToken, Command, CommandHandler, Consumer, ConsumerConfig, EffectHandler, Engine, EngineError, Handled,
-    Handling, IN_REPLY_TO, ManualClock, Message, OperatorAction, OutboxStore, Participant, QueryStore, Relay,
+    CancellationToken, Cause, Command, CommandHandler, Consumer, ConsumerConfig, EffectHandler, Engine, EngineError,
+    Handled, Handling, IN_REPLY_TO, ManualClock, Message, OperatorAction, OutboxStore, Participant, QueryStore, Relay,
     RelayConfig, ReplyOutcome, RetryPolicy, SagaDefinition, SagaId, SagaInstance, SagaStatus, SagaStore, Step,
     StepError, Transaction,
 };
@@ -211,6 +211,26 @@ async fn a_missed_deadline_fails_the_step_and_a_late_reply_changes_nothing() {
         engine.handle(&reply("o-2", true)).await,
         Ok(Handled::Ignored(_))
     ));
+
+    // The history names the deadline as the cause, once, with its due time.
+    let history = store.history(id).await.expect("history");
+    let fired: Vec<_> = history
+        .iter()
+        .filter(|t| matches!(t.cause, Cause::Deadline { .. }))
+        .collect();
+    assert_eq!(fired.len(), 1, "{history:?}");
+    let started = history.first().expect("the start").at;
+    let Cause::Deadline { due } = fired[0].cause else {
+        unreachable!("filtered on deadlines")
+    };
+    assert_eq!(due.since(started), Duration::from_secs(30), "due 30 s after the start");
+    assert_eq!(fired[0].before.as_ref().map(|p| p.status), Some(SagaStatus::Running));
+    assert_eq!(fired[0].after.status, SagaStatus::Compensated);
+    assert!(
+        fired[0].note.as_deref().is_some_and(|n| n.contains("deadline")),
+        "the note says why: {:?}",
+        fired[0].note
+    );
 }
 
 #[tokio::test]
