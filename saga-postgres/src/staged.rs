@@ -11,10 +11,28 @@
 use saga_core::{StoreError, Transaction};
 use sqlx::Postgres;
 
-use crate::transaction::{PgWritten, PostgresTransaction};
+use crate::transaction::{PgBatched, PgWritten, PostgresTransaction};
 
-/// Binds one value to the statement carrying the write.
-type Binder = Box<dyn FnOnce(PgWritten) -> PgWritten + Send + Sync>;
+/// One bound value, which can be bound again: to a transition's own
+/// statement, or to a statement shared by several (group commit), and to
+/// its own statement after a shared one failed.
+trait Bound: Send + Sync {
+    fn bind_alone(&self, query: PgWritten) -> PgWritten;
+    fn bind_batched(&self, query: PgBatched) -> PgBatched;
+}
+
+impl<T> Bound for T
+where
+    T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Clone + Send + Sync + 'static,
+{
+    fn bind_alone(&self, query: PgWritten) -> PgWritten {
+        query.bind(self.clone())
+    }
+
+    fn bind_batched(&self, query: PgBatched) -> PgBatched {
+        query.bind(self.clone())
+    }
+}
 
 /// One `INSERT`, `UPDATE` or `DELETE` on the application's tables, written
 /// in the saga's commit statement (see [`stage`]).
@@ -36,7 +54,7 @@ type Binder = Box<dyn FnOnce(PgWritten) -> PgWritten + Send + Sync>;
 /// ```
 pub struct StagedWrite {
     sql: String,
-    binders: Vec<Binder>,
+    binders: Vec<Box<dyn Bound>>,
 }
 
 impl StagedWrite {
@@ -48,13 +66,14 @@ impl StagedWrite {
         }
     }
 
-    /// Binds the next parameter.
+    /// Binds the next parameter. The value is cloned when bound: a write
+    /// whose shared statement failed is bound again to a statement of its own.
     #[must_use]
     pub fn bind<T>(mut self, value: T) -> Self
     where
-        T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Send + Sync + 'static,
+        T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Clone + Send + Sync + 'static,
     {
-        self.binders.push(Box::new(move |query: PgWritten| query.bind(value)));
+        self.binders.push(Box::new(value));
         self
     }
 
@@ -69,9 +88,21 @@ impl StagedWrite {
         format!("{name} AS ({})", renumber(&self.sql, offset))
     }
 
+    /// The SQL as written, before renumbering.
+    pub(crate) fn sql(&self) -> &str {
+        &self.sql
+    }
+
     /// Binds the write's parameters after those bound to `query` already.
-    pub(crate) fn bind_to(self, query: PgWritten) -> PgWritten {
-        self.binders.into_iter().fold(query, |query, bind| bind(query))
+    pub(crate) fn bind_to(&self, query: PgWritten) -> PgWritten {
+        self.binders.iter().fold(query, |query, value| value.bind_alone(query))
+    }
+
+    /// Binds the write's parameters to a shared statement.
+    pub(crate) fn bind_to_batch(&self, query: PgBatched) -> PgBatched {
+        self.binders
+            .iter()
+            .fold(query, |query, value| value.bind_batched(query))
     }
 }
 

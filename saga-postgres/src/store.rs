@@ -45,7 +45,8 @@ pub struct PostgresStoreConfig {
     /// The most transitions one statement commits. While earlier commits
     /// are under way, the engine's transitions that arrive meanwhile share
     /// the next statement (group commit; each still returns only once its
-    /// own rows are committed). `1` sends every transition on its own.
+    /// own rows are committed), staged writes included. `1` sends every
+    /// transition on its own.
     pub commit_batch: usize,
     /// The most statements carrying transitions at once when they are
     /// batched ([`commit_batch`](Self::commit_batch) above 1). Fewer make

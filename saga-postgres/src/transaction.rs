@@ -226,7 +226,7 @@ where
     if outboxed {
         query = query.bind(lease);
     }
-    let query = staged.into_iter().fold(query, |query, write| write.bind_to(query));
+    let query = staged.iter().fold(query, |query, write| write.bind_to(query));
     let (written, fresh, handed, ids) = query
         .fetch_one(executor)
         .await
@@ -298,6 +298,10 @@ type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>
 /// The commit statement's query: it returns the row `Shape::sql` describes.
 pub(crate) type PgWritten =
     sqlx::query::QueryAs<'static, Postgres, (i64, bool, bool, Vec<i64>), sqlx::postgres::PgArguments>;
+/// A shared commit statement's query (see `batch`): a row per transition
+/// written (its position, its outbox row, whether that was handed off).
+pub(crate) type PgBatched =
+    sqlx::query::QueryAs<'static, Postgres, (Option<i64>, Option<i64>, bool), sqlx::postgres::PgArguments>;
 
 /// Something parameters can be bound to in order.
 trait Bind: Sized {

@@ -1020,3 +1020,129 @@ async fn staged_writes_commit_in_the_transition_s_statement_or_not_at_all() {
         .expect("order");
     assert_eq!(status, "CONFIRMED", "the staged write saw the connection's row");
 }
+
+/// A start with an order and its items staged.
+async fn start_with_order(store: &saga_postgres::PostgresStore, instance: &SagaInstance) -> Result<(), StoreError> {
+    let transition = Transition {
+        saga_id: instance.id,
+        revision: instance.revision,
+        at: instance.created_at,
+        cause: Cause::Started,
+        before: None,
+        after: Position {
+            status: instance.status,
+            step: instance.step,
+        },
+        emitted: Vec::new(),
+        note: None,
+    };
+    let mut tx = store.begin().await?;
+    tx.insert(instance).await?;
+    tx.record(&transition).await?;
+    tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
+        .await?;
+    stage_order(&mut *tx, *instance.id.as_uuid(), &["apple", "book"]);
+    tx.commit().await
+}
+
+/// An engine transition consuming `reply` that records the reply against
+/// its order (staged).
+async fn confirm_with_reply(
+    store: &saga_postgres::PostgresStore,
+    instance: &SagaInstance,
+    reply: &MessageId,
+) -> Result<(), StoreError> {
+    let (next, transition) = caused_by(instance, reply);
+    let mut tx = store.begin().await?;
+    tx.consume_at_commit("engine", reply).await?;
+    tx.update(&next, instance.revision).await?;
+    tx.record(&transition).await?;
+    tx.enqueue(Some(next.id), &messages(Some(next.id), 1, "d")).await?;
+    saga_postgres::stage(
+        &mut *tx,
+        StagedWrite::new("INSERT INTO app_replies (order_id, reply) VALUES ($1, $2)")
+            .bind(*instance.id.as_uuid())
+            .bind(reply.as_str().to_owned()),
+    )?;
+    tx.commit().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_with_staged_writes_share_statements_and_a_losing_one_writes_nothing() {
+    let db = TestDb::new().await;
+    let store = batching_store(&db).await;
+    let pool = store.pool().clone();
+    app_tables(&pool).await;
+    sqlx::query("CREATE TABLE app_replies (order_id uuid NOT NULL REFERENCES app_orders (id), reply text NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("application table");
+    let sagas = 24;
+    let instances: Vec<SagaInstance> = (0..sagas).map(|_| sample_instance("orders", None)).collect();
+
+    // Concurrent starts, one of them twice: its second start writes no order.
+    let mut starts = tokio::task::JoinSet::new();
+    for instance in instances.iter().chain(instances.first()) {
+        let (store, instance) = (store.clone(), instance.clone());
+        starts.spawn(async move { start_with_order(&store, &instance).await });
+    }
+    let started = starts.join_all().await;
+    assert_eq!(started.iter().filter(|r| r.is_ok()).count(), sagas, "{started:?}");
+    assert!(
+        started
+            .iter()
+            .any(|r| matches!(r, Err(StoreError::AlreadyExists { .. }))),
+        "{started:?}"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM app_orders").await, sagas as i64);
+    assert_eq!(count(&pool, "SELECT count(*) FROM app_items").await, 2 * sagas as i64);
+    let after_starts = store.commit_batching();
+    assert!(
+        after_starts.shared_statements > 0,
+        "starts with staged writes shared statements: {after_starts:?}"
+    );
+
+    // A reply per saga, two for the first six at the same revision: one
+    // of each pair wins, and the loser's staged write is not kept.
+    let mut replies = tokio::task::JoinSet::new();
+    for (i, instance) in instances.iter().enumerate() {
+        for _ in 0..if i < 6 { 2 } else { 1 } {
+            let (store, instance) = (store.clone(), instance.clone());
+            replies.spawn(async move { confirm_with_reply(&store, &instance, &MessageId::new()).await });
+        }
+    }
+    let decided = replies.join_all().await;
+    assert_eq!(decided.iter().filter(|r| r.is_ok()).count(), sagas, "{decided:?}");
+    assert_eq!(
+        decided
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict { .. })))
+            .count(),
+        6,
+        "{decided:?}"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM (SELECT order_id FROM app_replies GROUP BY order_id HAVING count(*) = 1) o"
+        )
+        .await,
+        sagas as i64,
+        "one reply recorded per order"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM app_replies").await, sagas as i64);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM app_replies r JOIN saga_history h ON h.message_id = r.reply"
+        )
+        .await,
+        sagas as i64,
+        "each recorded reply is the one its saga consumed"
+    );
+    let batching = store.commit_batching();
+    assert!(
+        batching.batched_transitions > after_starts.batched_transitions,
+        "replies with staged writes shared statements: {batching:?}"
+    );
+}

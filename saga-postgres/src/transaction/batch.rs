@@ -12,21 +12,28 @@
 //!
 //! Only the engine's common transition is batched: one instance written
 //! (inserted, or updated at an expected revision), one history row of it,
-//! which may record the consumed message, and at most one outbox message of
-//! that saga. A transition the shared statement did not write (a stale
-//! revision, a message consumed before, an instance that exists) runs again
-//! on its own statement, which reports why exactly as without batching; so
-//! does every transition of a batch whose statement failed (a unique
-//! violation by a concurrent consumer aborts the whole statement).
+//! which may record the consumed message, at most one outbox message of
+//! that saga, and any staged application writes. A transition the shared
+//! statement did not write (a stale revision, a message consumed before, an
+//! instance that exists) runs again on its own statement, which reports why
+//! exactly as without batching; so does every transition of a batch whose
+//! statement failed (a unique violation by a concurrent consumer aborts the
+//! whole statement).
+//!
+//! Staged writes are not conditional on their transition being written, so
+//! a statement carrying any raises (`saga_abort`) unless it wrote every
+//! transition: then nothing of it is written, and each runs alone.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use saga_core::{OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
-use super::{InstanceValues, InstanceWrite, Rest, write_all};
+use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
+use crate::staged::StagedWrite;
 use crate::statement::INSTANCE_COLUMNS;
 use crate::store::Shared;
 
@@ -48,15 +55,28 @@ impl Batched {
     fn keeps_message(&self) -> bool {
         self.rest.o_id.len() == 1 && self.rest.messages.len() == 1
     }
+
+    /// Whether it carries application writes.
+    fn stages(&self) -> bool {
+        !self.rest.staged.is_empty()
+    }
+
+    /// The SQL of its staged writes: members alike share a statement's text.
+    fn staged_sql(&self) -> Vec<&str> {
+        self.rest.staged.iter().map(StagedWrite::sql).collect()
+    }
 }
 
+/// Transitions with staged writes in one statement, at most: each adds its
+/// writes to the statement's text, so this bounds the texts prepared.
+const STAGED_PER_STATEMENT: usize = 8;
+
 /// Whether a transition has the shape batched: one instance written, one
-/// history row of it, at most one outbox message of it, no inbox row and
-/// no staged write (`rest` settled).
+/// history row of it, at most one outbox message of it, no inbox row
+/// (`rest` settled).
 pub(crate) fn fits(write: &InstanceWrite, rest: &Rest) -> bool {
     let id = write.values().id;
     rest.i_message.is_empty()
-        && rest.staged.is_empty()
         && rest.h_saga.len() == 1
         && rest.h_saga[0] == id
         && rest.o_id.len() <= 1
@@ -136,15 +156,29 @@ pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<Ou
 async fn run(shared: Arc<Shared>) {
     let most = shared.config.commit_batch.max(1);
     loop {
-        let batch: Vec<(Batched, Reply)> = {
+        let mut batch: Vec<(Batched, Reply)> = {
             let mut queue = shared.batcher.queue();
             if queue.waiting.is_empty() {
                 queue.runners -= 1;
                 return;
             }
-            let take = queue.waiting.len().min(most);
-            queue.waiting.drain(..take).collect()
+            let mut batch = Vec::new();
+            let mut staged = 0;
+            while batch.len() < most
+                && let Some((item, _)) = queue.waiting.front()
+            {
+                if item.stages() {
+                    if staged == STAGED_PER_STATEMENT {
+                        break;
+                    }
+                    staged += 1;
+                }
+                batch.extend(queue.waiting.pop_front());
+            }
+            batch
         };
+        // Alike members next to each other: one text per mix of kinds.
+        batch.sort_by(|(a, _), (b, _)| a.staged_sql().cmp(&b.staged_sql()));
         if let [_] = batch.as_slice() {
             if let Some((item, reply)) = batch.into_iter().next() {
                 let _ = reply.send(alone(&shared, item).await);
@@ -191,7 +225,13 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
     let number = |f: fn(&InstanceValues) -> i64| items.iter().map(|i| f(values(i))).collect::<Vec<_>>();
     let history = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
     let outbox = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
-    let query = sqlx::query_as::<_, (i64, Option<i64>, bool)>(sql())
+    let staged = items.iter().any(Batched::stages);
+    let query: PgBatched = if staged {
+        sqlx::query_as(sqlx::AssertSqlSafe(staged_sql(items)))
+    } else {
+        sqlx::query_as(sql())
+    };
+    let query = query
         .bind(items.iter().map(|i| values(i).id).collect::<Vec<_>>())
         .bind(instance(|v| Some(v.definition.clone())))
         .bind(number(|v| v.definition_version))
@@ -240,6 +280,14 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
                 .map(|i| lease.filter(|_| i.keeps_message()))
                 .collect::<Vec<_>>(),
         );
+    let query = match staged {
+        true => items
+            .iter()
+            .flat_map(|i| &i.rest.staged)
+            .fold(query, |query, write| write.bind_to_batch(query))
+            .bind(i64::try_from(items.len()).unwrap_or(i64::MAX)),
+        false => query,
+    };
     let mut outcomes: Vec<Option<Vec<OutboxEntry>>> = (0..items.len()).map(|_| None).collect();
     let rows = match query.fetch_all(&shared.pool).await {
         Ok(rows) => rows,
@@ -249,7 +297,8 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
         }
     };
     for (n, outbox_id, handed) in rows {
-        let Some(index) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) else {
+        // The guard's row of a statement with staged writes has no position.
+        let Some(index) = n.and_then(|n| usize::try_from(n).ok()).and_then(|n| n.checked_sub(1)) else {
             continue;
         };
         let (Some(item), Some(outcome)) = (items.get(index), outcomes.get_mut(index)) else {
@@ -268,6 +317,12 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
     outcomes
 }
 
+/// What the shared statement returns: a row per transition written.
+const WRITTEN: &str = "SELECT f.n, f.oid, f.handed FROM fresh f JOIN written w ON w.n = f.n";
+
+/// The parameters [`ctes`] takes.
+const CTE_PARAMETERS: usize = 33;
+
 /// The shared statement. Parameters are arrays, one element per transition:
 /// the instance's 15 columns and its expected revision (`NULL` to insert);
 /// the history row's columns but the saga; the outbox row's columns but the
@@ -275,6 +330,35 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
 /// It returns a row per transition written: its position, its outbox row's
 /// id, and whether that row was leased for the hand-off.
 fn sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| format!("{} {WRITTEN}", ctes()))
+}
+
+/// The shared statement for `items` of which some stage writes: [`sql`]
+/// with each member's staged writes as further CTEs (parameters after the
+/// arrays, member by member), and one more row, the guard, which raises
+/// unless every member was written (its parameter: how many there are).
+fn staged_sql(items: &[Batched]) -> String {
+    let mut offset = CTE_PARAMETERS;
+    let mut sql = ctes().to_owned();
+    for (member, item) in items.iter().enumerate() {
+        for (index, write) in item.rest.staged.iter().enumerate() {
+            sql.push_str(", ");
+            sql.push_str(&write.cte(&format!("staged_{member}_{index}"), offset));
+            offset += write.parameters();
+        }
+    }
+    let _ = write!(
+        sql,
+        " {WRITTEN} UNION ALL SELECT CASE WHEN (SELECT count(*) FROM written) <> ${} \
+         THEN saga_abort('conflict') END, NULL::int8, false",
+        offset + 1
+    );
+    sql
+}
+
+/// The shared statement's CTEs (see [`sql`]).
+fn ctes() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
         // A batch member's value of an instance column, cast where needed.
@@ -324,8 +408,7 @@ fn sql() -> &'static str {
                SELECT f.oid, f.id, f.o_message_id, f.o_kind, f.o_destination, f.o_correlation, f.o_created, \
                f.o_headers::jsonb, f.o_payload, \
                CASE WHEN f.handed THEN now() + f.o_lease * interval '1 millisecond' END \
-               FROM fresh f JOIN written w ON w.n = f.n WHERE f.oid IS NOT NULL ORDER BY f.n) \
-             SELECT f.n, f.oid, f.handed FROM fresh f JOIN written w ON w.n = f.n",
+               FROM fresh f JOIN written w ON w.n = f.n WHERE f.oid IS NOT NULL ORDER BY f.n)",
             columns = INSTANCE_COLUMNS.join(", "),
             names = INSTANCE_COLUMNS.join(", "),
         )
