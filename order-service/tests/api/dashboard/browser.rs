@@ -129,9 +129,17 @@ impl Drop for Browser {
     }
 }
 
+/// Colours of `style.css` that only show when the page shows what it should.
+const COMPENSATED_BADGE: [u8; 3] = [0x8a, 0x6d, 0x3b];
+/// `--ok`: the completed badges, the chart's completed bars, the card's top line.
+const OK: [u8; 3] = [0x1f, 0x9d, 0x55];
+/// The fill of the diagram's current node.
+const CURRENT_NODE: [u8; 3] = [0xff, 0xe9, 0xa8];
+
 /// Decodes the PNG at `path` and checks it is a rendered page: the window's
-/// size, many colours, and no colour covering nearly everything.
-fn check_screenshot(path: &Path) {
+/// size, many colours, no colour covering nearly everything, and at least
+/// so many pixels of each of `expected` (colour, pixels, what it shows).
+fn check_screenshot(path: &Path, expected: &[([u8; 3], u64, &str)]) {
     let file = std::fs::File::open(path).expect("the screenshot opens");
     let mut reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()
@@ -160,6 +168,14 @@ fn check_screenshot(path: &Path) {
         path.display(),
         commonest * 100 / total
     );
+    for (colour, least, what) in expected {
+        let seen = colours.get(colour).copied().unwrap_or(0);
+        assert!(
+            seen >= *least,
+            "{}: {what} should paint at least {least} pixels of {colour:02x?}, found {seen}",
+            path.display()
+        );
+    }
 }
 
 #[tokio::test]
@@ -218,10 +234,22 @@ async fn a_headless_browser_shows_a_confirmed_and_a_cancelled_order_and_a_histor
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
     std::fs::create_dir_all(&shots).expect("the screenshot directory");
-    for (name, url) in [("home.png", &home_url), ("instance.png", &saga_url)] {
+    // What the screenshots must show, by colour: on the overview a
+    // compensated badge, and completed badges and bars (the completed card's
+    // top line alone is under 1,000 pixels); on the instance page the
+    // diagram's current node.
+    let home: &[([u8; 3], u64, &str)] = &[
+        (COMPENSATED_BADGE, 500, "the cancelled order's compensated badge"),
+        (OK, 3_000, "the confirmed order's badge and chart bar"),
+    ];
+    let instance: &[([u8; 3], u64, &str)] = &[
+        (CURRENT_NODE, 3_000, "the highlighted current node of the diagram"),
+        (COMPENSATED_BADGE, 500, "the compensated badges"),
+    ];
+    for (name, url, expected) in [("home.png", &home_url, home), ("instance.png", &saga_url, instance)] {
         let path = shots.join(name);
         browser.screenshot(url, &path).await;
-        check_screenshot(&path);
+        check_screenshot(&path, expected);
         println!("screenshot: {}", path.display());
     }
 
