@@ -4,7 +4,9 @@
 //!   transports that offer [`DeadLetterQueue`](crate::DeadLetterQueue);
 //! - [`SagaTest`]: given a definition and state, when a reply, timeout or
 //!   duplicate arrives, then expect this state and these messages — on
-//!   virtual time, without a store.
+//!   virtual time, without a store;
+//! - [`assert_resumable`] for a deployment's CI, and [`strand`] for tests
+//!   of operator tooling.
 
 pub mod dead_letter_contract;
 mod saga_test;
@@ -13,8 +15,62 @@ pub mod transport_contract;
 
 pub use saga_test::SagaTest;
 
+use crate::clock::Timestamp;
 use crate::engine::Engine;
-use crate::instance::SagaInstance;
+use crate::id::{MessageId, SagaId};
+use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
+use crate::store::{SagaStore, StoreError};
+
+/// Puts instance `id` where a compensation that kept failing would leave it:
+/// needing attention at `step`, with `failure` as its failure and the note
+/// of a transition recorded in its history (caused by a message of type
+/// `Test`). For tests of operator tooling: finding, showing and resuming
+/// such an instance. Returns the instance as stored, `None` if there is no
+/// such instance, [`StoreError::Conflict`] if it moved meanwhile.
+pub async fn strand(
+    store: &dyn SagaStore,
+    id: SagaId,
+    step: u32,
+    failure: &str,
+) -> Result<Option<SagaInstance>, StoreError> {
+    let Some(mut instance) = store.load(id).await? else {
+        return Ok(None);
+    };
+    let before = Position {
+        status: instance.status,
+        step: instance.step,
+    };
+    let expected_revision = instance.revision;
+    instance.status = SagaStatus::NeedsAttention;
+    instance.step = step;
+    instance.awaiting = None;
+    instance.deadline = None;
+    instance.failure = Some(failure.to_owned());
+    instance.revision += 1;
+    // Just now: needing attention counts as stuck whatever the threshold.
+    instance.updated_at = Timestamp::now();
+    let mut tx = store.begin().await?;
+    tx.update(&instance, expected_revision).await?;
+    tx.record(&Transition {
+        saga_id: id,
+        revision: instance.revision,
+        at: instance.updated_at,
+        cause: Cause::Message {
+            id: MessageId::new(),
+            kind: "Test".into(),
+        },
+        before: Some(before),
+        after: Position {
+            status: instance.status,
+            step: instance.step,
+        },
+        emitted: Vec::new(),
+        note: Some(failure.to_owned()),
+    })
+    .await?;
+    tx.commit().await?;
+    Ok(Some(instance))
+}
 
 /// Asserts that every stored instance in `samples` can continue under
 /// `engine`'s definitions and upgrades (see [`Engine::check_resumable`]).

@@ -713,3 +713,33 @@ async fn the_commit_hook_hears_each_committed_transition_once() {
         "headers added at enqueue"
     );
 }
+
+#[tokio::test]
+async fn a_stranded_saga_needs_attention_and_resumes_its_compensation() {
+    let clock = ManualClock::default();
+    let (store, engine) = setup(&clock);
+    let id = engine.start("orders", order("o-9")).await.expect("start");
+    assert!(
+        saga_core::testkit::strand(&store, SagaId::new(), 0, "nothing there")
+            .await
+            .expect("read")
+            .is_none(),
+        "an unknown saga is not stranded"
+    );
+    let stranded = saga_core::testkit::strand(&store, id, 0, "ledger down")
+        .await
+        .expect("stranded")
+        .expect("exists");
+    assert_eq!(stranded.status, SagaStatus::NeedsAttention);
+    let stored = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (stored.status, stored.revision),
+        (SagaStatus::NeedsAttention, stranded.revision)
+    );
+    let last = store.history(id).await.expect("history").pop().expect("a transition");
+    assert_eq!(last.note.as_deref(), Some("ledger down"));
+    assert_eq!(last.after.status, SagaStatus::NeedsAttention);
+
+    let resumed = engine.act(id, OperatorAction::Resume).await.expect("resume");
+    assert_eq!(resumed.status, SagaStatus::Compensated);
+}

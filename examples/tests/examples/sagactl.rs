@@ -13,10 +13,7 @@ use order_service::proto::order_service_client::OrderServiceClient;
 use order_service::proto::{CreateOrderRequest, GetOrderRequest, Order, OrderItem, OrderStatus};
 use order_service::{Application, Config};
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
-use saga_core::{
-    CancellationToken, Cause, Message, MessageId, Position, Publisher, SagaId, SagaStatus, SagaStore, Timestamp,
-    Transition,
-};
+use saga_core::{CancellationToken, Message, MessageId, Publisher, SagaId};
 use saga_examples::sagactl::{Sagactl, SagactlError, run};
 use saga_postgres::PostgresStore;
 use serde_json::Value;
@@ -138,42 +135,12 @@ async fn strand(database_url: &str, order_id: &str) {
         .connect(database_url)
         .await
         .expect("the test database is reachable");
-    let store = PostgresStore::new(pool.clone());
     let id: SagaId = order_id.parse().expect("the order id is the saga id");
-    let mut instance = store.load(id).await.expect("loaded").expect("exists");
-    let before = Position {
-        status: instance.status,
-        step: instance.step,
-    };
-    let expected_revision = instance.revision;
-    instance.status = SagaStatus::NeedsAttention;
-    instance.step = 1;
-    instance.awaiting = None;
-    instance.deadline = None;
-    instance.failure = Some("compensation of `create-order` failed: orders table locked".to_owned());
-    instance.revision += 1;
-    instance.updated_at = Timestamp::now();
-    let mut tx = store.begin().await.expect("begin");
-    tx.update(&instance, expected_revision).await.expect("updated");
-    tx.record(&Transition {
-        saga_id: id,
-        revision: instance.revision,
-        at: instance.updated_at,
-        cause: Cause::Message {
-            id: MessageId::new(),
-            kind: "Test".into(),
-        },
-        before: Some(before),
-        after: Position {
-            status: instance.status,
-            step: instance.step,
-        },
-        emitted: Vec::new(),
-        note: None,
-    })
-    .await
-    .expect("recorded");
-    tx.commit().await.expect("committed");
+    let failure = "compensation of `create-order` failed: orders table locked";
+    saga_core::testkit::strand(&PostgresStore::new(pool.clone()), id, 1, failure)
+        .await
+        .expect("stranded")
+        .expect("the order's saga exists");
     pool.close().await;
 }
 

@@ -16,9 +16,7 @@ use order_service::config::{AdminToken, ListenAddr};
 use order_service::domain::{IdempotencyKey, OrderId, UserId};
 use order_service::proto::OrderStatus;
 use order_service::saga::ORDER_SAGA;
-use saga_core::{
-    Cause, MessageId, Position, QueryStore, SagaId, SagaStatus as CoreStatus, SagaStore, Timestamp, Transition,
-};
+use saga_core::{Cause, MessageId, QueryStore, SagaId, SagaStatus as CoreStatus};
 use saga_postgres::PostgresStore;
 use sqlx::postgres::PgPoolOptions;
 use tonic::transport::Channel;
@@ -546,43 +544,11 @@ async fn a_saga_that_needs_attention_is_found_and_resumed() {
         .expect("the test database is reachable");
     let store = Arc::new(PostgresStore::new(pool.clone()));
     let id: SagaId = order.id.parse().expect("the order id is the saga id");
-    let mut instance = store.load(id).await.expect("loaded").expect("exists");
     let reason = "compensation of `create-order` failed after 5 attempt(s): orders table locked";
-    let before = Position {
-        status: instance.status,
-        step: instance.step,
-    };
-    let expected_revision = instance.revision;
-    instance.status = CoreStatus::NeedsAttention;
-    instance.step = 1;
-    instance.awaiting = None;
-    instance.deadline = None;
-    instance.attempt = 5;
-    instance.failure = Some(format!("cancelled by the test; then {reason}"));
-    instance.revision += 1;
-    // Just now: needing attention counts as stuck whatever the threshold.
-    instance.updated_at = Timestamp::now();
-    let mut tx = store.begin().await.expect("begin");
-    tx.update(&instance, expected_revision).await.expect("updated");
-    tx.record(&Transition {
-        saga_id: id,
-        revision: instance.revision,
-        at: instance.updated_at,
-        cause: Cause::Message {
-            id: MessageId::new(),
-            kind: "Test".into(),
-        },
-        before: Some(before),
-        after: Position {
-            status: instance.status,
-            step: instance.step,
-        },
-        emitted: Vec::new(),
-        note: Some(reason.to_owned()),
-    })
-    .await
-    .expect("recorded");
-    tx.commit().await.expect("committed");
+    saga_core::testkit::strand(&*store, id, 1, &format!("cancelled by the test; then {reason}"))
+        .await
+        .expect("stranded")
+        .expect("the order's saga exists");
 
     let stuck = admin.list(stuck_for(Duration::from_secs(3600))).await.expect("listed");
     assert_eq!(
