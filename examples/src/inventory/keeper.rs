@@ -46,17 +46,42 @@ impl StockKeeper {
             success,
             reason,
         };
-        // Claim the order first: a second OrderCreated for it (another
-        // message id, or a replica racing us) waits here, then gets the
-        // first decision again.
-        let claimed = sqlx::query(
-            "INSERT INTO reservations (order_id, status) VALUES ($1, 'reserved') ON CONFLICT (order_id) DO NOTHING",
+        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+        for item in order.items.iter().filter(|i| i.quantity > 0) {
+            *wanted.entry(item.product_id.as_str()).or_default() += i64::from(item.quantity);
+        }
+        let products: Vec<&str> = wanted.keys().copied().collect();
+        let quantities: Vec<i64> = wanted.values().copied().collect();
+        // One statement (a round trip each costs more than the work). It
+        // claims the order first: a second OrderCreated for it (another
+        // message id, or a replica racing us) waits on the claim, then finds
+        // it taken and gets the first decision again. A claimed order locks
+        // its stock rows in product order, finds the first product short of
+        // stock, and only if there is none takes the units and records them.
+        let row = sqlx::query(
+            "WITH claim AS (INSERT INTO reservations (order_id, status) VALUES ($1, 'reserved') \
+                            ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
+             wanted AS (SELECT * FROM UNNEST($2::text[], $3::bigint[]) AS w (product_id, quantity) \
+                        WHERE EXISTS (SELECT 1 FROM claim)), \
+             locked AS (SELECT s.product_id, s.available FROM stock s JOIN wanted w ON w.product_id = s.product_id \
+                        ORDER BY s.product_id FOR UPDATE OF s), \
+             short AS (SELECT w.product_id, l.available, w.quantity FROM wanted w \
+                       LEFT JOIN locked l ON l.product_id = w.product_id \
+                       WHERE l.available IS NULL OR l.available < w.quantity ORDER BY w.product_id LIMIT 1), \
+             taken AS (UPDATE stock SET available = stock.available - w.quantity, \
+                       reserved = stock.reserved + w.quantity FROM wanted w \
+                       WHERE stock.product_id = w.product_id AND NOT EXISTS (SELECT 1 FROM short)), \
+             items AS (INSERT INTO reservation_items (order_id, product_id, quantity) \
+                       SELECT $1, product_id, quantity FROM wanted WHERE NOT EXISTS (SELECT 1 FROM short)) \
+             SELECT EXISTS (SELECT 1 FROM claim) AS claimed, s.product_id, s.available, s.quantity \
+             FROM (SELECT 1) one LEFT JOIN short s ON true",
         )
         .bind(&key)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-            == 1;
+        .bind(&products)
+        .bind(&quantities)
+        .fetch_one(&mut *conn)
+        .await?;
+        let claimed: bool = row.try_get("claimed")?;
         if !claimed {
             let row = sqlx::query("SELECT status, reason FROM reservations WHERE order_id = $1")
                 .bind(&key)
@@ -71,38 +96,8 @@ impl StockKeeper {
                 _ => answer(false, reason),
             });
         }
-
-        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-        for item in order.items.iter().filter(|i| i.quantity > 0) {
-            *wanted.entry(item.product_id.as_str()).or_default() += i64::from(item.quantity);
-        }
-        let products: Vec<&str> = wanted.keys().copied().collect();
-        let quantities: Vec<i64> = wanted.values().copied().collect();
-        // One statement (a round trip each costs more than the work): lock
-        // the stock rows in product order, find the first product short of
-        // stock, and only if there is none take the units and record them;
-        // otherwise record the refusal.
-        let short = sqlx::query(
-            "WITH wanted AS (SELECT * FROM UNNEST($2::text[], $3::bigint[]) AS w (product_id, quantity)), \
-             locked AS (SELECT s.product_id, s.available FROM stock s JOIN wanted w ON w.product_id = s.product_id \
-                        ORDER BY s.product_id FOR UPDATE OF s), \
-             short AS (SELECT w.product_id, l.available, w.quantity FROM wanted w \
-                       LEFT JOIN locked l ON l.product_id = w.product_id \
-                       WHERE l.available IS NULL OR l.available < w.quantity ORDER BY w.product_id LIMIT 1), \
-             taken AS (UPDATE stock SET available = stock.available - w.quantity, \
-                       reserved = stock.reserved + w.quantity FROM wanted w \
-                       WHERE stock.product_id = w.product_id AND NOT EXISTS (SELECT 1 FROM short)), \
-             items AS (INSERT INTO reservation_items (order_id, product_id, quantity) \
-                       SELECT $1, product_id, quantity FROM wanted WHERE NOT EXISTS (SELECT 1 FROM short)) \
-             SELECT product_id, available, quantity FROM short",
-        )
-        .bind(&key)
-        .bind(&products)
-        .bind(&quantities)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = short {
-            let product: String = row.try_get("product_id")?;
+        let short: Option<String> = row.try_get("product_id")?;
+        if let Some(product) = short {
             let units: Option<i64> = row.try_get("available")?;
             let quantity: i64 = row.try_get("quantity")?;
             let reason = match units {
