@@ -147,6 +147,51 @@ const STARTUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Durat
 const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built, not yet running, service.
+///
+/// Embedded mode (the default [`Config`]) needs nothing else running: an
+/// in-memory store and transport and a demo stock service.
+///
+/// ```
+/// use order_service::config::ListenAddr;
+/// use order_service::proto::order_service_client::OrderServiceClient;
+/// use order_service::proto::{CreateOrderRequest, GetOrderRequest, OrderItem, OrderStatus};
+/// use order_service::{Application, Config};
+/// use saga_core::CancellationToken;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config {
+///     grpc: ListenAddr::localhost(0),
+///     metrics: ListenAddr::localhost(0),
+///     ..Config::default()
+/// };
+/// let app = Application::build(config).await?;
+/// let addr = format!("http://127.0.0.1:{}", app.grpc_port());
+/// let shutdown = CancellationToken::new();
+/// let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+///
+/// let mut orders = OrderServiceClient::connect(addr).await?;
+/// let item = OrderItem { product_id: "apple".into(), quantity: 2, price: 1.25 };
+/// let request = CreateOrderRequest { user_id: "alice".into(), items: vec![item] };
+/// let order = orders.create_order(request).await?.into_inner().order.ok_or("no order")?;
+/// assert_eq!(order.total_price, 2.5);
+///
+/// // The saga runs in the background: the demo stock service confirms it.
+/// let mut status = OrderStatus::Pending;
+/// for _ in 0..100 {
+///     let request = GetOrderRequest { order_id: order.id.clone(), user_id: "alice".into() };
+///     status = orders.get_order(request).await?.into_inner().order.ok_or("no order")?.status();
+///     if status != OrderStatus::Pending {
+///         break;
+///     }
+///     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+/// }
+/// assert_eq!(status, OrderStatus::Confirmed);
+///
+/// shutdown.cancel();
+/// running.await??;
+/// # Ok(()) }
+/// ```
 pub struct Application {
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
