@@ -87,6 +87,31 @@ async fn replicas_with_one_killed(replicas: usize, title: &'static str, slug: &s
         assert_eq!(status, expected, "order {id} for `{product}`");
         by_deadline += usize::from(product == "ghost");
     }
+    // Each deadline fired once, whichever replica's scanner got there: one
+    // deadline transition per order its deadline decided, none for the others.
+    let fired: HashMap<String, i64> = sqlx::query(
+        "SELECT saga_id::text AS id, count(*) AS fired FROM public.saga_history \
+         WHERE cause->>'type' = 'deadline' GROUP BY saga_id",
+    )
+    .fetch_all(&scenario.db)
+    .await
+    .expect("the saga history is readable")
+    .iter()
+    .map(|row| (row.get("id"), row.get("fired")))
+    .collect();
+    for (id, times) in &fired {
+        let product = products.get(id).map_or("", String::as_str);
+        assert_eq!(
+            (*times, product),
+            (1, "ghost"),
+            "order {id}: deadlines fired {times} time(s) for `{product}`"
+        );
+    }
+    assert_eq!(
+        fired.len(),
+        by_deadline,
+        "every unanswered order decided by its deadline, once"
+    );
     for alive in &mut services[..replicas - 1] {
         alive.assert_alive("finishing the killed replica's work");
     }
