@@ -21,6 +21,10 @@ use crate::message::Message;
 use crate::store::{Store, StoreError, Transaction};
 use crate::upgrade::Upgrade;
 
+mod cache;
+
+use cache::InstanceCache;
+
 /// Applies a definition's application effects (type `E`) inside the
 /// transition's transaction, e.g. writing the service's own tables.
 ///
@@ -63,6 +67,12 @@ pub struct EngineConfig {
     /// out of the scans before it is tried, and reported, again. Left out,
     /// such deadlines neither fill every scan's batch nor flood the log.
     pub broken_deadline_retry: Duration,
+    /// How many unfinished instances the engine keeps after committing
+    /// them, so that the reply moving one on needs no read (0: none). A
+    /// cached instance is only trusted to propose a transition, whose
+    /// commit checks the revision; a stale one conflicts and is read again,
+    /// and an event it would ignore is re-decided on a fresh read.
+    pub instance_cache: usize,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +82,7 @@ impl Default for EngineConfig {
             max_conflict_retries: 16,
             deadline_batch: 256,
             broken_deadline_retry: Duration::from_secs(300),
+            instance_cache: 4096,
         }
     }
 }
@@ -351,6 +362,7 @@ impl EngineBuilder {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
+                cache: InstanceCache::new(self.config.instance_cache),
                 message_headers: self.message_headers,
                 on_committed: self.on_committed,
                 store: self.store,
@@ -379,6 +391,8 @@ struct Inner {
     /// Deadlines that could not be applied for good: the saga, its deadline,
     /// and when to try it again.
     broken_deadlines: std::sync::Mutex<HashMap<SagaId, (Timestamp, Timestamp)>>,
+    /// Unfinished instances as this engine last committed them.
+    cache: InstanceCache,
 }
 
 /// Runs sagas: starts instances, feeds them messages, fires their deadlines
@@ -636,8 +650,9 @@ impl Engine {
     }
 
     /// Finds the instance a message belongs to; returns it too when finding
-    /// it meant loading it, so the transition need not load it again.
-    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<SagaInstance>), EngineError> {
+    /// it meant loading it (or it was cached), so the transition need not
+    /// load it again.
+    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<Loaded>), EngineError> {
         let routes = self
             .inner
             .routes
@@ -654,8 +669,15 @@ impl Engine {
                     };
                     tried = Some(raw.to_owned());
                     let Ok(id) = raw.parse::<SagaId>() else { continue };
+                    if let Some(instance) = self.inner.cache.by_id(id)
+                        && instance.definition == route.definition
+                    {
+                        return Ok((id, Some(Loaded::cached(instance))));
+                    }
                     match self.inner.store.load(id).await? {
-                        Some(instance) if instance.definition == route.definition => return Ok((id, Some(instance))),
+                        Some(instance) if instance.definition == route.definition => {
+                            return Ok((id, Some(Loaded::stored(instance))));
+                        }
                         _ => continue,
                     }
                 }
@@ -664,8 +686,11 @@ impl Engine {
                         what: format!("`{}` message {}", message.kind, message.id),
                         source,
                     })?;
+                    if let Some(instance) = self.inner.cache.by_key(&route.definition, &key) {
+                        return Ok((instance.id, Some(Loaded::cached(instance))));
+                    }
                     if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
-                        return Ok((instance.id, Some(instance)));
+                        return Ok((instance.id, Some(Loaded::stored(instance))));
                     }
                     tried = Some(key);
                 }
@@ -681,7 +706,7 @@ impl Engine {
     async fn transition(
         &self,
         id: SagaId,
-        mut loaded: Option<SagaInstance>,
+        mut loaded: Option<Loaded>,
         event: Event<'_>,
         consumed: Option<&MessageId>,
     ) -> Result<Handled, EngineError> {
@@ -691,9 +716,9 @@ impl Engine {
         // then names the duplicate.
         let mut check_inbox_first = false;
         for _ in 0..attempts {
-            let instance = match loaded.take() {
-                Some(instance) => Some(instance),
-                None => self.inner.store.load(id).await?,
+            let (instance, cached) = match loaded.take() {
+                Some(Loaded { instance, cached }) => (Some(instance), cached),
+                None => (self.inner.store.load(id).await?, false),
             };
             let instance = instance.ok_or_else(|| EngineError::UnknownSaga {
                 kind: match event {
@@ -709,6 +734,11 @@ impl Engine {
             let before = instance.status;
             let pending = match runner.decide(instance, event, self.now())? {
                 Ok(pending) => pending,
+                // The stored instance may be further on, waiting for this.
+                Err(_) if cached => {
+                    self.inner.cache.forget(id);
+                    continue;
+                }
                 Err(reason) => {
                     tracing::debug!(reason, "event ignored");
                     return Ok(Handled::Ignored(reason));
@@ -725,7 +755,10 @@ impl Engine {
                 Err(EngineError::Store(StoreError::ConsumedConcurrently { .. })) if consumed.is_some() => {
                     check_inbox_first = true;
                 }
-                Err(EngineError::Store(e)) if e.is_conflict() => continue,
+                Err(EngineError::Store(e)) if e.is_conflict() => {
+                    self.inner.cache.forget(id);
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -768,10 +801,31 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
+        self.inner.cache.put(&pending.instance);
         if let Some(hook) = &self.inner.on_committed {
             hook(&pending.instance, &pending.transition);
         }
         Ok(true)
+    }
+}
+
+/// An instance found for an event: read from the store, or as this engine
+/// last committed it.
+struct Loaded {
+    instance: SagaInstance,
+    cached: bool,
+}
+
+impl Loaded {
+    fn stored(instance: SagaInstance) -> Self {
+        Self {
+            instance,
+            cached: false,
+        }
+    }
+
+    fn cached(instance: SagaInstance) -> Self {
+        Self { instance, cached: true }
     }
 }
 

@@ -743,3 +743,93 @@ async fn a_stranded_saga_needs_attention_and_resumes_its_compensation() {
     let resumed = engine.act(id, OperatorAction::Resume).await.expect("resume");
     assert_eq!(resumed.status, SagaStatus::Compensated);
 }
+
+/// Two remote steps, each answered by a keyed reply.
+fn two_step_saga() -> SagaDefinition<Order> {
+    let keyed = |kind: &'static str| move |o: &Order| Ok(Command::json(kind, "d", &o.id)?);
+    SagaDefinition::builder("two-step")
+        .key(|o: &Order| o.id.clone())
+        .step(Step::remote("reserve", keyed("Reserve")).on_reply_keyed(
+            "Reserved",
+            |r: &Reply| r.order_id.clone(),
+            |_: &mut Order, _: Reply| ReplyOutcome::Success,
+        ))
+        .step(Step::remote("pay", keyed("Pay")).on_reply_keyed(
+            "Paid",
+            |r: &Reply| r.order_id.clone(),
+            |o: &mut Order, _: Reply| {
+                o.confirmed = true;
+                ReplyOutcome::Success
+            },
+        ))
+        .build()
+        .expect("valid definition")
+}
+
+fn keyed_reply(kind: &str, order: &str) -> Message {
+    Message::json(
+        kind,
+        "replies",
+        &Reply {
+            order_id: order.into(),
+            ok: true,
+        },
+    )
+    .expect("encodable")
+}
+
+#[tokio::test]
+async fn a_replica_s_stale_cached_instance_never_loses_or_misapplies_a_reply() {
+    // Two engines (replicas) on one store, each caching what it committed.
+    let store = InMemoryStore::new();
+    let replica = || {
+        Engine::builder(Arc::new(store.clone()))
+            .register(order_saga(1, Duration::from_secs(30)))
+            .register(two_step_saga())
+            .build()
+            .expect("engine")
+    };
+    let (a, b) = (replica(), replica());
+
+    // A started it and caches it with no parts; B applies two parts. A's
+    // copy is stale: its transition conflicts, and A reads the saga again.
+    let id = a.start("orders", order("o-1")).await.expect("start");
+    for _ in 0..2 {
+        assert!(matches!(
+            b.handle(&reply("o-1", true)).await,
+            Ok(Handled::Applied { .. })
+        ));
+    }
+    assert!(matches!(
+        a.handle(&reply("o-1", true)).await,
+        Ok(Handled::Applied { .. })
+    ));
+    let done = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (done.status, done.revision),
+        (SagaStatus::Completed, 4),
+        "three parts, none lost"
+    );
+
+    // A caches the saga waiting for `Reserved`; B moves it on to wait for
+    // `Paid`. A's stale copy would ignore `Paid`: A decides on a fresh read.
+    let id = a.start("two-step", order("o-2")).await.expect("start");
+    assert!(matches!(
+        b.handle(&keyed_reply("Reserved", "o-2")).await,
+        Ok(Handled::Applied { .. })
+    ));
+    assert!(
+        matches!(a.handle(&keyed_reply("Paid", "o-2")).await, Ok(Handled::Applied { .. })),
+        "applied, not ignored on the stale copy"
+    );
+    assert_eq!(status(&store, id).await, SagaStatus::Completed);
+
+    // B cancels what A caches as running: A's reply conflicts, then is ignored.
+    let id = a.start("two-step", order("o-3")).await.expect("start");
+    b.act(id, OperatorAction::Cancel).await.expect("cancel");
+    assert!(matches!(
+        a.handle(&keyed_reply("Reserved", "o-3")).await,
+        Ok(Handled::Ignored(_))
+    ));
+    assert_eq!(status(&store, id).await, SagaStatus::Compensated);
+}
