@@ -21,10 +21,6 @@ use crate::message::Message;
 use crate::store::{Store, StoreError, Transaction};
 use crate::upgrade::Upgrade;
 
-mod cache;
-
-use cache::InstanceCache;
-
 /// Applies a definition's application effects (type `E`) inside the
 /// transition's transaction, e.g. writing the service's own tables.
 ///
@@ -67,12 +63,6 @@ pub struct EngineConfig {
     /// out of the scans before it is tried, and reported, again. Left out,
     /// such deadlines neither fill every scan's batch nor flood the log.
     pub broken_deadline_retry: Duration,
-    /// How many unfinished instances the engine keeps after committing
-    /// them, so that the reply moving one on needs no read (0: none). A
-    /// cached instance is only trusted to propose a transition, whose
-    /// commit checks the revision; a stale one conflicts and is read again,
-    /// and an event it would ignore is re-decided on a fresh read.
-    pub instance_cache: usize,
 }
 
 impl Default for EngineConfig {
@@ -82,7 +72,6 @@ impl Default for EngineConfig {
             max_conflict_retries: 16,
             deadline_batch: 256,
             broken_deadline_retry: Duration::from_secs(300),
-            instance_cache: 4096,
         }
     }
 }
@@ -362,7 +351,6 @@ impl EngineBuilder {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
-                cache: InstanceCache::new(self.config.instance_cache),
                 message_headers: self.message_headers,
                 on_committed: self.on_committed,
                 store: self.store,
@@ -391,8 +379,6 @@ struct Inner {
     /// Deadlines that could not be applied for good: the saga, its deadline,
     /// and when to try it again.
     broken_deadlines: std::sync::Mutex<HashMap<SagaId, (Timestamp, Timestamp)>>,
-    /// Unfinished instances as this engine last committed them.
-    cache: InstanceCache,
 }
 
 /// Runs sagas: starts instances, feeds them messages, fires their deadlines
@@ -650,9 +636,8 @@ impl Engine {
     }
 
     /// Finds the instance a message belongs to; returns it too when finding
-    /// it meant loading it (or it was cached), so the transition need not
-    /// load it again.
-    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<Loaded>), EngineError> {
+    /// it meant loading it, so the transition need not load it again.
+    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<SagaInstance>), EngineError> {
         let routes = self
             .inner
             .routes
@@ -669,15 +654,8 @@ impl Engine {
                     };
                     tried = Some(raw.to_owned());
                     let Ok(id) = raw.parse::<SagaId>() else { continue };
-                    if let Some(instance) = self.inner.cache.by_id(id)
-                        && instance.definition == route.definition
-                    {
-                        return Ok((id, Some(Loaded::cached(instance))));
-                    }
                     match self.inner.store.load(id).await? {
-                        Some(instance) if instance.definition == route.definition => {
-                            return Ok((id, Some(Loaded::stored(instance))));
-                        }
+                        Some(instance) if instance.definition == route.definition => return Ok((id, Some(instance))),
                         _ => continue,
                     }
                 }
@@ -686,11 +664,8 @@ impl Engine {
                         what: format!("`{}` message {}", message.kind, message.id),
                         source,
                     })?;
-                    if let Some(instance) = self.inner.cache.by_key(&route.definition, &key) {
-                        return Ok((instance.id, Some(Loaded::cached(instance))));
-                    }
                     if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
-                        return Ok((instance.id, Some(Loaded::stored(instance))));
+                        return Ok((instance.id, Some(instance)));
                     }
                     tried = Some(key);
                 }
@@ -706,7 +681,7 @@ impl Engine {
     async fn transition(
         &self,
         id: SagaId,
-        mut loaded: Option<Loaded>,
+        mut loaded: Option<SagaInstance>,
         event: Event<'_>,
         consumed: Option<&MessageId>,
     ) -> Result<Handled, EngineError> {
@@ -716,9 +691,9 @@ impl Engine {
         // then names the duplicate.
         let mut check_inbox_first = false;
         for _ in 0..attempts {
-            let (instance, cached) = match loaded.take() {
-                Some(Loaded { instance, cached }) => (Some(instance), cached),
-                None => (self.inner.store.load(id).await?, false),
+            let instance = match loaded.take() {
+                Some(instance) => Some(instance),
+                None => self.inner.store.load(id).await?,
             };
             let instance = instance.ok_or_else(|| EngineError::UnknownSaga {
                 kind: match event {
@@ -734,11 +709,6 @@ impl Engine {
             let before = instance.status;
             let pending = match runner.decide(instance, event, self.now())? {
                 Ok(pending) => pending,
-                // The stored instance may be further on, waiting for this.
-                Err(_) if cached => {
-                    self.inner.cache.forget(id);
-                    continue;
-                }
                 Err(reason) => {
                     tracing::debug!(reason, "event ignored");
                     return Ok(Handled::Ignored(reason));
@@ -755,10 +725,7 @@ impl Engine {
                 Err(EngineError::Store(StoreError::ConsumedConcurrently { .. })) if consumed.is_some() => {
                     check_inbox_first = true;
                 }
-                Err(EngineError::Store(e)) if e.is_conflict() => {
-                    self.inner.cache.forget(id);
-                    continue;
-                }
+                Err(EngineError::Store(e)) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -801,31 +768,10 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
-        self.inner.cache.put(&pending.instance);
         if let Some(hook) = &self.inner.on_committed {
             hook(&pending.instance, &pending.transition);
         }
         Ok(true)
-    }
-}
-
-/// An instance found for an event: read from the store, or as this engine
-/// last committed it.
-struct Loaded {
-    instance: SagaInstance,
-    cached: bool,
-}
-
-impl Loaded {
-    fn stored(instance: SagaInstance) -> Self {
-        Self {
-            instance,
-            cached: false,
-        }
-    }
-
-    fn cached(instance: SagaInstance) -> Self {
-        Self { instance, cached: true }
     }
 }
 
