@@ -756,22 +756,9 @@ async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() 
     for instance in instances.iter().chain(instances.first()).cloned() {
         let store = store.clone();
         starts.spawn(async move {
-            let transition = Transition {
-                saga_id: instance.id,
-                revision: instance.revision,
-                at: instance.created_at,
-                cause: Cause::Started,
-                before: None,
-                after: Position {
-                    status: instance.status,
-                    step: instance.step,
-                },
-                emitted: Vec::new(),
-                note: None,
-            };
             let mut tx = store.begin().await?;
             tx.insert(&instance).await?;
-            tx.record(&transition).await?;
+            tx.record(&started(&instance)).await?;
             tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
                 .await?;
             tx.commit().await
@@ -1021,9 +1008,9 @@ async fn staged_writes_commit_in_the_transition_s_statement_or_not_at_all() {
     assert_eq!(status, "CONFIRMED", "the staged write saw the connection's row");
 }
 
-/// A start with an order and its items staged.
-async fn start_with_order(store: &saga_postgres::PostgresStore, instance: &SagaInstance) -> Result<(), StoreError> {
-    let transition = Transition {
+/// The history entry of `instance`'s start.
+fn started(instance: &SagaInstance) -> Transition {
+    Transition {
         saga_id: instance.id,
         revision: instance.revision,
         at: instance.created_at,
@@ -1035,10 +1022,14 @@ async fn start_with_order(store: &saga_postgres::PostgresStore, instance: &SagaI
         },
         emitted: Vec::new(),
         note: None,
-    };
+    }
+}
+
+/// A start with an order and its items staged.
+async fn start_with_order(store: &saga_postgres::PostgresStore, instance: &SagaInstance) -> Result<(), StoreError> {
     let mut tx = store.begin().await?;
     tx.insert(instance).await?;
-    tx.record(&transition).await?;
+    tx.record(&started(instance)).await?;
     tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
         .await?;
     stage_order(&mut *tx, *instance.id.as_uuid(), &["apple", "book"]);
