@@ -724,12 +724,25 @@ async fn engine_transition(
     instance: &SagaInstance,
     message: &MessageId,
 ) -> Result<SagaInstance, StoreError> {
+    engine_transition_staging(store, instance, message, None).await
+}
+
+/// [`engine_transition`], with `staged` written in its statement.
+async fn engine_transition_staging(
+    store: &saga_postgres::PostgresStore,
+    instance: &SagaInstance,
+    message: &MessageId,
+    staged: Option<StagedWrite>,
+) -> Result<SagaInstance, StoreError> {
     let (next, transition) = caused_by(instance, message);
     let mut tx = store.begin().await?;
     tx.consume_at_commit("engine", message).await?;
     tx.update(&next, instance.revision).await?;
     tx.record(&transition).await?;
     tx.enqueue(Some(next.id), &messages(Some(next.id), 1, "d")).await?;
+    if let Some(write) = staged {
+        saga_postgres::stage(&mut *tx, write)?;
+    }
     tx.commit().await.map(|()| next)
 }
 
@@ -1043,19 +1056,12 @@ async fn confirm_with_reply(
     instance: &SagaInstance,
     reply: &MessageId,
 ) -> Result<(), StoreError> {
-    let (next, transition) = caused_by(instance, reply);
-    let mut tx = store.begin().await?;
-    tx.consume_at_commit("engine", reply).await?;
-    tx.update(&next, instance.revision).await?;
-    tx.record(&transition).await?;
-    tx.enqueue(Some(next.id), &messages(Some(next.id), 1, "d")).await?;
-    saga_postgres::stage(
-        &mut *tx,
-        StagedWrite::new("INSERT INTO app_replies (order_id, reply) VALUES ($1, $2)")
-            .bind(*instance.id.as_uuid())
-            .bind(reply.as_str().to_owned()),
-    )?;
-    tx.commit().await
+    let record = StagedWrite::new("INSERT INTO app_replies (order_id, reply) VALUES ($1, $2)")
+        .bind(*instance.id.as_uuid())
+        .bind(reply.as_str().to_owned());
+    engine_transition_staging(store, instance, reply, Some(record))
+        .await
+        .map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
