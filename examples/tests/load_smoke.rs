@@ -19,7 +19,8 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         clients: 4,
         duration: Duration::from_secs(2),
         max_orders: Some(ORDERS),
-        warmup_orders: 0,
+        // A few, so the warm-up and the ANALYZE after it run too.
+        warmup_orders: 5,
         raw_duration: Some(Duration::from_millis(500)),
         drain_timeout: Duration::from_secs(20),
         products: vec!["smoke-a".to_owned(), "smoke-b".to_owned()],

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use saga_core::memory::{InMemoryStore, InMemoryTransport};
 use saga_core::{CancellationToken, Consumer, ConsumerConfig, Engine, Participant, Relay, RelayConfig, RetryPolicy};
 use saga_postgres::PostgresStore;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
@@ -492,6 +493,12 @@ fn production(
     database_url: &SecretUrl,
     rabbitmq_url: &SecretUrl,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
+    let options = PgConnectOptions::from_str(database_url.expose())
+        .map_err(|e| StartError::Database {
+            url: database_url.to_string(),
+            source: Box::new(e),
+        })?
+        .options(saga_postgres::SESSION_SETTINGS);
     let pool = PgPoolOptions::new()
         // Bounds how long a request waits while the database is away.
         .acquire_timeout(Duration::from_secs(2))
@@ -499,11 +506,7 @@ fn production(
         // the database dropped fails its first statement, which the store
         // reports as transient and the caller retries on a fresh one.
         .test_before_acquire(false)
-        .connect_lazy(database_url.expose())
-        .map_err(|e| StartError::Database {
-            url: database_url.to_string(),
-            source: Box::new(e),
-        })?;
+        .connect_lazy_with(options);
     let store = Arc::new(PostgresStore::new(pool.clone()));
     let table = PostgresOrders::new(pool.clone());
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;

@@ -8,6 +8,8 @@
 //! saga's part does not apply (a stale revision, a message consumed before)
 //! the statement raises and nothing is written, the staged writes included.
 
+use std::any::Any;
+
 use saga_core::{StoreError, Transaction};
 use sqlx::Postgres;
 
@@ -34,6 +36,52 @@ where
     }
 }
 
+/// A bound column of a row-wise write (see [`StagedWrite::rows`]): an
+/// array, one element per row, to which another write's column of the same
+/// type can be appended.
+trait Column: Bound {
+    fn rows(&self) -> usize;
+    fn as_any(&self) -> &dyn Any;
+    /// This column followed by `more`; `None` if one of them holds another type.
+    fn appended(&self, more: &[&dyn Column]) -> Option<Box<dyn Column>>;
+}
+
+impl<T> Column for Vec<T>
+where
+    Vec<T>: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres>,
+    T: Clone + Send + Sync + 'static,
+{
+    fn rows(&self) -> usize {
+        self.len()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn appended(&self, more: &[&dyn Column]) -> Option<Box<dyn Column>> {
+        let mut all = self.clone();
+        for column in more {
+            all.extend_from_slice(column.as_any().downcast_ref::<Vec<T>>()?);
+        }
+        Some(Box::new(all))
+    }
+}
+
+enum Parameter {
+    Value(Box<dyn Bound>),
+    Column(Box<dyn Column>),
+}
+
+impl Parameter {
+    fn bound(&self) -> &dyn Bound {
+        match self {
+            Self::Value(value) => value.as_ref(),
+            Self::Column(column) => column.as_ref(),
+        }
+    }
+}
+
 /// One `INSERT`, `UPDATE` or `DELETE` on the application's tables, written
 /// in the saga's commit statement (see [`stage`]).
 ///
@@ -52,9 +100,12 @@ where
 ///     .bind("CONFIRMED");
 /// assert_eq!(write.parameters(), 2);
 /// ```
+///
+/// Prefer [`rows`](Self::rows) for writes that many transitions make.
 pub struct StagedWrite {
     sql: String,
-    binders: Vec<Box<dyn Bound>>,
+    parameters: Vec<Parameter>,
+    row_wise: bool,
 }
 
 impl StagedWrite {
@@ -62,7 +113,38 @@ impl StagedWrite {
     pub fn new(sql: impl Into<String>) -> Self {
         Self {
             sql: sql.into(),
-            binders: Vec::new(),
+            parameters: Vec::new(),
+            row_wise: false,
+        }
+    }
+
+    /// A row-wise write of `sql`: every parameter is a [`column`](Self::column)
+    /// (an array, one element per row, all of one length), and the SQL writes
+    /// each row as it would write it alone, typically `INSERT … SELECT … FROM
+    /// UNNEST($1::uuid[], …)` or `UPDATE … FROM UNNEST(…) WHERE`.
+    ///
+    /// When transitions share a statement (group commit), their row-wise
+    /// writes of the same SQL travel as one write holding all their rows.
+    /// The statement's text then depends on which writes it carries, not on
+    /// how many transitions: PostgreSQL plans it once per connection instead
+    /// of once per statement (planning a shared statement costs more than
+    /// executing it).
+    ///
+    /// ```
+    /// use saga_postgres::StagedWrite;
+    ///
+    /// let write = StagedWrite::rows(
+    ///     "UPDATE orders o SET status = u.status FROM UNNEST($1::uuid[], $2::text[]) AS u(id, status) \
+    ///      WHERE o.id = u.id",
+    /// )
+    /// .column(vec![uuid::Uuid::nil()])
+    /// .column(vec!["CONFIRMED"]);
+    /// assert_eq!(write.parameters(), 2);
+    /// ```
+    pub fn rows(sql: impl Into<String>) -> Self {
+        Self {
+            row_wise: true,
+            ..Self::new(sql)
         }
     }
 
@@ -73,13 +155,64 @@ impl StagedWrite {
     where
         T: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + Clone + Send + Sync + 'static,
     {
-        self.binders.push(Box::new(value));
+        self.parameters.push(Parameter::Value(Box::new(value)));
+        self
+    }
+
+    /// Binds the next parameter as a column of a [`rows`](Self::rows)
+    /// write: one element per row. (A write with any other parameter, or
+    /// with columns of different lengths, is still written, but never
+    /// merged with others.)
+    #[must_use]
+    pub fn column<T>(mut self, values: Vec<T>) -> Self
+    where
+        Vec<T>: for<'a> sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres>,
+        T: Clone + Send + Sync + 'static,
+    {
+        self.parameters.push(Parameter::Column(Box::new(values)));
         self
     }
 
     /// The parameters bound so far.
     pub fn parameters(&self) -> usize {
-        self.binders.len()
+        self.parameters.len()
+    }
+
+    /// The SQL under which this write merges with others of it: a row-wise
+    /// write whose parameters are all columns of one length.
+    pub(crate) fn merges_as(&self) -> Option<&str> {
+        let mut rows = self.parameters.iter().map(|parameter| match parameter {
+            Parameter::Column(column) => Some(column.rows()),
+            Parameter::Value(_) => None,
+        });
+        let first = rows.next()?;
+        (self.row_wise && first.is_some() && rows.all(|n| n == first)).then_some(self.sql.as_str())
+    }
+
+    /// The row-wise writes `writes`, all merging as one SQL (see
+    /// [`merges_as`](Self::merges_as)), as one write of all their rows;
+    /// `None` if their columns' types differ.
+    pub(crate) fn merged(writes: &[&StagedWrite]) -> Option<StagedWrite> {
+        let (first, rest) = writes.split_first()?;
+        let mut parameters = Vec::with_capacity(first.parameters.len());
+        for (index, parameter) in first.parameters.iter().enumerate() {
+            let Parameter::Column(column) = parameter else {
+                return None;
+            };
+            let more = rest
+                .iter()
+                .map(|write| match write.parameters.get(index) {
+                    Some(Parameter::Column(column)) => Some(column.as_ref()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<&dyn Column>>>()?;
+            parameters.push(Parameter::Column(column.appended(&more)?));
+        }
+        Some(StagedWrite {
+            sql: first.sql.clone(),
+            parameters,
+            row_wise: true,
+        })
     }
 
     /// The write as a CTE named `name`, its parameters numbered from
@@ -95,14 +228,16 @@ impl StagedWrite {
 
     /// Binds the write's parameters after those bound to `query` already.
     pub(crate) fn bind_to(&self, query: PgWritten) -> PgWritten {
-        self.binders.iter().fold(query, |query, value| value.bind_alone(query))
+        self.parameters
+            .iter()
+            .fold(query, |query, parameter| parameter.bound().bind_alone(query))
     }
 
     /// Binds the write's parameters to a shared statement.
     pub(crate) fn bind_to_batch(&self, query: PgBatched) -> PgBatched {
-        self.binders
+        self.parameters
             .iter()
-            .fold(query, |query, value| value.bind_batched(query))
+            .fold(query, |query, parameter| parameter.bound().bind_batched(query))
     }
 }
 
@@ -111,7 +246,8 @@ impl std::fmt::Debug for StagedWrite {
         // The SQL only: bound values may be personal data.
         f.debug_struct("StagedWrite")
             .field("sql", &self.sql)
-            .field("parameters", &self.binders.len())
+            .field("parameters", &self.parameters.len())
+            .field("row_wise", &self.row_wise)
             .finish()
     }
 }
@@ -184,6 +320,58 @@ mod tests {
             "UPDATE t SET a = $41, b = '$2', \"c$3\" = $43::int WHERE id = $52"
         );
         assert_eq!(renumber("SELECT 'it''s $1', $1", 2), "SELECT 'it''s $1', $3");
+    }
+
+    #[test]
+    fn row_wise_writes_of_one_sql_merge_their_rows() {
+        let sql = "INSERT INTO t (id, n) SELECT * FROM UNNEST($1::uuid[], $2::int8[])";
+        let one = StagedWrite::rows(sql)
+            .column(vec![uuid::Uuid::nil()])
+            .column(vec![1_i64]);
+        let two = StagedWrite::rows(sql)
+            .column(vec![uuid::Uuid::max(), uuid::Uuid::nil()])
+            .column(vec![2_i64, 3]);
+        assert_eq!(one.merges_as(), Some(sql));
+        let merged = StagedWrite::merged(&[&one, &two]).expect("same types");
+        assert_eq!(merged.merges_as(), Some(sql));
+        let lengths: Vec<usize> = merged
+            .parameters
+            .iter()
+            .map(|p| match p {
+                Parameter::Column(c) => c.rows(),
+                Parameter::Value(_) => 0,
+            })
+            .collect();
+        assert_eq!(lengths, [3, 3]);
+        let ns = match &merged.parameters[1] {
+            Parameter::Column(c) => c.as_any().downcast_ref::<Vec<i64>>().cloned(),
+            Parameter::Value(_) => None,
+        };
+        assert_eq!(ns, Some(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn only_row_wise_writes_of_whole_columns_merge() {
+        let sql = "UPDATE t SET n = u.n FROM UNNEST($1::int8[], $2::int8[]) AS u(id, n) WHERE t.id = u.id";
+        assert_eq!(
+            StagedWrite::new(sql)
+                .column(vec![1_i64])
+                .column(vec![2_i64])
+                .merges_as(),
+            None
+        );
+        assert_eq!(StagedWrite::rows(sql).column(vec![1_i64]).bind(2_i64).merges_as(), None);
+        assert_eq!(
+            StagedWrite::rows(sql)
+                .column(vec![1_i64])
+                .column(vec![2_i64, 3])
+                .merges_as(),
+            None
+        );
+        assert_eq!(StagedWrite::rows(sql).merges_as(), None);
+        let ints = StagedWrite::rows(sql).column(vec![1_i64]).column(vec![2_i64]);
+        let texts = StagedWrite::rows(sql).column(vec![1_i64]).column(vec!["2".to_owned()]);
+        assert!(StagedWrite::merged(&[&ints, &texts]).is_none());
     }
 
     #[test]

@@ -53,7 +53,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One connection is opened first, so an unreachable server or a wrong
 /// password is reported as such (a pool would only say it timed out).
 pub(crate) async fn pool(url: &str, schema: &SchemaName) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?.options([("search_path", schema.as_str())]);
+    let options = PgConnectOptions::from_str(url)?
+        .options([("search_path", schema.as_str())])
+        .options(saga_postgres::SESSION_SETTINGS);
     let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
         .await
         .map_err(|_| {

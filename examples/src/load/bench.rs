@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology};
 use saga_core::{CancellationToken, Subscriber};
+use sqlx::Connection as _;
 use tokio::task::JoinSet;
 
 use super::config::{LoadConfig, Mode};
@@ -116,13 +117,14 @@ async fn offer(
     if config.warmup_orders > 0 {
         let warm = orders
             .closed(
-                config.clients.min(4),
+                config.clients,
                 config.drain_timeout,
                 config.warmup_orders,
                 config.drain_timeout,
             )
             .await;
         tracing::info!(confirmed = warm.confirmed, "warmed up");
+        analyze(stage).await?;
     }
 
     let ceiling = match config.raw_duration {
@@ -256,4 +258,23 @@ fn config_json(config: &LoadConfig) -> serde_json::Value {
         "database_url": config.database_url.to_string(),
         "rabbitmq_url": config.rabbitmq_url.to_string(),
     })
+}
+
+/// Gathers the fresh database's statistics after the warm-up, as
+/// autovacuum does in a service that has run a while: plans made for empty
+/// tables (sequential scans) would otherwise stay cached on each connection
+/// for the whole run.
+async fn analyze(stage: &Stage) -> Result<(), LoadError> {
+    let url = stage.database_url.to_string();
+    let failed = |source| LoadError::Database {
+        url: url.clone(),
+        what: "ANALYZE after the warm-up".to_owned(),
+        source,
+    };
+    let mut conn = sqlx::PgConnection::connect(stage.database_url.expose())
+        .await
+        .map_err(failed)?;
+    sqlx::query("ANALYZE").execute(&mut conn).await.map_err(failed)?;
+    conn.close().await.map_err(failed)?;
+    Ok(())
 }

@@ -61,44 +61,61 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
         effects: Vec<OrderEffect>,
     ) -> Result<(), StepError> {
         // Staged: the writes travel in the transition's own statement (one
-        // round trip, no BEGIN/COMMIT) and commit or roll back with it.
+        // round trip, no BEGIN/COMMIT) and commit or roll back with it. Row-wise,
+        // so that concurrent transitions' writes merge into one per kind.
         for effect in effects {
             let write = match effect {
                 OrderEffect::Insert(order) => {
                     let id = *order.id.as_uuid();
                     saga_postgres::stage(
                         tx,
-                        StagedWrite::new(
+                        StagedWrite::rows(
                             "INSERT INTO order_service.orders (id, user_id, total_price, status) \
-                             VALUES ($1, $2, $3::numeric, $4)",
+                             SELECT u.id, u.user_id, u.total::numeric, u.status \
+                             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, user_id, total, status)",
                         )
-                        .bind(id)
-                        .bind(order.user_id.as_str().to_owned())
-                        .bind(order.total.to_string())
-                        .bind(order.status.as_str()),
+                        .column(vec![id])
+                        .column(vec![order.user_id.as_str().to_owned()])
+                        .column(vec![order.total.to_string()])
+                        .column(vec![order.status.as_str()]),
                     )
                     .map_err(store_error)?;
                     let items = &order.items;
-                    StagedWrite::new(
+                    StagedWrite::rows(
                         "INSERT INTO order_service.order_items (order_id, position, product_id, quantity, price) \
-                         SELECT $1, i.n - 1, i.product_id, i.quantity, i.price::numeric \
-                         FROM UNNEST($2::text[], $3::int4[], $4::text[]) WITH ORDINALITY AS i(product_id, quantity, price, n)",
+                         SELECT i.order_id, i.position, i.product_id, i.quantity, i.price::numeric \
+                         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::text[]) \
+                         AS i(order_id, position, product_id, quantity, price)",
                     )
-                    .bind(id)
-                    .bind(items.iter().map(|i| i.product_id.as_str().to_owned()).collect::<Vec<_>>())
-                    .bind(
+                    .column(vec![id; items.len()])
+                    .column(
+                        (0..items.len())
+                            .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
+                            .collect::<Vec<_>>(),
+                    )
+                    .column(
+                        items
+                            .iter()
+                            .map(|i| i.product_id.as_str().to_owned())
+                            .collect::<Vec<_>>(),
+                    )
+                    .column(
                         items
                             .iter()
                             .map(|i| i32::try_from(i.quantity.get()).unwrap_or(i32::MAX))
                             .collect::<Vec<_>>(),
                     )
-                    .bind(items.iter().map(|i| i.price.to_string()).collect::<Vec<_>>())
+                    .column(items.iter().map(|i| i.price.to_string()).collect::<Vec<_>>())
                 }
-                OrderEffect::SetStatus(id, status) => {
-                    StagedWrite::new("UPDATE order_service.orders SET status = $2, updated_at = now() WHERE id = $1")
-                        .bind(*id.as_uuid())
-                        .bind(status.as_str())
-                }
+                // Looked up by `id = ANY`, not joined to the arrays: an index
+                // scan in any plan, however small the table was when planned.
+                OrderEffect::SetStatus(id, status) => StagedWrite::rows(
+                    "UPDATE order_service.orders \
+                     SET status = ($2::text[])[array_position($1::uuid[], id)], updated_at = now() \
+                     WHERE id = ANY($1::uuid[])",
+                )
+                .column(vec![*id.as_uuid()])
+                .column(vec![status.as_str()]),
             };
             saga_postgres::stage(tx, write).map_err(store_error)?;
         }

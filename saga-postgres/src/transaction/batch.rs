@@ -24,7 +24,7 @@
 //! a statement carrying any raises (`saga_abort`) unless it wrote every
 //! transition: then nothing of it is written, and each runs alone.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -61,6 +61,12 @@ impl Batched {
         !self.rest.staged.is_empty()
     }
 
+    /// Whether it carries application writes that do not merge with other
+    /// members' (see [`StagedWrite::rows`]): each adds to the statement's text.
+    fn stages_apart(&self) -> bool {
+        self.rest.staged.iter().any(|write| write.merges_as().is_none())
+    }
+
     /// Orders members by the SQL of their staged writes, so that members
     /// alike stand together and a mix of kinds has one statement text.
     fn by_staged_sql(&self, other: &Self) -> std::cmp::Ordering {
@@ -72,9 +78,58 @@ impl Batched {
     }
 }
 
-/// Transitions with staged writes in one statement, at most: each adds its
-/// writes to the statement's text, so this bounds the texts prepared.
+/// Transitions with staged writes that do not merge in one statement, at
+/// most: each adds its writes to the statement's text, so this bounds the
+/// texts prepared.
 const STAGED_PER_STATEMENT: usize = 8;
+
+/// The staged writes of a shared statement, one CTE each: the members'
+/// row-wise writes merged into one per SQL, in the order of their SQL
+/// (`merged`), then every other write as it is, member by member (`apart`).
+struct StagedWrites<'a> {
+    merged: Vec<StagedWrite>,
+    apart: Vec<&'a StagedWrite>,
+    /// Writes of the members that travel in a merged one with others.
+    merging: usize,
+}
+
+impl<'a> StagedWrites<'a> {
+    fn of(items: &'a [Batched]) -> Self {
+        let mut merging: BTreeMap<&str, Vec<&StagedWrite>> = BTreeMap::new();
+        let mut apart = Vec::new();
+        for write in items.iter().flat_map(|item| &item.rest.staged) {
+            match write.merges_as() {
+                Some(sql) => merging.entry(sql).or_default().push(write),
+                None => apart.push(write),
+            }
+        }
+        let mut merged = Vec::new();
+        let mut unmerged = Vec::new();
+        let mut together = 0;
+        for (_, group) in merging {
+            match StagedWrite::merged(&group) {
+                Some(write) => {
+                    if group.len() > 1 {
+                        together += group.len();
+                    }
+                    merged.push(write);
+                }
+                // Columns of different types under one SQL: each as it is.
+                None => unmerged.extend(group),
+            }
+        }
+        unmerged.extend(apart);
+        Self {
+            merged,
+            apart: unmerged,
+            merging: together,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &StagedWrite> {
+        self.merged.iter().chain(self.apart.iter().copied())
+    }
+}
 
 /// Whether a transition has the shape batched: one instance written, one
 /// history row of it, at most one outbox message of it, no inbox row
@@ -97,6 +152,7 @@ pub(crate) struct Batcher {
     shared_statements: AtomicU64,
     batched_transitions: AtomicU64,
     retried_alone: AtomicU64,
+    merged_writes: AtomicU64,
 }
 
 /// How a store's commits were batched since it was created (see
@@ -110,6 +166,9 @@ pub struct CommitBatching {
     /// Transitions a shared statement did not write (a conflict, a
     /// duplicate, a failed statement) that then ran on their own.
     pub retried_alone: u64,
+    /// Staged row-wise writes that shared statements wrote merged with
+    /// others of their SQL (see `StagedWrite::rows`).
+    pub merged_writes: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +184,7 @@ impl Batcher {
             shared_statements: self.shared_statements.load(Ordering::Relaxed),
             batched_transitions: self.batched_transitions.load(Ordering::Relaxed),
             retried_alone: self.retried_alone.load(Ordering::Relaxed),
+            merged_writes: self.merged_writes.load(Ordering::Relaxed),
         }
     }
 
@@ -172,7 +232,7 @@ async fn run(shared: Arc<Shared>) {
             while batch.len() < most
                 && let Some((item, _)) = queue.waiting.front()
             {
-                if item.stages() {
+                if item.stages_apart() {
                     if staged == STAGED_PER_STATEMENT {
                         break;
                     }
@@ -230,8 +290,9 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
     let history = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
     let outbox = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
     let staged = items.iter().any(Batched::stages);
+    let writes = StagedWrites::of(items);
     let query: PgBatched = if staged {
-        sqlx::query_as(sqlx::AssertSqlSafe(staged_sql(items)))
+        sqlx::query_as(sqlx::AssertSqlSafe(staged_sql(&writes)))
     } else {
         sqlx::query_as(sql())
     };
@@ -285,9 +346,8 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
                 .collect::<Vec<_>>(),
         );
     let query = match staged {
-        true => items
+        true => writes
             .iter()
-            .flat_map(|i| &i.rest.staged)
             .fold(query, |query, write| write.bind_to_batch(query))
             .bind(i64::try_from(items.len()).unwrap_or(i64::MAX)),
         false => query,
@@ -300,6 +360,8 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
             return outcomes;
         }
     };
+    let merged = u64::try_from(writes.merging).unwrap_or(u64::MAX);
+    shared.batcher.merged_writes.fetch_add(merged, Ordering::Relaxed);
     for (n, outbox_id, handed) in rows {
         // The guard's row of a statement with staged writes has no position.
         let Some(index) = n.and_then(|n| usize::try_from(n).ok()).and_then(|n| n.checked_sub(1)) else {
@@ -338,19 +400,18 @@ fn sql() -> &'static str {
     SQL.get_or_init(|| format!("{} {WRITTEN}", ctes()))
 }
 
-/// The shared statement for `items` of which some stage writes: [`sql`]
-/// with each member's staged writes as further CTEs (parameters after the
-/// arrays, member by member), and one more row, the guard, which raises
-/// unless every member was written (its parameter: how many there are).
-fn staged_sql(items: &[Batched]) -> String {
+/// The shared statement for members of which some stage writes: [`sql`]
+/// with the staged `writes` as further CTEs
+/// (parameters after the arrays, write by write), and one more row, the
+/// guard, which raises unless every member was written (its parameter: how
+/// many there are).
+fn staged_sql(writes: &StagedWrites<'_>) -> String {
     let mut offset = CTE_PARAMETERS;
     let mut sql = ctes().to_owned();
-    for (member, item) in items.iter().enumerate() {
-        for (index, write) in item.rest.staged.iter().enumerate() {
-            sql.push_str(", ");
-            sql.push_str(&write.cte(&format!("staged_{member}_{index}"), offset));
-            offset += write.parameters();
-        }
+    for (index, write) in writes.iter().enumerate() {
+        sql.push_str(", ");
+        sql.push_str(&write.cte(&format!("staged_{index}"), offset));
+        offset += write.parameters();
     }
     let _ = write!(
         sql,
