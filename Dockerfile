@@ -18,7 +18,11 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 WORKDIR /src
 # protoc is vendored (protoc-bin-vendored); TLS is rustls + ring, so no
-# OpenSSL and no C toolchain beyond what the rust image ships are needed.
+# OpenSSL is needed. jemalloc (the binaries' allocator) builds with the
+# image's C compiler and make.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

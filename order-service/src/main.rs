@@ -7,6 +7,11 @@ use order_service::telemetry::Telemetry;
 use order_service::{Application, Config};
 use saga_core::CancellationToken;
 
+// jemalloc: 5-10 % less CPU per saga than glibc's malloc under load
+// (docs/performance.md), for a few MiB more resident memory.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Config::from_env() {
