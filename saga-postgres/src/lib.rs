@@ -28,7 +28,7 @@ pub use transaction::{CommitBatching, PostgresTransaction};
 ///   than executing it (1.1 against 0.8 ms; see `docs/performance.md`).
 ///   A cached plan is made again when the tables' statistics change
 ///   (autovacuum's `ANALYZE`), so plans made on a young, empty database do
-///   not stay.
+///   not stay. (The setting exists from PostgreSQL 12.)
 ///
 /// ```
 /// use sqlx::postgres::PgConnectOptions;

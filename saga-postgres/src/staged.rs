@@ -194,6 +194,13 @@ impl StagedWrite {
     /// `None` if their columns' types differ.
     pub(crate) fn merged(writes: &[&StagedWrite]) -> Option<StagedWrite> {
         let (first, rest) = writes.split_first()?;
+        if rest
+            .iter()
+            .any(|write| write.parameters.len() != first.parameters.len())
+        {
+            // Alone, the one with the wrong count fails; merged, it must too.
+            return None;
+        }
         let mut parameters = Vec::with_capacity(first.parameters.len());
         for (index, parameter) in first.parameters.iter().enumerate() {
             let Parameter::Column(column) = parameter else {
@@ -372,6 +379,12 @@ mod tests {
         let ints = StagedWrite::rows(sql).column(vec![1_i64]).column(vec![2_i64]);
         let texts = StagedWrite::rows(sql).column(vec![1_i64]).column(vec!["2".to_owned()]);
         assert!(StagedWrite::merged(&[&ints, &texts]).is_none());
+        let more = StagedWrite::rows(sql)
+            .column(vec![1_i64])
+            .column(vec![2_i64])
+            .column(vec![3_i64]);
+        assert!(StagedWrite::merged(&[&ints, &more]).is_none());
+        assert!(StagedWrite::merged(&[&more, &ints]).is_none());
     }
 
     #[test]
