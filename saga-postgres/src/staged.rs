@@ -121,7 +121,7 @@ impl StagedWrite {
     /// A row-wise write of `sql`: every parameter is a [`column`](Self::column)
     /// (an array, one element per row, all of one length), and the SQL writes
     /// each row as it would write it alone, typically `INSERT … SELECT … FROM
-    /// UNNEST($1::uuid[], …)` or `UPDATE … FROM UNNEST(…) WHERE`.
+    /// UNNEST($1::uuid[], …)`.
     ///
     /// When transitions share a statement (group commit), their row-wise
     /// writes of the same SQL travel as one write holding all their rows.
@@ -130,12 +130,17 @@ impl StagedWrite {
     /// of once per statement (planning a shared statement costs more than
     /// executing it).
     ///
+    /// Find the rows an `UPDATE` or `DELETE` touches by `= ANY($n)` rather
+    /// than by joining the arrays: a generic plan guesses ten rows for an
+    /// `UNNEST` of a parameter and, on a table that was small when planned,
+    /// joins it to a sequential scan.
+    ///
     /// ```
     /// use saga_postgres::StagedWrite;
     ///
     /// let write = StagedWrite::rows(
-    ///     "UPDATE orders o SET status = u.status FROM UNNEST($1::uuid[], $2::text[]) AS u(id, status) \
-    ///      WHERE o.id = u.id",
+    ///     "UPDATE orders SET status = ($2::text[])[array_position($1::uuid[], id)] \
+    ///      WHERE id = ANY($1::uuid[])",
     /// )
     /// .column(vec![uuid::Uuid::nil()])
     /// .column(vec!["CONFIRMED"]);
