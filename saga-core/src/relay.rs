@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -81,12 +82,17 @@ impl Relay {
     /// Claims one batch, publishes it, and marks what was confirmed.
     pub async fn run_once(&self) -> Result<RelayRound, StoreError> {
         let entries = self.outbox.claim(self.config.batch_size, self.config.lease).await?;
-        self.deliver(entries).await
+        self.deliver(entries, None).await
     }
 
     /// Publishes a claimed batch, marks what was confirmed and gives back
-    /// the rest.
-    async fn deliver(&self, entries: Vec<OutboxEntry>) -> Result<RelayRound, StoreError> {
+    /// the rest. `slot` is let go once publishing is over: marking need not
+    /// hold up the next round.
+    async fn deliver(
+        &self,
+        entries: Vec<OutboxEntry>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<RelayRound, StoreError> {
         if entries.is_empty() {
             return Ok(RelayRound::default());
         }
@@ -106,6 +112,7 @@ impl Relay {
                 (Vec::new(), ids)
             }
         };
+        drop(slot);
         metrics::counter!("saga_outbox_published_total").increment(sent.len() as u64);
         if !failed.is_empty() {
             metrics::counter!("saga_outbox_publish_failures_total").increment(failed.len() as u64);
@@ -158,7 +165,9 @@ impl Relay {
     /// notifications and polling as the fallback. Rounds under way when
     /// `shutdown` comes are finished.
     pub async fn run(self, shutdown: CancellationToken) {
-        let in_flight = self.config.rounds_in_flight.max(1);
+        // A round holds a slot while it publishes; marking sent goes on
+        // without one (a store may wait to gather several rounds' marks).
+        let slots = Arc::new(Semaphore::new(self.config.rounds_in_flight.max(1)));
         let mut rounds: JoinSet<Result<RelayRound, StoreError>> = JoinSet::new();
         let mut backoff = Duration::from_millis(50);
         // A round that ended in trouble: back off before the next claim.
@@ -178,18 +187,19 @@ impl Relay {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-            if rounds.len() >= in_flight {
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
+                    Ok(slot) = Arc::clone(&slots).acquire_owned() => drop(slot),
                     Some(ended) = rounds.join_next() => trouble = self.ended(ended),
                 }
                 continue;
-            }
+            };
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {
                     backoff = Duration::from_millis(50);
                     let relay = self.clone();
-                    rounds.spawn(async move { relay.deliver(entries).await });
+                    rounds.spawn(async move { relay.deliver(entries, Some(slot)).await });
                     // Let the round start before claiming the next batch.
                     tokio::task::yield_now().await;
                 }

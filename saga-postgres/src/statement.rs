@@ -56,8 +56,9 @@ pub(crate) enum InstanceRow {
 /// What one statement writes. Parameters come in this order: the instance
 /// (15 columns, then the expected revision for an update), the inbox
 /// (consumer, message id), the history (10 columns) and the outbox
-/// (8 columns, then the hand-off lease in milliseconds, `NULL` for none),
-/// each part present only if it writes rows.
+/// (8 columns, then the hand-off lease in milliseconds, `NULL` for none,
+/// and the ids of messages published but not yet marked sent, which the
+/// hand-off check counts as sent), each part present only if it writes rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Shape {
     pub(crate) instance: InstanceRow,
@@ -208,7 +209,7 @@ impl Shape {
             InstanceRow::Insert => 15,
             InstanceRow::Update => 16,
         };
-        instance + rows(self.inbox, 2) + rows(self.history, 10) + rows(self.outbox, 9)
+        instance + rows(self.inbox, 2) + rows(self.history, 10) + rows(self.outbox, 10)
     }
 
     fn parts(self) -> &'static Parts {
@@ -226,7 +227,14 @@ impl Shape {
         let inbox = (self.inbox != Rows::None).then(|| params.take(2));
         let history = (self.history != Rows::None).then(|| params.take(10));
         let outbox = (self.outbox != Rows::None).then(|| params.take(8));
-        let lease = outbox.as_ref().map(|_| params.take(1).remove(0));
+        let (lease, published) = match &outbox {
+            Some(_) => {
+                let mut taken = params.take(2);
+                let published = taken.remove(1);
+                (Some(taken.remove(0)), published)
+            }
+            None => (None, String::new()),
+        };
 
         // A message consumed here that was recorded the other way before
         // (see the transaction module) makes the whole statement write nothing.
@@ -269,7 +277,7 @@ impl Shape {
             (None, ..) | (_, true, ..) => None,
             (Some(_), false, InstanceRow::Update, Some(p)) => Some(format!(
                 "NOT EXISTS (SELECT 1 FROM saga_instances i JOIN saga_outbox o ON o.id = i.last_outbox_id \
-                 WHERE i.id = {} AND o.sent_at IS NULL)",
+                 WHERE i.id = {} AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))",
                 p[0]
             )),
             (Some(_), false, ..) => Some("true".to_owned()),
@@ -381,7 +389,7 @@ impl Shape {
                 }
             };
             ctes.push(format!(
-                "handoff AS (SELECT {handed} AS ok), \
+                "handoff AS (SELECT {handed} AS ok, {published}::int8[] AS published), \
                  outbox AS (INSERT INTO saga_outbox (id, {names}, claimed_until) {source} RETURNING id, saga_id)"
             ));
             if self.foreign {
@@ -607,7 +615,7 @@ mod tests {
                 InstanceRow::Update => 16,
             } + if shape.inbox == Rows::None { 0 } else { 2 }
                 + if shape.history == Rows::None { 0 } else { 10 }
-                + if shape.outbox == Rows::None { 0 } else { 9 };
+                + if shape.outbox == Rows::None { 0 } else { 10 };
             for n in 1..=expected {
                 assert!(sql.contains(&format!("${n}")), "{shape:?} lacks ${n}: {sql}");
             }

@@ -52,6 +52,11 @@ pub struct PostgresStoreConfig {
     /// batched ([`commit_batch`](Self::commit_batch) above 1). Fewer make
     /// larger batches under load.
     pub commits_in_flight: usize,
+    /// How long marking messages sent waits to gather more relay rounds'
+    /// messages into its statement. Meanwhile, messages confirmed but not
+    /// yet marked count as sent for the hand-off of their saga's next
+    /// message (this process published them, in order). `ZERO` marks at once.
+    pub mark_delay: Duration,
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
     pub retention: RetentionConfig,
@@ -65,6 +70,7 @@ impl Default for PostgresStoreConfig {
             handoff: true,
             commit_batch: 64,
             commits_in_flight: 2,
+            mark_delay: Duration::from_millis(20),
             retention: RetentionConfig::default(),
         }
     }
@@ -158,6 +164,14 @@ impl Shared {
     /// to be handed off.
     pub(crate) fn handoff_lease_millis(&self) -> Option<f64> {
         self.handoff_lease().map(lease_millis)
+    }
+
+    /// Messages this process's relay published, the broker confirmed, and
+    /// whose marking sent has not committed yet: for the hand-off check they
+    /// are sent (a saga's next message may follow them).
+    pub(crate) fn published_unmarked(&self) -> Vec<i64> {
+        let marks = self.marks();
+        marks.pending.iter().chain(&marks.in_statement).copied().collect()
     }
 
     /// Queues committed messages that were leased to this store's relay.
@@ -410,6 +424,8 @@ fn lease_millis(lease: Duration) -> f64 {
 #[derive(Default)]
 pub(crate) struct Marks {
     pending: Vec<OutboxId>,
+    /// Taken from `pending`, in the statement being written.
+    in_statement: Vec<OutboxId>,
     waiting: Vec<oneshot::Sender<Result<(), (bool, String)>>>,
     /// A caller is writing marks (and writes what comes in meanwhile).
     writing: bool,
@@ -428,6 +444,7 @@ impl Drop for Writing<'_> {
         let mut marks = self.0.marks();
         marks.writing = false;
         marks.pending.clear();
+        marks.in_statement.clear();
         marks.waiting.clear();
     }
 }
@@ -576,21 +593,35 @@ impl OutboxStore for PostgresStore {
         };
         if writer {
             let mut writing = Writing(&self.shared, false);
+            let delay = self.shared.config.mark_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             loop {
                 let (ids, waiting) = {
                     let mut marks = self.shared.marks();
+                    marks.in_statement.clear();
                     if marks.pending.is_empty() {
                         // Under the lock: a request after this finds no writer and writes.
                         marks.writing = false;
                         writing.1 = true;
                         break;
                     }
-                    (std::mem::take(&mut marks.pending), std::mem::take(&mut marks.waiting))
+                    let ids = std::mem::take(&mut marks.pending);
+                    marks.in_statement.clone_from(&ids);
+                    (ids, std::mem::take(&mut marks.waiting))
                 };
                 let written = self
                     .write_marks(&ids)
                     .await
                     .map_err(|e| (e.is_retryable(), e.to_string()));
+                if written.is_ok() {
+                    // A message committed behind one of these before its
+                    // confirm came (the broker may deliver first) was left to
+                    // claims, which wait for it to be sent: now it is.
+                    self.shared.handoff().table_dirty = true;
+                    self.shared.local.notify_one();
+                }
                 for waiter in waiting {
                     let _ = waiter.send(written.clone());
                 }

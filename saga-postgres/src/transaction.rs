@@ -224,7 +224,7 @@ where
     }
     let mut query = rest.bind(query, &shape);
     if outboxed {
-        query = query.bind(lease);
+        query = query.bind(lease).bind(shared.published_unmarked());
     }
     let query = staged.iter().fold(query, |query, write| write.bind_to(query));
     let (written, fresh, handed, ids) = query

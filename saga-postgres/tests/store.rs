@@ -421,6 +421,51 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off() {
+    let db = TestDb::new().await;
+    let config = PostgresStoreConfig {
+        mark_delay: Duration::from_millis(800),
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(2, config).await;
+    let pool = store.pool().clone();
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    let first = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert_eq!(first.len(), 1);
+
+    // M1 confirmed: its marking waits to gather more.
+    let marking = {
+        let (store, id) = (store.clone(), first[0].id);
+        tokio::spawn(async move { store.mark_sent(&[id]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!marking.is_finished(), "marking waits for its delay");
+
+    // M2 follows a message this process published: handed off at once.
+    let _ = emit(&store, &instance, false, "M2").await;
+    let second = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = second.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M2"], "handed off behind a published message");
+    assert!(leased(&pool, second[0].id).await);
+    assert!(!marking.is_finished(), "M1 was still waiting to be marked");
+
+    marking.await.expect("marking task").expect("mark_sent");
+    let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM saga_outbox WHERE id = $1")
+        .bind(first[0].id)
+        .fetch_one(&pool)
+        .await
+        .expect("outbox readable");
+    assert!(sent, "M1 is marked after the delay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_off_messages_no_relay_takes_are_claimed_once_their_lease_ends() {
     let db = TestDb::new().await;
     let store = db.store(2).await;

@@ -344,7 +344,8 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
                 .iter()
                 .map(|i| lease.filter(|_| i.keeps_message()))
                 .collect::<Vec<_>>(),
-        );
+        )
+        .bind(shared.published_unmarked());
     let query = match staged {
         true => writes
             .iter()
@@ -387,12 +388,14 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
 const WRITTEN: &str = "SELECT f.n, f.oid, f.handed FROM fresh f JOIN written w ON w.n = f.n";
 
 /// The parameters [`ctes`] takes.
-const CTE_PARAMETERS: usize = 33;
+const CTE_PARAMETERS: usize = 34;
 
 /// The shared statement. Parameters are arrays, one element per transition:
 /// the instance's 15 columns and its expected revision (`NULL` to insert);
 /// the history row's columns but the saga; the outbox row's columns but the
-/// saga (`NULL`s without a message) and its hand-off lease in milliseconds.
+/// saga (`NULL`s without a message) and its hand-off lease in milliseconds;
+/// then one array, not per transition: the messages published but not yet
+/// marked sent, which the hand-off check counts as sent.
 /// It returns a row per transition written: its position, its outbox row's
 /// id, and whether that row was leased for the hand-off.
 fn sql() -> &'static str {
@@ -454,7 +457,7 @@ fn ctes() -> &'static str {
                CASE WHEN u.o_message_id IS NOT NULL THEN nextval('saga_outbox_id_seq') END AS oid, \
                u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR NOT EXISTS (\
                  SELECT 1 FROM saga_instances i JOIN saga_outbox o ON o.id = i.last_outbox_id \
-                 WHERE i.id = u.id AND o.sent_at IS NULL)) AS handed \
+                 WHERE i.id = u.id AND o.sent_at IS NULL AND o.id <> ALL($34::int8[]))) AS handed \
                FROM item u WHERE u.h_message IS NULL OR \
                  NOT EXISTS (SELECT 1 FROM saga_inbox b WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
                ORDER BY u.n), \
