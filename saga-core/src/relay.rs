@@ -27,10 +27,12 @@ pub struct RelayConfig {
     pub lease: Duration,
     /// The longest wait between rounds when no notification arrives.
     pub poll_interval: Duration,
-    /// Rounds [`Relay::run`] keeps going at once: while one waits for
-    /// confirms or marks its messages sent, the next claims and publishes
-    /// what was committed meanwhile. A claim never hands out a saga's
-    /// message while an earlier one of it is held, so order per saga holds.
+    /// Rounds [`Relay::run`] keeps publishing at once: while one waits for
+    /// confirms, the next claims and publishes what was committed
+    /// meanwhile. A round marks its messages sent without holding its place
+    /// (a store may wait to gather several rounds' marks). A claim never
+    /// hands out a saga's message while an earlier one of it is held, so
+    /// order per saga holds.
     pub rounds_in_flight: usize,
 }
 
