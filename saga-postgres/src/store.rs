@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub(crate) config: PostgresStoreConfig,
     /// Wakes relays of this process at once when this process commits messages.
     local: Notify,
+    /// Cuts the wait before marking short: a message was left to claims,
+    /// perhaps behind one waiting to be marked.
+    mark_now: Notify,
     /// Wakes relays on other replicas' commits (fed by the listener task).
     remote: Arc<Notify>,
     /// A notification came since claims last read the table.
@@ -111,6 +114,8 @@ struct HandOff {
     last_read: Option<Instant>,
     /// This process committed (or released) messages it did not hand off since then.
     table_dirty: bool,
+    /// When a commit last left messages to claims (see `mark_sent`).
+    left_to_claims: Option<Instant>,
     /// When a claim was last served from hand-offs.
     served: Option<Instant>,
 }
@@ -193,7 +198,12 @@ impl Shared {
         if handed_off {
             return;
         }
-        self.handoff().table_dirty = true;
+        self.mark_now.notify_one();
+        {
+            let mut handoff = self.handoff();
+            handoff.table_dirty = true;
+            handoff.left_to_claims = Some(Instant::now());
+        }
         // Sent after the commit, on its own connection, by one task at a
         // time: a NOTIFY inside the transition's transaction would take
         // PostgreSQL's global notify lock through the commit's WAL flush and
@@ -275,6 +285,7 @@ impl PostgresStore {
                 pool,
                 config,
                 local: Notify::new(),
+                mark_now: Notify::new(),
                 remote: Arc::new(Notify::new()),
                 remote_dirty: Arc::new(AtomicBool::new(false)),
                 notifier: Arc::new(Notifier::default()),
@@ -284,6 +295,7 @@ impl PostgresStore {
                     lease: Duration::ZERO,
                     last_read: None,
                     table_dirty: false,
+                    left_to_claims: None,
                     served: None,
                 }),
                 marks: Mutex::new(Marks::default()),
@@ -595,7 +607,10 @@ impl OutboxStore for PostgresStore {
             let mut writing = Writing(&self.shared, false);
             let delay = self.shared.config.mark_delay;
             if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = self.shared.mark_now.notified() => {}
+                }
             }
             loop {
                 let (ids, waiting) = {
@@ -616,11 +631,16 @@ impl OutboxStore for PostgresStore {
                     .await
                     .map_err(|e| (e.is_retryable(), e.to_string()));
                 if written.is_ok() {
-                    // A message committed behind one of these before its
-                    // confirm came (the broker may deliver first) was left to
-                    // claims, which wait for it to be sent: now it is.
-                    self.shared.handoff().table_dirty = true;
-                    self.shared.local.notify_one();
+                    // A message committed lately behind one of these, before
+                    // its confirm came (the broker may deliver first), was
+                    // left to claims, which wait for it to be sent: now it may
+                    // be. Later, the table's periodic read covers it.
+                    let mut handoff = self.shared.handoff();
+                    if handoff.left_to_claims.is_some_and(|at| at.elapsed() < READ_TABLE_EVERY) {
+                        handoff.table_dirty = true;
+                        drop(handoff);
+                        self.shared.local.notify_one();
+                    }
                 }
                 for waiter in waiting {
                     let _ = waiter.send(written.clone());
