@@ -26,7 +26,7 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy to `target`, up; `up` false starts it cut.
     pub async fn start(target: SocketAddr, up: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free loopback port");
+        let listener = below_ephemeral_ports().await;
         let addr = listener.local_addr().expect("a bound address");
         let (cuts, _) = watch::channel(0u64);
         let proxy = Self {
@@ -97,4 +97,25 @@ async fn forward(mut client: TcpStream, target: SocketAddr, mut cuts: watch::Rec
         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
         _ = cuts.changed() => {}
     }
+}
+
+/// A listener on a free loopback port below Linux's ephemeral range
+/// (32768 and up). On a port from that range, a service reconnecting while
+/// the proxy is cut can be given the port itself as its source port and
+/// connect to itself (TCP simultaneous open), and the port cannot be
+/// listened on again until it lets go.
+async fn below_ephemeral_ports() -> TcpListener {
+    let seed = std::process::id() as u64
+        ^ u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()),
+        );
+    for attempt in 0..200u64 {
+        let port = 20_000 + (seed.wrapping_mul(31).wrapping_add(attempt * 7919) % 12_000) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
+            return listener;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000");
 }
