@@ -10,8 +10,8 @@ use common::TestDb;
 use saga_core::memory::InMemoryTransport;
 use saga_core::testkit::store_contract::sample_instance;
 use saga_core::{
-    Cause, Message, MessageId, OutboxStore, Position, QueryStore, Relay, RelayConfig, SagaId, SagaInstance, SagaStatus,
-    SagaStore, StoreError, Timestamp, Transition,
+    Cause, Message, MessageId, OutboxEntry, OutboxStore, Position, QueryStore, Relay, RelayConfig, SagaId,
+    SagaInstance, SagaStatus, SagaStore, StoreError, Timestamp, Transition,
 };
 use saga_postgres::{PostgresStoreConfig, RetentionConfig, StagedWrite};
 
@@ -360,13 +360,9 @@ async fn emit(store: &saga_postgres::PostgresStore, instance: &SagaInstance, ins
     next
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order() {
-    let db = TestDb::new().await;
-    let store = db.store(2).await;
-    let other = db.store(2).await;
-    let pool = store.pool().clone();
-    // A claim attaches the relay.
+/// Attaches a relay to `store` (a claim), starts a saga emitting `M1`, and
+/// claims again: the saga and what was handed over, `M1` alone.
+async fn first_message_handed_over(store: &saga_postgres::PostgresStore) -> (SagaInstance, Vec<OutboxEntry>) {
     assert!(
         store
             .claim(10, Duration::from_secs(30))
@@ -374,10 +370,19 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
             .expect("claim")
             .is_empty()
     );
-
-    let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    let instance = emit(store, &sample_instance("orders", None), true, "M1").await;
     let first = store.claim(10, Duration::from_secs(30)).await.expect("claim");
     assert_eq!(first.len(), 1, "the commit's message is handed over");
+    (instance, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let other = db.store(2).await;
+    let pool = store.pool().clone();
+    let (instance, first) = first_message_handed_over(&store).await;
     assert_eq!(first[0].message.kind, "M1");
     assert_eq!(first[0].saga, Some(instance.id));
     assert!(
@@ -429,16 +434,7 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     };
     let store = db.store_with(2, config).await;
     let pool = store.pool().clone();
-    assert!(
-        store
-            .claim(10, Duration::from_secs(30))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
-    let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
-    let first = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    assert_eq!(first.len(), 1);
+    let (instance, first) = first_message_handed_over(&store).await;
 
     // M1 confirmed: its marking waits to gather more.
     let marking = {
