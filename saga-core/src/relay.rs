@@ -189,13 +189,14 @@ impl Relay {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    Ok(slot) = Arc::clone(&slots).acquire_owned() => drop(slot),
-                    Some(ended) = rounds.join_next() => trouble = self.ended(ended),
+            let slot = tokio::select! {
+                () = shutdown.cancelled() => break,
+                // The semaphore is never closed.
+                Ok(slot) = Arc::clone(&slots).acquire_owned() => slot,
+                Some(ended) = rounds.join_next() => {
+                    trouble = self.ended(ended);
+                    continue;
                 }
-                continue;
             };
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {

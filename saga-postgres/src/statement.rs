@@ -212,6 +212,13 @@ impl Shape {
         instance + rows(self.inbox, 2) + rows(self.history, 10) + rows(self.outbox, 10)
     }
 
+    /// Whether the statement hands its message off only once the saga's
+    /// previous one is sent (or published, see `published_unmarked`): an
+    /// update of a saga that enqueues its own messages.
+    pub(crate) fn hands_off_after_predecessor(self) -> bool {
+        self.outbox != Rows::None && !self.foreign && self.instance == InstanceRow::Update
+    }
+
     fn parts(self) -> &'static Parts {
         static PARTS: [OnceLock<Parts>; SHAPES] = [const { OnceLock::new() }; SHAPES];
         PARTS[self.index()].get_or_init(|| self.build())
@@ -229,9 +236,8 @@ impl Shape {
         let outbox = (self.outbox != Rows::None).then(|| params.take(8));
         let (lease, published) = match &outbox {
             Some(_) => {
-                let mut taken = params.take(2);
-                let published = taken.remove(1);
-                (Some(taken.remove(0)), published)
+                let mut taken = params.take(2).into_iter();
+                (taken.next(), taken.next().unwrap_or_default())
             }
             None => (None, String::new()),
         };
@@ -275,6 +281,7 @@ impl Shape {
         // write then replaces (its revision is checked).
         let handoff = match (&outbox, self.foreign, self.instance, &instance) {
             (None, ..) | (_, true, ..) => None,
+            // The case `hands_off_after_predecessor` names.
             (Some(_), false, InstanceRow::Update, Some(p)) => Some(format!(
                 "NOT EXISTS (SELECT 1 FROM saga_instances i JOIN saga_outbox o ON o.id = i.last_outbox_id \
                  WHERE i.id = {} AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))",

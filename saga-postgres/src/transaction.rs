@@ -224,7 +224,12 @@ where
     }
     let mut query = rest.bind(query, &shape);
     if outboxed {
-        query = query.bind(lease).bind(shared.published_unmarked());
+        // Read only where the hand-off check uses them (no lock otherwise).
+        let published = match shape.hands_off_after_predecessor() {
+            true => shared.published_unmarked(),
+            false => Vec::new(),
+        };
+        query = query.bind(lease).bind(published);
     }
     let query = staged.iter().fold(query, |query, write| write.bind_to(query));
     let (written, fresh, handed, ids) = query

@@ -56,11 +56,6 @@ impl Batched {
         self.rest.o_id.len() == 1 && self.rest.messages.len() == 1
     }
 
-    /// Whether it carries application writes.
-    fn stages(&self) -> bool {
-        !self.rest.staged.is_empty()
-    }
-
     /// Whether it carries application writes that do not merge with other
     /// members' (see [`StagedWrite::rows`]): each adds to the statement's text.
     fn stages_apart(&self) -> bool {
@@ -89,41 +84,43 @@ const STAGED_PER_STATEMENT: usize = 8;
 struct StagedWrites<'a> {
     merged: Vec<StagedWrite>,
     apart: Vec<&'a StagedWrite>,
-    /// Writes of the members that travel in a merged one with others.
-    merging: usize,
+    /// Members' writes that travel merged with others (groups of two or more).
+    merged_members: usize,
 }
 
 impl<'a> StagedWrites<'a> {
     fn of(items: &'a [Batched]) -> Self {
-        let mut merging: BTreeMap<&str, Vec<&StagedWrite>> = BTreeMap::new();
-        let mut apart = Vec::new();
+        let mut by_sql: BTreeMap<&str, Vec<&StagedWrite>> = BTreeMap::new();
+        let mut others = Vec::new();
         for write in items.iter().flat_map(|item| &item.rest.staged) {
             match write.merges_as() {
-                Some(sql) => merging.entry(sql).or_default().push(write),
-                None => apart.push(write),
+                Some(sql) => by_sql.entry(sql).or_default().push(write),
+                None => others.push(write),
             }
         }
-        let mut merged = Vec::new();
-        let mut unmerged = Vec::new();
-        let mut together = 0;
-        for (_, group) in merging {
+        let mut writes = Self {
+            merged: Vec::new(),
+            apart: Vec::new(),
+            merged_members: 0,
+        };
+        for group in by_sql.into_values() {
             match StagedWrite::merged(&group) {
                 Some(write) => {
                     if group.len() > 1 {
-                        together += group.len();
+                        writes.merged_members += group.len();
                     }
-                    merged.push(write);
+                    writes.merged.push(write);
                 }
                 // Columns of different types under one SQL: each as it is.
-                None => unmerged.extend(group),
+                None => writes.apart.extend(group),
             }
         }
-        unmerged.extend(apart);
-        Self {
-            merged,
-            apart: unmerged,
-            merging: together,
-        }
+        writes.apart.extend(others);
+        writes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.merged.is_empty() && self.apart.is_empty()
     }
 
     fn iter(&self) -> impl Iterator<Item = &StagedWrite> {
@@ -289,8 +286,8 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
     let number = |f: fn(&InstanceValues) -> i64| items.iter().map(|i| f(values(i))).collect::<Vec<_>>();
     let history = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
     let outbox = |f: fn(&Rest) -> Option<String>| items.iter().map(|i| f(&i.rest)).collect::<Vec<_>>();
-    let staged = items.iter().any(Batched::stages);
     let writes = StagedWrites::of(items);
+    let staged = !writes.is_empty();
     let query: PgBatched = if staged {
         sqlx::query_as(sqlx::AssertSqlSafe(staged_sql(&writes)))
     } else {
@@ -361,7 +358,7 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
             return outcomes;
         }
     };
-    let merged = u64::try_from(writes.merging).unwrap_or(u64::MAX);
+    let merged = u64::try_from(writes.merged_members).unwrap_or(u64::MAX);
     shared.batcher.merged_writes.fetch_add(merged, Ordering::Relaxed);
     for (n, outbox_id, handed) in rows {
         // The guard's row of a statement with staged writes has no position.
