@@ -892,6 +892,52 @@ async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() 
     );
 }
 
+/// When the database cannot be reached, a shared statement's transitions
+/// all fail at once as `Unavailable`: none runs again alone, each waiting
+/// out its own connection attempt while later commits queue behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_sharing_a_statement_all_fail_at_once_when_the_database_is_out_of_reach() {
+    // A loopback port nothing listens on: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port)
+        .username("postgres");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(options);
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        ..PostgresStoreConfig::default()
+    };
+    let store = saga_postgres::PostgresStore::with_config(pool, config);
+
+    // The first commit's statement waits out the acquire timeout; the
+    // others gather behind it into one shared statement.
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (store, instance) = (store.clone(), sample_instance("orders", None));
+        starts.spawn(async move {
+            let mut tx = store.begin().await?;
+            tx.insert(&instance).await?;
+            tx.record(&started(&instance)).await?;
+            tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
+                .await?;
+            tx.commit().await
+        });
+    }
+    let failed = starts.join_all().await;
+    assert!(
+        failed.iter().all(|r| matches!(r, Err(StoreError::Unavailable(_)))),
+        "every commit is Unavailable: {failed:?}"
+    );
+    let batching = store.commit_batching();
+    assert_eq!(batching.retried_alone, 0, "no transition ran again alone: {batching:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_consumed_by_concurrent_transitions_of_many_sagas_takes_effect_once() {
     let db = TestDb::new().await;

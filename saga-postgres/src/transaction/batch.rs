@@ -18,7 +18,9 @@
 //! instance that exists) runs again on its own statement, which reports why
 //! exactly as without batching; so does every transition of a batch whose
 //! statement failed (a unique violation by a concurrent consumer aborts the
-//! whole statement).
+//! whole statement). Unless the database could not be reached: then every
+//! transition of the batch fails at once as `Unavailable`, as each would on
+//! its own, instead of waiting out one connection attempt after another.
 //!
 //! Staged writes are not conditional on their transition being written, so
 //! a statement carrying any raises (`saga_abort`) unless it wrote every
@@ -33,6 +35,7 @@ use saga_core::{OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
+use crate::error::is_unreachable;
 use crate::staged::StagedWrite;
 use crate::statement::INSTANCE_COLUMNS;
 use crate::store::Shared;
@@ -247,7 +250,19 @@ async fn run(shared: Arc<Shared>) {
             continue;
         }
         let (items, replies): (Vec<Batched>, Vec<Reply>) = batch.into_iter().unzip();
-        let outcomes = together(&shared, &items).await;
+        let outcomes = match together(&shared, &items).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // Each transition alone would wait out its own connection
+                // attempt in turn, with later ones queued behind: all of
+                // them hear now, as each alone would have.
+                let reason = format!("the shared commit statement carrying this transition failed: {error}");
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(reason.clone().into())));
+                }
+                continue;
+            }
+        };
         let written = outcomes.iter().filter(|o| o.is_some()).count() as u64;
         let stats = &shared.batcher;
         if written > 0 {
@@ -276,8 +291,9 @@ async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, Store
 
 /// Writes `items` in one statement. For each item: the outbox rows leased
 /// for the hand-off if it was written, `None` if it was not (or the
-/// statement failed).
-async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEntry>>> {
+/// statement failed for a reason its own statement may not share). Fails
+/// only when the database cannot be reached.
+async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<OutboxEntry>>>, sqlx::Error> {
     let lease = shared.handoff_lease_millis();
     fn values(item: &Batched) -> &InstanceValues {
         item.write.values()
@@ -353,9 +369,13 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
     let mut outcomes: Vec<Option<Vec<OutboxEntry>>> = (0..items.len()).map(|_| None).collect();
     let rows = match query.fetch_all(&shared.pool).await {
         Ok(rows) => rows,
+        Err(error) if is_unreachable(&error) => {
+            tracing::debug!(%error, size = items.len(), "a shared commit statement could not reach the database");
+            return Err(error);
+        }
         Err(error) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement failed; each transition runs alone");
-            return outcomes;
+            return Ok(outcomes);
         }
     };
     let merged = u64::try_from(writes.merged_members).unwrap_or(u64::MAX);
@@ -378,7 +398,7 @@ async fn together(shared: &Shared, items: &[Batched]) -> Vec<Option<Vec<OutboxEn
         };
         *outcome = Some(entries);
     }
-    outcomes
+    Ok(outcomes)
 }
 
 /// What the shared statement returns: a row per transition written.
