@@ -18,18 +18,6 @@ const TRANSIENT_SQLSTATES: &[&str] = &[
     "08004", // sqlserver_rejected_establishment_of_sqlconnection
 ];
 
-/// Whether `error` says the database is out of reach (no connection, one
-/// cut, a server shutting down): transient, but unlike a serialization
-/// failure or deadlock, not about the statement's own rows.
-pub(crate) fn is_unreachable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P") || code.as_ref() == "53300"),
-        other => is_transient(other),
-    }
-}
-
 /// Whether `error` is worth retrying as is (connection trouble, a server
 /// restarting, a serialization failure or deadlock).
 pub(crate) fn is_transient(error: &sqlx::Error) -> bool {

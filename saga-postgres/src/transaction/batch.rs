@@ -18,9 +18,10 @@
 //! instance that exists) runs again on its own statement, which reports why
 //! exactly as without batching; so does every transition of a batch whose
 //! statement failed (a unique violation by a concurrent consumer aborts the
-//! whole statement). Unless the database could not be reached: then every
-//! transition of the batch fails at once as `Unavailable`, as each would on
-//! its own, instead of waiting out one connection attempt after another.
+//! whole statement). Once the pool gives no connection within its acquire
+//! timeout, though, the batch's remaining transitions fail at once as
+//! `Unavailable`, as each would on its own, instead of waiting out one
+//! acquire timeout after another.
 //!
 //! Staged writes are not conditional on their transition being written, so
 //! a statement carrying any raises (`saga_abort`) unless it wrote every
@@ -35,7 +36,7 @@ use saga_core::{OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
-use crate::error::is_unreachable;
+use crate::error::store_error;
 use crate::staged::StagedWrite;
 use crate::statement::INSTANCE_COLUMNS;
 use crate::store::Shared;
@@ -250,18 +251,13 @@ async fn run(shared: Arc<Shared>) {
             continue;
         }
         let (items, replies): (Vec<Batched>, Vec<Reply>) = batch.into_iter().unzip();
-        let outcomes = match together(&shared, &items).await {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                // Each transition alone would wait out its own connection
-                // attempt in turn, with later ones queued behind: all of
-                // them hear now, as each alone would have.
-                let reason = format!("the shared commit statement carrying this transition failed: {error}");
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Unavailable(reason.clone().into())));
-                }
-                continue;
-            }
+        // Once the pool gives no connection, the database is out of reach:
+        // each transition alone would wait out the acquire timeout in turn,
+        // with later commits queued behind. The rest hear it at once, as
+        // each alone would have.
+        let (outcomes, mut out_of_reach) = match together(&shared, &items).await {
+            Ok(outcomes) => (outcomes, None),
+            Err(error) => ((0..items.len()).map(|_| None).collect(), Some(error.to_string())),
         };
         let written = outcomes.iter().filter(|o| o.is_some()).count() as u64;
         let stats = &shared.batcher;
@@ -271,17 +267,30 @@ async fn run(shared: Arc<Shared>) {
             metrics::histogram!("saga_postgres_commit_batch_size").record(written as f64);
         }
         for ((item, reply), outcome) in items.into_iter().zip(replies).zip(outcomes) {
-            let result = match outcome {
-                Some(handed) => Ok(handed),
+            let result = match (outcome, &out_of_reach) {
+                (Some(handed), _) => Ok(handed),
+                (None, Some(reason)) => Err(StoreError::Unavailable(reason.clone().into())),
                 // Not written by the shared statement: its own says why.
-                None => {
+                (None, None) => {
                     stats.retried_alone.fetch_add(1, Ordering::Relaxed);
-                    alone(&shared, item).await
+                    let result = alone(&shared, item).await;
+                    if let Err(error) = &result
+                        && no_connection(error)
+                    {
+                        out_of_reach = Some(error.to_string());
+                    }
+                    result
                 }
             };
             let _ = reply.send(result);
         }
     }
+}
+
+/// Whether `error` is the pool's acquire timeout: no connection could be had.
+fn no_connection(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unavailable(source)
+        if matches!(source.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::PoolTimedOut)))
 }
 
 /// One transition in a statement of its own.
@@ -292,8 +301,8 @@ async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, Store
 /// Writes `items` in one statement. For each item: the outbox rows leased
 /// for the hand-off if it was written, `None` if it was not (or the
 /// statement failed for a reason its own statement may not share). Fails
-/// only when the database cannot be reached.
-async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<OutboxEntry>>>, sqlx::Error> {
+/// only when the pool gave no connection.
+async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<OutboxEntry>>>, StoreError> {
     let lease = shared.handoff_lease_millis();
     fn values(item: &Batched) -> &InstanceValues {
         item.write.values()
@@ -369,9 +378,9 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
     let mut outcomes: Vec<Option<Vec<OutboxEntry>>> = (0..items.len()).map(|_| None).collect();
     let rows = match query.fetch_all(&shared.pool).await {
         Ok(rows) => rows,
-        Err(error) if is_unreachable(&error) => {
-            tracing::debug!(%error, size = items.len(), "a shared commit statement could not reach the database");
-            return Err(error);
+        Err(error @ sqlx::Error::PoolTimedOut) => {
+            tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection");
+            return Err(store_error(error));
         }
         Err(error) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement failed; each transition runs alone");
