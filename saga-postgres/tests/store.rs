@@ -807,16 +807,9 @@ async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() 
 
     // Starts, one of them twice: exactly one AlreadyExists.
     let mut starts = tokio::task::JoinSet::new();
-    for instance in instances.iter().chain(instances.first()).cloned() {
-        let store = store.clone();
-        starts.spawn(async move {
-            let mut tx = store.begin().await?;
-            tx.insert(&instance).await?;
-            tx.record(&started(&instance)).await?;
-            tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
-                .await?;
-            tx.commit().await
-        });
+    for instance in instances.iter().chain(instances.first()) {
+        let (store, instance) = (store.clone(), instance.clone());
+        starts.spawn(async move { start(&store, &instance).await });
     }
     let started = starts.join_all().await;
     assert_eq!(started.iter().filter(|r| r.is_ok()).count(), sagas);
@@ -920,14 +913,7 @@ async fn transitions_sharing_a_statement_all_fail_at_once_when_the_database_is_o
     let mut starts = tokio::task::JoinSet::new();
     for _ in 0..16 {
         let (store, instance) = (store.clone(), sample_instance("orders", None));
-        starts.spawn(async move {
-            let mut tx = store.begin().await?;
-            tx.insert(&instance).await?;
-            tx.record(&started(&instance)).await?;
-            tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
-                .await?;
-            tx.commit().await
-        });
+        starts.spawn(async move { start(&store, &instance).await });
     }
     let failed = starts.join_all().await;
     assert!(
@@ -1132,6 +1118,16 @@ enum Staging {
     Plain,
     /// `StagedWrite::rows`: the writes of one SQL merged in a shared statement.
     RowWise,
+}
+
+/// A saga started with one message, in a transaction of its own.
+async fn start(store: &saga_postgres::PostgresStore, instance: &SagaInstance) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
+    tx.insert(instance).await?;
+    tx.record(&started(instance)).await?;
+    tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
+        .await?;
+    tx.commit().await
 }
 
 /// A start with an order and its items staged.
