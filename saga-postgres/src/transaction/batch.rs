@@ -18,10 +18,11 @@
 //! instance that exists) runs again on its own statement, which reports why
 //! exactly as without batching; so does every transition of a batch whose
 //! statement failed (a unique violation by a concurrent consumer aborts the
-//! whole statement). Once the pool gives no connection within its acquire
-//! timeout, though, the batch's remaining transitions fail at once as
-//! `Unavailable`, as each would on its own, instead of waiting out one
-//! acquire timeout after another.
+//! whole statement). Each caller runs its own again, so those statements
+//! neither wait for one another nor hold up the next shared one. If the
+//! pool gives no connection within its acquire timeout, though, every
+//! transition of the batch fails at once as `Unavailable`, as each would on
+//! its own.
 //!
 //! Staged writes are not conditional on their transition being written, so
 //! a statement carrying any raises (`saga_abort`) unless it wrote every
@@ -144,7 +145,17 @@ pub(crate) fn fits(write: &InstanceWrite, rest: &Rest) -> bool {
         && rest.o_saga.iter().all(|saga| *saga == Some(id))
 }
 
-type Reply = oneshot::Sender<Result<Vec<OutboxEntry>, StoreError>>;
+/// What the runner answers a waiting transition.
+enum Answer {
+    /// Written, or failed, by the runner's statement: the outbox rows
+    /// leased for the hand-off.
+    Done(Result<Vec<OutboxEntry>, StoreError>),
+    /// The shared statement did not write it: the caller writes it alone,
+    /// which reports why (callers do so at once, without holding the runner).
+    Alone(Box<Batched>),
+}
+
+type Reply = oneshot::Sender<Answer>;
 
 /// Transitions waiting, and how many statements are carrying others.
 #[derive(Default)]
@@ -213,9 +224,14 @@ pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<Ou
         // the others whose transitions its statement carries.
         tokio::spawn(run(Arc::clone(shared)));
     }
-    answer
-        .await
-        .unwrap_or_else(|_| Err(StoreError::Backend("the commit task ended without an answer".into())))
+    match answer.await {
+        Ok(Answer::Done(result)) => result,
+        Ok(Answer::Alone(item)) => {
+            shared.batcher.retried_alone.fetch_add(1, Ordering::Relaxed);
+            alone(shared, *item).await
+        }
+        Err(_) => Err(StoreError::Backend("the commit task ended without an answer".into())),
+    }
 }
 
 /// Sends statements while transitions wait.
@@ -246,18 +262,22 @@ async fn run(shared: Arc<Shared>) {
         batch.sort_by(|(a, _), (b, _)| a.by_staged_sql(b));
         if let [_] = batch.as_slice() {
             if let Some((item, reply)) = batch.into_iter().next() {
-                let _ = reply.send(alone(&shared, item).await);
+                let _ = reply.send(Answer::Done(alone(&shared, item).await));
             }
             continue;
         }
         let (items, replies): (Vec<Batched>, Vec<Reply>) = batch.into_iter().unzip();
-        // Once the pool gives no connection, the database is out of reach:
-        // each transition alone would wait out the acquire timeout in turn,
-        // with later commits queued behind. The rest hear it at once, as
-        // each alone would have.
-        let (outcomes, mut out_of_reach) = match together(&shared, &items).await {
-            Ok(outcomes) => (outcomes, None),
-            Err(error) => ((0..items.len()).map(|_| None).collect(), Some(error.to_string())),
+        let outcomes = match together(&shared, &items).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // No connection within the acquire timeout: each alone
+                // would wait as long to hear the same.
+                let reason = error.to_string();
+                for reply in replies {
+                    let _ = reply.send(Answer::Done(Err(StoreError::Unavailable(reason.clone().into()))));
+                }
+                continue;
+            }
         };
         let written = outcomes.iter().filter(|o| o.is_some()).count() as u64;
         let stats = &shared.batcher;
@@ -267,30 +287,13 @@ async fn run(shared: Arc<Shared>) {
             metrics::histogram!("saga_postgres_commit_batch_size").record(written as f64);
         }
         for ((item, reply), outcome) in items.into_iter().zip(replies).zip(outcomes) {
-            let result = match (outcome, &out_of_reach) {
-                (Some(handed), _) => Ok(handed),
-                (None, Some(reason)) => Err(StoreError::Unavailable(reason.clone().into())),
+            let _ = reply.send(match outcome {
+                Some(handed) => Answer::Done(Ok(handed)),
                 // Not written by the shared statement: its own says why.
-                (None, None) => {
-                    stats.retried_alone.fetch_add(1, Ordering::Relaxed);
-                    let result = alone(&shared, item).await;
-                    if let Err(error) = &result
-                        && no_connection(error)
-                    {
-                        out_of_reach = Some(error.to_string());
-                    }
-                    result
-                }
-            };
-            let _ = reply.send(result);
+                None => Answer::Alone(Box::new(item)),
+            });
         }
     }
-}
-
-/// Whether `error` is the pool's acquire timeout: no connection could be had.
-fn no_connection(error: &StoreError) -> bool {
-    matches!(error, StoreError::Unavailable(source)
-        if matches!(source.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::PoolTimedOut)))
 }
 
 /// One transition in a statement of its own.
