@@ -146,11 +146,21 @@ impl Link {
     /// Closes the connection; later calls fail with [`TransportError::Closed`].
     pub(crate) async fn close(&self) {
         self.closed.cancel();
-        let connection = self.state.lock().await.connection.take();
-        if let Some(connection) = connection.filter(|c| c.status().connected())
-            && let Err(error) = connection.close(200, "closing".into()).await
+        // Bounded: a broker that never answers the close (or a connection
+        // that died meanwhile) must not hold up shutdown.
+        let closing = async {
+            let connection = self.state.lock().await.connection.take();
+            if let Some(connection) = connection.filter(|c| c.status().connected())
+                && let Err(error) = connection.close(200, "closing".into()).await
+            {
+                tracing::debug!(%error, "closing the connection failed");
+            }
+        };
+        if tokio::time::timeout(self.config.operation_timeout, closing)
+            .await
+            .is_err()
         {
-            tracing::debug!(%error, "closing the connection failed");
+            tracing::debug!(timeout = ?self.config.operation_timeout, "closing the connection took too long; left to drop");
         }
     }
 }
