@@ -15,6 +15,20 @@ pub mod transport_contract;
 
 pub use saga_test::SagaTest;
 
+/// How long one step of a contract suite (subscribe, publish, settle,
+/// browse) may take before the suite fails naming it: a backend that hangs
+/// shows as a message, not as a stuck test.
+const STEP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `future`'s output, or a panic naming `step` if it takes longer than
+/// [`STEP_LIMIT`].
+async fn within<T>(step: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(STEP_LIMIT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{step}: no answer within {STEP_LIMIT:?}"),
+    }
+}
+
 use crate::clock::Timestamp;
 use crate::engine::Engine;
 use crate::id::{MessageId, SagaId};
@@ -90,4 +104,13 @@ pub fn assert_resumable(engine: &Engine, samples: &[SagaInstance]) {
         problems.len(),
         problems.join("\n")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "publishing: no answer within 10s")]
+    async fn a_contract_step_that_never_answers_fails_naming_it() {
+        super::within("publishing", std::future::pending::<()>()).await;
+    }
 }

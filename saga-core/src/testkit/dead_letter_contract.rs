@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::within;
 use crate::dead_letter::{DeadLetterPage, DeadLetterQueue, ReplaySelection};
 use crate::id::MessageId;
 use crate::message::Message;
@@ -49,9 +50,7 @@ async fn next(subscription: &mut Box<dyn Subscription>, what: &str) -> Delivery 
 }
 
 async fn settle(delivery: Delivery, settlement: Settlement) {
-    delivery
-        .settle
-        .settle(settlement)
+    within("settling", delivery.settle.settle(settlement))
         .await
         .unwrap_or_else(|e| panic!("settling failed: {e}"));
 }
@@ -67,11 +66,12 @@ fn sample(fixture: &Fixture, n: u32) -> Message {
 }
 
 async fn subscribe(fixture: &Fixture) -> Box<dyn Subscription> {
-    fixture
-        .transport
-        .subscribe(&fixture.queue)
-        .await
-        .unwrap_or_else(|e| panic!("subscribing to `{}` failed: {e}", fixture.queue))
+    within(
+        &format!("subscribing to `{}`", fixture.queue),
+        fixture.transport.subscribe(&fixture.queue),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("subscribing to `{}` failed: {e}", fixture.queue))
 }
 
 /// Publishes `count` messages and dead-letters each (the first after one
@@ -80,9 +80,7 @@ async fn dead_letter(fixture: &Fixture, subscription: &mut Box<dyn Subscription>
     let mut sent = Vec::new();
     for n in 0..count {
         let message = sample(fixture, n);
-        fixture
-            .transport
-            .publish(&message)
+        within("publishing", fixture.transport.publish(&message))
             .await
             .unwrap_or_else(|e| panic!("publishing failed: {e}"));
         let mut delivery = next(subscription, "a message to dead-letter").await;
@@ -105,11 +103,12 @@ async fn dead_letter(fixture: &Fixture, subscription: &mut Box<dyn Subscription>
 }
 
 async fn page(fixture: &Fixture, limit: usize) -> DeadLetterPage {
-    fixture
-        .dead_letters
-        .dead_letters(&fixture.queue, limit)
-        .await
-        .unwrap_or_else(|e| panic!("browsing the dead letters of `{}` failed: {e}", fixture.queue))
+    within(
+        "browsing the dead letters",
+        fixture.dead_letters.dead_letters(&fixture.queue, limit),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("browsing the dead letters of `{}` failed: {e}", fixture.queue))
 }
 
 async fn wait_for_total(fixture: &Fixture, total: usize, what: &str) {
@@ -166,9 +165,7 @@ pub async fn replay_sends_chosen_messages_back_to_their_origin(fixture: Fixture)
     let sent = dead_letter(&fixture, &mut subscription, 3).await;
     let unknown = MessageId::from("no-such-message");
     let selection = ReplaySelection::Ids(vec![sent[0].id.clone(), unknown.clone()]);
-    let report = fixture
-        .dead_letters
-        .replay(&fixture.queue, &selection)
+    let report = within("replaying", fixture.dead_letters.replay(&fixture.queue, &selection))
         .await
         .unwrap_or_else(|e| panic!("replay failed: {e}"));
     assert_eq!(report.replayed, [sent[0].id.clone()], "the chosen message is replayed");
@@ -196,11 +193,12 @@ pub async fn replay_sends_chosen_messages_back_to_their_origin(fixture: Fixture)
 pub async fn replay_all_empties_the_dead_letter_queue(fixture: Fixture) {
     let mut subscription = subscribe(&fixture).await;
     let sent = dead_letter(&fixture, &mut subscription, 3).await;
-    let report = fixture
-        .dead_letters
-        .replay(&fixture.queue, &ReplaySelection::All)
-        .await
-        .unwrap_or_else(|e| panic!("replay failed: {e}"));
+    let report = within(
+        "replaying",
+        fixture.dead_letters.replay(&fixture.queue, &ReplaySelection::All),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("replay failed: {e}"));
     let mut replayed = report.replayed.clone();
     replayed.sort();
     let mut expected: Vec<MessageId> = sent.iter().map(|m| m.id.clone()).collect();
@@ -222,12 +220,20 @@ pub async fn replay_all_empties_the_dead_letter_queue(fixture: Fixture) {
 /// fails with [`TransportError::UnknownAddress`].
 pub async fn a_queue_that_does_not_exist_is_an_error(fixture: Fixture) {
     let missing = format!("{}-missing", fixture.queue);
-    let browsed = fixture.dead_letters.dead_letters(&missing, 10).await;
+    let browsed = within(
+        "browsing a missing queue",
+        fixture.dead_letters.dead_letters(&missing, 10),
+    )
+    .await;
     assert!(
         matches!(browsed, Err(TransportError::UnknownAddress(_))),
         "browsing: {browsed:?}"
     );
-    let replayed = fixture.dead_letters.replay(&missing, &ReplaySelection::All).await;
+    let replayed = within(
+        "replaying a missing queue",
+        fixture.dead_letters.replay(&missing, &ReplaySelection::All),
+    )
+    .await;
     assert!(
         matches!(replayed, Err(TransportError::UnknownAddress(_))),
         "replaying: {replayed:?}"

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::within;
 use crate::message::Message;
 use crate::transport::{Delivery, Settlement, Subscription, Transport, TransportError};
 
@@ -48,17 +49,13 @@ async fn next(subscription: &mut Box<dyn Subscription>, what: &str) -> Delivery 
 }
 
 async fn subscribe(fixture: &Fixture, queue: &str) -> Box<dyn Subscription> {
-    fixture
-        .transport
-        .subscribe(queue)
+    within(&format!("subscribing to `{queue}`"), fixture.transport.subscribe(queue))
         .await
         .unwrap_or_else(|e| panic!("subscribing to `{queue}` failed: {e}"))
 }
 
 async fn publish(fixture: &Fixture, message: &Message) {
-    fixture
-        .transport
-        .publish(message)
+    within("publishing", fixture.transport.publish(message))
         .await
         .unwrap_or_else(|e| panic!("publishing failed: {e}"));
 }
@@ -96,9 +93,7 @@ pub async fn published_message_arrives_whole(fixture: Fixture) {
 }
 
 async fn settle(delivery: Delivery, settlement: Settlement) {
-    delivery
-        .settle
-        .settle(settlement)
+    within("settling", delivery.settle.settle(settlement))
         .await
         .unwrap_or_else(|e| panic!("settling failed: {e}"));
 }
@@ -228,7 +223,12 @@ pub async fn unknown_destination_is_an_error(fixture: Fixture) {
         format!("{}.does-not-exist", fixture.destination),
         b"{}".to_vec(),
     );
-    match fixture.transport.publish(&message).await {
+    match within(
+        "publishing to an unknown destination",
+        fixture.transport.publish(&message),
+    )
+    .await
+    {
         Err(TransportError::UnknownAddress(_) | TransportError::Rejected { .. } | TransportError::Unavailable(_)) => {}
         Err(other) => panic!("unexpected error for an unknown destination: {other}"),
         Ok(()) => panic!("publishing to an unknown destination must fail, not drop the message"),
