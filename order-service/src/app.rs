@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology, TracedHandler};
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
 use saga_core::{CancellationToken, Consumer, ConsumerConfig, Engine, Participant, Relay, RelayConfig, RetryPolicy};
-use saga_postgres::PostgresStore;
+use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
@@ -27,7 +27,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admin::{self, AdminGrpc, AdminServer, DeadLetterSource, Operations};
-use crate::config::{Backend, Config, ListenAddr, SecretUrl};
+use crate::config::{Backend, Config, ListenAddr, Retention, SecretUrl};
 use crate::dashboard::{self, DashboardConfig};
 use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
 use crate::grpc::OrderGrpc;
@@ -115,6 +115,9 @@ struct ProductionStart {
     database_url: SecretUrl,
     rabbitmq_url: SecretUrl,
     pool: PgPool,
+    /// The engine's store, purged every `retention_interval`.
+    store: PostgresStore,
+    retention_interval: Duration,
     engine: Engine,
     /// Opens the order API once the database is migrated.
     open: Arc<AtomicBool>,
@@ -223,7 +226,7 @@ impl Application {
             Backend::Production {
                 database_url,
                 rabbitmq_url,
-            } => production(&saga, database_url, rabbitmq_url)?,
+            } => production(&saga, database_url, rabbitmq_url, &config.retention)?,
         };
         let dashboard = dashboard::routes(
             workers.engine().clone(),
@@ -492,6 +495,7 @@ fn production(
     saga: &OrderSagaConfig,
     database_url: &SecretUrl,
     rabbitmq_url: &SecretUrl,
+    retention: &Retention,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
     let options = PgConnectOptions::from_str(database_url.expose())
         .map_err(|e| StartError::Database {
@@ -507,10 +511,16 @@ fn production(
         // reports as transient and the caller retries on a fresh one.
         .test_before_acquire(false)
         .connect_lazy_with(options);
-    let store = Arc::new(PostgresStore::new(pool.clone()));
+    let store = PostgresStore::with_config(
+        pool.clone(),
+        PostgresStoreConfig {
+            retention: retention.store.clone(),
+            ..PostgresStoreConfig::default()
+        },
+    );
     let table = PostgresOrders::new(pool.clone());
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
-    let engine = Engine::builder(store)
+    let engine = Engine::builder(Arc::new(store.clone()))
         .message_headers(saga_amqp::inject_current)
         .on_committed(telemetry::saga_committed)
         .register_with_effects(definition, table.clone())
@@ -524,6 +534,8 @@ fn production(
             database_url: database_url.clone(),
             rabbitmq_url: rabbitmq_url.clone(),
             pool,
+            store,
+            retention_interval: retention.interval,
             engine,
             open,
             dead_letters: DeadLetterSource::pending(vec![saga.names.stock_update_queue.clone()]),
@@ -710,6 +722,8 @@ impl ProductionStart {
             database_url,
             rabbitmq_url,
             pool,
+            store,
+            retention_interval,
             engine,
             open,
             dead_letters,
@@ -733,6 +747,10 @@ impl ProductionStart {
             tasks.spawn(async move { engine.run_deadlines(interval, shutdown).await });
         }
         tasks.spawn(report_backlog(pool.clone(), shutdown.clone()));
+        {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { store.run_retention(retention_interval, shutdown).await });
+        }
 
         let topology = Topology::new()
             .exchange(&names.orders_exchange, ExchangeKind::Fanout)

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use saga_postgres::RetentionConfig;
+
 use crate::saga::DEFAULT_STOCK_REPLY_TIMEOUT;
 use crate::wire::WireNames;
 
@@ -213,6 +215,68 @@ pub struct Config {
     /// `DASHBOARD_WINDOW_MINUTES` (default 15, 1 to 60): the minutes the
     /// dashboard charts outcomes over.
     pub dashboard_window_minutes: u32,
+    /// What the saga store deletes, and how often (production mode).
+    pub retention: Retention,
+}
+
+/// How long the saga store keeps rows it no longer needs, so its tables do
+/// not grow without end (production mode; embedded mode keeps nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// `INBOX_RETENTION` (default `7d`, at least `1h`): ids of consumed
+    /// messages that changed no saga kept this long (a message that moved a
+    /// saga is recorded on its history row, kept with the saga).
+    /// `SENT_MESSAGE_RETENTION` (default `24h`; `0` deletes them once sent):
+    /// sent outbox messages kept this long, for inspection.
+    /// `FINISHED_SAGA_RETENTION` (unset by default: kept): completed and
+    /// compensated sagas, with their history, deleted this long after their
+    /// last change. The orders themselves are never deleted.
+    pub store: RetentionConfig,
+    /// `RETENTION_INTERVAL` (default `1h`): how often the store is purged.
+    pub interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            store: RetentionConfig::default(),
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The shortest `INBOX_RETENTION`: a restart or a broker redelivery after
+/// the inbox forgot a message would apply it twice.
+const SHORTEST_INBOX_RETENTION: Duration = Duration::from_secs(3600);
+
+impl Retention {
+    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut retention = Self::default();
+        if let Some(value) = get("INBOX_RETENTION") {
+            let inbox = parse_retention(&value).map_err(|why| ConfigError::new("INBOX_RETENTION", why))?;
+            if inbox < SHORTEST_INBOX_RETENTION {
+                return Err(ConfigError::new(
+                    "INBOX_RETENTION",
+                    format_args!(
+                        "`{value}` is shorter than 1h: a message redelivered after its id was forgotten would be applied twice"
+                    ),
+                ));
+            }
+            retention.store.inbox = inbox;
+        }
+        if let Some(value) = get("SENT_MESSAGE_RETENTION") {
+            retention.store.sent_messages =
+                parse_retention(&value).map_err(|why| ConfigError::new("SENT_MESSAGE_RETENTION", why))?;
+        }
+        if let Some(value) = get("FINISHED_SAGA_RETENTION") {
+            retention.store.finished_instances =
+                Some(parse_retention(&value).map_err(|why| ConfigError::new("FINISHED_SAGA_RETENTION", why))?);
+        }
+        if let Some(value) = get("RETENTION_INTERVAL") {
+            retention.interval = parse_duration(&value).map_err(|why| ConfigError::new("RETENTION_INTERVAL", why))?;
+        }
+        Ok(retention)
+    }
 }
 
 impl Default for Config {
@@ -232,6 +296,7 @@ impl Default for Config {
             admin_token: None,
             dashboard_stuck_after: Duration::from_secs(5 * 60),
             dashboard_window_minutes: 15,
+            retention: Retention::default(),
         }
     }
 }
@@ -326,6 +391,7 @@ impl Config {
             admin_token: get("ADMIN_TOKEN").map(AdminToken::new),
             dashboard_stuck_after,
             dashboard_window_minutes,
+            retention: Retention::from_lookup(get)?,
         })
     }
 }
@@ -345,23 +411,43 @@ fn parse_url(variable: &'static str, value: String, schemes: &[&str]) -> Result<
 /// Parses `30s`, `500ms`, `2m`, `1h` (a whole number and a unit); at least
 /// 1 ms, at most a day.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = parse_span(value, "ms, s, m or h")?;
+    if duration.is_zero() || duration > Duration::from_secs(86_400) {
+        return Err(format!("`{value}` must be between 1ms and 24h"));
+    }
+    Ok(duration)
+}
+
+/// Parses how long rows are kept: `0`, or a whole number and a unit up to
+/// days (`12h`, `7d`), at most ten years.
+pub fn parse_retention(value: &str) -> Result<Duration, String> {
+    if value == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let duration = parse_span(value, "s, m, h or d")?;
+    if duration > Duration::from_secs(3650 * 86_400) {
+        return Err(format!("`{value}` is more than ten years"));
+    }
+    Ok(duration)
+}
+
+/// A whole number and a unit (`ms`, `s`, `m`, `h`, `d`).
+fn parse_span(value: &str, units: &str) -> Result<Duration, String> {
     let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (number, unit) = value.split_at(split);
     let number: u64 = number
         .parse()
         .map_err(|_| format!("expected a duration like `30s` or `500ms`, got `{value}`"))?;
-    let duration = match unit.trim() {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" | "min" => Duration::from_secs(number.saturating_mul(60)),
-        "h" => Duration::from_secs(number.saturating_mul(3600)),
-        "" => return Err(format!("`{value}` needs a unit: ms, s, m or h")),
-        other => return Err(format!("unknown unit `{other}` in `{value}` (use ms, s, m or h)")),
-    };
-    if duration.is_zero() || duration > Duration::from_secs(86_400) {
-        return Err(format!("`{value}` must be between 1ms and 24h"));
+    let seconds = |per_unit: u64| Duration::from_secs(number.saturating_mul(per_unit));
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(seconds(1)),
+        "m" | "min" => Ok(seconds(60)),
+        "h" => Ok(seconds(3600)),
+        "d" => Ok(seconds(86_400)),
+        "" => Err(format!("`{value}` needs a unit: {units}")),
+        other => Err(format!("unknown unit `{other}` in `{value}` (use {units})")),
     }
-    Ok(duration)
 }
 
 #[cfg(test)]
@@ -468,6 +554,37 @@ mod tests {
             config(&[("STOCK_REPLY_TIMEOUT", "5s")]).map(|c| c.stock_reply_timeout),
             Ok(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn retention_is_configurable_and_refuses_a_forgetful_inbox() {
+        let defaults = config(&[]).expect("valid").retention;
+        assert_eq!(defaults, Retention::default());
+        assert_eq!(defaults.store.inbox, Duration::from_secs(7 * 86_400));
+        assert_eq!(defaults.store.finished_instances, None, "finished sagas are kept");
+        let set = config(&[
+            ("INBOX_RETENTION", "30d"),
+            ("SENT_MESSAGE_RETENTION", "0"),
+            ("FINISHED_SAGA_RETENTION", "90d"),
+            ("RETENTION_INTERVAL", "10m"),
+        ])
+        .expect("valid")
+        .retention;
+        assert_eq!(set.store.inbox, Duration::from_secs(30 * 86_400));
+        assert_eq!(set.store.sent_messages, Duration::ZERO, "0: deleted once sent");
+        assert_eq!(set.store.finished_instances, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(set.interval, Duration::from_secs(600));
+        for (variable, bad) in [
+            ("INBOX_RETENTION", "30m"),
+            ("INBOX_RETENTION", "0"),
+            ("SENT_MESSAGE_RETENTION", "a week"),
+            ("FINISHED_SAGA_RETENTION", "20000d"),
+            ("RETENTION_INTERVAL", "0"),
+            ("RETENTION_INTERVAL", "2d"),
+        ] {
+            let error = config(&[(variable, bad)]).expect_err(bad);
+            assert_eq!(error.variable, variable, "{bad}: {error}");
+        }
     }
 
     #[test]

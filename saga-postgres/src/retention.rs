@@ -127,7 +127,13 @@ impl PostgresStore {
     pub async fn run_retention(&self, interval: Duration, shutdown: CancellationToken) {
         loop {
             match self.purge().await {
-                Ok(purged) => tracing::debug!(?purged, "retention ran"),
+                Ok(purged) if purged == Purged::default() => tracing::debug!("retention ran: nothing to delete"),
+                Ok(purged) => tracing::info!(
+                    inbox = purged.inbox,
+                    sent_messages = purged.sent_messages,
+                    instances = purged.instances,
+                    "retention deleted rows"
+                ),
                 Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
             }
             tokio::select! {

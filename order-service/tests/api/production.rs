@@ -7,6 +7,7 @@ use std::time::Duration;
 use order_service::config::{Backend, SecretUrl};
 use order_service::proto::OrderStatus;
 use saga_core::{MessageId, Settlement, Subscriber};
+use sqlx::Connection;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -348,5 +349,80 @@ async fn orders_are_accepted_while_rabbitmq_is_awaited_and_flow_once_it_is_there
     );
     app.stop().await.expect("a clean stop");
     drop(proxy);
+    platform.clean_up().await;
+}
+
+/// Counts rows of the saga store on `database_url`.
+async fn count(database_url: &str, sql: &'static str) -> i64 {
+    let mut conn = sqlx::PgConnection::connect(database_url)
+        .await
+        .expect("the database is reachable");
+    let n = sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("countable");
+    let _ = conn.close().await;
+    n
+}
+
+#[tokio::test]
+async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
+    let mut platform = Platform::new().await;
+    let mut config = platform.config(NO_DEADLINE);
+    // Sent messages deleted once sent; finished sagas at the next purge.
+    config.retention.store.sent_messages = Duration::ZERO;
+    config.retention.store.finished_instances = Some(Duration::from_millis(1));
+    config.retention.interval = Duration::from_millis(100);
+    let app = spawn_app_with(config).await;
+    app.wait_until_serving(START_BACKENDS).await;
+    platform.start_stock(Stock::Platform);
+
+    let order = app.place_order("alice", basket("apple")).await.expect("placed");
+    assert_eq!(
+        app.wait_until_decided(&order.id, "alice").await.status(),
+        OrderStatus::Confirmed
+    );
+    platform.confirmed.wait_for(&order.id).await;
+
+    let url = platform.database_url.clone();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let sagas = count(&url, "SELECT count(*) FROM saga_instances").await;
+        let history = count(&url, "SELECT count(*) FROM saga_history").await;
+        let outbox = count(&url, "SELECT count(*) FROM saga_outbox").await;
+        if sagas == 0 && history == 0 && outbox == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {PATIENCE:?}: {sagas} saga(s), {history} history row(s), {outbox} outbox row(s) left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The order itself is never purged, and a reply for its purged saga
+    // (a contradicting one, under a new id) changes nothing.
+    platform.reply(&order.id, false, MessageId::new()).await;
+    platform.wait_until_replies_drained().await;
+    let window = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < window {
+        let read = app
+            .get_order(&order.id, "alice")
+            .await
+            .expect("the order is still there");
+        assert_eq!(read.status(), OrderStatus::Confirmed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        platform.cancelled.distinct_for(&order.id),
+        0,
+        "a purged saga was cancelled"
+    );
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM saga_instances").await,
+        0,
+        "no saga came back"
+    );
+
+    app.stop().await.expect("a clean stop");
     platform.clean_up().await;
 }
