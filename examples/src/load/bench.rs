@@ -233,6 +233,9 @@ fn run_report(
         ratio_of_ceiling: ceiling
             .filter(|c| c.sagas_per_second > 0.0)
             .map(|c| completed_per_second / c.sagas_per_second),
+        ratio_of_shared_ceiling: ceiling
+            .filter(|c| c.shared_sagas_per_second > 0.0)
+            .map(|c| completed_per_second / c.shared_sagas_per_second),
         cpu_seconds_per_1000: used.and_then(|u| per_1000(u.process)),
         service_thread_cpu_seconds_per_1000: used.and_then(|u| u.service_threads).and_then(per_1000),
         peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),
