@@ -228,9 +228,9 @@ pub struct Retention {
     /// saga is recorded on its history row, kept with the saga).
     /// `SENT_MESSAGE_RETENTION` (default `24h`; `0` deletes them once sent):
     /// sent outbox messages kept this long, for inspection.
-    /// `FINISHED_SAGA_RETENTION` (unset by default: kept): completed and
-    /// compensated sagas, with their history, deleted this long after their
-    /// last change. The orders themselves are never deleted.
+    /// `FINISHED_SAGA_RETENTION` (unset by default: kept; at least `1h`):
+    /// completed and compensated sagas, with their history, deleted this
+    /// long after their last change. The orders themselves are never deleted.
     pub store: RetentionConfig,
     /// `RETENTION_INTERVAL` (default `1h`): how often the store is purged.
     pub interval: Duration,
@@ -248,6 +248,10 @@ impl Default for Retention {
 /// The shortest `INBOX_RETENTION`: a restart or a broker redelivery after
 /// the inbox forgot a message would apply it twice.
 const SHORTEST_INBOX_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The shortest `FINISHED_SAGA_RETENTION`: the dashboard charts outcomes
+/// over up to an hour.
+const SHORTEST_FINISHED_SAGA_RETENTION: Duration = Duration::from_secs(3600);
 
 impl Retention {
     fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
@@ -269,8 +273,14 @@ impl Retention {
                 parse_retention(&value).map_err(|why| ConfigError::new("SENT_MESSAGE_RETENTION", why))?;
         }
         if let Some(value) = get("FINISHED_SAGA_RETENTION") {
-            retention.store.finished_instances =
-                Some(parse_retention(&value).map_err(|why| ConfigError::new("FINISHED_SAGA_RETENTION", why))?);
+            let finished = parse_retention(&value).map_err(|why| ConfigError::new("FINISHED_SAGA_RETENTION", why))?;
+            if finished < SHORTEST_FINISHED_SAGA_RETENTION {
+                return Err(ConfigError::new(
+                    "FINISHED_SAGA_RETENTION",
+                    format_args!("`{value}` is shorter than 1h: the dashboard charts up to the last hour of outcomes"),
+                ));
+            }
+            retention.store.finished_instances = Some(finished);
         }
         if let Some(value) = get("RETENTION_INTERVAL") {
             retention.interval = parse_duration(&value).map_err(|why| ConfigError::new("RETENTION_INTERVAL", why))?;
@@ -579,6 +589,7 @@ mod tests {
             ("INBOX_RETENTION", "0"),
             ("SENT_MESSAGE_RETENTION", "a week"),
             ("FINISHED_SAGA_RETENTION", "20000d"),
+            ("FINISHED_SAGA_RETENTION", "10m"),
             ("RETENTION_INTERVAL", "0"),
             ("RETENTION_INTERVAL", "2d"),
         ] {
