@@ -230,6 +230,7 @@ fn run_report(
         seconds,
         completed_per_second,
         latency_ms: Percentiles::of_sorted_micros(&seen.latencies_us),
+        answer_latency_ms: Percentiles::of_sorted_micros(&seen.answer_latencies_us),
         ratio_of_ceiling: ceiling
             .filter(|c| c.sagas_per_second > 0.0)
             .map(|c| completed_per_second / c.sagas_per_second),

@@ -37,6 +37,7 @@ struct Tally {
     /// Events seen before their `CreateOrder` answer arrived.
     early: HashMap<String, (Outcome, Instant)>,
     latencies_us: Vec<u64>,
+    answer_latencies_us: Vec<u64>,
     confirmed: u64,
     cancelled: u64,
     last_completion: Option<Instant>,
@@ -66,6 +67,9 @@ pub(crate) struct Seen {
     pub elapsed: Duration,
     /// Create → confirmed, microseconds, sorted.
     pub latencies_us: Vec<u64>,
+    /// Create → `CreateOrder` answered (the saga started and committed),
+    /// microseconds, sorted.
+    pub answer_latencies_us: Vec<u64>,
 }
 
 impl Tracker {
@@ -83,17 +87,18 @@ impl Tracker {
         match outcome {
             Outcome::Confirmed => {
                 tally.confirmed += 1;
-                let micros = at.saturating_duration_since(sent).as_micros();
-                tally.latencies_us.push(u64::try_from(micros).unwrap_or(u64::MAX));
+                tally.latencies_us.push(micros_between(sent, at));
             }
             Outcome::Cancelled => tally.cancelled += 1,
         }
         tally.last_completion = Some(tally.last_completion.map_or(at, |last| last.max(at)));
     }
 
-    /// Order `id`, sent at `sent`, was accepted; `done` hears how it ended.
-    fn register(&self, id: String, sent: Instant, done: Option<oneshot::Sender<Outcome>>) {
+    /// Order `id`, sent at `sent`, was accepted at `answered`; `done` hears
+    /// how it ended.
+    fn register(&self, id: String, sent: Instant, answered: Instant, done: Option<oneshot::Sender<Outcome>>) {
         let mut tally = self.tally();
+        tally.answer_latencies_us.push(micros_between(sent, answered));
         if let Some((outcome, at)) = tally.early.remove(&id) {
             Self::record(&mut tally, sent, outcome, at);
             if let Some(done) = done {
@@ -145,6 +150,8 @@ impl Tracker {
         let tally = self.tally();
         let mut latencies_us = tally.latencies_us.clone();
         latencies_us.sort_unstable();
+        let mut answer_latencies_us = tally.answer_latencies_us.clone();
+        answer_latencies_us.sort_unstable();
         Seen {
             sent,
             errors,
@@ -155,8 +162,13 @@ impl Tracker {
                 .last_completion
                 .map_or(Duration::ZERO, |last| last.saturating_duration_since(started)),
             latencies_us,
+            answer_latencies_us,
         }
     }
+}
+
+fn micros_between(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The body fields the observer needs of `OrderConfirmed` / `OrderCancelled`.
@@ -259,7 +271,7 @@ impl Orders {
                         Ok(id) => {
                             sent.fetch_add(1, Ordering::Relaxed);
                             let (done, finished) = oneshot::channel();
-                            orders.tracker.register(id, at, Some(done));
+                            orders.tracker.register(id, at, Instant::now(), Some(done));
                             // Not seen within the drain time: this client stops (counted unobserved).
                             if tokio::time::timeout(drain, finished).await.is_err() {
                                 return;
@@ -320,7 +332,7 @@ impl Orders {
                 match orders.place().await {
                     Ok(id) => {
                         sent.fetch_add(1, Ordering::Relaxed);
-                        orders.tracker.register(id, at, None);
+                        orders.tracker.register(id, at, Instant::now(), None);
                     }
                     Err(status) => {
                         if errors.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -348,15 +360,17 @@ mod tests {
     async fn events_match_orders_whichever_arrives_first() {
         let tracker = Tracker::default();
         let t0 = Instant::now();
-        tracker.register("a".to_owned(), t0, None);
-        tracker.observe("a".to_owned(), Outcome::Confirmed, t0 + Duration::from_millis(5));
+        let ms = Duration::from_millis;
+        tracker.register("a".to_owned(), t0, t0 + ms(2), None);
+        tracker.observe("a".to_owned(), Outcome::Confirmed, t0 + ms(5));
         // The event before the CreateOrder answer.
-        tracker.observe("b".to_owned(), Outcome::Cancelled, t0 + Duration::from_millis(7));
-        tracker.register("b".to_owned(), t0, None);
-        tracker.register("c".to_owned(), t0, None);
+        tracker.observe("b".to_owned(), Outcome::Cancelled, t0 + ms(7));
+        tracker.register("b".to_owned(), t0, t0 + ms(8), None);
+        tracker.register("c".to_owned(), t0, t0 + ms(1), None);
         let seen = tracker.seen(t0, 3, 0);
         assert_eq!((seen.confirmed, seen.cancelled, seen.unobserved), (1, 1, 1));
         assert_eq!(seen.latencies_us, vec![5000]);
-        assert_eq!(seen.elapsed, Duration::from_millis(7));
+        assert_eq!(seen.answer_latencies_us, vec![1000, 2000, 8000], "every answer, sorted");
+        assert_eq!(seen.elapsed, ms(7));
     }
 }

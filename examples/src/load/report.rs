@@ -129,6 +129,10 @@ pub struct RunReport {
     pub completed_per_second: f64,
     /// `CreateOrder` sent → `OrderConfirmed` received.
     pub latency_ms: Percentiles,
+    /// `CreateOrder` sent → answered: the saga's start committed (order
+    /// row, saga state, `OrderCreated` in the outbox). The rest of
+    /// `latency_ms` is the messages' way through both services.
+    pub answer_latency_ms: Percentiles,
     /// `completed_per_second` over the ceiling's sagas per second.
     pub ratio_of_ceiling: Option<f64>,
     /// `completed_per_second` over the shared ceiling (see
@@ -231,6 +235,12 @@ impl LoadReport {
                 out,
                 "  create -> confirmed ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
                 l.p50, l.p95, l.p99, l.max
+            );
+            let a = &run.answer_latency_ms;
+            let _ = writeln!(
+                out,
+                "  create -> answered ms:  p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+                a.p50, a.p95, a.p99, a.max
             );
             let cpu = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
             let _ = writeln!(
