@@ -749,7 +749,11 @@ impl ProductionStart {
         tasks.spawn(report_backlog(pool.clone(), shutdown.clone()));
         {
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { store.run_retention(retention_interval, shutdown).await });
+            tasks.spawn(async move {
+                store
+                    .run_retention_reporting(retention_interval, shutdown, telemetry::retention_purged)
+                    .await;
+            });
         }
 
         let topology = Topology::new()

@@ -40,6 +40,9 @@ pub const SAGAS_IN_FLIGHT: &str = "order_sagas_in_flight";
 pub const OUTBOX_BACKLOG: &str = "saga_outbox_backlog";
 /// Messages waiting in the stock reply dead-letter queue.
 pub const DEAD_LETTERS: &str = "saga_dead_letters";
+/// Counter, label `rows` (`inbox`, `sent_messages`, `sagas`): saga store
+/// rows deleted by retention.
+pub const RETENTION_DELETED: &str = "saga_retention_deleted_total";
 /// Seconds from `OrderCreated` committed to the stock reply (or deadline)
 /// that decided the order, by `outcome` (`reserved`, `refused`, `timeout`).
 /// Measured from the saga's timestamps when the deciding transition is applied.
@@ -250,6 +253,10 @@ fn describe() {
     );
     metrics::describe_gauge!(OUTBOX_BACKLOG, "Messages committed to the outbox, not yet published");
     metrics::describe_gauge!(DEAD_LETTERS, "Messages in the stock reply dead-letter queue");
+    metrics::describe_counter!(
+        RETENTION_DELETED,
+        "Saga store rows deleted by retention: consumed-message ids, sent messages, finished sagas"
+    );
     metrics::describe_histogram!(
         STOCK_REPLY_LATENCY,
         metrics::Unit::Seconds,
@@ -339,4 +346,15 @@ pub fn saga_committed(saga: &SagaInstance, transition: &saga_core::Transition) {
 /// Sets the outbox backlog gauge.
 pub fn outbox_backlog(unsent: u64) {
     metrics::gauge!(OUTBOX_BACKLOG).set(unsent as f64);
+}
+
+/// Counts what one retention round deleted.
+pub fn retention_purged(purged: &saga_postgres::Purged) {
+    for (rows, count) in [
+        ("inbox", purged.inbox),
+        ("sent_messages", purged.sent_messages),
+        ("sagas", purged.instances),
+    ] {
+        metrics::counter!(RETENTION_DELETED, "rows" => rows).increment(count);
+    }
 }

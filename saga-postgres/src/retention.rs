@@ -125,15 +125,29 @@ impl PostgresStore {
     /// Runs [`purge`](Self::purge) every `interval` until `shutdown` is
     /// cancelled; failures are logged and retried at the next round.
     pub async fn run_retention(&self, interval: Duration, shutdown: CancellationToken) {
+        self.run_retention_reporting(interval, shutdown, |_| {}).await;
+    }
+
+    /// [`run_retention`](Self::run_retention), handing what each round
+    /// deleted to `report` (for metrics).
+    pub async fn run_retention_reporting(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+        report: impl Fn(&Purged) + Send + Sync,
+    ) {
         loop {
             match self.purge().await {
                 Ok(purged) if purged == Purged::default() => tracing::debug!("retention ran: nothing to delete"),
-                Ok(purged) => tracing::info!(
-                    inbox = purged.inbox,
-                    sent_messages = purged.sent_messages,
-                    instances = purged.instances,
-                    "retention deleted rows"
-                ),
+                Ok(purged) => {
+                    tracing::info!(
+                        inbox = purged.inbox,
+                        sent_messages = purged.sent_messages,
+                        instances = purged.instances,
+                        "retention deleted rows"
+                    );
+                    report(&purged);
+                }
                 Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
             }
             tokio::select! {

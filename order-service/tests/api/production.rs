@@ -422,6 +422,11 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
         0,
         "no saga came back"
     );
+    let (_, metrics) = app.http_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"saga_retention_deleted_total{rows="sagas"} 1"#),
+        "/metrics does not count the purged saga:\n{metrics}"
+    );
 
     app.stop().await.expect("a clean stop");
     platform.clean_up().await;
