@@ -111,6 +111,17 @@ impl TestApp {
         Ok(response.into_inner().order.expect("an order in the response"))
     }
 
+    /// Asserts that the order keeps `status` for half a second (a late or
+    /// duplicate message must change nothing).
+    pub async fn assert_status_stays(&self, order_id: &str, user: &str, status: OrderStatus) {
+        let window = tokio::time::Instant::now() + Duration::from_millis(500);
+        while tokio::time::Instant::now() < window {
+            let order = self.get_order(order_id, user).await.expect("the order is readable");
+            assert_eq!(order.status(), status, "order {order_id}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls the order until it has left `PENDING`, and returns it.
     pub async fn wait_until_decided(&self, order_id: &str, user: &str) -> proto::Order {
         let deadline = tokio::time::Instant::now() + PATIENCE;

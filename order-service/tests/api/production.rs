@@ -78,12 +78,8 @@ async fn no_reply_before_the_deadline_cancels_and_a_late_reply_changes_nothing()
     // The product service answers after all: nothing changes, nothing is published.
     platform.reply(&order.id, true, MessageId::new()).await;
     platform.wait_until_replies_drained().await;
-    let window = tokio::time::Instant::now() + Duration::from_millis(500);
-    while tokio::time::Instant::now() < window {
-        let order = app.get_order(&order.id, "alice").await.expect("readable");
-        assert_eq!(order.status(), OrderStatus::Cancelled);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.assert_status_stays(&order.id, "alice", OrderStatus::Cancelled)
+        .await;
     assert_eq!(platform.confirmed.distinct_for(&order.id), 0, "a late reply confirmed");
     assert_eq!(platform.cancelled.distinct_for(&order.id), 1, "cancelled twice");
 
@@ -403,15 +399,8 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
     // (a contradicting one, under a new id) changes nothing.
     platform.reply(&order.id, false, MessageId::new()).await;
     platform.wait_until_replies_drained().await;
-    let window = tokio::time::Instant::now() + Duration::from_millis(500);
-    while tokio::time::Instant::now() < window {
-        let read = app
-            .get_order(&order.id, "alice")
-            .await
-            .expect("the order is still there");
-        assert_eq!(read.status(), OrderStatus::Confirmed);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.assert_status_stays(&order.id, "alice", OrderStatus::Confirmed)
+        .await;
     assert_eq!(
         platform.cancelled.distinct_for(&order.id),
         0,
