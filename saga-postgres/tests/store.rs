@@ -920,6 +920,10 @@ async fn transitions_sharing_a_statement_all_fail_at_once_when_the_database_is_o
         failed.iter().all(|r| matches!(r, Err(StoreError::Unavailable(_)))),
         "every commit is Unavailable: {failed:?}"
     );
+    for error in failed.iter().filter_map(|r| r.as_ref().err()) {
+        let text = error.to_string();
+        assert_eq!(text.matches("unavailable").count(), 1, "said once: {text}");
+    }
     let batching = store.commit_batching();
     assert_eq!(batching.retried_alone, 0, "no transition ran again alone: {batching:?}");
 }

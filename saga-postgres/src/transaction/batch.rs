@@ -37,7 +37,6 @@ use saga_core::{OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
-use crate::error::store_error;
 use crate::staged::StagedWrite;
 use crate::statement::INSTANCE_COLUMNS;
 use crate::store::Shared;
@@ -269,10 +268,10 @@ async fn run(shared: Arc<Shared>) {
         let (items, replies): (Vec<Batched>, Vec<Reply>) = batch.into_iter().unzip();
         let outcomes = match together(&shared, &items).await {
             Ok(outcomes) => outcomes,
-            Err(error) => {
+            Err(no_connection) => {
                 // No connection within the acquire timeout: each alone
                 // would wait as long to hear the same.
-                let reason = error.to_string();
+                let reason = no_connection.to_string();
                 for reply in replies {
                     let _ = reply.send(Answer::Done(Err(StoreError::Unavailable(reason.clone().into()))));
                 }
@@ -303,9 +302,9 @@ async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, Store
 
 /// Writes `items` in one statement. For each item: the outbox rows leased
 /// for the hand-off if it was written, `None` if it was not (or the
-/// statement failed for a reason its own statement may not share). Fails
-/// only when the pool gave no connection.
-async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<OutboxEntry>>>, StoreError> {
+/// statement failed for a reason its own statement may not share). Fails,
+/// with the pool's error, only when the pool gave no connection.
+async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<OutboxEntry>>>, sqlx::Error> {
     let lease = shared.handoff_lease_millis();
     fn values(item: &Batched) -> &InstanceValues {
         item.write.values()
@@ -383,7 +382,7 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
         Ok(rows) => rows,
         Err(error @ sqlx::Error::PoolTimedOut) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection");
-            return Err(store_error(error));
+            return Err(error);
         }
         Err(error) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement failed; each transition runs alone");
