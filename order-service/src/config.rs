@@ -245,42 +245,29 @@ impl Default for Retention {
     }
 }
 
-/// The shortest `INBOX_RETENTION`: a restart or a broker redelivery after
-/// the inbox forgot a message would apply it twice.
-const SHORTEST_INBOX_RETENTION: Duration = Duration::from_secs(3600);
-
-/// The shortest `FINISHED_SAGA_RETENTION`: the dashboard charts outcomes
-/// over up to an hour.
-const SHORTEST_FINISHED_SAGA_RETENTION: Duration = Duration::from_secs(3600);
+/// The shortest `INBOX_RETENTION` and `FINISHED_SAGA_RETENTION`.
+const SHORTEST_RETENTION: Duration = Duration::from_secs(3600);
 
 impl Retention {
     fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut retention = Self::default();
         if let Some(value) = get("INBOX_RETENTION") {
-            let inbox = parse_retention(&value).map_err(|why| ConfigError::new("INBOX_RETENTION", why))?;
-            if inbox < SHORTEST_INBOX_RETENTION {
-                return Err(ConfigError::new(
-                    "INBOX_RETENTION",
-                    format_args!(
-                        "`{value}` is shorter than 1h: a message redelivered after its id was forgotten would be applied twice"
-                    ),
-                ));
-            }
-            retention.store.inbox = inbox;
+            retention.store.inbox = retention_at_least_an_hour(
+                "INBOX_RETENTION",
+                &value,
+                "a message redelivered after its id was forgotten would be applied twice",
+            )?;
         }
         if let Some(value) = get("SENT_MESSAGE_RETENTION") {
             retention.store.sent_messages =
                 parse_retention(&value).map_err(|why| ConfigError::new("SENT_MESSAGE_RETENTION", why))?;
         }
         if let Some(value) = get("FINISHED_SAGA_RETENTION") {
-            let finished = parse_retention(&value).map_err(|why| ConfigError::new("FINISHED_SAGA_RETENTION", why))?;
-            if finished < SHORTEST_FINISHED_SAGA_RETENTION {
-                return Err(ConfigError::new(
-                    "FINISHED_SAGA_RETENTION",
-                    format_args!("`{value}` is shorter than 1h: the dashboard charts up to the last hour of outcomes"),
-                ));
-            }
-            retention.store.finished_instances = Some(finished);
+            retention.store.finished_instances = Some(retention_at_least_an_hour(
+                "FINISHED_SAGA_RETENTION",
+                &value,
+                "the dashboard charts up to the last hour of outcomes",
+            )?);
         }
         if let Some(value) = get("RETENTION_INTERVAL") {
             retention.interval = parse_duration(&value).map_err(|why| ConfigError::new("RETENTION_INTERVAL", why))?;
@@ -428,9 +415,22 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// `value` of `variable` as a retention of at least an hour, or an error
+/// saying `why` it may not be shorter.
+fn retention_at_least_an_hour(variable: &'static str, value: &str, why: &str) -> Result<Duration, ConfigError> {
+    let retention = parse_retention(value).map_err(|reason| ConfigError::new(variable, reason))?;
+    if retention < SHORTEST_RETENTION {
+        return Err(ConfigError::new(
+            variable,
+            format_args!("`{value}` is shorter than 1h: {why}"),
+        ));
+    }
+    Ok(retention)
+}
+
 /// Parses how long rows are kept: `0`, or a whole number and a unit up to
 /// days (`12h`, `7d`), at most ten years.
-pub fn parse_retention(value: &str) -> Result<Duration, String> {
+fn parse_retention(value: &str) -> Result<Duration, String> {
     if value == "0" {
         return Ok(Duration::ZERO);
     }

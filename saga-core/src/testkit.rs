@@ -15,6 +15,12 @@ pub mod transport_contract;
 
 pub use saga_test::SagaTest;
 
+use crate::clock::Timestamp;
+use crate::engine::Engine;
+use crate::id::{MessageId, SagaId};
+use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
+use crate::store::{SagaStore, StoreError};
+
 /// How long one step of a contract suite (subscribe, publish, settle,
 /// browse) may take before the suite fails naming it: a backend that hangs
 /// shows as a message, not as a stuck test.
@@ -28,12 +34,6 @@ async fn within<T>(step: &str, future: impl std::future::Future<Output = T>) -> 
         Err(_) => panic!("{step}: no answer within {STEP_LIMIT:?}"),
     }
 }
-
-use crate::clock::Timestamp;
-use crate::engine::Engine;
-use crate::id::{MessageId, SagaId};
-use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
-use crate::store::{SagaStore, StoreError};
 
 /// Puts instance `id` where a compensation that kept failing would leave it:
 /// needing attention at `step`, with `failure` as its failure and the note
