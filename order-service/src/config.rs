@@ -249,7 +249,10 @@ impl Default for Retention {
 const SHORTEST_RETENTION: Duration = Duration::from_secs(3600);
 
 impl Retention {
-    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    /// Reads `INBOX_RETENTION`, `SENT_MESSAGE_RETENTION`,
+    /// `FINISHED_SAGA_RETENTION` and `RETENTION_INTERVAL` through `get`
+    /// (`None`: the default), so a participant's service reads them alike.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut retention = Self::default();
         if let Some(value) = get("INBOX_RETENTION") {
             retention.store.inbox = retention_at_least_an_hour(

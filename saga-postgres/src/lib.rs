@@ -14,7 +14,7 @@ use sqlx::PgConnection;
 
 pub use retention::{Purged, RetentionConfig};
 pub use staged::{StagedWrite, stage};
-pub use store::{PostgresStore, PostgresStoreConfig};
+pub use store::{PostgresStore, PostgresStoreConfig, SHORT_INBOX_RETENTION};
 pub use transaction::{CommitBatching, PostgresTransaction};
 
 /// Session settings for the connections of the store's pool, for

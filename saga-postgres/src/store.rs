@@ -274,6 +274,10 @@ pub struct PostgresStore {
     shared: Arc<Shared>,
 }
 
+/// Below this inbox retention, [`PostgresStore::with_config`] warns: broker
+/// redeliveries and relays re-sending after a crash can come that late.
+pub const SHORT_INBOX_RETENTION: Duration = Duration::from_secs(3600);
+
 impl PostgresStore {
     /// A store on `pool` with the default configuration. Run
     /// [`migrate`](crate::migrate) first.
@@ -281,8 +285,17 @@ impl PostgresStore {
         Self::with_config(pool, PostgresStoreConfig::default())
     }
 
-    /// A store on `pool` configured by `config`.
+    /// A store on `pool` configured by `config`. An inbox retention under
+    /// [`SHORT_INBOX_RETENTION`] is logged as a warning: a message
+    /// redelivered after its id was purged would be applied again.
     pub fn with_config(pool: PgPool, config: PostgresStoreConfig) -> Self {
+        if config.retention.inbox < SHORT_INBOX_RETENTION {
+            tracing::warn!(
+                inbox_retention = ?config.retention.inbox,
+                "inbox retention under {SHORT_INBOX_RETENTION:?}: a message redelivered after its id is purged \
+                 would be applied again"
+            );
+        }
         Self {
             shared: Arc::new(Shared {
                 pool,
@@ -759,5 +772,68 @@ impl QueryStore for PostgresStore {
     }
     async fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
         self.summarize(query).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::RetentionConfig;
+
+    /// Log lines written while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let lines = Arc::clone(&lines);
+            move || SharedBuffer(Arc::clone(&lines))
+        };
+        let subscriber = tracing_subscriber::fmt().with_writer(writer).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = lines.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for SharedBuffer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn store_keeping_inbox_ids(inbox: Duration) -> String {
+        logged(|| {
+            // A lazy pool: nothing connects, the store is only built.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://127.0.0.1:1/never")
+                .expect("a well-formed URL");
+            let config = PostgresStoreConfig {
+                retention: RetentionConfig {
+                    inbox,
+                    ..RetentionConfig::default()
+                },
+                ..PostgresStoreConfig::default()
+            };
+            drop(PostgresStore::with_config(pool, config));
+        })
+    }
+
+    #[tokio::test]
+    async fn a_forgetful_inbox_is_warned_about() {
+        let short = store_keeping_inbox_ids(Duration::from_secs(60));
+        assert!(short.contains("WARN"), "{short}");
+        assert!(short.contains("would be applied again"), "{short}");
+        let default = store_keeping_inbox_ids(RetentionConfig::default().inbox);
+        assert!(!default.contains("inbox retention"), "{default}");
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use order_service::config::SecretUrl;
+use order_service::config::{Retention, SecretUrl};
 use saga_examples::load::{self, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
 use tracing_subscriber::EnvFilter;
 
@@ -95,6 +95,9 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         raw_duration: (!raw.is_zero()).then_some(raw),
         products: (0..args.products).map(|i| format!("load-{i}")).collect(),
         results_dir: Some(args.results),
+        // The hosted services purge as they would when started alone.
+        retention: Retention::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+            .map_err(|e| e.to_string())?,
         ..LoadConfig::default()
     };
     config.validate()?;

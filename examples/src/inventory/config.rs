@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use order_service::config::SecretUrl;
+use order_service::config::{Retention, SecretUrl};
 
 /// The PostgreSQL URL used when `DATABASE_URL` is not set.
 /// (The tables go to their own schema, `INVENTORY_SCHEMA`, so sharing the
@@ -165,6 +165,10 @@ pub struct InventoryConfig {
     pub names: InventoryNames,
     /// `INVENTORY_CONCURRENCY` (default 16): messages handled at once per queue.
     pub concurrency: usize,
+    /// `INBOX_RETENTION`, `SENT_MESSAGE_RETENTION` and `RETENTION_INTERVAL`,
+    /// as for the order service (`FINISHED_SAGA_RETENTION` is accepted and
+    /// has nothing to delete: a participant keeps no saga instances).
+    pub retention: Retention,
 }
 
 impl Default for InventoryConfig {
@@ -176,6 +180,7 @@ impl Default for InventoryConfig {
             seed: DEFAULT_SEED.parse().unwrap_or_default(),
             names: InventoryNames::default(),
             concurrency: 16,
+            retention: Retention::default(),
         }
     }
 }
@@ -239,6 +244,7 @@ impl InventoryConfig {
                     .filter(|n| (1..=256).contains(n))
                     .ok_or_else(|| ConfigError::new("INVENTORY_CONCURRENCY", "expected a number from 1 to 256"))?,
             },
+            retention: Retention::from_lookup(get)?,
             names,
         })
     }
@@ -277,6 +283,14 @@ mod tests {
     }
 
     #[test]
+    fn retention_reads_the_order_service_variables() {
+        let config = config(&[("SENT_MESSAGE_RETENTION", "0"), ("RETENTION_INTERVAL", "10m")]).expect("valid");
+        assert_eq!(config.retention.store.sent_messages, std::time::Duration::ZERO);
+        assert_eq!(config.retention.interval, std::time::Duration::from_secs(600));
+        assert_eq!(config.retention.store.inbox, Retention::default().store.inbox);
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (variable, value) in [
             ("INVENTORY_SEED", "p1=lots"),
@@ -288,6 +302,8 @@ mod tests {
             ("RABBITMQ_URL", "http://x"),
             ("INVENTORY_CONCURRENCY", "0"),
             ("ORDERS_EXCHANGE", "two words"),
+            ("INBOX_RETENTION", "5m"),
+            ("RETENTION_INTERVAL", "soon"),
         ] {
             let error = config(&[(variable, value)]).expect_err(value);
             assert_eq!(error.variable, variable, "{value}");

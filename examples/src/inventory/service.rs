@@ -83,6 +83,7 @@ pub struct InventoryService {
     transport: Arc<AmqpTransport>,
     relay: Relay,
     consumers: Vec<Consumer>,
+    retention_interval: Duration,
 }
 
 impl InventoryService {
@@ -108,6 +109,7 @@ impl InventoryService {
             pool.clone(),
             PostgresStoreConfig {
                 notify_channel: format!("{}_outbox", config.schema),
+                retention: config.retention.store.clone(),
                 ..PostgresStoreConfig::default()
             },
         );
@@ -161,6 +163,7 @@ impl InventoryService {
             transport,
             relay,
             consumers,
+            retention_interval: config.retention.interval,
         })
     }
 
@@ -180,8 +183,8 @@ impl InventoryService {
         }
         {
             let store = self.store.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move { store.run_retention(Duration::from_secs(3600), shutdown).await });
+            let (interval, shutdown) = (self.retention_interval, shutdown.clone());
+            tasks.spawn(async move { store.run_retention(interval, shutdown).await });
         }
         tracing::info!("ready");
         shutdown.cancelled().await;

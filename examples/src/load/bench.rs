@@ -261,6 +261,12 @@ fn config_json(config: &LoadConfig) -> serde_json::Value {
         "service": config.grpc_addr.clone().unwrap_or_else(|| "in-process (production mode)".to_owned()),
         "database_url": config.database_url.to_string(),
         "rabbitmq_url": config.rabbitmq_url.to_string(),
+        "retention": {
+            "inbox_s": config.retention.store.inbox.as_secs_f64(),
+            "sent_messages_s": config.retention.store.sent_messages.as_secs_f64(),
+            "finished_sagas_s": config.retention.store.finished_instances.map(|d| d.as_secs_f64()),
+            "interval_s": config.retention.interval.as_secs_f64(),
+        },
     })
 }
 

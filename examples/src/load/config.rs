@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use order_service::config::SecretUrl;
+use order_service::config::{Retention, SecretUrl};
 
 /// The PostgreSQL URL used when `DATABASE_URL` is not set. It is used to
 /// create (and finally drop) a fresh database `saga_load_<random>`; the role
@@ -69,6 +69,10 @@ pub struct LoadConfig {
     pub products: Vec<String>,
     /// Where `<timestamp>.json` (and the SVG plot) go; `None` writes nothing.
     pub results_dir: Option<PathBuf>,
+    /// How the services started in this process purge their saga stores
+    /// (the services' defaults, or `SENT_MESSAGE_RETENTION` and the other
+    /// variables the services read).
+    pub retention: Retention,
 }
 
 impl Default for LoadConfig {
@@ -87,6 +91,7 @@ impl Default for LoadConfig {
             drain_timeout: Duration::from_secs(30),
             products: (0..64).map(|i| format!("load-{i}")).collect(),
             results_dir: Some(PathBuf::from("results")),
+            retention: Retention::default(),
         }
     }
 }

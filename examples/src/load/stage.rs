@@ -283,7 +283,7 @@ impl Services {
             };
         } else {
             self.inventory = Some(start_inventory(config, stage).await?);
-            let (hosted, port) = start_order_service(stage).await?;
+            let (hosted, port) = start_order_service(config, stage).await?;
             self.order = Some(hosted);
             self.grpc_addr = format!("http://127.0.0.1:{port}");
         }
@@ -308,6 +308,7 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         rabbitmq_url: stage.rabbitmq_url.clone(),
         seed: Catalogue::new(config.products.iter().map(|p| (p.clone(), STOCK_PER_PRODUCT))),
         names: stage.inventory.clone(),
+        retention: config.retention.clone(),
         ..InventoryConfig::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();
@@ -330,7 +331,7 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
     Ok(hosted)
 }
 
-async fn start_order_service(stage: &Stage) -> Result<(Hosted, u16), LoadError> {
+async fn start_order_service(config: &LoadConfig, stage: &Stage) -> Result<(Hosted, u16), LoadError> {
     let config = Config {
         grpc: ListenAddr::localhost(0),
         metrics: ListenAddr::localhost(0),
@@ -339,6 +340,7 @@ async fn start_order_service(stage: &Stage) -> Result<(Hosted, u16), LoadError> 
             rabbitmq_url: stage.rabbitmq_url.clone(),
         },
         names: stage.wire.clone(),
+        retention: config.retention.clone(),
         ..Config::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();
