@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod error;
+#[macro_use]
 mod query;
 mod retention;
 mod row;

@@ -19,8 +19,10 @@ pub struct RetentionConfig {
     /// soon as they are marked sent (no trace kept, least work).
     pub sent_messages: Duration,
     /// Completed or compensated instances (with their history) last changed
-    /// longer ago than this are deleted. `None` (the default) keeps them:
-    /// they are the record of what happened.
+    /// longer ago than this are deleted. They are found through the history
+    /// row of the transition that finished them, which the engine records;
+    /// an instance written without its transitions is kept. `None` (the
+    /// default) keeps them: they are the record of what happened.
     pub finished_instances: Option<Duration>,
     /// Rows deleted per statement, to keep each delete's locks short.
     pub batch_size: usize,
@@ -78,31 +80,61 @@ impl PostgresStore {
             instances: 0,
         };
         if let Some(keep) = retention.finished_instances {
-            let before = (Timestamp::now() - keep).as_millis();
-            loop {
-                let mut tx = self.pool().begin().await.map_err(store_error)?;
-                let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-                    "DELETE FROM saga_instances WHERE id IN (SELECT id FROM saga_instances \
-                     WHERE status IN ('completed', 'compensated') AND updated_at < $1 LIMIT $2) RETURNING id",
-                )
-                .bind(before)
-                .bind(batch)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(store_error)?;
-                sqlx::query("DELETE FROM saga_history WHERE saga_id = ANY($1)")
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(store_error)?;
-                tx.commit().await.map_err(store_error)?;
-                purged.instances += ids.len() as u64;
-                if (ids.len() as i64) < batch {
-                    break;
-                }
-            }
+            purged.instances = self.delete_finished(Timestamp::now() - keep, batch).await?;
         }
         Ok(purged)
+    }
+
+    /// Deletes completed and compensated instances last changed before
+    /// `before`, with their history. They are found through their outcome's
+    /// history row (`saga_history_outcomes`, in time order), not by scanning
+    /// `saga_instances`: a scan for old finished rows would read ever more
+    /// of a table that keeps days of sagas, for every batch. The walk moves
+    /// on past outcomes whose instance stays (it needs attention, or changed
+    /// since), so each round reads each outcome once.
+    async fn delete_finished(&self, before: Timestamp, batch: i64) -> Result<u64, StoreError> {
+        let before = before.as_millis();
+        let (mut after_at, mut after_id) = (i64::MIN, uuid::Uuid::nil());
+        let mut total = 0;
+        loop {
+            let mut tx = self.pool().begin().await.map_err(store_error)?;
+            let outcomes: Vec<(i64, uuid::Uuid)> = sqlx::query_as(concat!(
+                "SELECT at, saga_id FROM saga_history WHERE ",
+                outcome!(),
+                " AND at < $1 AND (at, saga_id) > ($2, $3) ORDER BY at, saga_id LIMIT $4"
+            ))
+            .bind(before)
+            .bind(after_at)
+            .bind(after_id)
+            .bind(batch)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            let Some(&(last_at, last_id)) = outcomes.last() else {
+                return Ok(total);
+            };
+            let candidates: Vec<uuid::Uuid> = outcomes.iter().map(|(_, id)| *id).collect();
+            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+                "DELETE FROM saga_instances WHERE id = ANY($1) \
+                 AND status IN ('completed', 'compensated') AND updated_at < $2 RETURNING id",
+            )
+            .bind(&candidates)
+            .bind(before)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            sqlx::query("DELETE FROM saga_history WHERE saga_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+            tx.commit().await.map_err(store_error)?;
+            total += ids.len() as u64;
+            if (outcomes.len() as i64) < batch {
+                return Ok(total);
+            }
+            (after_at, after_id) = (last_at, last_id);
+        }
     }
 
     async fn delete_batched(&self, sql: &'static str, older_than_secs: f64, batch: i64) -> Result<u64, StoreError> {
@@ -137,6 +169,7 @@ impl PostgresStore {
         report: impl Fn(&Purged) + Send + Sync,
     ) {
         loop {
+            let started = std::time::Instant::now();
             match self.purge().await {
                 Ok(purged) if purged == Purged::default() => tracing::debug!("retention ran: nothing to delete"),
                 Ok(purged) => {
@@ -144,6 +177,7 @@ impl PostgresStore {
                         inbox = purged.inbox,
                         sent_messages = purged.sent_messages,
                         instances = purged.instances,
+                        took_ms = started.elapsed().as_millis(),
                         "retention deleted rows"
                     );
                     report(&purged);

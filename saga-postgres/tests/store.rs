@@ -631,16 +631,22 @@ async fn retention_deletes_old_inbox_and_sent_rows_and_only_configured_instances
     tx.consume("c", &MessageId::from("new")).await.expect("consume");
     tx.enqueue(None, &messages(None, 2, "d")).await.expect("enqueue");
     let now = Timestamp::now();
-    let mut old_done = sample_instance("orders", None);
-    old_done.status = SagaStatus::Completed;
-    old_done.updated_at = now - Duration::from_secs(3 * 3600);
-    let mut old_running = sample_instance("orders", None);
-    old_running.updated_at = old_done.updated_at;
-    let mut new_done = sample_instance("orders", None);
-    new_done.status = SagaStatus::Compensated;
-    new_done.updated_at = now;
-    for instance in [&old_done, &old_running, &new_done] {
+    let at = |status, hours_ago: u64| {
+        let mut instance = sample_instance("orders", None);
+        instance.status = status;
+        instance.updated_at = now - Duration::from_secs(hours_ago * 3600);
+        instance
+    };
+    // In the order their outcomes are walked: one that stays (it needs
+    // attention) before two that go, so a walk in batches of one must move on.
+    let old_attention = at(SagaStatus::NeedsAttention, 4);
+    let old_done = at(SagaStatus::Completed, 3);
+    let old_compensated = at(SagaStatus::Compensated, 3);
+    let old_running = at(SagaStatus::Running, 3);
+    let new_done = at(SagaStatus::Compensated, 0);
+    for instance in [&old_attention, &old_done, &old_compensated, &old_running, &new_done] {
         tx.insert(instance).await.expect("insert");
+        tx.record(&reached(instance)).await.expect("record");
     }
     tx.commit().await.expect("commit");
     let claimed = keep_everything.claim(10, Duration::from_secs(60)).await.expect("claim");
@@ -675,17 +681,40 @@ async fn retention_deletes_old_inbox_and_sent_rows_and_only_configured_instances
     assert_eq!(count(&pool, "SELECT count(*) FROM saga_outbox").await, 1);
     assert_eq!(
         count(&pool, "SELECT count(*) FROM saga_instances").await,
-        3,
+        5,
         "instances are kept by default"
     );
 
     let drops_instances = db.store_with(2, config(Some(hour))).await;
     let purged = drops_instances.purge().await.expect("purge");
-    assert_eq!(purged.instances, 1, "only the old finished instance goes");
-    assert!(drops_instances.load(old_done.id).await.expect("load").is_none());
-    assert!(drops_instances.load(old_running.id).await.expect("load").is_some());
-    assert!(drops_instances.load(new_done.id).await.expect("load").is_some());
-    assert!(drops_instances.history(old_done.id).await.expect("history").is_empty());
+    assert_eq!(
+        purged.instances, 2,
+        "only the old completed and compensated instances go"
+    );
+    for gone in [&old_done, &old_compensated] {
+        assert!(drops_instances.load(gone.id).await.expect("load").is_none());
+        assert!(drops_instances.history(gone.id).await.expect("history").is_empty());
+    }
+    for kept in [&old_attention, &old_running, &new_done] {
+        assert!(drops_instances.load(kept.id).await.expect("load").is_some());
+        assert_eq!(drops_instances.history(kept.id).await.expect("history").len(), 1);
+    }
+}
+
+/// The history entry of `instance` reaching its status from `running`, as
+/// the engine records it (for a running instance: its start).
+fn reached(instance: &SagaInstance) -> Transition {
+    if instance.status == SagaStatus::Running {
+        return started(instance);
+    }
+    Transition {
+        at: instance.updated_at,
+        before: Some(Position {
+            status: SagaStatus::Running,
+            step: instance.step,
+        }),
+        ..started(instance)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
