@@ -43,6 +43,8 @@ pub const DEAD_LETTERS: &str = "saga_dead_letters";
 /// Counter, label `rows` (`inbox`, `sent_messages`, `sagas`): saga store
 /// rows deleted by retention.
 pub const RETENTION_DELETED: &str = "saga_retention_deleted_total";
+/// Seconds one retention round took (every round, also when it deleted nothing).
+pub const RETENTION_DURATION: &str = "saga_retention_seconds";
 /// Seconds from `OrderCreated` committed to the stock reply (or deadline)
 /// that decided the order, by `outcome` (`reserved`, `refused`, `timeout`).
 /// Measured from the saga's timestamps when the deciding transition is applied.
@@ -258,6 +260,11 @@ fn describe() {
         "Saga store rows deleted by retention: consumed-message ids, sent messages, finished sagas"
     );
     metrics::describe_histogram!(
+        RETENTION_DURATION,
+        metrics::Unit::Seconds,
+        "Time one retention round took, also when it deleted nothing"
+    );
+    metrics::describe_histogram!(
         STOCK_REPLY_LATENCY,
         metrics::Unit::Seconds,
         "Time from OrderCreated committed to the stock reply or deadline that decided the order, by outcome"
@@ -348,8 +355,9 @@ pub fn outbox_backlog(unsent: u64) {
     metrics::gauge!(OUTBOX_BACKLOG).set(unsent as f64);
 }
 
-/// Counts what one retention round deleted.
-pub fn retention_purged(purged: &saga_postgres::Purged) {
+/// Counts what one retention round deleted, and records how long it took.
+pub fn retention_purged(purged: &saga_postgres::Purged, took: Duration) {
+    metrics::histogram!(RETENTION_DURATION).record(took.as_secs_f64());
     for (rows, count) in [
         ("inbox", purged.inbox),
         ("sent_messages", purged.sent_messages),

@@ -157,30 +157,35 @@ impl PostgresStore {
     /// Runs [`purge`](Self::purge) every `interval` until `shutdown` is
     /// cancelled; failures are logged and retried at the next round.
     pub async fn run_retention(&self, interval: Duration, shutdown: CancellationToken) {
-        self.run_retention_reporting(interval, shutdown, |_| {}).await;
+        self.run_retention_reporting(interval, shutdown, |_, _| {}).await;
     }
 
     /// [`run_retention`](Self::run_retention), handing what each round
-    /// deleted to `report` (for metrics).
+    /// deleted and how long it took to `report` (for metrics), also when it
+    /// deleted nothing.
     pub async fn run_retention_reporting(
         &self,
         interval: Duration,
         shutdown: CancellationToken,
-        report: impl Fn(&Purged) + Send + Sync,
+        report: impl Fn(&Purged, Duration) + Send + Sync,
     ) {
         loop {
             let started = std::time::Instant::now();
             match self.purge().await {
-                Ok(purged) if purged == Purged::default() => tracing::debug!("retention ran: nothing to delete"),
                 Ok(purged) => {
-                    tracing::info!(
-                        inbox = purged.inbox,
-                        sent_messages = purged.sent_messages,
-                        instances = purged.instances,
-                        took_ms = started.elapsed().as_millis(),
-                        "retention deleted rows"
-                    );
-                    report(&purged);
+                    let took = started.elapsed();
+                    if purged == Purged::default() {
+                        tracing::debug!(took_ms = took.as_millis(), "retention ran: nothing to delete");
+                    } else {
+                        tracing::info!(
+                            inbox = purged.inbox,
+                            sent_messages = purged.sent_messages,
+                            instances = purged.instances,
+                            took_ms = took.as_millis(),
+                            "retention deleted rows"
+                        );
+                    }
+                    report(&purged, took);
                 }
                 Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
             }

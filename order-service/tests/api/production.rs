@@ -416,6 +416,10 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
         metrics.contains(r#"saga_retention_deleted_total{rows="sagas"} 1"#),
         "/metrics does not count the purged saga:\n{metrics}"
     );
+    assert!(
+        metrics.contains("saga_retention_seconds_count"),
+        "/metrics does not time the purge:\n{metrics}"
+    );
 
     app.stop().await.expect("a clean stop");
     platform.clean_up().await;
