@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use saga_postgres::RetentionConfig;
+use saga_postgres::{RetentionConfig, SHORT_INBOX_RETENTION};
 
 use crate::saga::DEFAULT_STOCK_REPLY_TIMEOUT;
 use crate::wire::WireNames;
@@ -245,19 +245,29 @@ impl Default for Retention {
     }
 }
 
-/// The shortest `INBOX_RETENTION` and `FINISHED_SAGA_RETENTION`.
-const SHORTEST_RETENTION: Duration = Duration::from_secs(3600);
+/// The shortest `FINISHED_SAGA_RETENTION`: the dashboard charts up to an
+/// hour of outcomes. (`INBOX_RETENTION`'s floor is saga-postgres's
+/// [`SHORT_INBOX_RETENTION`].)
+const SHORTEST_FINISHED_SAGA_RETENTION: Duration = Duration::from_secs(3600);
 
 impl Retention {
+    /// Reads the process environment, as [`from_lookup`](Self::from_lookup).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
     /// Reads `INBOX_RETENTION`, `SENT_MESSAGE_RETENTION`,
-    /// `FINISHED_SAGA_RETENTION` and `RETENTION_INTERVAL` through `get`
-    /// (`None`: the default), so a participant's service reads them alike.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    /// `FINISHED_SAGA_RETENTION` and `RETENTION_INTERVAL` through `lookup`
+    /// (unset and blank: the default), so a participant's service reads them
+    /// alike.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let mut retention = Self::default();
         if let Some(value) = get("INBOX_RETENTION") {
-            retention.store.inbox = retention_at_least_an_hour(
+            retention.store.inbox = retention_at_least(
                 "INBOX_RETENTION",
                 &value,
+                SHORT_INBOX_RETENTION,
                 "a message redelivered after its id was forgotten would be applied twice",
             )?;
         }
@@ -266,9 +276,10 @@ impl Retention {
                 parse_retention(&value).map_err(|why| ConfigError::new("SENT_MESSAGE_RETENTION", why))?;
         }
         if let Some(value) = get("FINISHED_SAGA_RETENTION") {
-            retention.store.finished_instances = Some(retention_at_least_an_hour(
+            retention.store.finished_instances = Some(retention_at_least(
                 "FINISHED_SAGA_RETENTION",
                 &value,
+                SHORTEST_FINISHED_SAGA_RETENTION,
                 "the dashboard charts up to the last hour of outcomes",
             )?);
         }
@@ -418,14 +429,19 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// `value` of `variable` as a retention of at least an hour, or an error
-/// saying `why` it may not be shorter.
-fn retention_at_least_an_hour(variable: &'static str, value: &str, why: &str) -> Result<Duration, ConfigError> {
+/// `value` of `variable` as a retention of at least `floor` (whole hours),
+/// or an error saying `why` it may not be shorter.
+fn retention_at_least(
+    variable: &'static str,
+    value: &str,
+    floor: Duration,
+    why: &str,
+) -> Result<Duration, ConfigError> {
     let retention = parse_retention(value).map_err(|reason| ConfigError::new(variable, reason))?;
-    if retention < SHORTEST_RETENTION {
+    if retention < floor {
         return Err(ConfigError::new(
             variable,
-            format_args!("`{value}` is shorter than 1h: {why}"),
+            format_args!("`{value}` is shorter than {}h: {why}", floor.as_secs() / 3600),
         ));
     }
     Ok(retention)

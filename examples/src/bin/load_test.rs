@@ -96,8 +96,7 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         products: (0..args.products).map(|i| format!("load-{i}")).collect(),
         results_dir: Some(args.results),
         // The hosted services purge as they would when started alone.
-        retention: Retention::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
-            .map_err(|e| e.to_string())?,
+        retention: Retention::from_env().map_err(|e| e.to_string())?,
         ..LoadConfig::default()
     };
     config.validate()?;
