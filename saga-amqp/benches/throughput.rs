@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
+use saga_amqp::{AcksSent, AmqpConfig, AmqpTransport, ExchangeKind, Topology};
 use saga_core::{CancellationToken, Consumer, ConsumerConfig, EngineError, Message, MessageHandler, Publisher};
 use tokio::sync::Notify;
 
@@ -100,7 +100,8 @@ impl MessageHandler for Counter {
     }
 }
 
-async fn transport(messages: usize) -> Duration {
+/// The transport round: how long it took, and the consumer's acks.
+async fn transport(messages: usize) -> (Duration, AcksSent) {
     let name = format!("saga-bench-{}", uuid::Uuid::new_v4().simple());
     let queue = format!("{name}.queue");
     let topology = Topology::new()
@@ -152,9 +153,10 @@ async fn transport(messages: usize) -> Duration {
 
     shutdown.cancel();
     let _ = consuming.await;
+    let acks = transport.acks_sent();
     let _ = transport.delete_topology().await;
     transport.close().await;
-    elapsed
+    (elapsed, acks)
 }
 
 fn rate(messages: usize, elapsed: Duration) -> f64 {
@@ -181,9 +183,12 @@ fn main() {
         let mut ours = Vec::new();
         for round in 1..=rounds {
             let r = rate(messages, raw_lapin(messages).await);
-            let t = rate(messages, transport(messages).await);
+            let (elapsed, acks) = transport(messages).await;
+            let t = rate(messages, elapsed);
+            let per_frame = acks.deliveries as f64 / acks.frames.max(1) as f64;
             println!(
-                "round {round}: raw lapin publish+confirm {r:>9.0} msg/s | transport publish+consume+ack {t:>9.0} msg/s"
+                "round {round}: raw lapin publish+confirm {r:>9.0} msg/s | transport publish+consume+ack {t:>9.0} msg/s \
+                 ({per_frame:.1} deliveries per ack frame)"
             );
             raw.push(r);
             ours.push(t);

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod acks;
 mod config;
 mod dead_letter;
 mod error;
@@ -11,6 +12,7 @@ mod topology;
 mod trace;
 mod transport;
 
+pub use acks::AcksSent;
 pub use config::{
     AmqpConfig, BindingConfig, ExchangeConfig, ExchangeKind, QueueConfig, QueueType, ReconnectConfig, RedactedUrl,
     RoutingKey, Topology,

@@ -10,10 +10,12 @@ use async_trait::async_trait;
 use futures_core::Stream;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::protocol::AMQPSoftError;
+use lapin::types::DeliveryTag;
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use saga_core::{DEAD_LETTER_REASON, Delivery, MessageId, Settle, Settlement, Subscription, TransportError};
 
+use crate::acks::{AckTally, AckWindow};
 use crate::config::AmqpConfig;
 use crate::error::{short, soft_error, unavailable, within};
 use crate::link::{Link, Wait};
@@ -30,6 +32,8 @@ pub(crate) struct Shared {
     retry_queues: Mutex<(u64, HashSet<String>)>,
     /// Every delay queue ever declared, for [`AmqpTransport::delete_topology`](crate::AmqpTransport::delete_topology).
     pub(crate) all_retry_queues: Mutex<HashSet<String>>,
+    /// The acks sent on every subscription's channel.
+    pub(crate) acks_sent: Arc<AckTally>,
 }
 
 impl Shared {
@@ -40,6 +44,7 @@ impl Shared {
             publishing,
             retry_queues: Mutex::new((0, HashSet::new())),
             all_retry_queues: Mutex::new(HashSet::new()),
+            acks_sent: Arc::default(),
         }
     }
 
@@ -75,9 +80,16 @@ impl Shared {
     }
 }
 
+/// A queue being consumed on a channel of its own.
+pub(crate) struct Consuming {
+    channel: Channel,
+    consumer: Consumer,
+    acks: Arc<AckWindow>,
+}
+
 /// Starts consuming `queue` on a channel of its own (its prefetch is this
 /// subscription's; closing it requeues what was not acked).
-pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<(Channel, Consumer), TransportError> {
+pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<Consuming, TransportError> {
     let name = short(queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.to_owned()))?;
     let channel = shared.link.channel(wait).await?;
     let limit = shared.config.operation_timeout;
@@ -95,7 +107,11 @@ pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<
             Some(AMQPSoftError::NOTFOUND) => TransportError::UnknownAddress(queue.to_owned()),
             _ => unavailable(e),
         })?;
-    Ok((channel, consumer))
+    Ok(Consuming {
+        channel,
+        consumer,
+        acks: Arc::new(AckWindow::new(Arc::clone(&shared.acks_sent))),
+    })
 }
 
 /// A subscription that survives reconnects: after its channel or connection
@@ -103,14 +119,14 @@ pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<
 pub(crate) struct AmqpSubscription {
     pub(crate) shared: Arc<Shared>,
     pub(crate) queue: Arc<str>,
-    pub(crate) current: Option<(Channel, Consumer)>,
+    pub(crate) current: Option<Consuming>,
 }
 
 #[async_trait]
 impl Subscription for AmqpSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, TransportError>> {
         let closed = self.shared.link.closed().clone();
-        let (channel, consumer) = match &mut self.current {
+        let current = match &mut self.current {
             Some(current) => current,
             None => {
                 let opened = tokio::select! {
@@ -126,12 +142,12 @@ impl Subscription for AmqpSubscription {
         };
         let item = tokio::select! {
             () = closed.cancelled() => return None,
-            item = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *consumer).poll_next(cx)) => item,
+            item = std::future::poll_fn(|cx| std::pin::Pin::new(&mut current.consumer).poll_next(cx)) => item,
         };
         match item {
             Some(Ok(delivery)) => {
-                let channel = channel.clone();
-                Some(Ok(self.delivery(channel, delivery)))
+                let (channel, acks) = (current.channel.clone(), Arc::clone(&current.acks));
+                Some(Ok(self.delivery(channel, acks, delivery)))
             }
             Some(Err(e)) => {
                 self.current = None;
@@ -151,8 +167,9 @@ impl Subscription for AmqpSubscription {
 }
 
 impl AmqpSubscription {
-    fn delivery(&self, channel: Channel, delivery: lapin::message::Delivery) -> Delivery {
+    fn delivery(&self, channel: Channel, acks: Arc<AckWindow>, delivery: lapin::message::Delivery) -> Delivery {
         let lapin::message::Delivery {
+            delivery_tag,
             exchange,
             routing_key,
             properties,
@@ -161,10 +178,13 @@ impl AmqpSubscription {
             ..
         } = delivery;
         let (message, retries) = mapping::message(exchange.as_str(), &properties, data.clone());
+        acks.opened(delivery_tag);
         let settle = AmqpSettle {
             shared: Arc::clone(&self.shared),
             queue: Arc::clone(&self.queue),
             channel,
+            acks,
+            tag: delivery_tag,
             acker: Some(acker),
             message_id: message.id.clone(),
             exchange: exchange.as_str().to_owned(),
@@ -186,6 +206,9 @@ struct AmqpSettle {
     queue: Arc<str>,
     /// Keeps the channel open until the delivery is settled.
     channel: Channel,
+    /// The channel's acks, which this delivery's joins.
+    acks: Arc<AckWindow>,
+    tag: DeliveryTag,
     acker: Option<Acker>,
     message_id: MessageId,
     /// The exchange and routing key it arrived by (recorded on its first round).
@@ -232,6 +255,28 @@ impl AmqpSettle {
         }
     }
 
+    /// Sends the message round again through the delay queue of `delay`.
+    async fn retry(&self, acker: &Acker, delay: Duration) -> Result<(), TransportError> {
+        let target = if delay.is_zero() {
+            self.queue.to_string()
+        } else {
+            let (name, ttl) = topology::retry_queue(&self.queue, delay);
+            if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
+                requeue(acker, self.limit()).await;
+                return Err(e);
+            }
+            name
+        };
+        let properties = mapping::republished(
+            &self.properties,
+            &self.message_id,
+            self.published(),
+            self.retries.saturating_add(1),
+            None,
+        );
+        self.forward(acker, &target, properties).await
+    }
+
     /// Publishes the message to `queue` (through the default exchange) with
     /// `properties`, then acks the original: at least once, never lost.
     async fn forward(
@@ -271,28 +316,10 @@ impl Settle for AmqpSettle {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        match settlement {
-            Settlement::Ack => ack(&acker, self.limit()).await,
-            Settlement::Retry { delay } => {
-                let target = if delay.is_zero() {
-                    self.queue.to_string()
-                } else {
-                    let (name, ttl) = topology::retry_queue(&self.queue, delay);
-                    if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
-                        requeue(&acker, self.limit()).await;
-                        return Err(e);
-                    }
-                    name
-                };
-                let properties = mapping::republished(
-                    &self.properties,
-                    &self.message_id,
-                    self.published(),
-                    self.retries.saturating_add(1),
-                    None,
-                );
-                self.forward(&acker, &target, properties).await
-            }
+        let limit = self.limit();
+        let settled = match settlement {
+            Settlement::Ack => return self.acks.ack(self.tag, acker, limit).await,
+            Settlement::Retry { delay } => self.retry(&acker, delay).await,
             Settlement::DeadLetter { reason } => {
                 // A dead letter of a dead-letter queue stays where it is, at the back.
                 let target = if self.queue.ends_with(DLQ_SUFFIX) {
@@ -309,21 +336,28 @@ impl Settle for AmqpSettle {
                 );
                 self.forward(&acker, &target, properties).await
             }
-        }
+        };
+        // Acked or given back by now: acks of later deliveries may cover it.
+        self.acks.closed(self.tag);
+        settled
     }
 }
 
 impl Drop for AmqpSettle {
     fn drop(&mut self) {
         // Dropped unsettled (the handler panicked or was cancelled): give it
-        // back now rather than when the channel closes.
+        // back now rather than when the channel closes. Without a runtime it
+        // stays open in the ack window, and later acks of the channel go
+        // alone: slower, still right.
         if let Some(acker) = self.acker.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let channel = self.channel.clone();
+            let (acks, tag) = (Arc::clone(&self.acks), self.tag);
             let limit = self.limit();
             runtime.spawn(async move {
                 requeue(&acker, limit).await;
+                acks.closed(tag);
                 drop(channel);
             });
         }

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use saga_core::{Message, Publisher, Subscriber, Subscription, TransportError};
 
+use crate::acks::AcksSent;
 use crate::config::{AmqpConfig, RoutingKey};
 use crate::error::{AmqpError, short, unavailable, within};
 use crate::link::{Link, Wait};
@@ -28,7 +29,8 @@ use crate::trace;
 ///   come back counting one more retry; dead letters go to `<queue>.dlq` with
 ///   the reason in [`saga_core::DEAD_LETTER_REASON`] and the exchange and
 ///   routing key it was first published with; a delivery dropped unsettled
-///   is requeued.
+///   is requeued. Acks settled together share one frame when no earlier
+///   delivery of their channel is open ([`acks_sent`](Self::acks_sent)).
 /// - **Dead letters**: browsed and replayed to where they were first
 ///   published through [`DeadLetterQueue`](saga_core::DeadLetterQueue).
 /// - **Reconnects**: a dropped connection is re-opened with backoff and the
@@ -75,6 +77,14 @@ impl AmqpTransport {
 
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// The consumer acks sent so far. Deliveries settled together share a
+    /// `basic.ack` frame (`multiple`) when no earlier delivery of their
+    /// channel is still being handled, so `deliveries / frames` says how well
+    /// acks coalesce.
+    pub fn acks_sent(&self) -> AcksSent {
+        self.shared.acks_sent.get()
     }
 
     /// The configuration it runs with.

@@ -7,14 +7,17 @@ mod broker;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use opentelemetry::trace::{TraceContextExt, TracerProvider};
-use saga_amqp::lapin::options::{BasicGetOptions, BasicPublishOptions};
-use saga_amqp::lapin::types::{AMQPValue, ShortString};
+use saga_amqp::lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use saga_amqp::lapin::types::{AMQPValue, FieldTable, ShortString};
 use saga_amqp::lapin::{BasicProperties, Connection, ConnectionProperties};
-use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, QueueType, Topology};
+use saga_amqp::{AcksSent, AmqpConfig, AmqpTransport, ExchangeKind, QueueType, Topology};
 use saga_core::{
     CancellationToken, Consumer, ConsumerConfig, DEAD_LETTER_REASON, Delivery, EngineError, Message, MessageHandler,
     Publisher, RetryPolicy, Settlement, StoreError, Subscriber, Subscription, TransportError,
@@ -483,6 +486,113 @@ async fn publishing_and_consuming_resume_after_the_connection_is_killed() {
 
     drop(subscription);
     broker::clean_up(&transport).await;
+}
+
+/// Acks `deliveries` from futures polled together in this task, so they are
+/// settled at one moment, as the transitions of one group commit are.
+async fn ack_together(deliveries: Vec<Delivery>) {
+    let mut settling: Vec<_> = deliveries
+        .into_iter()
+        .map(|delivery| Some(delivery.settle.settle(Settlement::Ack)))
+        .collect();
+    let all = std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for slot in &mut settling {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(result) => {
+                        result.expect("acked");
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    });
+    tokio::time::timeout(WAIT, all).await.expect("acked in time");
+}
+
+fn acks_since(transport: &AmqpTransport, before: AcksSent) -> (u64, u64) {
+    let now = transport.acks_sent();
+    (now.frames - before.frames, now.deliveries - before.deliveries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_settled_together_share_a_frame_but_never_cover_an_open_delivery() {
+    let name = broker::unique("acks");
+    let queue = format!("{name}.queue");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let publish = |n: usize| {
+        let transport = transport.clone();
+        let name = name.clone();
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                let message = Message::new("Tick", name.clone(), b"{}".to_vec());
+                transport.publish(&message).await.expect("published");
+                ids.push(message.id);
+            }
+            ids
+        }
+    };
+
+    // Eight handled at once and settled together: one frame.
+    publish(8).await;
+    let mut deliveries = Vec::new();
+    for _ in 0..8 {
+        deliveries.push(next(&mut subscription, "a tick").await);
+    }
+    let before = transport.acks_sent();
+    ack_together(deliveries).await;
+    assert_eq!(acks_since(&transport, before), (1, 8), "(frames, deliveries)");
+
+    // The first of three still open: the other two are acked alone, and the
+    // first, dropped unsettled, comes back (a `multiple` ack would have
+    // taken it too).
+    let ids = publish(3).await;
+    let first = next(&mut subscription, "the first of three").await;
+    let second = next(&mut subscription, "the second of three").await;
+    let third = next(&mut subscription, "the third of three").await;
+    assert_eq!(first.message.id, ids[0]);
+    let before = transport.acks_sent();
+    ack_together(vec![second, third]).await;
+    assert_eq!(acks_since(&transport, before), (2, 2), "(frames, deliveries)");
+    drop(first);
+    let again = next(&mut subscription, "the first, given back").await;
+    assert_eq!(again.message.id, ids[0], "only the open delivery comes back");
+    again.settle.settle(Settlement::Ack).await.expect("acked");
+
+    // Closing the connection gives back whatever was not acked: nothing.
+    drop(subscription);
+    transport.close().await;
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.expect("a channel");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let declared = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .expect("the queue is there");
+        assert_eq!(declared.message_count(), 0, "every delivery was acked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for queue in [queue.clone(), format!("{queue}.dlq")] {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("queue deleted");
+    }
+    channel
+        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .expect("exchange deleted");
+    let _ = connection.close(0, "done".into()).await;
 }
 
 #[tokio::test]
