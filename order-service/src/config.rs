@@ -528,6 +528,16 @@ mod tests {
         ])
         .expect("valid");
         assert!(matches!(both.backend, Backend::Production { .. }));
+        // PostgreSQL on the same host, through its Unix socket (README).
+        let socket = config(&[
+            (
+                "DATABASE_URL",
+                "postgres://orders@localhost/orders?host=/var/run/postgresql",
+            ),
+            ("RABBITMQ_URL", "amqp://mq"),
+        ])
+        .expect("a socket URL is valid");
+        assert!(matches!(socket.backend, Backend::Production { .. }));
         assert_eq!(
             config(&[("DATABASE_URL", ""), ("RABBITMQ_URL", " ")]),
             Ok(Config::default())
