@@ -113,8 +113,8 @@ impl AckWindow {
         };
         if lead {
             // A task of its own sends, until none wait: no handler is kept
-            // sending for others, and a cancelled one strands no acks. By the
-            // time it runs, the settlements woken with this one have joined.
+            // sending for others, and a cancelled one strands no acks. The
+            // settlements woken with this one join while it is scheduled.
             let window = Arc::clone(self);
             tokio::spawn(async move { while window.send_round(limit).await {} });
         }
