@@ -20,7 +20,7 @@ use lapin::types::DeliveryTag;
 use saga_core::TransportError;
 use tokio::sync::oneshot;
 
-use crate::error::within;
+use crate::error::{unavailable, within};
 
 /// Acks a transport has sent: how many `basic.ack` frames, for how many
 /// deliveries (see [`AmqpTransport::acks_sent`](crate::AmqpTransport::acks_sent)).
@@ -144,14 +144,14 @@ impl AckWindow {
         self.tally.deliveries.fetch_add(deliveries, Ordering::Relaxed);
         let mut together = together.into_values();
         if let Some(last) = together.next_back() {
-            let result = send(&last.acker, true, limit).await;
+            let result = send_ack(&last.acker, true, limit).await.map_err(|e| e.to_string());
             for waiting in together {
                 let _ = waiting.sent.send(result.clone());
             }
             let _ = last.sent.send(result);
         }
         for waiting in alone.into_values() {
-            let result = send(&waiting.acker, false, limit).await;
+            let result = send_ack(&waiting.acker, false, limit).await.map_err(|e| e.to_string());
             let _ = waiting.sent.send(result);
         }
         let mut state = self.state();
@@ -160,11 +160,14 @@ impl AckWindow {
     }
 }
 
-async fn send(acker: &Acker, multiple: bool, limit: Duration) -> Result<(), String> {
-    match within(limit, "acking", acker.ack(BasicAckOptions { multiple })).await {
-        Ok(Ok(true)) => Ok(()),
-        Ok(Ok(false)) => Err("the channel closed before the ack; the broker delivers the message again".to_owned()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
+/// Acks `acker`'s delivery (and with `multiple`, every earlier one of its
+/// channel) and returns once the frame is sent.
+pub(crate) async fn send_ack(acker: &Acker, multiple: bool, limit: Duration) -> Result<(), TransportError> {
+    match within(limit, "acking", acker.ack(BasicAckOptions { multiple })).await? {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(TransportError::Unavailable(
+            "the channel closed before the ack; the broker delivers the message again".into(),
+        )),
+        Err(e) => Err(unavailable(e)),
     }
 }

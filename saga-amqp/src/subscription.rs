@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_core::Stream;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::types::DeliveryTag;
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use saga_core::{DEAD_LETTER_REASON, Delivery, MessageId, Settle, Settlement, Subscription, TransportError};
 
-use crate::acks::{AckTally, AckWindow};
+use crate::acks::{AckTally, AckWindow, send_ack};
 use crate::config::AmqpConfig;
 use crate::error::{short, soft_error, unavailable, within};
 use crate::link::{Link, Wait};
@@ -219,16 +219,6 @@ struct AmqpSettle {
     retries: u32,
 }
 
-async fn ack(acker: &Acker, limit: Duration) -> Result<(), TransportError> {
-    match within(limit, "acking", acker.ack(BasicAckOptions::default())).await? {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(TransportError::Unavailable(
-            "the channel closed before the ack; the broker delivers the message again".into(),
-        )),
-        Err(e) => Err(unavailable(e)),
-    }
-}
-
 async fn requeue(acker: &Acker, limit: Duration) {
     let requeue = BasicNackOptions {
         multiple: false,
@@ -301,7 +291,7 @@ impl AmqpSettle {
             .publish(self.message_id.as_str(), "", queue, true, &self.body, properties)
             .await;
         match published {
-            Ok(()) => ack(acker, self.limit()).await,
+            Ok(()) => send_ack(acker, false, self.limit()).await,
             Err(e) => {
                 requeue(acker, self.limit()).await;
                 Err(e)
