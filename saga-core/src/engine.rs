@@ -1,6 +1,7 @@
 //! The driver: load → decide → commit state + history + outbox + inbox +
-//! application effects in one transaction. It holds no state of its own, so a
-//! crashed engine is rebuilt from the store by constructing a new one.
+//! application effects in one transaction. It holds no state of its own
+//! beyond a cache of instances it committed lately, so a crashed engine is
+//! rebuilt from the store by constructing a new one.
 
 use std::any::{Any, type_name};
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,10 @@ use crate::instance::{SagaInstance, SagaStatus, Transition};
 use crate::message::Message;
 use crate::store::{Store, StoreError, Transaction};
 use crate::upgrade::Upgrade;
+
+mod recent;
+
+use recent::RecentInstances;
 
 /// Applies a definition's application effects (type `E`) inside the
 /// transition's transaction, e.g. writing the service's own tables.
@@ -63,6 +68,14 @@ pub struct EngineConfig {
     /// out of the scans before it is tried, and reported, again. Left out,
     /// such deadlines neither fill every scan's batch nor flood the log.
     pub broken_deadline_retry: Duration,
+    /// How many live instances the engine keeps as it committed them, so
+    /// the message that follows a transition (a reply) is decided without
+    /// reading its instance back. A kept instance another replica has moved
+    /// on since costs a failed commit and a read, never a wrong decision:
+    /// the commit checks the revision, and whatever else the kept instance
+    /// leads to (the message ignored, an error) is decided again on a read.
+    /// About 1 KiB each, depending on the saga data; `0` keeps none.
+    pub cached_instances: usize,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +85,7 @@ impl Default for EngineConfig {
             max_conflict_retries: 16,
             deadline_batch: 256,
             broken_deadline_retry: Duration::from_secs(300),
+            cached_instances: 4096,
         }
     }
 }
@@ -351,6 +365,7 @@ impl EngineBuilder {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
+                recent: RecentInstances::new(self.config.cached_instances),
                 message_headers: self.message_headers,
                 on_committed: self.on_committed,
                 store: self.store,
@@ -379,6 +394,27 @@ struct Inner {
     /// Deadlines that could not be applied for good: the saga, its deadline,
     /// and when to try it again.
     broken_deadlines: std::sync::Mutex<HashMap<SagaId, (Timestamp, Timestamp)>>,
+    recent: RecentInstances,
+}
+
+/// An instance as the engine found it, and where.
+struct Found {
+    instance: SagaInstance,
+    /// From the engine's cache, so possibly stale (see [`RecentInstances`]).
+    cached: bool,
+}
+
+impl Found {
+    fn cached(instance: SagaInstance) -> Self {
+        Self { instance, cached: true }
+    }
+
+    fn stored(instance: SagaInstance) -> Self {
+        Self {
+            instance,
+            cached: false,
+        }
+    }
 }
 
 /// Runs sagas: starts instances, feeds them messages, fires their deadlines
@@ -465,9 +501,9 @@ impl Engine {
     /// Messages already in the inbox are [`Handled::Duplicate`]; messages that
     /// name no instance are [`EngineError::UnknownSaga`] (dead-letter them).
     pub async fn handle(&self, message: &Message) -> Result<Handled, EngineError> {
-        let (id, loaded) = self.correlate(message).await?;
+        let (id, found) = self.correlate(message).await?;
         let span = tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
-        self.transition(id, loaded, Event::Message(message), Some(&message.id))
+        self.transition(id, found, Event::Message(message), Some(&message.id))
             .instrument(span)
             .await
     }
@@ -635,9 +671,10 @@ impl Engine {
             })
     }
 
-    /// Finds the instance a message belongs to; returns it too when finding
-    /// it meant loading it, so the transition need not load it again.
-    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<SagaInstance>), EngineError> {
+    /// Finds the instance a message belongs to, in the engine's cache or the
+    /// store; returns it too, so the transition need not load it again.
+    async fn correlate(&self, message: &Message) -> Result<(SagaId, Option<Found>), EngineError> {
+        let recent = &self.inner.recent;
         let routes = self
             .inner
             .routes
@@ -654,8 +691,14 @@ impl Engine {
                     };
                     tried = Some(raw.to_owned());
                     let Ok(id) = raw.parse::<SagaId>() else { continue };
+                    // An instance's definition never changes: a cached one answers that.
+                    if let Some(instance) = recent.get(id).filter(|i| i.definition == route.definition) {
+                        return Ok((id, Some(Found::cached(instance))));
+                    }
                     match self.inner.store.load(id).await? {
-                        Some(instance) if instance.definition == route.definition => return Ok((id, Some(instance))),
+                        Some(instance) if instance.definition == route.definition => {
+                            return Ok((id, Some(Found::stored(instance))));
+                        }
                         _ => continue,
                     }
                 }
@@ -664,8 +707,12 @@ impl Engine {
                         what: format!("`{}` message {}", message.kind, message.id),
                         source,
                     })?;
+                    // Nor does its key.
+                    if let Some(instance) = recent.get_by_key(&route.definition, &key) {
+                        return Ok((instance.id, Some(Found::cached(instance))));
+                    }
                     if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
-                        return Ok((instance.id, Some(instance)));
+                        return Ok((instance.id, Some(Found::stored(instance))));
                     }
                     tried = Some(key);
                 }
@@ -681,7 +728,7 @@ impl Engine {
     async fn transition(
         &self,
         id: SagaId,
-        mut loaded: Option<SagaInstance>,
+        mut found: Option<Found>,
         event: Event<'_>,
         consumed: Option<&MessageId>,
     ) -> Result<Handled, EngineError> {
@@ -690,32 +737,46 @@ impl Engine {
         // reports the message consumed do we ask the inbox up front, which
         // then names the duplicate.
         let mut check_inbox_first = false;
-        for _ in 0..attempts {
-            let instance = match loaded.take() {
-                Some(instance) => Some(instance),
-                None => self.inner.store.load(id).await?,
+        let mut attempt = 0;
+        while attempt < attempts {
+            let Found { instance, cached } = match found.take() {
+                Some(found) => found,
+                None => {
+                    let stored = self.inner.store.load(id).await?;
+                    Found::stored(stored.ok_or_else(|| EngineError::UnknownSaga {
+                        kind: match event {
+                            Event::Message(m) => m.kind.clone(),
+                            Event::Deadline(_) => "deadline".to_owned(),
+                            Event::Operator(a) => a.as_str().to_owned(),
+                        },
+                        key: Some(id.to_string()),
+                    })?)
+                }
             };
-            let instance = instance.ok_or_else(|| EngineError::UnknownSaga {
-                kind: match event {
-                    Event::Message(m) => m.kind.clone(),
-                    Event::Deadline(_) => "deadline".to_owned(),
-                    Event::Operator(a) => a.as_str().to_owned(),
-                },
-                key: Some(id.to_string()),
-            })?;
             let revision = instance.revision;
-            let instance = self.upgraded(instance)?;
-            let runner = self.runner(&instance.definition, instance.definition_version, id)?;
             let before = instance.status;
-            let pending = match runner.decide(instance, event, self.now())? {
-                Ok(pending) => pending,
-                Err(reason) => {
+            let (pending, runner) = match self.decide(instance, event) {
+                Ok((Ok(pending), runner)) => (pending, runner),
+                // Only the store's copy may decide that nothing happens, or
+                // that the message cannot be applied.
+                _ if cached => {
+                    self.inner.recent.forget(id);
+                    continue;
+                }
+                Ok((Err(reason), _)) => {
                     tracing::debug!(reason, "event ignored");
                     return Ok(Handled::Ignored(reason));
                 }
+                Err(e) => return Err(e),
             };
+            attempt += 1;
             let status = pending.instance.status;
-            match self.commit(pending, Some(revision), consumed, check_inbox_first).await {
+            let committed = self.commit(pending, Some(revision), consumed, check_inbox_first).await;
+            if committed.is_err() {
+                // Whatever went wrong, the store's copy decides the retry.
+                self.inner.recent.forget(id);
+            }
+            match committed {
                 Ok(true) => {
                     tracing::debug!(%status, "transition committed");
                     record_transition(runner.name(), Some(before), status);
@@ -730,6 +791,19 @@ impl Engine {
             }
         }
         Err(EngineError::Contended { id, attempts })
+    }
+
+    /// Decides `event` for `instance`, upgraded to its definition's current
+    /// version first if an upgrade is registered.
+    fn decide(
+        &self,
+        instance: SagaInstance,
+        event: Event<'_>,
+    ) -> Result<(Result<Pending, &'static str>, &dyn Runner), EngineError> {
+        let id = instance.id;
+        let instance = self.upgraded(instance)?;
+        let runner = self.runner(&instance.definition, instance.definition_version, id)?;
+        Ok((runner.decide(instance, event, self.now())?, runner.as_ref()))
     }
 
     /// One transaction: inbox, instance, history, outbox, effects. Returns
@@ -768,6 +842,7 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
+        self.inner.recent.committed(&pending.instance);
         if let Some(hook) = &self.inner.on_committed {
             hook(&pending.instance, &pending.transition);
         }

@@ -743,3 +743,170 @@ async fn a_stranded_saga_needs_attention_and_resumes_its_compensation() {
     let resumed = engine.act(id, OperatorAction::Resume).await.expect("resume");
     assert_eq!(resumed.status, SagaStatus::Compensated);
 }
+
+/// The in-memory store, counting the instance reads the engine makes.
+#[derive(Clone)]
+struct CountingReads {
+    store: InMemoryStore,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingReads {
+    fn new(store: &InMemoryStore) -> Self {
+        Self {
+            store: store.clone(),
+            reads: Arc::default(),
+        }
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    fn read(&self) {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl SagaStore for CountingReads {
+    async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, saga_core::StoreError> {
+        self.read();
+        self.store.load(id).await
+    }
+
+    async fn find_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaId>, saga_core::StoreError> {
+        self.read();
+        self.store.find_by_key(definition, key).await
+    }
+
+    async fn load_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaInstance>, saga_core::StoreError> {
+        self.read();
+        self.store.load_by_key(definition, key).await
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>, saga_core::StoreError> {
+        self.store.begin().await
+    }
+}
+
+#[async_trait]
+impl OutboxStore for CountingReads {
+    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<saga_core::OutboxEntry>, saga_core::StoreError> {
+        self.store.claim(limit, lease).await
+    }
+
+    async fn mark_sent(&self, ids: &[saga_core::OutboxId]) -> Result<(), saga_core::StoreError> {
+        self.store.mark_sent(ids).await
+    }
+
+    async fn release(&self, ids: &[saga_core::OutboxId]) -> Result<(), saga_core::StoreError> {
+        self.store.release(ids).await
+    }
+}
+
+#[async_trait]
+impl saga_core::DeadlineStore for CountingReads {
+    async fn due(
+        &self,
+        now: saga_core::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<saga_core::DueDeadline>, saga_core::StoreError> {
+        self.store.due(now, limit).await
+    }
+}
+
+#[async_trait]
+impl QueryStore for CountingReads {
+    async fn history(&self, id: SagaId) -> Result<Vec<saga_core::Transition>, saga_core::StoreError> {
+        self.store.history(id).await
+    }
+
+    async fn list(&self, filter: &saga_core::InstanceFilter) -> Result<Vec<SagaInstance>, saga_core::StoreError> {
+        self.store.list(filter).await
+    }
+
+    async fn summary(&self, query: &saga_core::SummaryQuery) -> Result<saga_core::Summary, saga_core::StoreError> {
+        self.store.summary(query).await
+    }
+}
+
+/// An engine (a replica) over `store`, keeping `cached` instances.
+fn replica(store: Arc<dyn saga_core::Store>, clock: &ManualClock, cached: usize) -> Engine {
+    Engine::builder(store)
+        .clock(clock.clone())
+        .config(saga_core::EngineConfig {
+            cached_instances: cached,
+            ..saga_core::EngineConfig::default()
+        })
+        .register(order_saga(1, Duration::from_secs(30)))
+        .build()
+        .expect("engine")
+}
+
+async fn parts(store: &InMemoryStore, id: SagaId) -> u32 {
+    let instance = store.load(id).await.expect("load").expect("exists");
+    serde_json::from_str::<Order>(&instance.data).expect("order data").parts
+}
+
+#[tokio::test]
+async fn replies_to_sagas_this_engine_moved_last_are_decided_without_a_read() {
+    let clock = ManualClock::default();
+    let memory = InMemoryStore::with_clock(clock.clone());
+    for (cached, reads_per_reply) in [(16, 0), (0, 1)] {
+        let store = CountingReads::new(&memory);
+        let engine = replica(Arc::new(store.clone()), &clock, cached);
+        let order_id = format!("o-{cached}");
+        let id = engine.start("orders", order(&order_id)).await.expect("start");
+        for _ in 0..3 {
+            let handled = engine.handle(&reply(&order_id, true)).await.expect("reply");
+            assert!(matches!(handled, Handled::Applied { .. }), "{handled:?}");
+        }
+        assert_eq!(status(&memory, id).await, SagaStatus::Completed);
+        assert_eq!(
+            store.reads(),
+            3 * reads_per_reply,
+            "instance reads for three replies, keeping {cached} instances"
+        );
+        assert_eq!(parts(&memory, id).await, 3);
+    }
+}
+
+#[tokio::test]
+async fn a_replica_decides_on_what_the_store_holds_once_another_moved_the_saga_on() {
+    let clock = ManualClock::default();
+    let memory = InMemoryStore::with_clock(clock.clone());
+    let store: Arc<dyn saga_core::Store> = Arc::new(memory.clone());
+    let (first, second) = (replica(Arc::clone(&store), &clock, 16), replica(store, &clock, 16));
+
+    // The first replica keeps the saga as it started it; the second moves it
+    // on. The first's next reply is decided on its stale copy, conflicts at
+    // commit, and is decided again on the store's.
+    let id = first.start("orders", order("o-1")).await.expect("start");
+    second.handle(&reply("o-1", true)).await.expect("first part");
+    let handled = first.handle(&reply("o-1", true)).await.expect("second part");
+    assert!(matches!(handled, Handled::Applied { .. }), "{handled:?}");
+    assert_eq!(parts(&memory, id).await, 2, "both parts counted, neither lost");
+
+    // An operator retries the step through the second replica: a new command,
+    // which the first's copy does not await. The reply to it must not be
+    // ignored on that copy's word.
+    let awaited_before = memory.load(id).await.expect("load").expect("exists").awaiting;
+    second.act(id, OperatorAction::Retry).await.expect("retry");
+    let awaited = memory.load(id).await.expect("load").expect("exists").awaiting;
+    assert_ne!(awaited, awaited_before, "the retry sent a new command");
+    let answer = reply("o-1", true).with_header(IN_REPLY_TO, awaited.expect("awaits a reply").as_str());
+    let handled = first.handle(&answer).await.expect("third part");
+    assert_eq!(
+        handled,
+        Handled::Applied {
+            saga: id,
+            status: SagaStatus::Completed
+        }
+    );
+    assert_eq!(parts(&memory, id).await, 3);
+
+    // And a reply to the command the retry replaced is ignored, by either.
+    let late = reply("o-1", true).with_header(IN_REPLY_TO, awaited_before.expect("awaited").as_str());
+    assert!(matches!(first.handle(&late).await, Ok(Handled::Ignored(_))));
+}
