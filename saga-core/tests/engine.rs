@@ -744,11 +744,13 @@ async fn a_stranded_saga_needs_attention_and_resumes_its_compensation() {
     assert_eq!(resumed.status, SagaStatus::Compensated);
 }
 
-/// The in-memory store, counting the instance reads the engine makes.
+/// The in-memory store, counting the instance reads and the transactions
+/// the engine makes.
 #[derive(Clone)]
 struct CountingReads {
     store: InMemoryStore,
     reads: Arc<std::sync::atomic::AtomicUsize>,
+    transactions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl CountingReads {
@@ -756,7 +758,12 @@ impl CountingReads {
         Self {
             store: store.clone(),
             reads: Arc::default(),
+            transactions: Arc::default(),
         }
+    }
+
+    fn transactions(&self) -> usize {
+        self.transactions.load(Ordering::SeqCst)
     }
 
     fn reads(&self) -> usize {
@@ -786,6 +793,7 @@ impl SagaStore for CountingReads {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>, saga_core::StoreError> {
+        self.transactions.fetch_add(1, Ordering::SeqCst);
         self.store.begin().await
     }
 }
@@ -909,4 +917,110 @@ async fn a_replica_decides_on_what_the_store_holds_once_another_moved_the_saga_o
     // And a reply to the command the retry replaced is ignored, by either.
     let late = reply("o-1", true).with_header(IN_REPLY_TO, awaited_before.expect("awaited").as_str());
     assert!(matches!(first.handle(&late).await, Ok(Handled::Ignored(_))));
+}
+
+#[tokio::test]
+async fn copies_that_keep_going_stale_are_compared_with_reads_until_they_are_current_again() {
+    let clock = ManualClock::default();
+    let memory = InMemoryStore::with_clock(clock.clone());
+    let store = CountingReads::new(&memory);
+    let shared: Arc<dyn saga_core::Store> = Arc::new(store.clone());
+    let (first, second) = (
+        replica(Arc::clone(&shared), &clock, 1024),
+        replica(shared, &clock, 1024),
+    );
+    // Each saga starts on the first replica and takes three replies, which
+    // the replicas take in turns: the second and third find the other
+    // replica's copy one transition behind. Each replica judges its copies
+    // by the 256: one stale copy a saga each.
+    let mut per_saga = Vec::new();
+    for n in 0..300 {
+        let before = store.transactions();
+        let key = format!("turns-{n}");
+        first.start("orders", order(&key)).await.expect("start");
+        for engine in [&second, &first, &second] {
+            let handled = engine.handle(&reply(&key, true)).await.expect("reply");
+            assert!(matches!(handled, Handled::Applied { .. }), "{handled:?}");
+        }
+        per_saga.push(store.transactions() - before);
+    }
+    assert_eq!(per_saga[0], 6, "two stale copies: two commits conflict");
+    assert!(
+        per_saga[260..].iter().all(|&n| n == 4),
+        "once most copies were stale, no commit conflicts: {:?}",
+        &per_saga[260..]
+    );
+
+    // One replica alone: its copies are current, and after a window of
+    // reads that show it, used again.
+    for n in 0..300 {
+        let key = format!("alone-{n}");
+        first.start("orders", order(&key)).await.expect("start");
+        for _ in 0..3 {
+            first.handle(&reply(&key, true)).await.expect("reply");
+        }
+    }
+    let reads = store.reads();
+    let id = first.start("orders", order("last")).await.expect("start");
+    for _ in 0..3 {
+        first.handle(&reply("last", true)).await.expect("reply");
+    }
+    assert_eq!(store.reads(), reads, "replies decided on copies again");
+    assert_eq!(parts(&memory, id).await, 3);
+}
+
+#[tokio::test]
+async fn a_reply_a_stale_copy_would_ignore_is_decided_on_what_the_store_holds() {
+    let reply_step = |name: &str, command: &'static str, kind: &'static str| {
+        Step::remote(name, move |o: &Order| Ok(Command::json(command, "warehouse", &o.id)?)).on_reply_keyed(
+            kind,
+            |r: &Reply| r.order_id.clone(),
+            |_: &mut Order, r: Reply| {
+                if r.ok {
+                    ReplyOutcome::Success
+                } else {
+                    ReplyOutcome::Failure("refused".into())
+                }
+            },
+        )
+    };
+    let shipping = || {
+        SagaDefinition::builder("shipping")
+            .key(|o: &Order| o.id.clone())
+            .step(reply_step("hold", "Hold", "Held"))
+            .step(reply_step("ship", "Ship", "Shipped"))
+            .build()
+            .expect("valid definition")
+    };
+    let memory = InMemoryStore::new();
+    let replica = || {
+        Engine::builder(Arc::new(memory.clone()))
+            .register(shipping())
+            .build()
+            .expect("engine")
+    };
+    let (first, second) = (replica(), replica());
+    let id = first.start("shipping", order("s-1")).await.expect("start");
+    let answer = |kind: &str| {
+        Message::json(
+            kind,
+            "replies",
+            &Reply {
+                order_id: "s-1".into(),
+                ok: true,
+            },
+        )
+        .expect("encodable")
+    };
+    second.handle(&answer("Held")).await.expect("held");
+    // The first replica's copy still waits for `Held`, so on its word
+    // `Shipped` would be ignored; the store's instance waits for it.
+    let handled = first.handle(&answer("Shipped")).await.expect("shipped");
+    assert_eq!(
+        handled,
+        Handled::Applied {
+            saga: id,
+            status: SagaStatus::Completed
+        }
+    );
 }

@@ -9,8 +9,18 @@
 //! commit conflicts and the engine re-decides on what the store holds), and
 //! any other outcome (ignored, an error) is decided again on a fresh read
 //! before it is reported.
+//!
+//! A stale copy costs more than the read it was to save: a failed commit
+//! (with group commit, the other transitions of its statement are written
+//! again one by one), a read and a second commit. Copies go stale when
+//! replicas take turns on one saga's messages (a saga of several steps whose
+//! replies any replica may consume). So the engine checks how often the
+//! copies it finds are stale, and stops using them while more than one in
+//! eight are; meanwhile each copy found is compared with the instance read
+//! instead, which tells when they are worth using again.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::id::SagaId;
@@ -22,7 +32,18 @@ use crate::instance::SagaInstance;
 pub(crate) struct RecentInstances {
     capacity: usize,
     inner: Mutex<Inner>,
+    /// Copies checked in the current window, and how many were stale.
+    checked: AtomicU32,
+    stale: AtomicU32,
+    /// Whether copies are used, as the last full window found them.
+    trusted: AtomicBool,
 }
+
+/// Copies are judged in windows of this many.
+const WINDOW: u32 = 256;
+
+/// More stale copies than this in a window: the next one reads instead.
+const STALE_AT_MOST: u32 = WINDOW / 8;
 
 #[derive(Default)]
 struct Inner {
@@ -56,6 +77,39 @@ impl RecentInstances {
         Self {
             capacity,
             inner: Mutex::default(),
+            checked: AtomicU32::new(0),
+            stale: AtomicU32::new(0),
+            trusted: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether copies found are used (rather than only compared with a read).
+    pub(crate) fn trusted(&self) -> bool {
+        self.trusted.load(Ordering::Relaxed)
+    }
+
+    /// Records whether a copy was found stale, by a commit that conflicted,
+    /// a decision taken again, or a read compared with it.
+    pub(crate) fn checked(&self, stale: bool) {
+        metrics::counter!("saga_instance_copies_total", "found" => if stale { "stale" } else { "current" })
+            .increment(1);
+        if stale {
+            self.stale.fetch_add(1, Ordering::Relaxed);
+        }
+        // Whoever completes a window judges it; concurrent checks carry over.
+        if self.checked.fetch_add(1, Ordering::Relaxed) + 1 != WINDOW {
+            return;
+        }
+        self.checked.fetch_sub(WINDOW, Ordering::Relaxed);
+        let stale = self.stale.swap(0, Ordering::Relaxed);
+        let trusted = stale <= STALE_AT_MOST;
+        if self.trusted.swap(trusted, Ordering::Relaxed) != trusted {
+            tracing::info!(
+                stale,
+                of = WINDOW,
+                "{} kept instance copies",
+                if trusted { "using" } else { "too many stale: not using" }
+            );
         }
     }
 
@@ -110,6 +164,13 @@ impl RecentInstances {
             if let Some(oldest) = inner.order.pop_front() {
                 inner.remove(oldest);
             }
+        }
+    }
+
+    /// Records whether `copy`, if there was one, is what the store holds.
+    pub(crate) fn compare(&self, copy: Option<&SagaInstance>, stored: &SagaInstance) {
+        if let Some(copy) = copy {
+            self.checked(copy.revision != stored.revision);
         }
     }
 
@@ -178,6 +239,22 @@ mod tests {
         recent.forget(other.id);
         assert!(recent.get(other.id).is_none());
         assert!(recent.get_by_key("order", "o-2").is_none());
+    }
+
+    #[test]
+    fn copies_are_used_while_at_most_one_in_eight_is_stale() {
+        let recent = RecentInstances::new(8);
+        assert!(recent.trusted());
+        let window = |stale: u32| {
+            for i in 0..WINDOW {
+                recent.checked(i < stale);
+            }
+            recent.trusted()
+        };
+        assert!(window(STALE_AT_MOST), "one in eight is still worth it");
+        assert!(!window(STALE_AT_MOST + 1));
+        assert!(!window(STALE_AT_MOST + 1), "stays off while copies go stale");
+        assert!(window(0), "back on once they are current");
     }
 
     #[test]
