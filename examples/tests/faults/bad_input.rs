@@ -363,10 +363,13 @@ async fn corrupt_saga_rows_are_reported_and_block_no_other_saga() {
 
     // Placed first, so their deadlines come first in every scan.
     let corrupt = place_orders(&service, 3).await;
+    // Written as any writer of saga rows must write them: with a new
+    // revision, which tells an engine keeping a copy of the saga that its
+    // copy is stale (an edit in place would be overwritten from the copy).
     let corruptions = [
-        "UPDATE saga_instances SET data = '{\"garbage\": true}' WHERE id = $1::uuid",
-        "UPDATE saga_instances SET definition_version = 999 WHERE id = $1::uuid",
-        "UPDATE saga_instances SET status = 'zombie' WHERE id = $1::uuid",
+        "UPDATE saga_instances SET data = '{\"garbage\": true}', revision = revision + 1 WHERE id = $1::uuid",
+        "UPDATE saga_instances SET definition_version = 999, revision = revision + 1 WHERE id = $1::uuid",
+        "UPDATE saga_instances SET status = 'zombie', revision = revision + 1 WHERE id = $1::uuid",
     ];
     for (id, corruption) in corrupt.iter().zip(corruptions) {
         let updated = sqlx::query(corruption)
