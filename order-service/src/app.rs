@@ -16,7 +16,9 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology, TracedHandler};
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
-use saga_core::{CancellationToken, Consumer, ConsumerConfig, Engine, Participant, Relay, RelayConfig, RetryPolicy};
+use saga_core::{
+    CancellationToken, Consumer, ConsumerConfig, Engine, EngineConfig, Participant, Relay, RelayConfig, RetryPolicy,
+};
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -221,12 +223,16 @@ impl Application {
             names: config.names.clone(),
             stock_reply_timeout: config.stock_reply_timeout,
         };
+        let tuning = EngineConfig {
+            cached_instances: config.cached_instances,
+            ..EngineConfig::default()
+        };
         let (orders, workers, refresh) = match &config.backend {
-            Backend::Embedded => embedded(&saga)?,
+            Backend::Embedded => embedded(&saga, &tuning)?,
             Backend::Production {
                 database_url,
                 rabbitmq_url,
-            } => production(&saga, database_url, rabbitmq_url, &config.retention)?,
+            } => production(&saga, &tuning, database_url, rabbitmq_url, &config.retention)?,
         };
         let dashboard = dashboard::routes(
             workers.engine().clone(),
@@ -410,7 +416,7 @@ type Refresh = Arc<dyn Fn() + Send + Sync>;
 
 /// In-memory store, in-process transport with the wire contract's topology,
 /// and the demo stock service.
-fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartError> {
+fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Workers, Refresh), StartError> {
     let names: &WireNames = &saga.names;
     tracing::warn!(
         "EMBEDDED MODE: orders live in memory and are lost when the process stops; \
@@ -433,6 +439,7 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
     let table = InMemoryOrders::new();
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
     let engine = Engine::builder(Arc::new(store.clone()))
+        .config(tuning.clone())
         .message_headers(saga_amqp::inject_current)
         .on_committed(telemetry::saga_committed)
         .register_with_effects(definition, table.clone())
@@ -493,6 +500,7 @@ fn embedded(saga: &OrderSagaConfig) -> Result<(Orders, Workers, Refresh), StartE
 /// reached: the pool connects lazily, and [`Workers::run`] waits for both.
 fn production(
     saga: &OrderSagaConfig,
+    tuning: &EngineConfig,
     database_url: &SecretUrl,
     rabbitmq_url: &SecretUrl,
     retention: &Retention,
@@ -521,6 +529,7 @@ fn production(
     let table = PostgresOrders::new(pool.clone());
     let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
     let engine = Engine::builder(Arc::new(store.clone()))
+        .config(tuning.clone())
         .message_headers(saga_amqp::inject_current)
         .on_committed(telemetry::saga_committed)
         .register_with_effects(definition, table.clone())
