@@ -190,7 +190,12 @@ struct World {
     clock: ManualClock,
     store: InMemoryStore,
     transport: InMemoryTransport,
-    engine: Engine,
+    /// Replicas of the engine over the one store, taking turns on messages
+    /// and deadlines: each keeps its own copies of instances, which go stale
+    /// as the others move sagas on.
+    engines: Vec<Engine>,
+    /// Turns taken so far, which pick the replica.
+    turns: usize,
     log: EffectLog,
     network: Vec<Message>,
     redeliveries: Vec<Message>,
@@ -200,13 +205,15 @@ struct World {
 }
 
 impl World {
-    fn new(specs: &[StepSpec], plans: &[Vec<ReplyPlan>], crashes: bool) -> Self {
+    fn new(specs: &[StepSpec], plans: &[Vec<ReplyPlan>], crashes: bool, replicas: usize) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
         let store = InMemoryStore::with_clock(clock.clone());
         let transport = InMemoryTransport::new();
         transport.bind(PARTICIPANT, PARTICIPANT_QUEUE);
         let log = EffectLog::default();
-        let engine = Self::engine(specs, &store, &clock, &log);
+        let engines = (0..replicas.max(1))
+            .map(|_| Self::engine(specs, &store, &clock, &log))
+            .collect();
         let ids = (0..plans.len())
             .map(|i| SagaId::from_uuid(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 + i as u128)))
             .collect();
@@ -217,7 +224,8 @@ impl World {
             clock,
             store,
             transport,
-            engine,
+            engines,
+            turns: 0,
             log,
             network: Vec::new(),
             redeliveries: Vec::new(),
@@ -235,9 +243,15 @@ impl World {
             .unwrap_or_else(|e| panic!("engine: {e}"))
     }
 
+    /// The replica whose turn it is.
+    fn replica(&mut self) -> &Engine {
+        self.turns += 1;
+        &self.engines[self.turns % self.engines.len()]
+    }
+
     async fn start_all(&mut self) {
         for id in self.ids.clone() {
-            self.engine
+            self.replica()
                 .start_with_id("generated", id, Data::default())
                 .await
                 .unwrap_or_else(|e| panic!("start: {e}"));
@@ -311,7 +325,7 @@ impl World {
     }
 
     async fn deliver(&mut self, message: &Message) {
-        match self.engine.handle(message).await {
+        match self.replica().handle(message).await {
             Ok(_) => {}
             Err(e) => panic!("handling {} failed: {e}", message.kind),
         }
@@ -319,7 +333,7 @@ impl World {
 
     async fn tick(&mut self, millis: u64) {
         self.clock.advance(Duration::from_millis(millis));
-        self.engine
+        self.replica()
             .fire_due_deadlines()
             .await
             .unwrap_or_else(|e| panic!("deadlines: {e}"));
@@ -349,7 +363,9 @@ impl World {
             Op::Tick(millis) => self.tick(millis).await,
             Op::CrashEngine => {
                 if self.crashes {
-                    self.engine = Self::engine(&self.specs, &self.store, &self.clock, &self.log);
+                    for engine in &mut self.engines {
+                        *engine = Self::engine(&self.specs, &self.store, &self.clock, &self.log);
+                    }
                 }
             }
             Op::Deliver(_) | Op::DeliverDuplicate(_) | Op::DeliverCrashAfterCommit(_) => {}
@@ -405,8 +421,8 @@ impl World {
     }
 }
 
-async fn simulate(specs: &[StepSpec], plans: &[Vec<ReplyPlan>], ops: &[Op], crashes: bool) -> World {
-    let mut world = World::new(specs, plans, crashes);
+async fn simulate(specs: &[StepSpec], plans: &[Vec<ReplyPlan>], ops: &[Op], crashes: bool, replicas: usize) -> World {
+    let mut world = World::new(specs, plans, crashes, replicas);
     world.start_all().await;
     for op in ops {
         world.apply(op).await;
@@ -567,13 +583,19 @@ proptest! {
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let crashed = runtime.block_on(simulate(&specs, &plans, &ops, true));
-        let calm = runtime.block_on(simulate(&specs, &plans, &ops, false));
+        let crashed = runtime.block_on(simulate(&specs, &plans, &ops, true, 1));
+        let calm = runtime.block_on(simulate(&specs, &plans, &ops, false, 1));
+        let replicated = runtime.block_on(simulate(&specs, &plans, &ops, false, 2));
         check(&crashed, &specs)?;
         check(&calm, &specs)?;
+        check(&replicated, &specs)?;
         // 5. Crashes change nothing that was decided.
         let crashed_finals = runtime.block_on(crashed.finals());
         let calm_finals = runtime.block_on(calm.finals());
-        prop_assert_eq!(crashed_finals, calm_finals, "final states with and without crashes differ");
+        prop_assert_eq!(&crashed_finals, &calm_finals, "final states with and without crashes differ");
+        // 6. Neither do replicas taking turns, each deciding on its own
+        // (often stale) copies of the instances.
+        let replicated_finals = runtime.block_on(replicated.finals());
+        prop_assert_eq!(replicated_finals, calm_finals, "final states of one engine and of two replicas differ");
     }
 }
