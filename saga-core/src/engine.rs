@@ -712,13 +712,16 @@ impl Engine {
                         source,
                     })?;
                     // Nor does its key.
-                    let copy = recent.get_by_key(&route.definition, &key);
-                    if let Some(copy) = copy.as_ref().filter(|copy| self.decides(copy, message)) {
-                        return Ok((copy.id, Some(Found::cached(copy.clone()))));
-                    }
-                    if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
-                        recent.compare(copy.as_ref(), &instance);
-                        return Ok((instance.id, Some(Found::stored(instance))));
+                    match recent.get_by_key(&route.definition, &key) {
+                        Some(copy) if self.decides(&copy, message) => {
+                            return Ok((copy.id, Some(Found::cached(copy))));
+                        }
+                        copy => {
+                            if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
+                                recent.compare(copy.as_ref(), &instance);
+                                return Ok((instance.id, Some(Found::stored(instance))));
+                            }
+                        }
                     }
                     tried = Some(key);
                 }
