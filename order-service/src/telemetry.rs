@@ -273,6 +273,11 @@ fn describe() {
         "saga_messages_total",
         "Messages consumed, by settlement outcome (ack, retry, dead_letter)"
     );
+    metrics::describe_counter!(
+        "saga_instance_copies_total",
+        "The engine's kept copies of sagas as a commit or a read found them (current, stale); \
+         past one stale in eight the engine reads instead"
+    );
 }
 
 /// Buckets of the stock reply latency: from milliseconds to the longest deadlines.
