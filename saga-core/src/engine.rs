@@ -786,8 +786,8 @@ impl Engine {
             let before = instance.status;
             let (pending, runner) = match self.decide(instance, event) {
                 Ok((Ok(pending), runner)) => (pending, runner),
-                // Only the store's copy may decide that nothing happens, or
-                // that the message cannot be applied.
+                // Only the instance as stored may decide that nothing
+                // happens, or that the event cannot be applied.
                 _ if cached => {
                     self.inner.recent.forget(id);
                     continue;
@@ -802,7 +802,8 @@ impl Engine {
             let status = pending.instance.status;
             let committed = self.commit(pending, Some(revision), consumed, check_inbox_first).await;
             if committed.is_err() {
-                // Whatever went wrong, the store's copy decides the retry.
+                // Whatever went wrong, the kept copy may not be what is
+                // stored: retries, and later events, read it.
                 self.inner.recent.forget(id);
             }
             match committed {
