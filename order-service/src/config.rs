@@ -217,10 +217,11 @@ pub struct Config {
     pub dashboard_window_minutes: u32,
     /// What the saga store deletes, and how often (production mode).
     pub retention: Retention,
-    /// `CACHED_INSTANCES` (default 4,096; `0` keeps none): live sagas the
-    /// engine keeps as it committed them, so a reply is decided without
-    /// reading its saga back (see `saga_core::EngineConfig::cached_instances`).
-    pub cached_instances: usize,
+    /// `CACHED_INSTANCES` (`0` keeps none): live sagas the engine keeps as
+    /// it committed them, so a reply is decided without reading its saga
+    /// back. Unset: 4,096 in production mode, none in embedded mode, where
+    /// a read is no dearer than a copy (`saga_core::EngineConfig::cached_instances`).
+    pub cached_instances: Option<usize>,
 }
 
 /// How long the saga store keeps rows it no longer needs, so its tables do
@@ -312,7 +313,7 @@ impl Default for Config {
             dashboard_stuck_after: Duration::from_secs(5 * 60),
             dashboard_window_minutes: 15,
             retention: Retention::default(),
-            cached_instances: saga_core::EngineConfig::default().cached_instances,
+            cached_instances: None,
         }
     }
 }
@@ -397,12 +398,12 @@ impl Config {
             None => defaults.dashboard_window_minutes,
         };
         let cached_instances = match get("CACHED_INSTANCES") {
-            Some(value) => value.parse::<usize>().map_err(|_| {
+            Some(value) => Some(value.parse::<usize>().map_err(|_| {
                 ConfigError::new(
                     "CACHED_INSTANCES",
                     format_args!("expected a whole number of sagas (0 keeps none), got `{value}`"),
                 )
-            })?,
+            })?),
             None => defaults.cached_instances,
         };
         Ok(Self {
@@ -596,8 +597,11 @@ mod tests {
 
     #[test]
     fn kept_sagas_come_from_the_environment() {
-        assert_eq!(config(&[]).map(|c| c.cached_instances), Ok(4096));
-        assert_eq!(config(&[("CACHED_INSTANCES", "0")]).map(|c| c.cached_instances), Ok(0));
+        assert_eq!(config(&[]).map(|c| c.cached_instances), Ok(None));
+        assert_eq!(
+            config(&[("CACHED_INSTANCES", "0")]).map(|c| c.cached_instances),
+            Ok(Some(0))
+        );
         for bad in ["-1", "lots", "1e3"] {
             let error = config(&[("CACHED_INSTANCES", bad)]).expect_err(bad);
             assert!(error.to_string().contains("CACHED_INSTANCES"), "{error}");

@@ -77,9 +77,17 @@ pub struct EngineConfig {
     /// While more than one in eight copies found turns out stale (replicas
     /// taking turns on one saga's replies), the engine reads instead and
     /// only compares; `saga_instance_copies_total{found}` counts them.
-    /// About 1 KiB each, depending on the saga data; `0` keeps none.
-    pub cached_instances: usize,
+    /// About 1 KiB each, depending on the saga data; `Some(0)` keeps none.
+    /// `None` (the default): [`CACHED_INSTANCES`], or none over a store
+    /// whose reads cost no more than a copy
+    /// ([`SagaStore::reads_are_cheap`](crate::SagaStore::reads_are_cheap),
+    /// the in-memory store), where copies would only add work.
+    pub cached_instances: Option<usize>,
 }
+
+/// How many instances an engine keeps by default (see
+/// [`EngineConfig::cached_instances`]).
+pub const CACHED_INSTANCES: usize = 4096;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -88,7 +96,7 @@ impl Default for EngineConfig {
             max_conflict_retries: 16,
             deadline_batch: 256,
             broken_deadline_retry: Duration::from_secs(300),
-            cached_instances: 4096,
+            cached_instances: None,
         }
     }
 }
@@ -368,7 +376,11 @@ impl EngineBuilder {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
-                recent: RecentInstances::new(self.config.cached_instances),
+                recent: RecentInstances::new(self.config.cached_instances.unwrap_or(if self.store.reads_are_cheap() {
+                    0
+                } else {
+                    CACHED_INSTANCES
+                })),
                 message_headers: self.message_headers,
                 on_committed: self.on_committed,
                 store: self.store,
@@ -875,10 +887,10 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
-        self.inner.recent.committed(&pending.instance);
         if let Some(hook) = &self.inner.on_committed {
             hook(&pending.instance, &pending.transition);
         }
+        self.inner.recent.committed(pending.instance);
         Ok(true)
     }
 }

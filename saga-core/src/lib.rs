@@ -29,7 +29,7 @@ pub use dead_letter::{
 };
 pub use decide::{Decision, Event, OperatorAction, Outcome, decide, start};
 pub use definition::{ReplyOutcome, SagaBuilder, SagaData, SagaDefinition, Step, StepContext};
-pub use engine::{EffectHandler, Engine, EngineBuilder, EngineConfig, Handled};
+pub use engine::{CACHED_INSTANCES, EffectHandler, Engine, EngineBuilder, EngineConfig, Handled};
 pub use error::{BoxError, DefinitionError, EngineError, RetryPolicy, StepError};
 pub use id::{MessageId, SagaId};
 pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, UnknownStatus};

@@ -100,6 +100,14 @@ pub trait SagaStore: Send + Sync {
 
     /// Opens a transaction. Dropping it without [`Transaction::commit`] rolls back.
     async fn begin(&self) -> Result<Box<dyn Transaction>, StoreError>;
+
+    /// Whether reading an instance costs no more than copying one (the store
+    /// keeps its instances in this process's memory). An engine then keeps
+    /// no copies of instances of its own unless its configuration asks for
+    /// them ([`EngineConfig::cached_instances`](crate::EngineConfig::cached_instances)).
+    fn reads_are_cheap(&self) -> bool {
+        false
+    }
 }
 
 /// One atomic write: everything in it commits together or not at all.

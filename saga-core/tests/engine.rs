@@ -844,7 +844,7 @@ fn replica(store: Arc<dyn saga_core::Store>, clock: &ManualClock, cached: usize)
     Engine::builder(store)
         .clock(clock.clone())
         .config(saga_core::EngineConfig {
-            cached_instances: cached,
+            cached_instances: Some(cached),
             ..saga_core::EngineConfig::default()
         })
         .register(order_saga(1, Duration::from_secs(30)))
@@ -995,6 +995,10 @@ async fn a_reply_a_stale_copy_would_ignore_is_decided_on_what_the_store_holds() 
     let memory = InMemoryStore::new();
     let replica = || {
         Engine::builder(Arc::new(memory.clone()))
+            .config(saga_core::EngineConfig {
+                cached_instances: Some(16),
+                ..saga_core::EngineConfig::default()
+            })
             .register(shipping())
             .build()
             .expect("engine")

@@ -23,9 +23,9 @@ use uuid::Uuid;
 
 use saga_core::memory::{InMemoryStore, InMemoryTransaction, InMemoryTransport};
 use saga_core::{
-    Command, EffectHandler, Engine, IN_REPLY_TO, ManualClock, Message, MessageId, OutboxStore, Publisher, QueryStore,
-    Relay, RelayConfig, ReplyOutcome, RetryPolicy, SagaDefinition, SagaId, SagaInstance, SagaStatus, SagaStore, Step,
-    StepError, Timestamp, Transaction, Transition,
+    Command, EffectHandler, Engine, EngineConfig, IN_REPLY_TO, ManualClock, Message, MessageId, OutboxStore, Publisher,
+    QueryStore, Relay, RelayConfig, ReplyOutcome, RetryPolicy, SagaDefinition, SagaId, SagaInstance, SagaStatus,
+    SagaStore, Step, StepError, Timestamp, Transaction, Transition,
 };
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -238,6 +238,11 @@ impl World {
     fn engine(specs: &[StepSpec], store: &InMemoryStore, clock: &ManualClock, log: &EffectLog) -> Engine {
         Engine::builder(Arc::new(store.clone()))
             .clock(clock.clone())
+            // Copies of instances, which the in-memory store would not need.
+            .config(EngineConfig {
+                cached_instances: Some(64),
+                ..EngineConfig::default()
+            })
             .register_with_effects(definition(specs), LogEffects(Arc::clone(log)))
             .build()
             .unwrap_or_else(|e| panic!("engine: {e}"))

@@ -140,7 +140,7 @@ impl RecentInstances {
     /// Keeps `instance` as just committed, unless a newer revision of it is
     /// kept already (commits of one saga may finish out of order here) or it
     /// has finished.
-    pub(crate) fn committed(&self, instance: &SagaInstance) {
+    pub(crate) fn committed(&self, instance: SagaInstance) {
         if self.capacity == 0 {
             return;
         }
@@ -151,15 +151,18 @@ impl RecentInstances {
         }
         match inner.by_id.get(&instance.id) {
             Some(kept) if kept.revision >= instance.revision => return,
+            // Its key, if any, is kept already: a key never changes.
             Some(_) => {}
-            None => inner.order.push_back(instance.id),
+            None => {
+                inner.order.push_back(instance.id);
+                if let Some(key) = &instance.key {
+                    inner
+                        .by_key
+                        .insert((instance.definition.clone(), key.clone()), instance.id);
+                }
+            }
         }
-        if let Some(key) = &instance.key {
-            inner
-                .by_key
-                .insert((instance.definition.clone(), key.clone()), instance.id);
-        }
-        inner.by_id.insert(instance.id, instance.clone());
+        inner.by_id.insert(instance.id, instance);
         while inner.order.len() > self.capacity {
             if let Some(oldest) = inner.order.pop_front() {
                 inner.remove(oldest);
@@ -213,10 +216,10 @@ mod tests {
     fn keeps_the_newest_revision_by_id_and_key() {
         let recent = RecentInstances::new(8);
         let mut saga = instance("o-1", 2, SagaStatus::Running);
-        recent.committed(&saga);
+        recent.committed(saga.clone());
         saga.revision = 1;
         saga.step = 0;
-        recent.committed(&saga);
+        recent.committed(saga.clone());
         let kept = recent.get(saga.id).map(|i| (i.revision, i.step));
         assert_eq!(kept, Some((2, 1)), "an older commit finishing late must not win");
         assert_eq!(recent.get_by_key("order", "o-1").map(|i| i.id), Some(saga.id));
@@ -227,15 +230,15 @@ mod tests {
     fn finished_and_forgotten_instances_are_not_kept() {
         let recent = RecentInstances::new(8);
         let mut saga = instance("o-1", 1, SagaStatus::Running);
-        recent.committed(&saga);
+        recent.committed(saga.clone());
         saga.revision = 2;
         saga.status = SagaStatus::Completed;
-        recent.committed(&saga);
+        recent.committed(saga.clone());
         assert!(recent.get(saga.id).is_none());
         assert!(recent.get_by_key("order", "o-1").is_none());
 
         let other = instance("o-2", 1, SagaStatus::Compensating);
-        recent.committed(&other);
+        recent.committed(other.clone());
         recent.forget(other.id);
         assert!(recent.get(other.id).is_none());
         assert!(recent.get_by_key("order", "o-2").is_none());
@@ -264,14 +267,14 @@ mod tests {
             .map(|i| instance(&format!("o-{i}"), 1, SagaStatus::Running))
             .collect();
         for saga in &sagas {
-            recent.committed(saga);
+            recent.committed(saga.clone());
         }
         assert!(recent.get(sagas[0].id).is_none());
         assert!(recent.get_by_key("order", "o-0").is_none());
         assert!(recent.get(sagas[1].id).is_some() && recent.get(sagas[2].id).is_some());
 
         let none = RecentInstances::new(0);
-        none.committed(&sagas[0]);
+        none.committed(sagas[0].clone());
         assert!(none.get(sagas[0].id).is_none(), "capacity 0 keeps nothing");
     }
 }

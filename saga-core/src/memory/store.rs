@@ -121,6 +121,10 @@ impl InMemoryStore {
 
 #[async_trait]
 impl SagaStore for InMemoryStore {
+    fn reads_are_cheap(&self) -> bool {
+        true
+    }
+
     async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, StoreError> {
         Ok(self.lock().instances.get(&id).cloned())
     }
