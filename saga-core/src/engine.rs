@@ -711,7 +711,7 @@ impl Engine {
                         Some(copy) if self.decides(&copy, message) => return Ok((id, Some(Found::cached(copy)))),
                         copy => match self.inner.store.load(id).await? {
                             Some(instance) if instance.definition == route.definition => {
-                                recent.compare(copy.as_ref(), &instance);
+                                recent.compare(copy.map(|c| c.revision), &instance);
                                 return Ok((id, Some(Found::stored(instance))));
                             }
                             _ => continue,
@@ -730,7 +730,7 @@ impl Engine {
                         }
                         copy => {
                             if let Some(instance) = self.inner.store.load_by_key(&route.definition, &key).await? {
-                                recent.compare(copy.as_ref(), &instance);
+                                recent.compare(copy.map(|c| c.revision), &instance);
                                 return Ok((instance.id, Some(Found::stored(instance))));
                             }
                         }
@@ -778,8 +778,8 @@ impl Engine {
                 Some(found) => found,
                 None => {
                     let stored = self.inner.store.load(id).await?;
-                    if let (Some(revision), Some(stored)) = (copy.take(), &stored) {
-                        self.inner.recent.checked(stored.revision != revision);
+                    if let Some(stored) = &stored {
+                        self.inner.recent.compare(copy.take(), stored);
                     }
                     Found::stored(stored.ok_or_else(|| EngineError::UnknownSaga {
                         kind: match event {

@@ -170,10 +170,11 @@ impl RecentInstances {
         }
     }
 
-    /// Records whether `copy`, if there was one, is what the store holds.
-    pub(crate) fn compare(&self, copy: Option<&SagaInstance>, stored: &SagaInstance) {
-        if let Some(copy) = copy {
-            self.checked(copy.revision != stored.revision);
+    /// Records whether a copy at `copy_revision`, if there was one, is what
+    /// the store holds.
+    pub(crate) fn compare(&self, copy_revision: Option<u64>, stored: &SagaInstance) {
+        if let Some(revision) = copy_revision {
+            self.checked(revision != stored.revision);
         }
     }
 
