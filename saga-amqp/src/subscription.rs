@@ -267,6 +267,24 @@ impl AmqpSettle {
         self.forward(acker, &target, properties).await
     }
 
+    /// Sends the message to the dead-letter queue with `reason`.
+    async fn dead_letter(&self, acker: &Acker, reason: &str) -> Result<(), TransportError> {
+        // A dead letter of a dead-letter queue stays where it is, at the back.
+        let target = if self.queue.ends_with(DLQ_SUFFIX) {
+            self.queue.to_string()
+        } else {
+            topology::dlq(&self.queue)
+        };
+        let properties = mapping::republished(
+            &self.properties,
+            &self.message_id,
+            self.published(),
+            self.retries,
+            Some((DEAD_LETTER_REASON, reason)),
+        );
+        self.forward(acker, &target, properties).await
+    }
+
     /// Publishes the message to `queue` (through the default exchange) with
     /// `properties`, then acks the original: at least once, never lost.
     async fn forward(
@@ -310,22 +328,7 @@ impl Settle for AmqpSettle {
         let settled = match settlement {
             Settlement::Ack => return self.acks.ack(self.tag, acker, limit).await,
             Settlement::Retry { delay } => self.retry(&acker, delay).await,
-            Settlement::DeadLetter { reason } => {
-                // A dead letter of a dead-letter queue stays where it is, at the back.
-                let target = if self.queue.ends_with(DLQ_SUFFIX) {
-                    self.queue.to_string()
-                } else {
-                    topology::dlq(&self.queue)
-                };
-                let properties = mapping::republished(
-                    &self.properties,
-                    &self.message_id,
-                    self.published(),
-                    self.retries,
-                    Some((DEAD_LETTER_REASON, &reason)),
-                );
-                self.forward(&acker, &target, properties).await
-            }
+            Settlement::DeadLetter { reason } => self.dead_letter(&acker, &reason).await,
         };
         // Acked or given back by now: acks of later deliveries may cover it.
         self.acks.closed(self.tag);
