@@ -34,7 +34,7 @@ pub use error::{BoxError, DefinitionError, EngineError, RetryPolicy, StepError};
 pub use id::{MessageId, SagaId};
 pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, UnknownStatus};
 pub use message::{Command, IN_REPLY_TO, Message};
-pub use participant::{CommandHandler, Handling, Participant};
+pub use participant::{CommandBatching, CommandHandler, Handling, Participant};
 pub use relay::{Relay, RelayConfig, RelayRound};
 pub use signal::cancel_on_signal;
 pub use store::{

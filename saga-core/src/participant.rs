@@ -5,11 +5,17 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tracing::Instrument;
 
 use crate::error::{EngineError, StepError};
 use crate::id::MessageId;
 use crate::message::{Command, IN_REPLY_TO, Message};
 use crate::store::{SagaStore, StoreError, Transaction};
+
+mod batch;
+
+use batch::Batches;
+pub use batch::CommandBatching;
 
 /// Handles commands for a participant. Make your changes through `tx` (downcast
 /// `tx.backend()` to your store's transaction) and return the replies; all of
@@ -69,6 +75,13 @@ pub enum Handling {
 /// # Ok(()) }
 /// ```
 pub struct Participant {
+    core: Arc<Core>,
+    /// Commands waiting to share a transaction; `None` handles each alone.
+    batches: Option<Arc<Batches>>,
+}
+
+/// What handling a command needs, shared with the batch runners.
+struct Core {
     name: String,
     store: Arc<dyn SagaStore>,
     handler: Arc<dyn CommandHandler>,
@@ -78,10 +91,20 @@ impl Participant {
     /// A participant named `name` (its inbox consumer name).
     pub fn new(name: impl Into<String>, store: Arc<dyn SagaStore>, handler: impl CommandHandler) -> Self {
         Self {
-            name: name.into(),
-            store,
-            handler: Arc::new(handler),
+            core: Arc::new(Core {
+                name: name.into(),
+                store,
+                handler: Arc::new(handler),
+            }),
+            batches: None,
         }
+    }
+
+    /// Lets commands that arrive while others are being handled share one
+    /// transaction (see [`CommandBatching`]); off by default.
+    pub fn with_batching(mut self, batching: CommandBatching) -> Self {
+        self.batches = (batching.max_commands > 1).then(|| Arc::new(Batches::new(batching)));
+        self
     }
 
     /// Handles `command` once: handler, replies to the outbox, and the
@@ -96,7 +119,20 @@ impl Participant {
     ///
     /// Replies get ids derived from the command's id, the command's
     /// correlation id, and an `in-reply-to` header naming the command.
+    ///
+    /// With [batching](Self::with_batching), the command may share its
+    /// transaction with others; the outcome is the one it would have alone.
     pub async fn handle(&self, command: &Message) -> Result<Handling, EngineError> {
+        match &self.batches {
+            Some(batches) => batch::handle(&self.core, batches, command).await,
+            None => self.core.alone(command).await,
+        }
+    }
+}
+
+impl Core {
+    /// Handles `command` in a transaction of its own.
+    async fn alone(&self, command: &Message) -> Result<Handling, EngineError> {
         let mut tx = self.store.begin().await?;
         match tx.consume_at_commit(&self.name, &command.id).await {
             Err(StoreError::ConsumedConcurrently { .. }) => return Ok(Handling::Duplicate),
@@ -112,11 +148,7 @@ impl Participant {
                 };
             }
         };
-        let replies: Vec<Message> = commands
-            .into_iter()
-            .enumerate()
-            .map(|(index, reply)| reply_to(command, reply, MessageId::derived_from(&command.id, index)))
-            .collect();
+        let replies = replies_to(command, commands);
         if !replies.is_empty() {
             tx.enqueue(None, &replies).await?;
         }
@@ -128,11 +160,53 @@ impl Participant {
         }
     }
 
+    /// Handles `commands` in one transaction, in order, each instrumented
+    /// with its span. `None` when that did not commit (a handler or the
+    /// store failed, or the commit met a command consumed before): nothing
+    /// of it was written, and each command's own transaction tells how it
+    /// fares.
+    async fn together(&self, commands: &[(&Message, &tracing::Span)]) -> Option<Vec<Handling>> {
+        let mut tx = self.store.begin().await.ok()?;
+        let mut handlings = Vec::with_capacity(commands.len());
+        for (command, span) in commands {
+            match tx.consume_at_commit(&self.name, &command.id).await {
+                // Earlier in this batch (a redelivery that arrived at once).
+                Err(StoreError::ConsumedConcurrently { .. }) => {
+                    handlings.push(Handling::Duplicate);
+                    continue;
+                }
+                other => other.ok()?,
+            }
+            let replies = self
+                .handler
+                .handle(tx.as_mut(), command)
+                .instrument((*span).clone())
+                .await
+                .ok()
+                .map(|commands| replies_to(command, commands))?;
+            if !replies.is_empty() {
+                tx.enqueue(None, &replies).await.ok()?;
+            }
+            handlings.push(Handling::Handled { replies: replies.len() });
+        }
+        tx.commit().await.ok()?;
+        Some(handlings)
+    }
+
     /// Whether `command` was consumed by this participant already.
     async fn consumed_before(&self, command: &Message) -> Result<bool, EngineError> {
         let mut tx = self.store.begin().await?;
         Ok(!tx.consume(&self.name, &command.id).await?)
     }
+}
+
+/// The replies a handler returned, as messages answering `command`.
+fn replies_to(command: &Message, replies: Vec<Command>) -> Vec<Message> {
+    replies
+        .into_iter()
+        .enumerate()
+        .map(|(index, reply)| reply_to(command, reply, MessageId::derived_from(&command.id, index)))
+        .collect()
 }
 
 fn reply_to(command: &Message, reply: Command, id: MessageId) -> Message {

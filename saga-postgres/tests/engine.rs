@@ -420,3 +420,172 @@ async fn a_participant_finds_a_redelivered_command_a_duplicate_at_commit_or_afte
         .expect("count");
     assert_eq!(outbox, 2, "one reply per command handled");
 }
+
+/// Records each command with the id of the transaction that handled it;
+/// a command named `hold` first waits at the gate.
+struct Recording {
+    entered: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl CommandHandler for Recording {
+    async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
+        let name: String = command.decode().map_err(StepError::from)?;
+        if name == "hold" {
+            self.entered.notify_one();
+            self.gate
+                .acquire()
+                .await
+                .map_err(|e| StepError::retryable(e.to_string()))?
+                .forget();
+        }
+        let conn = saga_postgres::connection(tx)
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
+        // A row in the way aborts the whole PostgreSQL transaction.
+        sqlx::query("INSERT INTO handled (command_id, txid) VALUES ($1, txid_current())")
+            .bind(command.id.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| StepError::terminal(e.to_string()))?;
+        Ok(vec![
+            Command::json("Reserved", "replies", &name).map_err(StepError::from)?,
+        ])
+    }
+}
+
+#[tokio::test]
+async fn a_batched_participant_shares_transactions_and_each_command_fares_as_alone() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let pool = store.pool().clone();
+    sqlx::query("CREATE TABLE handled (command_id text PRIMARY KEY, txid bigint NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("application table");
+    let recording = Recording {
+        entered: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let (entered, gate) = (Arc::clone(&recording.entered), Arc::clone(&recording.gate));
+    let participant = Arc::new(
+        Participant::new("inventory", Arc::new(store) as Arc<dyn SagaStore>, recording)
+            .with_batching(saga_core::CommandBatching::up_to(16)),
+    );
+    let send = |message: &Message| {
+        let (participant, message) = (Arc::clone(&participant), message.clone());
+        tokio::spawn(async move { participant.handle(&message).await })
+    };
+    // Sends `commands` while a held command occupies the transaction, so
+    // they queue (this test's runtime has one thread: each queues before
+    // it yields), then lets it go; the outcomes in order.
+    let behind_a_held_command = |commands: Vec<Message>| {
+        // Bounded: a command left waiting fails the test instead of hanging it.
+        let hold = Message::json("Reserve", "inventory", "hold").expect("encodable");
+        let held = send(&hold);
+        let (entered, gate, send) = (Arc::clone(&entered), Arc::clone(&gate), &send);
+        let outcomes = async move {
+            // The held command runs alone; what is sent now waits behind it.
+            entered.notified().await;
+            let tasks: Vec<_> = commands.iter().map(send).collect();
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            gate.add_permits(1);
+            held.await.expect("no panic").expect("the held command is handled");
+            let mut outcomes = Vec::new();
+            for task in tasks {
+                outcomes.push(task.await.expect("no panic"));
+            }
+            outcomes
+        };
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), outcomes)
+                .await
+                .expect("every command answered within 60 s")
+        }
+    };
+    let commands = |prefix: &str| -> Vec<Message> {
+        (0..10)
+            .map(|n| Message::json("Reserve", "inventory", &format!("{prefix}-{n}")).expect("encodable"))
+            .collect()
+    };
+    let transactions = |ids: Vec<String>| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(DISTINCT txid) FROM handled WHERE command_id = ANY($1)")
+                .bind(ids)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        }
+    };
+    let ids = |messages: &[Message]| messages.iter().map(|m| m.id.as_str().to_owned()).collect::<Vec<_>>();
+
+    // Ten commands behind a held one: one transaction for the ten.
+    let first = commands("first");
+    let outcomes = behind_a_held_command(first.clone()).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Handling::Handled { replies: 1 }))),
+        "{outcomes:?}"
+    );
+    assert_eq!(transactions(ids(&first)).await, 1, "the ten shared one transaction");
+
+    // A statement failing in the fourth aborts the shared transaction:
+    // that command fails on its own, the other nine commit alone.
+    let second = commands("second");
+    sqlx::query("INSERT INTO handled (command_id, txid) VALUES ($1, 0)")
+        .bind(second[3].id.as_str())
+        .execute(&pool)
+        .await
+        .expect("a row in the way");
+    let outcomes = behind_a_held_command(second.clone()).await;
+    for (n, outcome) in outcomes.iter().enumerate() {
+        match n {
+            3 => assert!(matches!(outcome, Err(EngineError::Step(_))), "{outcome:?}"),
+            _ => assert!(
+                matches!(outcome, Ok(Handling::Handled { replies: 1 })),
+                "{n}: {outcome:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        transactions(ids(&second)).await,
+        10,
+        "nine alone, and the row in the way"
+    );
+
+    // A command handled before, delivered again in a batch: the shared
+    // commit meets its inbox row; it is a duplicate, the others commit.
+    let mut third = commands("third");
+    third[5] = first[5].clone();
+    let outcomes = behind_a_held_command(third.clone()).await;
+    for (n, outcome) in outcomes.iter().enumerate() {
+        match n {
+            5 => assert!(matches!(outcome, Ok(Handling::Duplicate)), "{outcome:?}"),
+            _ => assert!(
+                matches!(outcome, Ok(Handling::Handled { replies: 1 })),
+                "{n}: {outcome:?}"
+            ),
+        }
+    }
+
+    // Every command handled has its inbox row and one reply; none twice.
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_inbox WHERE consumer = 'inventory'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_outbox")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    let handled = 3 + 10 + 9 + 9;
+    assert_eq!(
+        (inbox, outbox),
+        (handled, handled),
+        "three held commands, 10, 9 and 9 behind them"
+    );
+}

@@ -1,0 +1,376 @@
+//! Participants with batching: commands that arrive together share a
+//! transaction, and every command fares as it would alone (handled once,
+//! its replies sent once, its error reported to its own caller).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use saga_core::memory::{InMemoryStore, InMemoryTransaction};
+use saga_core::{
+    Command, CommandBatching, CommandHandler, EngineError, Handling, IN_REPLY_TO, Message, OutboxStore, Participant,
+    SagaId, SagaInstance, SagaStore, StepError, StoreError, Transaction,
+};
+
+/// What a test command asks of the handler.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Order {
+    id: String,
+    /// Wait at the gate before handling (holds the transaction open).
+    hold: bool,
+    fail: bool,
+    panic: bool,
+}
+
+fn order(id: &str) -> Order {
+    Order {
+        id: id.to_owned(),
+        ..Order::default()
+    }
+}
+
+fn command(order: &Order) -> Message {
+    Message::json("Reserve", "stock", order).expect("encodable")
+}
+
+/// Replies `Reserved` and notes each order as committed when (and only
+/// when) its transaction commits.
+#[derive(Clone)]
+struct Keeper {
+    entered: Arc<Notify>,
+    gate: Arc<Semaphore>,
+    committed: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl CommandHandler for Keeper {
+    async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
+        let order: Order = command.decode().map_err(|e| StepError::terminal(e.to_string()))?;
+        if order.hold {
+            self.entered.notify_one();
+            self.gate
+                .acquire()
+                .await
+                .map_err(|e| StepError::retryable(e.to_string()))?
+                .forget();
+        }
+        if order.fail {
+            return Err(StepError::terminal(format!("order {} refused", order.id)));
+        }
+        assert!(!order.panic, "order {} makes the handler panic", order.id);
+        let committed = Arc::clone(&self.committed);
+        let id = order.id.clone();
+        tx.backend()
+            .downcast_mut::<InMemoryTransaction>()
+            .expect("the in-memory store's transaction")
+            .on_commit(move || committed.lock().expect("not poisoned").push(id));
+        Ok(vec![Command::json("Reserved", "replies", &order.id)?])
+    }
+}
+
+/// The in-memory store, counting the transactions begun.
+#[derive(Clone, Default)]
+struct Begins {
+    store: InMemoryStore,
+    begun: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl SagaStore for Begins {
+    async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, StoreError> {
+        self.store.load(id).await
+    }
+
+    async fn find_by_key(&self, definition: &str, key: &str) -> Result<Option<SagaId>, StoreError> {
+        self.store.find_by_key(definition, key).await
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>, StoreError> {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        self.store.begin().await
+    }
+}
+
+struct Fixture {
+    store: Begins,
+    keeper: Keeper,
+    participant: Arc<Participant>,
+}
+
+fn fixture(batching: CommandBatching) -> Fixture {
+    let store = Begins::default();
+    let keeper = Keeper {
+        entered: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+        committed: Arc::default(),
+    };
+    let participant =
+        Arc::new(Participant::new("stock", Arc::new(store.clone()), keeper.clone()).with_batching(batching));
+    Fixture {
+        store,
+        keeper,
+        participant,
+    }
+}
+
+impl Fixture {
+    fn send(&self, message: &Message) -> JoinHandle<Result<Handling, EngineError>> {
+        let (participant, message) = (Arc::clone(&self.participant), message.clone());
+        tokio::spawn(async move { participant.handle(&message).await })
+    }
+
+    /// Starts a command that holds its transaction open until [`release`]d,
+    /// and waits until its handler runs: what is sent next queues up.
+    async fn hold(&self) -> JoinHandle<Result<Handling, EngineError>> {
+        let held = self.send(&command(&Order {
+            hold: true,
+            ..order("held")
+        }));
+        tokio::time::timeout(Duration::from_secs(30), self.keeper.entered.notified())
+            .await
+            .expect("the held command's handler runs");
+        held
+    }
+
+    /// Lets the held command go once the commands sent meanwhile have
+    /// queued (on the test's single thread, each queues before it yields).
+    async fn release(&self) {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        self.keeper.gate.add_permits(1);
+    }
+
+    fn begun(&self) -> usize {
+        self.store.begun.load(Ordering::SeqCst)
+    }
+
+    fn committed(&self) -> Vec<String> {
+        let mut committed = self.keeper.committed.lock().expect("not poisoned").clone();
+        committed.sort();
+        committed
+    }
+
+    /// The replies in the outbox, as the ids of the commands they answer.
+    async fn answered(&self) -> Vec<String> {
+        let claimed = self
+            .store
+            .store
+            .claim(100, Duration::from_secs(1))
+            .await
+            .expect("claim");
+        let mut answered: Vec<String> = claimed
+            .iter()
+            .map(|entry| entry.message.header(IN_REPLY_TO).expect("a reply").to_owned())
+            .collect();
+        answered.sort();
+        answered
+    }
+}
+
+/// The caller's outcome, within a bound: a stranded command fails the test.
+async fn outcome(task: JoinHandle<Result<Handling, EngineError>>) -> Result<Handling, EngineError> {
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("answered within 30 s")
+        .expect("the caller's task does not panic")
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn commands_arriving_while_one_is_handled_share_the_next_transaction() {
+    let fixture = fixture(CommandBatching::up_to(16));
+    let held = fixture.hold().await;
+    let commands: Vec<Message> = (0..10).map(|n| command(&order(&format!("o-{n}")))).collect();
+    let tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
+    fixture.release().await;
+
+    assert_eq!(outcome(held).await.expect("held"), Handling::Handled { replies: 1 });
+    for task in tasks {
+        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+    }
+    assert_eq!(
+        fixture.begun(),
+        2,
+        "the held command's transaction, then one for the ten behind it"
+    );
+    let mut expected: Vec<String> = (0..10).map(|n| format!("o-{n}")).collect();
+    expected.push("held".to_owned());
+    assert_eq!(fixture.committed(), sorted(expected), "each order committed once");
+    let answered = fixture.answered().await;
+    assert_eq!(answered.len(), 11, "one reply per command");
+    for command in &commands {
+        assert!(
+            answered.contains(&command.id.as_str().to_owned()),
+            "no reply to {}",
+            command.id
+        );
+    }
+
+    // Delivered again, each is a duplicate, batched or not.
+    let again: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
+    for task in again {
+        assert_eq!(outcome(task).await.expect("again"), Handling::Duplicate);
+    }
+    assert!(fixture.answered().await.is_empty(), "no second replies");
+}
+
+#[tokio::test]
+async fn batches_take_at_most_max_commands() {
+    let fixture = fixture(CommandBatching::up_to(4));
+    let held = fixture.hold().await;
+    let tasks: Vec<_> = (0..10)
+        .map(|n| fixture.send(&command(&order(&format!("o-{n}")))))
+        .collect();
+    fixture.release().await;
+    outcome(held).await.expect("held");
+    for task in tasks {
+        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+    }
+    assert_eq!(
+        fixture.begun(),
+        1 + 3,
+        "ten commands behind the held one in batches of 4, 4 and 2"
+    );
+    assert_eq!(fixture.committed().len(), 11);
+}
+
+#[tokio::test]
+async fn a_failing_command_fails_alone_and_the_rest_of_its_batch_commits() {
+    let fixture = fixture(CommandBatching::up_to(16));
+    let held = fixture.hold().await;
+    let orders: Vec<Order> = (0..5)
+        .map(|n| Order {
+            fail: n == 2,
+            ..order(&format!("o-{n}"))
+        })
+        .collect();
+    let commands: Vec<Message> = orders.iter().map(command).collect();
+    let tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
+    fixture.release().await;
+    outcome(held).await.expect("held");
+
+    for (n, task) in tasks.into_iter().enumerate() {
+        match (n, outcome(task).await) {
+            (2, Err(EngineError::Step(error))) => {
+                assert!(!error.is_retryable(), "the handler's own error: {error}");
+                assert!(error.to_string().contains("order o-2 refused"), "{error}");
+            }
+            (2, other) => panic!("the failing order's caller got {other:?}"),
+            (_, handled) => assert_eq!(handled.expect("handled"), Handling::Handled { replies: 1 }),
+        }
+    }
+    // The batch rolled back (its hooks never ran), then each ran alone.
+    let expected = vec!["held", "o-0", "o-1", "o-3", "o-4"];
+    assert_eq!(
+        fixture.committed(),
+        expected,
+        "every other order committed exactly once"
+    );
+    let mut replied: Vec<String> = [0, 1, 3, 4]
+        .iter()
+        .map(|&n| commands[n].id.as_str().to_owned())
+        .collect();
+    let answered = fixture.answered().await;
+    replied.retain(|id| answered.contains(id));
+    assert_eq!(replied.len(), 4, "a reply for each order handled");
+    assert_eq!(answered.len(), 5, "and the held one's; none for the refused order");
+
+    // The refused order was not consumed: delivered again, it fails again.
+    assert!(matches!(
+        fixture.participant.handle(&commands[2]).await,
+        Err(EngineError::Step(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_command_delivered_twice_in_one_batch_is_handled_once() {
+    let fixture = fixture(CommandBatching::up_to(16));
+    let before = command(&order("before"));
+    assert_eq!(
+        fixture.participant.handle(&before).await.expect("handled"),
+        Handling::Handled { replies: 1 }
+    );
+    let twice = command(&order("twice"));
+    let held = fixture.hold().await;
+    let tasks = [fixture.send(&twice), fixture.send(&twice), fixture.send(&before)];
+    fixture.release().await;
+    outcome(held).await.expect("held");
+
+    let outcomes: Vec<Handling> = {
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(outcome(task).await.expect("no error"));
+        }
+        outcomes
+    };
+    assert_eq!(
+        outcomes,
+        [
+            Handling::Handled { replies: 1 },
+            Handling::Duplicate,
+            Handling::Duplicate
+        ]
+    );
+    assert_eq!(fixture.committed(), ["before", "held", "twice"]);
+    assert_eq!(fixture.answered().await.len(), 3, "one reply per distinct command");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_does_not_strand_the_commands_behind_it() {
+    let fixture = fixture(CommandBatching::up_to(2));
+    let held = fixture.hold().await;
+    let panicking = command(&Order {
+        panic: true,
+        ..order("panics")
+    });
+    let beside = command(&order("beside"));
+    let behind = [command(&order("behind-1")), command(&order("behind-2"))];
+    let tasks = [
+        fixture.send(&panicking),
+        fixture.send(&beside),
+        fixture.send(&behind[0]),
+        fixture.send(&behind[1]),
+    ];
+    fixture.release().await;
+    outcome(held).await.expect("held");
+
+    let [panicked, beside_task, behind_1, behind_2] = tasks;
+    // The batch of the panic gets no answer: an error, so the broker retries.
+    assert!(matches!(outcome(panicked).await, Err(EngineError::Store(_))));
+    assert!(matches!(outcome(beside_task).await, Err(EngineError::Store(_))));
+    // The batch behind it gets a runner of its own.
+    for task in [behind_1, behind_2] {
+        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+    }
+    // And the participant goes on: the command beside the panic, retried, is handled.
+    assert_eq!(
+        fixture.participant.handle(&beside).await.expect("handled"),
+        Handling::Handled { replies: 1 }
+    );
+    assert_eq!(fixture.committed(), ["behind-1", "behind-2", "beside", "held"]);
+}
+
+#[tokio::test]
+async fn without_batching_each_command_has_its_own_transaction() {
+    let fixture = fixture(CommandBatching::default());
+    let held = fixture.hold().await;
+    let tasks: Vec<_> = (0..3)
+        .map(|n| fixture.send(&command(&order(&format!("o-{n}")))))
+        .collect();
+    fixture.release().await;
+    outcome(held).await.expect("held");
+    for task in tasks {
+        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+    }
+    assert_eq!(fixture.begun(), 4);
+}
