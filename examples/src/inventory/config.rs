@@ -165,6 +165,9 @@ pub struct InventoryConfig {
     pub names: InventoryNames,
     /// `INVENTORY_CONCURRENCY` (default 16): messages handled at once per queue.
     pub concurrency: usize,
+    /// `INVENTORY_BATCH` (default 32): commands that arrive together share
+    /// a transaction, this many at most (1: each its own).
+    pub batch: usize,
     /// `INBOX_RETENTION`, `SENT_MESSAGE_RETENTION` and `RETENTION_INTERVAL`,
     /// as for the order service (`FINISHED_SAGA_RETENTION` is accepted and
     /// has nothing to delete: a participant keeps no saga instances).
@@ -180,6 +183,7 @@ impl Default for InventoryConfig {
             seed: DEFAULT_SEED.parse().unwrap_or_default(),
             names: InventoryNames::default(),
             concurrency: 16,
+            batch: 32,
             retention: Retention::default(),
         }
     }
@@ -211,6 +215,15 @@ impl InventoryConfig {
                 "expected a name without spaces, at most 255 bytes",
             )),
         };
+        let count = |variable: &'static str, default: usize| match get(variable) {
+            None => Ok(default),
+            Some(value) => value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| ConfigError::new(variable, "expected a number from 1 to 256")),
+        };
         let names = InventoryNames {
             orders_exchange: name("ORDERS_EXCHANGE", defaults.names.orders_exchange)?,
             order_cancelled_exchange: name("ORDER_CANCELLED_EXCHANGE", defaults.names.order_cancelled_exchange)?,
@@ -235,15 +248,8 @@ impl InventoryConfig {
                 None => defaults.seed,
                 Some(value) => value.parse().map_err(|e| ConfigError::new("INVENTORY_SEED", e))?,
             },
-            concurrency: match get("INVENTORY_CONCURRENCY") {
-                None => defaults.concurrency,
-                Some(value) => value
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=256).contains(n))
-                    .ok_or_else(|| ConfigError::new("INVENTORY_CONCURRENCY", "expected a number from 1 to 256"))?,
-            },
+            concurrency: count("INVENTORY_CONCURRENCY", defaults.concurrency)?,
+            batch: count("INVENTORY_BATCH", defaults.batch)?,
             retention: Retention::from_lookup(get)?,
             names,
         })
@@ -274,6 +280,9 @@ mod tests {
         assert_eq!(config.names.orders_exchange, "orders_exchange");
         assert_eq!(config.schema.as_str(), "inventory");
         assert_eq!(config.seed.entries().len(), 5);
+        assert_eq!((config.concurrency, config.batch), (16, 32));
+        let set = config(&[("INVENTORY_BATCH", " 1 ")]).expect("valid");
+        assert_eq!(set.batch, 1, "1 turns batching off");
     }
 
     #[test]
@@ -301,6 +310,7 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("RABBITMQ_URL", "http://x"),
             ("INVENTORY_CONCURRENCY", "0"),
+            ("INVENTORY_BATCH", "257"),
             ("ORDERS_EXCHANGE", "two words"),
             ("INBOX_RETENTION", "5m"),
             ("RETENTION_INTERVAL", "soon"),

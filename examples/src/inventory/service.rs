@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
-use saga_core::{CancellationToken, Consumer, ConsumerConfig, Participant, Relay, RelayConfig, RetryPolicy};
+use saga_core::{
+    CancellationToken, CommandBatching, Consumer, ConsumerConfig, Participant, Relay, RelayConfig, RetryPolicy,
+};
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use tokio::task::JoinSet;
 
@@ -134,11 +136,16 @@ impl InventoryService {
                 })?,
         );
 
-        let participant = Arc::new(Participant::new(
-            PARTICIPANT,
-            Arc::new(store.clone()),
-            StockKeeper::new(names.stock_update_exchange.clone()),
-        ));
+        // One shared transaction at a time: its stock locks then never
+        // wait on another batch of this replica's.
+        let participant = Arc::new(
+            Participant::new(
+                PARTICIPANT,
+                Arc::new(store.clone()),
+                StockKeeper::new(names.stock_update_exchange.clone()),
+            )
+            .with_batching(CommandBatching::up_to(config.batch)),
+        );
         let consumers = [
             (&names.orders_queue, ORDER_CREATED),
             (&names.cancelled_queue, ORDER_CANCELLED),

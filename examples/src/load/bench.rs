@@ -267,6 +267,7 @@ fn config_json(config: &LoadConfig) -> serde_json::Value {
             "finished_sagas_s": config.retention.store.finished_instances.map(|d| d.as_secs_f64()),
             "interval_s": config.retention.interval.as_secs_f64(),
         },
+        "inventory_batch": config.inventory_batch,
     })
 }
 

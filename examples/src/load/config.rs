@@ -73,6 +73,9 @@ pub struct LoadConfig {
     /// (the services' defaults, or `SENT_MESSAGE_RETENTION` and the other
     /// variables the services read).
     pub retention: Retention,
+    /// Commands the in-process inventory lets share a transaction at most
+    /// (its `INVENTORY_BATCH`).
+    pub inventory_batch: usize,
 }
 
 impl Default for LoadConfig {
@@ -92,6 +95,7 @@ impl Default for LoadConfig {
             products: (0..64).map(|i| format!("load-{i}")).collect(),
             results_dir: Some(PathBuf::from("results")),
             retention: Retention::default(),
+            inventory_batch: crate::inventory::InventoryConfig::default().batch,
         }
     }
 }

@@ -309,6 +309,7 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         seed: Catalogue::new(config.products.iter().map(|p| (p.clone(), STOCK_PER_PRODUCT))),
         names: stage.inventory.clone(),
         retention: config.retention.clone(),
+        batch: config.inventory_batch,
         ..InventoryConfig::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();
