@@ -374,3 +374,103 @@ async fn without_batching_each_command_has_its_own_transaction() {
     }
     assert_eq!(fixture.begun(), 4);
 }
+
+/// How each delivery of a command ended, per command: what any order of
+/// handling them one by one gives.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Fates {
+    handled: usize,
+    duplicates: usize,
+    failed: usize,
+}
+
+/// Delivers `deliveries` (indices into `orders`) behind a held command,
+/// after handling `before` alone; the fates per order, the orders committed
+/// and the commands answered.
+async fn deliver(
+    batching: CommandBatching,
+    orders: &[Order],
+    before: &[usize],
+    deliveries: &[usize],
+) -> (Vec<Fates>, Vec<String>, usize) {
+    let fixture = fixture(batching);
+    let commands: Vec<Message> = orders.iter().map(command).collect();
+    let mut fates: Vec<Fates> = orders.iter().map(|_| Fates::default()).collect();
+    let mut note = |index: usize, outcome: Result<Handling, EngineError>| match outcome {
+        Ok(Handling::Handled { replies: 1 }) => fates[index].handled += 1,
+        Ok(Handling::Duplicate) => fates[index].duplicates += 1,
+        Err(EngineError::Step(_)) => fates[index].failed += 1,
+        other => panic!("order {index}: unexpected {other:?}"),
+    };
+    for &index in before {
+        note(index, fixture.participant.handle(&commands[index]).await);
+    }
+    let held = fixture.hold().await;
+    let tasks: Vec<_> = deliveries
+        .iter()
+        .map(|&index| (index, fixture.send(&commands[index])))
+        .collect();
+    fixture.release().await;
+    outcome(held).await.expect("held");
+    for (index, task) in tasks {
+        note(index, outcome(task).await);
+    }
+    let answered = fixture.answered().await.len();
+    let committed = fixture.committed().into_iter().filter(|id| id != "held").collect();
+    (fates, committed, answered - 1)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 128,
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(
+            "proptest-regressions/participant.txt",
+        ))),
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Whatever the batch size, duplicates and failures, every command
+    /// fares as it does with each delivery handled alone: handled once if
+    /// its handler succeeds (every other delivery a duplicate), failed on
+    /// every delivery if it does not, one reply and one commit per command
+    /// handled.
+    #[test]
+    fn batched_commands_fare_as_they_would_alone(
+        failing in proptest::collection::vec(proptest::bool::weighted(0.2), 1..12),
+        before in proptest::collection::vec(0usize..12, 0..4),
+        deliveries in proptest::collection::vec(0usize..12, 1..40),
+        max_commands in 1usize..10,
+    ) {
+        let orders: Vec<Order> = failing
+            .iter()
+            .enumerate()
+            .map(|(n, &fail)| Order { fail, ..order(&format!("o-{n:02}")) })
+            .collect();
+        let clamp = |indices: Vec<usize>| indices.into_iter().map(|i| i % orders.len()).collect::<Vec<_>>();
+        let (before, deliveries) = (clamp(before), clamp(deliveries));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let batched = runtime.block_on(deliver(CommandBatching::up_to(max_commands), &orders, &before, &deliveries));
+        let alone = runtime.block_on(deliver(CommandBatching::default(), &orders, &before, &deliveries));
+
+        let mut expected = Vec::new();
+        for (index, order) in orders.iter().enumerate() {
+            let delivered = before.iter().chain(&deliveries).filter(|&&i| i == index).count();
+            expected.push(match (order.fail, delivered) {
+                (_, 0) => Fates::default(),
+                (true, n) => Fates { failed: n, ..Fates::default() },
+                (false, n) => Fates { handled: 1, duplicates: n - 1, failed: 0 },
+            });
+        }
+        let handled: Vec<String> = orders
+            .iter()
+            .zip(&expected)
+            .filter(|(_, fate)| fate.handled == 1)
+            .map(|(order, _)| order.id.clone())
+            .collect();
+        proptest::prop_assert_eq!(&batched.0, &expected);
+        proptest::prop_assert_eq!(&alone.0, &expected);
+        proptest::prop_assert_eq!(&batched.1, &handled, "each handled order committed once");
+        proptest::prop_assert_eq!(batched.2, handled.len(), "one reply per handled order");
+        proptest::prop_assert_eq!(alone, batched);
+    }
+}
