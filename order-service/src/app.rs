@@ -17,7 +17,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology, TracedHandler};
 use saga_core::memory::{InMemoryStore, InMemoryTransport};
 use saga_core::{
-    CancellationToken, Consumer, ConsumerConfig, Engine, EngineConfig, Participant, Relay, RelayConfig, RetryPolicy,
+    CancellationToken, Consumer, ConsumerConfig, EffectHandler, Engine, EngineConfig, Participant, Relay, RelayConfig,
+    RetryPolicy, Store,
 };
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use sqlx::PgPool;
@@ -37,7 +38,7 @@ use crate::orders::Orders;
 use crate::proto;
 use crate::proto::order_service_server::OrderServiceServer;
 use crate::repository::{InMemoryOrders, PostgresOrders};
-use crate::saga::{OrderSagaConfig, order_saga};
+use crate::saga::{OrderEffect, OrderSagaConfig, order_saga};
 use crate::telemetry::{self, TracedPublisher};
 use crate::wire::{STOCK_UPDATE_RESULT, WireNames};
 
@@ -414,6 +415,24 @@ async fn bind(variable: &'static str, addr: &ListenAddr) -> Result<(TcpListener,
 
 type Refresh = Arc<dyn Fn() + Send + Sync>;
 
+/// The order saga's engine over `store`, its effects writing `table`: the
+/// same in both modes but for the backends.
+fn order_engine(
+    store: Arc<dyn Store>,
+    saga: &OrderSagaConfig,
+    table: impl EffectHandler<OrderEffect>,
+    tuning: &EngineConfig,
+) -> Result<Engine, StartError> {
+    let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
+    Engine::builder(store)
+        .config(tuning.clone())
+        .message_headers(saga_amqp::inject_current)
+        .on_committed(telemetry::saga_committed)
+        .register_with_effects(definition, table)
+        .build()
+        .map_err(|e| StartError::Internal(Box::new(e)))
+}
+
 /// In-memory store, in-process transport with the wire contract's topology,
 /// and the demo stock service.
 fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Workers, Refresh), StartError> {
@@ -437,14 +456,7 @@ fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Wo
         .bind(&names.order_cancelled_exchange, DEMO_STOCK_QUEUE);
 
     let table = InMemoryOrders::new();
-    let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
-    let engine = Engine::builder(Arc::new(store.clone()))
-        .config(tuning.clone())
-        .message_headers(saga_amqp::inject_current)
-        .on_committed(telemetry::saga_committed)
-        .register_with_effects(definition, table.clone())
-        .build()
-        .map_err(|e| StartError::Internal(Box::new(e)))?;
+    let engine = order_engine(Arc::new(store.clone()), saga, table.clone(), tuning)?;
     let relay = Relay::new(
         Arc::new(store.clone()),
         Arc::new(transport.clone()),
@@ -527,14 +539,7 @@ fn production(
         },
     );
     let table = PostgresOrders::new(pool.clone());
-    let definition = order_saga(saga).map_err(|e| StartError::Internal(Box::new(e)))?;
-    let engine = Engine::builder(Arc::new(store.clone()))
-        .config(tuning.clone())
-        .message_headers(saga_amqp::inject_current)
-        .on_committed(telemetry::saga_committed)
-        .register_with_effects(definition, table.clone())
-        .build()
-        .map_err(|e| StartError::Internal(Box::new(e)))?;
+    let engine = order_engine(Arc::new(store.clone()), saga, table.clone(), tuning)?;
     let (orders, open) = Orders::closed(engine.clone(), Arc::new(table));
     Ok((
         orders,
