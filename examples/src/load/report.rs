@@ -265,6 +265,15 @@ impl LoadReport {
                     fig(c.process_cpu_ms_per_saga, 2),
                     fig(c.wal_bytes_per_saga, 0),
                 );
+                if let (Some(shared), Some(size)) =
+                    (c.inventory_commands_shared, c.inventory_commands_per_shared_transaction)
+                {
+                    let _ = writeln!(
+                        out,
+                        "  inventory: {:.1} % of commands in shared transactions, {size:.1} commands each",
+                        shared * 100.0
+                    );
+                }
             }
         }
         out
