@@ -9,7 +9,7 @@
 //! after another on it, and each caller returns once it has committed.
 //!
 //! Anything that stops the shared transaction from committing (a handler's
-//! error, a store failure, a command consumed before) rolls all of it back,
+//! error or panic, a store failure, a command consumed before) rolls all of it back,
 //! and each of its callers then handles its command alone, which reports
 //! exactly what it would have reported without batching. Callers do so at
 //! once, without holding up the next shared transaction.
@@ -127,13 +127,13 @@ pub(super) async fn handle(
     }
     match answer.await {
         Ok(Answer::Done(result)) => result,
-        Ok(Answer::Alone) => {
+        // The shared transaction failed, or its task ended without an
+        // answer (a handler panicked): it did not commit, so the command is
+        // handled alone, and a panicking handler panics in its own caller.
+        Ok(Answer::Alone) | Err(_) => {
             metrics::counter!("saga_participant_retried_alone_total").increment(1);
             core.alone(command).await
         }
-        Err(_) => Err(EngineError::Store(crate::store::StoreError::Backend(
-            "the participant's batch task ended without an answer".into(),
-        ))),
     }
 }
 
@@ -184,9 +184,9 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
 }
 
 /// A runner's place among the `in_flight`. A handler that panics ends its
-/// runner (the callers of that batch hear no answer); the place then passes
-/// to a new runner for the commands still waiting, which would otherwise
-/// wait for the next command to arrive.
+/// runner (the callers of that batch then handle their commands alone); the
+/// place passes to a new runner for the commands still waiting, which would
+/// otherwise wait for the next command to arrive.
 struct Place {
     core: Arc<Core>,
     batches: Arc<Batches>,
