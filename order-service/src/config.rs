@@ -55,7 +55,9 @@ impl ListenAddr {
         }
     }
 
-    fn parse(variable: &'static str, value: &str) -> Result<Self, ConfigError> {
+    /// Parses `value` of the environment variable `variable` (named in the
+    /// error): `:port`, `port`, `host:port` or `[v6]:port`.
+    pub fn parse(variable: &'static str, value: &str) -> Result<Self, ConfigError> {
         let invalid = |why: &str| {
             ConfigError::new(
                 variable,

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use order_service::config::{Retention, SecretUrl};
+use order_service::config::{ListenAddr, Retention, SecretUrl};
 
 /// The PostgreSQL URL used when `DATABASE_URL` is not set.
 /// (The tables go to their own schema, `INVENTORY_SCHEMA`, so sharing the
@@ -168,6 +168,9 @@ pub struct InventoryConfig {
     /// `INVENTORY_BATCH` (default 32): commands that arrive together share
     /// a transaction, this many at most (1: each its own).
     pub batch: usize,
+    /// `INVENTORY_METRICS_PORT` (`:port` or `host:port`; unset by default):
+    /// where `/metrics` is served, if anywhere.
+    pub metrics: Option<ListenAddr>,
     /// `INBOX_RETENTION`, `SENT_MESSAGE_RETENTION` and `RETENTION_INTERVAL`,
     /// as for the order service (`FINISHED_SAGA_RETENTION` is accepted and
     /// has nothing to delete: a participant keeps no saga instances).
@@ -184,6 +187,7 @@ impl Default for InventoryConfig {
             names: InventoryNames::default(),
             concurrency: 16,
             batch: 32,
+            metrics: None,
             retention: Retention::default(),
         }
     }
@@ -250,6 +254,9 @@ impl InventoryConfig {
             },
             concurrency: count("INVENTORY_CONCURRENCY", defaults.concurrency)?,
             batch: count("INVENTORY_BATCH", defaults.batch)?,
+            metrics: get("INVENTORY_METRICS_PORT")
+                .map(|value| ListenAddr::parse("INVENTORY_METRICS_PORT", value.trim()))
+                .transpose()?,
             retention: Retention::from_lookup(get)?,
             names,
         })
@@ -284,6 +291,13 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_served_only_where_asked() {
+        assert_eq!(config(&[]).expect("defaults").metrics, None);
+        let config = config(&[("INVENTORY_METRICS_PORT", ":9005")]).expect("valid");
+        assert_eq!(config.metrics, Some(ListenAddr::any(9005)));
+    }
+
+    #[test]
     fn a_batch_of_one_turns_batching_off() {
         let config = config(&[("INVENTORY_BATCH", " 1 ")]).expect("valid");
         assert_eq!(config.batch, 1);
@@ -315,6 +329,7 @@ mod tests {
             ("RABBITMQ_URL", "http://x"),
             ("INVENTORY_CONCURRENCY", "0"),
             ("INVENTORY_BATCH", "257"),
+            ("INVENTORY_METRICS_PORT", "metrics"),
             ("ORDERS_EXCHANGE", "two words"),
             ("INBOX_RETENTION", "5m"),
             ("RETENTION_INTERVAL", "soon"),

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use order_service::config::ListenAddr;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
 use saga_core::{
     CancellationToken, CommandBatching, Consumer, ConsumerConfig, Participant, Relay, RelayConfig, RetryPolicy,
 };
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use super::config::InventoryConfig;
@@ -47,6 +49,16 @@ pub enum InventoryError {
         /// The cause.
         #[source]
         source: MigrateError,
+    },
+    /// The metrics address could not be bound: free it or change
+    /// `INVENTORY_METRICS_PORT`.
+    #[error("INVENTORY_METRICS_PORT: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// RabbitMQ could not be reached or its topology declared: start it,
     /// check `RABBITMQ_URL` and the exchange and queue names.
@@ -86,12 +98,19 @@ pub struct InventoryService {
     relay: Relay,
     consumers: Vec<Consumer>,
     retention_interval: Duration,
+    /// `/metrics`, bound, if asked for.
+    metrics: Option<(TcpListener, u16)>,
 }
 
 impl InventoryService {
     /// Connects to PostgreSQL (migrating and seeding the inventory schema)
     /// and RabbitMQ (declaring the exchanges, queues and bindings).
     pub async fn build(config: InventoryConfig) -> Result<Self, InventoryError> {
+        // First: a taken port fails at once, before any connection is made.
+        let metrics = match &config.metrics {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let url = config.database_url.to_string();
         tracing::info!(database = %config.database_url, broker = %config.rabbitmq_url, schema = %config.schema, "connecting");
         let pool = schema::pool(config.database_url.expose(), &config.schema)
@@ -171,7 +190,13 @@ impl InventoryService {
             relay,
             consumers,
             retention_interval: config.retention.interval,
+            metrics,
         })
+    }
+
+    /// The bound port of `/metrics`, if it is served.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(|(_, port)| *port)
     }
 
     /// Reads of the stock and reservations.
@@ -184,6 +209,26 @@ impl InventoryService {
     /// broker connection.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
         let mut tasks = JoinSet::new();
+        if let Some((listener, _)) = self.metrics {
+            // The process-wide recorder (the order service's): the consumer,
+            // relay, participant batching and store metrics of this service.
+            let prometheus = order_service::telemetry::prometheus();
+            let render = move || {
+                let prometheus = prometheus.clone();
+                async move {
+                    prometheus.run_upkeep();
+                    prometheus.render()
+                }
+            };
+            let http = axum::Router::new().route("/metrics", axum::routing::get(render));
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let serve = axum::serve(listener, http).with_graceful_shutdown(shutdown.cancelled_owned());
+                if let Err(error) = serve.await {
+                    tracing::error!(%error, "the metrics endpoint failed");
+                }
+            });
+        }
         tasks.spawn(self.relay.run(shutdown.clone()));
         for consumer in self.consumers {
             tasks.spawn(consumer.run(shutdown.clone()));
@@ -210,6 +255,19 @@ impl InventoryService {
         self.transport.close().await;
         tracing::info!("stopped");
     }
+}
+
+async fn bind(addr: &ListenAddr) -> Result<(TcpListener, u16), InventoryError> {
+    let bind_error = |source| InventoryError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind((addr.host.as_str(), addr.port))
+        .await
+        .map_err(bind_error)?;
+    let port = listener.local_addr().map_err(bind_error)?.port();
+    tracing::info!(%addr, port, "serving /metrics");
+    Ok((listener, port))
 }
 
 #[cfg(test)]

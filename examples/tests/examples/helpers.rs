@@ -134,10 +134,12 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("the inventory service starts: {e}"));
         let inventory = service.inventory();
+        let metrics_port = service.metrics_port();
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(service.run_until_stopped(shutdown.clone()));
         RunningInventory {
             inventory,
+            metrics_port,
             shutdown,
             running: Some(running),
         }
@@ -208,11 +210,42 @@ impl Drop for TestEnv {
 pub struct RunningInventory {
     /// Reads of its tables.
     pub inventory: Inventory,
+    /// Its `/metrics` port, if it serves one.
+    pub metrics_port: Option<u16>,
     shutdown: CancellationToken,
     running: Option<JoinHandle<()>>,
 }
 
 impl RunningInventory {
+    /// `GET /metrics`: the status code and the body.
+    pub async fn metrics(&self) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = self.metrics_port.expect("started with INVENTORY_METRICS_PORT");
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the metrics port answers in time")
+            .expect("the metrics port speaks HTTP");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("an HTTP status line");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     /// `product`'s stock (the product must be in the catalogue).
     pub async fn level(&self, product: &str) -> StockLevel {
         self.inventory

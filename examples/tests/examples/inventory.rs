@@ -212,3 +212,33 @@ async fn two_replicas_never_sell_the_same_unit_twice() {
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_are_served_where_asked() {
+    let env = TestEnv::new().await;
+    let config = saga_examples::inventory::InventoryConfig {
+        metrics: Some(order_service::config::ListenAddr::localhost(0)),
+        ..env.inventory_config("p1=10")
+    };
+    let inventory = env.spawn_inventory_with(config).await;
+    let mut broker = env.broker().await;
+    let order = new_order_id();
+    broker.place_order(&order, &[("p1", 1)]).await;
+    assert!(broker.reply_for(&order).await.success);
+
+    // The relay counts a message once its confirm is back, which may be
+    // after the reply arrived: polled, within a bound.
+    let expected = ["saga_messages_total{outcome=\"ack\"}", "saga_outbox_published_total"];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = inventory.metrics().await;
+        assert_eq!(status, 200);
+        match expected.iter().find(|name| !body.contains(*name)) {
+            None => break,
+            Some(missing) if std::time::Instant::now() > deadline => panic!("/metrics lacks `{missing}`:\n{body}"),
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    broker.close().await;
+    inventory.stop().await;
+}
