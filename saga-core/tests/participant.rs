@@ -146,6 +146,19 @@ impl Fixture {
         self.keeper.gate.add_permits(1);
     }
 
+    /// Sends `count` orders that succeed behind a held one; each is handled.
+    async fn handle_behind_a_held_one(&self, count: usize) {
+        let held = self.hold().await;
+        let tasks: Vec<_> = (0..count)
+            .map(|n| self.send(&command(&order(&format!("o-{n}")))))
+            .collect();
+        self.release().await;
+        outcome(held).await.expect("held");
+        for task in tasks {
+            assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+        }
+    }
+
     fn begun(&self) -> usize {
         self.store.begun.load(Ordering::SeqCst)
     }
@@ -227,15 +240,7 @@ async fn commands_arriving_while_one_is_handled_share_the_next_transaction() {
 #[tokio::test]
 async fn batches_take_at_most_max_commands() {
     let fixture = fixture(CommandBatching::up_to(4));
-    let held = fixture.hold().await;
-    let tasks: Vec<_> = (0..10)
-        .map(|n| fixture.send(&command(&order(&format!("o-{n}")))))
-        .collect();
-    fixture.release().await;
-    outcome(held).await.expect("held");
-    for task in tasks {
-        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
-    }
+    fixture.handle_behind_a_held_one(10).await;
     assert_eq!(
         fixture.begun(),
         1 + 3,
@@ -374,15 +379,7 @@ async fn a_panicking_handler_does_not_strand_the_commands_behind_it() {
 #[tokio::test]
 async fn without_batching_each_command_has_its_own_transaction() {
     let fixture = fixture(CommandBatching::default());
-    let held = fixture.hold().await;
-    let tasks: Vec<_> = (0..3)
-        .map(|n| fixture.send(&command(&order(&format!("o-{n}")))))
-        .collect();
-    fixture.release().await;
-    outcome(held).await.expect("held");
-    for task in tasks {
-        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
-    }
+    fixture.handle_behind_a_held_one(3).await;
     assert_eq!(fixture.begun(), 4);
 }
 
