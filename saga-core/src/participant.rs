@@ -130,17 +130,37 @@ impl Participant {
     }
 }
 
+/// Why a command could not join a transaction.
+enum Refused {
+    Store(StoreError),
+    Handler(StepError),
+}
+
 impl Core {
+    /// Adds `command` to `tx`: its inbox record, the handler's writes and
+    /// its replies. A command this transaction or an earlier one consumed
+    /// is a duplicate, and adds nothing.
+    async fn add(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Handling, Refused> {
+        match tx.consume_at_commit(&self.name, &command.id).await {
+            Err(StoreError::ConsumedConcurrently { .. }) => return Ok(Handling::Duplicate),
+            other => other.map_err(Refused::Store)?,
+        }
+        let commands = self.handler.handle(tx, command).await.map_err(Refused::Handler)?;
+        let replies = replies_to(command, commands);
+        if !replies.is_empty() {
+            tx.enqueue(None, &replies).await.map_err(Refused::Store)?;
+        }
+        Ok(Handling::Handled { replies: replies.len() })
+    }
+
     /// Handles `command` in a transaction of its own.
     async fn alone(&self, command: &Message) -> Result<Handling, EngineError> {
         let mut tx = self.store.begin().await?;
-        match tx.consume_at_commit(&self.name, &command.id).await {
-            Err(StoreError::ConsumedConcurrently { .. }) => return Ok(Handling::Duplicate),
-            other => other?,
-        }
-        let commands = match self.handler.handle(tx.as_mut(), command).await {
-            Ok(commands) => commands,
-            Err(error) => {
+        let handling = match self.add(tx.as_mut(), command).await {
+            Ok(Handling::Duplicate) => return Ok(Handling::Duplicate),
+            Ok(handling) => handling,
+            Err(Refused::Store(error)) => return Err(error.into()),
+            Err(Refused::Handler(error)) => {
                 drop(tx);
                 return match self.consumed_before(command).await? {
                     true => Ok(Handling::Duplicate),
@@ -148,15 +168,9 @@ impl Core {
                 };
             }
         };
-        let replies = replies_to(command, commands);
-        if !replies.is_empty() {
-            tx.enqueue(None, &replies).await?;
-        }
         match tx.commit().await {
             Err(StoreError::ConsumedConcurrently { .. }) => Ok(Handling::Duplicate),
-            other => other
-                .map(|()| Handling::Handled { replies: replies.len() })
-                .map_err(Into::into),
+            other => other.map(|()| handling).map_err(Into::into),
         }
     }
 
@@ -169,25 +183,8 @@ impl Core {
         let mut tx = self.store.begin().await.ok()?;
         let mut handlings = Vec::with_capacity(commands.len());
         for (command, span) in commands {
-            match tx.consume_at_commit(&self.name, &command.id).await {
-                // Earlier in this batch (a redelivery that arrived at once).
-                Err(StoreError::ConsumedConcurrently { .. }) => {
-                    handlings.push(Handling::Duplicate);
-                    continue;
-                }
-                other => other.ok()?,
-            }
-            let replies = self
-                .handler
-                .handle(tx.as_mut(), command)
-                .instrument((*span).clone())
-                .await
-                .ok()
-                .map(|commands| replies_to(command, commands))?;
-            if !replies.is_empty() {
-                tx.enqueue(None, &replies).await.ok()?;
-            }
-            handlings.push(Handling::Handled { replies: replies.len() });
+            let handling = self.add(tx.as_mut(), command).instrument((*span).clone()).await.ok()?;
+            handlings.push(handling);
         }
         tx.commit().await.ok()?;
         Some(handlings)

@@ -139,15 +139,16 @@ pub(super) async fn handle(
 
 /// Runs transactions while commands wait.
 async fn run(core: Arc<Core>, batches: Arc<Batches>) {
+    // Held to the end: it counts the runner out, however the runner ends.
     let mut place = Place {
-        core: Arc::clone(&core),
-        batches: Arc::clone(&batches),
+        core,
+        batches,
         held: true,
     };
-    let most = batches.config.max_commands.max(1);
+    let most = place.batches.config.max_commands.max(1);
     loop {
         let batch: Vec<Waiting> = {
-            let mut queue = batches.queue();
+            let mut queue = place.batches.queue();
             if queue.waiting.is_empty() {
                 // Under the lock a caller checks `runners` with.
                 queue.runners -= 1;
@@ -158,14 +159,14 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
             queue.waiting.drain(..take).collect()
         };
         if let [only] = batch.as_slice() {
-            let result = core.alone(&only.command).instrument(only.span.clone()).await;
+            let result = place.core.alone(&only.command).instrument(only.span.clone()).await;
             if let Some(only) = batch.into_iter().next() {
                 let _ = only.reply.send(Answer::Done(result));
             }
             continue;
         }
         let commands: Vec<(&Message, &tracing::Span)> = batch.iter().map(|w| (&w.command, &w.span)).collect();
-        let handled = core.together(&commands).await;
+        let handled = place.core.together(&commands).await;
         drop(commands);
         match handled {
             Some(handlings) => {
