@@ -2,7 +2,6 @@
 //! deadline scanner, gRPC server and operations endpoints, and runs them
 //! until one cancellation token says stop.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -398,19 +397,11 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 }
 
 async fn bind(variable: &'static str, addr: &ListenAddr) -> Result<(TcpListener, u16), StartError> {
-    let bind_error = |source| StartError::Bind {
+    addr.bind().await.map_err(|source| StartError::Bind {
         variable,
         addr: addr.to_string(),
         source,
-    };
-    let listener = TcpListener::bind((addr.host.as_str(), addr.port))
-        .await
-        .map_err(bind_error)?;
-    let port = listener
-        .local_addr()
-        .map(|a: SocketAddr| a.port())
-        .map_err(bind_error)?;
-    Ok((listener, port))
+    })
 }
 
 type Refresh = Arc<dyn Fn() + Send + Sync>;

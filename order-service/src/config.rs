@@ -55,6 +55,14 @@ impl ListenAddr {
         }
     }
 
+    /// Listens here; returns the listener and the port it got (the one
+    /// asked for, or a free one for port 0).
+    pub async fn bind(&self) -> std::io::Result<(tokio::net::TcpListener, u16)> {
+        let listener = tokio::net::TcpListener::bind((self.host.as_str(), self.port)).await?;
+        let port = listener.local_addr()?.port();
+        Ok((listener, port))
+    }
+
     /// Parses `value` of the environment variable `variable` (named in the
     /// error): `:port`, `port`, `host:port` or `[v6]:port`.
     pub fn parse(variable: &'static str, value: &str) -> Result<Self, ConfigError> {

@@ -66,9 +66,10 @@ struct Args {
     /// RabbitMQ.
     #[arg(long, env = "RABBITMQ_URL", default_value = DEFAULT_RABBITMQ_URL, hide_env_values = true)]
     rabbitmq_url: String,
-    /// Commands the in-process inventory lets share a transaction at most (1: each its own).
-    #[arg(long, env = "INVENTORY_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=256))]
-    inventory_batch: u16,
+    /// Commands the in-process inventory lets share a transaction at most (1: each its own;
+    /// default: the inventory's own).
+    #[arg(long, env = "INVENTORY_BATCH", value_parser = clap::value_parser!(u16).range(1..=256))]
+    inventory_batch: Option<u16>,
 }
 
 fn seconds(name: &str, value: f64) -> Result<Duration, String> {
@@ -100,7 +101,9 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         results_dir: Some(args.results),
         // The hosted services purge as they would when started alone.
         retention: Retention::from_env().map_err(|e| e.to_string())?,
-        inventory_batch: usize::from(args.inventory_batch),
+        inventory_batch: args
+            .inventory_batch
+            .map_or_else(|| LoadConfig::default().inventory_batch, usize::from),
         ..LoadConfig::default()
     };
     config.validate()?;

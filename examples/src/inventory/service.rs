@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use order_service::config::ListenAddr;
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology, TracedHandler};
 use saga_core::{
     CancellationToken, CommandBatching, Consumer, ConsumerConfig, Participant, Relay, RelayConfig, RetryPolicy,
@@ -108,7 +107,14 @@ impl InventoryService {
     pub async fn build(config: InventoryConfig) -> Result<Self, InventoryError> {
         // First: a taken port fails at once, before any connection is made.
         let metrics = match &config.metrics {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => {
+                let bound = addr.bind().await.map_err(|source| InventoryError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                tracing::info!(%addr, port = bound.1, "serving /metrics");
+                Some(bound)
+            }
             None => None,
         };
         let url = config.database_url.to_string();
@@ -255,19 +261,6 @@ impl InventoryService {
         self.transport.close().await;
         tracing::info!("stopped");
     }
-}
-
-async fn bind(addr: &ListenAddr) -> Result<(TcpListener, u16), InventoryError> {
-    let bind_error = |source| InventoryError::Bind {
-        addr: addr.to_string(),
-        source,
-    };
-    let listener = TcpListener::bind((addr.host.as_str(), addr.port))
-        .await
-        .map_err(bind_error)?;
-    let port = listener.local_addr().map_err(bind_error)?.port();
-    tracing::info!(%addr, port, "serving /metrics");
-    Ok((listener, port))
 }
 
 #[cfg(test)]
