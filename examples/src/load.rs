@@ -9,8 +9,8 @@
 //! offers `CreateOrder` closed-loop or open-loop, sees each saga finish by
 //! consuming `OrderConfirmed` / `OrderCancelled` (never by polling), and
 //! reports sagas per second, create → confirmed latency percentiles, CPU
-//! seconds per 1,000 sagas and peak RSS, and the ratio to the ceiling
-//! ([`LoadReport`]). Nothing is relaxed for speed: the services run with
+//! seconds per 1,000 sagas and peak RSS, the ratio to the ceiling, and
+//! where a saga's time goes between the services ([`Legs`]) ([`LoadReport`]). Nothing is relaxed for speed: the services run with
 //! their defaults (`synchronous_commit` as the server has it, reported;
 //! persistent messages, publisher confirms, acks after commit).
 
@@ -19,6 +19,7 @@ mod config;
 mod costs;
 mod drive;
 mod error;
+mod legs;
 mod raw;
 mod report;
 mod stage;
@@ -28,5 +29,6 @@ pub use bench::run;
 pub use config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
 pub use costs::SagaCosts;
 pub use error::LoadError;
+pub use legs::Legs;
 pub use raw::{Durability, RawFigure};
 pub use report::{COMMITS_PER_SAGA, Ceiling, LoadReport, MESSAGES_PER_SAGA, Percentiles, RunReport};

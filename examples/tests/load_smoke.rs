@@ -41,10 +41,32 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         report.render()
     );
     assert!(report.ceiling.is_some(), "the raw ceilings are measured");
+    let legs = run
+        .legs
+        .as_ref()
+        .unwrap_or_else(|| panic!("the legs are read off the run's database:\n{}", report.render()));
+    assert_eq!(
+        legs.sagas, ORDERS,
+        "each saga of the run is found in both services' tables"
+    );
+    // Clocks stamp milliseconds: a leg may read up to 1 ms below zero.
+    for leg in [
+        &legs.to_inventory_ms,
+        &legs.in_inventory_ms,
+        &legs.back_to_order_service_ms,
+    ] {
+        assert!(leg.p50 >= -1.0 && leg.p50 <= leg.p99 && leg.p99 <= leg.max, "{legs:?}");
+    }
+    assert!(
+        legs.start_to_decision_ms.p50 > 0.0 && legs.start_to_decision_ms.max <= run.latency_ms.max,
+        "the legs together end before the confirmation is seen: {legs:?}, {:?}",
+        run.latency_ms
+    );
 
     let written = report.write(&results).expect("the report is written");
     let json = std::fs::read_to_string(&written[0]).expect("the JSON is readable");
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("the JSON parses");
     assert_eq!(parsed["runs"][0]["confirmed"], ORDERS);
+    assert_eq!(parsed["runs"][0]["legs"]["sagas"], ORDERS);
     let _ = std::fs::remove_dir_all(&results);
 }

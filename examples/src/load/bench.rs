@@ -12,10 +12,12 @@ use super::config::{LoadConfig, Mode};
 use super::costs::{self, SagaCosts};
 use super::drive::{Orders, Outcome, Seen, Tracker, observe};
 use super::error::LoadError;
+use super::legs;
 use super::raw;
 use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
 use super::stage::{ORDER_SERVICE_THREADS, Services, Stage, connect};
 use super::usage;
+use crate::inventory::InventoryConfig;
 
 /// gRPC connections the clients share (HTTP/2 multiplexes the calls).
 const MAX_CHANNELS: usize = 8;
@@ -147,6 +149,7 @@ async fn offer(
     for rate in settings {
         tracing::info!(?rate, "offering orders");
         let before = usage::cpu(pid, ORDER_SERVICE_THREADS);
+        let run_started_ms = unix_ms();
         let offered = async {
             match rate {
                 None => {
@@ -169,6 +172,17 @@ async fn offer(
         };
         let mut report = run_report(config, rate, &seen, used, ceiling.as_ref(), pid);
         report.costs = costs;
+        if config.grpc_addr.is_none() {
+            // The services are this run's own: their tables are in its database.
+            let inventory = InventoryConfig::default().schema;
+            report.legs = legs::measure(
+                stage.database_url.expose(),
+                inventory.as_str(),
+                run_started_ms,
+                unix_ms().saturating_add(1),
+            )
+            .await;
+        }
         runs.push(report);
     }
 
@@ -187,6 +201,12 @@ async fn offer(
         ceiling,
         runs,
     })
+}
+
+/// Now in Unix milliseconds, the clock the services stamp their rows with.
+fn unix_ms() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Samples what sagas cost from a fifth into the run to half a second
@@ -241,6 +261,7 @@ fn run_report(
         service_thread_cpu_seconds_per_1000: used.and_then(|u| u.service_threads).and_then(per_1000),
         peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),
         costs: None,
+        legs: None,
     }
 }
 

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::costs::SagaCosts;
 use super::error::LoadError;
+use super::legs::Legs;
 use super::raw::{Durability, RawFigure};
 
 /// PostgreSQL commits one saga needs: the order service's start transition
@@ -147,6 +148,9 @@ pub struct RunReport {
     pub peak_rss_mib: Option<f64>,
     /// What one saga cost each component while the load was steady.
     pub costs: Option<SagaCosts>,
+    /// Where the sagas' time went between the services (services hosted
+    /// by this run only).
+    pub legs: Option<Legs>,
 }
 
 impl RunReport {
@@ -274,6 +278,19 @@ impl LoadReport {
                         shared * 100.0
                     );
                 }
+            }
+            if let Some(legs) = &run.legs {
+                let leg = |p: &Percentiles| format!("{:.1} / {:.1}", p.p50, p.p99);
+                let _ = writeln!(
+                    out,
+                    "  legs, ms p50 / p99 ({} sagas): start decided -> inventory's transaction {}, in it {}, \
+                     reply -> order service's decision {}; start -> decision {}",
+                    legs.sagas,
+                    leg(&legs.to_inventory_ms),
+                    leg(&legs.in_inventory_ms),
+                    leg(&legs.back_to_order_service_ms),
+                    leg(&legs.start_to_decision_ms),
+                );
             }
         }
         out

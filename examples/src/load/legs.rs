@@ -1,0 +1,141 @@
+//! Where a saga's time goes between the two services, read off the run's
+//! database once a run has ended: the rows each step wrote carry when it
+//! happened, and the message ids tie them to one saga.
+//!
+//! - *to the inventory*: the order service decided to start the saga (its
+//!   first history row) → the inventory's transaction handling `OrderCreated`
+//!   began (its inbox row's `now()`). The start's commit, the relay's
+//!   publish, the broker, the inventory's consumer and its wait for a
+//!   transaction.
+//! - *in the inventory*: that transaction began → it wrote its
+//!   `StockUpdateResult` (the outbox row's creation time).
+//! - *back to the order service*: the reply written → the order service
+//!   decided the transition it caused (the history row that consumed it).
+//!   The inventory's commit, its relay, the broker, the order service's
+//!   consumer.
+//!
+//! What follows the decision (its commit, the relay, the broker, the load
+//! generator's consumer) is `latency_ms` less these; percentiles do not
+//! subtract, so it is not printed.
+//!
+//! The engine and the inventory stamp milliseconds of the system clock,
+//! PostgreSQL microseconds of the same clock: a leg may show up to a
+//! millisecond below zero. The services are in this process, on this
+//! machine. Outbox and inbox rows deleted by retention (e.g.
+//! `SENT_MESSAGE_RETENTION=0`) leave their sagas out.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::report::Percentiles;
+
+/// The legs' percentiles over the run's sagas found in the database.
+#[derive(Clone, Debug, Serialize)]
+pub struct Legs {
+    /// Sagas whose every step was found.
+    pub sagas: u64,
+    /// Start decided → the inventory's transaction began.
+    pub to_inventory_ms: Percentiles,
+    /// The inventory's transaction began → its reply written.
+    pub in_inventory_ms: Percentiles,
+    /// The reply written → the order service decided its transition.
+    pub back_to_order_service_ms: Percentiles,
+    /// Start decided → the transition decided: the three legs together.
+    pub start_to_decision_ms: Percentiles,
+}
+
+/// A statement over a long run's rows should take well under this.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The legs of the sagas the order service started in `[from_ms, to_ms)`
+/// (Unix milliseconds); the inventory's tables are in `inventory_schema`.
+/// `None` if none was found complete, or the database could not say.
+pub(crate) async fn measure(database_url: &str, inventory_schema: &str, from_ms: i64, to_ms: i64) -> Option<Legs> {
+    let read = async {
+        let mut conn = super::costs::connect(database_url).await?;
+        let row = sqlx::query_as::<_, LegRow>(sqlx::AssertSqlSafe(statement(inventory_schema)))
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(order_service::wire::ORDER_CREATED)
+            .bind(saga_core::IN_REPLY_TO)
+            .fetch_one(&mut conn)
+            .await;
+        let _ = sqlx::Connection::close(conn).await;
+        row.map_err(|error| tracing::warn!(%error, "could not read the legs of the run's sagas"))
+            .ok()
+    };
+    let row = tokio::time::timeout(PATIENCE, read).await.ok().flatten()?;
+    row.into_legs()
+}
+
+/// `schema` is the inventory's validated schema name (letters, digits, `_`).
+fn statement(schema: &str) -> String {
+    format!(
+        "WITH steps AS ( \
+           SELECT h1.at::float8 AS started, \
+                  extract(epoch FROM ii.consumed_at)::float8 * 1000 AS taken, \
+                  io.created_at::float8 AS replied, \
+                  h2.at::float8 AS decided \
+           FROM saga_history h1 \
+           JOIN saga_outbox o ON o.saga_id = h1.saga_id AND o.kind = $3 \
+           JOIN {schema}.saga_inbox ii ON ii.message_id = o.message_id \
+           JOIN {schema}.saga_outbox io ON io.headers->>$4 = o.message_id \
+           JOIN saga_history h2 ON h2.message_id = io.message_id \
+           WHERE h1.revision = 1 AND h1.at >= $1 AND h1.at < $2 \
+         ) \
+         SELECT count(*) AS sagas, \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY taken - started) AS to_inventory, \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY replied - taken) AS in_inventory, \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - replied) AS back, \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - started) AS whole \
+         FROM steps"
+    )
+}
+
+#[derive(sqlx::FromRow)]
+struct LegRow {
+    sagas: i64,
+    to_inventory: Option<Vec<f64>>,
+    in_inventory: Option<Vec<f64>>,
+    back: Option<Vec<f64>>,
+    whole: Option<Vec<f64>>,
+}
+
+impl LegRow {
+    fn into_legs(self) -> Option<Legs> {
+        let percentiles = |values: Option<Vec<f64>>| match values.as_deref() {
+            Some(&[p50, p95, p99, max]) => Some(Percentiles { p50, p95, p99, max }),
+            _ => None,
+        };
+        Some(Legs {
+            sagas: u64::try_from(self.sagas).ok().filter(|n| *n > 0)?,
+            to_inventory_ms: percentiles(self.to_inventory)?,
+            in_inventory_ms: percentiles(self.in_inventory)?,
+            back_to_order_service_ms: percentiles(self.back)?,
+            start_to_decision_ms: percentiles(self.whole)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_without_sagas_or_percentiles_is_no_legs() {
+        let row = |sagas, values: Option<Vec<f64>>| LegRow {
+            sagas,
+            to_inventory: values.clone(),
+            in_inventory: values.clone(),
+            back: values.clone(),
+            whole: values,
+        };
+        assert!(row(0, None).into_legs().is_none());
+        assert!(row(3, Some(vec![1.0, 2.0])).into_legs().is_none());
+        let legs = row(3, Some(vec![1.0, 2.0, 3.0, 4.0])).into_legs().expect("complete");
+        assert_eq!(legs.sagas, 3);
+        assert_eq!(legs.back_to_order_service_ms.p99, 3.0);
+        assert_eq!(legs.start_to_decision_ms.max, 4.0);
+    }
+}
