@@ -54,6 +54,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 pub(crate) async fn measure(database_url: &str, inventory_schema: &str, from_ms: i64, to_ms: i64) -> Option<Legs> {
     let read = async {
         let mut conn = super::costs::connect(database_url).await?;
+        // The statistics may still be the warm-up's (a few rows): planned on
+        // them, the joins become nested loops over the whole run's rows.
+        let _ = sqlx::query("SET enable_nestloop = off").execute(&mut conn).await;
         let row = sqlx::query_as::<_, LegRow>(sqlx::AssertSqlSafe(statement(inventory_schema)))
             .bind(from_ms)
             .bind(to_ms)
