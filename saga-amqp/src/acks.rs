@@ -126,6 +126,15 @@ impl AckWindow {
         }
     }
 
+    /// Acks a delivery settled by forwarding it (retried or dead-lettered:
+    /// published anew first) with a frame of its own, counted with the
+    /// others. The caller then [`closes`](Self::closed) its tag.
+    pub(crate) async fn ack_forwarded(&self, acker: &Acker, limit: Duration) -> Result<(), TransportError> {
+        self.tally.frames.fetch_add(1, Ordering::Relaxed);
+        self.tally.deliveries.fetch_add(1, Ordering::Relaxed);
+        send_ack(acker, false, limit).await
+    }
+
     /// Sends the acks waiting now; returns whether more wait (and the
     /// caller must go on sending).
     async fn send_round(&self, limit: Duration) -> bool {
@@ -162,7 +171,7 @@ impl AckWindow {
 
 /// Acks `acker`'s delivery (and with `multiple`, every earlier one of its
 /// channel) and returns once the frame is sent.
-pub(crate) async fn send_ack(acker: &Acker, multiple: bool, limit: Duration) -> Result<(), TransportError> {
+async fn send_ack(acker: &Acker, multiple: bool, limit: Duration) -> Result<(), TransportError> {
     match within(limit, "acking", acker.ack(BasicAckOptions { multiple })).await? {
         Ok(true) => Ok(()),
         Ok(false) => Err(TransportError::Unavailable(

@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use saga_core::{DEAD_LETTER_REASON, Delivery, MessageId, Settle, Settlement, Subscription, TransportError};
 
-use crate::acks::{AckTally, AckWindow, send_ack};
+use crate::acks::{AckTally, AckWindow};
 use crate::config::AmqpConfig;
 use crate::error::{short, soft_error, unavailable, within};
 use crate::link::{Link, Wait};
@@ -309,7 +309,7 @@ impl AmqpSettle {
             .publish(self.message_id.as_str(), "", queue, true, &self.body, properties)
             .await;
         match published {
-            Ok(()) => send_ack(acker, false, self.limit()).await,
+            Ok(()) => self.acks.ack_forwarded(acker, self.limit()).await,
             Err(e) => {
                 requeue(acker, self.limit()).await;
                 Err(e)

@@ -82,7 +82,8 @@ impl AmqpTransport {
     /// The consumer acks sent so far. Deliveries settled together share a
     /// `basic.ack` frame (`multiple`) when no earlier delivery of their
     /// channel is still being handled, so `deliveries / frames` says how well
-    /// acks coalesce.
+    /// acks coalesce. A delivery retried or dead-lettered is acked with a
+    /// frame of its own once republished, and counted too.
     pub fn acks_sent(&self) -> AcksSent {
         self.shared.acks_sent.get()
     }

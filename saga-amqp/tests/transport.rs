@@ -562,7 +562,18 @@ async fn acks_settled_together_share_a_frame_but_never_cover_an_open_delivery() 
     drop(first);
     let again = next(&mut subscription, "the first, given back").await;
     assert_eq!(again.message.id, ids[0], "only the open delivery comes back");
-    again.settle.settle(Settlement::Ack).await.expect("acked");
+
+    // Forwarded (here retried at once): acked alone once republished, and counted.
+    let before = transport.acks_sent();
+    again
+        .settle
+        .settle(Settlement::Retry { delay: Duration::ZERO })
+        .await
+        .expect("retried");
+    assert_eq!(acks_since(&transport, before), (1, 1), "(frames, deliveries)");
+    let retried = next(&mut subscription, "the first, retried").await;
+    assert_eq!(retried.message.id, ids[0]);
+    retried.settle.settle(Settlement::Ack).await.expect("acked");
 
     // Closing the connection gives back whatever was not acked: nothing.
     drop(subscription);
