@@ -50,10 +50,17 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         "each saga of the run is found in both services' tables"
     );
     // Clocks stamp milliseconds: a leg may read up to 1 ms below zero.
+    let outer = |leg: &Option<load::Percentiles>| {
+        leg.clone()
+            .unwrap_or_else(|| panic!("the load generator's times join the database's: {legs:?}"))
+    };
+    let (to_start, to_confirmation) = (outer(&legs.to_start_ms), outer(&legs.to_confirmation_ms));
     for leg in [
+        &to_start,
         &legs.to_inventory_ms,
         &legs.in_inventory_ms,
         &legs.back_to_order_service_ms,
+        &to_confirmation,
     ] {
         assert!(leg.p50 >= -1.0 && leg.p50 <= leg.p99 && leg.p99 <= leg.max, "{legs:?}");
     }

@@ -180,6 +180,7 @@ async fn offer(
                 inventory.as_str(),
                 run_started_ms,
                 unix_ms().saturating_add(1),
+                &seen.confirmations,
             )
             .await;
         }

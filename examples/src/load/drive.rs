@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use order_service::proto::order_service_client::OrderServiceClient;
 use order_service::proto::{CreateOrderRequest, OrderItem};
@@ -38,6 +38,8 @@ struct Tally {
     early: HashMap<String, (Outcome, Instant)>,
     latencies_us: Vec<u64>,
     answer_latencies_us: Vec<u64>,
+    /// Each confirmed order: its id, when it was sent and when its event was seen.
+    confirmations: Vec<(String, Instant, Instant)>,
     confirmed: u64,
     cancelled: u64,
     last_completion: Option<Instant>,
@@ -70,6 +72,17 @@ pub(crate) struct Seen {
     /// Create → `CreateOrder` answered (the saga started and committed),
     /// microseconds, sorted.
     pub answer_latencies_us: Vec<u64>,
+    /// Each confirmed order: when it was sent and its event seen, in Unix
+    /// milliseconds (the services' clock), for the run's legs.
+    pub confirmations: Vec<Confirmation>,
+}
+
+/// When the load generator sent one order and saw it confirmed.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Confirmation {
+    pub order_id: String,
+    pub sent_ms: f64,
+    pub seen_ms: f64,
 }
 
 impl Tracker {
@@ -83,11 +96,12 @@ impl Tracker {
         *self.tally() = Tally::default();
     }
 
-    fn record(tally: &mut Tally, sent: Instant, outcome: Outcome, at: Instant) {
+    fn record(tally: &mut Tally, id: String, sent: Instant, outcome: Outcome, at: Instant) {
         match outcome {
             Outcome::Confirmed => {
                 tally.confirmed += 1;
                 tally.latencies_us.push(micros_between(sent, at));
+                tally.confirmations.push((id, sent, at));
             }
             Outcome::Cancelled => tally.cancelled += 1,
         }
@@ -100,7 +114,7 @@ impl Tracker {
         let mut tally = self.tally();
         tally.answer_latencies_us.push(micros_between(sent, answered));
         if let Some((outcome, at)) = tally.early.remove(&id) {
-            Self::record(&mut tally, sent, outcome, at);
+            Self::record(&mut tally, id, sent, outcome, at);
             if let Some(done) = done {
                 let _ = done.send(outcome);
             }
@@ -115,7 +129,7 @@ impl Tracker {
     fn observe(&self, id: String, outcome: Outcome, at: Instant) {
         let mut tally = self.tally();
         if let Some(waiting) = tally.waiting.remove(&id) {
-            Self::record(&mut tally, waiting.sent, outcome, at);
+            Self::record(&mut tally, id, waiting.sent, outcome, at);
             if let Some(done) = waiting.done {
                 let _ = done.send(outcome);
             }
@@ -152,6 +166,22 @@ impl Tracker {
         latencies_us.sort_unstable();
         let mut answer_latencies_us = tally.answer_latencies_us.clone();
         answer_latencies_us.sort_unstable();
+        // Instants are only comparable with each other: place them on the
+        // system clock through one reading of both.
+        let (now, unix_now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
+        let unix_ms_at = |at: Instant| {
+            let (ahead, ago) = (at.saturating_duration_since(now), now.saturating_duration_since(at));
+            unix_now_ms + (ahead.as_secs_f64() - ago.as_secs_f64()) * 1000.0
+        };
+        let confirmations = tally
+            .confirmations
+            .iter()
+            .map(|(order_id, sent, seen)| Confirmation {
+                order_id: order_id.clone(),
+                sent_ms: unix_ms_at(*sent),
+                seen_ms: unix_ms_at(*seen),
+            })
+            .collect();
         Seen {
             sent,
             errors,
@@ -163,8 +193,13 @@ impl Tracker {
                 .map_or(Duration::ZERO, |last| last.saturating_duration_since(started)),
             latencies_us,
             answer_latencies_us,
+            confirmations,
         }
     }
+}
+
+fn unix_ms(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 
 fn micros_between(from: Instant, to: Instant) -> u64 {
@@ -372,5 +407,14 @@ mod tests {
         assert_eq!(seen.latencies_us, vec![5000]);
         assert_eq!(seen.answer_latencies_us, vec![1000, 2000, 8000], "every answer, sorted");
         assert_eq!(seen.elapsed, ms(7));
+        let [only] = seen.confirmations.as_slice() else {
+            panic!("one confirmation: {:?}", seen.confirmations);
+        };
+        assert_eq!(only.order_id, "a");
+        let between = only.seen_ms - only.sent_ms;
+        assert!(
+            (between - 5.0).abs() < 0.01,
+            "5 ms apart on the system clock: {between}"
+        );
     }
 }

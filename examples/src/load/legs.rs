@@ -1,7 +1,10 @@
-//! Where a saga's time goes between the two services, read off the run's
-//! database once a run has ended: the rows each step wrote carry when it
-//! happened, and the message ids tie them to one saga.
+//! Where a saga's time goes, read off the run's database once a run has
+//! ended: the rows each step wrote carry when it happened, and the message
+//! ids tie them to one saga; the load generator adds when it sent the order
+//! and saw it confirmed.
 //!
+//! - *to the start*: `CreateOrder` sent → the order service decided to start
+//!   the saga. gRPC, the request's checks, the engine.
 //! - *to the inventory*: the order service decided to start the saga (its
 //!   first history row) → the inventory's transaction handling `OrderCreated`
 //!   began (its inbox row's `now()`). The start's commit, the relay's
@@ -13,14 +16,13 @@
 //!   decided the transition it caused (the history row that consumed it).
 //!   The inventory's commit, its relay, the broker, the order service's
 //!   consumer.
-//!
-//! What follows the decision (its commit, the relay, the broker, the load
-//! generator's consumer) is `latency_ms` less these; percentiles do not
-//! subtract, so it is not printed.
+//! - *to the confirmation*: the decision → the load generator saw
+//!   `OrderConfirmed`. The decision's commit, the relay, the broker, the
+//!   load generator's consumer.
 //!
 //! The engine and the inventory stamp milliseconds of the system clock,
-//! PostgreSQL microseconds of the same clock: a leg may show up to a
-//! millisecond below zero. The services are in this process, on this
+//! PostgreSQL and the load generator finer fractions of the same clock: a
+//! leg may show up to a millisecond below zero. The services are in this process, on this
 //! machine. Outbox and inbox rows deleted by retention (e.g.
 //! `SENT_MESSAGE_RETENTION=0`) leave their sagas out.
 
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::drive::Confirmation;
 use super::report::Percentiles;
 
 /// The legs' percentiles over the run's sagas found in the database.
@@ -35,23 +38,37 @@ use super::report::Percentiles;
 pub struct Legs {
     /// Sagas whose every step was found.
     pub sagas: u64,
+    /// `CreateOrder` sent → the start decided (confirmed sagas only).
+    pub to_start_ms: Option<Percentiles>,
     /// Start decided → the inventory's transaction began.
     pub to_inventory_ms: Percentiles,
     /// The inventory's transaction began → its reply written.
     pub in_inventory_ms: Percentiles,
     /// The reply written → the order service decided its transition.
     pub back_to_order_service_ms: Percentiles,
-    /// Start decided → the transition decided: the three legs together.
+    /// Start decided → the transition decided: the three legs between.
     pub start_to_decision_ms: Percentiles,
+    /// The transition decided → `OrderConfirmed` seen (confirmed sagas only).
+    pub to_confirmation_ms: Option<Percentiles>,
 }
 
 /// A statement over a long run's rows should take well under this.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The legs of the sagas the order service started in `[from_ms, to_ms)`
-/// (Unix milliseconds); the inventory's tables are in `inventory_schema`.
-/// `None` if none was found complete, or the database could not say.
-pub(crate) async fn measure(database_url: &str, inventory_schema: &str, from_ms: i64, to_ms: i64) -> Option<Legs> {
+/// (Unix milliseconds), with the load generator's `confirmations`; the
+/// inventory's tables are in `inventory_schema`. `None` if none was found
+/// complete, or the database could not say.
+pub(crate) async fn measure(
+    database_url: &str,
+    inventory_schema: &str,
+    from_ms: i64,
+    to_ms: i64,
+    confirmations: &[Confirmation],
+) -> Option<Legs> {
+    let order_ids: Vec<&str> = confirmations.iter().map(|c| c.order_id.as_str()).collect();
+    let sent: Vec<f64> = confirmations.iter().map(|c| c.sent_ms).collect();
+    let seen: Vec<f64> = confirmations.iter().map(|c| c.seen_ms).collect();
     let read = async {
         let mut conn = super::costs::connect(database_url).await?;
         // The statistics may still be the warm-up's (a few rows): planned on
@@ -62,6 +79,9 @@ pub(crate) async fn measure(database_url: &str, inventory_schema: &str, from_ms:
             .bind(to_ms)
             .bind(order_service::wire::ORDER_CREATED)
             .bind(saga_core::IN_REPLY_TO)
+            .bind(&order_ids)
+            .bind(&sent)
+            .bind(&seen)
             .fetch_one(&mut conn)
             .await;
         let _ = sqlx::Connection::close(conn).await;
@@ -76,7 +96,7 @@ pub(crate) async fn measure(database_url: &str, inventory_schema: &str, from_ms:
 fn statement(schema: &str) -> String {
     format!(
         "WITH steps AS ( \
-           SELECT h1.at::float8 AS started, \
+           SELECT c.sent, c.seen, h1.at::float8 AS started, \
                   extract(epoch FROM ii.consumed_at)::float8 * 1000 AS taken, \
                   io.created_at::float8 AS replied, \
                   h2.at::float8 AS decided \
@@ -85,13 +105,17 @@ fn statement(schema: &str) -> String {
            JOIN {schema}.saga_inbox ii ON ii.message_id = o.message_id \
            JOIN {schema}.saga_outbox io ON io.headers->>$4 = o.message_id \
            JOIN saga_history h2 ON h2.message_id = io.message_id \
+           LEFT JOIN unnest($5::text[], $6::float8[], $7::float8[]) AS c(order_id, sent, seen) \
+             ON c.order_id = h1.saga_id::text \
            WHERE h1.revision = 1 AND h1.at >= $1 AND h1.at < $2 \
          ) \
          SELECT count(*) AS sagas, \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY started - sent) AS to_start, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY taken - started) AS to_inventory, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY replied - taken) AS in_inventory, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - replied) AS back, \
-           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - started) AS whole \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - started) AS whole, \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY seen - decided) AS to_confirmation \
          FROM steps"
     )
 }
@@ -99,10 +123,12 @@ fn statement(schema: &str) -> String {
 #[derive(sqlx::FromRow)]
 struct LegRow {
     sagas: i64,
+    to_start: Option<Vec<f64>>,
     to_inventory: Option<Vec<f64>>,
     in_inventory: Option<Vec<f64>>,
     back: Option<Vec<f64>>,
     whole: Option<Vec<f64>>,
+    to_confirmation: Option<Vec<f64>>,
 }
 
 impl LegRow {
@@ -113,10 +139,12 @@ impl LegRow {
         };
         Some(Legs {
             sagas: u64::try_from(self.sagas).ok().filter(|n| *n > 0)?,
+            to_start_ms: percentiles(self.to_start),
             to_inventory_ms: percentiles(self.to_inventory)?,
             in_inventory_ms: percentiles(self.in_inventory)?,
             back_to_order_service_ms: percentiles(self.back)?,
             start_to_decision_ms: percentiles(self.whole)?,
+            to_confirmation_ms: percentiles(self.to_confirmation),
         })
     }
 }
@@ -129,6 +157,8 @@ mod tests {
     fn a_row_without_sagas_or_percentiles_is_no_legs() {
         let row = |sagas, values: Option<Vec<f64>>| LegRow {
             sagas,
+            to_start: None,
+            to_confirmation: values.clone(),
             to_inventory: values.clone(),
             in_inventory: values.clone(),
             back: values.clone(),
@@ -140,5 +170,7 @@ mod tests {
         assert_eq!(legs.sagas, 3);
         assert_eq!(legs.back_to_order_service_ms.p99, 3.0);
         assert_eq!(legs.start_to_decision_ms.max, 4.0);
+        assert!(legs.to_start_ms.is_none(), "no client times: no outer legs");
+        assert_eq!(legs.to_confirmation_ms.map(|p| p.p50), Some(1.0));
     }
 }

@@ -281,15 +281,17 @@ impl LoadReport {
             }
             if let Some(legs) = &run.legs {
                 let leg = |p: &Percentiles| format!("{:.1} / {:.1}", p.p50, p.p99);
+                let outer = |p: &Option<Percentiles>| p.as_ref().map_or_else(|| "n/a".to_owned(), leg);
                 let _ = writeln!(
                     out,
-                    "  legs, ms p50 / p99 ({} sagas): start decided -> inventory's transaction {}, in it {}, \
-                     reply -> order service's decision {}; start -> decision {}",
+                    "  legs, ms p50 / p99 ({} sagas): sent -> start decided {}, -> inventory's transaction {}, \
+                     in it {}, reply -> order service's decision {}, -> confirmation seen {}",
                     legs.sagas,
+                    outer(&legs.to_start_ms),
                     leg(&legs.to_inventory_ms),
                     leg(&legs.in_inventory_ms),
                     leg(&legs.back_to_order_service_ms),
-                    leg(&legs.start_to_decision_ms),
+                    outer(&legs.to_confirmation_ms),
                 );
             }
         }
