@@ -806,8 +806,7 @@ impl ProductionStart {
 
 async fn metrics(State(ops): State<Ops>) -> String {
     (ops.refresh)();
-    ops.prometheus.run_upkeep();
-    ops.prometheus.render()
+    telemetry::render(&ops.prometheus)
 }
 
 async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {

@@ -239,6 +239,13 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// The text `/metrics` serves: `handle`'s metrics after its upkeep (which
+/// drains the histograms' pending samples).
+pub fn render(handle: &PrometheusHandle) -> String {
+    handle.run_upkeep();
+    handle.render()
+}
+
 fn describe() {
     metrics::describe_counter!(GRPC_REQUESTS, "gRPC requests handled, by method and status code");
     metrics::describe_histogram!(

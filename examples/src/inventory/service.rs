@@ -221,10 +221,7 @@ impl InventoryService {
             let prometheus = order_service::telemetry::prometheus();
             let render = move || {
                 let prometheus = prometheus.clone();
-                async move {
-                    prometheus.run_upkeep();
-                    prometheus.render()
-                }
+                async move { order_service::telemetry::render(&prometheus) }
             };
             let http = axum::Router::new().route("/metrics", axum::routing::get(render));
             let shutdown = shutdown.clone();
