@@ -40,7 +40,19 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         "every saga is seen confirmed through its OrderConfirmed event:\n{}",
         report.render()
     );
-    assert!(report.ceiling.is_some(), "the raw ceilings are measured");
+    let ceiling = report.ceiling.as_ref().expect("the raw ceilings are measured");
+    for figure in [&ceiling.postgres_commits, &ceiling.rabbitmq_messages] {
+        assert_eq!(
+            figure.measured_per_second.len(),
+            2,
+            "before and after the runs: {figure:?}"
+        );
+        assert!(figure.per_second > 0.0, "{figure:?}");
+    }
+    assert!(
+        run.ratio_of_ceiling.is_some_and(|r| r > 0.0),
+        "the run is compared with the ceiling"
+    );
     let legs = run
         .legs
         .as_ref()

@@ -13,7 +13,7 @@ use super::costs::{self, SagaCosts};
 use super::drive::{Orders, Outcome, Seen, Tracker, observe};
 use super::error::LoadError;
 use super::legs;
-use super::raw;
+use super::raw::{self, Durability, RawFigure};
 use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
 use super::stage::{ORDER_SERVICE_THREADS, Services, Stage, connect};
 use super::usage;
@@ -129,16 +129,7 @@ async fn offer(
         analyze(stage).await?;
     }
 
-    let ceiling = match config.raw_duration {
-        Some(duration) => {
-            tracing::info!("measuring raw PostgreSQL commits");
-            let (commits, durability) = raw::postgres_commits(stage, config.clients, duration).await?;
-            tracing::info!("measuring raw RabbitMQ messages");
-            let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
-            Some(Ceiling::new(commits, messages, durability))
-        }
-        None => None,
-    };
+    let before = raw_ceiling(config, stage).await?;
 
     let pid = config.service_pid;
     let mut runs = Vec::new();
@@ -170,7 +161,7 @@ async fn offer(
             (Some(before), Some(after)) => Some(after.since(&before)),
             _ => None,
         };
-        let mut report = run_report(config, rate, &seen, used, ceiling.as_ref(), pid);
+        let mut report = run_report(config, rate, &seen, used, pid);
         report.costs = costs;
         if config.grpc_addr.is_none() {
             // The services are this run's own: their tables are in its database.
@@ -185,6 +176,22 @@ async fn offer(
             .await;
         }
         runs.push(report);
+    }
+
+    // Measured again after the runs, and pooled with the first: the VM's
+    // speed drifts within minutes, and the runs fell between the two.
+    let ceiling = match (before, raw_ceiling(config, stage).await?) {
+        (Some((commits, messages, durability)), Some((later_commits, later_messages, _))) => Some(Ceiling::new(
+            commits.pooled(later_commits),
+            messages.pooled(later_messages),
+            durability,
+        )),
+        _ => None,
+    };
+    if let Some(ceiling) = &ceiling {
+        for run in &mut runs {
+            run.compare_with(ceiling);
+        }
     }
 
     let measured_process = match (&config.grpc_addr, pid) {
@@ -202,6 +209,22 @@ async fn offer(
         ceiling,
         runs,
     })
+}
+
+/// The raw PostgreSQL commits and RabbitMQ messages, unless
+/// `--raw-duration` skips them.
+async fn raw_ceiling(
+    config: &LoadConfig,
+    stage: &Stage,
+) -> Result<Option<(RawFigure, RawFigure, Durability)>, LoadError> {
+    let Some(duration) = config.raw_duration else {
+        return Ok(None);
+    };
+    tracing::info!("measuring raw PostgreSQL commits");
+    let (commits, durability) = raw::postgres_commits(stage, config.clients, duration).await?;
+    tracing::info!("measuring raw RabbitMQ messages");
+    let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
+    Ok(Some((commits, messages, durability)))
 }
 
 /// Now in Unix milliseconds, the clock the services stamp their rows with.
@@ -232,7 +255,6 @@ fn run_report(
     rate: Option<f64>,
     seen: &Seen,
     used: Option<usage::CpuSample>,
-    ceiling: Option<&Ceiling>,
     pid: Option<u32>,
 ) -> RunReport {
     let completed = seen.confirmed + seen.cancelled;
@@ -252,12 +274,8 @@ fn run_report(
         completed_per_second,
         latency_ms: Percentiles::of_sorted_micros(&seen.latencies_us),
         answer_latency_ms: Percentiles::of_sorted_micros(&seen.answer_latencies_us),
-        ratio_of_ceiling: ceiling
-            .filter(|c| c.sagas_per_second > 0.0)
-            .map(|c| completed_per_second / c.sagas_per_second),
-        ratio_of_shared_ceiling: ceiling
-            .filter(|c| c.shared_sagas_per_second > 0.0)
-            .map(|c| completed_per_second / c.shared_sagas_per_second),
+        ratio_of_ceiling: None,
+        ratio_of_shared_ceiling: None,
         cpu_seconds_per_1000: used.and_then(|u| per_1000(u.process)),
         service_thread_cpu_seconds_per_1000: used.and_then(|u| u.service_threads).and_then(per_1000),
         peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),

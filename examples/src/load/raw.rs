@@ -1,6 +1,7 @@
 //! The machine's own limits, measured in the same run with the same
 //! concurrency: single-row INSERT commits in PostgreSQL, and persistent,
-//! confirmed, consumed and acked messages through one RabbitMQ queue.
+//! confirmed, consumed and acked messages through one RabbitMQ queue. Each
+//! is measured before the runs and again after them, and the two pooled.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use super::error::LoadError;
 use super::stage::Stage;
 
-/// One raw figure.
+/// One raw figure: one measurement, or several pooled.
 #[derive(Clone, Debug, Serialize)]
 pub struct RawFigure {
     /// Operations completed (commits, or messages consumed and acked).
@@ -25,20 +26,44 @@ pub struct RawFigure {
     pub seconds: f64,
     /// Operations per second.
     pub per_second: f64,
+    /// Each measurement's operations per second, in the order taken.
+    pub measured_per_second: Vec<f64>,
 }
 
 impl RawFigure {
     fn new(operations: u64, elapsed: Duration) -> Self {
         let seconds = elapsed.as_secs_f64();
+        let per_second = rate(operations, seconds);
         Self {
             operations,
             seconds,
-            per_second: if seconds > 0.0 {
-                operations as f64 / seconds
-            } else {
-                0.0
-            },
+            per_second,
+            measured_per_second: vec![per_second],
         }
+    }
+
+    /// `self` and `later` as one figure: all their operations over all their
+    /// time, so a machine that sped up or slowed down between them is
+    /// measured at its average.
+    pub fn pooled(self, later: Self) -> Self {
+        let operations = self.operations.saturating_add(later.operations);
+        let seconds = self.seconds + later.seconds;
+        let mut measured_per_second = self.measured_per_second;
+        measured_per_second.extend(later.measured_per_second);
+        Self {
+            operations,
+            seconds,
+            per_second: rate(operations, seconds),
+            measured_per_second,
+        }
+    }
+}
+
+fn rate(operations: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        operations as f64 / seconds
+    } else {
+        0.0
     }
 }
 
@@ -209,4 +234,22 @@ pub(crate) async fn amqp_messages(
     .await;
     transport.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooled_figures_are_all_operations_over_all_time() {
+        let before = RawFigure::new(3_000, Duration::from_secs(1));
+        let after = RawFigure::new(1_000, Duration::from_secs(1));
+        let pooled = before.pooled(after);
+        assert_eq!((pooled.operations, pooled.seconds), (4_000, 2.0));
+        assert!((pooled.per_second - 2_000.0).abs() < 1e-9);
+        assert_eq!(pooled.measured_per_second, vec![3_000.0, 1_000.0]);
+        // Rates weigh by time: a longer measurement counts for more.
+        let long = RawFigure::new(9_000, Duration::from_secs(3)).pooled(RawFigure::new(1_000, Duration::from_secs(1)));
+        assert!((long.per_second - 2_500.0).abs() < 1e-9);
+    }
 }

@@ -134,7 +134,8 @@ pub struct RunReport {
     /// row, saga state, `OrderCreated` in the outbox). The rest of
     /// `latency_ms` is the messages' way through both services.
     pub answer_latency_ms: Percentiles,
-    /// `completed_per_second` over the ceiling's sagas per second.
+    /// `completed_per_second` over the ceiling's sagas per second (the
+    /// raw figures measured before and after the runs, pooled).
     pub ratio_of_ceiling: Option<f64>,
     /// `completed_per_second` over the shared ceiling (see
     /// [`Ceiling::shared_sagas_per_second`]).
@@ -154,6 +155,13 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Sets the ratios to `ceiling`.
+    pub(crate) fn compare_with(&mut self, ceiling: &Ceiling) {
+        let ratio = |of: f64| (of > 0.0).then(|| self.completed_per_second / of);
+        self.ratio_of_ceiling = ratio(ceiling.sagas_per_second);
+        self.ratio_of_shared_ceiling = ratio(ceiling.shared_sagas_per_second);
+    }
+
     /// Whether every accepted order was seen confirmed and no call failed.
     pub fn all_confirmed(&self) -> bool {
         self.sent > 0 && self.errors == 0 && self.unobserved == 0 && self.cancelled == 0 && self.confirmed == self.sent
@@ -184,15 +192,26 @@ impl LoadReport {
         let _ = writeln!(out, "load run {} on {} CPUs", self.started_at, self.cpus);
         let _ = writeln!(out, "CPU / RSS measured on: {}", self.measured_process);
         if let Some(c) = &self.ceiling {
+            let measured = |figure: &RawFigure| {
+                let rates: Vec<String> = figure.measured_per_second.iter().map(|r| format!("{r:.0}")).collect();
+                match rates.as_slice() {
+                    [before, after] => format!(" (before the runs {before}, after {after})"),
+                    _ => String::new(),
+                }
+            };
             let _ = writeln!(
                 out,
-                "raw PostgreSQL: {:.0} single-row INSERT commits/s (synchronous_commit={}, fsync={})",
-                c.postgres_commits.per_second, c.durability.synchronous_commit, c.durability.fsync
+                "raw PostgreSQL: {:.0} single-row INSERT commits/s{} (synchronous_commit={}, fsync={})",
+                c.postgres_commits.per_second,
+                measured(&c.postgres_commits),
+                c.durability.synchronous_commit,
+                c.durability.fsync
             );
             let _ = writeln!(
                 out,
-                "raw RabbitMQ:   {:.0} persistent msgs/s published with confirm, consumed and acked",
-                c.rabbitmq_messages.per_second
+                "raw RabbitMQ:   {:.0} persistent msgs/s published with confirm, consumed and acked{}",
+                c.rabbitmq_messages.per_second,
+                measured(&c.rabbitmq_messages)
             );
             let _ = writeln!(
                 out,
@@ -456,6 +475,7 @@ mod tests {
             operations: 0,
             seconds: 1.0,
             per_second,
+            measured_per_second: vec![per_second],
         };
         let durability = Durability {
             synchronous_commit: "on".to_owned(),
