@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology};
-use saga_core::{CancellationToken, Subscriber};
+use saga_core::{CancellationToken, Subscriber, Timestamp};
 use sqlx::Connection as _;
 use tokio::task::JoinSet;
 
@@ -129,7 +129,7 @@ async fn offer(
         analyze(stage).await?;
     }
 
-    let before = raw_ceiling(config, stage).await?;
+    let first_ceiling = raw_ceiling(config, stage).await?;
 
     let pid = config.service_pid;
     let mut runs = Vec::new();
@@ -140,7 +140,8 @@ async fn offer(
     for rate in settings {
         tracing::info!(?rate, "offering orders");
         let before = usage::cpu(pid, ORDER_SERVICE_THREADS);
-        let run_started_ms = unix_ms();
+        // The clock the services stamp their rows with.
+        let run_started_ms = Timestamp::now().as_millis();
         let offered = async {
             match rate {
                 None => {
@@ -170,7 +171,7 @@ async fn offer(
                 stage.database_url.expose(),
                 inventory.as_str(),
                 run_started_ms,
-                unix_ms().saturating_add(1),
+                Timestamp::now().as_millis().saturating_add(1),
                 &seen.confirmations,
             )
             .await;
@@ -180,7 +181,7 @@ async fn offer(
 
     // Measured again after the runs, and pooled with the first: the VM's
     // speed drifts within minutes, and the runs fell between the two.
-    let ceiling = match (before, raw_ceiling(config, stage).await?) {
+    let ceiling = match (first_ceiling, raw_ceiling(config, stage).await?) {
         (Some((commits, messages, durability)), Some((later_commits, later_messages, _))) => Some(Ceiling::new(
             commits.pooled(later_commits),
             messages.pooled(later_messages),
@@ -225,12 +226,6 @@ async fn raw_ceiling(
     tracing::info!("measuring raw RabbitMQ messages");
     let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
     Ok(Some((commits, messages, durability)))
-}
-
-/// Now in Unix milliseconds, the clock the services stamp their rows with.
-fn unix_ms() -> i64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Samples what sagas cost from a fifth into the run to half a second

@@ -21,9 +21,9 @@
 //!   load generator's consumer.
 //!
 //! The engine and the inventory stamp milliseconds of the system clock,
-//! PostgreSQL and the load generator finer fractions of the same clock: a
-//! leg may show up to a millisecond below zero. The services are in this process, on this
-//! machine. Outbox and inbox rows deleted by retention (e.g.
+//! PostgreSQL and the load generator finer fractions of the same clock (the
+//! services run in this process, on this machine): a leg may show up to a
+//! millisecond below zero. Outbox and inbox rows deleted by retention (e.g.
 //! `SENT_MESSAGE_RETENTION=0`) leave their sagas out.
 
 use std::time::Duration;
