@@ -232,6 +232,11 @@ pub struct Config {
     /// back. Unset: 4,096 in production mode, none in embedded mode, where
     /// a read is no dearer than a copy (`saga_core::EngineConfig::cached_instances`).
     pub cached_instances: Option<usize>,
+    /// `COMMIT_LINGER` (default `1ms`, `0` never waits): how long a commit
+    /// that would go alone waits for others to share its statement, while
+    /// commits arrive about that densely (production mode;
+    /// `saga_postgres::PostgresStoreConfig::commit_linger`).
+    pub commit_linger: Duration,
 }
 
 /// How long the saga store keeps rows it no longer needs, so its tables do
@@ -324,6 +329,7 @@ impl Default for Config {
             dashboard_window_minutes: 15,
             retention: Retention::default(),
             cached_instances: None,
+            commit_linger: DEFAULT_LINGER,
         }
     }
 }
@@ -416,6 +422,10 @@ impl Config {
             })?),
             None => defaults.cached_instances,
         };
+        let commit_linger = match get("COMMIT_LINGER") {
+            Some(value) => parse_linger(&value).map_err(|why| ConfigError::new("COMMIT_LINGER", why))?,
+            None => defaults.commit_linger,
+        };
         Ok(Self {
             grpc,
             metrics,
@@ -429,6 +439,7 @@ impl Config {
             dashboard_window_minutes,
             retention: Retention::from_lookup(get)?,
             cached_instances,
+            commit_linger,
         })
     }
 }
@@ -453,6 +464,24 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err(format!("`{value}` must be between 1ms and 24h"));
     }
     Ok(duration)
+}
+
+/// The services' default linger of a lone commit (see
+/// [`Config::commit_linger`]).
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
+
+/// Parses a linger: `0` (never wait) or `1ms` up to `100ms`.
+pub fn parse_linger(value: &str) -> Result<Duration, String> {
+    if value == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let linger = parse_span(value, "ms")?;
+    if linger > Duration::from_millis(100) {
+        return Err(format!(
+            "`{value}` is more than 100ms: every lone commit would wait that long"
+        ));
+    }
+    Ok(linger)
 }
 
 /// `value` of `variable` as a retention of at least `floor` (whole hours),
@@ -615,6 +644,23 @@ mod tests {
         for bad in ["-1", "lots", "1e3"] {
             let error = config(&[("CACHED_INSTANCES", bad)]).expect_err(bad);
             assert!(error.to_string().contains("CACHED_INSTANCES"), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_commit_linger_is_off_by_zero_and_bounded() {
+        assert_eq!(config(&[]).map(|c| c.commit_linger), Ok(DEFAULT_LINGER));
+        assert_eq!(
+            config(&[("COMMIT_LINGER", "0")]).map(|c| c.commit_linger),
+            Ok(Duration::ZERO)
+        );
+        assert_eq!(
+            config(&[("COMMIT_LINGER", "3ms")]).map(|c| c.commit_linger),
+            Ok(Duration::from_millis(3))
+        );
+        for bad in ["1", "101ms", "soon", "-1ms"] {
+            let error = config(&[("COMMIT_LINGER", bad)]).expect_err(bad);
+            assert_eq!(error.variable, "COMMIT_LINGER", "{bad}");
         }
     }
 

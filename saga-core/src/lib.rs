@@ -9,6 +9,7 @@ mod engine;
 mod error;
 mod id;
 mod instance;
+mod linger;
 mod message;
 mod participant;
 mod relay;
@@ -33,6 +34,7 @@ pub use engine::{CACHED_INSTANCES, EffectHandler, Engine, EngineBuilder, EngineC
 pub use error::{BoxError, DefinitionError, EngineError, RetryPolicy, StepError};
 pub use id::{MessageId, SagaId};
 pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, UnknownStatus};
+pub use linger::Linger;
 pub use message::{Command, IN_REPLY_TO, Message};
 pub use participant::{CommandBatching, CommandHandler, Handling, Participant};
 pub use relay::{Relay, RelayConfig, RelayRound};

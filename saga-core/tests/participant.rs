@@ -376,6 +376,64 @@ async fn a_panicking_handler_does_not_strand_the_commands_behind_it() {
     assert_eq!(fixture.committed(), ["after", "behind-1", "behind-2", "beside", "held"]);
 }
 
+/// Sends `first`, then `second` `after` later, and waits for both.
+async fn two_apart(fixture: &Fixture, after: Duration) {
+    let first = fixture.send(&command(&order("first")));
+    tokio::time::sleep(after).await;
+    let second = fixture.send(&command(&order("second")));
+    assert_eq!(outcome(first).await.expect("first"), Handling::Handled { replies: 1 });
+    assert_eq!(outcome(second).await.expect("second"), Handling::Handled { replies: 1 });
+}
+
+/// Sends `count` commands at one instant and waits for them: arrivals as
+/// dense as they come.
+async fn burst(fixture: &Fixture, count: usize) {
+    let tasks: Vec<_> = (0..count)
+        .map(|n| fixture.send(&command(&order(&format!("burst-{n}")))))
+        .collect();
+    for task in tasks {
+        assert_eq!(outcome(task).await.expect("burst"), Handling::Handled { replies: 1 });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_commands_arrive_densely_a_lone_one_lingers_for_company() {
+    let linger = Duration::from_millis(10);
+    let fixture = fixture(CommandBatching::up_to(16).with_linger(linger));
+
+    // The first command ever has no arrivals to judge by: it does not wait.
+    let began = tokio::time::Instant::now();
+    burst(&fixture, 1).await;
+    assert_eq!(began.elapsed(), Duration::ZERO);
+    burst(&fixture, 4).await;
+
+    let (began, before) = (tokio::time::Instant::now(), fixture.begun());
+    two_apart(&fixture, linger / 2).await;
+    assert_eq!(fixture.begun() - before, 1, "the second joined the first's transaction");
+    assert!(began.elapsed() >= linger);
+
+    // Nobody joins: the command commits alone once the linger is over.
+    let (began, before) = (tokio::time::Instant::now(), fixture.begun());
+    burst(&fixture, 1).await;
+    assert_eq!(fixture.begun() - before, 1);
+    assert!(began.elapsed() >= linger, "it waited for company first");
+    assert_eq!(fixture.committed().len(), 1 + 4 + 2 + 1, "each committed once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_linger_a_lone_command_does_not_wait() {
+    let fixture = fixture(CommandBatching::up_to(16));
+    burst(&fixture, 4).await;
+    let (began, before) = (tokio::time::Instant::now(), fixture.begun());
+    two_apart(&fixture, Duration::from_millis(5)).await;
+    assert_eq!(
+        fixture.begun() - before,
+        2,
+        "the first had committed when the second came"
+    );
+    assert_eq!(began.elapsed(), Duration::from_millis(5), "only the test's own wait");
+}
+
 #[tokio::test]
 async fn without_batching_each_command_has_its_own_transaction() {
     let fixture = fixture(CommandBatching::default());

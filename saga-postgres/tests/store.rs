@@ -914,6 +914,61 @@ async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() 
     );
 }
 
+/// With a linger, while transitions arrive densely, a statement that would
+/// commit one waits for others to join it; one that nobody joins commits
+/// once the linger is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_transition_lingers_for_others_to_share_its_statement() {
+    let db = TestDb::new().await;
+    let linger = Duration::from_millis(400);
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        commit_linger: linger,
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(8, config).await;
+    // Arrivals to judge by: a burst, microseconds apart.
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (store, instance) = (store.clone(), sample_instance("orders", None));
+        burst.spawn(async move { start(&store, &instance).await });
+    }
+    for started in burst.join_all().await {
+        started.expect("a start of the burst");
+    }
+    let before = store.commit_batching();
+
+    let (first, second) = (sample_instance("orders", None), sample_instance("orders", None));
+    let began = Instant::now();
+    let first_start = {
+        let store = store.clone();
+        tokio::spawn(async move { start(&store, &first).await })
+    };
+    // Well inside the first one's linger.
+    tokio::time::sleep(linger / 4).await;
+    start(&store, &second).await.expect("the second start");
+    first_start.await.expect("no panic").expect("the first start");
+    assert!(began.elapsed() >= linger, "the first waited out its linger");
+    let after = store.commit_batching();
+    assert_eq!(
+        (
+            after.shared_statements - before.shared_statements,
+            after.batched_transitions - before.batched_transitions
+        ),
+        (1, 2),
+        "the second joined the first's statement: {before:?} then {after:?}"
+    );
+
+    let began = Instant::now();
+    start(&store, &sample_instance("orders", None))
+        .await
+        .expect("a lone start");
+    assert!(began.elapsed() >= linger, "it waited for company first");
+    assert_eq!(store.commit_batching(), after, "and then committed alone");
+    let history = count(store.pool(), "SELECT count(*) FROM saga_history").await;
+    assert_eq!(history, 4 + 3, "all started");
+}
+
 /// When the database cannot be reached, a shared statement's transitions
 /// all fail at once as `Unavailable`: none runs again alone, each waiting
 /// out its own connection attempt while later commits queue behind it.

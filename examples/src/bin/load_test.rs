@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use order_service::config::{Retention, SecretUrl};
+use order_service::config::{Retention, SecretUrl, parse_linger};
 use saga_examples::load::{self, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
 use tracing_subscriber::EnvFilter;
 
@@ -70,6 +70,10 @@ struct Args {
     /// default: the inventory's own).
     #[arg(long, env = "INVENTORY_BATCH", value_parser = clap::value_parser!(u16).range(1..=256))]
     inventory_batch: Option<u16>,
+    /// How long both services let a lone commit wait for company (`0`, or `1ms` up to
+    /// `100ms`; default: the services' own).
+    #[arg(long)]
+    linger: Option<String>,
 }
 
 fn seconds(name: &str, value: f64) -> Result<Duration, String> {
@@ -104,6 +108,10 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         inventory_batch: args
             .inventory_batch
             .map_or_else(|| LoadConfig::default().inventory_batch, usize::from),
+        linger: match args.linger {
+            Some(value) => parse_linger(&value).map_err(|why| format!("--linger: {why}"))?,
+            None => LoadConfig::default().linger,
+        },
         ..LoadConfig::default()
     };
     config.validate()?;

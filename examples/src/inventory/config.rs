@@ -4,8 +4,9 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
-use order_service::config::{ListenAddr, Retention, SecretUrl};
+use order_service::config::{DEFAULT_LINGER, ListenAddr, Retention, SecretUrl, parse_linger};
 
 /// The PostgreSQL URL used when `DATABASE_URL` is not set.
 /// (The tables go to their own schema, `INVENTORY_SCHEMA`, so sharing the
@@ -168,6 +169,10 @@ pub struct InventoryConfig {
     /// `INVENTORY_BATCH` (default 32): commands that arrive together share
     /// a transaction, this many at most (1: each its own).
     pub batch: usize,
+    /// `INVENTORY_LINGER` (default `1ms`, `0` never waits): how long a
+    /// transaction that would carry one command waits for others, while
+    /// commands arrive about that densely (`CommandBatching::linger`).
+    pub linger: Duration,
     /// `INVENTORY_METRICS_PORT` (`:port` or `host:port`; unset by default):
     /// where `/metrics` is served, if anywhere.
     pub metrics: Option<ListenAddr>,
@@ -187,6 +192,7 @@ impl Default for InventoryConfig {
             names: InventoryNames::default(),
             concurrency: 16,
             batch: 32,
+            linger: DEFAULT_LINGER,
             metrics: None,
             retention: Retention::default(),
         }
@@ -254,6 +260,10 @@ impl InventoryConfig {
             },
             concurrency: count("INVENTORY_CONCURRENCY", defaults.concurrency)?,
             batch: count("INVENTORY_BATCH", defaults.batch)?,
+            linger: match get("INVENTORY_LINGER") {
+                None => defaults.linger,
+                Some(value) => parse_linger(value.trim()).map_err(|why| ConfigError::new("INVENTORY_LINGER", why))?,
+            },
             metrics: get("INVENTORY_METRICS_PORT")
                 .map(|value| ListenAddr::parse("INVENTORY_METRICS_PORT", value.trim()))
                 .transpose()?,
@@ -301,6 +311,17 @@ mod tests {
     fn a_batch_of_one_turns_batching_off() {
         let config = config(&[("INVENTORY_BATCH", " 1 ")]).expect("valid");
         assert_eq!(config.batch, 1);
+    }
+
+    #[test]
+    fn the_linger_defaults_to_a_millisecond_and_zero_turns_it_off() {
+        assert_eq!(config(&[]).expect("defaults").linger, Duration::from_millis(1));
+        let off = config(&[("INVENTORY_LINGER", "0")]).expect("valid");
+        assert_eq!(off.linger, Duration::ZERO);
+        for bad in ["1", "1s", "often"] {
+            let error = config(&[("INVENTORY_LINGER", bad)]).expect_err(bad);
+            assert_eq!(error.variable, "INVENTORY_LINGER", "{bad}");
+        }
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl InventoryService {
                 Arc::new(store.clone()),
                 StockKeeper::new(names.stock_update_exchange.clone()),
             )
-            .with_batching(CommandBatching::up_to(config.batch)),
+            .with_batching(CommandBatching::up_to(config.batch).with_linger(config.linger)),
         );
         let consumers = [
             (&names.orders_queue, ORDER_CREATED),

@@ -303,6 +303,7 @@ fn config_json(config: &LoadConfig) -> serde_json::Value {
             "interval_s": config.retention.interval.as_secs_f64(),
         },
         "inventory_batch": config.inventory_batch,
+        "linger_ms": config.linger.as_secs_f64() * 1e3,
     })
 }
 

@@ -76,6 +76,9 @@ pub struct LoadConfig {
     /// Commands the in-process inventory lets share a transaction at most
     /// (its `INVENTORY_BATCH`).
     pub inventory_batch: usize,
+    /// How long both hosted services let a lone commit wait for company
+    /// (their `COMMIT_LINGER` and `INVENTORY_LINGER`).
+    pub linger: Duration,
 }
 
 impl Default for LoadConfig {
@@ -96,6 +99,7 @@ impl Default for LoadConfig {
             results_dir: Some(PathBuf::from("results")),
             retention: Retention::default(),
             inventory_batch: crate::inventory::InventoryConfig::default().batch,
+            linger: order_service::config::DEFAULT_LINGER,
         }
     }
 }

@@ -310,6 +310,7 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         names: stage.inventory.clone(),
         retention: config.retention.clone(),
         batch: config.inventory_batch,
+        linger: config.linger,
         ..InventoryConfig::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();
@@ -342,6 +343,7 @@ async fn start_order_service(config: &LoadConfig, stage: &Stage) -> Result<(Host
         },
         names: stage.wire.clone(),
         retention: config.retention.clone(),
+        commit_linger: config.linger,
         ..Config::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();

@@ -32,8 +32,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
-use saga_core::{OutboxEntry, StoreError};
+use saga_core::{Linger, OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
@@ -157,7 +158,6 @@ enum Answer {
 type Reply = oneshot::Sender<Answer>;
 
 /// Transitions waiting, and how many statements are carrying others.
-#[derive(Default)]
 pub(crate) struct Batcher {
     state: Mutex<Queue>,
     shared_statements: AtomicU64,
@@ -182,14 +182,48 @@ pub struct CommitBatching {
     pub merged_writes: u64,
 }
 
-#[derive(Default)]
 struct Queue {
     waiting: VecDeque<(Batched, Reply)>,
     /// Tasks sending statements; at most `commits_in_flight`.
     runners: usize,
+    linger: Linger,
+}
+
+impl Queue {
+    /// Moves waiting transitions into `batch` while it has room for `most`
+    /// and at most [`STAGED_PER_STATEMENT`] of them stage writes apart.
+    fn take(&mut self, batch: &mut Vec<(Batched, Reply)>, most: usize) {
+        let mut staged = batch.iter().filter(|(item, _)| item.stages_apart()).count();
+        while batch.len() < most
+            && let Some((item, _)) = self.waiting.front()
+        {
+            if item.stages_apart() {
+                if staged == STAGED_PER_STATEMENT {
+                    break;
+                }
+                staged += 1;
+            }
+            batch.extend(self.waiting.pop_front());
+        }
+    }
 }
 
 impl Batcher {
+    /// Lone transitions wait up to `linger` for company (see [`Linger`]).
+    pub(crate) fn new(linger: Duration) -> Self {
+        Self {
+            state: Mutex::new(Queue {
+                waiting: VecDeque::new(),
+                runners: 0,
+                linger: Linger::new(linger),
+            }),
+            shared_statements: AtomicU64::default(),
+            batched_transitions: AtomicU64::default(),
+            retried_alone: AtomicU64::default(),
+            merged_writes: AtomicU64::default(),
+        }
+    }
+
     pub(crate) fn stats(&self) -> CommitBatching {
         CommitBatching {
             shared_statements: self.shared_statements.load(Ordering::Relaxed),
@@ -211,6 +245,7 @@ pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<Ou
     let (reply, answer) = oneshot::channel();
     let start_runner = {
         let mut queue = shared.batcher.queue();
+        queue.linger.arrived(tokio::time::Instant::now());
         queue.waiting.push_back((item, reply));
         let start = queue.runners < shared.config.commits_in_flight.max(1);
         if start {
@@ -237,27 +272,22 @@ pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<Ou
 async fn run(shared: Arc<Shared>) {
     let most = shared.config.commit_batch.max(1);
     loop {
-        let mut batch: Vec<(Batched, Reply)> = {
+        let (mut batch, linger): (Vec<(Batched, Reply)>, _) = {
             let mut queue = shared.batcher.queue();
             if queue.waiting.is_empty() {
                 queue.runners -= 1;
                 return;
             }
             let mut batch = Vec::new();
-            let mut staged = 0;
-            while batch.len() < most
-                && let Some((item, _)) = queue.waiting.front()
-            {
-                if item.stages_apart() {
-                    if staged == STAGED_PER_STATEMENT {
-                        break;
-                    }
-                    staged += 1;
-                }
-                batch.extend(queue.waiting.pop_front());
-            }
-            batch
+            queue.take(&mut batch, most);
+            (batch, queue.linger.wait())
         };
+        if batch.len() == 1 && most > 1 && !linger.is_zero() {
+            // The runner keeps its place meanwhile, so what arrives queues
+            // for this statement.
+            tokio::time::sleep(linger).await;
+            shared.batcher.queue().take(&mut batch, most);
+        }
         batch.sort_by(|(a, _), (b, _)| a.by_staged_sql(b));
         if let [_] = batch.as_slice() {
             if let Some((item, reply)) = batch.into_iter().next() {

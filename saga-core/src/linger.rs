@@ -1,0 +1,107 @@
+//! When a group commit that would carry a single item waits for others.
+//!
+//! A transaction's fixed cost (its round trips, the commit and its flush)
+//! is paid once per group, so an item that would commit alone can save CPU
+//! by waiting briefly for company. Only when items arrive densely does
+//! company come in time; at low rates the wait would be pure latency. So a
+//! lone item waits only while recent arrivals have been, on average, no
+//! further apart than the wait itself.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Each new gap counts for this fraction of the running mean.
+const GAP_WEIGHT: f64 = 1.0 / 8.0;
+
+/// How long a lone item waits for company, from when items arrive (see the
+/// module docs). Used by the participant's command batches and by stores
+/// that group commits.
+#[derive(Clone, Debug)]
+pub struct Linger {
+    limit: Duration,
+    last_arrival: Option<Instant>,
+    /// Running mean of the gaps between arrivals, in seconds; infinite
+    /// until two have arrived.
+    mean_gap: f64,
+}
+
+impl Linger {
+    /// Waits of up to `limit`; `ZERO` never waits.
+    pub fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            last_arrival: None,
+            mean_gap: f64::INFINITY,
+        }
+    }
+
+    /// Records an item arriving at `at`.
+    pub fn arrived(&mut self, at: Instant) {
+        if let Some(last) = self.last_arrival.replace(at) {
+            let gap = at.saturating_duration_since(last).as_secs_f64();
+            self.mean_gap = if self.mean_gap.is_finite() {
+                self.mean_gap + (gap - self.mean_gap) * GAP_WEIGHT
+            } else {
+                gap
+            };
+        }
+    }
+
+    /// How long a lone item waits now: the limit while items arrive on
+    /// average no further apart than it, else nothing.
+    pub fn wait(&self) -> Duration {
+        if !self.limit.is_zero() && self.mean_gap <= self.limit.as_secs_f64() {
+            self.limit
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn arrivals(limit: Duration, gaps: &[Duration]) -> Linger {
+        let mut linger = Linger::new(limit);
+        let mut at = Instant::now();
+        linger.arrived(at);
+        for gap in gaps {
+            at += *gap;
+            linger.arrived(at);
+        }
+        linger
+    }
+
+    #[test]
+    fn dense_arrivals_wait_and_sparse_ones_do_not() {
+        assert_eq!(arrivals(MS, &[MS / 2; 20]).wait(), MS);
+        assert_eq!(arrivals(MS, &[MS; 20]).wait(), MS, "a mean gap of exactly the limit");
+        assert_eq!(arrivals(MS, &[MS * 3; 20]).wait(), Duration::ZERO);
+    }
+
+    #[test]
+    fn nothing_waits_before_two_arrivals_or_without_a_limit() {
+        assert_eq!(Linger::new(MS).wait(), Duration::ZERO);
+        assert_eq!(arrivals(MS, &[]).wait(), Duration::ZERO);
+        assert_eq!(arrivals(Duration::ZERO, &[MS / 10; 20]).wait(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_pause_after_a_burst_ends_the_waiting_and_a_new_burst_restores_it() {
+        let mut gaps = vec![MS / 4; 20];
+        gaps.push(Duration::from_secs(1));
+        assert_eq!(
+            arrivals(MS, &gaps).wait(),
+            Duration::ZERO,
+            "the first item after a pause"
+        );
+        // The pause weighs 1/8 and decays by 7/8 per arrival: about 50 dense
+        // arrivals bring the mean back under the limit.
+        gaps.extend([MS / 4; 60]);
+        assert_eq!(arrivals(MS, &gaps).wait(), MS);
+    }
+}
