@@ -234,7 +234,8 @@ pub struct Config {
     pub cached_instances: Option<usize>,
     /// `COMMIT_LINGER` (default `1ms`, `0` never waits): how long a commit
     /// that would go alone waits for others to share its statement, while
-    /// commits arrive about that densely (production mode;
+    /// commits arrive that densely, or faster than statements finish
+    /// (production mode;
     /// `saga_postgres::PostgresStoreConfig::commit_linger`).
     pub commit_linger: Duration,
 }

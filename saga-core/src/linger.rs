@@ -5,7 +5,10 @@
 //! by waiting briefly for company. Only when items arrive densely does
 //! company come in time; at low rates the wait would be pure latency. So a
 //! lone item waits only while recent arrivals have been, on average, no
-//! further apart than the wait itself.
+//! further apart than the wait itself, or than a group commit takes: items
+//! that arrive more often than commits finish are, on average, at least one
+//! per commit, and a machine near its limit (commits slowing down) lingers
+//! sooner than an idle one.
 
 use std::time::Duration;
 
@@ -24,6 +27,8 @@ pub struct Linger {
     /// Running mean of the gaps between arrivals, in seconds; infinite
     /// until two have arrived.
     mean_gap: f64,
+    /// Running mean of how long a group commit took, in seconds.
+    mean_run: f64,
 }
 
 impl Linger {
@@ -33,6 +38,7 @@ impl Linger {
             limit,
             last_arrival: None,
             mean_gap: f64::INFINITY,
+            mean_run: 0.0,
         }
     }
 
@@ -48,10 +54,17 @@ impl Linger {
         }
     }
 
+    /// Records a group commit that took `took`.
+    pub fn ran(&mut self, took: Duration) {
+        self.mean_run += (took.as_secs_f64() - self.mean_run) * GAP_WEIGHT;
+    }
+
     /// How long a lone item waits now: the limit while items arrive on
-    /// average no further apart than it, else nothing.
+    /// average no further apart than it or than a group commit takes (both
+    /// running means), else nothing.
     pub fn wait(&self) -> Duration {
-        if !self.limit.is_zero() && self.mean_gap <= self.limit.as_secs_f64() {
+        let dense = self.limit.as_secs_f64().max(self.mean_run);
+        if !self.limit.is_zero() && self.mean_gap <= dense {
             self.limit
         } else {
             Duration::ZERO
@@ -88,6 +101,27 @@ mod tests {
         assert_eq!(Linger::new(MS).wait(), Duration::ZERO);
         assert_eq!(arrivals(MS, &[]).wait(), Duration::ZERO);
         assert_eq!(arrivals(Duration::ZERO, &[MS / 10; 20]).wait(), Duration::ZERO);
+    }
+
+    #[test]
+    fn commits_slower_than_arrivals_make_sparser_arrivals_dense() {
+        let mut linger = arrivals(MS, &[MS * 3; 20]);
+        assert_eq!(linger.wait(), Duration::ZERO, "3 ms apart, commits unrecorded");
+        for _ in 0..20 {
+            linger.ran(MS * 2);
+        }
+        assert_eq!(linger.wait(), Duration::ZERO, "commits of 2 ms");
+        for _ in 0..40 {
+            linger.ran(MS * 5);
+        }
+        assert_eq!(
+            linger.wait(),
+            MS,
+            "commits of 5 ms: an arrival every 3 ms finds company"
+        );
+        let mut idle = arrivals(Duration::ZERO, &[MS * 3; 20]);
+        idle.ran(MS * 50);
+        assert_eq!(idle.wait(), Duration::ZERO, "no limit, no wait");
     }
 
     #[test]

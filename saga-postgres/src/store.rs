@@ -58,7 +58,8 @@ pub struct PostgresStoreConfig {
     /// How long a statement that would commit a single transition waits
     /// for others to join it ([`commit_batch`](Self::commit_batch) above 1),
     /// while transitions have lately been arriving on average no further
-    /// apart than this (see [`saga_core::Linger`]). `ZERO` (the default)
+    /// apart than this, or than a statement takes (see
+    /// [`saga_core::Linger`]). `ZERO` (the default)
     /// never waits. About a millisecond saves statements, and CPU, near a
     /// deployment's limit, where transitions arrive densely but often find
     /// no statement under way to queue behind.

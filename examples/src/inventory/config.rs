@@ -171,7 +171,8 @@ pub struct InventoryConfig {
     pub batch: usize,
     /// `INVENTORY_LINGER` (default `1ms`, `0` never waits): how long a
     /// transaction that would carry one command waits for others, while
-    /// commands arrive about that densely (`CommandBatching::linger`).
+    /// commands arrive that densely, or faster than transactions finish
+    /// (`CommandBatching::linger`).
     pub linger: Duration,
     /// `INVENTORY_METRICS_PORT` (`:port` or `host:port`; unset by default):
     /// where `/metrics` is served, if anywhere.

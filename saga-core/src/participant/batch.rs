@@ -44,7 +44,8 @@ pub struct CommandBatching {
     pub in_flight: usize,
     /// How long a transaction that would carry a single command waits for
     /// others to join it, while commands have lately been arriving on
-    /// average no further apart than this (see [`Linger`]). `ZERO` (the
+    /// average no further apart than this, or than a transaction takes
+    /// (see [`Linger`]). `ZERO` (the
     /// default) never waits. About a millisecond saves transactions, and
     /// CPU, near a deployment's limit, where commands arrive densely but
     /// often find no transaction under way to queue behind.
@@ -188,14 +189,18 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
             batch.extend(queue.waiting.drain(..take));
         }
         if let [only] = batch.as_slice() {
+            let began = tokio::time::Instant::now();
             let result = place.core.alone(&only.command).instrument(only.span.clone()).await;
+            place.batches.queue().linger.ran(began.elapsed());
             if let Some(only) = batch.into_iter().next() {
                 let _ = only.reply.send(Answer::Done(result));
             }
             continue;
         }
         let commands: Vec<(&Message, &tracing::Span)> = batch.iter().map(|w| (&w.command, &w.span)).collect();
+        let began = tokio::time::Instant::now();
         let handled = place.core.together(&commands).await;
+        place.batches.queue().linger.ran(began.elapsed());
         drop(commands);
         match handled {
             Some(handlings) => {

@@ -291,12 +291,18 @@ async fn run(shared: Arc<Shared>) {
         batch.sort_by(|(a, _), (b, _)| a.by_staged_sql(b));
         if let [_] = batch.as_slice() {
             if let Some((item, reply)) = batch.into_iter().next() {
-                let _ = reply.send(Answer::Done(alone(&shared, item).await));
+                let began = tokio::time::Instant::now();
+                let done = alone(&shared, item).await;
+                shared.batcher.queue().linger.ran(began.elapsed());
+                let _ = reply.send(Answer::Done(done));
             }
             continue;
         }
         let (items, replies): (Vec<Batched>, Vec<Reply>) = batch.into_iter().unzip();
-        let outcomes = match together(&shared, &items).await {
+        let began = tokio::time::Instant::now();
+        let outcomes = together(&shared, &items).await;
+        shared.batcher.queue().linger.ran(began.elapsed());
+        let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
             Err(no_connection) => {
                 // No connection within the acquire timeout: each alone
