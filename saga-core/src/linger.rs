@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Each new gap counts for this fraction of the running mean.
-const GAP_WEIGHT: f64 = 1.0 / 8.0;
+/// Each new value (a gap, a commit's duration) counts for this fraction of
+/// its running mean.
+const NEW_WEIGHT: f64 = 1.0 / 8.0;
 
 /// How long a lone item waits for company, from when items arrive (see the
 /// module docs). Used by the participant's command batches and by stores
@@ -47,7 +48,7 @@ impl Linger {
         if let Some(last) = self.last_arrival.replace(at) {
             let gap = at.saturating_duration_since(last).as_secs_f64();
             self.mean_gap = if self.mean_gap.is_finite() {
-                self.mean_gap + (gap - self.mean_gap) * GAP_WEIGHT
+                self.mean_gap + (gap - self.mean_gap) * NEW_WEIGHT
             } else {
                 gap
             };
@@ -56,7 +57,7 @@ impl Linger {
 
     /// Records a group commit that took `took`.
     pub fn ran(&mut self, took: Duration) {
-        self.mean_run += (took.as_secs_f64() - self.mean_run) * GAP_WEIGHT;
+        self.mean_run += (took.as_secs_f64() - self.mean_run) * NEW_WEIGHT;
     }
 
     /// How long a lone item waits now: the limit while items arrive on

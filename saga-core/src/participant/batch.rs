@@ -45,10 +45,10 @@ pub struct CommandBatching {
     /// How long a transaction that would carry a single command waits for
     /// others to join it, while commands have lately been arriving on
     /// average no further apart than this, or than a transaction takes
-    /// (see [`Linger`]). `ZERO` (the
-    /// default) never waits. About a millisecond saves transactions, and
-    /// CPU, near a deployment's limit, where commands arrive densely but
-    /// often find no transaction under way to queue behind.
+    /// (see [`Linger`]). `ZERO` (the default) never waits. About a
+    /// millisecond saves transactions, and CPU, near a deployment's limit,
+    /// where commands arrive densely but often find no transaction under
+    /// way to queue behind.
     pub linger: Duration,
 }
 
