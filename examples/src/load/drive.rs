@@ -15,6 +15,7 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::Channel;
+use uuid::Uuid;
 
 /// How a saga ended, as its event said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +39,9 @@ struct Tally {
     early: HashMap<String, (Outcome, Instant)>,
     latencies_us: Vec<u64>,
     answer_latencies_us: Vec<u64>,
-    /// Each confirmed order: its id, when it was sent and when its event was seen.
-    confirmations: Vec<(String, Instant, Instant)>,
+    /// Each confirmed order: its id, when it was sent and when its event
+    /// was seen. Compact (no string per order): a long run keeps one per saga.
+    confirmations: Vec<(Uuid, Instant, Instant)>,
     confirmed: u64,
     cancelled: u64,
     last_completion: Option<Instant>,
@@ -80,7 +82,7 @@ pub(crate) struct Seen {
 /// When the load generator sent one order and saw it confirmed.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Confirmation {
-    pub order_id: String,
+    pub order_id: Uuid,
     pub sent_ms: f64,
     pub seen_ms: f64,
 }
@@ -101,7 +103,11 @@ impl Tracker {
             Outcome::Confirmed => {
                 tally.confirmed += 1;
                 tally.latencies_us.push(micros_between(sent, at));
-                tally.confirmations.push((id, sent, at));
+                // The order service's ids are UUIDs; another would only
+                // leave its saga out of the legs.
+                if let Ok(order_id) = Uuid::parse_str(&id) {
+                    tally.confirmations.push((order_id, sent, at));
+                }
             }
             Outcome::Cancelled => tally.cancelled += 1,
         }
@@ -176,10 +182,10 @@ impl Tracker {
         let confirmations = tally
             .confirmations
             .iter()
-            .map(|(order_id, sent, seen)| Confirmation {
-                order_id: order_id.clone(),
-                sent_ms: unix_ms_at(*sent),
-                seen_ms: unix_ms_at(*seen),
+            .map(|&(order_id, sent, seen)| Confirmation {
+                order_id,
+                sent_ms: unix_ms_at(sent),
+                seen_ms: unix_ms_at(seen),
             })
             .collect();
         Seen {
@@ -396,12 +402,13 @@ mod tests {
         let tracker = Tracker::default();
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        tracker.register("a".to_owned(), t0, t0 + ms(2), None);
-        tracker.observe("a".to_owned(), Outcome::Confirmed, t0 + ms(5));
+        let [a, b, c] = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+        tracker.register(a.to_string(), t0, t0 + ms(2), None);
+        tracker.observe(a.to_string(), Outcome::Confirmed, t0 + ms(5));
         // The event before the CreateOrder answer.
-        tracker.observe("b".to_owned(), Outcome::Cancelled, t0 + ms(7));
-        tracker.register("b".to_owned(), t0, t0 + ms(8), None);
-        tracker.register("c".to_owned(), t0, t0 + ms(1), None);
+        tracker.observe(b.to_string(), Outcome::Cancelled, t0 + ms(7));
+        tracker.register(b.to_string(), t0, t0 + ms(8), None);
+        tracker.register(c.to_string(), t0, t0 + ms(1), None);
         let seen = tracker.seen(t0, 3, 0);
         assert_eq!((seen.confirmed, seen.cancelled, seen.unobserved), (1, 1, 1));
         assert_eq!(seen.latencies_us, vec![5000]);
@@ -410,7 +417,7 @@ mod tests {
         let [only] = seen.confirmations.as_slice() else {
             panic!("one confirmation: {:?}", seen.confirmations);
         };
-        assert_eq!(only.order_id, "a");
+        assert_eq!(only.order_id, a);
         let between = only.seen_ms - only.sent_ms;
         assert!(
             (between - 5.0).abs() < 0.01,

@@ -66,7 +66,7 @@ pub(crate) async fn measure(
     to_ms: i64,
     confirmations: &[Confirmation],
 ) -> Option<Legs> {
-    let order_ids: Vec<&str> = confirmations.iter().map(|c| c.order_id.as_str()).collect();
+    let order_ids: Vec<uuid::Uuid> = confirmations.iter().map(|c| c.order_id).collect();
     let sent: Vec<f64> = confirmations.iter().map(|c| c.sent_ms).collect();
     let seen: Vec<f64> = confirmations.iter().map(|c| c.seen_ms).collect();
     let read = async {
@@ -105,8 +105,8 @@ fn statement(schema: &str) -> String {
            JOIN {schema}.saga_inbox ii ON ii.message_id = o.message_id \
            JOIN {schema}.saga_outbox io ON io.headers->>$4 = o.message_id \
            JOIN saga_history h2 ON h2.message_id = io.message_id \
-           LEFT JOIN unnest($5::text[], $6::float8[], $7::float8[]) AS c(order_id, sent, seen) \
-             ON c.order_id = h1.saga_id::text \
+           LEFT JOIN unnest($5::uuid[], $6::float8[], $7::float8[]) AS c(order_id, sent, seen) \
+             ON c.order_id = h1.saga_id \
            WHERE h1.revision = 1 AND h1.at >= $1 AND h1.at < $2 \
          ) \
          SELECT count(*) AS sagas, \
