@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -398,6 +399,10 @@ async fn burst(fixture: &Fixture, count: usize) {
 
 #[tokio::test(start_paused = true)]
 async fn while_commands_arrive_densely_a_lone_one_lingers_for_company() {
+    // The test's runtime has one thread: every task records here.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recording = metrics::set_default_local_recorder(&recorder);
     let linger = Duration::from_millis(10);
     let fixture = fixture(CommandBatching::up_to(16).with_linger(linger));
 
@@ -418,6 +423,23 @@ async fn while_commands_arrive_densely_a_lone_one_lingers_for_company() {
     assert_eq!(fixture.begun() - before, 1);
     assert!(began.elapsed() >= linger, "it waited for company first");
     assert_eq!(fixture.committed().len(), 1 + 4 + 2 + 1, "each committed once");
+
+    let mut lingers = (0, 0);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        if key.name() != "saga_participant_lingers_total" {
+            continue;
+        }
+        let DebugValue::Counter(count) = value else {
+            panic!("a counter: {value:?}");
+        };
+        match key.labels().find(|l| l.key() == "joined").map(|l| l.value()) {
+            Some("true") => lingers.0 += count,
+            Some("false") => lingers.1 += count,
+            other => panic!("joined is true or false, not {other:?}"),
+        }
+    }
+    assert_eq!(lingers, (1, 1), "lingers joined and not joined");
 }
 
 #[tokio::test(start_paused = true)]

@@ -187,6 +187,8 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
             let mut queue = place.batches.queue();
             let take = queue.waiting.len().min(most - 1);
             batch.extend(queue.waiting.drain(..take));
+            let joined = if batch.len() > 1 { "true" } else { "false" };
+            metrics::counter!("saga_participant_lingers_total", "joined" => joined).increment(1);
         }
         if let [only] = batch.as_slice() {
             let began = tokio::time::Instant::now();

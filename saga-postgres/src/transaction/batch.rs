@@ -287,6 +287,8 @@ async fn run(shared: Arc<Shared>) {
             // for this statement.
             tokio::time::sleep(linger).await;
             shared.batcher.queue().take(&mut batch, most);
+            let joined = if batch.len() > 1 { "true" } else { "false" };
+            metrics::counter!("saga_postgres_commit_lingers_total", "joined" => joined).increment(1);
         }
         batch.sort_by(|(a, _), (b, _)| a.by_staged_sql(b));
         if let [_] = batch.as_slice() {
