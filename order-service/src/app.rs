@@ -29,7 +29,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admin::{self, AdminGrpc, AdminServer, DeadLetterSource, Operations};
-use crate::config::{Backend, Config, ListenAddr, SecretUrl};
+use crate::config::{Backend, Config, ListenAddr, Retention, SecretUrl};
 use crate::dashboard::{self, DashboardConfig};
 use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
 use crate::grpc::OrderGrpc;
@@ -232,7 +232,14 @@ impl Application {
             Backend::Production {
                 database_url,
                 rabbitmq_url,
-            } => production(&saga, &tuning, database_url, rabbitmq_url, &config)?,
+            } => production(
+                &saga,
+                &tuning,
+                database_url,
+                rabbitmq_url,
+                &config.retention,
+                config.commit_linger,
+            )?,
         };
         let dashboard = dashboard::routes(
             workers.engine().clone(),
@@ -506,9 +513,9 @@ fn production(
     tuning: &EngineConfig,
     database_url: &SecretUrl,
     rabbitmq_url: &SecretUrl,
-    config: &Config,
+    retention: &Retention,
+    commit_linger: Duration,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
-    let retention = &config.retention;
     let options = PgConnectOptions::from_str(database_url.expose())
         .map_err(|e| StartError::Database {
             url: database_url.to_string(),
@@ -527,7 +534,7 @@ fn production(
         pool.clone(),
         PostgresStoreConfig {
             retention: retention.store.clone(),
-            commit_linger: config.commit_linger,
+            commit_linger,
             ..PostgresStoreConfig::default()
         },
     );

@@ -60,12 +60,14 @@ impl Linger {
         self.mean_run += (took.as_secs_f64() - self.mean_run) * NEW_WEIGHT;
     }
 
-    /// How long a lone item waits now: the limit while items arrive on
-    /// average no further apart than it or than a group commit takes (both
-    /// running means), else nothing.
-    pub fn wait(&self) -> Duration {
+    /// How long a group commit that took `taken` items, with room for
+    /// `most`, waits for more: the limit if it is a lone item with room for
+    /// company and items arrive on average no further apart than the limit
+    /// or than a group commit takes (both running means), else nothing.
+    pub fn wait(&self, taken: usize, most: usize) -> Duration {
+        let lone = taken == 1 && most > 1;
         let dense = self.limit.as_secs_f64().max(self.mean_run);
-        if !self.limit.is_zero() && self.mean_gap <= dense {
+        if lone && !self.limit.is_zero() && self.mean_gap <= dense {
             self.limit
         } else {
             Duration::ZERO
@@ -92,37 +94,49 @@ mod tests {
 
     #[test]
     fn dense_arrivals_wait_and_sparse_ones_do_not() {
-        assert_eq!(arrivals(MS, &[MS / 2; 20]).wait(), MS);
-        assert_eq!(arrivals(MS, &[MS; 20]).wait(), MS, "a mean gap of exactly the limit");
-        assert_eq!(arrivals(MS, &[MS * 3; 20]).wait(), Duration::ZERO);
+        assert_eq!(arrivals(MS, &[MS / 2; 20]).wait(1, 2), MS);
+        assert_eq!(
+            arrivals(MS, &[MS; 20]).wait(1, 2),
+            MS,
+            "a mean gap of exactly the limit"
+        );
+        assert_eq!(arrivals(MS, &[MS * 3; 20]).wait(1, 2), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_a_lone_item_with_room_for_company_waits() {
+        let dense = arrivals(MS, &[MS / 2; 20]);
+        assert_eq!(dense.wait(1, 2), MS);
+        assert_eq!(dense.wait(2, 64), Duration::ZERO, "it has company");
+        assert_eq!(dense.wait(1, 1), Duration::ZERO, "no room for any");
     }
 
     #[test]
     fn nothing_waits_before_two_arrivals_or_without_a_limit() {
-        assert_eq!(Linger::new(MS).wait(), Duration::ZERO);
-        assert_eq!(arrivals(MS, &[]).wait(), Duration::ZERO);
-        assert_eq!(arrivals(Duration::ZERO, &[MS / 10; 20]).wait(), Duration::ZERO);
+        assert_eq!(Linger::new(MS).wait(1, 2), Duration::ZERO);
+        assert_eq!(arrivals(MS, &[]).wait(1, 2), Duration::ZERO);
+        assert_eq!(arrivals(Duration::ZERO, &[MS / 10; 20]).wait(1, 2), Duration::ZERO);
     }
 
     #[test]
     fn commits_slower_than_arrivals_make_sparser_arrivals_dense() {
         let mut linger = arrivals(MS, &[MS * 3; 20]);
-        assert_eq!(linger.wait(), Duration::ZERO, "3 ms apart, commits unrecorded");
+        assert_eq!(linger.wait(1, 2), Duration::ZERO, "3 ms apart, commits unrecorded");
         for _ in 0..20 {
             linger.ran(MS * 2);
         }
-        assert_eq!(linger.wait(), Duration::ZERO, "commits of 2 ms");
+        assert_eq!(linger.wait(1, 2), Duration::ZERO, "commits of 2 ms");
         for _ in 0..40 {
             linger.ran(MS * 5);
         }
         assert_eq!(
-            linger.wait(),
+            linger.wait(1, 2),
             MS,
             "commits of 5 ms: an arrival every 3 ms finds company"
         );
         let mut idle = arrivals(Duration::ZERO, &[MS * 3; 20]);
         idle.ran(MS * 50);
-        assert_eq!(idle.wait(), Duration::ZERO, "no limit, no wait");
+        assert_eq!(idle.wait(1, 2), Duration::ZERO, "no limit, no wait");
     }
 
     #[test]
@@ -130,13 +144,13 @@ mod tests {
         let mut gaps = vec![MS / 4; 20];
         gaps.push(Duration::from_secs(1));
         assert_eq!(
-            arrivals(MS, &gaps).wait(),
+            arrivals(MS, &gaps).wait(1, 2),
             Duration::ZERO,
             "the first item after a pause"
         );
         // The pause weighs 1/8 and decays by 7/8 per arrival: about 50 dense
         // arrivals bring the mean back under the limit.
         gaps.extend([MS / 4; 60]);
-        assert_eq!(arrivals(MS, &gaps).wait(), MS);
+        assert_eq!(arrivals(MS, &gaps).wait(1, 2), MS);
     }
 }

@@ -178,9 +178,9 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
                 return;
             }
             let take = queue.waiting.len().min(most);
-            (queue.waiting.drain(..take).collect(), queue.linger.wait())
+            (queue.waiting.drain(..take).collect(), queue.linger.wait(take, most))
         };
-        if batch.len() == 1 && most > 1 && !linger.is_zero() {
+        if !linger.is_zero() {
             // The runner keeps its place meanwhile, so what arrives queues
             // for this transaction.
             tokio::time::sleep(linger).await;

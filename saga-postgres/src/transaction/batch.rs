@@ -280,9 +280,10 @@ async fn run(shared: Arc<Shared>) {
             }
             let mut batch = Vec::new();
             queue.take(&mut batch, most);
-            (batch, queue.linger.wait())
+            let linger = queue.linger.wait(batch.len(), most);
+            (batch, linger)
         };
-        if batch.len() == 1 && most > 1 && !linger.is_zero() {
+        if !linger.is_zero() {
             // The runner keeps its place meanwhile, so what arrives queues
             // for this statement.
             tokio::time::sleep(linger).await;
