@@ -27,7 +27,7 @@ mod usage;
 
 pub use bench::run;
 pub use config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
-pub use costs::SagaCosts;
+pub use costs::{ProcessParts, SagaCosts};
 pub use error::LoadError;
 pub use legs::Legs;
 pub use raw::{Durability, RawFigure};

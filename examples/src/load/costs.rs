@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::Connection;
 
+use super::stage::{AMQP_IO_THREADS, INVENTORY_THREADS, ORDER_SERVICE_THREADS};
 use super::usage;
+
+/// The thread groups [`ProcessParts`] splits this process's CPU into, in
+/// its field order.
+const PROCESS_PARTS: [&str; 3] = [ORDER_SERVICE_THREADS, INVENTORY_THREADS, AMQP_IO_THREADS];
 
 /// One reading of the counters.
 #[derive(Clone, Debug)]
@@ -23,6 +28,8 @@ pub(crate) struct CostSample {
     wal_bytes: Option<f64>,
     broker_cpu: Option<Duration>,
     process_cpu: Option<Duration>,
+    /// The live threads of [`PROCESS_PARTS`], in its order.
+    thread_cpu: Option<Vec<Duration>>,
     batches: Option<Batches>,
 }
 
@@ -68,6 +75,8 @@ pub struct SagaCosts {
     pub rabbitmq_cpu_ms_per_saga: Option<f64>,
     /// CPU milliseconds of this process (services, load generator, observer).
     pub process_cpu_ms_per_saga: Option<f64>,
+    /// The same, split by thread (read from `/proc`, Linux).
+    pub process_cpu_ms_per_saga_by_part: Option<ProcessParts>,
     /// WAL bytes, cluster-wide.
     pub wal_bytes_per_saga: Option<f64>,
     /// Of the in-process inventory's commands, the share handled in a
@@ -76,6 +85,21 @@ pub struct SagaCosts {
     pub inventory_commands_shared: Option<f64>,
     /// Commands per shared inventory transaction.
     pub inventory_commands_per_shared_transaction: Option<f64>,
+}
+
+/// This process's CPU milliseconds per saga, by the threads that spent them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ProcessParts {
+    /// The in-process order service's runtime (gRPC, engine, relay, consumer).
+    pub order_service: f64,
+    /// The in-process inventory's runtime.
+    pub inventory: f64,
+    /// lapin's I/O threads, one per AMQP connection: both services' and
+    /// the observer's.
+    pub amqp_io: f64,
+    /// The rest: the load generator's runtime (gRPC clients, the observer)
+    /// and threads that ended during the window.
+    pub load_generator_and_rest: f64,
 }
 
 /// Reads the counters through `conn` (a connection to the run's database).
@@ -106,6 +130,7 @@ pub(crate) async fn sample(conn: &mut sqlx::PgConnection, completed: u64) -> Cos
         wal_bytes,
         broker_cpu: usage::cpu_of_command("beam.smp"),
         process_cpu: usage::cpu(None, "").map(|c| c.process),
+        thread_cpu: usage::thread_cpu(&PROCESS_PARTS),
         batches: Batches::from_prometheus(&order_service::telemetry::prometheus().render()),
     }
 }
@@ -134,6 +159,21 @@ impl SagaCosts {
         let ms = |a: Option<Duration>, b: Option<Duration>| {
             a.zip(b).map(|(a, b)| per(b.saturating_sub(a).as_secs_f64() * 1000.0))
         };
+        let process_ms = ms(before.process_cpu, after.process_cpu);
+        let part_ms = |i: usize| {
+            let (a, b) = (before.thread_cpu.as_ref()?, after.thread_cpu.as_ref()?);
+            ms(a.get(i).copied(), b.get(i).copied())
+        };
+        let by_part = process_ms.and_then(|process| {
+            let [order_service, inventory, amqp_io] = [part_ms(0)?, part_ms(1)?, part_ms(2)?];
+            Some(ProcessParts {
+                order_service,
+                inventory,
+                amqp_io,
+                // Ticks are read apart, so the parts may pass the whole by a tick.
+                load_generator_and_rest: (process - order_service - inventory - amqp_io).max(0.0),
+            })
+        });
         Some(Self {
             sagas,
             seconds: after.at.saturating_duration_since(before.at).as_secs_f64(),
@@ -146,7 +186,8 @@ impl SagaCosts {
                 .zip(after.backend_cpu_ns)
                 .map(|(a, b)| per((b - a) as f64 / 1e6)),
             rabbitmq_cpu_ms_per_saga: ms(before.broker_cpu, after.broker_cpu),
-            process_cpu_ms_per_saga: ms(before.process_cpu, after.process_cpu),
+            process_cpu_ms_per_saga: process_ms,
+            process_cpu_ms_per_saga_by_part: by_part,
             wal_bytes_per_saga: before.wal_bytes.zip(after.wal_bytes).map(|(a, b)| per(b - a)),
             inventory_commands_shared: shared.map(|(commands, _)| per(commands)),
             inventory_commands_per_shared_transaction: shared
@@ -159,6 +200,46 @@ impl SagaCosts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(completed: u64, process_ms: u64, threads_ms: [u64; 3]) -> CostSample {
+        CostSample {
+            at: Instant::now(),
+            completed,
+            transactions: Some(0),
+            backend_cpu_ns: Some(0),
+            wal_bytes: Some(0.0),
+            broker_cpu: None,
+            process_cpu: Some(Duration::from_millis(process_ms)),
+            thread_cpu: Some(threads_ms.map(Duration::from_millis).to_vec()),
+            batches: None,
+        }
+    }
+
+    #[test]
+    fn the_process_is_split_by_thread_and_the_rest_is_what_no_group_spent() {
+        let costs = SagaCosts::between(
+            &sample(100, 1_000, [300, 100, 50]),
+            &sample(300, 3_000, [1_100, 500, 250]),
+        )
+        .expect("sagas completed");
+        assert_eq!(costs.process_cpu_ms_per_saga, Some(10.0));
+        assert_eq!(
+            costs.process_cpu_ms_per_saga_by_part,
+            Some(ProcessParts {
+                order_service: 4.0,
+                inventory: 2.0,
+                amqp_io: 1.0,
+                load_generator_and_rest: 3.0,
+            })
+        );
+        let mut unread = sample(300, 3_000, [0; 3]);
+        unread.thread_cpu = None;
+        let costs = SagaCosts::between(&sample(100, 1_000, [0; 3]), &unread).expect("sagas completed");
+        assert_eq!(
+            costs.process_cpu_ms_per_saga_by_part, None,
+            "no split without both readings"
+        );
+    }
 
     #[test]
     fn batches_are_read_off_the_summary_lines() {

@@ -288,6 +288,14 @@ impl LoadReport {
                     fig(c.process_cpu_ms_per_saga, 2),
                     fig(c.wal_bytes_per_saga, 0),
                 );
+                if let Some(p) = &c.process_cpu_ms_per_saga_by_part {
+                    let _ = writeln!(
+                        out,
+                        "  this process's CPU ms per saga: {:.2} order service, {:.2} inventory, {:.2} AMQP I/O \
+                         threads, {:.2} load generator and the rest",
+                        p.order_service, p.inventory, p.amqp_io, p.load_generator_and_rest
+                    );
+                }
                 if let (Some(shared), Some(size)) =
                     (c.inventory_commands_shared, c.inventory_commands_per_shared_transaction)
                 {

@@ -24,6 +24,12 @@ use crate::inventory::{Catalogue, InventoryConfig, InventoryNames, InventoryServ
 /// CPU time is read per thread under this name.
 pub(crate) const ORDER_SERVICE_THREADS: &str = "order-service";
 
+/// The name given to the in-process inventory's runtime threads.
+pub(crate) const INVENTORY_THREADS: &str = "inventory";
+
+/// The name lapin gives the I/O thread of each AMQP connection.
+pub(crate) const AMQP_IO_THREADS: &str = "lapin-io-loop";
+
 /// Units of each product seeded: enough never to run out.
 const STOCK_PER_PRODUCT: u32 = 1_000_000_000;
 
@@ -314,7 +320,7 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         ..InventoryConfig::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();
-    let hosted = Hosted::spawn("inventory", |shutdown| async move {
+    let hosted = Hosted::spawn(INVENTORY_THREADS, |shutdown| async move {
         match InventoryService::build(inventory).await {
             Ok(service) => {
                 let _ = built.send(Ok(()));

@@ -50,26 +50,38 @@ pub(crate) fn cpu(pid: Option<u32>, threads: &str) -> Option<CpuSample> {
     let base = pid.map_or_else(|| "/proc/self".to_owned(), |pid| format!("/proc/{pid}"));
     let stat = std::fs::read_to_string(format!("{base}/stat")).ok()?;
     let (_, process) = stat_ticks(&stat)?;
-    let service_threads = if pid.is_none() {
-        let tasks = std::fs::read_dir(format!("{base}/task")).ok()?;
-        let total = tasks
-            .flatten()
-            .take(100_000)
-            .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
-            .filter_map(|stat| {
-                stat_ticks(&stat)
-                    .filter(|(name, _)| name.starts_with(threads))
-                    .map(|(_, t)| t)
-            })
-            .sum();
-        Some(ticks(total))
-    } else {
-        None
+    let service_threads = match pid {
+        None => Some(thread_cpu(&[threads])?.into_iter().sum()),
+        Some(_) => None,
     };
     Some(CpuSample {
         process: ticks(process),
         service_threads,
     })
+}
+
+/// CPU time of this process's live threads, summed per group of `groups`:
+/// a thread counts in the first group its name starts with, or in none.
+pub(crate) fn thread_cpu(groups: &[&str]) -> Option<Vec<Duration>> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let stats: Vec<String> = tasks
+        .flatten()
+        .take(100_000)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .collect();
+    let by_group = grouped(stats.iter().filter_map(|stat| stat_ticks(stat)), groups);
+    Some(by_group.into_iter().map(ticks).collect())
+}
+
+/// Sums `(thread name, ticks)` into `groups` by name prefix, first match wins.
+fn grouped<'a>(threads: impl Iterator<Item = (&'a str, u64)>, groups: &[&str]) -> Vec<u64> {
+    let mut sums = vec![0; groups.len()];
+    for (name, t) in threads {
+        if let Some(group) = groups.iter().position(|prefix| name.starts_with(prefix)) {
+            sums[group] += t;
+        }
+    }
+    sums
 }
 
 /// CPU time of every process whose command name is `command` (e.g. the
@@ -114,10 +126,26 @@ mod tests {
     }
 
     #[test]
+    fn threads_count_in_the_first_group_their_name_starts_with() {
+        let threads = [
+            ("order-service", 5),
+            ("inventory", 7),
+            ("order-service", 2),
+            ("tokio-rt-worker", 11),
+        ];
+        assert_eq!(
+            grouped(threads.into_iter(), &["order", "order-service", "inventory"]),
+            vec![7, 0, 7]
+        );
+        assert_eq!(grouped(threads.into_iter(), &[]), Vec::<u64>::new());
+    }
+
+    #[test]
     fn this_process_is_measured_on_linux() {
         if cfg!(target_os = "linux") {
             let sample = cpu(None, "no-such-thread").expect("/proc/self/stat is readable");
             assert_eq!(sample.service_threads, Some(Duration::ZERO));
+            assert_eq!(thread_cpu(&["no-such-thread", ""]).map(|parts| parts.len()), Some(2));
             assert!(peak_rss_kib(None).is_some_and(|kib| kib > 0));
         }
     }
