@@ -129,7 +129,7 @@ pub(crate) async fn sample(conn: &mut sqlx::PgConnection, completed: u64) -> Cos
         backend_cpu_ns,
         wal_bytes,
         broker_cpu: usage::cpu_of_command("beam.smp"),
-        process_cpu: usage::cpu(None, "").map(|c| c.process),
+        process_cpu: usage::process_cpu(None),
         thread_cpu: usage::thread_cpu(&PROCESS_PARTS),
         batches: Batches::from_prometheus(&order_service::telemetry::prometheus().render()),
     }

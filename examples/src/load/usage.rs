@@ -47,17 +47,23 @@ fn ticks(ticks: u64) -> Duration {
 /// CPU time of process `pid` (this process when `None`), and of this
 /// process's threads whose name starts with `threads` when `pid` is `None`.
 pub(crate) fn cpu(pid: Option<u32>, threads: &str) -> Option<CpuSample> {
-    let base = pid.map_or_else(|| "/proc/self".to_owned(), |pid| format!("/proc/{pid}"));
-    let stat = std::fs::read_to_string(format!("{base}/stat")).ok()?;
-    let (_, process) = stat_ticks(&stat)?;
+    let process = process_cpu(pid)?;
     let service_threads = match pid {
         None => Some(thread_cpu(&[threads])?.into_iter().sum()),
         Some(_) => None,
     };
     Some(CpuSample {
-        process: ticks(process),
+        process,
         service_threads,
     })
+}
+
+/// CPU time of process `pid` (this process when `None`), threads that
+/// ended included; its threads are not read.
+pub(crate) fn process_cpu(pid: Option<u32>) -> Option<Duration> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_owned(), |pid| format!("/proc/{pid}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    stat_ticks(&stat).map(|(_, t)| ticks(t))
 }
 
 /// CPU time of this process's live threads, summed per group of `groups`:
@@ -145,6 +151,7 @@ mod tests {
         if cfg!(target_os = "linux") {
             let sample = cpu(None, "no-such-thread").expect("/proc/self/stat is readable");
             assert_eq!(sample.service_threads, Some(Duration::ZERO));
+            assert!(process_cpu(None).is_some());
             assert_eq!(thread_cpu(&["no-such-thread", ""]).map(|parts| parts.len()), Some(2));
             assert!(peak_rss_kib(None).is_some_and(|kib| kib > 0));
         }
