@@ -25,6 +25,26 @@ pub trait CommandHandler: Send + Sync + 'static {
     /// Handles one command. A retryable error makes the message be delivered
     /// again later; a terminal one dead-letters it.
     async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError>;
+
+    /// Handles the commands of a shared transaction (see
+    /// [`CommandBatching`]), in order, returning each one's replies in the
+    /// same order. It must have the effect of [`handle`](Self::handle) on
+    /// each, one after another, in `tx`; the default does exactly that.
+    /// Override it to do the work of several commands in fewer round
+    /// trips. An error rolls the whole transaction back, after which each
+    /// command is handled alone, so it may fail the batch for any one
+    /// command's sake.
+    async fn handle_batch(
+        &self,
+        tx: &mut dyn Transaction,
+        commands: &[&Message],
+    ) -> Result<Vec<Vec<Command>>, StepError> {
+        let mut replies = Vec::with_capacity(commands.len());
+        for command in commands {
+            replies.push(self.handle(tx, command).await?);
+        }
+        Ok(replies)
+    }
 }
 
 /// How a participant treated a message.
@@ -174,17 +194,51 @@ impl Core {
         }
     }
 
-    /// Handles `commands` in one transaction, in order, each instrumented
-    /// with its span. `None` when that did not commit (a handler or the
-    /// store failed, or the commit met a command consumed before): nothing
-    /// of it was written, and each command's own transaction tells how it
-    /// fares.
+    /// Handles `commands` in one transaction, in order, through the
+    /// handler's [`handle_batch`](CommandHandler::handle_batch) (in a span
+    /// that follows from each command's). `None` when that did not commit
+    /// (a handler or the store failed, or the commit met a command consumed
+    /// before): nothing of it was written, and each command's own
+    /// transaction tells how it fares.
     async fn together(&self, commands: &[(&Message, &tracing::Span)]) -> Option<Vec<Handling>> {
         let mut tx = self.store.begin().await.ok()?;
-        let mut handlings = Vec::with_capacity(commands.len());
-        for (command, span) in commands {
-            let handling = self.add(tx.as_mut(), command).instrument((*span).clone()).await.ok()?;
-            handlings.push(handling);
+        let mut handlings = vec![Handling::Duplicate; commands.len()];
+        // A command this transaction consumed already adds nothing.
+        let mut fresh = Vec::with_capacity(commands.len());
+        for (index, (command, _)) in commands.iter().enumerate() {
+            match tx.consume_at_commit(&self.name, &command.id).await {
+                Err(StoreError::ConsumedConcurrently { .. }) => {}
+                other => {
+                    other.ok()?;
+                    fresh.push(index);
+                }
+            }
+        }
+        let messages: Vec<&Message> = fresh.iter().map(|&index| commands[index].0).collect();
+        let span = tracing::info_span!("command_batch", participant = %self.name, commands = messages.len());
+        for (_, command_span) in commands {
+            span.follows_from(*command_span);
+        }
+        let replies = self
+            .handler
+            .handle_batch(tx.as_mut(), &messages)
+            .instrument(span)
+            .await
+            .ok()?;
+        if replies.len() != messages.len() {
+            tracing::error!(
+                commands = messages.len(),
+                answers = replies.len(),
+                "handle_batch answered a different number of commands; handling each alone"
+            );
+            return None;
+        }
+        for (index, commands_out) in fresh.into_iter().zip(replies) {
+            let replies = replies_to(commands[index].0, commands_out);
+            if !replies.is_empty() {
+                tx.enqueue(None, &replies).await.ok()?;
+            }
+            handlings[index] = Handling::Handled { replies: replies.len() };
         }
         tx.commit().await.ok()?;
         Some(handlings)

@@ -331,6 +331,169 @@ async fn a_command_delivered_twice_in_one_batch_is_handled_once() {
     assert_eq!(fixture.answered().await.len(), 3, "one reply per distinct command");
 }
 
+/// A keeper doing a batch's work in one call (as a handler saving round
+/// trips would): it notes each batch's orders, and answers each command
+/// with a reply naming its order. `miscount` answers one command too few.
+#[derive(Clone)]
+struct BatchKeeper {
+    keeper: Keeper,
+    batches: Arc<Mutex<Vec<Vec<String>>>>,
+    miscount: bool,
+}
+
+#[async_trait]
+impl CommandHandler for BatchKeeper {
+    async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError> {
+        self.keeper.handle(tx, command).await
+    }
+
+    async fn handle_batch(
+        &self,
+        _tx: &mut dyn Transaction,
+        commands: &[&Message],
+    ) -> Result<Vec<Vec<Command>>, StepError> {
+        let orders = commands
+            .iter()
+            .map(|c| c.decode::<Order>().map(|o| o.id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StepError::terminal(e.to_string()))?;
+        self.batches.lock().expect("not poisoned").push(orders.clone());
+        let answered = orders.len() - usize::from(self.miscount);
+        orders[..answered]
+            .iter()
+            .map(|id| Ok(vec![Command::json("Reserved", "replies", &format!("{id} in a batch"))?]))
+            .collect()
+    }
+}
+
+fn batch_fixture(miscount: bool) -> (Fixture, Arc<Mutex<Vec<Vec<String>>>>) {
+    let fixture = fixture(CommandBatching::up_to(16));
+    let batches = Arc::default();
+    let handler = BatchKeeper {
+        keeper: fixture.keeper.clone(),
+        batches: Arc::clone(&batches),
+        miscount,
+    };
+    let participant =
+        Participant::new("stock", Arc::new(fixture.store.clone()), handler).with_batching(CommandBatching::up_to(16));
+    (
+        Fixture {
+            participant: Arc::new(participant),
+            ..fixture
+        },
+        batches,
+    )
+}
+
+#[tokio::test]
+async fn a_handler_may_handle_a_whole_batch_in_one_call() {
+    let (fixture, batches) = batch_fixture(false);
+    let before = command(&order("before"));
+    fixture.participant.handle(&before).await.expect("handled alone");
+    let held = fixture.hold().await;
+    let commands: Vec<Message> = (0..5).map(|n| command(&order(&format!("o-{n}")))).collect();
+    let mut tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
+    // Consumed before, and twice in the batch: neither reaches the handler.
+    tasks.push(fixture.send(&before));
+    tasks.push(fixture.send(&commands[1]));
+    fixture.release().await;
+    outcome(held).await.expect("held");
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(outcome(task).await.expect("no error"));
+    }
+
+    let handled = Handling::Handled { replies: 1 };
+    assert_eq!(outcomes[..5], vec![handled; 5]);
+    let batches = batches.lock().expect("not poisoned").clone();
+    assert_eq!(
+        batches,
+        vec![vec!["o-0", "o-1", "o-2", "o-3", "o-4"]],
+        "the batch's fresh commands, in order, in one call"
+    );
+    assert_eq!(outcomes[5..], [Handling::Duplicate, Handling::Duplicate]);
+    assert_eq!(
+        fixture.answered().await.len(),
+        5 + 2,
+        "one reply each, and the held one's and before's"
+    );
+    assert_eq!(
+        fixture.committed(),
+        ["before", "held"],
+        "`handle` ran only for those two"
+    );
+}
+
+#[tokio::test]
+async fn each_reply_of_a_batch_call_answers_its_own_command() {
+    let (fixture, batches) = batch_fixture(false);
+    let held = fixture.hold().await;
+    let commands: Vec<Message> = (0..4).map(|n| command(&order(&format!("o-{n}")))).collect();
+    let tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
+    fixture.release().await;
+    outcome(held).await.expect("held");
+    for task in tasks {
+        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+    }
+    assert_eq!(batches.lock().expect("not poisoned").len(), 1, "one call for the four");
+
+    let claimed = fixture
+        .store
+        .store
+        .claim(100, Duration::from_secs(1))
+        .await
+        .expect("claim");
+    let mut pairs: Vec<(String, String)> = claimed
+        .iter()
+        .filter(|e| e.message.header(IN_REPLY_TO) != Some(fixture_held_id(&claimed)))
+        .map(|e| {
+            let answers: String = e.message.decode().expect("a reply");
+            (e.message.header(IN_REPLY_TO).expect("a reply").to_owned(), answers)
+        })
+        .collect();
+    pairs.sort();
+    let mut expected: Vec<(String, String)> = commands
+        .iter()
+        .enumerate()
+        .map(|(n, c)| (c.id.as_str().to_owned(), format!("o-{n} in a batch")))
+        .collect();
+    expected.sort();
+    assert_eq!(pairs, expected);
+}
+
+/// The command id the held order's reply answers (its reply came from `handle`).
+fn fixture_held_id(claimed: &[saga_core::OutboxEntry]) -> &str {
+    claimed
+        .iter()
+        .find(|e| e.message.decode::<String>().is_ok_and(|answer| answer == "held"))
+        .and_then(|e| e.message.header(IN_REPLY_TO))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_batch_call_answering_too_few_commands_hands_each_to_handle() {
+    let (fixture, batches) = batch_fixture(true);
+    let held = fixture.hold().await;
+    let commands: Vec<Message> = (0..3).map(|n| command(&order(&format!("o-{n}")))).collect();
+    let tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
+    fixture.release().await;
+    outcome(held).await.expect("held");
+    for task in tasks {
+        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
+    }
+    assert_eq!(
+        batches.lock().expect("not poisoned").len(),
+        1,
+        "the batch was tried once"
+    );
+    assert_eq!(
+        fixture.committed(),
+        ["held", "o-0", "o-1", "o-2"],
+        "then each committed alone"
+    );
+    assert_eq!(fixture.answered().await.len(), 4);
+}
+
 #[tokio::test]
 async fn a_panicking_handler_does_not_strand_the_commands_behind_it() {
     let fixture = fixture(CommandBatching::up_to(2));

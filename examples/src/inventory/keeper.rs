@@ -26,6 +26,10 @@ pub fn order_key(order_id: &str) -> String {
 /// Concurrency: stock rows are locked (`FOR UPDATE`, in product order) for
 /// the rest of the transaction, so handlers may run in parallel and on
 /// several replicas; a deadlock or serialization failure is retried.
+///
+/// The `OrderCreated` of a shared transaction are decided together, in one
+/// round trip (the schema's `reserve_orders` function), exactly as one
+/// after another; a single command takes the same path.
 #[derive(Clone, Debug)]
 pub struct StockKeeper {
     reply_to: String,
@@ -39,83 +43,58 @@ impl StockKeeper {
         }
     }
 
-    async fn reserve(&self, conn: &mut PgConnection, order: &OrderCreated) -> Result<StockUpdateResult, sqlx::Error> {
-        let key = order_key(&order.order_id);
-        let answer = |success: bool, reason: Option<String>| StockUpdateResult {
-            order_id: order.order_id.clone(),
-            success,
-            reason,
-        };
-        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-        for item in order.items.iter().filter(|i| i.quantity > 0) {
-            *wanted.entry(item.product_id.as_str()).or_default() += i64::from(item.quantity);
+    /// Decides `orders` one after another in one round trip (the
+    /// `reserve_orders` function: see the schema), each seeing what the
+    /// ones before it took, and answers each.
+    async fn reserve(
+        &self,
+        conn: &mut PgConnection,
+        orders: &[OrderCreated],
+    ) -> Result<Vec<StockUpdateResult>, sqlx::Error> {
+        let keys: Vec<String> = orders.iter().map(|order| order_key(&order.order_id)).collect();
+        let (mut item_orders, mut products, mut quantities) = (Vec::new(), Vec::new(), Vec::new());
+        for (position, order) in (1_i32..).zip(orders) {
+            let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+            for item in order.items.iter().filter(|i| i.quantity > 0) {
+                *wanted.entry(item.product_id.as_str()).or_default() += i64::from(item.quantity);
+            }
+            for (product, quantity) in wanted {
+                item_orders.push(position);
+                products.push(product);
+                quantities.push(quantity);
+            }
         }
-        let products: Vec<&str> = wanted.keys().copied().collect();
-        let quantities: Vec<i64> = wanted.values().copied().collect();
-        // One statement (a round trip each costs more than the work). It
-        // claims the order first: a second OrderCreated for it (another
-        // message id, or a replica racing us) waits on the claim, then finds
-        // it taken and gets the first decision again. A claimed order locks
-        // its stock rows in product order, finds the first product short of
-        // stock, and only if there is none takes the units and records them.
-        let row = sqlx::query(
-            "WITH claim AS (INSERT INTO reservations (order_id, status) VALUES ($1, 'reserved') \
-                            ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
-             wanted AS (SELECT * FROM UNNEST($2::text[], $3::bigint[]) AS w (product_id, quantity) \
-                        WHERE EXISTS (SELECT 1 FROM claim)), \
-             locked AS (SELECT s.product_id, s.available FROM stock s JOIN wanted w ON w.product_id = s.product_id \
-                        ORDER BY s.product_id FOR UPDATE OF s), \
-             short AS (SELECT w.product_id, l.available, w.quantity FROM wanted w \
-                       LEFT JOIN locked l ON l.product_id = w.product_id \
-                       WHERE l.available IS NULL OR l.available < w.quantity ORDER BY w.product_id LIMIT 1), \
-             taken AS (UPDATE stock SET available = stock.available - w.quantity, \
-                       reserved = stock.reserved + w.quantity FROM wanted w \
-                       WHERE stock.product_id = w.product_id AND NOT EXISTS (SELECT 1 FROM short)), \
-             items AS (INSERT INTO reservation_items (order_id, product_id, quantity) \
-                       SELECT $1, product_id, quantity FROM wanted WHERE NOT EXISTS (SELECT 1 FROM short)) \
-             SELECT EXISTS (SELECT 1 FROM claim) AS claimed, s.product_id, s.available, s.quantity \
-             FROM (SELECT 1) one LEFT JOIN short s ON true",
-        )
-        .bind(&key)
-        .bind(&products)
-        .bind(&quantities)
-        .fetch_one(&mut *conn)
-        .await?;
-        let claimed: bool = row.try_get("claimed")?;
-        if !claimed {
-            let row = sqlx::query("SELECT status, reason FROM reservations WHERE order_id = $1")
-                .bind(&key)
-                .fetch_one(&mut *conn)
-                .await?;
-            let status: String = row.try_get("status")?;
-            let reason: Option<String> = row.try_get("reason")?;
-            tracing::info!(order_id = %key, %status, "order seen before: same answer");
-            return Ok(match status.as_str() {
-                "reserved" => answer(true, None),
-                "released" => answer(false, Some("the order was cancelled".to_owned())),
-                _ => answer(false, reason),
+        let rows = sqlx::query("SELECT granted, refusal, repeated FROM reserve_orders($1, $2, $3, $4)")
+            .bind(&keys)
+            .bind(&item_orders)
+            .bind(&products)
+            .bind(&quantities)
+            .fetch_all(&mut *conn)
+            .await?;
+        if rows.len() != orders.len() {
+            return Err(sqlx::Error::Protocol(format!(
+                "reserve_orders answered {} of {} orders",
+                rows.len(),
+                orders.len()
+            )));
+        }
+        let mut answers = Vec::with_capacity(orders.len());
+        for ((order, key), row) in orders.iter().zip(&keys).zip(rows) {
+            let success: bool = row.try_get("granted")?;
+            let reason: Option<String> = row.try_get("refusal")?;
+            let repeated: bool = row.try_get("repeated")?;
+            match (repeated, success) {
+                (true, _) => tracing::info!(order_id = %key, success, "order seen before: same answer"),
+                (false, true) => tracing::info!(order_id = %key, products = order.items.len(), "stock reserved"),
+                (false, false) => tracing::info!(order_id = %key, reason = reason.as_deref(), "order refused"),
+            }
+            answers.push(StockUpdateResult {
+                order_id: order.order_id.clone(),
+                success,
+                reason,
             });
         }
-        let short: Option<String> = row.try_get("product_id")?;
-        if let Some(product) = short {
-            let units: Option<i64> = row.try_get("available")?;
-            let quantity: i64 = row.try_get("quantity")?;
-            let reason = match units {
-                None => format!("unknown product `{product}`"),
-                Some(units) => {
-                    format!("insufficient stock for `{product}`: {units} available, {quantity} wanted")
-                }
-            };
-            sqlx::query("UPDATE reservations SET status = 'rejected', reason = $2 WHERE order_id = $1")
-                .bind(&key)
-                .bind(&reason)
-                .execute(&mut *conn)
-                .await?;
-            tracing::info!(order_id = %key, %reason, "order refused");
-            return Ok(answer(false, Some(reason)));
-        }
-        tracing::info!(order_id = %key, products = products.len(), "stock reserved");
-        Ok(answer(true, None))
+        Ok(answers)
     }
 
     async fn release(&self, conn: &mut PgConnection, cancelled: &OrderCancelled) -> Result<(), sqlx::Error> {
@@ -190,9 +169,8 @@ impl CommandHandler for StockKeeper {
         match command.kind.as_str() {
             ORDER_CREATED => {
                 let order: OrderCreated = command.decode()?;
-                let conn = saga_postgres::connection(tx).await.map_err(store)?;
-                let result = self.reserve(conn, &order).await.map_err(database)?;
-                Ok(vec![Command::json(STOCK_UPDATE_RESULT, &self.reply_to, &result)?])
+                let mut replies = self.reserve_all(tx, &[order]).await?;
+                Ok(vec![replies.pop().ok_or_else(|| StepError::terminal("no answer"))?])
             }
             ORDER_CANCELLED => {
                 let cancelled: OrderCancelled = command.decode()?;
@@ -206,6 +184,49 @@ impl CommandHandler for StockKeeper {
                 "the inventory service does not handle messages of type `{other}`"
             ))),
         }
+    }
+
+    /// Each run of consecutive `OrderCreated` in one round trip; the other
+    /// commands one by one, in order.
+    async fn handle_batch(
+        &self,
+        tx: &mut dyn Transaction,
+        commands: &[&Message],
+    ) -> Result<Vec<Vec<Command>>, StepError> {
+        let mut replies = Vec::with_capacity(commands.len());
+        let mut rest = commands;
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|c| c.kind == ORDER_CREATED).count();
+            if run == 0 {
+                replies.push(self.handle(tx, first).await?);
+                rest = &rest[1..];
+                continue;
+            }
+            let orders = rest[..run]
+                .iter()
+                .map(|command| command.decode::<OrderCreated>())
+                .collect::<Result<Vec<_>, _>>()?;
+            replies.extend(
+                self.reserve_all(tx, &orders)
+                    .await?
+                    .into_iter()
+                    .map(|reply| vec![reply]),
+            );
+            rest = &rest[run..];
+        }
+        Ok(replies)
+    }
+}
+
+impl StockKeeper {
+    /// `StockUpdateResult` replies to `orders`, decided in `tx`.
+    async fn reserve_all(&self, tx: &mut dyn Transaction, orders: &[OrderCreated]) -> Result<Vec<Command>, StepError> {
+        let conn = saga_postgres::connection(tx).await.map_err(store)?;
+        let answers = self.reserve(conn, orders).await.map_err(database)?;
+        answers
+            .iter()
+            .map(|answer| Command::json(STOCK_UPDATE_RESULT, &self.reply_to, answer).map_err(StepError::from))
+            .collect()
     }
 }
 

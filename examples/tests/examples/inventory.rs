@@ -1,8 +1,13 @@
 //! The inventory service as a participant: reservations all or nothing,
 //! refusals, idempotency per message and per order, releases.
 
-use saga_core::MessageId;
-use saga_examples::inventory::ReservationStatus;
+use std::str::FromStr;
+
+use order_service::wire::StockUpdateResult;
+use saga_core::{CommandHandler, Message, MessageId, SagaStore};
+use saga_examples::inventory::{Inventory, Reservation, ReservationStatus, SchemaName, StockKeeper, StockLevel};
+use saga_postgres::PostgresStore;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::helpers::{TestEnv, new_order_id, order_cancelled, order_created};
 
@@ -241,4 +246,128 @@ async fn metrics_are_served_where_asked() {
     }
     broker.close().await;
     inventory.stop().await;
+}
+
+/// The inventory's tables in schema `schema` of the test's database,
+/// seeded with `seed`, and its store there.
+async fn inventory_in(env: &TestEnv, schema: &str, seed: &str) -> (PostgresStore, Inventory) {
+    let schema = SchemaName::from_str(schema).expect("a schema name");
+    let options = PgConnectOptions::from_str(&env.database_url)
+        .expect("a database URL")
+        .options([("search_path", schema.as_str())])
+        .options(saga_postgres::SESSION_SETTINGS);
+    let pool = PgPoolOptions::new().max_connections(2).connect_lazy_with(options);
+    let seed = seed.parse().expect("a seed");
+    saga_examples::inventory::migrate(&pool, &schema, &seed)
+        .await
+        .expect("migrated");
+    (PostgresStore::new(pool.clone()), Inventory::new(pool))
+}
+
+/// What the keeper answered each command (`None`: no reply).
+fn answers(replies: Vec<Vec<saga_core::Command>>) -> Vec<Option<StockUpdateResult>> {
+    replies
+        .into_iter()
+        .map(|mut replies| {
+            assert!(replies.len() <= 1, "at most one reply per command");
+            replies
+                .pop()
+                .map(|reply| serde_json::from_slice(&reply.payload).expect("a StockUpdateResult"))
+        })
+        .collect()
+}
+
+/// What an inventory holds: every product's stock and the orders' reservations.
+async fn holdings(inventory: &Inventory, orders: &[&str]) -> (Vec<StockLevel>, Vec<Option<Reservation>>) {
+    let levels = inventory.levels().await.expect("readable");
+    let mut reservations = Vec::new();
+    for order in orders {
+        reservations.push(inventory.reservation(order).await.expect("readable"));
+    }
+    (levels, reservations)
+}
+
+#[tokio::test]
+async fn a_batch_of_orders_is_decided_as_if_one_after_another() {
+    let env = TestEnv::new().await;
+    let (a, b, c, d, e) = (
+        new_order_id(),
+        new_order_id(),
+        new_order_id(),
+        new_order_id(),
+        new_order_id(),
+    );
+    let names = &env.names;
+    let commands: Vec<Message> = vec![
+        order_created(names, &a, &[("p1", 3)]),
+        // Two units left: refused.
+        order_created(names, &b, &[("p1", 3)]),
+        // Seen before (another message id): the same answers, nothing taken twice.
+        order_created(names, &a, &[("p1", 3)]),
+        order_created(names, &b, &[("p1", 1)]),
+        order_created(names, &c, &[("p2", 2), ("p1", 2), ("p2", 1)]),
+        order_created(names, &d, &[("unobtainium", 2)]),
+        // Splits the run of OrderCreated; gives c's units back.
+        order_cancelled(names, &c),
+        order_created(names, &e, &[("p2", 3), ("p1", 2)]),
+    ];
+    let commands: Vec<&Message> = commands.iter().collect();
+    let keeper = StockKeeper::new(names.stock_update_exchange.clone());
+    let seed = "p1=5,p2=3";
+
+    let (store, batched) = inventory_in(&env, "batched", seed).await;
+    let mut tx = store.begin().await.expect("begun");
+    let in_batch = answers(keeper.handle_batch(tx.as_mut(), &commands).await.expect("handled"));
+    tx.commit().await.expect("committed");
+
+    let (store, alone) = inventory_in(&env, "one_by_one", seed).await;
+    let mut tx = store.begin().await.expect("begun");
+    let mut replies = Vec::new();
+    for command in &commands {
+        replies.push(keeper.handle(tx.as_mut(), command).await.expect("handled"));
+    }
+    tx.commit().await.expect("committed");
+    assert_eq!(in_batch, answers(replies), "the same answers, batched or one by one");
+
+    let outcome: Vec<Option<(bool, Option<String>)>> =
+        in_batch.into_iter().map(|r| r.map(|r| (r.success, r.reason))).collect();
+    let refused_b = Some("insufficient stock for `p1`: 2 available, 3 wanted".to_owned());
+    assert_eq!(
+        outcome,
+        [
+            Some((true, None)),
+            Some((false, refused_b.clone())),
+            Some((true, None)),
+            Some((false, refused_b)),
+            Some((true, None)),
+            Some((false, Some("unknown product `unobtainium`".to_owned()))),
+            None,
+            Some((true, None)),
+        ]
+    );
+    let orders = [a.as_str(), b.as_str(), c.as_str(), d.as_str(), e.as_str()];
+    let held = holdings(&batched, &orders).await;
+    assert_eq!(held, holdings(&alone, &orders).await, "the same stock and reservations");
+    let level = |product: &str, available, reserved| StockLevel {
+        product_id: product.to_owned(),
+        available,
+        reserved,
+    };
+    assert_eq!(
+        held.0,
+        [level("p1", 0, 5), level("p2", 0, 3)],
+        "a's 3 and e's 2 of p1, e's 3 of p2"
+    );
+    let statuses: Vec<Option<ReservationStatus>> = held.1.iter().map(|r| r.as_ref().map(|r| r.status)).collect();
+    use ReservationStatus::{Rejected, Released, Reserved};
+    assert_eq!(
+        statuses,
+        [
+            Some(Reserved),
+            Some(Rejected),
+            Some(Released),
+            Some(Rejected),
+            Some(Reserved)
+        ]
+    );
 }
