@@ -147,17 +147,18 @@ impl Fixture {
         self.keeper.gate.add_permits(1);
     }
 
-    /// Sends `count` orders that succeed behind a held one; each is handled.
-    async fn handle_behind_a_held_one(&self, count: usize) {
+    /// Sends `count` orders that succeed (`o-0`, `o-1`, …) behind a held
+    /// one; each is handled. Returns their commands.
+    async fn handle_behind_a_held_one(&self, count: usize) -> Vec<Message> {
         let held = self.hold().await;
-        let tasks: Vec<_> = (0..count)
-            .map(|n| self.send(&command(&order(&format!("o-{n}")))))
-            .collect();
+        let commands: Vec<Message> = (0..count).map(|n| command(&order(&format!("o-{n}")))).collect();
+        let tasks: Vec<_> = commands.iter().map(|c| self.send(c)).collect();
         self.release().await;
         outcome(held).await.expect("held");
         for task in tasks {
             assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
         }
+        commands
     }
 
     fn begun(&self) -> usize {
@@ -427,14 +428,7 @@ async fn a_handler_may_handle_a_whole_batch_in_one_call() {
 #[tokio::test]
 async fn each_reply_of_a_batch_call_answers_its_own_command() {
     let (fixture, batches) = batch_fixture(false);
-    let held = fixture.hold().await;
-    let commands: Vec<Message> = (0..4).map(|n| command(&order(&format!("o-{n}")))).collect();
-    let tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
-    fixture.release().await;
-    outcome(held).await.expect("held");
-    for task in tasks {
-        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
-    }
+    let commands = fixture.handle_behind_a_held_one(4).await;
     assert_eq!(batches.lock().expect("not poisoned").len(), 1, "one call for the four");
 
     let claimed = fixture
@@ -445,11 +439,12 @@ async fn each_reply_of_a_batch_call_answers_its_own_command() {
         .expect("claim");
     let mut pairs: Vec<(String, String)> = claimed
         .iter()
-        .filter(|e| e.message.header(IN_REPLY_TO) != Some(fixture_held_id(&claimed)))
         .map(|e| {
-            let answers: String = e.message.decode().expect("a reply");
-            (e.message.header(IN_REPLY_TO).expect("a reply").to_owned(), answers)
+            let answer: String = e.message.decode().expect("a reply");
+            (e.message.header(IN_REPLY_TO).expect("a reply").to_owned(), answer)
         })
+        // The held order's reply came from `handle`.
+        .filter(|(_, answer)| answer != "held")
         .collect();
     pairs.sort();
     let mut expected: Vec<(String, String)> = commands
@@ -461,26 +456,10 @@ async fn each_reply_of_a_batch_call_answers_its_own_command() {
     assert_eq!(pairs, expected);
 }
 
-/// The command id the held order's reply answers (its reply came from `handle`).
-fn fixture_held_id(claimed: &[saga_core::OutboxEntry]) -> &str {
-    claimed
-        .iter()
-        .find(|e| e.message.decode::<String>().is_ok_and(|answer| answer == "held"))
-        .and_then(|e| e.message.header(IN_REPLY_TO))
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_batch_call_answering_too_few_commands_hands_each_to_handle() {
     let (fixture, batches) = batch_fixture(true);
-    let held = fixture.hold().await;
-    let commands: Vec<Message> = (0..3).map(|n| command(&order(&format!("o-{n}")))).collect();
-    let tasks: Vec<_> = commands.iter().map(|c| fixture.send(c)).collect();
-    fixture.release().await;
-    outcome(held).await.expect("held");
-    for task in tasks {
-        assert_eq!(outcome(task).await.expect("handled"), Handling::Handled { replies: 1 });
-    }
+    fixture.handle_behind_a_held_one(3).await;
     assert_eq!(
         batches.lock().expect("not poisoned").len(),
         1,
