@@ -27,8 +27,8 @@ pub trait CommandHandler: Send + Sync + 'static {
     async fn handle(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Vec<Command>, StepError>;
 
     /// Handles the commands of a shared transaction (see
-    /// [`CommandBatching`]), in order, returning each one's replies in the
-    /// same order. It must have the effect of [`handle`](Self::handle) on
+    /// [`CommandBatching`]; never none), in order, returning each one's
+    /// replies in the same order. It must have the effect of [`handle`](Self::handle) on
     /// each, one after another, in `tx`; the default does exactly that.
     /// Override it to do the work of several commands in fewer round
     /// trips. An error rolls the whole transaction back, after which each
@@ -215,6 +215,10 @@ impl Core {
             }
         }
         let messages: Vec<&Message> = fresh.iter().map(|&index| commands[index].0).collect();
+        if messages.is_empty() {
+            // Only duplicates: nothing to handle, nothing to commit.
+            return Some(handlings);
+        }
         let span = tracing::info_span!("command_batch", participant = %self.name, commands = messages.len());
         for (_, command_span) in commands {
             span.follows_from(*command_span);
@@ -233,8 +237,8 @@ impl Core {
             );
             return None;
         }
-        for (index, commands_out) in fresh.into_iter().zip(replies) {
-            let replies = replies_to(commands[index].0, commands_out);
+        for (index, answer) in fresh.into_iter().zip(replies) {
+            let replies = replies_to(commands[index].0, answer);
             if !replies.is_empty() {
                 tx.enqueue(None, &replies).await.ok()?;
             }
