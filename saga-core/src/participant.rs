@@ -161,16 +161,20 @@ impl Core {
     /// its replies. A command this transaction or an earlier one consumed
     /// is a duplicate, and adds nothing.
     async fn add(&self, tx: &mut dyn Transaction, command: &Message) -> Result<Handling, Refused> {
-        match tx.consume_at_commit(&self.name, &command.id).await {
-            Err(StoreError::ConsumedConcurrently { .. }) => return Ok(Handling::Duplicate),
-            other => other.map_err(Refused::Store)?,
+        if !self.consume(tx, command).await.map_err(Refused::Store)? {
+            return Ok(Handling::Duplicate);
         }
         let commands = self.handler.handle(tx, command).await.map_err(Refused::Handler)?;
-        let replies = replies_to(command, commands);
-        if !replies.is_empty() {
-            tx.enqueue(None, &replies).await.map_err(Refused::Store)?;
+        enqueue_replies(tx, command, commands).await.map_err(Refused::Store)
+    }
+
+    /// Records `command` as consumed at commit; false if this transaction
+    /// or an earlier one consumed it already (a duplicate, adding nothing).
+    async fn consume(&self, tx: &mut dyn Transaction, command: &Message) -> Result<bool, StoreError> {
+        match tx.consume_at_commit(&self.name, &command.id).await {
+            Err(StoreError::ConsumedConcurrently { .. }) => Ok(false),
+            other => other.map(|()| true),
         }
-        Ok(Handling::Handled { replies: replies.len() })
     }
 
     /// Handles `command` in a transaction of its own.
@@ -203,15 +207,10 @@ impl Core {
     async fn together(&self, commands: &[(&Message, &tracing::Span)]) -> Option<Vec<Handling>> {
         let mut tx = self.store.begin().await.ok()?;
         let mut handlings = vec![Handling::Duplicate; commands.len()];
-        // A command this transaction consumed already adds nothing.
         let mut fresh = Vec::with_capacity(commands.len());
         for (index, (command, _)) in commands.iter().enumerate() {
-            match tx.consume_at_commit(&self.name, &command.id).await {
-                Err(StoreError::ConsumedConcurrently { .. }) => {}
-                other => {
-                    other.ok()?;
-                    fresh.push(index);
-                }
+            if self.consume(tx.as_mut(), command).await.ok()? {
+                fresh.push(index);
             }
         }
         let messages: Vec<&Message> = fresh.iter().map(|&index| commands[index].0).collect();
@@ -238,11 +237,7 @@ impl Core {
             return None;
         }
         for (index, answer) in fresh.into_iter().zip(replies) {
-            let replies = replies_to(commands[index].0, answer);
-            if !replies.is_empty() {
-                tx.enqueue(None, &replies).await.ok()?;
-            }
-            handlings[index] = Handling::Handled { replies: replies.len() };
+            handlings[index] = enqueue_replies(tx.as_mut(), commands[index].0, answer).await.ok()?;
         }
         tx.commit().await.ok()?;
         Some(handlings)
@@ -253,6 +248,19 @@ impl Core {
         let mut tx = self.store.begin().await?;
         Ok(!tx.consume(&self.name, &command.id).await?)
     }
+}
+
+/// Enqueues the replies a handler returned for `command`.
+async fn enqueue_replies(
+    tx: &mut dyn Transaction,
+    command: &Message,
+    commands: Vec<Command>,
+) -> Result<Handling, StoreError> {
+    let replies = replies_to(command, commands);
+    if !replies.is_empty() {
+        tx.enqueue(None, &replies).await?;
+    }
+    Ok(Handling::Handled { replies: replies.len() })
 }
 
 /// The replies a handler returned, as messages answering `command`.

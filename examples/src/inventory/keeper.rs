@@ -43,6 +43,16 @@ impl StockKeeper {
         }
     }
 
+    /// `StockUpdateResult` replies to `orders`, decided in `tx`.
+    async fn reserve_all(&self, tx: &mut dyn Transaction, orders: &[OrderCreated]) -> Result<Vec<Command>, StepError> {
+        let conn = saga_postgres::connection(tx).await.map_err(store)?;
+        let answers = self.reserve(conn, orders).await.map_err(database)?;
+        answers
+            .iter()
+            .map(|answer| Command::json(STOCK_UPDATE_RESULT, &self.reply_to, answer).map_err(StepError::from))
+            .collect()
+    }
+
     /// Decides `orders` one after another in one round trip (the
     /// `reserve_orders` function: see the schema), each seeing what the
     /// ones before it took, and answers each.
@@ -215,18 +225,6 @@ impl CommandHandler for StockKeeper {
             rest = &rest[run..];
         }
         Ok(replies)
-    }
-}
-
-impl StockKeeper {
-    /// `StockUpdateResult` replies to `orders`, decided in `tx`.
-    async fn reserve_all(&self, tx: &mut dyn Transaction, orders: &[OrderCreated]) -> Result<Vec<Command>, StepError> {
-        let conn = saga_postgres::connection(tx).await.map_err(store)?;
-        let answers = self.reserve(conn, orders).await.map_err(database)?;
-        answers
-            .iter()
-            .map(|answer| Command::json(STOCK_UPDATE_RESULT, &self.reply_to, answer).map_err(StepError::from))
-            .collect()
     }
 }
 
