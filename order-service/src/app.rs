@@ -29,7 +29,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admin::{self, AdminGrpc, AdminServer, DeadLetterSource, Operations};
-use crate::config::{Backend, Config, ListenAddr, Retention, SecretUrl};
+use crate::config::{Backend, Config, ListenAddr, SecretUrl};
 use crate::dashboard::{self, DashboardConfig};
 use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
 use crate::grpc::OrderGrpc;
@@ -120,6 +120,8 @@ struct ProductionStart {
     /// The engine's store, purged every `retention_interval`.
     store: PostgresStore,
     retention_interval: Duration,
+    /// Stock replies handled at once.
+    reply_concurrency: usize,
     engine: Engine,
     /// Opens the order API once the database is migrated.
     open: Arc<AtomicBool>,
@@ -232,14 +234,7 @@ impl Application {
             Backend::Production {
                 database_url,
                 rabbitmq_url,
-            } => production(
-                &saga,
-                &tuning,
-                database_url,
-                rabbitmq_url,
-                &config.retention,
-                config.commit_linger,
-            )?,
+            } => production(&saga, &tuning, database_url, rabbitmq_url, &config)?,
         };
         let dashboard = dashboard::routes(
             workers.engine().clone(),
@@ -513,8 +508,7 @@ fn production(
     tuning: &EngineConfig,
     database_url: &SecretUrl,
     rabbitmq_url: &SecretUrl,
-    retention: &Retention,
-    commit_linger: Duration,
+    config: &Config,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
     let options = PgConnectOptions::from_str(database_url.expose())
         .map_err(|e| StartError::Database {
@@ -533,8 +527,8 @@ fn production(
     let store = PostgresStore::with_config(
         pool.clone(),
         PostgresStoreConfig {
-            retention: retention.store.clone(),
-            commit_linger,
+            retention: config.retention.store.clone(),
+            commit_linger: config.commit_linger,
             ..PostgresStoreConfig::default()
         },
     );
@@ -549,7 +543,8 @@ fn production(
             rabbitmq_url: rabbitmq_url.clone(),
             pool,
             store,
-            retention_interval: retention.interval,
+            retention_interval: config.retention.interval,
+            reply_concurrency: config.stock_reply_concurrency,
             engine,
             open,
             dead_letters: DeadLetterSource::pending(vec![saga.names.stock_update_queue.clone()]),
@@ -558,11 +553,14 @@ fn production(
     ))
 }
 
-/// Stock replies that fail retryably (the database is away) are retried for
-/// about three minutes (backoff up to 10 s) before they are dead-lettered, so a database restart does
-/// not turn replies into dead letters (and orders into timeouts).
-fn reply_consumer_config(queue: &str) -> ConsumerConfig {
+/// Stock replies, `concurrency` at once (the replies in flight together
+/// share the engine's group commits). Those that fail retryably (the
+/// database is away) are retried for about three minutes (backoff up to
+/// 10 s) before they are dead-lettered, so a database restart does not turn
+/// replies into dead letters (and orders into timeouts).
+fn reply_consumer_config(queue: &str, concurrency: usize) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(queue);
+    config.concurrency = concurrency;
     config.retry = RetryPolicy {
         max_attempts: 26,
         initial_backoff: Duration::from_millis(100),
@@ -738,6 +736,7 @@ impl ProductionStart {
             pool,
             store,
             retention_interval,
+            reply_concurrency,
             engine,
             open,
             dead_letters,
@@ -798,7 +797,8 @@ impl ProductionStart {
                 Arc::new(TracedHandler::new(Arc::new(handler))),
                 transport.clone(),
                 // The platform's product service may leave the AMQP `type` unset.
-                reply_consumer_config(&names.stock_update_queue).with_default_kind(STOCK_UPDATE_RESULT),
+                reply_consumer_config(&names.stock_update_queue, reply_concurrency)
+                    .with_default_kind(STOCK_UPDATE_RESULT),
             );
             tasks.spawn(consumer.run(shutdown.clone()));
             readiness.serving().await;
@@ -831,8 +831,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stock_replies_are_handled_as_many_at_once_as_configured() {
+        assert_eq!(reply_consumer_config("q", 48).concurrency, 48);
+    }
+
+    #[test]
     fn stock_replies_ride_out_a_database_restart_of_a_few_minutes() {
-        let policy = reply_consumer_config("q").retry;
+        let policy = reply_consumer_config("q", 1).retry;
         let mut waited = Duration::ZERO;
         let mut attempts = 1;
         while policy.allows_another(attempts) {

@@ -29,7 +29,10 @@ pub trait MessageHandler: Send + Sync + 'static {
 pub struct ConsumerConfig {
     /// The queue to consume.
     pub queue: String,
-    /// Deliveries handled at once.
+    /// Deliveries handled at once. Where handlers' commits are grouped
+    /// (saga-postgres group commit, a participant's `CommandBatching`), the
+    /// deliveries in flight together are what can share a commit, so a
+    /// service near its machine's limit gains from more than the default.
     pub concurrency: usize,
     /// Redelivery of messages whose handling failed retryably; past
     /// `max_attempts` they are dead-lettered.

@@ -70,6 +70,14 @@ struct Args {
     /// default: the inventory's own).
     #[arg(long, env = "INVENTORY_BATCH", value_parser = clap::value_parser!(u16).range(1..=256))]
     inventory_batch: Option<u16>,
+    /// Deliveries the in-process inventory handles at once per queue (default: the
+    /// inventory's own).
+    #[arg(long, env = "INVENTORY_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    inventory_concurrency: Option<u16>,
+    /// Stock replies the in-process order service handles at once (default: the
+    /// service's own).
+    #[arg(long, env = "STOCK_REPLY_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    stock_reply_concurrency: Option<u16>,
     /// How long both services let a lone commit wait for company (`0`, or `1ms` up to
     /// `100ms`; default: the services' own).
     #[arg(long)]
@@ -108,6 +116,12 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         inventory_batch: args
             .inventory_batch
             .map_or_else(|| LoadConfig::default().inventory_batch, usize::from),
+        inventory_concurrency: args
+            .inventory_concurrency
+            .map_or_else(|| LoadConfig::default().inventory_concurrency, usize::from),
+        stock_reply_concurrency: args
+            .stock_reply_concurrency
+            .map_or_else(|| LoadConfig::default().stock_reply_concurrency, usize::from),
         linger: match args.linger {
             Some(value) => parse_linger(&value).map_err(|why| format!("--linger: {why}"))?,
             None => LoadConfig::default().linger,

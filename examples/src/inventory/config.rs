@@ -164,7 +164,11 @@ pub struct InventoryConfig {
     pub seed: Catalogue,
     /// Exchange and queue names.
     pub names: InventoryNames,
-    /// `INVENTORY_CONCURRENCY` (default 16): messages handled at once per queue.
+    /// `INVENTORY_CONCURRENCY` (default 64): messages handled at once per
+    /// queue. Those in flight together share transactions (up to
+    /// [`batch`](Self::batch) each), so near the machine's limit more of
+    /// them mean fewer, larger ones (16 held the load test's closed loop at
+    /// 2,372 sagas/s, orders queueing for the stock; docs/performance.md).
     pub concurrency: usize,
     /// `INVENTORY_BATCH` (default 32): commands that arrive together share
     /// a transaction, this many at most (1: each its own).
@@ -191,7 +195,7 @@ impl Default for InventoryConfig {
             schema: SchemaName::default(),
             seed: DEFAULT_SEED.parse().unwrap_or_default(),
             names: InventoryNames::default(),
-            concurrency: 16,
+            concurrency: 64,
             batch: 32,
             linger: DEFAULT_LINGER,
             metrics: None,
@@ -298,7 +302,7 @@ mod tests {
         assert_eq!(config.names.orders_exchange, "orders_exchange");
         assert_eq!(config.schema.as_str(), "inventory");
         assert_eq!(config.seed.entries().len(), 5);
-        assert_eq!((config.concurrency, config.batch), (16, 32));
+        assert_eq!((config.concurrency, config.batch), (64, 32));
     }
 
     #[test]

@@ -303,6 +303,8 @@ fn config_json(config: &LoadConfig) -> serde_json::Value {
             "interval_s": config.retention.interval.as_secs_f64(),
         },
         "inventory_batch": config.inventory_batch,
+        "inventory_concurrency": config.inventory_concurrency,
+        "stock_reply_concurrency": config.stock_reply_concurrency,
         "linger_ms": config.linger.as_secs_f64() * 1e3,
     })
 }

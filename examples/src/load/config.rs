@@ -76,6 +76,12 @@ pub struct LoadConfig {
     /// Commands the in-process inventory lets share a transaction at most
     /// (its `INVENTORY_BATCH`).
     pub inventory_batch: usize,
+    /// Deliveries the in-process inventory handles at once per queue (its
+    /// `INVENTORY_CONCURRENCY`).
+    pub inventory_concurrency: usize,
+    /// Stock replies the in-process order service handles at once (its
+    /// `STOCK_REPLY_CONCURRENCY`).
+    pub stock_reply_concurrency: usize,
     /// How long both hosted services let a lone commit wait for company
     /// (their `COMMIT_LINGER` and `INVENTORY_LINGER`).
     pub linger: Duration,
@@ -99,6 +105,8 @@ impl Default for LoadConfig {
             results_dir: Some(PathBuf::from("results")),
             retention: Retention::default(),
             inventory_batch: crate::inventory::InventoryConfig::default().batch,
+            inventory_concurrency: crate::inventory::InventoryConfig::default().concurrency,
+            stock_reply_concurrency: order_service::config::DEFAULT_STOCK_REPLY_CONCURRENCY,
             linger: order_service::config::DEFAULT_LINGER,
         }
     }

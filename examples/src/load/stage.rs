@@ -316,6 +316,7 @@ async fn start_inventory(config: &LoadConfig, stage: &Stage) -> Result<Hosted, L
         names: stage.inventory.clone(),
         retention: config.retention.clone(),
         batch: config.inventory_batch,
+        concurrency: config.inventory_concurrency,
         linger: config.linger,
         ..InventoryConfig::default()
     };
@@ -350,6 +351,7 @@ async fn start_order_service(config: &LoadConfig, stage: &Stage) -> Result<(Host
         names: stage.wire.clone(),
         retention: config.retention.clone(),
         commit_linger: config.linger,
+        stock_reply_concurrency: config.stock_reply_concurrency,
         ..Config::default()
     };
     let (built, started) = tokio::sync::oneshot::channel();
