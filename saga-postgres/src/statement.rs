@@ -278,13 +278,16 @@ impl Shape {
         };
         // Hand-off only if the saga's newest earlier message is sent: read
         // before the instance write, from the same version of the row the
-        // write then replaces (its revision is checked).
+        // write then replaces (its revision is checked). The predecessor is
+        // looked up by its id: planned as a join, PostgreSQL may scan every
+        // unsent row and test each against the published ids.
         let handoff = match (&outbox, self.foreign, self.instance, &instance) {
             (None, ..) | (_, true, ..) => None,
             // The case `hands_off_after_predecessor` names.
             (Some(_), false, InstanceRow::Update, Some(p)) => Some(format!(
-                "NOT EXISTS (SELECT 1 FROM saga_instances i JOIN saga_outbox o ON o.id = i.last_outbox_id \
-                 WHERE i.id = {} AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))",
+                "NOT EXISTS (SELECT 1 FROM saga_outbox o \
+                 WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {}) \
+                 AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))",
                 p[0]
             )),
             (Some(_), false, ..) => Some("true".to_owned()),

@@ -1379,3 +1379,93 @@ async fn transitions_share_statements_and_a_losing_one_writes_nothing(staging: S
         "each recorded reply is the one its saga consumed"
     );
 }
+
+/// The hand-off check of shared statements: a saga's next message is handed
+/// to the relay behind one marked sent, or one published and waiting to be
+/// marked; behind one still unsent it is left to claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
+    let db = TestDb::new().await;
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        mark_delay: Duration::from_secs(2),
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(8, config).await;
+    let pool = store.pool().clone();
+    let lease = Duration::from_secs(30);
+    assert!(
+        store.claim(64, lease).await.expect("claim").is_empty(),
+        "a relay is attached"
+    );
+    let instances: Vec<SagaInstance> = (0..18).map(|_| sample_instance("orders", None)).collect();
+    let mut starts = tokio::task::JoinSet::new();
+    for instance in &instances {
+        let (store, instance) = (store.clone(), instance.clone());
+        starts.spawn(async move { start(&store, &instance).await });
+    }
+    let started = starts.join_all().await;
+    assert!(started.iter().all(Result::is_ok), "{started:?}");
+    let first = store.claim(64, lease).await.expect("claim");
+    assert_eq!(first.len(), instances.len(), "each start's message is handed over");
+    let ids = |sagas: &[SagaInstance]| -> Vec<i64> {
+        sagas
+            .iter()
+            .filter_map(|saga| first.iter().find(|e| e.saga == Some(saga.id)).map(|e| e.id))
+            .collect()
+    };
+
+    // The first six marked sent (as another replica would have), the next
+    // six published and waiting to be marked, the last six not yet sent.
+    let sent = ids(&instances[..6]);
+    assert_eq!(sent.len(), 6);
+    sqlx::query("UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1)")
+        .bind(&sent)
+        .execute(&pool)
+        .await
+        .expect("marked");
+    let published = ids(&instances[6..12]);
+    assert_eq!(published.len(), 6);
+    let marking = {
+        let store = store.clone();
+        tokio::spawn(async move { store.mark_sent(&published).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!marking.is_finished(), "marking waits for its delay");
+
+    let before = store.commit_batching();
+    let mut replies = tokio::task::JoinSet::new();
+    for instance in &instances {
+        let (store, instance) = (store.clone(), instance.clone());
+        replies.spawn(async move { engine_transition(&store, &instance, &MessageId::new()).await });
+    }
+    let decided = replies.join_all().await;
+    assert!(decided.iter().all(Result::is_ok), "{decided:?}");
+    assert!(
+        store.commit_batching().batched_transitions > before.batched_transitions,
+        "the replies shared statements"
+    );
+    assert!(
+        !marking.is_finished(),
+        "the published ones were still waiting to be marked"
+    );
+
+    let newest: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+        "SELECT DISTINCT ON (saga_id) saga_id, claimed_until IS NOT NULL FROM saga_outbox ORDER BY saga_id, id DESC",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("outbox readable");
+    for (i, instance) in instances.iter().enumerate() {
+        let handed = newest
+            .iter()
+            .find(|(saga, _)| saga == instance.id.as_uuid())
+            .map(|(_, handed)| *handed);
+        assert_eq!(
+            handed,
+            Some(i < 12),
+            "saga {i}: handed off behind a sent or published message only"
+        );
+    }
+    marking.await.expect("marking task").expect("mark_sent");
+}
