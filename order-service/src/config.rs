@@ -489,8 +489,8 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 /// Stock replies handled at once by default ([`Config::stock_reply_concurrency`]):
-/// in the load test 16 held the closed loop at 2,372 sagas/s, with replies
-/// queueing for the engine; 32 to 96 gave 2,700–2,764 (docs/performance.md).
+/// in the load test's closed loop 16 held it at 2,481 sagas/s, replies
+/// queueing for the engine; 48 gave 2,728–2,754 (docs/performance.md).
 pub const DEFAULT_STOCK_REPLY_CONCURRENCY: usize = 64;
 
 /// The most stock replies handled at once `STOCK_REPLY_CONCURRENCY` accepts.

@@ -168,7 +168,8 @@ pub struct InventoryConfig {
     /// queue. Those in flight together share transactions (up to
     /// [`batch`](Self::batch) each), so near the machine's limit more of
     /// them mean fewer, larger ones (16 held the load test's closed loop at
-    /// 2,372 sagas/s, orders queueing for the stock; docs/performance.md).
+    /// 2,371–2,374 sagas/s, orders queueing for the stock; 48 gave
+    /// 2,481–2,482; docs/performance.md).
     pub concurrency: usize,
     /// `INVENTORY_BATCH` (default 32): commands that arrive together share
     /// a transaction, this many at most (1: each its own).
