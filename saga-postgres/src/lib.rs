@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod error;
+mod growth;
 #[macro_use]
 mod query;
 mod retention;

@@ -15,6 +15,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, OnceCell, oneshot};
 
 use crate::error::store_error;
+use crate::growth::Growth;
 use crate::retention::RetentionConfig;
 use crate::row::{self, instance_columns};
 use crate::transaction::{Batcher, CommitBatching, PostgresTransaction};
@@ -72,6 +73,15 @@ pub struct PostgresStoreConfig {
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
     pub retention: RetentionConfig,
+    /// After this many commits, and at each doubling of it (ten times), the
+    /// store runs `ANALYZE` on those of its tables that changed by more rows
+    /// since they were last analyzed than PostgreSQL's statistics count in
+    /// them. A new deployment's tables start empty: the plans its
+    /// connections cache are made for empty tables and read whole tables
+    /// until autovacuum analyzes them, up to a minute or more under full
+    /// load. `ANALYZE` makes every connection plan again. `None` leaves it
+    /// to autovacuum.
+    pub analyze_while_growing: Option<u64>,
 }
 
 impl Default for PostgresStoreConfig {
@@ -85,6 +95,7 @@ impl Default for PostgresStoreConfig {
             commit_linger: Duration::ZERO,
             mark_delay: Duration::from_millis(20),
             retention: RetentionConfig::default(),
+            analyze_while_growing: Some(1_000),
         }
     }
 }
@@ -110,6 +121,8 @@ pub(crate) struct Shared {
     marks: Mutex<Marks>,
     /// Transitions waiting to share a statement.
     pub(crate) batcher: Batcher,
+    /// Counts commits, to analyze tables while they first grow.
+    pub(crate) growth: Growth,
     listener: OnceCell<()>,
     shutdown: CancellationToken,
 }
@@ -307,6 +320,7 @@ impl PostgresStore {
             );
         }
         let batcher = Batcher::new(config.commit_linger);
+        let growth = Growth::new(config.analyze_while_growing);
         Self {
             shared: Arc::new(Shared {
                 pool,
@@ -327,6 +341,7 @@ impl PostgresStore {
                 }),
                 marks: Mutex::new(Marks::default()),
                 batcher,
+                growth,
                 listener: OnceCell::new(),
                 shutdown: CancellationToken::new(),
             }),

@@ -646,6 +646,9 @@ impl Transaction for PostgresTransaction {
         // Give the connection back before reading with another one.
         drop(self.held.take());
         let result = self.with_actual_revision(result).await;
+        if result.is_ok() {
+            self.shared.growth.committed(&self.shared.pool);
+        }
         if result.is_ok() && self.enqueued > 0 {
             let handed_off = std::mem::take(&mut self.handed_off);
             let all = handed_off.len() == self.enqueued;

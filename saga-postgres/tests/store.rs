@@ -1469,3 +1469,56 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
     }
     marking.await.expect("marking task").expect("mark_sent");
 }
+
+/// A store analyzes its tables when it has committed `analyze_while_growing`
+/// times if they outgrew their statistics, so plans cached while they were
+/// empty are made again; with `None` it leaves that to autovacuum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_that_outgrow_their_statistics_are_analyzed_as_they_grow() {
+    let db = TestDb::new().await;
+    let unwatched = PostgresStoreConfig {
+        analyze_while_growing: None,
+        ..PostgresStoreConfig::default()
+    };
+    let idle = db.store_with(2, unwatched).await;
+    let pool = idle.pool().clone();
+    // Only the stores may analyze it here.
+    sqlx::query("ALTER TABLE saga_instances SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .expect("autovacuum off");
+    let counted = || async {
+        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = 'saga_instances'::regclass")
+            .fetch_one(&pool)
+            .await
+            .expect("pg_class readable")
+    };
+    assert!(counted().await < 0.0, "never analyzed yet");
+
+    for _ in 0..30 {
+        start(&idle, &sample_instance("orders", None)).await.expect("start");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        counted().await < 0.0,
+        "a store told not to leaves the table to autovacuum"
+    );
+
+    let watched = PostgresStoreConfig {
+        analyze_while_growing: Some(25),
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(2, watched).await;
+    for _ in 0..25 {
+        start(&store, &sample_instance("orders", None)).await.expect("start");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counted().await < 55.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        counted().await,
+        55.0,
+        "analyzed at the 25th commit: all 55 rows counted"
+    );
+}

@@ -1,0 +1,109 @@
+//! Statistics for tables that are growing from nearly nothing.
+//!
+//! The store's connections keep generic plans (`SESSION_SETTINGS`), made
+//! with the statistics of the moment. A new deployment's tables start
+//! empty, so its first plans read whole tables where an index would find a
+//! row, and they stay until autovacuum analyzes the tables (up to a minute,
+//! more with many databases), while the tables grow by thousands of rows a
+//! second. `ANALYZE` invalidates the plans that use a table, so each
+//! connection plans again with the table's real size.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use sqlx::PgPool;
+
+/// The store's tables whose size its statements' plans depend on.
+const TABLES: [&str; 4] = ["saga_instances", "saga_outbox", "saga_history", "saga_inbox"];
+
+/// Checks stop after this many doublings of the first threshold: by then
+/// statistics within autovacuum's 10 % keep plans sound.
+const DOUBLINGS: u32 = 10;
+
+/// Counts a store's commits and, when the count reaches the first threshold
+/// and each doubling of it, analyzes the tables changed by more rows since
+/// their last `ANALYZE` than PostgreSQL's statistics count in them.
+pub(crate) struct Growth {
+    first: Option<u64>,
+    commits: AtomicU64,
+    running: Arc<AtomicBool>,
+}
+
+impl Growth {
+    /// Checks at `first` commits and its doublings; `None` never checks.
+    pub(crate) fn new(first: Option<u64>) -> Self {
+        Self {
+            first: first.filter(|&n| n > 0),
+            commits: AtomicU64::new(0),
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts one commit; at a threshold, checks (in the background) and
+    /// analyzes the tables that outgrew their statistics.
+    pub(crate) fn committed(&self, pool: &PgPool) {
+        let Some(first) = self.first else { return };
+        let count = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        if !is_threshold(first, count) || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, running) = (pool.clone(), Arc::clone(&self.running));
+        tokio::spawn(async move {
+            match analyze_outgrown(&pool).await {
+                Ok(tables) if !tables.is_empty() => {
+                    tracing::info!(
+                        commits = count,
+                        ?tables,
+                        "analyzed tables that outgrew their statistics"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not check the saga tables' statistics"),
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// `first`, `2 × first`, `4 × first`, … up to [`DOUBLINGS`] doublings.
+fn is_threshold(first: u64, count: u64) -> bool {
+    count % first == 0 && {
+        let multiple = count / first;
+        multiple.is_power_of_two() && multiple.trailing_zeros() <= DOUBLINGS
+    }
+}
+
+/// Analyzes those of [`TABLES`] changed by more rows since their last
+/// `ANALYZE` (or ever) than their statistics count; returns their names.
+async fn analyze_outgrown(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    // The tables as the connection's search_path finds them.
+    let outgrown: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM unnest($1::text[]) AS t(name) \
+         JOIN pg_class c ON c.oid = to_regclass(t.name) \
+         JOIN pg_stat_all_tables s ON s.relid = c.oid \
+         WHERE s.n_mod_since_analyze > greatest(c.reltuples, 0) ORDER BY c.relname",
+    )
+    .bind(TABLES.as_slice())
+    .fetch_all(pool)
+    .await?;
+    if !outgrown.is_empty() {
+        // Names from the fixed list above, never from input.
+        let statement = format!("ANALYZE {}", outgrown.join(", "));
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(pool).await?;
+    }
+    Ok(outgrown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_are_the_first_and_its_doublings() {
+        let hits: Vec<u64> = (1..=5_000).filter(|&n| is_threshold(100, n)).collect();
+        assert_eq!(hits, [100, 200, 400, 800, 1_600, 3_200]);
+        assert!(is_threshold(1_000, 1_024_000));
+        assert!(!is_threshold(1_000, 2_048_000), "no checks past ten doublings");
+        assert!(!is_threshold(1_000, 3_000));
+    }
+}
