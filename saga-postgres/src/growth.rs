@@ -67,7 +67,7 @@ impl Growth {
 
 /// `first`, `2 × first`, `4 × first`, … up to [`DOUBLINGS`] doublings.
 fn is_threshold(first: u64, count: u64) -> bool {
-    count % first == 0 && {
+    count.is_multiple_of(first) && {
         let multiple = count / first;
         multiple.is_power_of_two() && multiple.trailing_zeros() <= DOUBLINGS
     }
