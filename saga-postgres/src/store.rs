@@ -73,8 +73,9 @@ pub struct PostgresStoreConfig {
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
     pub retention: RetentionConfig,
-    /// After this many commits, and at each doubling of it (ten times), the
-    /// store runs `ANALYZE` on those of its tables that changed by more rows
+    /// After this many commits, and at each doubling of it (six times), the
+    /// store runs `ANALYZE` (of the columns its statements look rows up by)
+    /// on those of its tables that changed by more rows
     /// since they were last analyzed than PostgreSQL's statistics count in
     /// them. A new deployment's tables start empty: the plans its
     /// connections cache are made for empty tables and read whole tables
