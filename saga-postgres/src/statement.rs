@@ -94,6 +94,19 @@ pub(crate) const INSTANCE_COLUMNS: [&str; 15] = [
     "updated_at",
 ];
 
+/// Whether the saga `saga` (an SQL expression) may have its next message
+/// handed off: its newest earlier one is sent, or among `published` (an
+/// `int8[]` expression: published, waiting to be marked). The predecessor
+/// is looked up by its id: planned as a join, PostgreSQL may scan every
+/// unsent row per saga and test each against `published`.
+pub(crate) fn predecessor_sent(saga: &str, published: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM saga_outbox o \
+         WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga}) \
+         AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))"
+    )
+}
+
 /// Columns of `saga_history`, in parameter order, with the type a parameter
 /// is cast to (`""`: as bound).
 const HISTORY_COLUMNS: [(&str, &str); 10] = [
@@ -278,18 +291,11 @@ impl Shape {
         };
         // Hand-off only if the saga's newest earlier message is sent: read
         // before the instance write, from the same version of the row the
-        // write then replaces (its revision is checked). The predecessor is
-        // looked up by its id: planned as a join, PostgreSQL may scan every
-        // unsent row and test each against the published ids.
+        // write then replaces (its revision is checked).
         let handoff = match (&outbox, self.foreign, self.instance, &instance) {
             (None, ..) | (_, true, ..) => None,
             // The case `hands_off_after_predecessor` names.
-            (Some(_), false, InstanceRow::Update, Some(p)) => Some(format!(
-                "NOT EXISTS (SELECT 1 FROM saga_outbox o \
-                 WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {}) \
-                 AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))",
-                p[0]
-            )),
+            (Some(_), false, InstanceRow::Update, Some(p)) => Some(predecessor_sent(&p[0], &published)),
             (Some(_), false, ..) => Some("true".to_owned()),
         };
         if let Some(p) = &instance {

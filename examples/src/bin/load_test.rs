@@ -98,6 +98,7 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         }
     };
     let raw = seconds("raw-duration", args.raw_duration)?;
+    let defaults = LoadConfig::default();
     let config = LoadConfig {
         database_url: SecretUrl::new(args.database_url),
         rabbitmq_url: SecretUrl::new(args.rabbitmq_url),
@@ -113,20 +114,18 @@ fn config(args: Args) -> Result<LoadConfig, String> {
         results_dir: Some(args.results),
         // The hosted services purge as they would when started alone.
         retention: Retention::from_env().map_err(|e| e.to_string())?,
-        inventory_batch: args
-            .inventory_batch
-            .map_or_else(|| LoadConfig::default().inventory_batch, usize::from),
+        inventory_batch: args.inventory_batch.map_or(defaults.inventory_batch, usize::from),
         inventory_concurrency: args
             .inventory_concurrency
-            .map_or_else(|| LoadConfig::default().inventory_concurrency, usize::from),
+            .map_or(defaults.inventory_concurrency, usize::from),
         stock_reply_concurrency: args
             .stock_reply_concurrency
-            .map_or_else(|| LoadConfig::default().stock_reply_concurrency, usize::from),
+            .map_or(defaults.stock_reply_concurrency, usize::from),
         linger: match args.linger {
             Some(value) => parse_linger(&value).map_err(|why| format!("--linger: {why}"))?,
-            None => LoadConfig::default().linger,
+            None => defaults.linger,
         },
-        ..LoadConfig::default()
+        ..defaults
     };
     config.validate()?;
     Ok(config)

@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
 use crate::staged::StagedWrite;
-use crate::statement::INSTANCE_COLUMNS;
+use crate::statement::{INSTANCE_COLUMNS, predecessor_sent};
 use crate::store::Shared;
 
 /// A transition waiting for a statement.
@@ -462,9 +462,7 @@ const CTE_PARAMETERS: usize = 34;
 /// the history row's columns but the saga; the outbox row's columns but the
 /// saga (`NULL`s without a message) and its hand-off lease in milliseconds;
 /// then one array, not per transition: the messages published but not yet
-/// marked sent, which the hand-off check counts as sent. That check looks
-/// each saga's predecessor up by its id: planned as a join, PostgreSQL may
-/// scan every unsent row per saga and test each against that array.
+/// marked sent, which the hand-off check ([`predecessor_sent`]) counts as sent.
 /// It returns a row per transition written: its position, its outbox row's
 /// id, and whether that row was leased for the hand-off.
 fn sql() -> &'static str {
@@ -524,10 +522,7 @@ fn ctes() -> &'static str {
                o_message_id, o_kind, o_destination, o_correlation, o_created, o_headers, o_payload, o_lease, n)), \
              fresh AS MATERIALIZED (SELECT u.*, \
                CASE WHEN u.o_message_id IS NOT NULL THEN nextval('saga_outbox_id_seq') END AS oid, \
-               u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR NOT EXISTS (\
-                 SELECT 1 FROM saga_outbox o \
-                 WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = u.id) \
-                 AND o.sent_at IS NULL AND o.id <> ALL($34::int8[]))) AS handed \
+               u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR {handoff}) AS handed \
                FROM item u WHERE u.h_message IS NULL OR \
                  NOT EXISTS (SELECT 1 FROM saga_inbox b WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
                ORDER BY u.n), \
@@ -549,6 +544,7 @@ fn ctes() -> &'static str {
                FROM fresh f JOIN written w ON w.n = f.n WHERE f.oid IS NOT NULL ORDER BY f.n)",
             columns = INSTANCE_COLUMNS.join(", "),
             names = INSTANCE_COLUMNS.join(", "),
+            handoff = predecessor_sent("u.id", "$34"),
         )
     })
 }
