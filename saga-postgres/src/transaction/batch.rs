@@ -464,7 +464,12 @@ const CTE_PARAMETERS: usize = 34;
 /// then one array, not per transition: the messages published but not yet
 /// marked sent, which the hand-off check ([`predecessor_sent`]) counts as sent.
 /// It returns a row per transition written: its position, its outbox row's
-/// id, and whether that row was leased for the hand-off.
+/// id, and whether that row was leased for the hand-off. A transition whose
+/// message was consumed before, recorded either way, is left out rather
+/// than left to the unique index, whose error would send every transition
+/// of the statement alone (a redelivery after a crash would, each time).
+/// Of two starts of one saga, the first inserts and the second is not
+/// written, for the same reason.
 fn sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| format!("{} {WRITTEN}", ctes()))
@@ -525,13 +530,16 @@ fn ctes() -> &'static str {
                u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR {handoff}) AS handed \
                FROM item u WHERE u.h_message IS NULL OR \
                  NOT EXISTS (SELECT 1 FROM saga_inbox b WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
+                 AND NOT EXISTS (SELECT 1 FROM saga_history b \
+                   WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
                ORDER BY u.n), \
              upd AS (UPDATE saga_instances s SET {updated}, last_outbox_id = coalesce(f.oid, s.last_outbox_id) \
                FROM fresh f WHERE f.expected IS NOT NULL AND s.id = f.id AND s.revision = f.expected RETURNING f.n), \
              ins AS (INSERT INTO saga_instances ({names}, last_outbox_id) SELECT {inserted}, f.oid \
                FROM fresh f WHERE f.expected IS NULL ORDER BY f.n ON CONFLICT DO NOTHING RETURNING id), \
              written AS (SELECT n FROM upd UNION ALL \
-               SELECT f.n FROM fresh f JOIN ins ON ins.id = f.id WHERE f.expected IS NULL), \
+               (SELECT DISTINCT ON (f.id) f.n FROM fresh f JOIN ins ON ins.id = f.id WHERE f.expected IS NULL \
+               ORDER BY f.id, f.n)), \
              history AS (INSERT INTO saga_history \
                (saga_id, revision, at, cause, before, after, emitted, note, consumer, message_id) \
                SELECT f.id, f.h_revision, f.h_at, f.h_cause::jsonb, f.h_before::jsonb, f.h_after::jsonb, \
