@@ -28,10 +28,14 @@ pub struct RawFigure {
     pub per_second: f64,
     /// Each measurement's operations per second, in the order taken.
     pub measured_per_second: Vec<f64>,
+    /// Connections (PostgreSQL) or publishers (RabbitMQ) that ran it: the
+    /// clients, or fewer where the server would not take that many
+    /// connections (the fewest of pooled measurements).
+    pub concurrency: usize,
 }
 
 impl RawFigure {
-    fn new(operations: u64, elapsed: Duration) -> Self {
+    fn new(operations: u64, elapsed: Duration, concurrency: usize) -> Self {
         let seconds = elapsed.as_secs_f64();
         let per_second = rate(operations, seconds);
         Self {
@@ -39,6 +43,7 @@ impl RawFigure {
             seconds,
             per_second,
             measured_per_second: vec![per_second],
+            concurrency,
         }
     }
 
@@ -55,6 +60,7 @@ impl RawFigure {
             seconds,
             per_second: rate(operations, seconds),
             measured_per_second,
+            concurrency: self.concurrency.min(later.concurrency),
         }
     }
 }
@@ -76,8 +82,20 @@ pub struct Durability {
     pub fsync: String,
 }
 
-/// `clients` connections each committing single-row INSERTs (autocommit)
-/// into a scratch table for `duration`.
+/// Connections the server leaves to others while the raw commits run: the
+/// services' pools may open more, and the cost sampler needs one.
+const CONNECTIONS_LEFT_TO_OTHERS: usize = 8;
+
+/// How many connections the raw commits use: one per client, unless the
+/// server has fewer free (`free` counts the measuring connection's own),
+/// less [`CONNECTIONS_LEFT_TO_OTHERS`]. Single-row commits stop gaining
+/// from more connections long before `max_connections` (group commit).
+fn raw_connections(clients: usize, free: usize) -> usize {
+    clients.min(free.saturating_sub(CONNECTIONS_LEFT_TO_OTHERS)).max(1)
+}
+
+/// Connections each committing single-row INSERTs (autocommit) into a
+/// scratch table for `duration`: one per client (see [`raw_connections`]).
 pub(crate) async fn postgres_commits(
     stage: &Stage,
     clients: usize,
@@ -109,6 +127,24 @@ pub(crate) async fn postgres_commits(
             synchronous_commit: setting("synchronous_commit").await.map_err(failed("SHOW"))?,
             fsync: setting("fsync").await.map_err(failed("SHOW"))?,
         };
+        // Superuser-reserved slots are not counted as free: they are the
+        // operator's.
+        let free: i64 = sqlx::query_scalar(
+            "SELECT current_setting('max_connections')::int8 \
+             - current_setting('superuser_reserved_connections')::int8 \
+             - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') + 1",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(failed("counting free connections"))?;
+        let connections = raw_connections(clients, usize::try_from(free).unwrap_or(0));
+        if connections < clients {
+            tracing::info!(
+                clients,
+                connections,
+                "the raw commits use fewer connections: the server has no more free"
+            );
+        }
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS load_raw_insert (id bigserial PRIMARY KEY, client integer NOT NULL, \
              at timestamptz NOT NULL DEFAULT now())",
@@ -120,7 +156,7 @@ pub(crate) async fn postgres_commits(
         let started = Instant::now();
         let end = started + duration;
         let mut tasks = JoinSet::new();
-        for client in 0..clients {
+        for client in 0..connections {
             let (pool, commits) = (pool.clone(), commits.clone());
             let client = i32::try_from(client).unwrap_or(i32::MAX);
             tasks.spawn(async move {
@@ -145,7 +181,7 @@ pub(crate) async fn postgres_commits(
             return Err(failed("inserting")(error));
         }
         Ok((
-            RawFigure::new(commits.load(Ordering::Relaxed), started.elapsed()),
+            RawFigure::new(commits.load(Ordering::Relaxed), started.elapsed(), connections),
             durability,
         ))
     }
@@ -225,7 +261,11 @@ pub(crate) async fn amqp_messages(
                     Err(_) => {}
                 }
             }
-            Ok(RawFigure::new(consumed, last.saturating_duration_since(started)))
+            Ok(RawFigure::new(
+                consumed,
+                last.saturating_duration_since(started),
+                clients,
+            ))
         };
         let figure = consume.await;
         publishers.abort_all();
@@ -242,14 +282,25 @@ mod tests {
 
     #[test]
     fn pooled_figures_are_all_operations_over_all_time() {
-        let before = RawFigure::new(3_000, Duration::from_secs(1));
-        let after = RawFigure::new(1_000, Duration::from_secs(1));
+        let before = RawFigure::new(3_000, Duration::from_secs(1), 64);
+        let after = RawFigure::new(1_000, Duration::from_secs(1), 56);
         let pooled = before.pooled(after);
         assert_eq!((pooled.operations, pooled.seconds), (4_000, 2.0));
         assert!((pooled.per_second - 2_000.0).abs() < 1e-9);
         assert_eq!(pooled.measured_per_second, vec![3_000.0, 1_000.0]);
+        assert_eq!(pooled.concurrency, 56, "the fewer connections of the two");
         // Rates weigh by time: a longer measurement counts for more.
-        let long = RawFigure::new(9_000, Duration::from_secs(3)).pooled(RawFigure::new(1_000, Duration::from_secs(1)));
+        let long =
+            RawFigure::new(9_000, Duration::from_secs(3), 1).pooled(RawFigure::new(1_000, Duration::from_secs(1), 1));
         assert!((long.per_second - 2_500.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn raw_commits_use_a_connection_per_client_while_the_server_has_them() {
+        assert_eq!(raw_connections(32, 97), 32);
+        assert_eq!(raw_connections(89, 97), 89);
+        // 128 clients, 57 free: 8 are left to the services and the sampler.
+        assert_eq!(raw_connections(128, 57), 49);
+        assert_eq!(raw_connections(128, 3), 1, "at least one");
     }
 }

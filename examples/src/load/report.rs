@@ -201,17 +201,19 @@ impl LoadReport {
             };
             let _ = writeln!(
                 out,
-                "raw PostgreSQL: {:.0} single-row INSERT commits/s{} (synchronous_commit={}, fsync={})",
+                "raw PostgreSQL: {:.0} single-row INSERT commits/s{} at {} connections (synchronous_commit={}, fsync={})",
                 c.postgres_commits.per_second,
                 measured(&c.postgres_commits),
+                c.postgres_commits.concurrency,
                 c.durability.synchronous_commit,
                 c.durability.fsync
             );
             let _ = writeln!(
                 out,
-                "raw RabbitMQ:   {:.0} persistent msgs/s published with confirm, consumed and acked{}",
+                "raw RabbitMQ:   {:.0} persistent msgs/s published with confirm, consumed and acked{} from {} publishers",
                 c.rabbitmq_messages.per_second,
-                measured(&c.rabbitmq_messages)
+                measured(&c.rabbitmq_messages),
+                c.rabbitmq_messages.concurrency
             );
             let _ = writeln!(
                 out,
@@ -484,6 +486,7 @@ mod tests {
             seconds: 1.0,
             per_second,
             measured_per_second: vec![per_second],
+            concurrency: 32,
         };
         let durability = Durability {
             synchronous_commit: "on".to_owned(),
