@@ -467,9 +467,8 @@ const CTE_PARAMETERS: usize = 34;
 /// id, and whether that row was leased for the hand-off. A transition whose
 /// message was consumed before, recorded either way, is left out rather
 /// than left to the unique index, whose error would send every transition
-/// of the statement alone (a redelivery after a crash would, each time).
-/// Of two starts of one saga, the first inserts and the second is not
-/// written, for the same reason.
+/// of the statement alone. Of two starts of one saga, the first inserts and
+/// the second is not written, for the same reason.
 fn sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| format!("{} {WRITTEN}", ctes()))
