@@ -528,7 +528,7 @@ fn instance_values(p: &[String]) -> Vec<String> {
 
 /// That no consumption given by `consumer` and `message` (scalars or arrays)
 /// is recorded in `table`.
-fn not_recorded(rows: Rows, table: &str, consumer: &str, message: &str) -> String {
+pub(crate) fn not_recorded(rows: Rows, table: &str, consumer: &str, message: &str) -> String {
     match rows {
         Rows::Many => format!(
             "NOT EXISTS (SELECT 1 FROM UNNEST({consumer}::text[], {message}::text[]) AS u(c, m) \

@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
 use crate::staged::StagedWrite;
-use crate::statement::{INSTANCE_COLUMNS, predecessor_sent};
+use crate::statement::{INSTANCE_COLUMNS, Rows, not_recorded, predecessor_sent};
 use crate::store::Shared;
 
 /// A transition waiting for a statement.
@@ -527,10 +527,7 @@ fn ctes() -> &'static str {
              fresh AS MATERIALIZED (SELECT u.*, \
                CASE WHEN u.o_message_id IS NOT NULL THEN nextval('saga_outbox_id_seq') END AS oid, \
                u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR {handoff}) AS handed \
-               FROM item u WHERE u.h_message IS NULL OR \
-                 NOT EXISTS (SELECT 1 FROM saga_inbox b WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
-                 AND NOT EXISTS (SELECT 1 FROM saga_history b \
-                   WHERE b.consumer = u.h_consumer AND b.message_id = u.h_message) \
+               FROM item u WHERE u.h_message IS NULL OR ({not_in_inbox} AND {not_in_history}) \
                ORDER BY u.n), \
              upd AS (UPDATE saga_instances s SET {updated}, last_outbox_id = coalesce(f.oid, s.last_outbox_id) \
                FROM fresh f WHERE f.expected IS NOT NULL AND s.id = f.id AND s.revision = f.expected RETURNING f.n), \
@@ -552,6 +549,8 @@ fn ctes() -> &'static str {
             columns = INSTANCE_COLUMNS.join(", "),
             names = INSTANCE_COLUMNS.join(", "),
             handoff = predecessor_sent("u.id", "$34"),
+            not_in_inbox = not_recorded(Rows::One, "saga_inbox", "u.h_consumer", "u.h_message"),
+            not_in_history = not_recorded(Rows::One, "saga_history", "u.h_consumer", "u.h_message"),
         )
     })
 }
