@@ -371,3 +371,109 @@ async fn a_batch_of_orders_is_decided_as_if_one_after_another() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
+    let env = TestEnv::new().await;
+    let names = &env.names;
+    let (earlier_refused, earlier_granted) = (new_order_id(), new_order_id());
+    let before: Vec<Message> = vec![
+        order_created(names, &earlier_refused, &[("p1", 20)]),
+        order_created(names, &earlier_granted, &[("p2", 1)]),
+    ];
+    let (a, b, c, d) = (new_order_id(), new_order_id(), new_order_id(), new_order_id());
+    // Seven OrderCreated in one run: the set-based path. The fresh orders
+    // want 6 of p1 and 5 of p2 between them, which the stock holds.
+    let batch: Vec<Message> = vec![
+        order_created(names, &a, &[("p1", 2)]),
+        order_created(names, &b, &[("p1", 1), ("p2", 2)]),
+        order_created(names, &earlier_refused, &[("p1", 1)]),
+        order_created(names, &a, &[("p1", 2)]),
+        order_created(names, &c, &[("p2", 3)]),
+        order_created(names, &earlier_granted, &[("p2", 1)]),
+        order_created(names, &d, &[("p1", 3)]),
+    ];
+    let keeper = StockKeeper::new(names.stock_update_exchange.clone());
+    let seed = "p1=10,p2=10";
+
+    let (store, batched) = inventory_in(&env, "fits_batched", seed).await;
+    let (one_store, alone) = inventory_in(&env, "fits_one_by_one", seed).await;
+    for store in [&store, &one_store] {
+        let mut tx = store.begin().await.expect("begun");
+        for command in &before {
+            keeper.handle(tx.as_mut(), command).await.expect("handled");
+        }
+        tx.commit().await.expect("committed");
+    }
+
+    let mut tx = store.begin().await.expect("begun");
+    let commands: Vec<&Message> = batch.iter().collect();
+    let in_batch = answers(keeper.handle_batch(tx.as_mut(), &commands).await.expect("handled"));
+    tx.commit().await.expect("committed");
+
+    let mut tx = one_store.begin().await.expect("begun");
+    let mut replies = Vec::new();
+    for command in &batch {
+        replies.push(keeper.handle(tx.as_mut(), command).await.expect("handled"));
+    }
+    tx.commit().await.expect("committed");
+    assert_eq!(in_batch, answers(replies), "the same answers, batched or one by one");
+
+    let outcome: Vec<Option<(bool, Option<String>)>> =
+        in_batch.into_iter().map(|r| r.map(|r| (r.success, r.reason))).collect();
+    let refused = Some("insufficient stock for `p1`: 10 available, 20 wanted".to_owned());
+    let granted = Some((true, None));
+    assert_eq!(
+        outcome,
+        [
+            granted.clone(),
+            granted.clone(),
+            Some((false, refused)),
+            granted.clone(),
+            granted.clone(),
+            granted.clone(),
+            granted,
+        ]
+    );
+    let orders = [a.as_str(), b.as_str(), c.as_str(), d.as_str(), earlier_refused.as_str()];
+    let held = holdings(&batched, &orders).await;
+    assert_eq!(held, holdings(&alone, &orders).await, "the same stock and reservations");
+    let level = |product: &str, available, reserved| StockLevel {
+        product_id: product.to_owned(),
+        available,
+        reserved,
+    };
+    assert_eq!(
+        held.0,
+        [level("p1", 4, 6), level("p2", 4, 6)],
+        "a's 2, b's 1 and d's 3 of p1; the earlier 1, b's 2 and c's 3 of p2"
+    );
+
+    // A product nobody stocks: that order is refused, the others granted,
+    // as one after another.
+    let next: Vec<String> = (0..5).map(|_| new_order_id()).collect();
+    let batch: Vec<Message> = next
+        .iter()
+        .enumerate()
+        .map(|(n, order)| match n {
+            2 => order_created(names, order, &[("p1", 1), ("unobtainium", 1)]),
+            _ => order_created(names, order, &[("p2", 1)]),
+        })
+        .collect();
+    let mut tx = store.begin().await.expect("begun");
+    let commands: Vec<&Message> = batch.iter().collect();
+    let in_batch = answers(keeper.handle_batch(tx.as_mut(), &commands).await.expect("handled"));
+    tx.commit().await.expect("committed");
+    let outcome: Vec<bool> = in_batch.iter().map(|r| r.as_ref().is_some_and(|r| r.success)).collect();
+    assert_eq!(outcome, [true, true, false, true, true]);
+    assert_eq!(
+        in_batch[2].as_ref().and_then(|r| r.reason.as_deref()),
+        Some("unknown product `unobtainium`")
+    );
+    let levels = batched.levels().await.expect("readable");
+    assert_eq!(
+        levels,
+        [level("p1", 4, 6), level("p2", 0, 10)],
+        "p1 untouched, p2 four more"
+    );
+}
