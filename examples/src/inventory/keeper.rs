@@ -18,11 +18,6 @@ pub fn order_key(order_id: &str) -> String {
     uuid::Uuid::parse_str(order_id.trim()).map_or_else(|_| order_id.to_owned(), |id| id.to_string())
 }
 
-/// Batches of at least this many orders go to the set-based
-/// `reserve_batch`; smaller ones to `reserve_orders`, one statement per
-/// order, which costs less for them (see docs/performance.md).
-const SET_BASED_FROM: usize = 5;
-
 /// Reserves stock on `OrderCreated`, replying `StockUpdateResult` to the
 /// stock update exchange; releases it on `OrderCancelled`; keeps it on
 /// `OrderConfirmed`. Run it in a [`saga_core::Participant`] over a
@@ -33,9 +28,8 @@ const SET_BASED_FROM: usize = 5;
 /// several replicas; a deadlock or serialization failure is retried.
 ///
 /// The `OrderCreated` of a shared transaction are decided together, in one
-/// round trip (the schema's `reserve_orders` function, or `reserve_batch`
-/// from five orders on), exactly as one after another; a
-/// single command takes the same path.
+/// round trip (the schema's `reserve_orders` function), exactly as one
+/// after another; a single command takes the same path.
 #[derive(Clone, Debug)]
 pub struct StockKeeper {
     reply_to: String,
@@ -60,8 +54,8 @@ impl StockKeeper {
     }
 
     /// Decides `orders` as if one after another, in one round trip (the
-    /// `reserve_orders` or `reserve_batch` function: see the schema), each
-    /// seeing what the ones before it took, and answers each.
+    /// `reserve_orders` function: see the schema), each seeing what the
+    /// ones before it took, and answers each.
     async fn reserve(
         &self,
         conn: &mut PgConnection,
@@ -80,12 +74,7 @@ impl StockKeeper {
                 quantities.push(quantity);
             }
         }
-        let statement = if orders.len() >= SET_BASED_FROM {
-            "SELECT granted, refusal, repeated FROM reserve_batch($1, $2, $3, $4)"
-        } else {
-            "SELECT granted, refusal, repeated FROM reserve_orders($1, $2, $3, $4)"
-        };
-        let rows = sqlx::query(statement)
+        let rows = sqlx::query("SELECT granted, refusal, repeated FROM reserve_orders($1, $2, $3, $4)")
             .bind(&keys)
             .bind(&item_orders)
             .bind(&products)

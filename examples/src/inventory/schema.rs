@@ -43,83 +43,21 @@ CREATE TABLE IF NOT EXISTS reservation_items (
     PRIMARY KEY (order_id, product_id)
 );
 
--- Decides the orders `order_ids` one after another, each seeing what the
--- ones before it took: a whole batch of OrderCreated in one round trip.
+-- Decides the orders `order_ids` as if one after another, each seeing what
+-- the ones before it took: a whole batch of OrderCreated in one round trip.
 -- Items come flattened: item k belongs to order `item_orders[k]` (1-based).
 --
--- Each order is claimed first: an order seen before (another message id, or
--- a replica racing us, which then waits on the claim) gets the first
--- decision again. A claimed order locks its stock rows in product order,
--- finds the first product short of stock, and only if there is none takes
--- the units and records them; otherwise it is recorded as rejected, with
--- the reason it is answered with.
+-- The orders are claimed first, all at once and in order-id order: an order
+-- seen before (another message id, earlier in this batch, or a replica
+-- racing us, which then waits on the claim) gets the first decision again.
+-- Then the stock rows of the freshly claimed orders' products are locked,
+-- in product order. If each holds those orders' whole demand, every one of
+-- them is granted at once: one statement takes the units and records them.
+-- Otherwise they are decided one after another: each finds the first
+-- product short of stock and, only if there is none, takes the units and
+-- records them; if there is, it is recorded as rejected, with the reason it
+-- is answered with. Every order is then answered with what is recorded.
 CREATE OR REPLACE FUNCTION reserve_orders(
-    order_ids text[], item_orders int[], item_products text[], item_quantities bigint[]
-) RETURNS TABLE (granted boolean, refusal text, repeated boolean)
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    claimed boolean;
-    short_product text;
-    short_available bigint;
-    short_quantity bigint;
-BEGIN
-    FOR i IN 1 .. coalesce(array_length(order_ids, 1), 0) LOOP
-        WITH claim AS (INSERT INTO reservations (order_id, status) VALUES (order_ids[i], 'reserved')
-                       ON CONFLICT (order_id) DO NOTHING RETURNING order_id),
-             wanted AS (SELECT w.product_id, w.quantity
-                        FROM UNNEST(item_orders, item_products, item_quantities) AS w (o, product_id, quantity)
-                        WHERE w.o = i AND EXISTS (SELECT 1 FROM claim)),
-             locked AS (SELECT s.product_id, s.available FROM stock s JOIN wanted w ON w.product_id = s.product_id
-                        ORDER BY s.product_id FOR UPDATE OF s),
-             short AS (SELECT w.product_id, l.available, w.quantity FROM wanted w
-                       LEFT JOIN locked l ON l.product_id = w.product_id
-                       WHERE l.available IS NULL OR l.available < w.quantity ORDER BY w.product_id LIMIT 1),
-             taken AS (UPDATE stock SET available = stock.available - w.quantity,
-                       reserved = stock.reserved + w.quantity FROM wanted w
-                       WHERE stock.product_id = w.product_id AND NOT EXISTS (SELECT 1 FROM short)),
-             items AS (INSERT INTO reservation_items (order_id, product_id, quantity)
-                       SELECT order_ids[i], w.product_id, w.quantity FROM wanted w
-                       WHERE NOT EXISTS (SELECT 1 FROM short))
-        SELECT EXISTS (SELECT 1 FROM claim), s.product_id, s.available, s.quantity
-        INTO claimed, short_product, short_available, short_quantity
-        FROM (SELECT 1) one LEFT JOIN short s ON true;
-
-        repeated := NOT claimed;
-        IF NOT claimed THEN
-            SELECT r.status = 'reserved',
-                   CASE r.status WHEN 'reserved' THEN NULL
-                                 WHEN 'released' THEN 'the order was cancelled'
-                                 ELSE r.reason END
-            INTO granted, refusal
-            FROM reservations r WHERE r.order_id = order_ids[i];
-        ELSIF short_product IS NOT NULL THEN
-            granted := false;
-            refusal := CASE WHEN short_available IS NULL
-                            THEN format('unknown product `%s`', short_product)
-                            ELSE format('insufficient stock for `%s`: %s available, %s wanted',
-                                        short_product, short_available, short_quantity) END;
-            UPDATE reservations SET status = 'rejected', reason = refusal WHERE order_id = order_ids[i];
-        ELSE
-            granted := true;
-            refusal := NULL;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-END
-$fn$;
-
--- The same decisions as `reserve_orders`, for a larger batch: set-based
--- while the batch fits. All orders are claimed at once (in order-id order),
--- then the stock rows of the fresh orders' products are locked in product
--- order; if each has stock for the fresh orders' whole demand, every fresh
--- order is granted, and one statement takes the stock and records the
--- items. Otherwise the fresh orders are decided one after another as in
--- `reserve_orders`. Every order is then answered with its recorded
--- decision, a repeat (seen before, or earlier in this batch) too.
---
--- Three statements instead of one per order, but each costs more: cheaper
--- from a few orders on (measured in docs/performance.md).
-CREATE OR REPLACE FUNCTION reserve_batch(
     order_ids text[], item_orders int[], item_products text[], item_quantities bigint[]
 ) RETURNS TABLE (granted boolean, refusal text, repeated boolean)
 LANGUAGE plpgsql AS $fn$

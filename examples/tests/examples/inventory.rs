@@ -277,6 +277,34 @@ fn answers(replies: Vec<Vec<saga_core::Command>>) -> Vec<Option<StockUpdateResul
         .collect()
 }
 
+/// What the keeper answers `commands` handled as one batch in a
+/// transaction of `batched`, after checking that it answers the same when
+/// they are handled one by one in a transaction of `alone`.
+async fn batched_and_one_by_one(
+    keeper: &StockKeeper,
+    batched: &PostgresStore,
+    alone: &PostgresStore,
+    commands: &[&Message],
+) -> Vec<Option<StockUpdateResult>> {
+    let mut tx = batched.begin().await.expect("begun");
+    let in_batch = answers(keeper.handle_batch(tx.as_mut(), commands).await.expect("handled"));
+    tx.commit().await.expect("committed");
+
+    let mut tx = alone.begin().await.expect("begun");
+    let mut replies = Vec::new();
+    for command in commands {
+        replies.push(keeper.handle(tx.as_mut(), command).await.expect("handled"));
+    }
+    tx.commit().await.expect("committed");
+    assert_eq!(in_batch, answers(replies), "the same answers, batched or one by one");
+    in_batch
+}
+
+/// Each answer as (granted, the reason given).
+fn outcomes(answers: Vec<Option<StockUpdateResult>>) -> Vec<Option<(bool, Option<String>)>> {
+    answers.into_iter().map(|r| r.map(|r| (r.success, r.reason))).collect()
+}
+
 /// What an inventory holds: every product's stock and the orders' reservations.
 async fn holdings(inventory: &Inventory, orders: &[&str]) -> (Vec<StockLevel>, Vec<Option<Reservation>>) {
     let levels = inventory.levels().await.expect("readable");
@@ -316,21 +344,10 @@ async fn a_batch_of_orders_is_decided_as_if_one_after_another() {
     let seed = "p1=5,p2=3";
 
     let (store, batched) = inventory_in(&env, "batched", seed).await;
-    let mut tx = store.begin().await.expect("begun");
-    let in_batch = answers(keeper.handle_batch(tx.as_mut(), &commands).await.expect("handled"));
-    tx.commit().await.expect("committed");
+    let (one_store, alone) = inventory_in(&env, "one_by_one", seed).await;
+    let in_batch = batched_and_one_by_one(&keeper, &store, &one_store, &commands).await;
 
-    let (store, alone) = inventory_in(&env, "one_by_one", seed).await;
-    let mut tx = store.begin().await.expect("begun");
-    let mut replies = Vec::new();
-    for command in &commands {
-        replies.push(keeper.handle(tx.as_mut(), command).await.expect("handled"));
-    }
-    tx.commit().await.expect("committed");
-    assert_eq!(in_batch, answers(replies), "the same answers, batched or one by one");
-
-    let outcome: Vec<Option<(bool, Option<String>)>> =
-        in_batch.into_iter().map(|r| r.map(|r| (r.success, r.reason))).collect();
+    let outcome = outcomes(in_batch);
     let refused_b = Some("insufficient stock for `p1`: 2 available, 3 wanted".to_owned());
     assert_eq!(
         outcome,
@@ -382,8 +399,8 @@ async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
         order_created(names, &earlier_granted, &[("p2", 1)]),
     ];
     let (a, b, c, d) = (new_order_id(), new_order_id(), new_order_id(), new_order_id());
-    // Seven OrderCreated in one run: the set-based path. The fresh orders
-    // want 6 of p1 and 5 of p2 between them, which the stock holds.
+    // The fresh orders want 6 of p1 and 5 of p2 between them, which the
+    // stock holds: all are granted at once.
     let batch: Vec<Message> = vec![
         order_created(names, &a, &[("p1", 2)]),
         order_created(names, &b, &[("p1", 1), ("p2", 2)]),
@@ -406,21 +423,10 @@ async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
         tx.commit().await.expect("committed");
     }
 
-    let mut tx = store.begin().await.expect("begun");
     let commands: Vec<&Message> = batch.iter().collect();
-    let in_batch = answers(keeper.handle_batch(tx.as_mut(), &commands).await.expect("handled"));
-    tx.commit().await.expect("committed");
+    let in_batch = batched_and_one_by_one(&keeper, &store, &one_store, &commands).await;
 
-    let mut tx = one_store.begin().await.expect("begun");
-    let mut replies = Vec::new();
-    for command in &batch {
-        replies.push(keeper.handle(tx.as_mut(), command).await.expect("handled"));
-    }
-    tx.commit().await.expect("committed");
-    assert_eq!(in_batch, answers(replies), "the same answers, batched or one by one");
-
-    let outcome: Vec<Option<(bool, Option<String>)>> =
-        in_batch.into_iter().map(|r| r.map(|r| (r.success, r.reason))).collect();
+    let outcome = outcomes(in_batch);
     let refused = Some("insufficient stock for `p1`: 10 available, 20 wanted".to_owned());
     let granted = Some((true, None));
     assert_eq!(
