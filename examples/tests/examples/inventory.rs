@@ -300,6 +300,15 @@ async fn batched_and_one_by_one(
     in_batch
 }
 
+/// `product`'s stock level.
+fn level(product: &str, available: i64, reserved: i64) -> StockLevel {
+    StockLevel {
+        product_id: product.to_owned(),
+        available,
+        reserved,
+    }
+}
+
 /// Each answer as (granted, the reason given).
 fn outcomes(answers: Vec<Option<StockUpdateResult>>) -> Vec<Option<(bool, Option<String>)>> {
     answers.into_iter().map(|r| r.map(|r| (r.success, r.reason))).collect()
@@ -365,11 +374,6 @@ async fn a_batch_of_orders_is_decided_as_if_one_after_another() {
     let orders = [a.as_str(), b.as_str(), c.as_str(), d.as_str(), e.as_str()];
     let held = holdings(&batched, &orders).await;
     assert_eq!(held, holdings(&alone, &orders).await, "the same stock and reservations");
-    let level = |product: &str, available, reserved| StockLevel {
-        product_id: product.to_owned(),
-        available,
-        reserved,
-    };
     assert_eq!(
         held.0,
         [level("p1", 0, 5), level("p2", 0, 3)],
@@ -444,11 +448,6 @@ async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
     let orders = [a.as_str(), b.as_str(), c.as_str(), d.as_str(), earlier_refused.as_str()];
     let held = holdings(&batched, &orders).await;
     assert_eq!(held, holdings(&alone, &orders).await, "the same stock and reservations");
-    let level = |product: &str, available, reserved| StockLevel {
-        product_id: product.to_owned(),
-        available,
-        reserved,
-    };
     assert_eq!(
         held.0,
         [level("p1", 4, 6), level("p2", 4, 6)],
