@@ -465,10 +465,8 @@ async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
             _ => order_created(names, order, &[("p2", 1)]),
         })
         .collect();
-    let mut tx = store.begin().await.expect("begun");
     let commands: Vec<&Message> = batch.iter().collect();
-    let in_batch = answers(keeper.handle_batch(tx.as_mut(), &commands).await.expect("handled"));
-    tx.commit().await.expect("committed");
+    let in_batch = batched_and_one_by_one(&keeper, &store, &one_store, &commands).await;
     let outcome: Vec<bool> = in_batch.iter().map(|r| r.as_ref().is_some_and(|r| r.success)).collect();
     assert_eq!(outcome, [true, true, false, true, true]);
     assert_eq!(
@@ -476,6 +474,7 @@ async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
         Some("unknown product `unobtainium`")
     );
     let levels = batched.levels().await.expect("readable");
+    assert_eq!(levels, alone.levels().await.expect("readable"), "the same stock");
     assert_eq!(
         levels,
         [level("p1", 4, 6), level("p2", 0, 10)],
