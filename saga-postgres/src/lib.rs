@@ -10,6 +10,7 @@ mod staged;
 mod statement;
 mod store;
 mod transaction;
+mod warm;
 
 use saga_core::{StoreError, Transaction};
 use sqlx::PgConnection;

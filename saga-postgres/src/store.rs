@@ -19,6 +19,7 @@ use crate::growth::Growth;
 use crate::retention::RetentionConfig;
 use crate::row::{self, instance_columns};
 use crate::transaction::{Batcher, CommitBatching, PostgresTransaction};
+use crate::warm::Connections;
 
 /// How a [`PostgresStore`] behaves. Table names are fixed; to keep the
 /// tables in their own schema, set `search_path` on the pool's connections
@@ -104,6 +105,8 @@ impl Default for PostgresStoreConfig {
 /// What the store and its transactions share.
 pub(crate) struct Shared {
     pub(crate) pool: PgPool,
+    /// The pool again, with the connection of the last statement kept warm.
+    pub(crate) warm: Connections,
     pub(crate) config: PostgresStoreConfig,
     /// Wakes relays of this process at once when this process commits messages.
     local: Notify,
@@ -324,6 +327,7 @@ impl PostgresStore {
         let growth = Growth::new(config.analyze_while_growing);
         Self {
             shared: Arc::new(Shared {
+                warm: Connections::new(pool.clone()),
                 pool,
                 config,
                 local: Notify::new(),
@@ -514,7 +518,10 @@ impl PostgresStore {
                 "UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL",
             )
         };
-        query.bind(ids).execute(&self.shared.pool).await.map_err(store_error)?;
+        let warm = &self.shared.warm;
+        let mut conn = warm.acquire().await.map_err(store_error)?;
+        query.bind(ids).execute(&mut *conn).await.map_err(store_error)?;
+        warm.release(conn);
         Ok(())
     }
 
@@ -523,6 +530,8 @@ impl PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let warm = &self.shared.warm;
+        let mut conn = warm.acquire().await.map_err(store_error)?;
         // `locked`: available rows in id order, skipping rows other claims,
         // releases or marks are working on. A row is claimed only if every
         // earlier unsent row of its saga is claimed with it: the saga's first
@@ -554,9 +563,10 @@ impl PostgresStore {
         )
         .bind(db_limit(limit))
         .bind(lease_millis(lease))
-        .fetch_all(&self.shared.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(store_error)?;
+        warm.release(conn);
         let mut entries = rows.iter().map(row::outbox_entry).collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.id);
         Ok(entries)

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use saga_core::{Cause, Message, MessageId, OutboxEntry, SagaId, SagaInstance, StoreError, Transaction, Transition};
 use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgTransactionManager;
 use sqlx::{PgConnection, Postgres};
+use sqlx_core::transaction::TransactionManager as _;
 use uuid::Uuid;
 
 use crate::error::store_error;
@@ -53,12 +55,16 @@ pub use batch::CommitBatching;
 /// [`flush`](Self::flush) if application SQL must see them.
 pub struct PostgresTransaction {
     shared: Arc<Shared>,
-    /// The pool connection, taken by the inbox read and kept to the commit,
-    /// so a transition acquires (and sqlx pings) a connection once.
+    /// The connection, taken by the inbox read or the first application
+    /// statement and kept to the commit, so a transition acquires one once.
     held: Option<PoolConnection<Postgres>>,
-    /// Opened only when application code needs the connection, or the
-    /// writes do not fit in one statement.
-    tx: Option<sqlx::Transaction<'static, Postgres>>,
+    /// Whether `held` is in a transaction (`BEGIN` sent). Opened only when
+    /// application code needs the connection, or the writes do not fit in
+    /// one statement. Driven with sqlx's transaction manager rather than a
+    /// `sqlx::Transaction`, which would give the connection back to the pool
+    /// and not to the store's warm slot; nested `begin`s on it still become
+    /// savepoints.
+    open: bool,
     instances: Vec<InstanceWrite>,
     rest: Rest,
     /// Messages enqueued.
@@ -95,7 +101,7 @@ impl PostgresTransaction {
         Self {
             shared,
             held: None,
-            tx: None,
+            open: false,
             instances: Vec::new(),
             rest: Rest::default(),
             enqueued: 0,
@@ -107,17 +113,12 @@ impl PostgresTransaction {
     /// use: application SQL executed on it commits or rolls back with the
     /// saga's writes.
     pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
-        let tx = match self.tx.take() {
-            Some(tx) => tx,
-            None => {
-                let conn = match self.held.take() {
-                    Some(conn) => conn,
-                    None => self.shared.pool.acquire().await.map_err(store_error)?,
-                };
-                sqlx::Transaction::begin(conn, None).await.map_err(store_error)?
-            }
-        };
-        Ok(&mut **self.tx.insert(tx))
+        let conn = held_connection(&mut self.held, &self.shared).await?;
+        if !self.open {
+            PgTransactionManager::begin(conn, None).await.map_err(store_error)?;
+            self.open = true;
+        }
+        Ok(conn)
     }
 
     /// Stages an application write for the commit statement (see
@@ -151,6 +152,51 @@ impl PostgresTransaction {
         self.handed_off.extend(handed_off);
         Ok(())
     }
+}
+
+/// The connection in `held`, acquired on first use.
+async fn held_connection<'a>(
+    held: &'a mut Option<PoolConnection<Postgres>>,
+    shared: &Shared,
+) -> Result<&'a mut PgConnection, StoreError> {
+    if held.is_none() {
+        *held = Some(shared.warm.acquire().await.map_err(store_error)?);
+    }
+    held.as_deref_mut()
+        .ok_or_else(|| StoreError::Unavailable("the connection was not kept".into()))
+}
+
+/// Runs one combined statement on `held`, or on a connection of the store's
+/// own, then keeps the connection warm for the next statement.
+async fn write_alone(
+    held: Option<PoolConnection<Postgres>>,
+    shared: &Shared,
+    write: Option<InstanceWrite>,
+    rest: Rest,
+) -> Result<Vec<OutboxEntry>, StoreError> {
+    let mut conn = match held {
+        Some(conn) => conn,
+        None => shared.warm.acquire().await.map_err(store_error)?,
+    };
+    let written = write_all(&mut *conn, shared, write, rest).await;
+    if left_connection_usable(&written) {
+        shared.warm.release(conn);
+    }
+    written
+}
+
+/// Whether a connection is fit for the next statement after this outcome of
+/// a statement on it: after success, or a refusal the database decided.
+/// Anything else (the connection may be broken) goes back to the pool,
+/// which gives it out again only after its usual checks.
+fn left_connection_usable<T>(outcome: &Result<T, StoreError>) -> bool {
+    matches!(
+        outcome,
+        Ok(_)
+            | Err(StoreError::Conflict { .. }
+                | StoreError::ConsumedConcurrently { .. }
+                | StoreError::AlreadyExists { .. })
+    )
 }
 
 /// Runs one combined statement (see [`crate::statement`]); maps "nothing
@@ -553,17 +599,10 @@ impl Transaction for PostgresTransaction {
         )
         .bind(consumer)
         .bind(message.as_str());
-        let seen = match &mut self.tx {
-            Some(tx) => query.fetch_one(&mut **tx).await,
-            None => {
-                let conn = match &mut self.held {
-                    Some(conn) => conn,
-                    None => self.held.insert(self.shared.pool.acquire().await.map_err(store_error)?),
-                };
-                query.fetch_one(&mut **conn).await
-            }
-        }
-        .map_err(store_error)?;
+        let seen = query
+            .fetch_one(held_connection(&mut self.held, &self.shared).await?)
+            .await
+            .map_err(store_error)?;
         if seen {
             return Ok(false);
         }
@@ -609,7 +648,7 @@ impl Transaction for PostgresTransaction {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        let result = if self.tx.is_none() && self.instances.len() <= 1 {
+        let result = if !self.open && self.instances.len() <= 1 {
             // Everything fits in one statement: it is its own transaction.
             let write = self.instances.pop();
             let rest = std::mem::take(&mut self.rest);
@@ -626,25 +665,20 @@ impl Transaction for PostgresTransaction {
                     // Shares a statement with concurrent transitions.
                     batch::commit(&shared, batch::Batched::new(write, rest)).await
                 } else {
-                    write_all(&shared.pool, &shared, Some(write), rest).await
+                    write_alone(held, &shared, Some(write), rest).await
                 }
-            } else if let Some(mut conn) = held {
-                write_all(&mut *conn, &shared, write, rest).await
             } else {
-                write_all(&shared.pool, &shared, write, rest).await
+                write_alone(held, &shared, write, rest).await
             };
             written.map(|handed| self.handed_off.extend(handed))
         } else {
             match self.flush().await {
-                Ok(()) => match self.tx.take() {
-                    Some(tx) => tx.commit().await.map_err(store_error),
-                    None => Ok(()),
-                },
+                Ok(()) => self.commit_open().await,
                 Err(e) => Err(e),
             }
         };
         // Give the connection back before reading with another one.
-        drop(self.held.take());
+        self.give_back();
         let result = self.with_actual_revision(result).await;
         if result.is_ok() {
             self.shared.growth.committed(&self.shared.pool);
@@ -663,7 +697,38 @@ impl Transaction for PostgresTransaction {
     }
 }
 
+impl Drop for PostgresTransaction {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
 impl PostgresTransaction {
+    /// Commits the transaction `held` is in, if it is in one.
+    async fn commit_open(&mut self) -> Result<(), StoreError> {
+        let Some(conn) = self.held.as_mut().filter(|_| self.open) else {
+            return Ok(());
+        };
+        PgTransactionManager::commit(conn).await.map_err(store_error)?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Gives the held connection back: to the store's warm slot when no
+    /// transaction is left open on it, else to the pool with its rollback
+    /// queued (as a dropped `sqlx::Transaction` does).
+    fn give_back(&mut self) {
+        let Some(mut conn) = self.held.take() else {
+            return;
+        };
+        if self.open {
+            PgTransactionManager::start_rollback(&mut conn);
+            self.open = false;
+        } else {
+            self.shared.warm.release(conn);
+        }
+    }
+
     /// Fills in the revision a conflicting writer left, read after the fact.
     async fn with_actual_revision(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
         match result {

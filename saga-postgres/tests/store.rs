@@ -1559,3 +1559,49 @@ async fn tables_that_outgrow_their_statistics_are_analyzed_as_they_grow() {
         "analyzed at the 25th commit: all 55 rows counted"
     );
 }
+
+/// A store runs its next statement on the connection it used last, not on
+/// the pool's oldest idle one, so a backend stays warm; and once the store
+/// is idle, it gives that connection back for the pool's other users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_reuses_its_last_connection_and_gives_it_back_when_idle() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let pool = store.pool().clone();
+    // Three idle connections in the pool, which hands out the oldest first.
+    let mut opened = Vec::new();
+    for _ in 0..3 {
+        opened.push(pool.acquire().await.expect("acquire"));
+    }
+    drop(opened);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut backends = Vec::new();
+    for n in 0..5 {
+        let mut tx = store.begin_postgres();
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(tx.connection().await.expect("connection"))
+            .await
+            .expect("backend pid");
+        backends.push(backend);
+        let instance = sample_instance("orders", Some(&format!("warm-{n}")));
+        use saga_core::Transaction as _;
+        tx.insert(&instance).await.expect("insert");
+        Box::new(tx).commit().await.expect("commit");
+    }
+    assert!(
+        backends.windows(2).all(|pair| pair[0] == pair[1]),
+        "one backend for consecutive transactions: {backends:?}"
+    );
+
+    // All four connections of the pool, the store's among them.
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let conn = tokio::time::timeout(Duration::from_secs(2), pool.acquire())
+            .await
+            .unwrap_or_else(|_| panic!("connection {n} given within 2 s"))
+            .expect("acquire");
+        held.push(conn);
+    }
+    assert_eq!(pool.size(), 4);
+}

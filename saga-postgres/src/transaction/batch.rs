@@ -37,7 +37,8 @@ use std::time::Duration;
 use saga_core::{Linger, OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
-use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_all};
+use super::{InstanceValues, InstanceWrite, PgBatched, Rest, left_connection_usable, write_all};
+use crate::error::store_error;
 use crate::staged::StagedWrite;
 use crate::statement::{INSTANCE_COLUMNS, Rows, not_recorded, predecessor_sent};
 use crate::store::Shared;
@@ -336,7 +337,12 @@ async fn run(shared: Arc<Shared>) {
 
 /// One transition in a statement of its own.
 async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, StoreError> {
-    write_all(&shared.pool, shared, Some(item.write), item.rest).await
+    let mut conn = shared.warm.acquire().await.map_err(store_error)?;
+    let written = write_all(&mut *conn, shared, Some(item.write), item.rest).await;
+    if left_connection_usable(&written) {
+        shared.warm.release(conn);
+    }
+    written
 }
 
 /// Writes `items` in one statement. For each item: the outbox rows leased
@@ -417,8 +423,22 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
         false => query,
     };
     let mut outcomes: Vec<Option<Vec<OutboxEntry>>> = (0..items.len()).map(|_| None).collect();
-    let rows = match query.fetch_all(&shared.pool).await {
-        Ok(rows) => rows,
+    let mut conn = match shared.warm.acquire().await {
+        Ok(conn) => conn,
+        Err(error @ sqlx::Error::PoolTimedOut) => {
+            tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection");
+            return Err(error);
+        }
+        Err(error) => {
+            tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection; each transition runs alone");
+            return Ok(outcomes);
+        }
+    };
+    let rows = match query.fetch_all(&mut *conn).await {
+        Ok(rows) => {
+            shared.warm.release(conn);
+            rows
+        }
         Err(error @ sqlx::Error::PoolTimedOut) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection");
             return Err(error);
