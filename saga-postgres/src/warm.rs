@@ -14,7 +14,7 @@
 //! idle store holds no connection the pool's other users could need.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
@@ -32,7 +32,6 @@ const KEPT_AT_MOST: Duration = Duration::from_millis(20);
 pub(crate) struct Connections {
     pool: PgPool,
     kept: Arc<Kept>,
-    returner: Once,
 }
 
 type Aside = Option<(PoolConnection<Postgres>, Instant)>;
@@ -43,6 +42,8 @@ struct Kept {
     filled: Notify,
     /// The store is gone: the returner task ends.
     closed: AtomicBool,
+    /// The returner task runs (it ends with its runtime too).
+    returning: AtomicBool,
 }
 
 impl Kept {
@@ -59,8 +60,8 @@ impl Connections {
                 slot: Mutex::new(None),
                 filled: Notify::new(),
                 closed: AtomicBool::new(false),
+                returning: AtomicBool::new(false),
             }),
-            returner: Once::new(),
         }
     }
 
@@ -87,9 +88,13 @@ impl Connections {
         if exhausted || pool.is_closed() {
             return;
         }
-        self.returner.call_once(|| {
-            tokio::spawn(give_back_when_unused(Arc::clone(&self.kept)));
-        });
+        // Nothing is kept where no task would give it back.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.kept.returning.swap(true, Ordering::AcqRel) {
+            runtime.spawn(give_back_when_unused(Arc::clone(&self.kept)));
+        }
         let Ok(mut slot) = self.kept.slot.lock() else {
             return;
         };
@@ -112,6 +117,16 @@ impl Drop for Connections {
 /// Gives the kept connection back to the pool once it has been aside for
 /// [`KEPT_AT_MOST`]; ends when the store is gone.
 async fn give_back_when_unused(kept: Arc<Kept>) {
+    /// Lets the next release start the task again if this one is dropped
+    /// with its runtime.
+    struct Returning(Arc<Kept>);
+    impl Drop for Returning {
+        fn drop(&mut self) {
+            self.0.returning.store(false, Ordering::Release);
+        }
+    }
+    let returning = Returning(kept);
+    let kept = &returning.0;
     loop {
         kept.filled.notified().await;
         loop {
