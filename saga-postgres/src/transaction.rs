@@ -115,10 +115,17 @@ impl PostgresTransaction {
     pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
         let conn = held_connection(&mut self.held, &self.shared).await?;
         if !self.open {
-            PgTransactionManager::begin(conn, None).await.map_err(store_error)?;
+            if let Err(error) = PgTransactionManager::begin(conn, None).await {
+                // sqlx queued the rollback if `BEGIN` went through; the pool
+                // checks the connection before anyone gets it again.
+                drop(self.held.take());
+                return Err(store_error(error));
+            }
             self.open = true;
         }
-        Ok(conn)
+        // Looked up again, as the borrow checker cannot return `conn` from a
+        // function that may also drop it.
+        held_connection(&mut self.held, &self.shared).await
     }
 
     /// Stages an application write for the commit statement (see
@@ -599,10 +606,17 @@ impl Transaction for PostgresTransaction {
         )
         .bind(consumer)
         .bind(message.as_str());
-        let seen = query
+        let seen = match query
             .fetch_one(held_connection(&mut self.held, &self.shared).await?)
             .await
-            .map_err(store_error)?;
+        {
+            Ok(seen) => seen,
+            Err(error) => {
+                // The connection may be broken: back to the pool, which checks it.
+                drop(self.held.take());
+                return Err(store_error(error));
+            }
+        };
         if seen {
             return Ok(false);
         }

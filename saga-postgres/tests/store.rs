@@ -1605,3 +1605,39 @@ async fn a_store_reuses_its_last_connection_and_gives_it_back_when_idle() {
     }
     assert_eq!(pool.size(), 4);
 }
+
+/// A kept connection the server closed fails one statement at most, as a
+/// pooled one would, and is not kept again: the retry gets another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_the_server_closed_fails_once_and_is_replaced() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let backend_of_next_transaction = || async {
+        let mut tx = store.begin_postgres();
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(tx.connection().await.expect("connection"))
+            .await
+            .expect("backend pid");
+        use saga_core::Transaction as _;
+        Box::new(tx).commit().await.expect("commit");
+        backend
+    };
+    let kept = backend_of_next_transaction().await;
+    let admin = db.pool(1).await;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(kept)
+        .fetch_one(&admin)
+        .await
+        .expect("terminate");
+    assert!(terminated, "backend {kept} terminated");
+
+    let first = start(&store, &sample_instance("orders", Some("after-kill-1"))).await;
+    assert!(
+        matches!(first, Ok(()) | Err(StoreError::Unavailable(_))),
+        "the dead connection's statement is retryable: {first:?}"
+    );
+    start(&store, &sample_instance("orders", Some("after-kill-2")))
+        .await
+        .expect("the next statement runs on a live connection");
+    assert_ne!(backend_of_next_transaction().await, kept);
+}
