@@ -439,10 +439,6 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
             shared.warm.release(conn);
             rows
         }
-        Err(error @ sqlx::Error::PoolTimedOut) => {
-            tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection");
-            return Err(error);
-        }
         Err(error) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement failed; each transition runs alone");
             return Ok(outcomes);
