@@ -37,8 +37,7 @@ use std::time::Duration;
 use saga_core::{Linger, OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
-use super::{InstanceValues, InstanceWrite, PgBatched, Rest, left_connection_usable, write_all};
-use crate::error::store_error;
+use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_alone};
 use crate::staged::StagedWrite;
 use crate::statement::{INSTANCE_COLUMNS, Rows, not_recorded, predecessor_sent};
 use crate::store::Shared;
@@ -241,7 +240,7 @@ impl Batcher {
 }
 
 /// Commits `item` in the next statement with room, returning the outbox
-/// rows leased to this process's relay (as [`write_all`] does).
+/// rows leased to this process's relay (as [`write_all`](super::write_all) does).
 pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<OutboxEntry>, StoreError> {
     let (reply, answer) = oneshot::channel();
     let start_runner = {
@@ -337,12 +336,7 @@ async fn run(shared: Arc<Shared>) {
 
 /// One transition in a statement of its own.
 async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, StoreError> {
-    let mut conn = shared.warm.acquire().await.map_err(store_error)?;
-    let written = write_all(&mut *conn, shared, Some(item.write), item.rest).await;
-    if left_connection_usable(&written) {
-        shared.warm.release(conn);
-    }
-    written
+    write_alone(None, shared, Some(item.write), item.rest).await
 }
 
 /// Writes `items` in one statement. For each item: the outbox rows leased
