@@ -517,6 +517,7 @@ fn production(
         })?
         .options(saga_postgres::SESSION_SETTINGS);
     let pool = PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
         // Bounds how long a request waits while the database is away.
         .acquire_timeout(Duration::from_secs(2))
         // No ping per acquire (a round trip, several per saga): a connection

@@ -243,6 +243,10 @@ pub struct Config {
     /// together share the engine's group commits, so near the machine's
     /// limit more of them mean fewer, larger statements.
     pub stock_reply_concurrency: usize,
+    /// `DATABASE_MAX_CONNECTIONS` (default 10, 2 to 1,000): the most
+    /// PostgreSQL connections the service opens (production mode). The saga
+    /// store's listener for other replicas' commits holds one of them.
+    pub database_max_connections: u32,
 }
 
 /// How long the saga store keeps rows it no longer needs, so its tables do
@@ -337,6 +341,7 @@ impl Default for Config {
             cached_instances: None,
             commit_linger: DEFAULT_LINGER,
             stock_reply_concurrency: DEFAULT_STOCK_REPLY_CONCURRENCY,
+            database_max_connections: DEFAULT_DATABASE_MAX_CONNECTIONS,
         }
     }
 }
@@ -409,15 +414,7 @@ impl Config {
             None => defaults.dashboard_stuck_after,
         };
         let dashboard_window_minutes = match get("DASHBOARD_WINDOW_MINUTES") {
-            Some(value) => match value.parse::<u32>() {
-                Ok(minutes @ 1..=60) => minutes,
-                _ => {
-                    return Err(ConfigError::new(
-                        "DASHBOARD_WINDOW_MINUTES",
-                        format_args!("expected a whole number of minutes from 1 to 60, got `{value}`"),
-                    ));
-                }
-            },
+            Some(value) => parse_count("DASHBOARD_WINDOW_MINUTES", &value, 1..=60, "minutes")?,
             None => defaults.dashboard_window_minutes,
         };
         let cached_instances = match get("CACHED_INSTANCES") {
@@ -434,18 +431,17 @@ impl Config {
             None => defaults.commit_linger,
         };
         let stock_reply_concurrency = match get("STOCK_REPLY_CONCURRENCY") {
-            Some(value) => match value.parse::<usize>() {
-                Ok(count @ 1..=MAX_STOCK_REPLY_CONCURRENCY) => count,
-                _ => {
-                    return Err(ConfigError::new(
-                        "STOCK_REPLY_CONCURRENCY",
-                        format_args!(
-                            "expected a whole number of messages from 1 to {MAX_STOCK_REPLY_CONCURRENCY}, got `{value}`"
-                        ),
-                    ));
-                }
-            },
+            Some(value) => parse_count(
+                "STOCK_REPLY_CONCURRENCY",
+                &value,
+                1..=MAX_STOCK_REPLY_CONCURRENCY,
+                "messages",
+            )?,
             None => defaults.stock_reply_concurrency,
+        };
+        let database_max_connections = match get("DATABASE_MAX_CONNECTIONS") {
+            Some(value) => parse_count("DATABASE_MAX_CONNECTIONS", &value, 2..=1000, "connections")?,
+            None => defaults.database_max_connections,
         };
         Ok(Self {
             grpc,
@@ -462,7 +458,32 @@ impl Config {
             cached_instances,
             commit_linger,
             stock_reply_concurrency,
+            database_max_connections,
         })
+    }
+}
+
+/// A whole number of `unit` within `range`, or an error naming `variable`
+/// and the range.
+fn parse_count<T>(
+    variable: &'static str,
+    value: &str,
+    range: std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    match value.parse::<T>() {
+        Ok(count) if range.contains(&count) => Ok(count),
+        _ => Err(ConfigError::new(
+            variable,
+            format_args!(
+                "expected a whole number of {unit} from {} to {}, got `{value}`",
+                range.start(),
+                range.end()
+            ),
+        )),
     }
 }
 
@@ -492,6 +513,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 /// in the load test's closed loop 16 held it at 2,481 sagas/s, replies
 /// queueing for the engine; 48 gave 2,728–2,754 (docs/performance.md).
 pub const DEFAULT_STOCK_REPLY_CONCURRENCY: usize = 64;
+
+/// `DATABASE_MAX_CONNECTIONS` when unset: sqlx's own default.
+pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 10;
 
 /// The most stock replies handled at once `STOCK_REPLY_CONCURRENCY` accepts.
 const MAX_STOCK_REPLY_CONCURRENCY: usize = 1024;
@@ -695,6 +719,27 @@ mod tests {
             let error = config(&[("STOCK_REPLY_CONCURRENCY", bad)]).expect_err(bad);
             assert_eq!(error.variable, "STOCK_REPLY_CONCURRENCY", "{bad}");
             assert!(error.to_string().contains("1 to 1024"), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_database_pool_is_bounded_and_leaves_room_beside_the_listener() {
+        assert_eq!(
+            config(&[]).map(|c| c.database_max_connections),
+            Ok(DEFAULT_DATABASE_MAX_CONNECTIONS)
+        );
+        assert_eq!(
+            config(&[("DATABASE_MAX_CONNECTIONS", "2")]).map(|c| c.database_max_connections),
+            Ok(2)
+        );
+        assert_eq!(
+            config(&[("DATABASE_MAX_CONNECTIONS", " 1000 ")]).map(|c| c.database_max_connections),
+            Ok(1000)
+        );
+        for bad in ["1", "0", "1001", "-4", "ten"] {
+            let error = config(&[("DATABASE_MAX_CONNECTIONS", bad)]).expect_err(bad);
+            assert_eq!(error.variable, "DATABASE_MAX_CONNECTIONS", "{bad}");
+            assert!(error.to_string().contains("2 to 1000"), "{error}");
         }
     }
 
