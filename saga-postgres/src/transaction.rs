@@ -612,8 +612,12 @@ impl Transaction for PostgresTransaction {
         {
             Ok(seen) => seen,
             Err(error) => {
-                // The connection may be broken: back to the pool, which checks it.
-                drop(self.held.take());
+                // The connection may be broken: back to the pool, which
+                // checks it. Inside a transaction it stays, so the commit
+                // fails rather than write the rest without what came before.
+                if !self.open {
+                    drop(self.held.take());
+                }
                 return Err(store_error(error));
             }
         };

@@ -1641,3 +1641,44 @@ async fn a_kept_connection_the_server_closed_fails_once_and_is_replaced() {
         .expect("the next statement runs on a live connection");
     assert_ne!(backend_of_next_transaction().await, kept);
 }
+
+/// An inbox read that fails inside a transaction the application opened
+/// leaves that transaction as it is: the commit fails, nothing of it is
+/// written, and the connection is not handed on mid-transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_read_failing_in_an_open_transaction_fails_its_commit() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    sqlx::query("CREATE TABLE orders (id uuid PRIMARY KEY)")
+        .execute(store.pool())
+        .await
+        .expect("create table");
+    let instance = sample_instance("orders", Some("aborted"));
+    let mut tx = store.begin_postgres();
+    use saga_core::Transaction as _;
+    sqlx::query("INSERT INTO orders (id) VALUES ($1)")
+        .bind(instance.id.as_uuid())
+        .execute(tx.connection().await.expect("connection"))
+        .await
+        .expect("application write");
+    // The application's next statement fails: PostgreSQL aborts the transaction.
+    let failed = sqlx::query("SELECT 1 / 0")
+        .execute(tx.connection().await.expect("connection"))
+        .await;
+    assert!(failed.is_err(), "division by zero fails");
+    let read = tx.consume("participant", &MessageId::new()).await;
+    assert!(
+        read.is_err(),
+        "the inbox read fails in the aborted transaction: {read:?}"
+    );
+    tx.insert(&instance).await.expect("insert");
+    let committed = Box::new(tx).commit().await;
+    assert!(
+        committed.is_err(),
+        "the commit of an aborted transaction fails: {committed:?}"
+    );
+
+    let pool = store.pool();
+    assert_eq!(count(pool, "SELECT count(*) FROM orders").await, 0);
+    assert_eq!(count(pool, "SELECT count(*) FROM saga_instances").await, 0);
+}
