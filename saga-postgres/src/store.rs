@@ -104,9 +104,8 @@ impl Default for PostgresStoreConfig {
 
 /// What the store and its transactions share.
 pub(crate) struct Shared {
-    pub(crate) pool: PgPool,
-    /// The pool again, with the connection of the last statement kept warm.
-    pub(crate) warm: Connections,
+    /// The pool, with the connection of the last statement kept warm.
+    pub(crate) connections: Connections,
     pub(crate) config: PostgresStoreConfig,
     /// Wakes relays of this process at once when this process commits messages.
     local: Notify,
@@ -245,7 +244,7 @@ impl Shared {
             return; // the running task sends a NOTIFY after this commit
         }
         let notifier = Arc::clone(notifier);
-        let pool = self.pool.clone();
+        let pool = self.connections.pool().clone();
         let channel = self.config.notify_channel.clone();
         let interval = self.config.notify_interval;
         tokio::spawn(async move {
@@ -327,8 +326,7 @@ impl PostgresStore {
         let growth = Growth::new(config.analyze_while_growing);
         Self {
             shared: Arc::new(Shared {
-                warm: Connections::new(pool.clone()),
-                pool,
+                connections: Connections::new(pool),
                 config,
                 local: Notify::new(),
                 mark_now: Notify::new(),
@@ -355,7 +353,7 @@ impl PostgresStore {
 
     /// The pool.
     pub fn pool(&self) -> &PgPool {
-        &self.shared.pool
+        self.shared.connections.pool()
     }
 
     /// The configuration.
@@ -382,7 +380,7 @@ impl PostgresStore {
         shared
             .listener
             .get_or_init(|| async {
-                let pool = shared.pool.clone();
+                let pool = shared.connections.pool().clone();
                 let channel = shared.config.notify_channel.clone();
                 let wake = Arc::clone(&shared.remote);
                 let dirty = Arc::clone(&shared.remote_dirty);
@@ -432,7 +430,7 @@ impl SagaStore for PostgresStore {
             " FROM saga_instances WHERE id = $1"
         ))
         .bind(id.as_uuid())
-        .fetch_optional(&self.shared.pool)
+        .fetch_optional(self.shared.connections.pool())
         .await
         .map_err(store_error)?;
         row.as_ref().map(row::instance).transpose()
@@ -443,7 +441,7 @@ impl SagaStore for PostgresStore {
             sqlx::query_scalar("SELECT id FROM saga_instances WHERE definition = $1 AND key = $2")
                 .bind(definition)
                 .bind(key)
-                .fetch_optional(&self.shared.pool)
+                .fetch_optional(self.shared.connections.pool())
                 .await
                 .map_err(store_error)?;
         Ok(id.map(SagaId::from_uuid))
@@ -457,7 +455,7 @@ impl SagaStore for PostgresStore {
         ))
         .bind(definition)
         .bind(key)
-        .fetch_optional(&self.shared.pool)
+        .fetch_optional(self.shared.connections.pool())
         .await
         .map_err(store_error)?;
         row.as_ref().map(row::instance).transpose()
@@ -518,10 +516,10 @@ impl PostgresStore {
                 "UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL",
             )
         };
-        let warm = &self.shared.warm;
-        let mut conn = warm.acquire().await.map_err(store_error)?;
+        let connections = &self.shared.connections;
+        let mut conn = connections.acquire().await.map_err(store_error)?;
         query.bind(ids).execute(&mut *conn).await.map_err(store_error)?;
-        warm.release(conn);
+        connections.release(conn);
         Ok(())
     }
 
@@ -530,8 +528,8 @@ impl PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let warm = &self.shared.warm;
-        let mut conn = warm.acquire().await.map_err(store_error)?;
+        let connections = &self.shared.connections;
+        let mut conn = connections.acquire().await.map_err(store_error)?;
         // `locked`: available rows in id order, skipping rows other claims,
         // releases or marks are working on. A row is claimed only if every
         // earlier unsent row of its saga is claimed with it: the saga's first
@@ -566,7 +564,7 @@ impl PostgresStore {
         .fetch_all(&mut *conn)
         .await
         .map_err(store_error)?;
-        warm.release(conn);
+        connections.release(conn);
         let mut entries = rows.iter().map(row::outbox_entry).collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.id);
         Ok(entries)
@@ -717,7 +715,7 @@ impl OutboxStore for PostgresStore {
         }
         sqlx::query("UPDATE saga_outbox SET claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL")
             .bind(ids)
-            .execute(&self.shared.pool)
+            .execute(self.shared.connections.pool())
             .await
             .map_err(store_error)?;
         // Back in the table: the next claim reads it.
@@ -750,7 +748,7 @@ impl DeadlineStore for PostgresStore {
         )
         .bind(now.as_millis())
         .bind(db_limit(limit))
-        .fetch_all(&self.shared.pool)
+        .fetch_all(self.shared.connections.pool())
         .await
         .map_err(store_error)?;
         Ok(rows
@@ -771,7 +769,7 @@ impl QueryStore for PostgresStore {
              WHERE saga_id = $1 ORDER BY revision",
         )
         .bind(id.as_uuid())
-        .fetch_all(&self.shared.pool)
+        .fetch_all(self.shared.connections.pool())
         .await
         .map_err(store_error)?;
         rows.iter().map(row::transition).collect()
@@ -802,7 +800,7 @@ impl QueryStore for PostgresStore {
         .bind(filter.stuck_since.map(|t| t.as_millis()))
         .bind(filter.after.map(|c| c.updated_at.as_millis()))
         .bind(filter.after.map(|c| *c.id.as_uuid()))
-        .fetch_all(&self.shared.pool)
+        .fetch_all(self.shared.connections.pool())
         .await
         .map_err(store_error)?;
         rows.iter().map(row::instance).collect()

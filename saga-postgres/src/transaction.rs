@@ -113,19 +113,16 @@ impl PostgresTransaction {
     /// use: application SQL executed on it commits or rolls back with the
     /// saga's writes.
     pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
-        let conn = held_connection(&mut self.held, &self.shared).await?;
+        let mut conn = take_held(&mut self.held, &self.shared).await?;
         if !self.open {
-            if let Err(error) = PgTransactionManager::begin(conn, None).await {
-                // sqlx queued the rollback if `BEGIN` went through; the pool
-                // checks the connection before anyone gets it again.
-                drop(self.held.take());
-                return Err(store_error(error));
-            }
+            // On failure the connection goes to the pool, which checks it
+            // (sqlx queued the rollback if `BEGIN` went through).
+            PgTransactionManager::begin(&mut conn, None)
+                .await
+                .map_err(store_error)?;
             self.open = true;
         }
-        // Looked up again, as the borrow checker cannot return `conn` from a
-        // function that may also drop it.
-        held_connection(&mut self.held, &self.shared).await
+        Ok(&mut **self.held.insert(conn))
     }
 
     /// Stages an application write for the commit statement (see
@@ -161,33 +158,29 @@ impl PostgresTransaction {
     }
 }
 
-/// The connection in `held`, acquired on first use.
-async fn held_connection<'a>(
-    held: &'a mut Option<PoolConnection<Postgres>>,
+/// The connection in `held`, else one of the store's.
+async fn take_held(
+    held: &mut Option<PoolConnection<Postgres>>,
     shared: &Shared,
-) -> Result<&'a mut PgConnection, StoreError> {
-    if held.is_none() {
-        *held = Some(shared.warm.acquire().await.map_err(store_error)?);
+) -> Result<PoolConnection<Postgres>, StoreError> {
+    match held.take() {
+        Some(conn) => Ok(conn),
+        None => shared.connections.acquire().await.map_err(store_error),
     }
-    held.as_deref_mut()
-        .ok_or_else(|| StoreError::Unavailable("the connection was not kept".into()))
 }
 
 /// Runs one combined statement on `held`, or on a connection of the store's
 /// own, then keeps the connection warm for the next statement.
 async fn write_alone(
-    held: Option<PoolConnection<Postgres>>,
+    mut held: Option<PoolConnection<Postgres>>,
     shared: &Shared,
     write: Option<InstanceWrite>,
     rest: Rest,
 ) -> Result<Vec<OutboxEntry>, StoreError> {
-    let mut conn = match held {
-        Some(conn) => conn,
-        None => shared.warm.acquire().await.map_err(store_error)?,
-    };
+    let mut conn = take_held(&mut held, shared).await?;
     let written = write_all(&mut *conn, shared, write, rest).await;
     if left_connection_usable(&written) {
-        shared.warm.release(conn);
+        shared.connections.release(conn);
     }
     written
 }
@@ -606,10 +599,8 @@ impl Transaction for PostgresTransaction {
         )
         .bind(consumer)
         .bind(message.as_str());
-        let seen = match query
-            .fetch_one(held_connection(&mut self.held, &self.shared).await?)
-            .await
-        {
+        let conn = take_held(&mut self.held, &self.shared).await?;
+        let seen = match query.fetch_one(&mut **self.held.insert(conn)).await {
             Ok(seen) => seen,
             Err(error) => {
                 // The connection may be broken: back to the pool, which
@@ -699,7 +690,7 @@ impl Transaction for PostgresTransaction {
         self.give_back();
         let result = self.with_actual_revision(result).await;
         if result.is_ok() {
-            self.shared.growth.committed(&self.shared.pool);
+            self.shared.growth.committed(self.shared.connections.pool());
         }
         if result.is_ok() && self.enqueued > 0 {
             let handed_off = std::mem::take(&mut self.handed_off);
@@ -743,7 +734,7 @@ impl PostgresTransaction {
             PgTransactionManager::start_rollback(&mut conn);
             self.open = false;
         } else {
-            self.shared.warm.release(conn);
+            self.shared.connections.release(conn);
         }
     }
 
@@ -753,7 +744,7 @@ impl PostgresTransaction {
             Err(StoreError::Conflict { id, expected, .. }) => {
                 let actual: Option<i64> = sqlx::query_scalar("SELECT revision FROM saga_instances WHERE id = $1")
                     .bind(id.as_uuid())
-                    .fetch_optional(&self.shared.pool)
+                    .fetch_optional(self.shared.connections.pool())
                     .await
                     .map_err(store_error)?;
                 Err(StoreError::Conflict {

@@ -65,6 +65,10 @@ impl Connections {
         }
     }
 
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// The connection kept aside if there is one, else one of the pool.
     pub(crate) async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         match self.kept.take() {

@@ -417,7 +417,7 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
         false => query,
     };
     let mut outcomes: Vec<Option<Vec<OutboxEntry>>> = (0..items.len()).map(|_| None).collect();
-    let mut conn = match shared.warm.acquire().await {
+    let mut conn = match shared.connections.acquire().await {
         Ok(conn) => conn,
         Err(error @ sqlx::Error::PoolTimedOut) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement got no connection");
@@ -430,7 +430,7 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
     };
     let rows = match query.fetch_all(&mut *conn).await {
         Ok(rows) => {
-            shared.warm.release(conn);
+            shared.connections.release(conn);
             rows
         }
         Err(error) => {
