@@ -512,14 +512,20 @@ async fn an_instance_loads_by_its_key_under_its_definition_only() {
     assert_eq!(store.load_by_key("orders", "order-8").await.expect("load_by_key"), None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_failing_halfway_leaves_nothing() {
-    let db = TestDb::new().await;
+/// A store, and an application table `orders` beside its tables.
+async fn store_with_orders_table(db: &TestDb) -> saga_postgres::PostgresStore {
     let store = db.store(4).await;
     sqlx::query("CREATE TABLE orders (id uuid PRIMARY KEY)")
         .execute(store.pool())
         .await
         .expect("create table");
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_failing_halfway_leaves_nothing() {
+    let db = TestDb::new().await;
+    let store = store_with_orders_table(&db).await;
     let instance = sample_instance("orders", Some("halfway"));
     let message = MessageId::new();
     let mut tx = store.begin_postgres();
@@ -1648,11 +1654,7 @@ async fn a_kept_connection_the_server_closed_fails_once_and_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbox_read_failing_in_an_open_transaction_fails_its_commit() {
     let db = TestDb::new().await;
-    let store = db.store(4).await;
-    sqlx::query("CREATE TABLE orders (id uuid PRIMARY KEY)")
-        .execute(store.pool())
-        .await
-        .expect("create table");
+    let store = store_with_orders_table(&db).await;
     let instance = sample_instance("orders", Some("aborted"));
     let mut tx = store.begin_postgres();
     use saga_core::Transaction as _;
