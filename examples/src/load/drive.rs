@@ -39,12 +39,40 @@ struct Tally {
     early: HashMap<String, (Outcome, Instant)>,
     latencies_us: Vec<u64>,
     answer_latencies_us: Vec<u64>,
-    /// Each confirmed order: its id, when it was sent and when its event
-    /// was seen. Compact (no string per order): a long run keeps one per saga.
-    confirmations: Vec<(Uuid, Instant, Instant)>,
+    /// Each confirmed order, in the form the run reports it: a long run
+    /// keeps one per saga, in this process beside the services it measures,
+    /// so no second copy is made at its end (and no string per order).
+    confirmations: Vec<Confirmation>,
+    clock: SystemClock,
     confirmed: u64,
     cancelled: u64,
     last_completion: Option<Instant>,
+}
+
+/// Places instants on the system clock (the services' clock) through one
+/// reading of both: instants are only comparable with each other.
+struct SystemClock {
+    at: Instant,
+    unix_ms: f64,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self {
+            at: Instant::now(),
+            unix_ms: unix_ms(SystemTime::now()),
+        }
+    }
+}
+
+impl SystemClock {
+    fn unix_ms_at(&self, at: Instant) -> f64 {
+        let (ahead, ago) = (
+            at.saturating_duration_since(self.at),
+            self.at.saturating_duration_since(at),
+        );
+        self.unix_ms + (ahead.as_secs_f64() - ago.as_secs_f64()) * 1000.0
+    }
 }
 
 /// Matches events to the orders sent, and records latencies.
@@ -106,7 +134,12 @@ impl Tracker {
                 // The order service's ids are UUIDs; another would only
                 // leave its saga out of the legs.
                 if let Ok(order_id) = Uuid::parse_str(&id) {
-                    tally.confirmations.push((order_id, sent, at));
+                    let confirmation = Confirmation {
+                        order_id,
+                        sent_ms: tally.clock.unix_ms_at(sent),
+                        seen_ms: tally.clock.unix_ms_at(at),
+                    };
+                    tally.confirmations.push(confirmation);
                 }
             }
             Outcome::Cancelled => tally.cancelled += 1,
@@ -166,28 +199,14 @@ impl Tracker {
         tally.confirmed + tally.cancelled
     }
 
-    fn seen(&self, started: Instant, sent: u64, errors: u64) -> Seen {
-        let tally = self.tally();
-        let mut latencies_us = tally.latencies_us.clone();
+    /// What the run saw; its records move out (each is a figure per saga).
+    fn take_seen(&self, started: Instant, sent: u64, errors: u64) -> Seen {
+        let mut tally = self.tally();
+        let mut latencies_us = std::mem::take(&mut tally.latencies_us);
         latencies_us.sort_unstable();
-        let mut answer_latencies_us = tally.answer_latencies_us.clone();
+        let mut answer_latencies_us = std::mem::take(&mut tally.answer_latencies_us);
         answer_latencies_us.sort_unstable();
-        // Instants are only comparable with each other: place them on the
-        // system clock through one reading of both.
-        let (now, unix_now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
-        let unix_ms_at = |at: Instant| {
-            let (ahead, ago) = (at.saturating_duration_since(now), now.saturating_duration_since(at));
-            unix_now_ms + (ahead.as_secs_f64() - ago.as_secs_f64()) * 1000.0
-        };
-        let confirmations = tally
-            .confirmations
-            .iter()
-            .map(|&(order_id, sent, seen)| Confirmation {
-                order_id,
-                sent_ms: unix_ms_at(sent),
-                seen_ms: unix_ms_at(seen),
-            })
-            .collect();
+        let confirmations = std::mem::take(&mut tally.confirmations);
         Seen {
             sent,
             errors,
@@ -332,7 +351,7 @@ impl Orders {
         tasks.abort_all();
         self.tracker.drain(Instant::now() + drain).await;
         self.tracker
-            .seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
+            .take_seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
     }
 
     /// Open loop: orders at `rate` per second for `duration` (or `max_orders`),
@@ -389,7 +408,7 @@ impl Orders {
         tasks.abort_all();
         self.tracker.drain(Instant::now() + drain).await;
         self.tracker
-            .seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
+            .take_seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
     }
 }
 
@@ -409,7 +428,7 @@ mod tests {
         tracker.observe(b.to_string(), Outcome::Cancelled, t0 + ms(7));
         tracker.register(b.to_string(), t0, t0 + ms(8), None);
         tracker.register(c.to_string(), t0, t0 + ms(1), None);
-        let seen = tracker.seen(t0, 3, 0);
+        let seen = tracker.take_seen(t0, 3, 0);
         assert_eq!((seen.confirmed, seen.cancelled, seen.unobserved), (1, 1, 1));
         assert_eq!(seen.latencies_us, vec![5000]);
         assert_eq!(seen.answer_latencies_us, vec![1000, 2000, 8000], "every answer, sorted");
