@@ -1612,6 +1612,57 @@ async fn a_store_reuses_its_last_connection_and_gives_it_back_when_idle() {
     assert_eq!(pool.size(), 4);
 }
 
+/// `saga_postgres_connections_taken_total{from}` tells an operator whether
+/// the store's statements run on its kept connection or the pool's.
+#[test]
+fn a_store_counts_the_connections_it_takes_kept_and_from_the_pool() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let db = TestDb::new().await;
+            let store = db.store(4).await;
+            for n in 0..5 {
+                let mut tx = store.begin_postgres();
+                let instance = sample_instance("orders", Some(&format!("counted-{n}")));
+                use saga_core::Transaction as _;
+                tx.insert(&instance).await.expect("insert");
+                Box::new(tx).commit().await.expect("commit");
+            }
+        });
+    });
+    // One snapshot: taking one resets the recorder's counters.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let taken = |from: &str| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, _, _, _)| {
+                let key = key.key();
+                key.name() == "saga_postgres_connections_taken_total"
+                    && key.labels().any(|label| label.key() == "from" && label.value() == from)
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    let (kept, pool) = (taken("kept"), taken("pool"));
+    assert!(
+        pool >= 1,
+        "the first transaction's connection came from the pool: {pool}"
+    );
+    assert!(
+        kept >= 4,
+        "the next four ran on the kept connection: kept {kept}, pool {pool}"
+    );
+}
+
 /// A kept connection the server closed fails one statement at most, as a
 /// pooled one would, and is not kept again: the retry gets another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
