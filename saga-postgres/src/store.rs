@@ -516,10 +516,11 @@ impl PostgresStore {
                 "UPDATE saga_outbox SET sent_at = now(), claimed_until = NULL WHERE id = ANY($1) AND sent_at IS NULL",
             )
         };
-        let connections = &self.shared.connections;
-        let mut conn = connections.acquire().await.map_err(store_error)?;
-        query.bind(ids).execute(&mut *conn).await.map_err(store_error)?;
-        connections.release(conn);
+        self.shared
+            .connections
+            .run(async |conn| query.bind(ids).execute(conn).await)
+            .await
+            .map_err(store_error)?;
         Ok(())
     }
 
@@ -528,8 +529,6 @@ impl PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let connections = &self.shared.connections;
-        let mut conn = connections.acquire().await.map_err(store_error)?;
         // `locked`: available rows in id order, skipping rows other claims,
         // releases or marks are working on. A row is claimed only if every
         // earlier unsent row of its saga is claimed with it: the saga's first
@@ -539,7 +538,7 @@ impl PostgresStore {
         // has a smaller id than some row of `locked`, so finding the barriers
         // reads the unsent-rows index only up to the batch's last id: the
         // batch itself and what other relays hold.
-        let rows = sqlx::query(
+        let claim = sqlx::query(
             "WITH locked AS ( \
                 SELECT id, saga_id FROM saga_outbox \
                 WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
@@ -560,11 +559,13 @@ impl PostgresStore {
                        o.headers, o.payload",
         )
         .bind(db_limit(limit))
-        .bind(lease_millis(lease))
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(store_error)?;
-        connections.release(conn);
+        .bind(lease_millis(lease));
+        let rows = self
+            .shared
+            .connections
+            .run(async |conn| claim.fetch_all(conn).await)
+            .await
+            .map_err(store_error)?;
         let mut entries = rows.iter().map(row::outbox_entry).collect::<Result<Vec<_>, _>>()?;
         entries.sort_by_key(|e| e.id);
         Ok(entries)

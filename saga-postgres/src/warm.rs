@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgTransactionManager;
-use sqlx::{Connection as _, PgPool, Postgres};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres};
 use sqlx_core::transaction::TransactionManager as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -79,6 +79,21 @@ impl Connections {
         };
         metrics::counter!("saga_postgres_connections_taken_total", "from" => from).increment(1);
         Ok(conn)
+    }
+
+    /// Runs `statement` on a connection from [`acquire`](Self::acquire),
+    /// and keeps it for the next if the statement went through; after a
+    /// failure it goes back to the pool, which checks it.
+    pub(crate) async fn run<T>(
+        &self,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let mut conn = self.acquire().await?;
+        let outcome = statement(&mut conn).await;
+        if outcome.is_ok() {
+            self.release(conn);
+        }
+        outcome
     }
 
     /// Keeps `conn`, whose last statement went through, for the next
