@@ -50,6 +50,30 @@ pub struct Legs {
     pub start_to_decision_ms: Percentiles,
     /// The transition decided → `OrderConfirmed` seen (confirmed sagas only).
     pub to_confirmation_ms: Option<Percentiles>,
+    /// The slowest 1 % of the confirmed sagas: where their time went.
+    pub slowest: Option<Slowest>,
+}
+
+/// The confirmed sagas at or above the run's 99th percentile (sent → seen):
+/// the mean of each leg, which add up to their mean latency, and how
+/// bunched in time they were sent. A tail that queues behind a busy core is
+/// spread over the run and over the legs; one that waits for a stall (a
+/// checkpoint, a periodic task) is sent in a few bursts and sits in one leg.
+#[derive(Clone, Debug, Serialize)]
+pub struct Slowest {
+    /// How many sagas.
+    pub sagas: u64,
+    /// Their mean sent → seen.
+    pub mean_ms: f64,
+    pub to_start_ms: f64,
+    pub to_inventory_ms: f64,
+    pub in_inventory_ms: f64,
+    pub back_to_order_service_ms: f64,
+    pub to_confirmation_ms: f64,
+    /// In how many of the run's 100 ms windows they were sent.
+    pub sent_in_windows: u64,
+    /// How many 100 ms windows the run's confirmed sagas were sent in.
+    pub windows: u64,
 }
 
 /// A statement over a long run's rows should take well under this.
@@ -108,6 +132,10 @@ fn statement(schema: &str) -> String {
            LEFT JOIN unnest($5::uuid[], $6::float8[], $7::float8[]) AS c(order_id, sent, seen) \
              ON c.order_id = h1.saga_id \
            WHERE h1.revision = 1 AND h1.at >= $1 AND h1.at < $2 \
+         ), cut AS ( \
+           SELECT percentile_disc(0.99) WITHIN GROUP (ORDER BY seen - sent) AS at FROM steps \
+         ), slowest AS ( \
+           SELECT s.* FROM steps s, cut WHERE s.seen - s.sent >= cut.at \
          ) \
          SELECT count(*) AS sagas, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY started - sent) AS to_start, \
@@ -115,7 +143,11 @@ fn statement(schema: &str) -> String {
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY replied - taken) AS in_inventory, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - replied) AS back, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - started) AS whole, \
-           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY seen - decided) AS to_confirmation \
+           percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY seen - decided) AS to_confirmation, \
+           count(DISTINCT floor(sent / 100)) AS windows, \
+           (SELECT ARRAY[count(*), avg(seen - sent), avg(started - sent), avg(taken - started), \
+                         avg(replied - taken), avg(decided - replied), avg(seen - decided), \
+                         count(DISTINCT floor(sent / 100))]::float8[] FROM slowest) AS slowest \
          FROM steps"
     )
 }
@@ -129,6 +161,8 @@ struct LegRow {
     back: Option<Vec<f64>>,
     whole: Option<Vec<f64>>,
     to_confirmation: Option<Vec<f64>>,
+    windows: i64,
+    slowest: Option<Vec<Option<f64>>>,
 }
 
 impl LegRow {
@@ -145,8 +179,30 @@ impl LegRow {
             back_to_order_service_ms: percentiles(self.back)?,
             start_to_decision_ms: percentiles(self.whole)?,
             to_confirmation_ms: percentiles(self.to_confirmation),
+            slowest: self.slowest.as_deref().and_then(|values| slowest(values, self.windows)),
         })
     }
+}
+
+/// The slowest sagas' row: a count, seven means and a window count; none
+/// when no saga had both client times.
+fn slowest(values: &[Option<f64>], windows: i64) -> Option<Slowest> {
+    let &[Some(sagas), Some(mean), Some(start), Some(inventory), Some(inside), Some(back), Some(confirmation), Some(sent_in)] =
+        values
+    else {
+        return None;
+    };
+    Some(Slowest {
+        sagas: (sagas >= 1.0).then_some(sagas as u64)?,
+        mean_ms: mean,
+        to_start_ms: start,
+        to_inventory_ms: inventory,
+        in_inventory_ms: inside,
+        back_to_order_service_ms: back,
+        to_confirmation_ms: confirmation,
+        sent_in_windows: sent_in as u64,
+        windows: u64::try_from(windows).unwrap_or(0),
+    })
 }
 
 #[cfg(test)]
@@ -163,6 +219,8 @@ mod tests {
             in_inventory: values.clone(),
             back: values.clone(),
             whole: values,
+            windows: 0,
+            slowest: None,
         };
         assert!(row(0, None).into_legs().is_none());
         assert!(row(3, Some(vec![1.0, 2.0])).into_legs().is_none());
@@ -172,5 +230,22 @@ mod tests {
         assert_eq!(legs.start_to_decision_ms.max, 4.0);
         assert!(legs.to_start_ms.is_none(), "no client times: no outer legs");
         assert_eq!(legs.to_confirmation_ms.map(|p| p.p50), Some(1.0));
+        assert!(legs.slowest.is_none());
+    }
+
+    #[test]
+    fn the_slowest_sagas_need_a_count_and_every_mean() {
+        let full = [1.0, 30.0, 2.0, 12.0, 1.0, 5.0, 10.0, 1.0].map(Some);
+        let slowest = slowest(&full, 100).expect("complete");
+        assert_eq!((slowest.sagas, slowest.sent_in_windows, slowest.windows), (1, 1, 100));
+        assert_eq!(slowest.to_inventory_ms, 12.0);
+        assert_eq!(slowest.to_confirmation_ms, 10.0);
+        let mut empty = full;
+        empty[0] = Some(0.0);
+        assert!(slowest(&empty, 100).is_none(), "no sagas");
+        let mut missing = full;
+        missing[3] = None;
+        assert!(slowest(&missing, 100).is_none(), "a mean missing");
+        assert!(slowest(&full[..7], 100).is_none(), "too short");
     }
 }

@@ -322,6 +322,22 @@ impl LoadReport {
                     leg(&legs.back_to_order_service_ms),
                     outer(&legs.to_confirmation_ms),
                 );
+                if let Some(s) = &legs.slowest {
+                    let _ = writeln!(
+                        out,
+                        "  slowest 1 % ({} sagas, mean {:.1} ms, sent in {} of {} 100 ms windows), mean ms: \
+                         to start {:.1}, to inventory {:.1}, in it {:.1}, back {:.1}, to confirmation {:.1}",
+                        s.sagas,
+                        s.mean_ms,
+                        s.sent_in_windows,
+                        s.windows,
+                        s.to_start_ms,
+                        s.to_inventory_ms,
+                        s.in_inventory_ms,
+                        s.back_to_order_service_ms,
+                        s.to_confirmation_ms,
+                    );
+                }
             }
         }
         out
