@@ -29,9 +29,17 @@ const TABLES: [(&str, &str); 4] = [
 /// say, and autovacuum keeps them within 10 % of the table.
 const DOUBLINGS: u32 = 6;
 
+/// A table is analyzed when it holds this many times the rows its
+/// statistics count. Plans change with a table's size by factors, not by
+/// percents; and each `ANALYZE` makes every connection plan its statements
+/// again, a burst of work that holds up the transitions under way. (Rows
+/// changed since the last `ANALYZE`, updates and deletes included, would
+/// pass the table's size at nearly every check of a busy store.)
+const OUTGROWN: f64 = 4.0;
+
 /// Counts a store's commits and, when the count reaches the first threshold
-/// and each doubling of it, analyzes the tables changed by more rows since
-/// their last `ANALYZE` than PostgreSQL's statistics count in them.
+/// and each doubling of it, analyzes the tables that hold [`OUTGROWN`] times
+/// the rows their statistics count (or were never analyzed).
 pub(crate) struct Growth {
     first: Option<u64>,
     commits: AtomicU64,
@@ -82,17 +90,20 @@ fn is_threshold(first: u64, count: u64) -> bool {
     }
 }
 
-/// Analyzes those of [`TABLES`] changed by more rows since their last
-/// `ANALYZE` (or ever) than their statistics count; returns their names.
+/// Analyzes those of [`TABLES`] that hold [`OUTGROWN`] times the rows their
+/// statistics count, or hold rows and were never analyzed; returns their
+/// names.
 async fn analyze_outgrown(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    // The tables as the connection's search_path finds them.
+    // The tables as the connection's search_path finds them. `reltuples` is
+    // -1 until a table is first analyzed.
     let outgrown: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM unnest($1::text[]) AS t(name) \
          JOIN pg_class c ON c.oid = to_regclass(t.name) \
          JOIN pg_stat_all_tables s ON s.relid = c.oid \
-         WHERE s.n_mod_since_analyze > greatest(c.reltuples, 0) ORDER BY c.relname",
+         WHERE s.n_live_tup > 0 AND s.n_live_tup >= $2 * greatest(c.reltuples, 0) ORDER BY c.relname",
     )
     .bind(TABLES.map(|(table, _)| table).as_slice())
+    .bind(OUTGROWN)
     .fetch_all(pool)
     .await?;
     let analyzed: Vec<String> = TABLES

@@ -1566,6 +1566,74 @@ async fn tables_that_outgrow_their_statistics_are_analyzed_as_they_grow() {
     );
 }
 
+/// Once analyzed, a table is analyzed again only when it holds four times
+/// the rows its statistics count: each `ANALYZE` makes every connection plan
+/// again, and a table that grew by less keeps plans that fit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_is_analyzed_again_only_when_it_outgrew_its_statistics_fourfold() {
+    let db = TestDb::new().await;
+    let unwatched = PostgresStoreConfig {
+        analyze_while_growing: None,
+        ..PostgresStoreConfig::default()
+    };
+    let reader = db.store_with(1, unwatched.clone()).await;
+    let pool = reader.pool().clone();
+    sqlx::query("ALTER TABLE saga_instances SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .expect("autovacuum off");
+    let counted = || async {
+        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = 'saga_instances'::regclass")
+            .fetch_one(&pool)
+            .await
+            .expect("pg_class readable")
+    };
+    let fill = |n: usize| {
+        let unwatched = unwatched.clone();
+        let db = &db;
+        async move {
+            let filler = db.store_with(2, unwatched).await;
+            for _ in 0..n {
+                start(&filler, &sample_instance("orders", None)).await.expect("start");
+            }
+            // A backend reports its row counts to the statistics when it
+            // exits (an idle one may wait ten seconds).
+            filler.pool().close().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    fill(30).await;
+    sqlx::query("ANALYZE saga_instances")
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    assert_eq!(counted().await, 30.0);
+
+    let watched = PostgresStoreConfig {
+        analyze_while_growing: Some(5),
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(2, watched).await;
+    // Three times the rows counted: the check at the 5th commit leaves it.
+    fill(60).await;
+    for _ in 0..5 {
+        start(&store, &sample_instance("orders", None)).await.expect("start");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(counted().await, 30.0, "grown threefold: not analyzed again");
+
+    // Four times and more: the check at the 10th commit analyzes it.
+    fill(30).await;
+    for _ in 0..5 {
+        start(&store, &sample_instance("orders", None)).await.expect("start");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counted().await < 130.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted().await, 130.0, "grown fourfold: analyzed, all 130 rows counted");
+}
+
 /// A store runs its next statement on the connection it used last, not on
 /// the pool's oldest idle one, so a backend stays warm; and once the store
 /// is idle, it gives that connection back for the pool's other users.
