@@ -42,7 +42,8 @@ struct Args {
     /// At most this many orders per run.
     #[arg(long)]
     max_orders: Option<u64>,
-    /// Unmeasured orders placed first; the database is analyzed after them.
+    /// Unmeasured orders placed first; the database is analyzed after seven
+    /// eighths of them.
     #[arg(long, default_value_t = 2000)]
     warmup: u64,
     /// Seconds each raw ceiling is measured; 0 skips them.

@@ -58,7 +58,7 @@ pub struct LoadConfig {
     /// At most this many orders per run (`None`: as many as the duration allows).
     pub max_orders: Option<u64>,
     /// Orders placed (closed loop, and not measured) before the first run;
-    /// the database is analyzed after them.
+    /// the database is analyzed after seven eighths of them.
     pub warmup_orders: u64,
     /// How long each raw ceiling (PostgreSQL, RabbitMQ) is measured; `None` skips them.
     pub raw_duration: Option<Duration>,

@@ -187,8 +187,16 @@ impl LegRow {
 /// The slowest sagas' row: a count, seven means and a window count; none
 /// when no saga had both client times.
 fn slowest(values: &[Option<f64>], windows: i64) -> Option<Slowest> {
-    let &[Some(sagas), Some(mean), Some(start), Some(inventory), Some(inside), Some(back), Some(confirmation), Some(sent_in)] =
-        values
+    let &[
+        Some(sagas),
+        Some(mean),
+        Some(start),
+        Some(inventory),
+        Some(inside),
+        Some(back),
+        Some(confirmation),
+        Some(sent_in),
+    ] = values
     else {
         return None;
     };
