@@ -247,10 +247,10 @@ mod tests {
     #[test]
     fn the_slowest_sagas_need_a_count_and_every_mean() {
         let full = [1.0, 30.0, 2.0, 12.0, 1.0, 5.0, 10.0, 1.0].map(Some);
-        let slowest = slowest(&full, 100).expect("complete");
-        assert_eq!((slowest.sagas, slowest.sent_in_windows, slowest.windows), (1, 1, 100));
-        assert_eq!(slowest.to_inventory_ms, 12.0);
-        assert_eq!(slowest.to_confirmation_ms, 10.0);
+        let found = slowest(&full, 100).expect("complete");
+        assert_eq!((found.sagas, found.sent_in_windows, found.windows), (1, 1, 100));
+        assert_eq!(found.to_inventory_ms, 12.0);
+        assert_eq!(found.to_confirmation_ms, 10.0);
         let mut empty = full;
         empty[0] = Some(0.0);
         assert!(slowest(&empty, 100).is_none(), "no sagas");
