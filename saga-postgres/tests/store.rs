@@ -1513,6 +1513,22 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
     marking.await.expect("marking task").expect("mark_sent");
 }
 
+/// Turns autovacuum off for `saga_instances`: only the stores analyze it.
+async fn instances_left_to_the_stores(pool: &sqlx::PgPool) {
+    sqlx::query("ALTER TABLE saga_instances SET (autovacuum_enabled = false)")
+        .execute(pool)
+        .await
+        .expect("autovacuum off");
+}
+
+/// The rows `saga_instances`' statistics count (-1 before its first `ANALYZE`).
+async fn instances_counted(pool: &sqlx::PgPool) -> f32 {
+    sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'saga_instances'::regclass")
+        .fetch_one(pool)
+        .await
+        .expect("pg_class readable")
+}
+
 /// A store analyzes its tables when it has committed `analyze_while_growing`
 /// times if they outgrew their statistics, so plans cached while they were
 /// empty are made again; with `None` it leaves that to autovacuum.
@@ -1525,17 +1541,8 @@ async fn tables_that_outgrow_their_statistics_are_analyzed_as_they_grow() {
     };
     let idle = db.store_with(2, unwatched).await;
     let pool = idle.pool().clone();
-    // Only the stores may analyze it here.
-    sqlx::query("ALTER TABLE saga_instances SET (autovacuum_enabled = false)")
-        .execute(&pool)
-        .await
-        .expect("autovacuum off");
-    let counted = || async {
-        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = 'saga_instances'::regclass")
-            .fetch_one(&pool)
-            .await
-            .expect("pg_class readable")
-    };
+    instances_left_to_the_stores(&pool).await;
+    let counted = || instances_counted(&pool);
     assert!(counted().await < 0.0, "never analyzed yet");
 
     for _ in 0..30 {
@@ -1578,16 +1585,8 @@ async fn a_table_is_analyzed_again_only_when_it_outgrew_its_statistics_fourfold(
     };
     let reader = db.store_with(1, unwatched.clone()).await;
     let pool = reader.pool().clone();
-    sqlx::query("ALTER TABLE saga_instances SET (autovacuum_enabled = false)")
-        .execute(&pool)
-        .await
-        .expect("autovacuum off");
-    let counted = || async {
-        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = 'saga_instances'::regclass")
-            .fetch_one(&pool)
-            .await
-            .expect("pg_class readable")
-    };
+    instances_left_to_the_stores(&pool).await;
+    let counted = || instances_counted(&pool);
     let fill = |n: usize| {
         let unwatched = unwatched.clone();
         let db = &db;
