@@ -70,10 +70,23 @@ pub struct Slowest {
     pub in_inventory_ms: f64,
     pub back_to_order_service_ms: f64,
     pub to_confirmation_ms: f64,
-    /// In how many of the run's 100 ms windows they were sent.
+    /// In how many of the run's 100 ms windows (from the first saga sent)
+    /// they were sent.
     pub sent_in_windows: u64,
     /// How many 100 ms windows the run's confirmed sagas were sent in.
     pub windows: u64,
+    /// The windows that held the most of them (up to three, most first):
+    /// when a stall came, to line up with what ran then.
+    pub bursts: Vec<Burst>,
+}
+
+/// A 100 ms window in which some of the slowest sagas were sent.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Burst {
+    /// The window's start, in seconds after the run's first saga was sent.
+    pub at_s: f64,
+    /// How many of the slowest sagas were sent in it.
+    pub sagas: u64,
 }
 
 /// A statement over a long run's rows should take well under this.
@@ -135,10 +148,15 @@ fn statement(schema: &str) -> String {
            LEFT JOIN unnest($5::uuid[], $6::float8[], $7::float8[]) AS c(order_id, sent, seen) \
              ON c.order_id = h1.saga_id \
            WHERE h1.revision = 1 AND h1.at >= $1 AND h1.at < $2 \
+         ), first AS ( \
+           SELECT min(sent) AS at FROM steps \
          ), cut AS ( \
            SELECT percentile_disc(0.99) WITHIN GROUP (ORDER BY seen - sent) AS at FROM steps \
          ), slowest AS ( \
            SELECT * FROM steps WHERE seen - sent >= (SELECT at FROM cut) \
+         ), bursts AS ( \
+           SELECT floor((sent - (SELECT at FROM first)) / 100) AS w, count(*) AS n \
+           FROM slowest GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 3 \
          ) \
          SELECT count(*) AS sagas, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY started - sent) AS to_start, \
@@ -147,10 +165,12 @@ fn statement(schema: &str) -> String {
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - replied) AS back, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - started) AS whole, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY seen - decided) AS to_confirmation, \
-           count(DISTINCT floor(sent / 100)) AS windows, \
+           count(DISTINCT floor((sent - (SELECT at FROM first)) / 100)) AS windows, \
            (SELECT ARRAY[count(*), avg(seen - sent), avg(started - sent), avg(taken - started), \
                          avg(replied - taken), avg(decided - replied), avg(seen - decided), \
-                         count(DISTINCT floor(sent / 100))]::float8[] FROM slowest) AS slowest \
+                         count(DISTINCT floor((sent - (SELECT at FROM first)) / 100))]::float8[] FROM slowest) AS slowest, \
+           (SELECT array_agg(w / 10 ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_at_s, \
+           (SELECT array_agg(n ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_sagas \
          FROM steps"
     )
 }
@@ -166,6 +186,8 @@ struct LegRow {
     to_confirmation: Option<Vec<f64>>,
     windows: i64,
     slowest: Option<Vec<Option<f64>>>,
+    burst_at_s: Option<Vec<f64>>,
+    burst_sagas: Option<Vec<f64>>,
 }
 
 impl LegRow {
@@ -182,14 +204,31 @@ impl LegRow {
             back_to_order_service_ms: percentiles(self.back)?,
             start_to_decision_ms: percentiles(self.whole)?,
             to_confirmation_ms: percentiles(self.to_confirmation),
-            slowest: self.slowest.as_deref().and_then(|values| slowest(values, self.windows)),
+            slowest: self.slowest.as_deref().and_then(|values| {
+                let bursts = bursts(
+                    self.burst_at_s.unwrap_or_default(),
+                    self.burst_sagas.unwrap_or_default(),
+                );
+                slowest(values, self.windows, bursts)
+            }),
         })
     }
 }
 
+/// The bursts' two columns, window starts and counts, paired.
+fn bursts(at_s: Vec<f64>, sagas: Vec<f64>) -> Vec<Burst> {
+    at_s.into_iter()
+        .zip(sagas)
+        .map(|(at_s, sagas)| Burst {
+            at_s,
+            sagas: sagas as u64,
+        })
+        .collect()
+}
+
 /// The slowest sagas' row: a count, seven means and a window count; none
 /// when no saga had both client times.
-fn slowest(values: &[Option<f64>], windows: i64) -> Option<Slowest> {
+fn slowest(values: &[Option<f64>], windows: i64, bursts: Vec<Burst>) -> Option<Slowest> {
     let &[
         Some(sagas),
         Some(mean),
@@ -213,6 +252,7 @@ fn slowest(values: &[Option<f64>], windows: i64) -> Option<Slowest> {
         to_confirmation_ms: confirmation,
         sent_in_windows: sent_in as u64,
         windows: u64::try_from(windows).unwrap_or(0),
+        bursts,
     })
 }
 
@@ -232,6 +272,8 @@ mod tests {
             whole: values,
             windows: 0,
             slowest: None,
+            burst_at_s: None,
+            burst_sagas: None,
         };
         assert!(row(0, None).into_legs().is_none());
         assert!(row(3, Some(vec![1.0, 2.0])).into_legs().is_none());
@@ -247,16 +289,20 @@ mod tests {
     #[test]
     fn the_slowest_sagas_need_a_count_and_every_mean() {
         let full = [1.0, 30.0, 2.0, 12.0, 1.0, 5.0, 10.0, 1.0].map(Some);
-        let found = slowest(&full, 100).expect("complete");
+        let found = slowest(&full, 100, bursts(vec![4.0, 0.3], vec![23.0, 5.0])).expect("complete");
         assert_eq!((found.sagas, found.sent_in_windows, found.windows), (1, 1, 100));
+        assert_eq!(
+            found.bursts,
+            [Burst { at_s: 4.0, sagas: 23 }, Burst { at_s: 0.3, sagas: 5 }]
+        );
         assert_eq!(found.to_inventory_ms, 12.0);
         assert_eq!(found.to_confirmation_ms, 10.0);
         let mut empty = full;
         empty[0] = Some(0.0);
-        assert!(slowest(&empty, 100).is_none(), "no sagas");
+        assert!(slowest(&empty, 100, Vec::new()).is_none(), "no sagas");
         let mut missing = full;
         missing[3] = None;
-        assert!(slowest(&missing, 100).is_none(), "a mean missing");
-        assert!(slowest(&full[..7], 100).is_none(), "too short");
+        assert!(slowest(&missing, 100, Vec::new()).is_none(), "a mean missing");
+        assert!(slowest(&full[..7], 100, Vec::new()).is_none(), "too short");
     }
 }

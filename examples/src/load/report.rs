@@ -337,6 +337,14 @@ impl LoadReport {
                         s.back_to_order_service_ms,
                         s.to_confirmation_ms,
                     );
+                    let bursts: Vec<String> = s
+                        .bursts
+                        .iter()
+                        .map(|b| format!("{:.1} s in ({})", b.at_s, b.sagas))
+                        .collect();
+                    if !bursts.is_empty() {
+                        let _ = writeln!(out, "  most of them sent at: {}", bursts.join(", "));
+                    }
                 }
             }
         }
