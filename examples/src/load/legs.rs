@@ -139,7 +139,8 @@ fn statement(schema: &str) -> String {
            SELECT c.sent, c.seen, h1.at::float8 AS started, \
                   extract(epoch FROM ii.consumed_at)::float8 * 1000 AS taken, \
                   io.created_at::float8 AS replied, \
-                  h2.at::float8 AS decided \
+                  h2.at::float8 AS decided, \
+                  floor((c.sent - min(c.sent) OVER ()) / 100) AS w \
            FROM saga_history h1 \
            JOIN saga_outbox o ON o.saga_id = h1.saga_id AND o.kind = $3 \
            JOIN {schema}.saga_inbox ii ON ii.message_id = o.message_id \
@@ -148,15 +149,12 @@ fn statement(schema: &str) -> String {
            LEFT JOIN unnest($5::uuid[], $6::float8[], $7::float8[]) AS c(order_id, sent, seen) \
              ON c.order_id = h1.saga_id \
            WHERE h1.revision = 1 AND h1.at >= $1 AND h1.at < $2 \
-         ), first AS ( \
-           SELECT min(sent) AS at FROM steps \
          ), cut AS ( \
            SELECT percentile_disc(0.99) WITHIN GROUP (ORDER BY seen - sent) AS at FROM steps \
          ), slowest AS ( \
            SELECT * FROM steps WHERE seen - sent >= (SELECT at FROM cut) \
          ), bursts AS ( \
-           SELECT floor((sent - (SELECT at FROM first)) / 100) AS w, count(*) AS n \
-           FROM slowest GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 3 \
+           SELECT w, count(*) AS n FROM slowest GROUP BY w ORDER BY n DESC, w LIMIT 3 \
          ) \
          SELECT count(*) AS sagas, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY started - sent) AS to_start, \
@@ -165,10 +163,10 @@ fn statement(schema: &str) -> String {
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - replied) AS back, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY decided - started) AS whole, \
            percentile_disc(ARRAY[0.5, 0.95, 0.99, 1]) WITHIN GROUP (ORDER BY seen - decided) AS to_confirmation, \
-           count(DISTINCT floor((sent - (SELECT at FROM first)) / 100)) AS windows, \
+           count(DISTINCT w) AS windows, \
            (SELECT ARRAY[count(*), avg(seen - sent), avg(started - sent), avg(taken - started), \
                          avg(replied - taken), avg(decided - replied), avg(seen - decided), \
-                         count(DISTINCT floor((sent - (SELECT at FROM first)) / 100))]::float8[] FROM slowest) AS slowest, \
+                         count(DISTINCT w)]::float8[] FROM slowest) AS slowest, \
            (SELECT array_agg(w / 10 ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_at_s, \
            (SELECT array_agg(n ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_sagas \
          FROM steps"
