@@ -22,6 +22,7 @@ mod error;
 mod legs;
 mod raw;
 mod report;
+mod settings;
 mod stage;
 mod usage;
 
@@ -32,3 +33,4 @@ pub use error::LoadError;
 pub use legs::Legs;
 pub use raw::{Durability, RawFigure};
 pub use report::{COMMITS_PER_SAGA, Ceiling, LoadReport, MESSAGES_PER_SAGA, Percentiles, RunReport};
+pub use settings::TailSettings;

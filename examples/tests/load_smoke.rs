@@ -87,5 +87,16 @@ async fn every_saga_of_a_small_run_is_confirmed() {
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("the JSON parses");
     assert_eq!(parsed["runs"][0]["confirmed"], ORDERS);
     assert_eq!(parsed["runs"][0]["legs"]["sagas"], ORDERS);
+    // The server's own analyses and the kernel's writeback shape the tail:
+    // the result says how they were set.
+    let autovacuum = &parsed["tail_settings"]["postgres"]["autovacuum"];
+    assert!(autovacuum == "on" || autovacuum == "off", "{}", parsed["tail_settings"]);
+    if cfg!(target_os = "linux") {
+        assert!(
+            parsed["tail_settings"]["kernel"]["dirty_expire_centisecs"].is_u64(),
+            "{}",
+            parsed["tail_settings"]
+        );
+    }
     let _ = std::fs::remove_dir_all(&results);
 }

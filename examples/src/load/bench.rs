@@ -15,6 +15,7 @@ use super::error::LoadError;
 use super::legs;
 use super::raw::{self, Durability, RawFigure};
 use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
+use super::settings::TailSettings;
 use super::stage::{ORDER_SERVICE_THREADS, Services, Stage, connect};
 use super::usage;
 use crate::inventory::InventoryConfig;
@@ -114,6 +115,7 @@ async fn offer(
         channels.push(connect(&services.grpc_addr).await?);
     }
     let orders = Orders::new(channels, config.products.clone(), Arc::clone(&tracker));
+    let tail_settings = TailSettings::read(stage).await?;
     let max_orders = config.max_orders.unwrap_or(u64::MAX);
 
     if config.warmup_orders > 0 {
@@ -204,6 +206,7 @@ async fn offer(
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
         measured_process,
         config: config_json(config),
+        tail_settings,
         ceiling,
         runs,
     })

@@ -11,6 +11,7 @@ use super::costs::SagaCosts;
 use super::error::LoadError;
 use super::legs::Legs;
 use super::raw::{Durability, RawFigure};
+use super::settings::TailSettings;
 
 /// PostgreSQL commits one saga needs: the order service's start transition
 /// (order row, saga state, `OrderCreated` in the outbox), the inventory's
@@ -179,6 +180,8 @@ pub struct LoadReport {
     pub measured_process: String,
     /// The settings.
     pub config: serde_json::Value,
+    /// The kernel's and PostgreSQL's settings that shape the tail.
+    pub tail_settings: TailSettings,
     /// The machine's own limits in this run (absent if skipped).
     pub ceiling: Option<Ceiling>,
     /// One per setting.
@@ -191,6 +194,7 @@ impl LoadReport {
         let mut out = String::new();
         let _ = writeln!(out, "load run {} on {} CPUs", self.started_at, self.cpus);
         let _ = writeln!(out, "CPU / RSS measured on: {}", self.measured_process);
+        let _ = writeln!(out, "{}", self.tail_settings.render());
         if let Some(c) = &self.ceiling {
             let measured = |figure: &RawFigure| {
                 let rates: Vec<String> = figure.measured_per_second.iter().map(|r| format!("{r:.0}")).collect();

@@ -1,0 +1,152 @@
+//! Settings outside this project that shape a run's tail, recorded with its
+//! results so runs on differently tuned machines are not compared blind.
+//!
+//! PostgreSQL 15 extends a table by writing zero pages it does not sync;
+//! the kernel writes them back once they are `dirty_expire_centisecs` old,
+//! the whole file's pages at once (60–66 MB in 100 ms at 500 sagas/s here),
+//! and commits wait behind that (`docs/performance.md`, twenty-second
+//! session). `autovacuum` decides whether the server analyzes the growing
+//! tables on its own, each time making every connection plan again.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use sqlx::Connection as _;
+
+use super::error::LoadError;
+use super::stage::Stage;
+
+/// The kernel's writeback settings, files of `/proc/sys/vm`.
+const KERNEL_WRITEBACK: [&str; 6] = [
+    "dirty_expire_centisecs",
+    "dirty_writeback_centisecs",
+    "dirty_background_ratio",
+    "dirty_background_bytes",
+    "dirty_ratio",
+    "dirty_bytes",
+];
+
+/// PostgreSQL's settings, as `SHOW` gives them.
+const POSTGRES: [&str; 4] = ["autovacuum", "shared_buffers", "checkpoint_timeout", "max_wal_size"];
+
+/// What the machine was set to during the run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TailSettings {
+    /// `vm.<name>`: value. Empty where `/proc/sys/vm` cannot be read (not
+    /// Linux).
+    pub kernel: BTreeMap<String, u64>,
+    /// Setting: value, as the server shows it.
+    pub postgres: BTreeMap<String, String>,
+}
+
+impl TailSettings {
+    /// Reads the kernel's settings and, over one connection to the run's
+    /// database, PostgreSQL's.
+    pub(crate) async fn read(stage: &Stage) -> Result<Self, LoadError> {
+        let url = stage.database_url.to_string();
+        let failed = |source| LoadError::Database {
+            url: url.clone(),
+            what: "reading the server's settings".to_owned(),
+            source,
+        };
+        let mut conn = sqlx::PgConnection::connect(stage.database_url.expose())
+            .await
+            .map_err(failed)?;
+        let mut postgres = BTreeMap::new();
+        for name in POSTGRES {
+            // Names from the fixed list above, never from input.
+            let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                .fetch_one(&mut conn)
+                .await
+                .map_err(failed)?;
+            postgres.insert(name.to_owned(), value);
+        }
+        conn.close().await.map_err(failed)?;
+        Ok(Self {
+            kernel: kernel_writeback(Path::new("/proc/sys/vm")),
+            postgres,
+        })
+    }
+
+    /// One line for the printed report.
+    pub(crate) fn render(&self) -> String {
+        let postgres: Vec<String> = self
+            .postgres
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        let kernel: Vec<String> = self
+            .kernel
+            .iter()
+            .map(|(name, value)| format!("vm.{name}={value}"))
+            .collect();
+        let kernel = if kernel.is_empty() {
+            "not read".to_owned()
+        } else {
+            kernel.join(" ")
+        };
+        format!("settings: PostgreSQL {}; kernel {kernel}", postgres.join(" "))
+    }
+}
+
+/// The [`KERNEL_WRITEBACK`] files of `dir` that hold a number.
+fn kernel_writeback(dir: &Path) -> BTreeMap<String, u64> {
+    KERNEL_WRITEBACK
+        .iter()
+        .filter_map(|name| {
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            Some(((*name).to_owned(), text.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_settings_are_the_numeric_files_present() {
+        let dir = std::env::temp_dir().join(format!("saga_load_vm_{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        std::fs::write(dir.join("dirty_expire_centisecs"), "3000\n").expect("written");
+        std::fs::write(dir.join("dirty_background_bytes"), "0\n").expect("written");
+        std::fs::write(dir.join("dirty_ratio"), "twenty\n").expect("written");
+        let read = kernel_writeback(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let expected: BTreeMap<String, u64> = [("dirty_background_bytes", 0), ("dirty_expire_centisecs", 3000)]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect();
+        assert_eq!(read, expected, "missing and unparsable files are left out");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_kernel_reports_when_it_writes_dirty_pages_back() {
+        let read = kernel_writeback(Path::new("/proc/sys/vm"));
+        assert!(read.contains_key("dirty_expire_centisecs"), "{read:?}");
+        assert!(read.contains_key("dirty_writeback_centisecs"), "{read:?}");
+    }
+
+    #[test]
+    fn the_line_names_every_setting() {
+        let settings = TailSettings {
+            kernel: [("dirty_expire_centisecs".to_owned(), 3000)].into_iter().collect(),
+            postgres: [("autovacuum".to_owned(), "off".to_owned())].into_iter().collect(),
+        };
+        assert_eq!(
+            settings.render(),
+            "settings: PostgreSQL autovacuum=off; kernel vm.dirty_expire_centisecs=3000"
+        );
+        let elsewhere = TailSettings {
+            kernel: BTreeMap::new(),
+            ..settings
+        };
+        assert!(
+            elsewhere.render().ends_with("; kernel not read"),
+            "{}",
+            elsewhere.render()
+        );
+    }
+}
