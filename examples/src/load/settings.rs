@@ -3,7 +3,7 @@
 //!
 //! PostgreSQL 15 extends a table by writing zero pages it does not sync;
 //! the kernel writes them back once they are `dirty_expire_centisecs` old,
-//! the whole file's pages at once (60–66 MB in 100 ms at 500 sagas/s here),
+//! the whole file's pages at once (55–85 MB in 100 ms at 500 sagas/s here),
 //! and commits wait behind that (`docs/performance.md`, twenty-second
 //! session). `autovacuum` decides whether the server analyzes the growing
 //! tables on its own, each time making every connection plan again.
