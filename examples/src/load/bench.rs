@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topology};
 use saga_core::{CancellationToken, Subscriber, Timestamp};
-use sqlx::Connection as _;
 use tokio::task::JoinSet;
 
 use super::config::{LoadConfig, Mode};
@@ -13,7 +12,7 @@ use super::costs::{self, SagaCosts};
 use super::drive::{Orders, Outcome, Seen, Tracker, observe};
 use super::error::LoadError;
 use super::legs;
-use super::raw::{self, Durability, RawFigure};
+use super::raw::{self, RawFigure};
 use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
 use super::settings::TailSettings;
 use super::stage::{ORDER_SERVICE_THREADS, Services, Stage, connect};
@@ -181,10 +180,10 @@ async fn offer(
     // Measured again after the runs, and pooled with the first: the VM's
     // speed drifts within minutes, and the runs fell between the two.
     let ceiling = match (first_ceiling, raw_ceiling(config, stage).await?) {
-        (Some((commits, messages, durability)), Some((later_commits, later_messages, _))) => Some(Ceiling::new(
+        (Some((commits, messages)), Some((later_commits, later_messages))) => Some(Ceiling::new(
             commits.pooled(later_commits),
             messages.pooled(later_messages),
-            durability,
+            tail_settings.durability(),
         )),
         _ => None,
     };
@@ -214,18 +213,15 @@ async fn offer(
 
 /// The raw PostgreSQL commits and RabbitMQ messages, unless
 /// `--raw-duration` skips them.
-async fn raw_ceiling(
-    config: &LoadConfig,
-    stage: &Stage,
-) -> Result<Option<(RawFigure, RawFigure, Durability)>, LoadError> {
+async fn raw_ceiling(config: &LoadConfig, stage: &Stage) -> Result<Option<(RawFigure, RawFigure)>, LoadError> {
     let Some(duration) = config.raw_duration else {
         return Ok(None);
     };
     tracing::info!("measuring raw PostgreSQL commits");
-    let (commits, durability) = raw::postgres_commits(stage, config.clients, duration).await?;
+    let commits = raw::postgres_commits(stage, config.clients, duration).await?;
     tracing::info!("measuring raw RabbitMQ messages");
     let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
-    Ok(Some((commits, messages, durability)))
+    Ok(Some((commits, messages)))
 }
 
 /// Samples what sagas cost from a fifth into the run to half a second
@@ -324,16 +320,9 @@ async fn warm_up(orders: &Orders, config: &LoadConfig, count: u64) -> u64 {
 /// tables (sequential scans) would otherwise stay cached on each connection
 /// for the whole run.
 async fn analyze(stage: &Stage) -> Result<(), LoadError> {
-    let url = stage.database_url.to_string();
-    let failed = |source| LoadError::Database {
-        url: url.clone(),
-        what: "ANALYZE after the warm-up".to_owned(),
-        source,
-    };
-    let mut conn = sqlx::PgConnection::connect(stage.database_url.expose())
+    stage
+        .on_database("ANALYZE after the warm-up", async |conn| {
+            sqlx::query("ANALYZE").execute(conn).await.map(drop)
+        })
         .await
-        .map_err(failed)?;
-    sqlx::query("ANALYZE").execute(&mut conn).await.map_err(failed)?;
-    conn.close().await.map_err(failed)?;
-    Ok(())
 }

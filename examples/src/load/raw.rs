@@ -100,7 +100,7 @@ pub(crate) async fn postgres_commits(
     stage: &Stage,
     clients: usize,
     duration: Duration,
-) -> Result<(RawFigure, Durability), LoadError> {
+) -> Result<RawFigure, LoadError> {
     let url = stage.database_url.to_string();
     let failed = |what: &str| {
         let url = url.clone();
@@ -115,18 +115,6 @@ pub(crate) async fn postgres_commits(
         .await
         .map_err(failed("connecting"))?;
     let result = async {
-        let setting = |name: &'static str| {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {name}")))
-                    .fetch_one(&pool)
-                    .await
-            }
-        };
-        let durability = Durability {
-            synchronous_commit: setting("synchronous_commit").await.map_err(failed("SHOW"))?,
-            fsync: setting("fsync").await.map_err(failed("SHOW"))?,
-        };
         // Superuser-reserved slots are not counted as free: they are the
         // operator's.
         let free: i64 = sqlx::query_scalar(
@@ -180,9 +168,10 @@ pub(crate) async fn postgres_commits(
         if let Some(error) = first_error {
             return Err(failed("inserting")(error));
         }
-        Ok((
-            RawFigure::new(commits.load(Ordering::Relaxed), started.elapsed(), connections),
-            durability,
+        Ok(RawFigure::new(
+            commits.load(Ordering::Relaxed),
+            started.elapsed(),
+            connections,
         ))
     }
     .await;

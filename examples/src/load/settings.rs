@@ -6,15 +6,16 @@
 //! the whole file's pages at once (55–85 MB in 100 ms at 500 sagas/s here),
 //! and commits wait behind that (`docs/performance.md`, twenty-second
 //! session). `autovacuum` decides whether the server analyzes the growing
-//! tables on its own, each time making every connection plan again.
+//! tables on its own, each time making every connection plan again. The
+//! settings that decide durability are read here too, for the ceiling.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
-use sqlx::Connection as _;
 
 use super::error::LoadError;
+use super::raw::Durability;
 use super::stage::Stage;
 
 /// The kernel's writeback settings, files of `/proc/sys/vm`.
@@ -28,7 +29,14 @@ const KERNEL_WRITEBACK: [&str; 6] = [
 ];
 
 /// PostgreSQL's settings, as `SHOW` gives them.
-const POSTGRES: [&str; 4] = ["autovacuum", "shared_buffers", "checkpoint_timeout", "max_wal_size"];
+const POSTGRES: [&str; 6] = [
+    "autovacuum",
+    "shared_buffers",
+    "checkpoint_timeout",
+    "max_wal_size",
+    "synchronous_commit",
+    "fsync",
+];
 
 /// What the machine was set to during the run.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -41,32 +49,30 @@ pub struct TailSettings {
 }
 
 impl TailSettings {
-    /// Reads the kernel's settings and, over one connection to the run's
+    /// Reads the kernel's settings and, over a connection to the run's
     /// database, PostgreSQL's.
     pub(crate) async fn read(stage: &Stage) -> Result<Self, LoadError> {
-        let url = stage.database_url.to_string();
-        let failed = |source| LoadError::Database {
-            url: url.clone(),
-            what: "reading the server's settings".to_owned(),
-            source,
-        };
-        let mut conn = sqlx::PgConnection::connect(stage.database_url.expose())
-            .await
-            .map_err(failed)?;
-        let mut postgres = BTreeMap::new();
-        for name in POSTGRES {
-            // Names from the fixed list above, never from input.
-            let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
-                .fetch_one(&mut conn)
-                .await
-                .map_err(failed)?;
-            postgres.insert(name.to_owned(), value);
-        }
-        conn.close().await.map_err(failed)?;
+        let rows: Vec<(String, String)> = stage
+            .on_database("reading the server's settings", async |conn| {
+                sqlx::query_as("SELECT name, current_setting(name) FROM unnest($1::text[]) AS name")
+                    .bind(POSTGRES.as_slice())
+                    .fetch_all(conn)
+                    .await
+            })
+            .await?;
         Ok(Self {
             kernel: kernel_writeback(Path::new("/proc/sys/vm")),
-            postgres,
+            postgres: rows.into_iter().collect(),
         })
+    }
+
+    /// The settings that decide durability (empty if not read).
+    pub(crate) fn durability(&self) -> Durability {
+        let setting = |name: &str| self.postgres.get(name).cloned().unwrap_or_default();
+        Durability {
+            synchronous_commit: setting("synchronous_commit"),
+            fsync: setting("fsync"),
+        }
     }
 
     /// One line for the printed report.
@@ -127,6 +133,22 @@ mod tests {
         let read = kernel_writeback(Path::new("/proc/sys/vm"));
         assert!(read.contains_key("dirty_expire_centisecs"), "{read:?}");
         assert!(read.contains_key("dirty_writeback_centisecs"), "{read:?}");
+    }
+
+    #[test]
+    fn durability_is_read_off_the_servers_settings() {
+        let settings = TailSettings {
+            kernel: BTreeMap::new(),
+            postgres: [("synchronous_commit", "on"), ("fsync", "off")]
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
+        };
+        let durability = settings.durability();
+        assert_eq!(
+            (durability.synchronous_commit.as_str(), durability.fsync.as_str()),
+            ("on", "off")
+        );
     }
 
     #[test]

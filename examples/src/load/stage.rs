@@ -145,6 +145,26 @@ impl Stage {
         Ok(())
     }
 
+    /// Runs `work` on a connection of its own to the run's database, closed
+    /// afterwards; an error names `what` was being done.
+    pub(crate) async fn on_database<T>(
+        &self,
+        what: &str,
+        work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, LoadError> {
+        let failed = |source| LoadError::Database {
+            url: self.database_url.to_string(),
+            what: what.to_owned(),
+            source,
+        };
+        let mut conn = sqlx::PgConnection::connect(self.database_url.expose())
+            .await
+            .map_err(failed)?;
+        let done = work(&mut conn).await.map_err(failed)?;
+        conn.close().await.map_err(failed)?;
+        Ok(done)
+    }
+
     /// Deletes the queues (with their dead-letter queues), this run's
     /// exchanges and the database. Best effort, bounded in time.
     pub(crate) async fn clean_up(&self) {
