@@ -5,7 +5,8 @@
 //! A run creates a fresh database and exchange / queue names of its own,
 //! starts both services in this process (or uses an external order service),
 //! measures the machine's raw ceilings with the same concurrency (single-row
-//! INSERT commits; persistent, confirmed, consumed and acked messages),
+//! INSERT commits; persistent, confirmed, consumed and acked messages) and
+//! its latency floor (one commit, one broker hop, each one at a time),
 //! offers `CreateOrder` closed-loop or open-loop, sees each saga finish by
 //! consuming `OrderConfirmed` / `OrderCancelled` (never by polling), and
 //! reports sagas per second, create → confirmed latency percentiles, CPU
@@ -19,6 +20,7 @@ mod config;
 mod costs;
 mod drive;
 mod error;
+mod floor;
 mod legs;
 mod raw;
 mod report;
@@ -30,6 +32,7 @@ pub use bench::run;
 pub use config::{DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
 pub use costs::{ProcessParts, SagaCosts};
 pub use error::LoadError;
+pub use floor::{LatencyFloor, OneAtATime};
 pub use legs::Legs;
 pub use raw::{Durability, RawFigure};
 pub use report::{COMMITS_PER_SAGA, Ceiling, LoadReport, MESSAGES_PER_SAGA, Percentiles, RunReport};

@@ -53,6 +53,19 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         run.ratio_of_ceiling.is_some_and(|r| r > 0.0),
         "the run is compared with the ceiling"
     );
+    let floor = report.latency_floor.as_ref().expect("the latency floor is measured");
+    for part in [&floor.postgres_commit, &floor.rabbitmq_hop] {
+        assert!(
+            part.operations > 0 && part.ms.p50 > 0.0 && part.ms.p50 <= part.ms.p99,
+            "{floor:?}"
+        );
+    }
+    // No saga is quicker than its three commits and three hops in turn.
+    assert!(
+        run.median_over_floor.is_some_and(|m| m > 1.0),
+        "the median saga is compared with the floor: {:?} over {floor:?}",
+        run.median_over_floor
+    );
     let legs = run
         .legs
         .as_ref()
@@ -87,6 +100,11 @@ async fn every_saga_of_a_small_run_is_confirmed() {
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("the JSON parses");
     assert_eq!(parsed["runs"][0]["confirmed"], ORDERS);
     assert_eq!(parsed["runs"][0]["legs"]["sagas"], ORDERS);
+    assert!(
+        parsed["latency_floor"]["saga_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{}",
+        parsed["latency_floor"]
+    );
     // The server's own analyses and the kernel's writeback shape the tail:
     // the result says how they were set.
     let autovacuum = &parsed["tail_settings"]["postgres"]["autovacuum"];

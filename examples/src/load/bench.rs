@@ -11,6 +11,7 @@ use super::config::{LoadConfig, Mode};
 use super::costs::{self, SagaCosts};
 use super::drive::{Orders, Outcome, Seen, Tracker, observe};
 use super::error::LoadError;
+use super::floor::{self, LatencyFloor};
 use super::legs;
 use super::raw::{self, RawFigure};
 use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
@@ -128,6 +129,7 @@ async fn offer(
     }
 
     let first_ceiling = raw_ceiling(config, stage).await?;
+    let first_floor = latency_floor(config, stage).await?;
 
     let pid = config.service_pid;
     let mut runs = Vec::new();
@@ -192,6 +194,15 @@ async fn offer(
             run.compare_with(ceiling);
         }
     }
+    let latency_floor = match (first_floor, latency_floor(config, stage).await?) {
+        (Some(floor), Some(later)) => Some(floor.pooled(later)),
+        _ => None,
+    };
+    if let Some(floor) = &latency_floor {
+        for run in &mut runs {
+            run.median_over_floor = floor.multiple(run.latency_ms.p50);
+        }
+    }
 
     let measured_process = match (&config.grpc_addr, pid) {
         (None, _) => "this process: the order service AND the inventory service, the load generator and the \
@@ -207,6 +218,7 @@ async fn offer(
         config: config_json(config),
         tail_settings,
         ceiling,
+        latency_floor,
         runs,
     })
 }
@@ -222,6 +234,16 @@ async fn raw_ceiling(config: &LoadConfig, stage: &Stage) -> Result<Option<(RawFi
     tracing::info!("measuring raw RabbitMQ messages");
     let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
     Ok(Some((commits, messages)))
+}
+
+/// The latency floor, for `--raw-duration` up to [`floor::MOST`], unless
+/// `--raw-duration` skips the raw measurements.
+async fn latency_floor(config: &LoadConfig, stage: &Stage) -> Result<Option<LatencyFloor>, LoadError> {
+    let Some(duration) = config.raw_duration else {
+        return Ok(None);
+    };
+    tracing::info!("measuring the latency floor");
+    floor::measure(stage, duration.min(floor::MOST)).await.map(Some)
 }
 
 /// Samples what sagas cost from a fifth into the run to half a second
@@ -267,6 +289,7 @@ fn run_report(
         answer_latency_ms: Percentiles::of_sorted_micros(&seen.answer_latencies_us),
         ratio_of_ceiling: None,
         ratio_of_shared_ceiling: None,
+        median_over_floor: None,
         cpu_seconds_per_1000: used.and_then(|u| per_1000(u.process)),
         service_thread_cpu_seconds_per_1000: used.and_then(|u| u.service_threads).and_then(per_1000),
         peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::costs::SagaCosts;
 use super::error::LoadError;
+use super::floor::LatencyFloor;
 use super::legs::Legs;
 use super::raw::{Durability, RawFigure};
 use super::settings::TailSettings;
@@ -131,6 +132,10 @@ pub struct RunReport {
     pub completed_per_second: f64,
     /// `CreateOrder` sent → `OrderConfirmed` received.
     pub latency_ms: Percentiles,
+    /// The median of `latency_ms` over the run's latency floor (see
+    /// [`LatencyFloor::saga_ms`]): how many times the least a saga can take
+    /// here the median saga took.
+    pub median_over_floor: Option<f64>,
     /// `CreateOrder` sent → answered: the saga's start committed (order
     /// row, saga state, `OrderCreated` in the outbox). The rest of
     /// `latency_ms` is the messages' way through both services.
@@ -184,6 +189,8 @@ pub struct LoadReport {
     pub tail_settings: TailSettings,
     /// The machine's own limits in this run (absent if skipped).
     pub ceiling: Option<Ceiling>,
+    /// The least a saga can take on this machine (absent if skipped).
+    pub latency_floor: Option<LatencyFloor>,
     /// One per setting.
     pub runs: Vec<RunReport>,
 }
@@ -240,6 +247,9 @@ impl LoadReport {
                 c.shared_sagas_per_second
             );
         }
+        if let Some(floor) = &self.latency_floor {
+            let _ = writeln!(out, "{}", floor.render());
+        }
         for run in &self.runs {
             let offered = run
                 .offered_per_second
@@ -260,9 +270,12 @@ impl LoadReport {
             };
             let _ = writeln!(out, "  {:.0} sagas/s{ratio}", run.completed_per_second);
             let l = &run.latency_ms;
+            let over_floor = run
+                .median_over_floor
+                .map_or_else(String::new, |m| format!("  (p50 = {m:.1} x the latency floor)"));
             let _ = writeln!(
                 out,
-                "  create -> confirmed ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+                "  create -> confirmed ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}{over_floor}",
                 l.p50, l.p95, l.p99, l.max
             );
             let a = &run.answer_latency_ms;
