@@ -34,7 +34,7 @@ pub use engine::{CACHED_INSTANCES, EffectHandler, Engine, EngineBuilder, EngineC
 pub use error::{BoxError, DefinitionError, EngineError, RetryPolicy, StepError};
 pub use id::{MessageId, SagaId};
 pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, UnknownStatus};
-pub use linger::Linger;
+pub use linger::{Arrivals, Linger};
 pub use message::{Command, IN_REPLY_TO, Message};
 pub use participant::{CommandBatching, CommandHandler, Handling, Participant};
 pub use relay::{Relay, RelayConfig, RelayRound};

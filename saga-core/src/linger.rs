@@ -9,9 +9,15 @@
 //! that arrive more often than commits finish are, on average, at least one
 //! per commit, and a machine near its limit (commits slowing down) lingers
 //! sooner than an idle one.
+//!
+//! The wait ends as soon as company arrives ([`Arrivals`]): the first
+//! companion halves the group's fixed cost per item, and each later one
+//! saves less while every item in the group waits on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Each new value (a gap, a commit's duration) counts for this fraction of
@@ -72,6 +78,48 @@ impl Linger {
         } else {
             Duration::ZERO
         }
+    }
+}
+
+/// Ends a lone item's wait for company (see [`Linger`]) when company
+/// arrives. Shared by whoever queues items and the runner that lingers; it
+/// lives outside the queue's lock, so the runner waits without holding it.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    notify: Notify,
+    lingering: AtomicBool,
+}
+
+impl Arrivals {
+    /// Tells a lingering runner that an item was queued. Call it once the
+    /// item is in the queue.
+    pub fn arrived(&self) {
+        if self.lingering.load(Ordering::SeqCst) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Waits up to `limit`, or until `joined` (which reads the queue) says
+    /// company has arrived, whichever comes first.
+    pub async fn wait_for_company(&self, limit: Duration, mut joined: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        self.lingering.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the queue is read: an item queued after
+            // that read wakes this wait. A wake-up left over from an earlier
+            // wait only reads the queue once more.
+            notified.as_mut().enable();
+            if joined() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                () = notified => {}
+            }
+        }
+        self.lingering.store(false, Ordering::SeqCst);
     }
 }
 
@@ -152,5 +200,59 @@ mod tests {
         // arrivals bring the mean back under the limit.
         gaps.extend([MS / 4; 60]);
         assert_eq!(arrivals(MS, &gaps).wait(1, 2), MS);
+    }
+
+    /// `arrivals` and a queue, with an item queued (and announced) after
+    /// `after`, or only announced if `queue_it` is false.
+    async fn wait_with_arrival(after: Duration, queue_it: bool) -> Duration {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let arrivals = Arc::new(Arrivals::default());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let arriving = {
+            let (arrivals, queued) = (Arc::clone(&arrivals), Arc::clone(&queued));
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if queue_it {
+                    queued.fetch_add(1, Ordering::SeqCst);
+                }
+                arrivals.arrived();
+            })
+        };
+        let began = Instant::now();
+        arrivals
+            .wait_for_company(MS * 10, || queued.load(Ordering::SeqCst) > 0)
+            .await;
+        let waited = began.elapsed();
+        arriving.abort();
+        waited
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn company_ends_the_wait_at_once() {
+        let waited = wait_with_arrival(MS * 3, true).await;
+        assert!(waited >= MS * 3 && waited < MS * 4, "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_company_the_wait_lasts_its_limit() {
+        assert_eq!(wait_with_arrival(MS * 60, true).await, MS * 10);
+        // A wake-up with nothing queued (a late one of an earlier wait)
+        // only reads the queue again.
+        assert_eq!(wait_with_arrival(MS * 3, false).await, MS * 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn company_queued_before_the_wait_ends_it_before_it_begins() {
+        let arrivals = Arrivals::default();
+        let began = Instant::now();
+        arrivals.wait_for_company(MS * 10, || true).await;
+        assert_eq!(began.elapsed(), Duration::ZERO);
+        // Nobody lingers now: an arrival leaves no wake-up behind for the
+        // next wait.
+        arrivals.arrived();
+        let began = Instant::now();
+        arrivals.wait_for_company(MS * 10, || false).await;
+        assert_eq!(began.elapsed(), MS * 10);
     }
 }

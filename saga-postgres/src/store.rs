@@ -58,7 +58,7 @@ pub struct PostgresStoreConfig {
     /// database is far away (a round trip of several milliseconds).
     pub commits_in_flight: usize,
     /// How long a statement that would commit a single transition waits
-    /// for others to join it ([`commit_batch`](Self::commit_batch) above 1),
+    /// for another to join it (it goes as soon as one has) ([`commit_batch`](Self::commit_batch) above 1),
     /// while transitions have lately been arriving on average no further
     /// apart than this, or than a statement takes (see
     /// [`saga_core::Linger`]). `ZERO` (the default)

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::{Core, Handling};
 use crate::error::EngineError;
-use crate::linger::Linger;
+use crate::linger::{Arrivals, Linger};
 use crate::message::Message;
 
 /// How a [`Participant`](super::Participant) lets commands share a
@@ -43,7 +43,7 @@ pub struct CommandBatching {
     /// Shared transactions under way at once (at least 1).
     pub in_flight: usize,
     /// How long a transaction that would carry a single command waits for
-    /// others to join it, while commands have lately been arriving on
+    /// another to join it (it goes as soon as one has), while commands have lately been arriving on
     /// average no further apart than this, or than a transaction takes
     /// (see [`Linger`]). `ZERO` (the default) never waits. About a
     /// millisecond saves transactions, and CPU, near a deployment's limit,
@@ -81,6 +81,8 @@ impl Default for CommandBatching {
 pub(super) struct Batches {
     config: CommandBatching,
     queue: Mutex<Queue>,
+    /// Ends a lingering runner's wait when a command arrives.
+    arrivals: Arrivals,
 }
 
 struct Queue {
@@ -112,6 +114,7 @@ impl Batches {
                 runners: 0,
                 linger: Linger::new(config.linger),
             }),
+            arrivals: Arrivals::default(),
         }
     }
 
@@ -142,6 +145,7 @@ pub(super) async fn handle(
         }
         start
     };
+    batches.arrivals.arrived();
     if start_runner {
         // A task of its own: a caller that stops waiting does not strand
         // the others whose commands its transaction carries.
@@ -183,7 +187,11 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
         if !linger.is_zero() {
             // The runner keeps its place meanwhile, so what arrives queues
             // for this transaction.
-            tokio::time::sleep(linger).await;
+            let batches = &place.batches;
+            batches
+                .arrivals
+                .wait_for_company(linger, || !batches.queue().waiting.is_empty())
+                .await;
             let mut queue = place.batches.queue();
             let take = queue.waiting.len().min(most - 1);
             batch.extend(queue.waiting.drain(..take));

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use saga_core::{Linger, OutboxEntry, StoreError};
+use saga_core::{Arrivals, Linger, OutboxEntry, StoreError};
 use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_alone};
@@ -160,6 +160,8 @@ type Reply = oneshot::Sender<Answer>;
 /// Transitions waiting, and how many statements are carrying others.
 pub(crate) struct Batcher {
     state: Mutex<Queue>,
+    /// Ends a lingering runner's wait when a transition arrives.
+    arrivals: Arrivals,
     shared_statements: AtomicU64,
     batched_transitions: AtomicU64,
     retried_alone: AtomicU64,
@@ -217,6 +219,7 @@ impl Batcher {
                 runners: 0,
                 linger: Linger::new(linger),
             }),
+            arrivals: Arrivals::default(),
             shared_statements: AtomicU64::default(),
             batched_transitions: AtomicU64::default(),
             retried_alone: AtomicU64::default(),
@@ -253,6 +256,7 @@ pub(crate) async fn commit(shared: &Arc<Shared>, item: Batched) -> Result<Vec<Ou
         }
         start
     };
+    shared.batcher.arrivals.arrived();
     if start_runner {
         // A task of its own: a caller that gives up waiting does not strand
         // the others whose transitions its statement carries.
@@ -286,7 +290,11 @@ async fn run(shared: Arc<Shared>) {
         if !linger.is_zero() {
             // The runner keeps its place meanwhile, so what arrives queues
             // for this statement.
-            tokio::time::sleep(linger).await;
+            let batcher = &shared.batcher;
+            batcher
+                .arrivals
+                .wait_for_company(linger, || !batcher.queue().waiting.is_empty())
+                .await;
             shared.batcher.queue().take(&mut batch, most);
             let joined = if batch.len() > 1 { "true" } else { "false" };
             metrics::counter!("saga_postgres_commit_lingers_total", "joined" => joined).increment(1);
