@@ -233,7 +233,8 @@ pub struct Config {
     /// a read is no dearer than a copy (`saga_core::EngineConfig::cached_instances`).
     pub cached_instances: Option<usize>,
     /// `COMMIT_LINGER` (default `1ms`, `0` never waits): how long a commit
-    /// that would go alone waits for others to share its statement, while
+    /// that would go alone waits for another to share its statement (it
+    /// goes as soon as one has), while
     /// commits arrive that densely, or faster than statements finish
     /// (production mode;
     /// `saga_postgres::PostgresStoreConfig::commit_linger`).

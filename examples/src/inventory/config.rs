@@ -175,7 +175,8 @@ pub struct InventoryConfig {
     /// a transaction, this many at most (1: each its own).
     pub batch: usize,
     /// `INVENTORY_LINGER` (default `1ms`, `0` never waits): how long a
-    /// transaction that would carry one command waits for others, while
+    /// transaction that would carry one command waits for another (it goes
+    /// as soon as one has), while
     /// commands arrive that densely, or faster than transactions finish
     /// (`CommandBatching::linger`).
     pub linger: Duration,
