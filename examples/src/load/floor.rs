@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
 use saga_core::{Message, Publisher, Settlement, Subscriber, Subscription};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -155,19 +154,8 @@ async fn commits(stage: &Stage, duration: Duration) -> Result<OneAtATime, LoadEr
 /// message left over from the raw ceiling's measurement is acked and passed
 /// over, not timed.
 async fn hops(stage: &Stage, duration: Duration) -> Result<OneAtATime, LoadError> {
-    let failed = |what: &str| {
-        let (url, what) = (stage.rabbitmq_url.to_string(), what.to_owned());
-        move |source: saga_core::BoxError| LoadError::Broker { url, what, source }
-    };
-    let topology = Topology::new()
-        .exchange(&stage.raw_exchange, ExchangeKind::Fanout)
-        .queue(&stage.raw_queue)
-        .bind(&stage.raw_exchange, &stage.raw_queue, "");
-    let mut config = AmqpConfig::new(stage.rabbitmq_url.expose(), topology);
-    config.connection_name = "load-test-floor".to_owned();
-    let transport = AmqpTransport::connect(config)
-        .await
-        .map_err(|e| failed("connecting")(Box::new(e)))?;
+    let failed = |what: &str| stage.broker_failed(what);
+    let transport = stage.scratch_transport("load-test-floor").await?;
     let result = async {
         let mut subscription = transport
             .subscribe(&stage.raw_queue)

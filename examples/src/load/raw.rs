@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
 use saga_core::{Message, Publisher, Settlement, Subscriber};
 use serde::Serialize;
 use sqlx::postgres::PgPoolOptions;
@@ -189,21 +188,8 @@ pub(crate) async fn amqp_messages(
     duration: Duration,
     drain: Duration,
 ) -> Result<RawFigure, LoadError> {
-    let failed = |what: &str| {
-        let (url, what) = (stage.rabbitmq_url.to_string(), what.to_owned());
-        move |source: saga_core::BoxError| LoadError::Broker { url, what, source }
-    };
-    let topology = Topology::new()
-        .exchange(&stage.raw_exchange, ExchangeKind::Fanout)
-        .queue(&stage.raw_queue)
-        .bind(&stage.raw_exchange, &stage.raw_queue, "");
-    let mut config = AmqpConfig::new(stage.rabbitmq_url.expose(), topology);
-    config.connection_name = "load-test-raw".to_owned();
-    let transport = Arc::new(
-        AmqpTransport::connect(config)
-            .await
-            .map_err(|e| failed("connecting")(Box::new(e)))?,
-    );
+    let failed = |what: &str| stage.broker_failed(what);
+    let transport = Arc::new(stage.scratch_transport("load-test-raw").await?);
     let result = async {
         let mut subscription = transport
             .subscribe(&stage.raw_queue)

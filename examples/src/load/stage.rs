@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use order_service::config::{Backend, ListenAddr, SecretUrl};
 use order_service::wire::WireNames;
 use order_service::{Application, Config};
-use saga_core::CancellationToken;
+use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeKind, Topology};
+use saga_core::{BoxError, CancellationToken};
 use sqlx::Connection;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -163,6 +164,26 @@ impl Stage {
         let done = work(&mut conn).await.map_err(failed)?;
         conn.close().await.map_err(failed)?;
         Ok(done)
+    }
+
+    /// A transport of its own (named `connection_name` in RabbitMQ) with the
+    /// raw measurements' scratch exchange and queue declared.
+    pub(crate) async fn scratch_transport(&self, connection_name: &str) -> Result<AmqpTransport, LoadError> {
+        let topology = Topology::new()
+            .exchange(&self.raw_exchange, ExchangeKind::Fanout)
+            .queue(&self.raw_queue)
+            .bind(&self.raw_exchange, &self.raw_queue, "");
+        let mut config = AmqpConfig::new(self.rabbitmq_url.expose(), topology);
+        config.connection_name = connection_name.to_owned();
+        AmqpTransport::connect(config)
+            .await
+            .map_err(|e| self.broker_failed("connecting")(Box::new(e)))
+    }
+
+    /// What a broker error is while `what` is being done.
+    pub(crate) fn broker_failed(&self, what: &str) -> impl FnOnce(BoxError) -> LoadError + use<> {
+        let (url, what) = (self.rabbitmq_url.to_string(), what.to_owned());
+        move |source| LoadError::Broker { url, what, source }
     }
 
     /// Deletes the queues (with their dead-letter queues), this run's
