@@ -14,7 +14,7 @@
 //! companion halves the group's fixed cost per item, and each later one
 //! saves less while every item in the group waits on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -82,20 +82,21 @@ impl Linger {
 }
 
 /// Ends a lone item's wait for company (see [`Linger`]) when company
-/// arrives. Shared by whoever queues items and the runner that lingers; it
-/// lives outside the queue's lock, so the runner waits without holding it.
+/// arrives. Shared by whoever queues items and the runners that linger; it
+/// lives outside the queue's lock, so a runner waits without holding it.
 #[derive(Debug, Default)]
 pub struct Arrivals {
     notify: Notify,
-    lingering: AtomicBool,
+    /// Runners waiting for company now.
+    lingering: AtomicUsize,
 }
 
 impl Arrivals {
-    /// Tells a lingering runner that an item was queued. Call it once the
-    /// item is in the queue.
+    /// Tells the lingering runners that an item was queued. Call it once
+    /// the item is in the queue.
     pub fn arrived(&self) {
-        if self.lingering.load(Ordering::SeqCst) {
-            self.notify.notify_one();
+        if self.lingering.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
         }
     }
 
@@ -103,23 +104,38 @@ impl Arrivals {
     /// company has arrived, whichever comes first.
     pub async fn wait_for_company(&self, limit: Duration, mut joined: impl FnMut() -> bool) {
         let deadline = Instant::now() + limit;
-        self.lingering.store(true, Ordering::SeqCst);
+        let _lingering = Lingering::count(&self.lingering);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             // Registered before the queue is read: an item queued after
-            // that read wakes this wait. A wake-up left over from an earlier
-            // wait only reads the queue once more.
+            // that read wakes this wait.
             notified.as_mut().enable();
             if joined() {
-                break;
+                return;
             }
             tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
+                () = tokio::time::sleep_until(deadline) => return,
                 () = notified => {}
             }
         }
-        self.lingering.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Counts a runner among the lingering ones while it lives, however its
+/// wait ends (a dropped wait included).
+struct Lingering<'a>(&'a AtomicUsize);
+
+impl<'a> Lingering<'a> {
+    fn count(lingering: &'a AtomicUsize) -> Self {
+        lingering.fetch_add(1, Ordering::SeqCst);
+        Self(lingering)
+    }
+}
+
+impl Drop for Lingering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -237,8 +253,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_company_the_wait_lasts_its_limit() {
         assert_eq!(wait_with_arrival(MS * 60, true).await, MS * 10);
-        // A wake-up with nothing queued (a late one of an earlier wait)
-        // only reads the queue again.
+        // A wake-up with nothing queued only reads the queue again.
         assert_eq!(wait_with_arrival(MS * 3, false).await, MS * 10);
     }
 
@@ -254,5 +269,37 @@ mod tests {
         let began = Instant::now();
         arrivals.wait_for_company(MS * 10, || false).await;
         assert_eq!(began.elapsed(), MS * 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_arrival_ends_every_runner_s_wait() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let arrivals = Arc::new(Arrivals::default());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let began = Instant::now();
+        let runners: Vec<_> = (0..2)
+            .map(|_| {
+                let (arrivals, queued) = (Arc::clone(&arrivals), Arc::clone(&queued));
+                tokio::spawn(async move {
+                    arrivals
+                        .wait_for_company(MS * 10, || queued.load(Ordering::SeqCst) > 0)
+                        .await;
+                    began.elapsed()
+                })
+            })
+            .collect();
+        tokio::time::sleep(MS * 3).await;
+        queued.fetch_add(1, Ordering::SeqCst);
+        arrivals.arrived();
+        for runner in runners {
+            let waited = runner.await.expect("no panic");
+            assert!(waited >= MS * 3 && waited < MS * 4, "{waited:?}");
+        }
+        assert_eq!(
+            arrivals.lingering.load(Ordering::SeqCst),
+            0,
+            "nobody counted as lingering"
+        );
     }
 }
