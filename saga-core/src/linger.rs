@@ -222,7 +222,6 @@ mod tests {
     /// `after`, or only announced if `queue_it` is false.
     async fn wait_with_arrival(after: Duration, queue_it: bool) -> Duration {
         use std::sync::Arc;
-        use std::sync::atomic::AtomicUsize;
         let arrivals = Arc::new(Arrivals::default());
         let queued = Arc::new(AtomicUsize::new(0));
         let arriving = {
@@ -272,9 +271,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn one_arrival_ends_every_runner_s_wait() {
+    async fn one_arrival_ends_every_lingering_runners_wait() {
         use std::sync::Arc;
-        use std::sync::atomic::AtomicUsize;
         let arrivals = Arc::new(Arrivals::default());
         let queued = Arc::new(AtomicUsize::new(0));
         let began = Instant::now();

@@ -58,13 +58,13 @@ pub struct PostgresStoreConfig {
     /// database is far away (a round trip of several milliseconds).
     pub commits_in_flight: usize,
     /// How long a statement that would commit a single transition waits
-    /// for another to join it (it goes as soon as one has) ([`commit_batch`](Self::commit_batch) above 1),
-    /// while transitions have lately been arriving on average no further
+    /// for another to join it ([`commit_batch`](Self::commit_batch) above
+    /// 1), while transitions have lately been arriving on average no further
     /// apart than this, or than a statement takes (see
-    /// [`saga_core::Linger`]). `ZERO` (the default)
-    /// never waits. About a millisecond saves statements, and CPU, near a
-    /// deployment's limit, where transitions arrive densely but often find
-    /// no statement under way to queue behind.
+    /// [`saga_core::Linger`]). It goes as soon as one has joined. `ZERO`
+    /// (the default) never waits. About a millisecond saves statements, and
+    /// CPU, near a deployment's limit, where transitions arrive densely but
+    /// often find no statement under way to queue behind.
     pub commit_linger: Duration,
     /// How long marking messages sent waits to gather more relay rounds'
     /// messages into its statement. Meanwhile, messages confirmed but not

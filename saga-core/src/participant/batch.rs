@@ -43,9 +43,9 @@ pub struct CommandBatching {
     /// Shared transactions under way at once (at least 1).
     pub in_flight: usize,
     /// How long a transaction that would carry a single command waits for
-    /// another to join it (it goes as soon as one has), while commands have lately been arriving on
-    /// average no further apart than this, or than a transaction takes
-    /// (see [`Linger`]). `ZERO` (the default) never waits. About a
+    /// another to join it (it goes as soon as one has), while commands have
+    /// lately been arriving on average no further apart than this, or than
+    /// a transaction takes (see [`Linger`]). `ZERO` (the default) never waits. About a
     /// millisecond saves transactions, and CPU, near a deployment's limit,
     /// where commands arrive densely but often find no transaction under
     /// way to queue behind.
