@@ -128,8 +128,7 @@ async fn offer(
         tracing::info!(confirmed, "warmed up");
     }
 
-    let first_ceiling = raw_ceiling(config, stage).await?;
-    let first_floor = latency_floor(config, stage).await?;
+    let first_limits = limits(config, stage).await?;
 
     let pid = config.service_pid;
     let mut runs = Vec::new();
@@ -181,28 +180,17 @@ async fn offer(
 
     // Measured again after the runs, and pooled with the first: the VM's
     // speed drifts within minutes, and the runs fell between the two.
-    let ceiling = match (first_ceiling, raw_ceiling(config, stage).await?) {
-        (Some((commits, messages)), Some((later_commits, later_messages))) => Some(Ceiling::new(
-            commits.pooled(later_commits),
-            messages.pooled(later_messages),
-            tail_settings.durability(),
-        )),
-        _ => None,
-    };
-    if let Some(ceiling) = &ceiling {
-        for run in &mut runs {
-            run.compare_with(ceiling);
+    let (ceiling, latency_floor) = match (first_limits, limits(config, stage).await?) {
+        (Some(first), Some(later)) => {
+            let limits = first.pooled(later);
+            let ceiling = Ceiling::new(limits.commits, limits.messages, tail_settings.durability());
+            for run in &mut runs {
+                run.compare_with(&ceiling, &limits.floor);
+            }
+            (Some(ceiling), Some(limits.floor))
         }
-    }
-    let latency_floor = match (first_floor, latency_floor(config, stage).await?) {
-        (Some(floor), Some(later)) => Some(floor.pooled(later)),
-        _ => None,
+        _ => (None, None),
     };
-    if let Some(floor) = &latency_floor {
-        for run in &mut runs {
-            run.median_over_floor = floor.multiple(run.latency_ms.p50);
-        }
-    }
 
     let measured_process = match (&config.grpc_addr, pid) {
         (None, _) => "this process: the order service AND the inventory service, the load generator and the \
@@ -223,9 +211,29 @@ async fn offer(
     })
 }
 
-/// The raw PostgreSQL commits and RabbitMQ messages, unless
-/// `--raw-duration` skips them.
-async fn raw_ceiling(config: &LoadConfig, stage: &Stage) -> Result<Option<(RawFigure, RawFigure)>, LoadError> {
+/// The machine's own limits measured once: the raw commits and messages
+/// (the ceiling) and the latency floor.
+struct Limits {
+    commits: RawFigure,
+    messages: RawFigure,
+    floor: LatencyFloor,
+}
+
+impl Limits {
+    /// Both measurements as one figure each.
+    fn pooled(self, later: Self) -> Self {
+        Self {
+            commits: self.commits.pooled(later.commits),
+            messages: self.messages.pooled(later.messages),
+            floor: self.floor.pooled(later.floor),
+        }
+    }
+}
+
+/// The raw PostgreSQL commits and RabbitMQ messages, each for
+/// `--raw-duration`, and the latency floor, for that up to [`floor::MOST`];
+/// none of them if `--raw-duration` skips them.
+async fn limits(config: &LoadConfig, stage: &Stage) -> Result<Option<Limits>, LoadError> {
     let Some(duration) = config.raw_duration else {
         return Ok(None);
     };
@@ -233,17 +241,13 @@ async fn raw_ceiling(config: &LoadConfig, stage: &Stage) -> Result<Option<(RawFi
     let commits = raw::postgres_commits(stage, config.clients, duration).await?;
     tracing::info!("measuring raw RabbitMQ messages");
     let messages = raw::amqp_messages(stage, config.clients, duration, config.drain_timeout).await?;
-    Ok(Some((commits, messages)))
-}
-
-/// The latency floor, for `--raw-duration` up to [`floor::MOST`], unless
-/// `--raw-duration` skips the raw measurements.
-async fn latency_floor(config: &LoadConfig, stage: &Stage) -> Result<Option<LatencyFloor>, LoadError> {
-    let Some(duration) = config.raw_duration else {
-        return Ok(None);
-    };
     tracing::info!("measuring the latency floor");
-    floor::measure(stage, duration.min(floor::MOST)).await.map(Some)
+    let floor = floor::measure(stage, duration.min(floor::MOST)).await?;
+    Ok(Some(Limits {
+        commits,
+        messages,
+        floor,
+    }))
 }
 
 /// Samples what sagas cost from a fifth into the run to half a second

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::error::LoadError;
+use super::raw;
 use super::report::{COMMITS_PER_SAGA, MESSAGES_PER_SAGA, Percentiles};
 use super::stage::Stage;
 
@@ -125,23 +126,17 @@ pub(crate) async fn measure(stage: &Stage, duration: Duration) -> Result<Latency
     Ok(LatencyFloor::new(commits, hops))
 }
 
-/// Single-row INSERTs committed one after another on one connection.
+/// The raw commits' single-row INSERTs, committed one after another on one
+/// connection.
 async fn commits(stage: &Stage, duration: Duration) -> Result<OneAtATime, LoadError> {
     stage
         .on_database("timing single commits", async |conn| {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS load_floor_insert (id bigserial PRIMARY KEY, \
-                 at timestamptz NOT NULL DEFAULT now())",
-            )
-            .execute(&mut *conn)
-            .await?;
+            sqlx::query(raw::SCRATCH_TABLE).execute(&mut *conn).await?;
             let mut us = Vec::new();
             let end = Instant::now() + duration;
             while Instant::now() < end {
                 let started = Instant::now();
-                sqlx::query("INSERT INTO load_floor_insert DEFAULT VALUES")
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(raw::SCRATCH_INSERT).bind(0).execute(&mut *conn).await?;
                 us.push(micros(started.elapsed()));
             }
             Ok(OneAtATime::new(us))

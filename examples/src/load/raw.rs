@@ -81,6 +81,13 @@ pub struct Durability {
     pub fsync: String,
 }
 
+/// The scratch table the raw commits and the latency floor's insert into.
+pub(crate) const SCRATCH_TABLE: &str = "CREATE TABLE IF NOT EXISTS load_raw_insert \
+     (id bigserial PRIMARY KEY, client integer NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+
+/// One single-row INSERT into [`SCRATCH_TABLE`], its client's number bound.
+pub(crate) const SCRATCH_INSERT: &str = "INSERT INTO load_raw_insert (client) VALUES ($1)";
+
 /// Connections the server leaves to others while the raw commits run: the
 /// services' pools may open more, and the cost sampler needs one.
 const CONNECTIONS_LEFT_TO_OTHERS: usize = 8;
@@ -132,13 +139,10 @@ pub(crate) async fn postgres_commits(
                 "the raw commits use fewer connections: the server has no more free"
             );
         }
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS load_raw_insert (id bigserial PRIMARY KEY, client integer NOT NULL, \
-             at timestamptz NOT NULL DEFAULT now())",
-        )
-        .execute(&pool)
-        .await
-        .map_err(failed("creating the scratch table"))?;
+        sqlx::query(SCRATCH_TABLE)
+            .execute(&pool)
+            .await
+            .map_err(failed("creating the scratch table"))?;
         let commits = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let end = started + duration;
@@ -149,10 +153,7 @@ pub(crate) async fn postgres_commits(
             tasks.spawn(async move {
                 let mut conn = pool.acquire().await?;
                 while Instant::now() < end {
-                    sqlx::query("INSERT INTO load_raw_insert (client) VALUES ($1)")
-                        .bind(client)
-                        .execute(&mut *conn)
-                        .await?;
+                    sqlx::query(SCRATCH_INSERT).bind(client).execute(&mut *conn).await?;
                     commits.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<(), sqlx::Error>(())

@@ -161,11 +161,12 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Sets the ratios to `ceiling`.
-    pub(crate) fn compare_with(&mut self, ceiling: &Ceiling) {
+    /// Sets the ratios to `ceiling` and the median's multiple of `floor`.
+    pub(crate) fn compare_with(&mut self, ceiling: &Ceiling, floor: &LatencyFloor) {
         let ratio = |of: f64| (of > 0.0).then(|| self.completed_per_second / of);
         self.ratio_of_ceiling = ratio(ceiling.sagas_per_second);
         self.ratio_of_shared_ceiling = ratio(ceiling.shared_sagas_per_second);
+        self.median_over_floor = floor.multiple(self.latency_ms.p50);
     }
 
     /// Whether every accepted order was seen confirmed and no call failed.
