@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS reservation_items (
 -- Otherwise they are decided one after another: each finds the first
 -- product short of stock and, only if there is none, takes the units and
 -- records them; if there is, it is recorded as rejected, with the reason it
--- is answered with. Every order is then answered with what is recorded.
+-- is answered with. Every order is then answered with what is recorded,
+-- unless all were new and granted: then there is nothing to look up (a
+-- fifth of the function's own time for a lone order).
 CREATE OR REPLACE FUNCTION reserve_orders(
     order_ids text[], item_orders int[], item_products text[], item_quantities bigint[]
 ) RETURNS TABLE (granted boolean, refusal text, repeated boolean)
@@ -124,6 +126,17 @@ BEGIN
                 WHERE order_id = order_ids[i];
             END IF;
         END LOOP;
+    END IF;
+
+    IF fits AND NOT (false = ANY (fresh)) THEN
+        -- Every order new and granted (the usual case): nothing to look up.
+        FOR i IN 1 .. cardinality(order_ids) LOOP
+            granted := true;
+            refusal := NULL;
+            repeated := false;
+            RETURN NEXT;
+        END LOOP;
+        RETURN;
     END IF;
 
     RETURN QUERY

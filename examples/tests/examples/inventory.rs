@@ -481,3 +481,48 @@ async fn a_batch_that_fits_is_granted_at_once_as_if_one_after_another() {
         "p1 untouched, p2 four more"
     );
 }
+
+#[tokio::test]
+async fn a_batch_of_new_orders_that_fits_is_granted_with_one_answer_each_in_order() {
+    let env = TestEnv::new().await;
+    let names = &env.names;
+    let (a, b, c) = (new_order_id(), new_order_id(), new_order_id());
+    // All new and all fit: the function answers them from its own decision
+    // (no lookup of the recorded reservations), one answer per order, in order.
+    let batch: Vec<Message> = vec![
+        order_created(names, &a, &[("p1", 2)]),
+        order_created(names, &b, &[("p2", 1), ("p1", 1)]),
+        order_created(names, &c, &[("p2", 4)]),
+    ];
+    let keeper = StockKeeper::new(names.stock_update_exchange.clone());
+    let seed = "p1=3,p2=5";
+    let (store, batched) = inventory_in(&env, "new_batched", seed).await;
+    let (one_store, alone) = inventory_in(&env, "new_one_by_one", seed).await;
+
+    let commands: Vec<&Message> = batch.iter().collect();
+    let in_batch = batched_and_one_by_one(&keeper, &store, &one_store, &commands).await;
+    let order_ids: Vec<Option<&str>> = in_batch
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.order_id.as_str()))
+        .collect();
+    assert_eq!(order_ids, [Some(a.as_str()), Some(b.as_str()), Some(c.as_str())]);
+    assert_eq!(outcomes(in_batch), vec![Some((true, None)); 3]);
+    let orders = [a.as_str(), b.as_str(), c.as_str()];
+    let held = holdings(&batched, &orders).await;
+    assert_eq!(held, holdings(&alone, &orders).await, "the same stock and reservations");
+    assert_eq!(held.0, [level("p1", 0, 3), level("p2", 0, 5)], "every unit taken");
+
+    // The same orders again (new message ids), now with nothing left: each is
+    // answered with what was recorded, and nothing is taken twice.
+    let again: Vec<Message> = vec![
+        order_created(names, &c, &[("p2", 4)]),
+        order_created(names, &a, &[("p1", 2)]),
+    ];
+    let commands: Vec<&Message> = again.iter().collect();
+    let in_batch = batched_and_one_by_one(&keeper, &store, &one_store, &commands).await;
+    assert_eq!(outcomes(in_batch), vec![Some((true, None)); 2]);
+    assert_eq!(
+        batched.levels().await.expect("readable"),
+        [level("p1", 0, 3), level("p2", 0, 5)]
+    );
+}
