@@ -16,6 +16,7 @@
 //! persistent messages, publisher confirms, acks after commit).
 
 mod bench;
+pub mod competitor;
 mod config;
 mod costs;
 mod drive;

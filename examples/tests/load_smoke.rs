@@ -2,12 +2,55 @@
 //! real PostgreSQL and RabbitMQ, asserting only that every saga completed
 //! (each order's `OrderConfirmed` consumed), never a speed.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use order_service::config::SecretUrl;
+use saga_examples::load::competitor::{Competing, Competitor};
 use saga_examples::load::{self, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
 
 const ORDERS: u64 = 20;
+
+/// A competing process spinning `share` of every 10 ms: the load test's binary.
+fn competing(share: f64) -> Competing {
+    Competing {
+        share,
+        program: PathBuf::from(env!("CARGO_BIN_EXE_load-test")),
+    }
+}
+
+/// CPU time (user and system) of process `pid`, from `/proc`.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is running");
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a stat line")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // The kernel's clock ticks (USER_HZ) are 100 a second on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn a_competing_process_takes_its_share_of_a_core_and_stops_when_dropped() {
+    let competitor = Competitor::start(&competing(0.5)).expect("the load test's binary starts");
+    let pid = competitor.pid();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_of(pid);
+    // Half of 2 s is 1 s; a busy machine gives it less, and it never spins more.
+    assert!(
+        used >= Duration::from_millis(300) && used <= Duration::from_millis(1500),
+        "spun {used:?} of 2 s at half a core"
+    );
+    drop(competitor);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the competing process is gone once dropped"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_saga_of_a_small_run_is_confirmed() {
@@ -25,6 +68,8 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         drain_timeout: Duration::from_secs(20),
         products: vec!["smoke-a".to_owned(), "smoke-b".to_owned()],
         results_dir: Some(results.clone()),
+        // Starts and stops with the run; recorded in its result.
+        competing: Some(competing(0.2)),
         ..LoadConfig::default()
     };
     let report = tokio::time::timeout(Duration::from_secs(180), load::run(config))
@@ -99,6 +144,8 @@ async fn every_saga_of_a_small_run_is_confirmed() {
     let json = std::fs::read_to_string(&written[0]).expect("the JSON is readable");
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("the JSON parses");
     assert_eq!(parsed["runs"][0]["confirmed"], ORDERS);
+    assert_eq!(parsed["competing_cpu"], 0.2);
+    assert!(report.render().contains("a process spun 20 % of every 10 ms"));
     assert_eq!(parsed["runs"][0]["legs"]["sagas"], ORDERS);
     assert!(
         parsed["latency_floor"]["saga_ms"].as_f64().is_some_and(|ms| ms > 0.0),

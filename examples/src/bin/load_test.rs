@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use order_service::config::{Retention, SecretUrl, parse_linger};
+use saga_examples::load::competitor::{self, Competing};
 use saga_examples::load::{self, DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, LoadConfig, Mode};
 use tracing_subscriber::EnvFilter;
 
@@ -83,6 +84,10 @@ struct Args {
     /// `100ms`; default: the services' own).
     #[arg(long)]
     linger: Option<String>,
+    /// Starts a process beside the run that spins this share of every 10 ms on one core (more
+    /// than 0, at most 1): the goals on a machine with less CPU to spare.
+    #[arg(long)]
+    competing_cpu: Option<f64>,
 }
 
 fn seconds(name: &str, value: f64) -> Result<Duration, String> {
@@ -126,6 +131,13 @@ fn config(args: Args) -> Result<LoadConfig, String> {
             Some(value) => parse_linger(&value).map_err(|why| format!("--linger: {why}"))?,
             None => defaults.linger,
         },
+        competing: match args.competing_cpu {
+            Some(share) => Some(Competing {
+                share,
+                program: std::env::current_exe().map_err(|e| format!("--competing-cpu: this program's path: {e}"))?,
+            }),
+            None => None,
+        },
         ..defaults
     };
     config.validate()?;
@@ -140,6 +152,18 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Started by a run as its competing process (`--competing-cpu`).
+    match competitor::requested() {
+        Some(Ok(share)) => {
+            competitor::spin(share);
+            return ExitCode::SUCCESS;
+        }
+        Some(Err(error)) => {
+            eprintln!("load-test: {error}");
+            return ExitCode::from(2);
+        }
+        None => {}
+    }
     let config = match config(Args::parse()) {
         Ok(config) => config,
         Err(error) => {

@@ -7,6 +7,7 @@ use saga_amqp::{AmqpConfig, AmqpTransport, ExchangeConfig, ExchangeKind, Topolog
 use saga_core::{CancellationToken, Subscriber, Timestamp};
 use tokio::task::JoinSet;
 
+use super::competitor::Competitor;
 use super::config::{LoadConfig, Mode};
 use super::costs::{self, SagaCosts};
 use super::drive::{Orders, Outcome, Seen, Tracker, observe};
@@ -29,6 +30,14 @@ const MAX_CHANNELS: usize = 8;
 /// a step fails.
 pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
     config.validate().map_err(LoadError::Config)?;
+    // Held to the end of the run: dropping it stops the process.
+    let _competitor = match &config.competing {
+        Some(competing) => Some(Competitor::start(competing).map_err(|source| LoadError::Competitor {
+            program: competing.program.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
     let started_at = super::report::timestamp(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -203,6 +212,7 @@ async fn offer(
         started_at,
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
         measured_process,
+        competing_cpu: config.competing.as_ref().map(|c| c.share),
         config: config_json(config),
         tail_settings,
         ceiling,

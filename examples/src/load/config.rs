@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use order_service::config::{Retention, SecretUrl};
 
+use super::competitor::Competing;
+
 /// The PostgreSQL URL used when `DATABASE_URL` is not set. It is used to
 /// create (and finally drop) a fresh database `saga_load_<random>`; the role
 /// must be allowed to create databases. Without TLS: on loopback it would
@@ -85,6 +87,9 @@ pub struct LoadConfig {
     /// How long both hosted services let a lone commit wait for company
     /// (their `COMMIT_LINGER` and `INVENTORY_LINGER`).
     pub linger: Duration,
+    /// A process taking a share of one core beside the run, limits and
+    /// floor included (`None`: nothing runs beside it).
+    pub competing: Option<Competing>,
 }
 
 impl Default for LoadConfig {
@@ -108,6 +113,7 @@ impl Default for LoadConfig {
             inventory_concurrency: crate::inventory::InventoryConfig::default().concurrency,
             stock_reply_concurrency: order_service::config::DEFAULT_STOCK_REPLY_CONCURRENCY,
             linger: order_service::config::DEFAULT_LINGER,
+            competing: None,
         }
     }
 }
@@ -123,6 +129,9 @@ impl LoadConfig {
         }
         if self.products.is_empty() {
             return Err("at least one product is needed".to_owned());
+        }
+        if let Some(competing) = &self.competing {
+            competing.validate()?;
         }
         if let Mode::Open { rates } = &self.mode {
             if rates.is_empty() {

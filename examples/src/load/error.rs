@@ -11,6 +11,15 @@ pub enum LoadError {
     /// A setting makes no sense: fix the argument.
     #[error("invalid setting: {0}")]
     Config(String),
+    /// The competing process could not be started.
+    #[error("could not start the competing process {program}: {source}")]
+    Competitor {
+        /// The program started.
+        program: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// PostgreSQL cannot be reached: start it or set `DATABASE_URL`.
     #[error(
         "PostgreSQL is not reachable at {url} ({source}); start it, e.g. \

@@ -184,6 +184,9 @@ pub struct LoadReport {
     pub cpus: usize,
     /// What the CPU and RSS figures measure.
     pub measured_process: String,
+    /// The share of one core a competing process took beside the run
+    /// (`--competing-cpu`), if one did.
+    pub competing_cpu: Option<f64>,
     /// The settings.
     pub config: serde_json::Value,
     /// The kernel's and PostgreSQL's settings that shape the tail.
@@ -202,6 +205,13 @@ impl LoadReport {
         let mut out = String::new();
         let _ = writeln!(out, "load run {} on {} CPUs", self.started_at, self.cpus);
         let _ = writeln!(out, "CPU / RSS measured on: {}", self.measured_process);
+        if let Some(share) = self.competing_cpu {
+            let _ = writeln!(
+                out,
+                "competing: a process spun {:.0} % of every 10 ms beside the run (the limits and the floor included)",
+                share * 100.0
+            );
+        }
         let _ = writeln!(out, "{}", self.tail_settings.render());
         if let Some(c) = &self.ceiling {
             let measured = |figure: &RawFigure| {
