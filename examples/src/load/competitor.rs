@@ -32,7 +32,7 @@ pub struct Competing {
 impl Competing {
     /// Checks the share: more than 0, at most 1.
     pub fn validate(&self) -> Result<(), String> {
-        if self.share.is_finite() && self.share > 0.0 && self.share <= 1.0 {
+        if is_share(self.share) {
             Ok(())
         } else {
             Err(format!(
@@ -41,6 +41,11 @@ impl Competing {
             ))
         }
     }
+}
+
+/// More than 0, at most 1 (NaN is neither).
+fn is_share(share: f64) -> bool {
+    share > 0.0 && share <= 1.0
 }
 
 /// The competing process while it runs; dropping it stops it.
@@ -79,8 +84,8 @@ pub fn requested() -> Option<Result<f64, String>> {
     let share = value
         .to_str()
         .and_then(|text| text.parse::<f64>().ok())
-        .filter(|share| share.is_finite() && (0.0..=1.0).contains(share));
-    Some(share.ok_or_else(|| format!("{SPIN_ENV} must be a share from 0 to 1, not {value:?}")))
+        .filter(|&share| is_share(share));
+    Some(share.ok_or_else(|| format!("{SPIN_ENV} must be more than 0 and at most 1, not {value:?}")))
 }
 
 /// Spins `share` of every 10 ms until the process that started this one is
