@@ -19,27 +19,12 @@ fn competing(share: f64) -> Competing {
     }
 }
 
-/// CPU time (user and system) of process `pid`, from `/proc`.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is running");
-    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("a stat line")
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // The kernel's clock ticks (USER_HZ) are 100 a second on Linux.
-    Duration::from_millis(ticks * 10)
-}
-
 #[test]
 fn a_competing_process_takes_its_share_of_a_core_and_stops_when_dropped() {
     let competitor = Competitor::start(&competing(0.5)).expect("the load test's binary starts");
     let pid = competitor.pid();
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_of(pid);
+    let used = competitor.cpu_time().expect("its CPU time is readable on Linux");
     // Half of 2 s is 1 s; a busy machine gives it less, and it never spins more.
     assert!(
         used >= Duration::from_millis(300) && used <= Duration::from_millis(1500),

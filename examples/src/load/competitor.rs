@@ -69,6 +69,11 @@ impl Competitor {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The CPU time it has taken so far (`None` where `/proc` cannot tell).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        super::usage::process_cpu(Some(self.pid()))
+    }
 }
 
 impl Drop for Competitor {

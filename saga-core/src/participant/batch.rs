@@ -192,7 +192,7 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
                 .arrivals
                 .wait_for_company(linger, || !batches.queue().waiting.is_empty())
                 .await;
-            let mut queue = place.batches.queue();
+            let mut queue = batches.queue();
             let take = queue.waiting.len().min(most - 1);
             batch.extend(queue.waiting.drain(..take));
             let joined = if batch.len() > 1 { "true" } else { "false" };

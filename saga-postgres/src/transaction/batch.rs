@@ -295,7 +295,7 @@ async fn run(shared: Arc<Shared>) {
                 .arrivals
                 .wait_for_company(linger, || !batcher.queue().waiting.is_empty())
                 .await;
-            shared.batcher.queue().take(&mut batch, most);
+            batcher.queue().take(&mut batch, most);
             let joined = if batch.len() > 1 { "true" } else { "false" };
             metrics::counter!("saga_postgres_commit_lingers_total", "joined" => joined).increment(1);
         }
