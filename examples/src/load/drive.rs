@@ -43,29 +43,29 @@ struct Tally {
     /// keeps one per saga, in this process beside the services it measures,
     /// so no second copy is made at its end (and no string per order).
     confirmations: Vec<Confirmation>,
-    clock: SystemClock,
     confirmed: u64,
     cancelled: u64,
     last_completion: Option<Instant>,
 }
 
-/// Places instants on the system clock (the services' clock) through one
-/// reading of both: instants are only comparable with each other.
+/// Places instants on the system clock (the services' clock) through a
+/// reading of both, taken anew for each saga as it is recorded: a VM's
+/// system clock can be stepped during a run, and a reading taken once
+/// would shift every later saga's legs by the step (runs here showed
+/// sent -> start decided at 150 ms), not only the sagas in flight across it.
 struct SystemClock {
     at: Instant,
     unix_ms: f64,
 }
 
-impl Default for SystemClock {
-    fn default() -> Self {
+impl SystemClock {
+    fn now() -> Self {
         Self {
             at: Instant::now(),
             unix_ms: unix_ms(SystemTime::now()),
         }
     }
-}
 
-impl SystemClock {
     fn unix_ms_at(&self, at: Instant) -> f64 {
         let (ahead, ago) = (
             at.saturating_duration_since(self.at),
@@ -134,10 +134,11 @@ impl Tracker {
                 // The order service's ids are UUIDs; another would only
                 // leave its saga out of the legs.
                 if let Ok(order_id) = Uuid::parse_str(&id) {
+                    let clock = SystemClock::now();
                     let confirmation = Confirmation {
                         order_id,
-                        sent_ms: tally.clock.unix_ms_at(sent),
-                        seen_ms: tally.clock.unix_ms_at(at),
+                        sent_ms: clock.unix_ms_at(sent),
+                        seen_ms: clock.unix_ms_at(at),
                     };
                     tally.confirmations.push(confirmation);
                 }
@@ -442,5 +443,30 @@ mod tests {
             (between - 5.0).abs() < 0.01,
             "5 ms apart on the system clock: {between}"
         );
+    }
+
+    #[test]
+    fn a_saga_is_placed_on_the_system_clock_as_it_is_recorded() {
+        let tracker = Tracker::default();
+        let ms = Duration::from_millis;
+        let id = Uuid::new_v4();
+        let seen_at = Instant::now();
+        let sent_at = seen_at - ms(40);
+        let before = unix_ms(SystemTime::now());
+        tracker.register(id.to_string(), sent_at, sent_at + ms(3), None);
+        tracker.observe(id.to_string(), Outcome::Confirmed, seen_at);
+        let after = unix_ms(SystemTime::now());
+        let seen = tracker.take_seen(sent_at, 1, 0);
+        let [only] = seen.confirmations.as_slice() else {
+            panic!("one confirmation: {:?}", seen.confirmations);
+        };
+        // Seen just before `before` was read; sent 40 ms earlier.
+        assert!(
+            only.seen_ms <= after + 1.0 && only.seen_ms >= before - 5.0,
+            "seen at {} between {before} and {after}",
+            only.seen_ms
+        );
+        let between = only.seen_ms - only.sent_ms;
+        assert!((between - 40.0).abs() < 0.01, "40 ms apart: {between}");
     }
 }
