@@ -556,18 +556,14 @@ fn production(
 
 /// Stock replies, `concurrency` at once (the replies in flight together
 /// share the engine's group commits). Those that fail retryably (the
-/// database is away) are retried for about three minutes (backoff up to
-/// 10 s) before they are dead-lettered, so a database restart does not turn
-/// replies into dead letters (and orders into timeouts).
+/// database is away) are retried through a restart
+/// ([`RetryPolicy::THROUGH_A_RESTART`], about three minutes) before they are
+/// dead-lettered, so a database restart does not turn replies into dead
+/// letters (and orders into timeouts).
 fn reply_consumer_config(queue: &str, concurrency: usize) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(queue);
     config.concurrency = concurrency;
-    config.retry = RetryPolicy {
-        max_attempts: 26,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(10),
-        multiplier: 2,
-    };
+    config.retry = RetryPolicy::THROUGH_A_RESTART;
     config
 }
 

@@ -283,6 +283,17 @@ impl RetryPolicy {
         multiplier: 1,
     };
 
+    /// Retries for about three minutes (26 attempts, 100 ms doubling up to
+    /// 10 s): long enough to wait out a database or broker restart, so that
+    /// a consumer whose store is briefly away keeps its messages instead of
+    /// dead-lettering them.
+    pub const THROUGH_A_RESTART: RetryPolicy = RetryPolicy {
+        max_attempts: 26,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(10),
+        multiplier: 2,
+    };
+
     /// `max_attempts` attempts with the default backoff.
     pub fn attempts(max_attempts: u32) -> Self {
         Self {
@@ -333,5 +344,16 @@ mod tests {
         assert_eq!(policy.backoff(60), Duration::from_millis(1_000));
         assert!(policy.allows_another(9));
         assert!(!policy.allows_another(10));
+    }
+
+    #[test]
+    fn through_a_restart_waits_about_three_minutes_in_all() {
+        let policy = RetryPolicy::THROUGH_A_RESTART;
+        let waited: Duration = (1..policy.max_attempts).map(|attempt| policy.backoff(attempt)).sum();
+        assert!(
+            (Duration::from_secs(180)..=Duration::from_secs(200)).contains(&waited),
+            "{waited:?} between its 26 attempts"
+        );
+        assert_eq!(policy.backoff(25), Duration::from_secs(10), "no wait above 10 s");
     }
 }

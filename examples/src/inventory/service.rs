@@ -73,19 +73,15 @@ pub enum InventoryError {
 
 /// How a queue is consumed: `concurrency` messages at once, untyped
 /// messages taken for `kind`, and failures that may pass (the database is
-/// away) retried for about three minutes (backoff up to 10 s) before the
-/// message is dead-lettered. A PostgreSQL restart must not turn an
-/// `OrderCreated` into a dead letter (its order would time out) nor an
-/// `OrderCancelled` (its stock would stay reserved for good).
+/// away) retried through a restart ([`RetryPolicy::THROUGH_A_RESTART`],
+/// about three minutes) before the message is dead-lettered. A PostgreSQL
+/// restart must not turn an `OrderCreated` into a dead letter (its order
+/// would time out) nor an `OrderCancelled` (its stock would stay reserved
+/// for good).
 fn consumer_config(queue: &str, kind: &str, concurrency: usize) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(queue).with_default_kind(kind);
     config.concurrency = concurrency;
-    config.retry = RetryPolicy {
-        max_attempts: 26,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(10),
-        multiplier: 2,
-    };
+    config.retry = RetryPolicy::THROUGH_A_RESTART;
     config
 }
 
