@@ -132,6 +132,12 @@ async fn every_saga_of_a_small_run_is_confirmed() {
     assert_eq!(parsed["competing_cpu"], 0.2);
     assert!(report.render().contains("a process spun 20 % of every 10 ms"));
     assert_eq!(parsed["runs"][0]["legs"]["sagas"], ORDERS);
+    // Recorded whether or not the clock was stepped (then it is about 0).
+    assert!(
+        parsed["runs"][0]["system_clock_step_ms"].as_f64().is_some(),
+        "{}",
+        parsed["runs"][0]
+    );
     assert!(
         parsed["latency_floor"]["saga_ms"].as_f64().is_some_and(|ms| ms > 0.0),
         "{}",

@@ -309,6 +309,7 @@ fn run_report(
         peak_rss_mib: usage::peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0),
         costs: None,
         legs: None,
+        system_clock_step_ms: seen.system_clock_step_ms,
     }
 }
 

@@ -43,6 +43,9 @@ struct Tally {
     /// keeps one per saga, in this process beside the services it measures,
     /// so no second copy is made at its end (and no string per order).
     confirmations: Vec<Confirmation>,
+    /// Both clocks read as the run began, to tell whether the system clock
+    /// was stepped during it.
+    began: SystemClock,
     confirmed: u64,
     cancelled: u64,
     last_completion: Option<Instant>,
@@ -58,12 +61,26 @@ struct SystemClock {
     unix_ms: f64,
 }
 
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::now()
+    }
+}
+
 impl SystemClock {
     fn now() -> Self {
         Self {
             at: Instant::now(),
             unix_ms: unix_ms(SystemTime::now()),
         }
+    }
+
+    /// How far the system clock moved against the monotonic one since
+    /// `earlier`, in milliseconds (0 when nobody stepped it).
+    fn moved_since(&self, earlier: &SystemClock) -> f64 {
+        let wall = self.unix_ms - earlier.unix_ms;
+        let monotonic = self.at.saturating_duration_since(earlier.at).as_secs_f64() * 1000.0;
+        wall - monotonic
     }
 
     fn unix_ms_at(&self, at: Instant) -> f64 {
@@ -105,6 +122,10 @@ pub(crate) struct Seen {
     /// Each confirmed order: when it was sent and its event seen, in Unix
     /// milliseconds (the services' clock), for the run's legs.
     pub confirmations: Vec<Confirmation>,
+    /// How far the system clock moved against the monotonic clock during
+    /// the run, ms: a VM's clock can be stepped (e.g. around a snapshot),
+    /// and the legs of sagas in flight across a step are off by it.
+    pub system_clock_step_ms: f64,
 }
 
 /// When the load generator sent one order and saw it confirmed.
@@ -208,6 +229,7 @@ impl Tracker {
         let mut answer_latencies_us = std::mem::take(&mut tally.answer_latencies_us);
         answer_latencies_us.sort_unstable();
         let confirmations = std::mem::take(&mut tally.confirmations);
+        let system_clock_step_ms = SystemClock::now().moved_since(&tally.began);
         Seen {
             sent,
             errors,
@@ -220,6 +242,7 @@ impl Tracker {
             latencies_us,
             answer_latencies_us,
             confirmations,
+            system_clock_step_ms,
         }
     }
 }
@@ -450,9 +473,9 @@ mod tests {
         let tracker = Tracker::default();
         let ms = Duration::from_millis;
         let id = Uuid::new_v4();
+        let before = unix_ms(SystemTime::now());
         let seen_at = Instant::now();
         let sent_at = seen_at - ms(40);
-        let before = unix_ms(SystemTime::now());
         tracker.register(id.to_string(), sent_at, sent_at + ms(3), None);
         tracker.observe(id.to_string(), Outcome::Confirmed, seen_at);
         let after = unix_ms(SystemTime::now());
@@ -460,13 +483,30 @@ mod tests {
         let [only] = seen.confirmations.as_slice() else {
             panic!("one confirmation: {:?}", seen.confirmations);
         };
-        // Seen just before `before` was read; sent 40 ms earlier.
+        // Seen between the two readings; sent 40 ms earlier.
         assert!(
-            only.seen_ms <= after + 1.0 && only.seen_ms >= before - 5.0,
+            only.seen_ms <= after + 1.0 && only.seen_ms >= before - 1.0,
             "seen at {} between {before} and {after}",
             only.seen_ms
         );
         let between = only.seen_ms - only.sent_ms;
         assert!((between - 40.0).abs() < 0.01, "40 ms apart: {between}");
+    }
+
+    #[test]
+    fn a_step_of_the_system_clock_is_what_it_moved_beyond_the_monotonic_one() {
+        let ms = Duration::from_millis;
+        let began = SystemClock::now();
+        let later = |monotonic: Duration, wall: f64| SystemClock {
+            at: began.at + monotonic,
+            unix_ms: began.unix_ms + wall,
+        };
+        assert!(later(ms(500), 500.0).moved_since(&began).abs() < 1e-6, "no step");
+        let stepped = later(ms(500), 650.0).moved_since(&began);
+        assert!((stepped - 150.0).abs() < 1e-6, "stepped forward: {stepped}");
+        let back = later(ms(500), 300.0).moved_since(&began);
+        assert!((back + 200.0).abs() < 1e-6, "stepped back: {back}");
+        let quiet = Tracker::default().take_seen(Instant::now(), 0, 0).system_clock_step_ms;
+        assert!(quiet.abs() < 50.0, "a run nobody stepped the clock in: {quiet}");
     }
 }

@@ -158,6 +158,24 @@ pub struct RunReport {
     /// Where the sagas' time went between the services (services hosted
     /// by this run only).
     pub legs: Option<Legs>,
+    /// How far the system clock moved against the monotonic clock during
+    /// the run, ms (the report says so from 1 ms): the legs of the sagas in
+    /// flight across a step are off by it; the latencies are not.
+    pub system_clock_step_ms: f64,
+}
+
+/// A step of the system clock the report points out: below it, the two
+/// clocks' readings differ by no more than reading them takes.
+const STEP_WORTH_TELLING_MS: f64 = 1.0;
+
+/// The report's line about a step of the system clock, if it is worth one.
+fn clock_step_note(step_ms: f64) -> Option<String> {
+    (step_ms.abs() >= STEP_WORTH_TELLING_MS).then(|| {
+        format!(
+            "the system clock moved {step_ms:+.1} ms against the monotonic clock during the run: \
+             the legs of the sagas in flight across that step are off by it"
+        )
+    })
 }
 
 impl RunReport {
@@ -335,6 +353,9 @@ impl LoadReport {
                         shared * 100.0
                     );
                 }
+            }
+            if let Some(note) = clock_step_note(run.system_clock_step_ms) {
+                let _ = writeln!(out, "  {note}");
             }
             if let Some(legs) = &run.legs {
                 let leg = |p: &Percentiles| format!("{:.1} / {:.1}", p.p50, p.p99);
@@ -523,6 +544,16 @@ mod tests {
         let p = Percentiles::of_sorted_micros(&micros);
         assert_eq!((p.p50, p.p95, p.p99, p.max), (50.0, 95.0, 99.0, 100.0));
         assert_eq!(Percentiles::of_sorted_micros(&[]).max, 0.0);
+    }
+
+    #[test]
+    fn only_a_step_of_the_system_clock_gets_a_line() {
+        assert_eq!(clock_step_note(0.3), None);
+        assert_eq!(clock_step_note(-0.9), None);
+        let stepped = clock_step_note(150.04).unwrap_or_default();
+        assert!(stepped.contains("moved +150.0 ms"), "{stepped}");
+        let back = clock_step_note(-2.5).unwrap_or_default();
+        assert!(back.contains("moved -2.5 ms"), "{back}");
     }
 
     #[test]
