@@ -24,8 +24,9 @@
 //! PostgreSQL and the load generator finer fractions of the same clock (the
 //! services run in this process, on this machine): a leg may show up to a
 //! millisecond below zero. A step of the system clock during a run shifts
-//! the legs of the sagas in flight across it, and only theirs. Outbox and inbox rows deleted by retention (e.g.
-//! `SENT_MESSAGE_RETENTION=0`) leave their sagas out.
+//! the legs of the sagas in flight across it, and only theirs. Outbox and
+//! inbox rows deleted by retention (e.g. `SENT_MESSAGE_RETENTION=0`) leave
+//! their sagas out.
 
 use std::time::Duration;
 
