@@ -23,6 +23,7 @@ mod drive;
 mod error;
 mod floor;
 mod legs;
+mod machine;
 mod raw;
 mod report;
 mod settings;

@@ -138,6 +138,17 @@ async fn every_saga_of_a_small_run_is_confirmed() {
         "{}",
         parsed["runs"][0]
     );
+    // The slowest sagas' windows are lined up with the machine's counters.
+    let slowest = &parsed["runs"][0]["legs"]["slowest"];
+    assert!(
+        slowest["first_sent_unix_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{slowest}"
+    );
+    if cfg!(target_os = "linux") {
+        for figures in [&slowest["bursts"][0]["machine"], &slowest["typical_machine"]] {
+            assert!(figures["disk_written_mib"].as_f64().is_some(), "{slowest}");
+        }
+    }
     assert!(
         parsed["latency_floor"]["saga_ms"].as_f64().is_some_and(|ms| ms > 0.0),
         "{}",

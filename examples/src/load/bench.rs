@@ -14,6 +14,7 @@ use super::drive::{Orders, Outcome, Seen, Tracker, observe};
 use super::error::LoadError;
 use super::floor::{self, LatencyFloor};
 use super::legs;
+use super::machine::Trace;
 use super::raw::{self, RawFigure};
 use super::report::{Ceiling, LoadReport, Percentiles, RunReport};
 use super::settings::TailSettings;
@@ -164,7 +165,18 @@ async fn offer(
                 }
             }
         };
-        let (seen, costs) = tokio::join!(offered, sample_costs(stage, &tracker, config.duration));
+        let stop_tracing = CancellationToken::new();
+        let traced = async {
+            let seen = offered.await;
+            stop_tracing.cancel();
+            seen
+        };
+        // The trace first: its first sample comes before the first order.
+        let (trace, seen, costs) = tokio::join!(
+            Trace::record(stop_tracing.clone()),
+            traced,
+            sample_costs(stage, &tracker, config.duration)
+        );
         let after = usage::cpu(pid, ORDER_SERVICE_THREADS);
         let used = match (before, after) {
             (Some(before), Some(after)) => Some(after.since(&before)),
@@ -183,6 +195,9 @@ async fn offer(
                 &seen.confirmations,
             )
             .await;
+            if let Some(legs) = &mut report.legs {
+                legs.line_up(&trace);
+            }
         }
         runs.push(report);
     }

@@ -247,7 +247,7 @@ impl Tracker {
     }
 }
 
-fn unix_ms(at: SystemTime) -> f64 {
+pub(crate) fn unix_ms(at: SystemTime) -> f64 {
     at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 

@@ -33,6 +33,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::drive::Confirmation;
+use super::machine::{MachineLoad, Trace};
 use super::report::Percentiles;
 
 /// The legs' percentiles over the run's sagas found in the database.
@@ -80,6 +81,12 @@ pub struct Slowest {
     /// The windows that held the most of them (up to three, most first):
     /// when a stall came, to line up with what ran then.
     pub bursts: Vec<Burst>,
+    /// When the run's first saga was sent (system clock, Unix
+    /// milliseconds): the windows count from it.
+    pub first_sent_unix_ms: f64,
+    /// What the machine did in a typical 200 ms of the run (each figure's
+    /// median), to hold each burst's [`Burst::machine`] against.
+    pub typical_machine: Option<MachineLoad>,
 }
 
 /// A 100 ms window in which some of the slowest sagas were sent.
@@ -89,6 +96,8 @@ pub struct Burst {
     pub at_s: f64,
     /// How many of the slowest sagas were sent in it.
     pub sagas: u64,
+    /// What the machine did in the window and the next one (200 ms).
+    pub machine: Option<MachineLoad>,
 }
 
 /// A statement over a long run's rows should take well under this.
@@ -170,7 +179,8 @@ fn statement(schema: &str) -> String {
                          avg(replied - taken), avg(decided - replied), avg(seen - decided), \
                          count(DISTINCT w)]::float8[] FROM slowest) AS slowest, \
            (SELECT array_agg(w / 10 ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_at_s, \
-           (SELECT array_agg(n ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_sagas \
+           (SELECT array_agg(n ORDER BY n DESC, w) FROM bursts)::float8[] AS burst_sagas, \
+           min(sent) AS first_sent \
          FROM steps"
     )
 }
@@ -188,6 +198,7 @@ struct LegRow {
     slowest: Option<Vec<Option<f64>>>,
     burst_at_s: Option<Vec<f64>>,
     burst_sagas: Option<Vec<f64>>,
+    first_sent: Option<f64>,
 }
 
 impl LegRow {
@@ -209,7 +220,7 @@ impl LegRow {
                     self.burst_at_s.unwrap_or_default(),
                     self.burst_sagas.unwrap_or_default(),
                 );
-                slowest(values, self.windows, bursts)
+                slowest(values, self.windows, bursts, self.first_sent?)
             }),
         })
     }
@@ -222,13 +233,14 @@ fn bursts(at_s: Vec<f64>, sagas: Vec<f64>) -> Vec<Burst> {
         .map(|(at_s, sagas)| Burst {
             at_s,
             sagas: sagas as u64,
+            machine: None,
         })
         .collect()
 }
 
 /// The slowest sagas' row: a count, seven means and a window count; none
 /// when no saga had both client times.
-fn slowest(values: &[Option<f64>], windows: i64, bursts: Vec<Burst>) -> Option<Slowest> {
+fn slowest(values: &[Option<f64>], windows: i64, bursts: Vec<Burst>, first_sent_unix_ms: f64) -> Option<Slowest> {
     let &[
         Some(sagas),
         Some(mean),
@@ -253,11 +265,26 @@ fn slowest(values: &[Option<f64>], windows: i64, bursts: Vec<Burst>) -> Option<S
         sent_in_windows: sent_in as u64,
         windows: u64::try_from(windows).unwrap_or(0),
         bursts,
+        first_sent_unix_ms,
+        typical_machine: None,
     })
+}
+
+impl Legs {
+    /// Adds what the machine did (`trace`, recorded through the run) to the
+    /// slowest sagas' bursts.
+    pub(crate) fn line_up(&mut self, trace: &Trace) {
+        let Some(slowest) = &mut self.slowest else { return };
+        for burst in &mut slowest.bursts {
+            burst.machine = trace.span(slowest.first_sent_unix_ms + burst.at_s * 1000.0);
+        }
+        slowest.typical_machine = trace.typical();
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::machine::Sample;
     use super::*;
 
     #[test]
@@ -274,6 +301,7 @@ mod tests {
             slowest: None,
             burst_at_s: None,
             burst_sagas: None,
+            first_sent: None,
         };
         assert!(row(0, None).into_legs().is_none());
         assert!(row(3, Some(vec![1.0, 2.0])).into_legs().is_none());
@@ -289,20 +317,63 @@ mod tests {
     #[test]
     fn the_slowest_sagas_need_a_count_and_every_mean() {
         let full = [1.0, 30.0, 2.0, 12.0, 1.0, 5.0, 10.0, 1.0].map(Some);
-        let found = slowest(&full, 100, bursts(vec![4.0, 0.3], vec![23.0, 5.0])).expect("complete");
+        let found = slowest(&full, 100, bursts(vec![4.0, 0.3], vec![23.0, 5.0]), 5e3).expect("complete");
         assert_eq!((found.sagas, found.sent_in_windows, found.windows), (1, 1, 100));
-        assert_eq!(
-            found.bursts,
-            [Burst { at_s: 4.0, sagas: 23 }, Burst { at_s: 0.3, sagas: 5 }]
-        );
+        let burst = |at_s, sagas| Burst {
+            at_s,
+            sagas,
+            machine: None,
+        };
+        assert_eq!(found.bursts, [burst(4.0, 23), burst(0.3, 5)]);
+        assert_eq!(found.first_sent_unix_ms, 5e3);
         assert_eq!(found.to_inventory_ms, 12.0);
         assert_eq!(found.to_confirmation_ms, 10.0);
         let mut empty = full;
         empty[0] = Some(0.0);
-        assert!(slowest(&empty, 100, Vec::new()).is_none(), "no sagas");
+        assert!(slowest(&empty, 100, Vec::new(), 0.0).is_none(), "no sagas");
         let mut missing = full;
         missing[3] = None;
-        assert!(slowest(&missing, 100, Vec::new()).is_none(), "a mean missing");
-        assert!(slowest(&full[..7], 100, Vec::new()).is_none(), "too short");
+        assert!(slowest(&missing, 100, Vec::new(), 0.0).is_none(), "a mean missing");
+        assert!(slowest(&full[..7], 100, Vec::new(), 0.0).is_none(), "too short");
+    }
+
+    #[test]
+    fn each_burst_is_lined_up_with_the_machine_from_the_first_saga_sent() {
+        let full = [1.0, 30.0, 2.0, 12.0, 1.0, 5.0, 10.0, 1.0].map(Some);
+        let found = slowest(&full, 100, bursts(vec![0.5, 1.5], vec![40.0, 2.0]), 10_000.0);
+        let mut legs = Legs {
+            sagas: 1,
+            to_start_ms: None,
+            to_inventory_ms: Percentiles::default(),
+            in_inventory_ms: Percentiles::default(),
+            back_to_order_service_ms: Percentiles::default(),
+            start_to_decision_ms: Percentiles::default(),
+            to_confirmation_ms: None,
+            slowest: found,
+        };
+        // The disk writes 1 MiB per 100 ms from 10 s on, and 50 MiB more
+        // between 10.5 and 10.6 s.
+        let samples = (0..20u32)
+            .map(|i| Sample {
+                unix_ms: 10_000.0 + f64::from(i) * 100.0,
+                sectors_written: Some(u64::from(i) * 2_048 + if i > 5 { 102_400 } else { 0 }),
+                ..Sample::default()
+            })
+            .collect();
+        legs.line_up(&Trace::new(samples));
+        let slowest = legs.slowest.expect("kept");
+        let written: Vec<Option<f64>> = slowest
+            .bursts
+            .iter()
+            .map(|b| b.machine.as_ref().and_then(|m| m.disk_written_mib))
+            .collect();
+        assert_eq!(
+            written,
+            [Some(52.0), Some(2.0)],
+            "0.5 s in holds the burst, 1.5 s in does not"
+        );
+        let typical = slowest.typical_machine.expect("a long trace");
+        assert_eq!(typical.disk_written_mib, Some(2.0));
+        assert_eq!(typical.io_stalled_ms, None, "a counter absent from the samples");
     }
 }

@@ -11,6 +11,7 @@ use super::costs::SagaCosts;
 use super::error::LoadError;
 use super::floor::LatencyFloor;
 use super::legs::Legs;
+use super::machine::MachineLoad;
 use super::raw::{Durability, RawFigure};
 use super::settings::TailSettings;
 
@@ -167,6 +168,36 @@ pub struct RunReport {
 /// A step of the system clock the report points out: below it, the two
 /// clocks' readings differ by no more than reading them takes.
 const STEP_WORTH_TELLING_MS: f64 = 1.0;
+
+/// A span's machine figures for the report, the absent ones left out.
+fn machine_load(load: Option<&MachineLoad>) -> String {
+    let Some(load) = load else {
+        return "not sampled".to_owned();
+    };
+    let cpu: Vec<String> = [
+        ("RabbitMQ", load.broker_cpu_ms),
+        ("PostgreSQL", load.postgres_cpu_ms),
+        ("this process", load.this_process_cpu_ms),
+    ]
+    .into_iter()
+    .filter_map(|(who, ms)| Some(format!("{who} {:.0}", ms?)))
+    .collect();
+    let figures: Vec<String> = [
+        load.disk_written_mib.map(|v| format!("{v:.1} MiB written")),
+        load.io_stalled_ms.map(|v| format!("all stalled on I/O {v:.0} ms")),
+        load.cpu_waiting_ms
+            .map(|v| format!("a task waiting for a core {v:.0} ms")),
+        (!cpu.is_empty()).then(|| format!("CPU ms {}", cpu.join(" / "))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if figures.is_empty() {
+        "no counters".to_owned()
+    } else {
+        figures.join(", ")
+    }
+}
 
 /// The report's line about a step of the system clock, if it is worth one.
 fn clock_step_note(step_ms: f64) -> Option<String> {
@@ -393,6 +424,13 @@ impl LoadReport {
                         .collect();
                     if !bursts.is_empty() {
                         let _ = writeln!(out, "  most of them sent at: {}", bursts.join(", "));
+                        let machine: Vec<String> = s.bursts.iter().map(|b| machine_load(b.machine.as_ref())).collect();
+                        let _ = writeln!(
+                            out,
+                            "  the machine in the 200 ms from each: {}; in a typical 200 ms: {}",
+                            machine.join("; "),
+                            machine_load(s.typical_machine.as_ref()),
+                        );
                     }
                 }
             }
@@ -554,6 +592,32 @@ mod tests {
         assert!(stepped.contains("moved +150.0 ms"), "{stepped}");
         let back = clock_step_note(-2.5).unwrap_or_default();
         assert!(back.contains("moved -2.5 ms"), "{back}");
+    }
+
+    #[test]
+    fn a_spans_machine_figures_leave_the_absent_ones_out() {
+        let load = MachineLoad {
+            disk_written_mib: Some(72.06),
+            io_stalled_ms: Some(45.2),
+            cpu_waiting_ms: None,
+            broker_cpu_ms: Some(90.0),
+            postgres_cpu_ms: None,
+            this_process_cpu_ms: Some(60.4),
+        };
+        assert_eq!(
+            machine_load(Some(&load)),
+            "72.1 MiB written, all stalled on I/O 45 ms, CPU ms RabbitMQ 90 / this process 60"
+        );
+        let bare = MachineLoad {
+            disk_written_mib: None,
+            io_stalled_ms: None,
+            cpu_waiting_ms: None,
+            broker_cpu_ms: None,
+            postgres_cpu_ms: None,
+            this_process_cpu_ms: None,
+        };
+        assert_eq!(machine_load(Some(&bare)), "no counters");
+        assert_eq!(machine_load(None), "not sampled");
     }
 
     #[test]

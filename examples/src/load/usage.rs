@@ -93,23 +93,26 @@ fn grouped<'a>(threads: impl Iterator<Item = (&'a str, u64)>, groups: &[&str]) -
 /// CPU time of every process whose command name is `command` (e.g. the
 /// RabbitMQ server's `beam.smp`); `None` if there is none.
 pub(crate) fn cpu_of_command(command: &str) -> Option<Duration> {
-    let mut total = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten().take(1_000_000) {
-        let is_pid = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
-        if !is_pid {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some((_, t)) = stat_ticks(&stat).filter(|(name, _)| *name == command) {
-            total = Some(total.unwrap_or(Duration::ZERO) + ticks(t));
-        }
-    }
-    total
+    pids_of_command(command)
+        .into_iter()
+        .filter_map(|pid| process_cpu(Some(pid)))
+        .reduce(|total, cpu| total + cpu)
+}
+
+/// The processes whose command name is `command`.
+pub(crate) fn pids_of_command(command: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .take(1_000_000)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat_ticks(&stat).is_some_and(|(name, _)| name == command))
+        })
+        .collect()
 }
 
 /// Peak resident set size (`VmHWM`) in KiB of `pid` (this process when `None`).
