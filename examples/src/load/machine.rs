@@ -41,6 +41,9 @@ pub(crate) struct Sample {
     pub unix_ms: f64,
     /// Sectors (512 bytes) written to the machine's disks so far.
     pub sectors_written: Option<u64>,
+    /// Microseconds in which some task waited on I/O
+    /// (`/proc/pressure/io`, `some`).
+    pub io_waiting_us: Option<u64>,
     /// Microseconds in which every non-idle task waited on I/O
     /// (`/proc/pressure/io`, `full`).
     pub io_stalled_us: Option<u64>,
@@ -60,6 +63,9 @@ pub(crate) struct Sample {
 pub struct MachineLoad {
     /// MiB written to the disks.
     pub disk_written_mib: Option<f64>,
+    /// Milliseconds in which some task waited on I/O (e.g. a commit's
+    /// flush while other processes ran).
+    pub io_waiting_ms: Option<f64>,
     /// Milliseconds in which every non-idle task waited on I/O.
     pub io_stalled_ms: Option<f64>,
     /// Milliseconds in which some runnable task waited for a core.
@@ -126,6 +132,7 @@ impl Trace {
         let delta = |figure: fn(&Counters) -> Option<f64>| Some(figure(&end)? - figure(&start)?);
         Some(MachineLoad {
             disk_written_mib: delta(|c| c.sectors_written).map(|sectors| sectors * 512.0 / (1024.0 * 1024.0)),
+            io_waiting_ms: delta(|c| c.io_waiting_us).map(|us| us / 1000.0),
             io_stalled_ms: delta(|c| c.io_stalled_us).map(|us| us / 1000.0),
             cpu_waiting_ms: delta(|c| c.cpu_waiting_us).map(|us| us / 1000.0),
             broker_cpu_ms: delta(|c| c.broker_cpu_ms),
@@ -156,6 +163,7 @@ impl Trace {
         };
         Some(Counters {
             sectors_written: between(|c| c.sectors_written),
+            io_waiting_us: between(|c| c.io_waiting_us),
             io_stalled_us: between(|c| c.io_stalled_us),
             cpu_waiting_us: between(|c| c.cpu_waiting_us),
             broker_cpu_ms: between(|c| c.broker_cpu_ms),
@@ -184,6 +192,7 @@ impl Trace {
         };
         Some(MachineLoad {
             disk_written_mib: median(|l| l.disk_written_mib),
+            io_waiting_ms: median(|l| l.io_waiting_ms),
             io_stalled_ms: median(|l| l.io_stalled_ms),
             cpu_waiting_ms: median(|l| l.cpu_waiting_ms),
             broker_cpu_ms: median(|l| l.broker_cpu_ms),
@@ -196,6 +205,7 @@ impl Trace {
 /// A sample's counters as numbers, to read between samples.
 struct Counters {
     sectors_written: Option<f64>,
+    io_waiting_us: Option<f64>,
     io_stalled_us: Option<f64>,
     cpu_waiting_us: Option<f64>,
     broker_cpu_ms: Option<f64>,
@@ -209,6 +219,7 @@ impl Counters {
         let ms = |cpu: Option<Duration>| cpu.map(|cpu| cpu.as_secs_f64() * 1000.0);
         Self {
             sectors_written: number(sample.sectors_written),
+            io_waiting_us: number(sample.io_waiting_us),
             io_stalled_us: number(sample.io_stalled_us),
             cpu_waiting_us: number(sample.cpu_waiting_us),
             broker_cpu_ms: ms(sample.broker_cpu),
@@ -220,10 +231,12 @@ impl Counters {
 
 fn read(disks: &[String], broker: &mut Processes, database: &mut Processes) -> Sample {
     let file = |path: &str| std::fs::read_to_string(path).ok();
+    let io = file("/proc/pressure/io");
     Sample {
         unix_ms: super::drive::unix_ms(std::time::SystemTime::now()),
         sectors_written: file("/proc/diskstats").and_then(|text| sectors_written(&text, disks)),
-        io_stalled_us: file("/proc/pressure/io").and_then(|text| pressure_total(&text, "full")),
+        io_waiting_us: io.as_deref().and_then(|text| pressure_total(text, "some")),
+        io_stalled_us: io.as_deref().and_then(|text| pressure_total(text, "full")),
         cpu_waiting_us: file("/proc/pressure/cpu").and_then(|text| pressure_total(&text, "some")),
         broker_cpu: broker.cpu(),
         postgres_cpu: database.cpu(),

@@ -184,6 +184,7 @@ fn machine_load(load: Option<&MachineLoad>) -> String {
     .collect();
     let figures: Vec<String> = [
         load.disk_written_mib.map(|v| format!("{v:.1} MiB written")),
+        load.io_waiting_ms.map(|v| format!("a task waiting on I/O {v:.0} ms")),
         load.io_stalled_ms.map(|v| format!("all stalled on I/O {v:.0} ms")),
         load.cpu_waiting_ms
             .map(|v| format!("a task waiting for a core {v:.0} ms")),
@@ -598,6 +599,7 @@ mod tests {
     fn a_spans_machine_figures_leave_the_absent_ones_out() {
         let load = MachineLoad {
             disk_written_mib: Some(72.06),
+            io_waiting_ms: Some(80.4),
             io_stalled_ms: Some(45.2),
             cpu_waiting_ms: None,
             broker_cpu_ms: Some(90.0),
@@ -606,10 +608,11 @@ mod tests {
         };
         assert_eq!(
             machine_load(Some(&load)),
-            "72.1 MiB written, all stalled on I/O 45 ms, CPU ms RabbitMQ 90 / this process 60"
+            "72.1 MiB written, a task waiting on I/O 80 ms, all stalled on I/O 45 ms, CPU ms RabbitMQ 90 / this process 60"
         );
         let bare = MachineLoad {
             disk_written_mib: None,
+            io_waiting_ms: None,
             io_stalled_ms: None,
             cpu_waiting_ms: None,
             broker_cpu_ms: None,
