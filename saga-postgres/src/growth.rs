@@ -29,6 +29,15 @@ const TABLES: [(&str, &str); 4] = [
 /// say, and autovacuum keeps them within 10 % of the table.
 const DOUBLINGS: u32 = 6;
 
+/// The statistics target of these analyses (PostgreSQL's default is 100):
+/// a sample of 3,000 rows gives the table's size and its columns' rough
+/// shape, which is what the store's plans (key lookups, partial indexes)
+/// need, and takes about a third of the time of the default's 30,000
+/// (131–140 against 43–62 ms at 16,000 commits in the load test), time in
+/// which PostgreSQL serves the transitions less. Autovacuum's analyses
+/// later use the server's target.
+const STATISTICS_TARGET: u32 = 10;
+
 /// A table is analyzed when it holds this many times the rows its
 /// statistics count. Plans change with a table's size by factors, not by
 /// percents; and each `ANALYZE` makes every connection plan its statements
@@ -66,11 +75,13 @@ impl Growth {
         }
         let (pool, running) = (pool.clone(), Arc::clone(&self.running));
         tokio::spawn(async move {
+            let began = std::time::Instant::now();
             match analyze_outgrown(&pool).await {
                 Ok(tables) if !tables.is_empty() => {
                     tracing::info!(
                         commits = count,
                         ?tables,
+                        took_ms = began.elapsed().as_millis() as u64,
                         "analyzed tables that outgrew their statistics"
                     );
                 }
@@ -114,7 +125,14 @@ async fn analyze_outgrown(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     if !analyzed.is_empty() {
         // Names from the fixed list above, never from input.
         let statement = format!("ANALYZE {}", analyzed.join(", "));
-        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(pool).await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL default_statistics_target = {STATISTICS_TARGET}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
+        tx.commit().await?;
     }
     Ok(outgrown)
 }

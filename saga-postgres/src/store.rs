@@ -75,8 +75,8 @@ pub struct PostgresStoreConfig {
     /// finished instances, are kept.
     pub retention: RetentionConfig,
     /// After this many commits, and at each doubling of it (six times), the
-    /// store runs `ANALYZE` (of the columns its statements look rows up by)
-    /// on those of its tables that hold four times the rows PostgreSQL's
+    /// store runs `ANALYZE` (of the columns its statements look rows up by,
+    /// at a statistics target of 10) on those of its tables that hold four times the rows PostgreSQL's
     /// statistics count in them, or were never analyzed. A new deployment's
     /// tables start empty: the plans its connections cache are made for
     /// empty tables and read whole tables until autovacuum analyzes them,

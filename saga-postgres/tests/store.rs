@@ -1575,6 +1575,20 @@ async fn tables_that_outgrow_their_statistics_are_analyzed_as_they_grow() {
         55.0,
         "analyzed at the 25th commit: all 55 rows counted"
     );
+    // A light analysis: 55 distinct ids would give 55 histogram bounds at
+    // the server's default target (100), 11 at the store's (10).
+    let bounds: Option<i32> = sqlx::query_scalar(
+        "SELECT array_length(histogram_bounds::text::text[], 1) FROM pg_stats \
+         WHERE tablename = 'saga_instances' AND attname = 'id' AND schemaname = current_schema()",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("pg_stats readable");
+    assert_eq!(
+        bounds,
+        Some(11),
+        "the growth analysis samples at a statistics target of 10"
+    );
 }
 
 /// Once analyzed, a table is analyzed again only when it holds four times
