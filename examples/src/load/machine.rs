@@ -157,8 +157,9 @@ impl Trace {
         } else {
             1.0
         };
+        let (earlier, later) = (Counters::of(earlier), Counters::of(later));
         let between = |figure: fn(&Counters) -> Option<f64>| {
-            let (then, now) = (figure(&Counters::of(earlier))?, figure(&Counters::of(later))?);
+            let (then, now) = (figure(&earlier)?, figure(&later)?);
             Some(then + (now - then) * part)
         };
         Some(Counters {
