@@ -76,12 +76,13 @@ pub struct PostgresStoreConfig {
     pub retention: RetentionConfig,
     /// After this many commits, and at each doubling of it (six times), the
     /// store runs `ANALYZE` (of the columns its statements look rows up by,
-    /// at a statistics target of 10) on those of its tables that hold four times the rows PostgreSQL's
-    /// statistics count in them, or were never analyzed. A new deployment's
-    /// tables start empty: the plans its connections cache are made for
-    /// empty tables and read whole tables until autovacuum analyzes them,
-    /// up to a minute or more under full load. `ANALYZE` makes every
-    /// connection plan again. `None` leaves it to autovacuum.
+    /// at a statistics target of 10) on those of its tables that hold four
+    /// times the rows PostgreSQL's statistics count in them, or were never
+    /// analyzed. A new deployment's tables start empty: the plans its
+    /// connections cache are made for empty tables and read whole tables
+    /// until autovacuum analyzes them, up to a minute or more under full
+    /// load. `ANALYZE` makes every connection plan again. `None` leaves it
+    /// to autovacuum.
     pub analyze_while_growing: Option<u64>,
 }
 

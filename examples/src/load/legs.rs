@@ -356,8 +356,10 @@ mod tests {
         let samples = (0..20u32)
             .map(|i| Sample {
                 unix_ms: 10_000.0 + f64::from(i) * 100.0,
-                sectors_written: Some(u64::from(i) * 2_048 + if i > 5 { 102_400 } else { 0 }),
-                ..Sample::default()
+                totals: MachineLoad {
+                    disk_written_mib: Some(f64::from(i) + if i > 5 { 50.0 } else { 0.0 }),
+                    ..MachineLoad::default()
+                },
             })
             .collect();
         legs.line_up(&Trace::new(samples));

@@ -33,42 +33,31 @@ const BROKER_COMMAND: &str = "beam.smp";
 /// The command name of PostgreSQL's processes.
 const DATABASE_COMMAND: &str = "postgres";
 
-/// The counters at one moment; a counter the kernel does not offer is
-/// `None`.
+/// The counters at one moment, as totals so far (since the machine or the
+/// process started) in the units of [`MachineLoad`]; a counter the kernel
+/// does not offer is `None`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Sample {
     /// Milliseconds of the system clock (the clock the legs use).
     pub unix_ms: f64,
-    /// Sectors (512 bytes) written to the machine's disks so far.
-    pub sectors_written: Option<u64>,
-    /// Microseconds in which some task waited on I/O
-    /// (`/proc/pressure/io`, `some`).
-    pub io_waiting_us: Option<u64>,
-    /// Microseconds in which every non-idle task waited on I/O
-    /// (`/proc/pressure/io`, `full`).
-    pub io_stalled_us: Option<u64>,
-    /// Microseconds in which some runnable task waited for a core
-    /// (`/proc/pressure/cpu`, `some`).
-    pub cpu_waiting_us: Option<u64>,
-    /// CPU time of the broker's processes so far.
-    pub broker_cpu: Option<Duration>,
-    /// CPU time of PostgreSQL's processes so far.
-    pub postgres_cpu: Option<Duration>,
-    /// CPU time of this process so far.
-    pub own_cpu: Option<Duration>,
+    /// Each counter's total so far.
+    pub totals: MachineLoad,
 }
 
-/// What the machine did over a span of a run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// What the machine did over a span of a run (a [`Sample`] holds the same
+/// figures as totals so far).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct MachineLoad {
-    /// MiB written to the disks.
+    /// MiB written to the disks (`/proc/diskstats`).
     pub disk_written_mib: Option<f64>,
     /// Milliseconds in which some task waited on I/O (e.g. a commit's
-    /// flush while other processes ran).
+    /// flush while other processes ran; `/proc/pressure/io`, `some`).
     pub io_waiting_ms: Option<f64>,
-    /// Milliseconds in which every non-idle task waited on I/O.
+    /// Milliseconds in which every non-idle task waited on I/O
+    /// (`/proc/pressure/io`, `full`).
     pub io_stalled_ms: Option<f64>,
-    /// Milliseconds in which some runnable task waited for a core.
+    /// Milliseconds in which some runnable task waited for a core
+    /// (`/proc/pressure/cpu`, `some`).
     pub cpu_waiting_ms: Option<f64>,
     /// The broker's CPU milliseconds (10 ms resolution).
     pub broker_cpu_ms: Option<f64>,
@@ -78,6 +67,23 @@ pub struct MachineLoad {
     /// This process's CPU milliseconds (the in-process services and the
     /// load generator).
     pub this_process_cpu_ms: Option<f64>,
+}
+
+impl MachineLoad {
+    /// Each figure of `self` and `other` put together by `figure`; `None`
+    /// where either lacks it.
+    fn with(&self, other: &Self, figure: impl Fn(f64, f64) -> f64) -> Self {
+        let both = |a: Option<f64>, b: Option<f64>| Some(figure(a?, b?));
+        Self {
+            disk_written_mib: both(self.disk_written_mib, other.disk_written_mib),
+            io_waiting_ms: both(self.io_waiting_ms, other.io_waiting_ms),
+            io_stalled_ms: both(self.io_stalled_ms, other.io_stalled_ms),
+            cpu_waiting_ms: both(self.cpu_waiting_ms, other.cpu_waiting_ms),
+            broker_cpu_ms: both(self.broker_cpu_ms, other.broker_cpu_ms),
+            postgres_cpu_ms: both(self.postgres_cpu_ms, other.postgres_cpu_ms),
+            this_process_cpu_ms: both(self.this_process_cpu_ms, other.this_process_cpu_ms),
+        }
+    }
 }
 
 /// The samples of one run, in order.
@@ -129,27 +135,18 @@ impl Trace {
     /// unless the trace covers the span.
     pub(crate) fn span(&self, from_ms: f64) -> Option<MachineLoad> {
         let (start, end) = (self.at(from_ms)?, self.at(from_ms + SPAN_MS)?);
-        let delta = |figure: fn(&Counters) -> Option<f64>| Some(figure(&end)? - figure(&start)?);
-        Some(MachineLoad {
-            disk_written_mib: delta(|c| c.sectors_written).map(|sectors| sectors * 512.0 / (1024.0 * 1024.0)),
-            io_waiting_ms: delta(|c| c.io_waiting_us).map(|us| us / 1000.0),
-            io_stalled_ms: delta(|c| c.io_stalled_us).map(|us| us / 1000.0),
-            cpu_waiting_ms: delta(|c| c.cpu_waiting_us).map(|us| us / 1000.0),
-            broker_cpu_ms: delta(|c| c.broker_cpu_ms),
-            postgres_cpu_ms: delta(|c| c.postgres_cpu_ms),
-            this_process_cpu_ms: delta(|c| c.own_cpu_ms),
-        })
+        Some(start.with(&end, |then, now| now - then))
     }
 
     /// The counters at `unix_ms`, between the samples around it.
-    fn at(&self, unix_ms: f64) -> Option<Counters> {
+    fn at(&self, unix_ms: f64) -> Option<MachineLoad> {
         // The samples are in order: found by halving, a long run's spans
         // stay cheap.
         let after = self.samples.partition_point(|s| s.unix_ms < unix_ms);
         let later = self.samples.get(after)?;
         let Some(earlier) = after.checked_sub(1).map(|i| &self.samples[i]) else {
             // Only the first sample can be at or after it: exactly at it.
-            return (later.unix_ms == unix_ms).then(|| Counters::of(later));
+            return (later.unix_ms == unix_ms).then_some(later.totals);
         };
         let gap = later.unix_ms - earlier.unix_ms;
         let part = if gap > 0.0 {
@@ -157,20 +154,11 @@ impl Trace {
         } else {
             1.0
         };
-        let (earlier, later) = (Counters::of(earlier), Counters::of(later));
-        let between = |figure: fn(&Counters) -> Option<f64>| {
-            let (then, now) = (figure(&earlier)?, figure(&later)?);
-            Some(then + (now - then) * part)
-        };
-        Some(Counters {
-            sectors_written: between(|c| c.sectors_written),
-            io_waiting_us: between(|c| c.io_waiting_us),
-            io_stalled_us: between(|c| c.io_stalled_us),
-            cpu_waiting_us: between(|c| c.cpu_waiting_us),
-            broker_cpu_ms: between(|c| c.broker_cpu_ms),
-            postgres_cpu_ms: between(|c| c.postgres_cpu_ms),
-            own_cpu_ms: between(|c| c.own_cpu_ms),
-        })
+        Some(
+            earlier
+                .totals
+                .with(&later.totals, |then, now| then + (now - then) * part),
+        )
     }
 
     /// Each figure's median over the trace's consecutive spans: what a
@@ -203,45 +191,25 @@ impl Trace {
     }
 }
 
-/// A sample's counters as numbers, to read between samples.
-struct Counters {
-    sectors_written: Option<f64>,
-    io_waiting_us: Option<f64>,
-    io_stalled_us: Option<f64>,
-    cpu_waiting_us: Option<f64>,
-    broker_cpu_ms: Option<f64>,
-    postgres_cpu_ms: Option<f64>,
-    own_cpu_ms: Option<f64>,
-}
-
-impl Counters {
-    fn of(sample: &Sample) -> Self {
-        let number = |count: Option<u64>| count.map(|n| n as f64);
-        let ms = |cpu: Option<Duration>| cpu.map(|cpu| cpu.as_secs_f64() * 1000.0);
-        Self {
-            sectors_written: number(sample.sectors_written),
-            io_waiting_us: number(sample.io_waiting_us),
-            io_stalled_us: number(sample.io_stalled_us),
-            cpu_waiting_us: number(sample.cpu_waiting_us),
-            broker_cpu_ms: ms(sample.broker_cpu),
-            postgres_cpu_ms: ms(sample.postgres_cpu),
-            own_cpu_ms: ms(sample.own_cpu),
-        }
-    }
-}
-
 fn read(disks: &[String], broker: &mut Processes, database: &mut Processes) -> Sample {
     let file = |path: &str| std::fs::read_to_string(path).ok();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let cpu_ms = |cpu: Duration| cpu.as_secs_f64() * 1000.0;
     let io = file("/proc/pressure/io");
+    let pressure = |text: Option<&str>, kind| text.and_then(|text| pressure_total(text, kind)).map(ms);
     Sample {
         unix_ms: super::drive::unix_ms(std::time::SystemTime::now()),
-        sectors_written: file("/proc/diskstats").and_then(|text| sectors_written(&text, disks)),
-        io_waiting_us: io.as_deref().and_then(|text| pressure_total(text, "some")),
-        io_stalled_us: io.as_deref().and_then(|text| pressure_total(text, "full")),
-        cpu_waiting_us: file("/proc/pressure/cpu").and_then(|text| pressure_total(&text, "some")),
-        broker_cpu: broker.cpu(),
-        postgres_cpu: database.cpu(),
-        own_cpu: usage::process_cpu(None),
+        totals: MachineLoad {
+            disk_written_mib: file("/proc/diskstats")
+                .and_then(|text| sectors_written(&text, disks))
+                .map(|sectors| sectors as f64 * 512.0 / (1024.0 * 1024.0)),
+            io_waiting_ms: pressure(io.as_deref(), "some"),
+            io_stalled_ms: pressure(io.as_deref(), "full"),
+            cpu_waiting_ms: pressure(file("/proc/pressure/cpu").as_deref(), "some"),
+            broker_cpu_ms: broker.cpu().map(cpu_ms),
+            postgres_cpu_ms: database.cpu().map(cpu_ms),
+            this_process_cpu_ms: usage::process_cpu(None).map(cpu_ms),
+        },
     }
 }
 
@@ -342,10 +310,12 @@ mod tests {
     fn sample(unix_ms: f64, sectors: u64, stalled_us: u64, broker_ms: u64) -> Sample {
         Sample {
             unix_ms,
-            sectors_written: Some(sectors),
-            io_stalled_us: Some(stalled_us),
-            broker_cpu: Some(Duration::from_millis(broker_ms)),
-            ..Sample::default()
+            totals: MachineLoad {
+                disk_written_mib: Some(sectors as f64 * 512.0 / (1024.0 * 1024.0)),
+                io_stalled_ms: Some(stalled_us as f64 / 1000.0),
+                broker_cpu_ms: Some(broker_ms as f64),
+                ..MachineLoad::default()
+            },
         }
     }
 
@@ -417,7 +387,7 @@ mod tests {
             "in order"
         );
         assert!(
-            trace.samples.iter().all(|s| s.sectors_written.is_some()),
+            trace.samples.iter().all(|s| s.totals.disk_written_mib.is_some()),
             "a Linux machine has a disk in /proc/diskstats"
         );
         assert!(trace.span(trace.samples[0].unix_ms).is_some());

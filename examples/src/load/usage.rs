@@ -93,26 +93,30 @@ fn grouped<'a>(threads: impl Iterator<Item = (&'a str, u64)>, groups: &[&str]) -
 /// CPU time of every process whose command name is `command` (e.g. the
 /// RabbitMQ server's `beam.smp`); `None` if there is none.
 pub(crate) fn cpu_of_command(command: &str) -> Option<Duration> {
-    pids_of_command(command)
-        .into_iter()
-        .filter_map(|pid| process_cpu(Some(pid)))
+    processes_named(command)
+        .map(|(_, cpu)| cpu)
         .reduce(|total, cpu| total + cpu)
 }
 
 /// The processes whose command name is `command`.
 pub(crate) fn pids_of_command(command: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
+    processes_named(command).map(|(pid, _)| pid).collect()
+}
+
+/// Each process whose command name is `command`, with its CPU time: one
+/// read of its `stat` file.
+fn processes_named(command: &str) -> impl Iterator<Item = (u32, Duration)> + '_ {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .flatten()
         .take(1_000_000)
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|stat| stat_ticks(&stat).is_some_and(|(name, _)| name == command))
+        .filter_map(move |pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (name, t) = stat_ticks(&stat)?;
+            (name == command).then(|| (pid, ticks(t)))
         })
-        .collect()
 }
 
 /// Peak resident set size (`VmHWM`) in KiB of `pid` (this process when `None`).
