@@ -107,8 +107,11 @@ impl Trace {
         let mut broker = Processes::named(BROKER_COMMAND);
         let mut database = Processes::named(DATABASE_COMMAND);
         let disks = whole_disks();
-        let mut samples = Vec::new();
-        let mut tick = tokio::time::interval(EVERY);
+        // The first sample now, not at the interval's first tick: that tick
+        // waits for the timer's next millisecond, by when the first order
+        // may have gone, leaving a burst at 0.0 s outside the trace.
+        let mut samples = vec![read(&disks, &mut broker, &mut database)];
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while samples.len() < MOST_SAMPLES {
             tokio::select! {
