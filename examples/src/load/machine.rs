@@ -69,20 +69,27 @@ pub struct MachineLoad {
     pub this_process_cpu_ms: Option<f64>,
 }
 
+/// Each figure of a [`MachineLoad`]: the one list that the functions going
+/// through all of them share.
+const FIGURES: [fn(&mut MachineLoad) -> &mut Option<f64>; 7] = [
+    |load| &mut load.disk_written_mib,
+    |load| &mut load.io_waiting_ms,
+    |load| &mut load.io_stalled_ms,
+    |load| &mut load.cpu_waiting_ms,
+    |load| &mut load.broker_cpu_ms,
+    |load| &mut load.postgres_cpu_ms,
+    |load| &mut load.this_process_cpu_ms,
+];
+
 impl MachineLoad {
     /// Each figure of `self` and `other` put together by `figure`; `None`
     /// where either lacks it.
     fn with(&self, other: &Self, figure: impl Fn(f64, f64) -> f64) -> Self {
-        let both = |a: Option<f64>, b: Option<f64>| Some(figure(a?, b?));
-        Self {
-            disk_written_mib: both(self.disk_written_mib, other.disk_written_mib),
-            io_waiting_ms: both(self.io_waiting_ms, other.io_waiting_ms),
-            io_stalled_ms: both(self.io_stalled_ms, other.io_stalled_ms),
-            cpu_waiting_ms: both(self.cpu_waiting_ms, other.cpu_waiting_ms),
-            broker_cpu_ms: both(self.broker_cpu_ms, other.broker_cpu_ms),
-            postgres_cpu_ms: both(self.postgres_cpu_ms, other.postgres_cpu_ms),
-            this_process_cpu_ms: both(self.this_process_cpu_ms, other.this_process_cpu_ms),
+        let (mut mine, mut theirs, mut both) = (*self, *other, Self::default());
+        for field in FIGURES {
+            *field(&mut both) = field(&mut mine).zip(*field(&mut theirs)).map(|(a, b)| figure(a, b));
         }
+        both
     }
 }
 
@@ -170,27 +177,20 @@ impl Trace {
     pub(crate) fn typical(&self) -> Option<MachineLoad> {
         let first = self.samples.first()?.unix_ms;
         let last = self.samples.last()?.unix_ms;
-        let spans: Vec<MachineLoad> = std::iter::successors(Some(first), |at| Some(at + SPAN_MS))
+        let mut spans: Vec<MachineLoad> = std::iter::successors(Some(first), |at| Some(at + SPAN_MS))
             .take_while(|at| at + SPAN_MS <= last)
             .filter_map(|at| self.span(at))
             .collect();
         if spans.is_empty() {
             return None;
         }
-        let median = |figure: fn(&MachineLoad) -> Option<f64>| {
-            let mut values: Vec<f64> = spans.iter().filter_map(figure).collect();
+        let mut typical = MachineLoad::default();
+        for field in FIGURES {
+            let mut values: Vec<f64> = spans.iter_mut().filter_map(|span| *field(span)).collect();
             values.sort_by(f64::total_cmp);
-            values.get(values.len() / 2).copied()
-        };
-        Some(MachineLoad {
-            disk_written_mib: median(|l| l.disk_written_mib),
-            io_waiting_ms: median(|l| l.io_waiting_ms),
-            io_stalled_ms: median(|l| l.io_stalled_ms),
-            cpu_waiting_ms: median(|l| l.cpu_waiting_ms),
-            broker_cpu_ms: median(|l| l.broker_cpu_ms),
-            postgres_cpu_ms: median(|l| l.postgres_cpu_ms),
-            this_process_cpu_ms: median(|l| l.this_process_cpu_ms),
-        })
+            *field(&mut typical) = values.get(values.len() / 2).copied();
+        }
+        Some(typical)
     }
 }
 

@@ -610,16 +610,7 @@ mod tests {
             machine_load(Some(&load)),
             "72.1 MiB written, a task waiting on I/O 80 ms, all stalled on I/O 45 ms, CPU ms RabbitMQ 90 / this process 60"
         );
-        let bare = MachineLoad {
-            disk_written_mib: None,
-            io_waiting_ms: None,
-            io_stalled_ms: None,
-            cpu_waiting_ms: None,
-            broker_cpu_ms: None,
-            postgres_cpu_ms: None,
-            this_process_cpu_ms: None,
-        };
-        assert_eq!(machine_load(Some(&bare)), "no counters");
+        assert_eq!(machine_load(Some(&MachineLoad::default())), "no counters");
         assert_eq!(machine_load(None), "not sampled");
     }
 
