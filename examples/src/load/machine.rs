@@ -10,6 +10,7 @@
 //! their own, or this process (their CPU time). Each burst window is
 //! compared with a typical window of the run.
 
+use std::path::Path;
 use std::time::Duration;
 
 use saga_core::CancellationToken;
@@ -247,14 +248,26 @@ impl Processes {
 /// The machine's whole disks (`/sys/block`), without loop and RAM devices,
 /// whose writes reach no disk.
 fn whole_disks() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+    disks_in(Path::new("/sys/block"))
+}
+
+/// The block devices listed in `sys_block` that are disks of their own: not
+/// loop or RAM devices, and not stacked on other devices (device-mapper,
+/// software RAID: their `slaves` folder lists the devices below them), whose
+/// writes would count again in those devices'.
+fn disks_in(sys_block: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(sys_block) else {
         return Vec::new();
+    };
+    let stacked = |name: &str| {
+        std::fs::read_dir(sys_block.join(name).join("slaves")).is_ok_and(|mut below| below.next().is_some())
     };
     entries
         .flatten()
         .take(10_000)
         .filter_map(|entry| entry.file_name().into_string().ok())
         .filter(|name| !["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)))
+        .filter(|name| !stacked(name))
         .collect()
 }
 
@@ -308,6 +321,24 @@ mod tests {
         let disks = ["vda".to_owned(), "vdb".to_owned()];
         assert_eq!(sectors_written(diskstats, &disks), Some(40_600));
         assert_eq!(sectors_written(diskstats, &["sda".to_owned()]), None);
+    }
+
+    #[test]
+    fn disks_stacked_on_others_and_loop_devices_are_left_out() {
+        let root = std::env::temp_dir().join(format!("load-test-sys-block-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (device, below) in [("vda", None), ("sdb", None), ("dm-0", Some("vda")), ("loop0", None)] {
+            let slaves = root.join(device).join("slaves");
+            std::fs::create_dir_all(&slaves).expect("a scratch folder");
+            if let Some(below) = below {
+                std::fs::write(slaves.join(below), "").expect("a scratch file");
+            }
+        }
+        let mut disks = disks_in(&root);
+        disks.sort();
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(disks, ["sdb", "vda"]);
+        assert!(disks_in(&root).is_empty(), "no folder, no disks");
     }
 
     fn sample(unix_ms: f64, sectors: u64, stalled_us: u64, broker_ms: u64) -> Sample {
