@@ -475,13 +475,52 @@ impl LoadReport {
 /// One line of the plot: its name, colour and value.
 type Series = (&'static str, &'static str, fn(&Percentiles) -> f64);
 
+/// A plot axis from 0 to a round top in round steps (1, 2, 2.5 or 5 times a
+/// power of ten), so its labels read 0, 100, 200 … rather than 0, 131, 262 ….
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Axis {
+    step: f64,
+    top: f64,
+}
+
+impl Axis {
+    /// The fewest round steps, at most `steps` of them, that reach `max`.
+    fn covering(max: f64, steps: u32) -> Self {
+        let max = if max.is_finite() && max > 0.0 { max } else { 1.0 };
+        let rough = max / f64::from(steps.max(1));
+        let power = 10_f64.powf(rough.log10().floor());
+        // The tolerance keeps an exact multiple (100 for 600 / 6) from
+        // losing to its float rounding.
+        let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+            .iter()
+            .map(|multiple| multiple * power)
+            .find(|&step| step >= rough * (1.0 - 1e-9))
+            .unwrap_or(10.0 * power);
+        Self {
+            step,
+            top: step * (max / step - 1e-9).ceil(),
+        }
+    }
+
+    fn ticks(self) -> impl Iterator<Item = f64> {
+        let count = (self.top / self.step).round() as u32;
+        (0..=count).map(move |i| self.step * f64::from(i))
+    }
+
+    /// `value` with no more decimals than the step needs.
+    fn label(value: f64) -> String {
+        let text = format!("{value:.2}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}
+
 /// A line chart of p50 / p95 / p99 (ms) against offered sagas per second.
 fn svg(points: &[(f64, &Percentiles)]) -> String {
     let (width, height, left, right, top, bottom) = (640.0, 400.0, 60.0, 20.0, 30.0, 50.0);
-    let max_x = points.iter().map(|(x, _)| *x).fold(1.0, f64::max) * 1.05;
-    let max_y = points.iter().map(|(_, p)| p.p99).fold(1.0, f64::max) * 1.1;
-    let sx = |x: f64| left + x / max_x * (width - left - right);
-    let sy = |y: f64| height - bottom - y / max_y * (height - top - bottom);
+    let x_axis = Axis::covering(points.iter().map(|(x, _)| *x).fold(0.0, f64::max) * 1.05, 6);
+    let y_axis = Axis::covering(points.iter().map(|(_, p)| p.p99).fold(0.0, f64::max) * 1.05, 6);
+    let sx = |x: f64| left + x / x_axis.top * (width - left - right);
+    let sy = |y: f64| height - bottom - y / y_axis.top * (height - top - bottom);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -493,20 +532,34 @@ fn svg(points: &[(f64, &Percentiles)]) -> String {
         r#"<text x="{}" y="18" text-anchor="middle">create → confirmed latency vs offered load</text>"#,
         width / 2.0
     );
-    let (x0, y0, x1, y1) = (sx(0.0), sy(0.0), sx(max_x), sy(max_y));
+    let (x0, y0, x1, y1) = (sx(0.0), sy(0.0), sx(x_axis.top), sy(y_axis.top));
+    for y in y_axis.ticks().skip(1) {
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x0}" y1="{0:.1}" x2="{x1}" y2="{0:.1}" stroke="#e0e0e0"/>"##,
+            sy(y)
+        );
+    }
     let _ = writeln!(
         out,
         r#"<path d="M{x0},{y1} L{x0},{y0} L{x1},{y0}" stroke="black" fill="none"/>"#
     );
-    for i in 0..=4 {
-        let (x, y) = (max_x * f64::from(i) / 4.0, max_y * f64::from(i) / 4.0);
+    for x in x_axis.ticks() {
         let _ = writeln!(
             out,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{x:.0}</text><text x="{:.1}" y="{:.1}" text-anchor="end">{y:.1}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
             sx(x),
             y0 + 16.0,
+            Axis::label(x)
+        );
+    }
+    for y in y_axis.ticks() {
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
             x0 - 6.0,
-            sy(y) + 4.0
+            sy(y) + 4.0,
+            Axis::label(y)
         );
     }
     let _ = writeln!(
@@ -612,6 +665,39 @@ mod tests {
         );
         assert_eq!(machine_load(Some(&MachineLoad::default())), "no counters");
         assert_eq!(machine_load(None), "not sampled");
+    }
+
+    #[test]
+    fn plot_axes_step_in_round_numbers() {
+        let axis = |max| {
+            let axis = Axis::covering(max, 6);
+            (axis.step, axis.top)
+        };
+        assert_eq!(axis(525.0), (100.0, 600.0));
+        assert_eq!(axis(600.0), (100.0, 600.0), "an exact multiple is its own top");
+        assert_eq!(axis(39.5), (10.0, 40.0));
+        assert_eq!(axis(2_100.0), (500.0, 2_500.0));
+        assert_eq!(axis(14.0), (2.5, 15.0));
+        assert_eq!(axis(0.0), (0.2, 1.0), "nothing measured still draws an axis");
+        let labels: Vec<String> = Axis::covering(14.0, 6).ticks().map(Axis::label).collect();
+        assert_eq!(labels, ["0", "2.5", "5", "7.5", "10", "12.5", "15"]);
+    }
+
+    #[test]
+    fn the_plot_labels_its_axes_with_round_values() {
+        let at = |p99| Percentiles {
+            p50: p99 / 3.0,
+            p95: p99 / 1.5,
+            p99,
+            max: p99 * 2.0,
+        };
+        let (low, high) = (at(25.9), at(37.6));
+        let plot = svg(&[(300.0, &low), (500.0, &high)]);
+        for label in [">0<", ">100<", ">600<", ">10<", ">40<"] {
+            assert!(plot.contains(label), "{label} missing from {plot}");
+        }
+        assert!(!plot.contains(">525<") && !plot.contains(">41.3<"), "{plot}");
+        assert_eq!(plot.matches("<polyline").count(), 3, "p50, p95, p99");
     }
 
     #[test]
