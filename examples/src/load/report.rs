@@ -507,9 +507,15 @@ impl Axis {
         (0..=count).map(move |i| self.step * f64::from(i))
     }
 
-    /// `value` with no more decimals than the step needs.
-    fn label(value: f64) -> String {
-        let text = format!("{value:.2}");
+    /// A tick's `value` with the decimals the step has (2.5 → one, 0.025 →
+    /// three), less the trailing zeros: 0, 2.5, 5, 7.5.
+    fn label(self, value: f64) -> String {
+        let whole = |scaled: f64| (scaled - scaled.round()).abs() < 1e-6;
+        let decimals = (0..9).find(|&d| whole(self.step * 10_f64.powi(d))).unwrap_or(9);
+        let text = format!("{value:.*}", decimals as usize);
+        if decimals == 0 {
+            return text;
+        }
         text.trim_end_matches('0').trim_end_matches('.').to_owned()
     }
 }
@@ -550,7 +556,7 @@ fn svg(points: &[(f64, &Percentiles)]) -> String {
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
             sx(x),
             y0 + 16.0,
-            Axis::label(x)
+            x_axis.label(x)
         );
     }
     for y in y_axis.ticks() {
@@ -559,7 +565,7 @@ fn svg(points: &[(f64, &Percentiles)]) -> String {
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
             x0 - 6.0,
             sy(y) + 4.0,
-            Axis::label(y)
+            y_axis.label(y)
         );
     }
     let _ = writeln!(
@@ -679,8 +685,13 @@ mod tests {
         assert_eq!(axis(2_100.0), (500.0, 2_500.0));
         assert_eq!(axis(14.0), (2.5, 15.0));
         assert_eq!(axis(0.0), (0.2, 1.0), "nothing measured still draws an axis");
-        let labels: Vec<String> = Axis::covering(14.0, 6).ticks().map(Axis::label).collect();
-        assert_eq!(labels, ["0", "2.5", "5", "7.5", "10", "12.5", "15"]);
+        let labels = |max| {
+            let axis = Axis::covering(max, 6);
+            axis.ticks().map(|tick| axis.label(tick)).collect::<Vec<String>>()
+        };
+        assert_eq!(labels(14.0), ["0", "2.5", "5", "7.5", "10", "12.5", "15"]);
+        assert_eq!(labels(600.0), ["0", "100", "200", "300", "400", "500", "600"]);
+        assert_eq!(labels(0.14), ["0", "0.025", "0.05", "0.075", "0.1", "0.125", "0.15"]);
     }
 
     #[test]
