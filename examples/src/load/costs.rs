@@ -128,7 +128,7 @@ pub(crate) async fn sample(conn: &mut sqlx::PgConnection, completed: u64) -> Cos
         transactions,
         backend_cpu_ns,
         wal_bytes,
-        broker_cpu: usage::cpu_of_command("beam.smp"),
+        broker_cpu: usage::cpu_of_command(usage::BROKER_COMMAND),
         process_cpu: usage::process_cpu(None),
         thread_cpu: usage::thread_cpu(&PROCESS_PARTS),
         batches: Batches::from_prometheus(&order_service::telemetry::prometheus().render()),

@@ -28,9 +28,6 @@ const SPAN_MS: f64 = 200.0;
 /// At most this many samples are kept (over 3 hours of a run).
 const MOST_SAMPLES: usize = 120_000;
 
-/// The command name of the RabbitMQ server.
-const BROKER_COMMAND: &str = "beam.smp";
-
 /// The command name of PostgreSQL's processes.
 const DATABASE_COMMAND: &str = "postgres";
 
@@ -112,7 +109,7 @@ impl Trace {
         // The broker's and the database's processes are found once:
         // scanning `/proc` every 100 ms would cost more than the rest of
         // the sampling.
-        let mut broker = Processes::named(BROKER_COMMAND);
+        let mut broker = Processes::named(usage::BROKER_COMMAND);
         let mut database = Processes::named(DATABASE_COMMAND);
         let disks = whole_disks();
         // The first sample now, not at the interval's first tick: that tick

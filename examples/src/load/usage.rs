@@ -90,8 +90,11 @@ fn grouped<'a>(threads: impl Iterator<Item = (&'a str, u64)>, groups: &[&str]) -
     sums
 }
 
-/// CPU time of every process whose command name is `command` (e.g. the
-/// RabbitMQ server's `beam.smp`); `None` if there is none.
+/// The command name of the RabbitMQ server's processes.
+pub(crate) const BROKER_COMMAND: &str = "beam.smp";
+
+/// CPU time of every process whose command name is `command` (e.g.
+/// [`BROKER_COMMAND`]); `None` if there is none.
 pub(crate) fn cpu_of_command(command: &str) -> Option<Duration> {
     processes_named(command)
         .map(|(_, cpu)| cpu)
