@@ -129,6 +129,12 @@ pub(crate) fn decide_owned<D: SagaData, E: Send + 'static>(
     if instance.status.is_terminal() {
         return Ok(Outcome::Ignored("the saga has finished"));
     }
+    if let Some(reason) = misplaced(definition, &instance) {
+        return Err(EngineError::NotResumable {
+            id: instance.id,
+            reason,
+        });
+    }
     let data: D = serde_json::from_str(&instance.data).map_err(|source| EngineError::Decode {
         what: format!("data of saga {}", instance.id),
         source,
@@ -163,6 +169,31 @@ pub(crate) fn decide_owned<D: SagaData, E: Send + 'static>(
     };
     run.advance();
     run.finish(cause, Some(before)).map(Outcome::Changed)
+}
+
+/// Why `instance` stands where `definition` has no step, if it does: a row
+/// written under another definition of the same name and version (a
+/// redeploy that dropped steps without a new version), or by hand. Deciding
+/// on it would run past the steps.
+pub(crate) fn misplaced<D: SagaData, E: Send + 'static>(
+    definition: &SagaDefinition<D, E>,
+    instance: &SagaInstance,
+) -> Option<String> {
+    let steps = &definition.steps;
+    let step = instance.step as usize;
+    match instance.status {
+        SagaStatus::Running => match steps.get(step) {
+            None => Some(format!("it runs step {step}, which does not exist")),
+            Some(current) if instance.awaiting.is_some() && !current.is_remote() => {
+                Some(format!("it awaits a reply at step `{}`, which is local", current.name))
+            }
+            Some(_) => None,
+        },
+        SagaStatus::Compensating | SagaStatus::NeedsAttention if step > steps.len() => {
+            Some(format!("it compensates from step {step}, which does not exist"))
+        }
+        _ => None,
+    }
 }
 
 struct Run<'d, D, E> {
@@ -325,7 +356,7 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
                             self.instance.deadline = None;
                         }
                         Err(error) => {
-                            let made = self.instance.attempt + 1;
+                            let made = self.instance.attempt.saturating_add(1);
                             if error.is_retryable() && step.retry.allows_another(made) {
                                 self.wait_for_retry(made, step.retry.backoff(made), &step.name, &error);
                                 return;
@@ -354,7 +385,7 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
                             self.instance.deadline = None;
                         }
                         Err(error) => {
-                            let made = self.instance.attempt + 1;
+                            let made = self.instance.attempt.saturating_add(1);
                             if error.is_retryable() && step.compensation_retry.allows_another(made) {
                                 let backoff = step.compensation_retry.backoff(made);
                                 self.wait_for_retry(made, backoff, &step.name, &error);

@@ -224,7 +224,6 @@ impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
     }
 
     fn check(&self, instance: &SagaInstance) -> Result<(), String> {
-        let steps = &self.definition.steps;
         if let Err(e) = serde_json::from_str::<D>(&instance.data) {
             return Err(format!("its data does not decode as {}: {e}", type_name::<D>()));
         }
@@ -234,18 +233,7 @@ impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
                 instance.data_version, self.definition.data_version
             ));
         }
-        let step = instance.step as usize;
-        match instance.status {
-            SagaStatus::Running if step >= steps.len() => Err(format!("it runs step {step}, which does not exist")),
-            SagaStatus::Running if instance.awaiting.is_some() && !steps[step].is_remote() => Err(format!(
-                "it awaits a reply at step `{}`, which is local",
-                steps[step].name
-            )),
-            SagaStatus::Compensating | SagaStatus::NeedsAttention if step > steps.len() => {
-                Err(format!("it compensates from step {step}, which does not exist"))
-            }
-            _ => Ok(()),
-        }
+        decide::misplaced(&self.definition, instance).map_or(Ok(()), Err)
     }
 }
 

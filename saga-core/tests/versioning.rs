@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use saga_core::memory::InMemoryStore;
 use saga_core::testkit::assert_resumable;
 use saga_core::{
-    Command, DefinitionError, Engine, EngineError, Message, ReplyOutcome, SagaDefinition, SagaStatus, SagaStore, Step,
-    Upgrade,
+    Command, DefinitionError, Engine, EngineError, Event, Message, ReplyOutcome, SagaDefinition, SagaStatus, SagaStore,
+    Step, Upgrade, decide,
 };
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -171,4 +171,41 @@ fn an_upgrade_must_lead_to_a_registered_newer_version() {
         }))
         .build();
     assert!(matches!(backwards, Err(DefinitionError::BadUpgrade { .. })));
+}
+
+#[tokio::test]
+async fn an_instance_past_its_definitions_steps_is_refused_not_run_off_the_end() {
+    let store = InMemoryStore::new();
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .build()
+        .expect("engine");
+    let id = engine.start("payment", V1 { total: 3.0 }).await.expect("start");
+    let sample = store.load(id).await.expect("load").expect("exists");
+    let reply = Message::json("Charged", "r", &true)
+        .expect("json")
+        .with_correlation_id(id.to_string());
+
+    // Rows a redeploy that dropped steps without a new version leaves behind:
+    // compensating from there used to index past the steps (a panic), and
+    // running there used to complete the saga without a word.
+    for status in [
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+        SagaStatus::NeedsAttention,
+    ] {
+        let mut lost = sample.clone();
+        lost.status = status;
+        lost.step = 7;
+        let decided = decide(&v1(), &lost, Event::Message(&reply), sample.updated_at);
+        assert!(
+            matches!(&decided, Err(EngineError::NotResumable { reason, .. }) if reason.contains("step 7")),
+            "{status:?} at step 7 must be refused"
+        );
+    }
+    // The last step's end is a place to compensate from.
+    let mut compensating = sample.clone();
+    compensating.status = SagaStatus::Compensating;
+    compensating.step = 1;
+    assert!(decide(&v1(), &compensating, Event::Message(&reply), sample.updated_at).is_ok());
 }

@@ -634,7 +634,8 @@ impl OutboxStore for PostgresStore {
             // by the claim below among others.
             self.release(&stale).await?;
         }
-        let mut entries = self.claim_from_table(limit - handed.len(), lease).await?;
+        // A transition's messages stay together, so `handed` may be over the limit.
+        let mut entries = self.claim_from_table(limit.saturating_sub(handed.len()), lease).await?;
         if !handed.is_empty() {
             entries.extend(handed);
             entries.sort_by_key(|e| e.id);

@@ -425,6 +425,38 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
     assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
 }
 
+/// A transition's messages stay in one batch even past the claim's limit,
+/// and the table, read in the same claim, adds nothing past it (the claim
+/// once subtracted past zero there: a panic in a debug build, the whole
+/// table leased at once in a release build).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transitions_messages_handed_over_past_the_limit_stay_together() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    assert!(store.claim(1, Duration::from_secs(30)).await.expect("claim").is_empty());
+    let instance = sample_instance("orders", None);
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert(&instance).await.expect("insert");
+    tx.enqueue(Some(instance.id), &messages(Some(instance.id), 3, "d"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    // Another saga's message, left to the table (it came from elsewhere).
+    sqlx::query(
+        "INSERT INTO saga_outbox (saga_id, message_id, kind, destination, created_at, headers, payload) \
+         SELECT gen_random_uuid(), gen_random_uuid()::text, 'Other', destination, created_at, headers, payload \
+         FROM saga_outbox LIMIT 1",
+    )
+    .execute(store.pool())
+    .await
+    .expect("insert another row");
+    // Long enough for the next claim to read the table as well.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claimed = store.claim(1, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M0", "M1", "M2"], "one transition's messages, together");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off() {
     let db = TestDb::new().await;
