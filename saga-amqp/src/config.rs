@@ -77,11 +77,12 @@ impl fmt::Display for RedactedUrl<'_> {
             return f.write_str("<url>");
         };
         let rest = &url[scheme_end..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        match authority.rfind('@') {
+        // Up to the last `@` anywhere, not just in the authority: a password
+        // with an unescaped `/`, `?` or `#` must not end the part masked.
+        // A vhost with an `@` is masked too, which is the safe mistake.
+        match rest.rfind('@') {
             Some(at) => {
-                let user_info = &authority[..at];
+                let user_info = &rest[..at];
                 let user = user_info.split(':').next().unwrap_or_default();
                 let masked = if user_info.contains(':') { ":***" } else { "" };
                 write!(f, "{}{user}{masked}{}", &url[..scheme_end], &url[scheme_end + at..])
@@ -335,6 +336,16 @@ mod tests {
         assert_eq!(shown("amqp://user@host"), "amqp://user@host");
         assert_eq!(shown("amqp://host:5672"), "amqp://host:5672");
         assert_eq!(shown("not a url with secret"), "<url>");
+        // Unescaped characters that would end the authority early.
+        for password in ["ab/cd", "ab?cd", "ab#cd", "a@b/c"] {
+            let url = format!("amqp://app:{password}@rabbit:5672/%2f");
+            let masked = shown(&url);
+            assert!(
+                !masked.contains("cd") && !masked.contains("b/c"),
+                "{password}: {masked}"
+            );
+            assert_eq!(masked, "amqp://app:***@rabbit:5672/%2f");
+        }
     }
 
     #[test]
