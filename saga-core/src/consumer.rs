@@ -109,7 +109,9 @@ impl Consumer {
         }
     }
 
-    /// Handles one delivery and settles it.
+    /// Handles one delivery and settles it. A handler that panics counts
+    /// as a retryable failure ([`EngineError::Panicked`]), so the delivery is
+    /// settled like any other, never left to be redelivered forever.
     pub async fn process(handler: &dyn MessageHandler, delivery: Delivery, config: &ConsumerConfig) {
         let Delivery {
             mut message,
@@ -122,7 +124,7 @@ impl Consumer {
             message.kind.clone_from(kind);
         }
         let policy = &config.retry;
-        let result = handler.handle(&message).await;
+        let result = EngineError::unless_panicked(handler.handle(&message)).await;
         let settlement = settlement_for(&result, retries, policy);
         let outcome = match &settlement {
             Settlement::Ack => "ack",

@@ -515,10 +515,13 @@ impl Engine {
     /// returns how many caused a transition.
     ///
     /// A deadline that cannot be applied for good (its saga's row does not
-    /// decode, its definition version is not registered) is reported once
-    /// and left out of the scans for
+    /// decode, its definition version is not registered, handling it
+    /// panicked) is reported once and left out of the scans for
     /// [`broken_deadline_retry`](EngineConfig::broken_deadline_retry), so
-    /// broken sagas never crowd healthy ones out of the batch.
+    /// broken sagas never crowd healthy ones out of the batch. One that
+    /// failed retryably (an effect to retry, a contended row) stays due for
+    /// the next scan; the scan goes on to the others. Only a store out of
+    /// reach ends the scan with an error.
     pub async fn fire_due_deadlines(&self) -> Result<usize, EngineError> {
         let now = self.now();
         let batch = self.inner.config.deadline_batch;
@@ -543,14 +546,21 @@ impl Engine {
             }
             tried += 1;
             let span = tracing::info_span!("saga.deadline", saga_id = %deadline.saga);
-            let handled = self
-                .transition(deadline.saga, None, Event::Deadline(deadline.due), None)
-                .instrument(span)
-                .await;
+            let handled = EngineError::unless_panicked(
+                self.transition(deadline.saga, None, Event::Deadline(deadline.due), None)
+                    .instrument(span),
+            )
+            .await;
             match handled {
                 Ok(Handled::Applied { .. }) => fired += 1,
                 Ok(_) => {}
-                Err(e) if e.is_retryable() => return Err(e),
+                // The store is out of reach: the other deadlines would fail alike.
+                Err(e @ EngineError::Store(StoreError::Unavailable(_))) => return Err(e),
+                // This saga's alone (an effect to retry, a contended row): it
+                // stays due for the next scan, and the others go on.
+                Err(e) if e.is_retryable() && !matches!(e, EngineError::Panicked(_)) => {
+                    tracing::warn!(saga_id = %deadline.saga, error = %e, "deadline not applied yet; tried again at the next scan");
+                }
                 // One broken instance must not stop the others' deadlines.
                 Err(e) => {
                     let retry = self.inner.config.broken_deadline_retry;

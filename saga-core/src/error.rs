@@ -237,6 +237,13 @@ pub enum EngineError {
         /// Why not.
         reason: String,
     },
+    /// Handling panicked: a bug in application code (a step, a reply
+    /// handler, an effect or command handler) or in this library. Retryable,
+    /// so that a message which only shared a batch with the one at fault
+    /// goes through alone; one that panics every time is dead-lettered when
+    /// its retries run out, never redelivered forever.
+    #[error("handling panicked: {0}")]
+    Panicked(String),
     /// The operator action does not apply to the instance's current state.
     #[error("cannot {action} saga {id}: {reason}")]
     InvalidAction {
@@ -254,10 +261,26 @@ impl EngineError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Store(e) => e.is_retryable(),
-            Self::Contended { .. } => true,
+            Self::Contended { .. } | Self::Panicked(_) => true,
             Self::Effects(e) | Self::Step(e) => e.is_retryable(),
             _ => false,
         }
+    }
+
+    /// `future`'s result, or [`Panicked`](Self::Panicked) if it panicked.
+    pub(crate) async fn unless_panicked<T>(future: impl Future<Output = Result<T, Self>>) -> Result<T, Self> {
+        use futures_util::FutureExt;
+        std::panic::AssertUnwindSafe(future)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                Err(Self::Panicked(what))
+            })
     }
 }
 

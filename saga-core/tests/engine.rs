@@ -1028,3 +1028,136 @@ async fn a_reply_a_stale_copy_would_ignore_is_decided_on_what_the_store_holds() 
         }
     );
 }
+
+/// Fails the effects of sagas whose order id says so: `stuck` retryably,
+/// `panic` by panicking.
+struct EffectsByOrder;
+
+#[async_trait]
+impl EffectHandler<String> for EffectsByOrder {
+    async fn apply(
+        &self,
+        _tx: &mut dyn Transaction,
+        _saga: &SagaInstance,
+        effects: Vec<String>,
+    ) -> Result<(), StepError> {
+        match effects.first().map(String::as_str) {
+            Some("stuck") => Err(StepError::retryable("application row locked")),
+            Some("panic") => panic!("an effect handler's bug"),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_sagas_failing_or_panicking_deadline_does_not_stop_the_others() {
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    let definition = SagaDefinition::<Order, String>::builder("guarded")
+        .step(
+            Step::local("hold", |_: &mut Order, _| Ok(())).compensate(|o: &mut Order, ctx| {
+                ctx.effect(o.id.clone());
+                Ok(())
+            }),
+        )
+        .step(
+            Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id)?))
+                .on_reply("Reserved", |_: &mut Order, _: bool| ReplyOutcome::Success)
+                .timeout(Duration::from_secs(30)),
+        )
+        .build()
+        .expect("valid");
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .register_with_effects(definition, EffectsByOrder)
+        .build()
+        .expect("engine");
+    // The failing ones are due first.
+    let stuck = engine.start("guarded", order("stuck")).await.expect("start");
+    let panicking = engine.start("guarded", order("panic")).await.expect("start");
+    clock.advance(Duration::from_secs(1));
+    let fine = engine.start("guarded", order("fine")).await.expect("start");
+    clock.advance(Duration::from_secs(60));
+
+    let fired = engine.fire_due_deadlines().await.expect("the scan goes on past both");
+    assert_eq!(fired, 1);
+    assert_eq!(status(&store, fine).await, SagaStatus::Compensated);
+    assert_eq!(
+        status(&store, stuck).await,
+        SagaStatus::Running,
+        "rolled back, still due"
+    );
+    assert_eq!(
+        status(&store, panicking).await,
+        SagaStatus::Running,
+        "rolled back, set aside"
+    );
+    // The next scan tries the retryable one again and leaves the panicking one aside.
+    assert_eq!(engine.fire_due_deadlines().await.expect("scan"), 0);
+    assert_eq!(status(&store, stuck).await, SagaStatus::Running);
+}
+
+/// Panics on `Boom`; records every other kind.
+struct PanicsOnBoom(std::sync::Mutex<Vec<String>>);
+
+#[async_trait]
+impl saga_core::MessageHandler for PanicsOnBoom {
+    async fn handle(&self, message: &Message) -> Result<(), EngineError> {
+        assert!(message.kind != "Boom", "a handler's bug");
+        self.0.lock().expect("not poisoned").push(message.kind.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_message_whose_handler_panics_is_retried_then_dead_lettered_not_redelivered_forever() {
+    use saga_core::Publisher;
+    let transport = Arc::new(InMemoryTransport::new());
+    transport.bind("events", "q");
+    let handler = Arc::new(PanicsOnBoom(std::sync::Mutex::new(Vec::new())));
+    let config = ConsumerConfig {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            multiplier: 1,
+        },
+        ..ConsumerConfig::new("q")
+    };
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(Consumer::new(handler.clone(), transport.clone(), config).run(shutdown.clone()));
+    for kind in ["Boom", "Fine"] {
+        transport
+            .publish(&Message::new(kind, "events", b"{}".to_vec()))
+            .await
+            .expect("publish");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let dead = loop {
+        let dead = transport.take("q.dlq");
+        if !dead.is_empty() {
+            break dead;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the panicking message never reached the dead-letter queue"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].kind, "Boom");
+    assert!(
+        dead[0]
+            .header(saga_core::DEAD_LETTER_REASON)
+            .is_some_and(|r| r.contains("panicked") && r.contains("a handler's bug")),
+        "{:?}",
+        dead[0].header(saga_core::DEAD_LETTER_REASON)
+    );
+    assert_eq!(
+        *handler.0.lock().expect("not poisoned"),
+        ["Fine"],
+        "the other message went through"
+    );
+    shutdown.cancel();
+    consumer.await.expect("the consumer ends");
+}
