@@ -16,7 +16,7 @@ use crate::transport::Publisher;
 /// How a relay runs.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// Messages claimed per round.
+    /// Messages claimed per round (at least 1).
     pub batch_size: usize,
     /// How long a claim keeps other relays off the claimed messages. It is
     /// also how long the messages of a relay that dies mid-round (a killed
@@ -73,7 +73,9 @@ pub struct Relay {
 
 impl Relay {
     /// A relay from `outbox` to `publisher`.
-    pub fn new(outbox: Arc<dyn OutboxStore>, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Self {
+    pub fn new(outbox: Arc<dyn OutboxStore>, publisher: Arc<dyn Publisher>, mut config: RelayConfig) -> Self {
+        // A claim of none would find nothing ever, and the relay would spin.
+        config.batch_size = config.batch_size.max(1);
         Self {
             outbox,
             publisher,
@@ -119,12 +121,19 @@ impl Relay {
         if !failed.is_empty() {
             metrics::counter!("saga_outbox_publish_failures_total").increment(failed.len() as u64);
         }
-        if !sent.is_empty() {
-            self.outbox.mark_sent(&sent).await?;
-        }
-        if !failed.is_empty() {
-            self.outbox.release(&failed).await?;
-        }
+        // Both, even if one fails: a failed message given back waits for no
+        // lease, nor do the later messages of its saga.
+        let marked = if sent.is_empty() {
+            Ok(())
+        } else {
+            self.outbox.mark_sent(&sent).await
+        };
+        let released = if failed.is_empty() {
+            Ok(())
+        } else {
+            self.outbox.release(&failed).await
+        };
+        marked.and(released)?;
         Ok(RelayRound {
             claimed,
             sent: sent.len(),

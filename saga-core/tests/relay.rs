@@ -92,3 +92,74 @@ async fn rounds_in_flight_keep_each_sagas_messages_in_order() {
         assert_eq!(seqs, vec![0, 1, 2, 3, 4], "saga {saga} published out of order");
     }
 }
+
+/// The in-memory outbox, except that marking messages sent fails.
+struct MarksFail(InMemoryStore);
+
+#[async_trait]
+impl saga_core::OutboxStore for MarksFail {
+    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<saga_core::OutboxEntry>, saga_core::StoreError> {
+        self.0.claim(limit, lease).await
+    }
+    async fn mark_sent(&self, _ids: &[saga_core::OutboxId]) -> Result<(), saga_core::StoreError> {
+        Err(saga_core::StoreError::Unavailable("marking is down".into()))
+    }
+    async fn release(&self, ids: &[saga_core::OutboxId]) -> Result<(), saga_core::StoreError> {
+        self.0.release(ids).await
+    }
+}
+
+/// Refuses messages of kind `refused`.
+struct Refuses;
+
+#[async_trait]
+impl Publisher for Refuses {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        if message.kind == "refused" {
+            return Err(TransportError::Unavailable("the broker said no".into()));
+        }
+        Ok(())
+    }
+}
+
+async fn enqueue(store: &InMemoryStore, kind: &str) {
+    let saga = SagaId::new();
+    let mut tx = store.begin().await.expect("begin");
+    let message = Message::new(kind, "d", b"{}".to_vec()).with_correlation_id(saga.to_string());
+    tx.enqueue(Some(saga), &[message]).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+}
+
+#[tokio::test]
+async fn a_round_whose_marks_fail_still_gives_back_what_failed_to_publish() {
+    use saga_core::OutboxStore;
+    let store = InMemoryStore::new();
+    enqueue(&store, "accepted").await;
+    enqueue(&store, "refused").await;
+    let relay = Relay::new(
+        Arc::new(MarksFail(store.clone())),
+        Arc::new(Refuses),
+        RelayConfig::default(),
+    );
+    assert!(relay.run_once().await.is_err(), "marking failed");
+    // The refused message is claimable at once, not after the lease.
+    let again = store.claim(10, Duration::from_secs(60)).await.expect("claim");
+    let kinds: Vec<&str> = again.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["refused"]);
+}
+
+#[tokio::test]
+async fn a_relay_configured_to_claim_none_claims_one() {
+    let store = InMemoryStore::new();
+    enqueue(&store, "m").await;
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(Refuses),
+        RelayConfig {
+            batch_size: 0,
+            ..RelayConfig::default()
+        },
+    );
+    let round = relay.run_once().await.expect("round");
+    assert_eq!((round.claimed, round.sent), (1, 1));
+}
