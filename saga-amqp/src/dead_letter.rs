@@ -302,7 +302,7 @@ fn replay_properties(original: &BasicProperties, id: &MessageId) -> BasicPropert
                 .collect()
         })
         .unwrap_or_default();
-    let mut properties = original.clone().with_headers(FieldTable::from(kept));
+    let mut properties = mapping::republishable(original).with_headers(FieldTable::from(kept));
     if original.message_id().is_none()
         && let Ok(id) = short(id.as_str(), "message id")
     {
@@ -322,17 +322,15 @@ async fn republish(
 ) -> Result<(), TransportError> {
     let publishing = &shared.publishing;
     publishing.check_exchange(&origin.destination).await?;
-    let mandatory = shared
-        .config
-        .topology
-        .exchange_config(&origin.destination)
-        .is_none_or(|e| e.require_route);
+    // Mandatory even where the exchange allows unrouted messages: a replay
+    // nothing would receive is refused and stays a dead letter, rather than
+    // confirmed, taken off the dead-letter queue and gone.
     publishing
         .publish(
             id.as_str(),
             &origin.destination,
             origin.routing_key.as_deref().unwrap_or_default(),
-            mandatory,
+            true,
             body,
             properties,
         )

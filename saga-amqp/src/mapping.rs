@@ -178,15 +178,54 @@ pub(crate) fn republished(
             AMQPValue::LongString(LongString::from(value.as_bytes())),
         );
     }
-    let mut properties = original.clone().with_headers(table);
+    let mut properties = republishable(original).with_headers(table);
     // Keep the id a message without one was given, so its redeliveries deduplicate.
     if original.message_id().is_none() {
         properties = properties.with_message_id(short(message_id.as_str(), "message id")?);
     }
-    if original.delivery_mode().is_none() {
-        properties = properties.with_delivery_mode(PERSISTENT);
-    }
     Ok(properties)
+}
+
+/// `original`'s properties, fit to publish again from here: persistent, and
+/// without a per-message TTL (a copy in a dead-letter queue would expire out
+/// of it) or a user id (the broker refuses another user's, and closes the
+/// channel).
+pub(crate) fn republishable(original: &BasicProperties) -> BasicProperties {
+    let mut properties = BasicProperties::default().with_delivery_mode(PERSISTENT);
+    if let Some(value) = original.content_type() {
+        properties = properties.with_content_type(value.clone());
+    }
+    if let Some(value) = original.content_encoding() {
+        properties = properties.with_content_encoding(value.clone());
+    }
+    if let Some(value) = original.headers() {
+        properties = properties.with_headers(value.clone());
+    }
+    if let Some(value) = original.priority() {
+        properties = properties.with_priority(*value);
+    }
+    if let Some(value) = original.correlation_id() {
+        properties = properties.with_correlation_id(value.clone());
+    }
+    if let Some(value) = original.reply_to() {
+        properties = properties.with_reply_to(value.clone());
+    }
+    if let Some(value) = original.message_id() {
+        properties = properties.with_message_id(value.clone());
+    }
+    if let Some(value) = original.timestamp() {
+        properties = properties.with_timestamp(*value);
+    }
+    if let Some(value) = original.kind() {
+        properties = properties.with_type(value.clone());
+    }
+    if let Some(value) = original.app_id() {
+        properties = properties.with_app_id(value.clone());
+    }
+    if let Some(value) = original.cluster_id() {
+        properties = properties.with_cluster_id(value.clone());
+    }
+    properties
 }
 
 #[cfg(test)]
@@ -253,6 +292,34 @@ mod tests {
             got.header(ROUTING_KEY_HEADER).is_none(),
             "internal headers stay internal"
         );
+    }
+
+    #[test]
+    fn what_is_published_again_is_persistent_without_a_ttl_or_a_user() {
+        let foreign = BasicProperties::default()
+            .with_type("Paid".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("saga-1".into())
+            .with_priority(3)
+            .with_delivery_mode(1)
+            .with_expiration("60000".into())
+            .with_user_id("platform".into());
+        let published = Published {
+            exchange: "payments",
+            routing_key: "Paid",
+        };
+        let again = republished(&foreign, &MessageId::from("m-1"), published, 1, None).expect("valid");
+        assert_eq!(again.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(
+            again.expiration(),
+            &None,
+            "a dead letter must not expire out of its queue"
+        );
+        assert_eq!(again.user_id(), &None, "the broker refuses another user's id");
+        assert_eq!(again.kind(), foreign.kind());
+        assert_eq!(again.message_id(), foreign.message_id());
+        assert_eq!(again.correlation_id(), foreign.correlation_id());
+        assert_eq!(again.priority(), &Some(3));
     }
 
     #[test]

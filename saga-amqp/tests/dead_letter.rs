@@ -127,6 +127,52 @@ async fn replay_keeps_the_routing_key_of_a_direct_exchange() {
     broker::clean_up(&transport).await;
 }
 
+/// An exchange that lets the broker drop unrouted messages: the relay's
+/// publishes may go nowhere, an operator's replay may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_nothing_would_receive_stays_a_dead_letter() {
+    let name = broker::unique("unrouted");
+    let queue = format!("{name}.queue");
+    let topology = Topology::new()
+        .with_exchange(ExchangeConfig::new(&name, ExchangeKind::Direct).allow_unrouted())
+        .queue(&queue)
+        .bind(&name, &queue, "Routed");
+    let mut config = AmqpConfig::new(broker::url(), topology);
+    config.operation_timeout = Duration::from_secs(5);
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let message = Message::new("Routed", name.clone(), b"{}".to_vec());
+    dead_letter(&transport, &mut subscription, &message).await;
+
+    // The binding is gone by the time of the replay.
+    let connection = Connection::connect(&broker::url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ is not reachable: {e}. Start it with `rabbitmq-server -detached`."));
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .queue_unbind(
+            queue.as_str().into(),
+            name.as_str().into(),
+            "Routed".into(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbound");
+    let _ = connection.close(200, "done".into()).await;
+
+    let report = transport.replay(&queue, &ReplaySelection::All).await.expect("replayed");
+    assert!(report.replayed.is_empty(), "{report:?}");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(
+        transport.dead_letters(&queue, 10).await.expect("browsed").total,
+        1,
+        "the dead letter is still there"
+    );
+
+    drop(subscription);
+    broker::clean_up(&transport).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_without_a_usable_origin_are_reported_and_stay() {
     let name = broker::unique("origins");
