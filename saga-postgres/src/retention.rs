@@ -21,8 +21,10 @@ pub struct RetentionConfig {
     /// Completed or compensated instances (with their history) last changed
     /// longer ago than this are deleted. They are found through the history
     /// row of the transition that finished them, which the engine records;
-    /// an instance written without its transitions is kept. `None` (the
-    /// default) keeps them: they are the record of what happened.
+    /// an instance written without its transitions is kept. The messages
+    /// their transitions consumed move to the inbox, so they stay known as
+    /// consumed for [`inbox`](Self::inbox), however short this is. `None`
+    /// (the default) keeps them: they are the record of what happened.
     pub finished_instances: Option<Duration>,
     /// Rows deleted per statement, to keep each delete's locks short.
     pub batch_size: usize,
@@ -121,6 +123,19 @@ impl PostgresStore {
             .bind(&candidates)
             .bind(before)
             .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            // The messages these sagas consumed are known as consumed by
+            // their history rows: moved to the inbox, they stay known for the
+            // inbox's retention, and a late redelivery is still a duplicate.
+            sqlx::query(
+                "INSERT INTO saga_inbox (consumer, message_id, consumed_at) \
+                 SELECT consumer, message_id, to_timestamp(at / 1000.0) FROM saga_history \
+                 WHERE saga_id = ANY($1) AND message_id IS NOT NULL \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
             .await
             .map_err(store_error)?;
             sqlx::query("DELETE FROM saga_history WHERE saga_id = ANY($1)")

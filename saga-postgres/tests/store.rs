@@ -739,6 +739,64 @@ async fn retention_deletes_old_inbox_and_sent_rows_and_only_configured_instances
     }
 }
 
+/// The engine records a consumed message on its transition's history row;
+/// purging the finished saga moves that record to the inbox, where the inbox
+/// retention governs it, so a late redelivery is still a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_a_finished_saga_keeps_what_it_consumed_known_as_consumed() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let pool = store.pool().clone();
+    let mut instance = sample_instance("orders", None);
+    instance.status = SagaStatus::Completed;
+    instance.updated_at = Timestamp::now() - Duration::from_secs(3 * 3600);
+    let start = MessageId::from("start-command");
+    let mut tx = store.begin().await.expect("begin");
+    tx.consume_at_commit("engine", &start).await.expect("consume");
+    let by_start = |transition: Transition| Transition {
+        cause: Cause::Message {
+            id: start.clone(),
+            kind: "Start".to_owned(),
+        },
+        ..transition
+    };
+    tx.insert(&instance).await.expect("insert");
+    tx.record(&by_start(reached(&instance))).await.expect("record");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM saga_history WHERE message_id = 'start-command'"
+        )
+        .await,
+        1,
+        "recorded on the history row"
+    );
+
+    let config = PostgresStoreConfig {
+        retention: RetentionConfig {
+            finished_instances: Some(Duration::from_secs(3600)),
+            ..RetentionConfig::default()
+        },
+        ..PostgresStoreConfig::default()
+    };
+    let purging = db.store_with(2, config).await;
+    assert_eq!(purging.purge().await.expect("purge").instances, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM saga_history").await, 0);
+
+    // Redelivered after the purge, the start command is still a duplicate.
+    let mut tx = purging.begin().await.expect("begin");
+    tx.consume_at_commit("engine", &start).await.expect("consume");
+    let again = sample_instance("orders", None);
+    tx.insert(&again).await.expect("insert");
+    tx.record(&by_start(started(&again))).await.expect("record");
+    let outcome = tx.commit().await;
+    assert!(
+        matches!(outcome, Err(StoreError::ConsumedConcurrently { .. })),
+        "{outcome:?}"
+    );
+}
+
 /// The history entry of `instance` reaching its status from `running`, as
 /// the engine records it (for a running instance: its start).
 fn reached(instance: &SagaInstance) -> Transition {
