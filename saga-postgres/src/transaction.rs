@@ -72,6 +72,9 @@ pub struct PostgresTransaction {
     /// Outbox rows leased to this process's relay by statements sent so
     /// far, handed to it once the transaction has committed.
     handed_off: Vec<OutboxEntry>,
+    /// Why a write sent early ([`flush`](PostgresTransaction::flush))
+    /// failed: the transaction cannot commit any more, only roll back.
+    failed: Option<String>,
 }
 
 /// A buffered instance write, already turned into column values.
@@ -106,6 +109,7 @@ impl PostgresTransaction {
             rest: Rest::default(),
             enqueued: 0,
             handed_off: Vec::new(),
+            failed: None,
         }
     }
 
@@ -134,27 +138,50 @@ impl PostgresTransaction {
     /// Sends the buffered saga writes now, in this transaction (opening it
     /// if needed); they are otherwise sent at commit. A stale revision is
     /// reported here as [`StoreError::Conflict`].
+    ///
+    /// Once a flush has failed, the transaction only rolls back: a later
+    /// flush or commit returns an error, never a commit of part of it.
     pub async fn flush(&mut self) -> Result<(), StoreError> {
+        if let Some(reason) = &self.failed {
+            return Err(StoreError::Backend(
+                format!("an earlier write of this transaction failed ({reason}); it rolls back").into(),
+            ));
+        }
         if self.instances.is_empty() && self.rest.is_empty() {
             return Ok(());
         }
+        // The connection first: if none comes, the writes stay buffered and
+        // a retried flush sends them.
+        self.connection().await?;
         let instances = std::mem::take(&mut self.instances);
         let rest = std::mem::take(&mut self.rest);
         let shared = Arc::clone(&self.shared);
         let conn = self.connection().await?;
-        let count = instances.len();
-        let mut rest = Some(rest);
-        let mut handed_off = Vec::new();
-        for (index, write) in instances.into_iter().enumerate() {
-            // The last instance write travels with the inbox, history and outbox rows.
-            let rest = if index + 1 == count { rest.take() } else { None };
-            handed_off.extend(write_all(&mut *conn, &shared, Some(write), rest.unwrap_or_default()).await?);
+        let written = async {
+            let count = instances.len();
+            let mut rest = Some(rest);
+            let mut handed_off = Vec::new();
+            for (index, write) in instances.into_iter().enumerate() {
+                // The last instance write travels with the inbox, history and outbox rows.
+                let rest = if index + 1 == count { rest.take() } else { None };
+                handed_off.extend(write_all(&mut *conn, &shared, Some(write), rest.unwrap_or_default()).await?);
+            }
+            if let Some(rest) = rest {
+                handed_off.extend(write_all(&mut *conn, &shared, None, rest).await?);
+            }
+            Ok::<_, StoreError>(handed_off)
         }
-        if let Some(rest) = rest {
-            handed_off.extend(write_all(&mut *conn, &shared, None, rest).await?);
+        .await;
+        match written {
+            Ok(handed_off) => {
+                self.handed_off.extend(handed_off);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
         }
-        self.handed_off.extend(handed_off);
-        Ok(())
     }
 }
 

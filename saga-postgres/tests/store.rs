@@ -554,6 +554,25 @@ async fn store_with_orders_table(db: &TestDb) -> saga_postgres::PostgresStore {
     store
 }
 
+/// A caller that goes on to commit after a failed flush gets an error, not
+/// a commit of the part that was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_a_failed_flush_fails_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let instance = sample_instance("orders", None);
+    let mut tx = store.begin_postgres();
+    use saga_core::Transaction as _;
+    tx.insert(&instance).await.expect("insert");
+    tx.flush().await.expect("flush");
+    let ghost = sample_instance("orders", None);
+    tx.update(&ghost, 1).await.expect("buffered");
+    assert!(matches!(tx.flush().await, Err(StoreError::Conflict { .. })));
+    let committed = Box::new(tx).commit().await;
+    assert!(committed.is_err(), "{committed:?}");
+    assert_eq!(count(store.pool(), "SELECT count(*) FROM saga_instances").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_failing_halfway_leaves_nothing() {
     let db = TestDb::new().await;
