@@ -78,6 +78,10 @@ impl Link {
                 return Err(TransportError::Closed);
             }
             let mut state = self.state.lock().await;
+            // Again under the lock: `close` may have run while this waited.
+            if self.closed.is_cancelled() {
+                return Err(TransportError::Closed);
+            }
             if let Some(connection) = &state.connection {
                 if connection.status().connected() {
                     return Ok(Arc::clone(connection));

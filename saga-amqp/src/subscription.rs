@@ -28,8 +28,10 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<AmqpConfig>,
     pub(crate) link: Arc<Link>,
     pub(crate) publishing: Publishing,
-    /// Delay queues declared on the current connection (generation, names).
-    retry_queues: Mutex<(u64, HashSet<String>)>,
+    /// Queues declared on demand on the current connection (generation,
+    /// names): delay queues, and the dead-letter queues of queues the
+    /// topology does not list.
+    declared: Mutex<(u64, HashSet<String>)>,
     /// Every delay queue ever declared, for [`AmqpTransport::delete_topology`](crate::AmqpTransport::delete_topology).
     pub(crate) all_retry_queues: Mutex<HashSet<String>>,
     /// The acks sent on every subscription's channel.
@@ -42,7 +44,7 @@ impl Shared {
             config,
             link,
             publishing,
-            retry_queues: Mutex::new((0, HashSet::new())),
+            declared: Mutex::new((0, HashSet::new())),
             all_retry_queues: Mutex::new(HashSet::new()),
             acks_sent: Arc::default(),
         }
@@ -50,15 +52,37 @@ impl Shared {
 
     /// Declares the delay queue `name` of `queue` once per connection.
     async fn ensure_retry_queue(&self, queue: &str, name: &str, ttl_ms: u64) -> Result<(), TransportError> {
+        let arguments = topology::retry_arguments(topology::queue_type(&self.config, queue), queue, ttl_ms);
+        self.ensure_declared(name, arguments).await?;
+        self.all_retry_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Declares the dead-letter queue of `queue` once per connection, if the
+    /// topology does not list `queue` (its own are declared with it): a
+    /// dead letter of a queue consumed from elsewhere has somewhere to go,
+    /// rather than coming back to be handled, and refused, again and again.
+    async fn ensure_dead_letter_queue(&self, queue: &str) -> Result<(), TransportError> {
+        if self.config.topology.queue_config(queue).is_some() {
+            return Ok(());
+        }
+        let arguments = topology::dlq_arguments(topology::queue_type(&self.config, queue));
+        self.ensure_declared(&topology::dlq(queue), arguments).await
+    }
+
+    /// Declares the durable queue `name` once per connection.
+    async fn ensure_declared(&self, name: &str, arguments: FieldTable) -> Result<(), TransportError> {
         let generation = self.link.generation();
         {
-            let declared = self.retry_queues.lock().unwrap_or_else(|p| p.into_inner());
+            let declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
             if declared.0 == generation && declared.1.contains(name) {
                 return Ok(());
             }
         }
         let channel = self.link.channel(Wait::No).await?;
-        let arguments = topology::retry_arguments(topology::queue_type(&self.config, queue), queue, ttl_ms);
         let limit = self.config.operation_timeout;
         tokio::time::timeout(limit, topology::declare_queue(&channel, name, true, arguments))
             .await
@@ -67,11 +91,7 @@ impl Shared {
                     format!("declaring `{name}`: no answer from the broker within {limit:?}").into(),
                 )
             })??;
-        self.all_retry_queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned());
-        let mut declared = self.retry_queues.lock().unwrap_or_else(|p| p.into_inner());
+        let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
         if declared.0 != generation {
             *declared = (generation, HashSet::new());
         }
@@ -273,6 +293,10 @@ impl AmqpSettle {
         let target = if self.queue.ends_with(DLQ_SUFFIX) {
             self.queue.to_string()
         } else {
+            if let Err(e) = self.shared.ensure_dead_letter_queue(&self.queue).await {
+                requeue(acker, self.limit()).await;
+                return Err(e);
+            }
             topology::dlq(&self.queue)
         };
         let properties = mapping::republished(

@@ -71,7 +71,7 @@ fn main_arguments(config: &AmqpConfig, queue: &QueueConfig) -> FieldTable {
     arguments
 }
 
-fn dlq_arguments(queue_type: QueueType) -> FieldTable {
+pub(crate) fn dlq_arguments(queue_type: QueueType) -> FieldTable {
     let mut arguments = FieldTable::default();
     if queue_type == QueueType::Quorum {
         quorum(&mut arguments);

@@ -17,8 +17,8 @@ use saga_amqp::lapin::types::{AMQPValue, FieldTable, ShortString};
 use saga_amqp::lapin::{BasicProperties, Connection, ConnectionProperties};
 use saga_amqp::{AcksSent, AmqpConfig, AmqpTransport, ExchangeKind, QueueType, Topology};
 use saga_core::{
-    CancellationToken, Consumer, ConsumerConfig, DEAD_LETTER_REASON, Delivery, EngineError, Message, MessageHandler,
-    Publisher, RetryPolicy, Settlement, StoreError, Subscriber, Subscription, TransportError,
+    CancellationToken, Consumer, ConsumerConfig, DEAD_LETTER_REASON, DeadLetterQueue, Delivery, EngineError, Message,
+    MessageHandler, Publisher, RetryPolicy, Settlement, StoreError, Subscriber, Subscription, TransportError,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -596,6 +596,60 @@ async fn acks_settled_together_share_a_frame_but_never_cover_an_open_delivery() 
     let _ = connection.close(0, "done".into()).await;
     // The closed transport cannot delete what it declared; another one can.
     broker::clean_up(&broker::connect(broker::config(&name, QueueType::Classic)).await).await;
+}
+
+/// A queue the service consumes but does not declare (the platform's, say):
+/// its dead letters get a dead-letter queue too, instead of coming back.
+#[tokio::test]
+async fn dead_letters_of_a_queue_outside_the_topology_reach_its_dead_letter_queue() {
+    let name = broker::unique("foreign");
+    let foreign = format!("{name}.foreign");
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .queue_declare(
+            foreign.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declared");
+    channel
+        .basic_publish(
+            "".into(),
+            foreign.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default()
+                .with_message_id("foreign-1".into())
+                .with_type("Foreign".into()),
+        )
+        .await
+        .expect("published");
+
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&foreign).await.expect("subscribed");
+    let delivery = next(&mut subscription, "the foreign message").await;
+    let settled = delivery
+        .settle
+        .settle(Settlement::DeadLetter {
+            reason: "cannot handle it".into(),
+        })
+        .await;
+    let page = transport.dead_letters(&foreign, 10).await;
+    drop(subscription);
+    for queue in [foreign.clone(), format!("{foreign}.dlq")] {
+        let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    }
+    broker::clean_up(&transport).await;
+    let _ = connection.close(200, "done".into()).await;
+    settled.expect("dead-lettered");
+    let page = page.expect("browsed");
+    assert_eq!(page.total, 1);
+    assert_eq!(page.letters[0].reason.as_deref(), Some("cannot handle it"));
 }
 
 #[tokio::test]
