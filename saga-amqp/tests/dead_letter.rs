@@ -83,22 +83,51 @@ async fn publish_raw(queue: &str, id: &str, headers: BTreeMap<ShortString, AMQPV
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// A direct exchange bound to `<name>.queue` for messages of type `Routed`,
+/// and one such message dead-lettered from that queue.
+struct Routed {
+    name: String,
+    queue: String,
+    transport: AmqpTransport,
+    subscription: Box<dyn Subscription>,
+    message: Message,
+}
+
+impl Routed {
+    async fn dead_lettered(prefix: &str, exchange: impl FnOnce(ExchangeConfig) -> ExchangeConfig) -> Self {
+        let name = broker::unique(prefix);
+        let queue = format!("{name}.queue");
+        let topology = Topology::new()
+            .with_exchange(exchange(ExchangeConfig::new(&name, ExchangeKind::Direct)))
+            .queue(&queue)
+            .bind(&name, &queue, "Routed");
+        let mut config = AmqpConfig::new(broker::url(), topology);
+        config.operation_timeout = Duration::from_secs(5);
+        let transport = broker::connect(config).await;
+        let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+        let message = Message::new("Routed", name.clone(), b"{}".to_vec());
+        dead_letter(&transport, &mut subscription, &message).await;
+        Self {
+            name,
+            queue,
+            transport,
+            subscription,
+            message,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_keeps_the_routing_key_of_a_direct_exchange() {
-    let name = broker::unique("routed");
-    let queue = format!("{name}.queue");
     // Only messages of type `Routed` reach the queue: a replay that lost the
     // routing key would be unroutable.
-    let topology = Topology::new()
-        .with_exchange(ExchangeConfig::new(&name, ExchangeKind::Direct))
-        .queue(&queue)
-        .bind(&name, &queue, "Routed");
-    let mut config = AmqpConfig::new(broker::url(), topology);
-    config.operation_timeout = Duration::from_secs(5);
-    let transport = broker::connect(config).await;
-    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
-    let message = Message::new("Routed", name.clone(), b"{}".to_vec());
-    dead_letter(&transport, &mut subscription, &message).await;
+    let Routed {
+        name,
+        queue,
+        transport,
+        mut subscription,
+        message,
+    } = Routed::dead_lettered("routed", |exchange| exchange).await;
 
     let page = transport.dead_letters(&queue, 10).await.expect("browsed");
     assert_eq!(page.total, 1);
@@ -131,18 +160,13 @@ async fn replay_keeps_the_routing_key_of_a_direct_exchange() {
 /// publishes may go nowhere, an operator's replay may not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_nothing_would_receive_stays_a_dead_letter() {
-    let name = broker::unique("unrouted");
-    let queue = format!("{name}.queue");
-    let topology = Topology::new()
-        .with_exchange(ExchangeConfig::new(&name, ExchangeKind::Direct).allow_unrouted())
-        .queue(&queue)
-        .bind(&name, &queue, "Routed");
-    let mut config = AmqpConfig::new(broker::url(), topology);
-    config.operation_timeout = Duration::from_secs(5);
-    let transport = broker::connect(config).await;
-    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
-    let message = Message::new("Routed", name.clone(), b"{}".to_vec());
-    dead_letter(&transport, &mut subscription, &message).await;
+    let Routed {
+        name,
+        queue,
+        transport,
+        subscription,
+        ..
+    } = Routed::dead_lettered("unrouted", ExchangeConfig::allow_unrouted).await;
 
     // The binding is gone by the time of the replay.
     let connection = Connection::connect(&broker::url(), ConnectionProperties::default())
