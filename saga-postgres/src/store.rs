@@ -566,7 +566,20 @@ impl PostgresStore {
             .run(async |conn| claim.fetch_all(conn).await)
             .await
             .map_err(store_error)?;
-        let mut entries = rows.iter().map(row::outbox_entry).collect::<Result<Vec<_>, _>>()?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match row::outbox_entry(row) {
+                Ok(entry) => entries.push(entry),
+                // One unreadable row (written by another tool) must not hold
+                // back the rows claimed with it: it stays leased, unsent, and
+                // comes round again, reported, when its lease ends. Later
+                // messages of its saga wait behind it, as order requires.
+                Err(error) => {
+                    tracing::error!(%error, "an outbox row cannot be read; it stays unsent for an operator");
+                    metrics::counter!("saga_postgres_outbox_unreadable_total").increment(1);
+                }
+            }
+        }
         entries.sort_by_key(|e| e.id);
         Ok(entries)
     }

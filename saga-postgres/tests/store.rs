@@ -425,6 +425,30 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
     assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
 }
 
+/// An outbox row another tool wrote badly does not hold back the rows
+/// claimed with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_outbox_row_does_not_hold_back_the_others() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let mut tx = store.begin().await.expect("begin");
+    tx.enqueue(None, &messages(None, 2, "d")).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    sqlx::query("UPDATE saga_outbox SET headers = '[1, 2]' WHERE kind = 'M0'")
+        .execute(store.pool())
+        .await
+        .expect("spoil a row");
+    let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M1"]);
+    let unsent = count(
+        store.pool(),
+        "SELECT count(*) FROM saga_outbox WHERE sent_at IS NULL AND kind = 'M0'",
+    )
+    .await;
+    assert_eq!(unsent, 1, "the unreadable row stays for an operator");
+}
+
 /// A transition's messages stay in one batch even past the claim's limit,
 /// and the table, read in the same claim, adds nothing past it (the claim
 /// once subtracted past zero there: a panic in a debug build, the whole
