@@ -345,15 +345,27 @@ impl AmqpSettle {
 #[async_trait]
 impl Settle for AmqpSettle {
     async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
-        let Some(acker) = self.acker.take() else {
-            return Ok(());
-        };
         let limit = self.limit();
+        // The acker stays in `self` until the delivery is acked or given back:
+        // if this future is dropped half-way, `drop` gives it back (a second
+        // ack or nack of one acker sends nothing).
         let settled = match settlement {
-            Settlement::Ack => return self.acks.ack(self.tag, acker, limit).await,
-            Settlement::Retry { delay } => self.retry(&acker, delay).await,
-            Settlement::DeadLetter { reason } => self.dead_letter(&acker, &reason).await,
+            Settlement::Ack => {
+                let Some(acker) = self.acker.take() else {
+                    return Ok(());
+                };
+                return self.acks.ack(self.tag, acker, limit).await;
+            }
+            Settlement::Retry { delay } => match &self.acker {
+                Some(acker) => self.retry(acker, delay).await,
+                None => return Ok(()),
+            },
+            Settlement::DeadLetter { reason } => match &self.acker {
+                Some(acker) => self.dead_letter(acker, &reason).await,
+                None => return Ok(()),
+            },
         };
+        self.acker = None;
         // Acked or given back by now: acks of later deliveries may cover it.
         self.acks.closed(self.tag);
         settled
@@ -362,8 +374,8 @@ impl Settle for AmqpSettle {
 
 impl Drop for AmqpSettle {
     fn drop(&mut self) {
-        // Dropped unsettled (the handler panicked or was cancelled): give it
-        // back now rather than when the channel closes. Without a runtime it
+        // Dropped unsettled (the handler panicked or was cancelled, or its
+        // settling was): give it back now rather than when the channel closes. Without a runtime it
         // stays open in the ack window, and later acks of the channel go
         // alone: slower, still right.
         if let Some(acker) = self.acker.take()

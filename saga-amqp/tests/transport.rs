@@ -652,6 +652,31 @@ async fn dead_letters_of_a_queue_outside_the_topology_reach_its_dead_letter_queu
     assert_eq!(page.letters[0].reason.as_deref(), Some("cannot handle it"));
 }
 
+/// A caller that gives up on settling (a timeout around it) leaves the
+/// delivery to be given back, not held until the channel closes.
+#[tokio::test]
+async fn a_delivery_whose_settling_is_cancelled_comes_back() {
+    let name = broker::unique("cancelled-settle");
+    let queue = format!("{name}.queue");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let message = Message::new("Cancelled", name.clone(), b"{}".to_vec());
+    transport.publish(&message).await.expect("published");
+    let delivery = next(&mut subscription, "the message").await;
+    let mut settling = delivery.settle.settle(Settlement::DeadLetter {
+        reason: "refused".into(),
+    });
+    // One step: the dead letter's publish is out, its confirm not yet in.
+    let first = std::future::poll_fn(|cx| Poll::Ready(settling.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "settling waits for the broker");
+    drop(settling);
+    let again = next(&mut subscription, "the delivery given back").await;
+    assert_eq!(again.message.id, message.id);
+    again.settle.settle(Settlement::Ack).await.expect("acked");
+    drop(subscription);
+    broker::clean_up(&transport).await;
+}
+
 #[tokio::test]
 async fn close_ends_subscriptions_and_publishing() {
     let name = broker::unique("close");
