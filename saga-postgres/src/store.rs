@@ -473,9 +473,12 @@ fn db_limit(limit: usize) -> i64 {
 /// A lease in milliseconds, capped at a year (longer ones would overflow
 /// PostgreSQL's timestamps for absurd inputs and mean nothing more).
 fn lease_millis(lease: Duration) -> f64 {
-    const YEAR_MILLIS: u128 = 365 * 24 * 3600 * 1000;
-    lease.as_millis().min(YEAR_MILLIS) as f64
+    lease.min(LONGEST_WAIT).as_millis() as f64
 }
+
+/// The longest lease or wait taken as given; longer ones (`Duration::MAX`
+/// meant as "for ever") would overflow the clock's arithmetic.
+const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Mark-sent requests waiting for the statement that writes them.
 #[derive(Default)]
@@ -591,6 +594,7 @@ impl OutboxStore for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let lease = lease.min(LONGEST_WAIT);
         // Messages handed off at commit first; the table too when there are
         // none, or it has not been read for a while.
         let now = Instant::now();
@@ -739,6 +743,7 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn wait_for_messages(&self, timeout: Duration) {
+        let timeout = timeout.min(LONGEST_WAIT);
         self.ensure_listener().await;
         let shared = &self.shared;
         shared.handoff().attached_until = Some(Instant::now() + timeout + RELAY_GRACE);

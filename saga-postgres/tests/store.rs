@@ -425,6 +425,19 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
     assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
 }
 
+/// A lease or a wait meant as "for ever" is taken as a year, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_lease_or_wait_does_not_overflow() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let waited = tokio::time::timeout(Duration::from_millis(200), store.wait_for_messages(Duration::MAX)).await;
+    assert!(waited.is_err(), "nothing committed: it waits, without panicking");
+    assert!(store.claim(10, Duration::MAX).await.expect("claim").is_empty());
+    let _ = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    let claimed = store.claim(10, Duration::MAX).await.expect("claim");
+    assert_eq!(claimed.len(), 1, "handed over under the endless lease");
+}
+
 /// An outbox row another tool wrote badly does not hold back the rows
 /// claimed with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
