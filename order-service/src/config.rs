@@ -120,19 +120,23 @@ impl SecretUrl {
 
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let url = &self.0;
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-            return f.write_str("<redacted>");
+        // The user's password masked as saga-amqp masks the broker's (up to
+        // the last `@`, so an unescaped `/`, `?` or `#` in it does not end
+        // the part masked), then a `password` parameter, which PostgreSQL's
+        // URLs take as well.
+        let shown = saga_amqp::RedactedUrl(&self.0).to_string();
+        let Some((base, query)) = shown.split_once('?') else {
+            return f.write_str(&shown);
         };
-        let rest = &url[scheme_end..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        match rest[..authority_end].rfind('@') {
-            Some(at) => {
-                let user = rest[..at].split(':').next().unwrap_or_default();
-                write!(f, "{}{user}:***{}", &url[..scheme_end], &rest[at..])
+        f.write_str(base)?;
+        for (index, parameter) in query.split('&').enumerate() {
+            f.write_str(if index == 0 { "?" } else { "&" })?;
+            match parameter.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => write!(f, "{name}=***")?,
+                _ => f.write_str(parameter)?,
             }
-            None => f.write_str(url),
         }
+        Ok(())
     }
 }
 
@@ -665,6 +669,21 @@ mod tests {
         assert_eq!(
             SecretUrl("amqp://mq:5672/%2f".to_owned()).to_string(),
             "amqp://mq:5672/%2f"
+        );
+        // A password with an unescaped `/`, `?` or `#`, or given as a parameter.
+        for url in [
+            "postgres://orders:hun/ter2@db:5432/orders",
+            "postgres://orders:hun?ter2@db:5432/orders",
+            "postgres://orders:hun#ter2@db:5432/orders",
+            "postgres://orders@db:5432/orders?sslmode=require&password=hunter2",
+            "postgres://orders@db:5432/orders?PASSWORD=hunter2#frag",
+        ] {
+            let shown = SecretUrl(url.to_owned()).to_string();
+            assert!(!shown.contains("ter2"), "{url} shows as {shown}");
+        }
+        assert_eq!(
+            SecretUrl("postgres://orders@db/orders?sslmode=require&password=hunter2".to_owned()).to_string(),
+            "postgres://orders@db/orders?sslmode=require&password=***"
         );
     }
 
