@@ -123,11 +123,17 @@ impl Orders {
                 tracing::info!(order_id = %id, user_id = %order.user_id, total = %order.total, "order placed");
                 Ok(order)
             }
-            Err(EngineError::AlreadyStarted { .. }) if idempotency_key.is_some() => {
-                let existing =
-                    self.repository.get(id).await?.ok_or_else(|| {
-                        OrderError::Internal(format!("order {id} has a saga but no order row").into())
-                    })?;
+            // A retry: the saga exists, or only its order does (retention
+            // purged the finished saga, and the order row refused the new one).
+            Err(error @ (EngineError::AlreadyStarted { .. } | EngineError::Store(_))) if idempotency_key.is_some() => {
+                let Some(existing) = self.repository.get(id).await? else {
+                    return Err(match error {
+                        EngineError::AlreadyStarted { .. } => {
+                            OrderError::Internal(format!("order {id} has a saga but no order row").into())
+                        }
+                        error => error.into(),
+                    });
+                };
                 if existing.user_id != order.user_id || existing.items != order.items {
                     return Err(OrderError::IdempotencyKeyReused);
                 }

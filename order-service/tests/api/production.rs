@@ -373,7 +373,10 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
     app.wait_until_serving(START_BACKENDS).await;
     platform.start_stock(Stock::Platform);
 
-    let order = app.place_order("alice", basket("apple")).await.expect("placed");
+    let order = app
+        .place_order_with_key("alice", "purged-1", basket("apple"))
+        .await
+        .expect("placed");
     assert_eq!(
         app.wait_until_decided(&order.id, "alice").await.status(),
         OrderStatus::Confirmed
@@ -395,6 +398,14 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A retry under the same idempotency key returns the order as it stands
+    // and starts nothing, though its saga is gone.
+    let retry = app
+        .place_order_with_key("alice", "purged-1", basket("apple"))
+        .await
+        .expect("the retry is answered");
+    assert_eq!(retry.id, order.id);
+    assert_eq!(retry.status(), OrderStatus::Confirmed);
     // The order itself is never purged, and a reply for its purged saga
     // (a contradicting one, under a new id) changes nothing.
     platform.reply(&order.id, false, MessageId::new()).await;
