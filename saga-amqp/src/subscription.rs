@@ -375,9 +375,9 @@ impl Settle for AmqpSettle {
 impl Drop for AmqpSettle {
     fn drop(&mut self) {
         // Dropped unsettled (the handler panicked or was cancelled, or its
-        // settling was): give it back now rather than when the channel closes. Without a runtime it
-        // stays open in the ack window, and later acks of the channel go
-        // alone: slower, still right.
+        // settling was): give it back now rather than when the channel
+        // closes. Without a runtime it stays open in the ack window, and
+        // later acks of the channel go alone: slower, still right.
         if let Some(acker) = self.acker.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
