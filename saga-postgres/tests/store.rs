@@ -1576,17 +1576,22 @@ async fn transitions_share_statements_and_a_losing_one_writes_nothing(staging: S
 /// The hand-off check of shared statements: a saga's next message is handed
 /// to the relay behind one marked sent, or one published and waiting to be
 /// marked; behind one still unsent it is left to claims.
+///
+/// The replies behind unsent messages go last: a commit that leaves a
+/// message to claims has the marks written at once, and then the published
+/// ones would be handed off as sent, not as waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
     let db = TestDb::new().await;
     let config = PostgresStoreConfig {
         commits_in_flight: 1,
-        mark_delay: Duration::from_secs(2),
+        // Far longer than the replies take; the last ones cut it short.
+        mark_delay: Duration::from_secs(30),
         ..PostgresStoreConfig::default()
     };
     let store = db.store_with(8, config).await;
     let pool = store.pool().clone();
-    let lease = Duration::from_secs(30);
+    let lease = Duration::from_secs(60);
     assert!(
         store.claim(64, lease).await.expect("claim").is_empty(),
         "a relay is attached"
@@ -1626,13 +1631,16 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!marking.is_finished(), "marking waits for its delay");
 
+    let reply_to_all = |sagas: &[SagaInstance]| {
+        let mut replies = tokio::task::JoinSet::new();
+        for instance in sagas {
+            let (store, instance) = (store.clone(), instance.clone());
+            replies.spawn(async move { engine_transition(&store, &instance, &MessageId::new()).await });
+        }
+        replies.join_all()
+    };
     let before = store.commit_batching();
-    let mut replies = tokio::task::JoinSet::new();
-    for instance in &instances {
-        let (store, instance) = (store.clone(), instance.clone());
-        replies.spawn(async move { engine_transition(&store, &instance, &MessageId::new()).await });
-    }
-    let decided = replies.join_all().await;
+    let decided = reply_to_all(&instances[..12]).await;
     assert!(decided.iter().all(Result::is_ok), "{decided:?}");
     assert!(
         store.commit_batching().batched_transitions > before.batched_transitions,
@@ -1642,6 +1650,8 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
         !marking.is_finished(),
         "the published ones were still waiting to be marked"
     );
+    let decided = reply_to_all(&instances[12..]).await;
+    assert!(decided.iter().all(Result::is_ok), "{decided:?}");
 
     let newest: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
         "SELECT DISTINCT ON (saga_id) saga_id, claimed_until IS NOT NULL FROM saga_outbox ORDER BY saga_id, id DESC",
