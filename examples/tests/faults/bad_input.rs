@@ -358,7 +358,8 @@ const BROKEN_COPIES: i32 = 300;
 async fn corrupt_saga_rows_are_reported_and_block_no_other_saga() {
     let scenario = Scenario::new("8c. corrupt saga rows", "corrupt_rows").await;
     declare_probes(&scenario.amqp_url).await;
-    let mut service = OrderService::start(&scenario, "order-service", "3s").await;
+    // Long enough for the answered orders' replies on a busy machine.
+    let mut service = OrderService::start(&scenario, "order-service", "8s").await;
     let publisher = RawPublisher::connect(&scenario.amqp_url).await;
 
     // Placed first, so their deadlines come first in every scan.

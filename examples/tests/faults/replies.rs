@@ -83,7 +83,9 @@ async fn duplicate_reordered_contradicting_late_and_unknown_replies_decide_once(
     )
     .await;
     declare_probes(&scenario.amqp_url).await;
-    let service = OrderService::start(&scenario, "order-service", "4s").await;
+    // Long enough for every answered order's replies to come in time on a
+    // busy machine; the late ones wait for it.
+    let service = OrderService::start(&scenario, "order-service", "10s").await;
     let replies = RawPublisher::connect(&scenario.amqp_url).await;
     let mut published = 0usize;
 
