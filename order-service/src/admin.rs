@@ -36,6 +36,7 @@ pub mod proto {
     //! (clients included, for `sagactl` and tests).
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("saga.admin.v1");
+    include!(concat!(env!("OUT_DIR"), "/clients/saga.admin.v1.rs"));
 
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("saga_admin_descriptor");

@@ -15,6 +15,9 @@ use crate::proto;
 use crate::proto::order_service_server::{OrderService, OrderServiceServer};
 use crate::telemetry;
 
+mod codec;
+pub use codec::{RequestCodec, RequestDecoder};
+
 /// The request metadata entry that makes `CreateOrder` idempotent.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 

@@ -21,6 +21,7 @@ pub mod proto {
     //! included, for tests and tools).
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("order");
+    include!(concat!(env!("OUT_DIR"), "/clients/order.rs"));
 
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("order_descriptor");

@@ -104,3 +104,114 @@ async fn a_rejected_request_stores_nothing() {
         .expect("the key is still unused");
     assert_eq!(placed.total_price, 1.0);
 }
+
+/// `CreateOrderRequest` and `GetOrderRequest` as they are on the wire
+/// (protobuf strings are length-delimited bytes), so a test can send
+/// strings that are not UTF-8.
+mod wire {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CreateOrder {
+        #[prost(bytes = "vec", tag = "1")]
+        pub user_id: Vec<u8>,
+        #[prost(message, repeated, tag = "2")]
+        pub items: Vec<Item>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Item {
+        #[prost(bytes = "vec", tag = "1")]
+        pub product_id: Vec<u8>,
+        #[prost(int32, tag = "2")]
+        pub quantity: i32,
+        #[prost(double, tag = "3")]
+        pub price: f64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GetOrder {
+        #[prost(bytes = "vec", tag = "1")]
+        pub order_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub user_id: Vec<u8>,
+    }
+}
+
+/// Sends `request` to `method` of `order.OrderService`.
+async fn call_raw<T, U>(app: &crate::helpers::TestApp, method: &'static str, request: T) -> Result<U, tonic::Status>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.expect("the channel is ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    grpc.unary(Request::new(request), path, tonic_prost::ProstCodec::default())
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_string_that_is_not_utf8_is_rejected_naming_the_field() {
+    let app = spawn_app().await;
+    let not_utf8 = vec![b'a', 0xff, 0xfe];
+    let item = |product_id: &[u8]| wire::Item {
+        product_id: product_id.to_vec(),
+        quantity: 1,
+        price: 1.0,
+    };
+    let create = "/order.OrderService/CreateOrder";
+    let cases = [
+        (
+            "user id",
+            wire::CreateOrder {
+                user_id: not_utf8.clone(),
+                items: vec![item(b"apple")],
+            },
+            "user_id",
+        ),
+        (
+            "product id",
+            wire::CreateOrder {
+                user_id: b"alice".to_vec(),
+                items: vec![item(b"apple"), item(&not_utf8)],
+            },
+            "product_id",
+        ),
+    ];
+    for (case, request, field) in cases {
+        let status = call_raw::<_, order_service::proto::CreateOrderResponse>(&app, create, request)
+            .await
+            .expect_err(case);
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+        assert!(
+            status.message().contains(field),
+            "{case}: expected the message to name `{field}`, got `{}`",
+            status.message()
+        );
+    }
+    let status = call_raw::<_, order_service::proto::GetOrderResponse>(
+        &app,
+        "/order.OrderService/GetOrder",
+        wire::GetOrder {
+            order_id: not_utf8.clone(),
+            user_id: b"alice".to_vec(),
+        },
+    )
+    .await
+    .expect_err("a read");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("order_id"), "{}", status.message());
+
+    // The same bytes as UTF-8 go through: the codec refused only the encoding.
+    let placed: order_service::proto::CreateOrderResponse = call_raw(
+        &app,
+        create,
+        wire::CreateOrder {
+            user_id: b"alice".to_vec(),
+            items: vec![item(b"apple")],
+        },
+    )
+    .await
+    .expect("a valid order in the same wire form");
+    assert!(placed.order.is_some_and(|order| order.user_id == "alice"));
+}
