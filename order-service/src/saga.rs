@@ -35,6 +35,26 @@ pub const NO_STOCK_REPLY: &str = "no stock reservation reply before the deadline
 /// Why an order is cancelled when the product service said no without a reason.
 pub const OUT_OF_STOCK: &str = "out of stock";
 
+/// The longest refusal reason kept, in bytes: it is stored in the saga's
+/// data and history and republished in `OrderCancelled`, and the product
+/// service is another party.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `reason` cut to [`MAX_REASON_BYTES`] at a character boundary, ending in
+/// `…` when cut.
+fn bounded(mut reason: String) -> String {
+    const CUT: &str = "…";
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - CUT.len();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str(CUT);
+    }
+    reason
+}
+
 /// What the order saga carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderSagaData {
@@ -128,7 +148,7 @@ pub fn order_saga(config: &OrderSagaConfig) -> Result<SagaDefinition<OrderSagaDa
                         let reason = result
                             .reason
                             .filter(|r| !r.trim().is_empty())
-                            .unwrap_or_else(|| OUT_OF_STOCK.to_owned());
+                            .map_or_else(|| OUT_OF_STOCK.to_owned(), bounded);
                         data.cancel_reason = Some(reason.clone());
                         ReplyOutcome::Failure(reason)
                     }
@@ -237,6 +257,33 @@ mod tests {
         assert_eq!(
             body(&test, 1),
             json!({"order_id": order.id.to_string(), "user_id": "alice", "reason": "pear: only 0 left"})
+        );
+    }
+
+    #[test]
+    fn a_long_refusal_reason_is_cut_where_it_is_kept_and_sent() {
+        let (mut test, order) = started();
+        // Multi-byte characters, so a cut by bytes alone would split one.
+        let reason = "é".repeat(MAX_REASON_BYTES);
+        test.reply(STOCK_UPDATE_RESULT, &result(&order, false, Some(&reason)))
+            .expect("handled");
+        assert_eq!(test.status(), SagaStatus::Compensated);
+        let sent = body(&test, 1)["reason"].as_str().map(str::to_owned).unwrap_or_default();
+        let kept = test.data().cancel_reason.unwrap_or_default();
+        let noted = test.history().iter().filter_map(|t| t.note.clone()).collect::<Vec<_>>();
+        for (what, text) in [("sent", &sent), ("kept", &kept)] {
+            assert!(text.len() <= MAX_REASON_BYTES, "{what}: {} bytes", text.len());
+            assert!(text.starts_with("éé") && text.ends_with('…'), "{what}: {text}");
+        }
+        assert!(
+            noted.iter().all(|note| note.len() <= MAX_REASON_BYTES + 100),
+            "the history notes the cut reason: {:?}",
+            noted.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            bounded("pear: only 0 left".to_owned()),
+            "pear: only 0 left",
+            "short ones stay"
         );
     }
 
