@@ -12,7 +12,8 @@ pub struct AmqpConfig {
     /// `amqp://` or `amqps://` URL, with credentials and an escaped vhost
     /// (`%2f` for `/`). Never logged as is: see [`AmqpConfig::redacted_url`].
     pub url: String,
-    /// The connection name shown by the broker (`rabbitmqctl list_connections`).
+    /// The connections' name shown by the broker (`rabbitmqctl list_connections`),
+    /// followed by ` (publishing)` or ` (consuming)`.
     pub connection_name: String,
     /// Unacknowledged deliveries each subscription may hold (`basic.qos`).
     pub prefetch: u16,

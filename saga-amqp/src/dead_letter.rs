@@ -148,7 +148,7 @@ impl<'a> DlqChannel<'a> {
     async fn open(shared: &'a Shared, queue: &str) -> Result<Self, TransportError> {
         let dlq = topology::dlq(queue);
         let name = short(&dlq, "queue name").map_err(|_| TransportError::UnknownAddress(dlq.clone()))?;
-        let channel = shared.link.channel(Wait::No).await?;
+        let channel = shared.consuming.channel(Wait::No).await?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -210,7 +210,7 @@ impl<'a> DlqChannel<'a> {
 
     /// Ready messages in the queue now, counted on a channel of its own.
     async fn ready(&self) -> Result<usize, TransportError> {
-        let channel = self.shared.link.channel(Wait::No).await?;
+        let channel = self.shared.consuming.channel(Wait::No).await?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()

@@ -1,4 +1,4 @@
-//! The connection to the broker: opened on demand, re-opened with backoff
+//! A connection to the broker: opened on demand, re-opened with backoff
 //! after it drops, the topology re-declared each time.
 
 use std::sync::Arc;
@@ -30,8 +30,28 @@ struct State {
     retry_at: Option<Instant>,
 }
 
+/// What a connection is for: publishing and consuming never share one.
+/// Under a resource alarm the broker stops reading from every connection
+/// that publishes, and consumers must go on acking, for queues (and with
+/// them the alarm) to drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Publishing,
+    Consuming,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Publishing => "publishing",
+            Self::Consuming => "consuming",
+        }
+    }
+}
+
 pub(crate) struct Link {
     config: Arc<AmqpConfig>,
+    purpose: Purpose,
     state: Mutex<State>,
     /// Bumped on every new connection, so caches of what was declared on the
     /// previous one are dropped.
@@ -41,10 +61,11 @@ pub(crate) struct Link {
 
 impl Link {
     /// Connects and declares the topology once, reporting why it could not.
-    pub(crate) async fn start(config: Arc<AmqpConfig>) -> Result<Self, AmqpError> {
-        let connection = connect(&config).await?;
+    pub(crate) async fn start(config: Arc<AmqpConfig>, purpose: Purpose) -> Result<Self, AmqpError> {
+        let connection = connect(&config, purpose).await?;
         Ok(Self {
             config,
+            purpose,
             state: Mutex::new(State {
                 connection: Some(Arc::new(connection)),
                 ..State::default()
@@ -86,7 +107,11 @@ impl Link {
                 if connection.status().connected() {
                     return Ok(Arc::clone(connection));
                 }
-                tracing::warn!(url = %self.config.redacted_url(), "connection to the broker lost; reconnecting");
+                tracing::warn!(
+                    url = %self.config.redacted_url(),
+                    purpose = self.purpose.as_str(),
+                    "connection to the broker lost; reconnecting"
+                );
                 state.connection = None;
             }
             if let Some(at) = state.retry_at.filter(|at| *at > Instant::now()) {
@@ -101,11 +126,15 @@ impl Link {
                     () = tokio::time::sleep_until(at) => continue,
                 }
             }
-            match connect(&self.config).await {
+            match connect(&self.config, self.purpose).await {
                 Ok(connection) => {
                     let connection = Arc::new(connection);
                     if state.failures > 0 {
-                        tracing::info!(url = %self.config.redacted_url(), "reconnected to the broker");
+                        tracing::info!(
+                            url = %self.config.redacted_url(),
+                            purpose = self.purpose.as_str(),
+                            "reconnected to the broker"
+                        );
                     }
                     state.failures = 0;
                     state.retry_at = None;
@@ -117,7 +146,12 @@ impl Link {
                     state.failures = state.failures.saturating_add(1);
                     let backoff = self.config.reconnect.backoff(state.failures);
                     state.retry_at = Some(Instant::now() + backoff);
-                    tracing::warn!(error = %error, ?backoff, "reconnecting to the broker failed");
+                    tracing::warn!(
+                        error = %error,
+                        ?backoff,
+                        purpose = self.purpose.as_str(),
+                        "reconnecting to the broker failed"
+                    );
                     if wait == Wait::No {
                         return Err(error.into());
                     }
@@ -171,9 +205,10 @@ impl Link {
 }
 
 /// Opens a connection and declares the topology on it.
-async fn connect(config: &AmqpConfig) -> Result<Connection, AmqpError> {
+async fn connect(config: &AmqpConfig, purpose: Purpose) -> Result<Connection, AmqpError> {
     let attempt = async {
-        let properties = ConnectionProperties::default().with_connection_name(config.connection_name.as_str().into());
+        let name = format!("{} ({})", config.connection_name, purpose.as_str());
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
         // Parsed here so that a parse error, which quotes the URL, is never shown.
         let uri = config.url.parse::<AMQPUri>().map_err(|_| {
             AmqpError::InvalidConfig(format!(
@@ -216,7 +251,11 @@ mod tests {
         // The unescaped `/` ends the authority early: the URL does not parse,
         // and the parser's own message would quote it whole.
         let config = AmqpConfig::new("amqp://app:se/cret@127.0.0.1:5672/%2f", Topology::new());
-        let error = connect(&config).await.err().map(|e| e.to_string()).unwrap_or_default();
+        let error = connect(&config, Purpose::Publishing)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("does not parse"), "{error}");
         assert!(!error.contains("cret"), "the password shows: {error}");
     }

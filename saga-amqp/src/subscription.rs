@@ -26,7 +26,10 @@ use crate::topology::{self, DLQ_SUFFIX};
 /// What subscriptions and settlements share with the transport.
 pub(crate) struct Shared {
     pub(crate) config: Arc<AmqpConfig>,
-    pub(crate) link: Arc<Link>,
+    /// The connection that consumes (and browses dead letters).
+    pub(crate) consuming: Arc<Link>,
+    /// The connection that publishes, and declares what is published to.
+    pub(crate) publishing_link: Arc<Link>,
     pub(crate) publishing: Publishing,
     /// Queues declared on demand on the current connection (generation,
     /// names): delay queues, and the dead-letter queues of queues the
@@ -39,10 +42,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Arc<AmqpConfig>, link: Arc<Link>, publishing: Publishing) -> Self {
+    pub(crate) fn new(config: Arc<AmqpConfig>, consuming: Arc<Link>, publishing_link: Arc<Link>) -> Self {
+        let declared: Vec<String> = config.topology.exchanges.iter().map(|e| e.name.clone()).collect();
+        let publishing = Publishing::new(
+            Arc::clone(&publishing_link),
+            config.operation_timeout,
+            config.publisher_channels,
+            config.max_confirms_in_flight,
+            &declared,
+        );
         Self {
             config,
-            link,
+            consuming,
+            publishing_link,
             publishing,
             declared: Mutex::new((0, HashSet::new())),
             all_retry_queues: Mutex::new(HashSet::new()),
@@ -75,14 +87,14 @@ impl Shared {
 
     /// Declares the durable queue `name` once per connection.
     async fn ensure_declared(&self, name: &str, arguments: FieldTable) -> Result<(), TransportError> {
-        let generation = self.link.generation();
+        let generation = self.publishing_link.generation();
         {
             let declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
             if declared.0 == generation && declared.1.contains(name) {
                 return Ok(());
             }
         }
-        let channel = self.link.channel(Wait::No).await?;
+        let channel = self.publishing_link.channel(Wait::No).await?;
         let limit = self.config.operation_timeout;
         tokio::time::timeout(limit, topology::declare_queue(&channel, name, true, arguments))
             .await
@@ -111,7 +123,7 @@ pub(crate) struct Consuming {
 /// subscription's; closing it requeues what was not acked).
 pub(crate) async fn consume(shared: &Shared, queue: &str, wait: Wait) -> Result<Consuming, TransportError> {
     let name = short(queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.to_owned()))?;
-    let channel = shared.link.channel(wait).await?;
+    let channel = shared.consuming.channel(wait).await?;
     let limit = shared.config.operation_timeout;
     within(
         limit,
@@ -145,7 +157,7 @@ pub(crate) struct AmqpSubscription {
 #[async_trait]
 impl Subscription for AmqpSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, TransportError>> {
-        let closed = self.shared.link.closed().clone();
+        let closed = self.shared.consuming.closed().clone();
         let current = match &mut self.current {
             Some(current) => current,
             None => {

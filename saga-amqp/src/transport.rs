@@ -9,9 +9,8 @@ use saga_core::{Message, Publisher, Subscriber, Subscription, TransportError};
 use crate::acks::AcksSent;
 use crate::config::{AmqpConfig, RoutingKey};
 use crate::error::{AmqpError, short, unavailable, within};
-use crate::link::{Link, Wait};
+use crate::link::{Link, Purpose, Wait};
 use crate::mapping;
-use crate::publisher::Publishing;
 use crate::subscription::{AmqpSubscription, Shared, consume};
 use crate::topology;
 use crate::trace;
@@ -33,10 +32,13 @@ use crate::trace;
 ///   delivery of their channel is open ([`acks_sent`](Self::acks_sent)).
 /// - **Dead letters**: browsed and replayed to where they were first
 ///   published through [`DeadLetterQueue`](saga_core::DeadLetterQueue).
+/// - **Connections**: two, one publishing and one consuming. Under a
+///   resource alarm the broker stops reading from connections that publish,
+///   and consumers must go on acking for the queues (and the alarm) to drain.
 /// - **Reconnects**: a dropped connection is re-opened with backoff and the
 ///   topology declared again; subscriptions report the error once and go on.
 ///
-/// Cheap to clone; clones share the connection.
+/// Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct AmqpTransport {
     shared: Arc<Shared>,
@@ -60,18 +62,11 @@ impl AmqpTransport {
             ));
         }
         let config = Arc::new(config);
-        let link = Arc::new(Link::start(Arc::clone(&config)).await?);
-        let declared: Vec<String> = config.topology.exchanges.iter().map(|e| e.name.clone()).collect();
-        let publishing = Publishing::new(
-            Arc::clone(&link),
-            config.operation_timeout,
-            config.publisher_channels,
-            config.max_confirms_in_flight,
-            &declared,
-        );
+        let publishing = Arc::new(Link::start(Arc::clone(&config), Purpose::Publishing).await?);
+        let consuming = Arc::new(Link::start(Arc::clone(&config), Purpose::Consuming).await?);
         tracing::info!(url = %config.redacted_url(), "connected to the broker");
         Ok(Self {
-            shared: Arc::new(Shared::new(config, link, publishing)),
+            shared: Arc::new(Shared::new(config, consuming, publishing)),
         })
     }
 
@@ -93,23 +88,23 @@ impl AmqpTransport {
         &self.shared.config
     }
 
-    /// Whether the connection is up right now (it reconnects on demand).
+    /// Whether both connections are up right now (they reconnect on demand).
     pub fn is_connected(&self) -> bool {
-        self.shared.link.is_connected()
+        self.shared.publishing_link.is_connected() && self.shared.consuming.is_connected()
     }
 
     /// Graceful shutdown: subscriptions end (their `next` returns `None`),
-    /// publishing fails with [`TransportError::Closed`], and the connection
-    /// closes. Unacked deliveries go back to their queues.
+    /// publishing fails with [`TransportError::Closed`], and the connections
+    /// close. Unacked deliveries go back to their queues.
     pub async fn close(&self) {
         self.shared.publishing.close();
-        self.shared.link.close().await;
+        tokio::join!(self.shared.consuming.close(), self.shared.publishing_link.close());
     }
 
     /// Deletes the configured exchanges and queues, their `.dlq` and every
     /// delay queue this transport declared. For tests and tools.
     pub async fn delete_topology(&self) -> Result<(), TransportError> {
-        let channel = self.shared.link.channel(Wait::No).await?;
+        let channel = self.shared.publishing_link.channel(Wait::No).await?;
         let topology = &self.shared.config.topology;
         let timeout = self.shared.config.operation_timeout;
         let mut queues: Vec<String> = Vec::new();
