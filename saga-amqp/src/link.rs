@@ -210,12 +210,13 @@ async fn connect(config: &AmqpConfig, purpose: Purpose) -> Result<Connection, Am
         let name = format!("{} ({})", config.connection_name, purpose.as_str());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         // Parsed here so that a parse error, which quotes the URL, is never shown.
-        let uri = config.url.parse::<AMQPUri>().map_err(|_| {
+        let mut uri = config.url.parse::<AMQPUri>().map_err(|_| {
             AmqpError::InvalidConfig(format!(
                 "the broker URL {} does not parse (percent-encode special characters in the user name and password)",
                 config.redacted_url()
             ))
         })?;
+        uri.query.frame_max.get_or_insert(config.frame_max);
         let connection = Connection::connect_uri(uri, properties)
             .await
             .map_err(|source| AmqpError::Unavailable {

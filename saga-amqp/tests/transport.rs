@@ -833,3 +833,43 @@ async fn amqps_urls_speak_tls() {
         "{shown}"
     );
 }
+
+/// Both connections propose `frame_max` (lapin's buffers are 32 frames each
+/// way), and a message many frames long still crosses whole.
+#[tokio::test]
+async fn connections_use_the_configured_frame_size_and_large_messages_cross_whole() {
+    let name = broker::unique("frames");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.frame_max = 8 * 1024;
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&format!("{name}.queue")).await.expect("subscribed");
+
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "--no-table-headers",
+            "list_connections",
+            "frame_max",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl runs (the tests run as root next to the broker)");
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    let frames: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(&name))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(frames, ["8192", "8192"], "publishing and consuming:\n{listing}");
+
+    let payload: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    transport
+        .publish(&Message::new("Large", name.clone(), payload.clone()))
+        .await
+        .expect("published in 26 frames");
+    let delivery = next(&mut subscription, "the large message").await;
+    assert!(delivery.message.payload == payload, "the body crossed whole");
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
+    broker::clean_up(&transport).await;
+}
