@@ -42,17 +42,8 @@ pub const MAX_REASON_BYTES: usize = 1024;
 
 /// `reason` cut to [`MAX_REASON_BYTES`] at a character boundary, ending in
 /// `…` when cut.
-fn bounded(mut reason: String) -> String {
-    const CUT: &str = "…";
-    if reason.len() > MAX_REASON_BYTES {
-        let mut end = MAX_REASON_BYTES - CUT.len();
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-        reason.push_str(CUT);
-    }
-    reason
+fn bounded(reason: String) -> String {
+    saga_core::shortened(reason, MAX_REASON_BYTES)
 }
 
 /// What the order saga carries.

@@ -24,12 +24,16 @@ pub struct AmqpConfig {
     pub max_confirms_in_flight: usize,
     /// The queue type of configured queues that do not name one.
     pub queue_type: QueueType,
-    /// The largest frame proposed to the broker, in bytes (a `frame_max` in
-    /// the URL's query wins). lapin keeps 32 frames of buffer each way per
-    /// connection, so this sets the transport's memory: 2 MiB a connection
-    /// at the default 32 KiB, 8 MiB at RabbitMQ's 128 KiB. Larger messages
-    /// go in more frames.
-    pub frame_max: u32,
+    /// A largest frame to propose to the broker, in bytes; `None` (the
+    /// default) takes the broker's (RabbitMQ: 128 KiB). A `frame_max` in the
+    /// URL's query wins. lapin keeps 32 frames of buffer each way per
+    /// connection, so this sets the transport's memory: 8 MiB a connection
+    /// at 128 KiB, 2 MiB at 32 KiB. Bodies of any size go in more frames,
+    /// but a message's properties and headers must fit in one: lower it only
+    /// when every publisher to the consumed queues keeps its headers below
+    /// it, or a delivery with larger ones closes the connection each time
+    /// it comes.
+    pub frame_max: Option<u32>,
     /// Backoff between reconnection attempts.
     pub reconnect: ReconnectConfig,
     /// How long one broker operation (opening a channel, a declaration, a
@@ -40,9 +44,6 @@ pub struct AmqpConfig {
     pub topology: Topology,
 }
 
-/// [`AmqpConfig::frame_max`]'s default: 32 KiB.
-pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
-
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
@@ -52,7 +53,7 @@ impl Default for AmqpConfig {
             publisher_channels: 4,
             max_confirms_in_flight: 4096,
             queue_type: QueueType::Classic,
-            frame_max: DEFAULT_FRAME_MAX,
+            frame_max: None,
             reconnect: ReconnectConfig::default(),
             operation_timeout: Duration::from_secs(30),
             topology: Topology::default(),

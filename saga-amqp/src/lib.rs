@@ -14,8 +14,8 @@ mod transport;
 
 pub use acks::AcksSent;
 pub use config::{
-    AmqpConfig, BindingConfig, DEFAULT_FRAME_MAX, ExchangeConfig, ExchangeKind, QueueConfig, QueueType,
-    ReconnectConfig, RedactedUrl, RoutingKey, Topology,
+    AmqpConfig, BindingConfig, ExchangeConfig, ExchangeKind, QueueConfig, QueueType, ReconnectConfig, RedactedUrl,
+    RoutingKey, Topology,
 };
 pub use error::AmqpError;
 pub use mapping::{DESTINATION_HEADER, RETRIES_HEADER, ROUTING_KEY_HEADER, content_id};

@@ -216,7 +216,9 @@ async fn connect(config: &AmqpConfig, purpose: Purpose) -> Result<Connection, Am
                 config.redacted_url()
             ))
         })?;
-        uri.query.frame_max.get_or_insert(config.frame_max);
+        if let Some(frame_max) = config.frame_max {
+            uri.query.frame_max.get_or_insert(frame_max);
+        }
         let connection = Connection::connect_uri(uri, properties)
             .await
             .map_err(|source| AmqpError::Unavailable {

@@ -834,13 +834,13 @@ async fn amqps_urls_speak_tls() {
     );
 }
 
-/// Both connections propose `frame_max` (lapin's buffers are 32 frames each
-/// way), and a message many frames long still crosses whole.
+/// Both connections propose a configured `frame_max` (lapin's buffers are
+/// 32 frames each way), and a body many frames long still crosses whole.
 #[tokio::test]
 async fn connections_use_the_configured_frame_size_and_large_messages_cross_whole() {
     let name = broker::unique("frames");
     let mut config = broker::config(&name, QueueType::Classic);
-    config.frame_max = 8 * 1024;
+    config.frame_max = Some(8 * 1024);
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&format!("{name}.queue")).await.expect("subscribed");
 

@@ -67,9 +67,30 @@ impl ConsumerConfig {
 
 /// What to do with a delivery after its handler returned `result`.
 ///
+/// The longest dead-letter reason, in bytes. It travels as a header, and an
+/// error can quote what a message carried (an unknown key of any length);
+/// a transport's headers must fit in one frame.
+pub const MAX_DEAD_LETTER_REASON_BYTES: usize = 1024;
+
+/// `text` cut to at most `max_bytes` at a character boundary, ending in `…`
+/// when cut (`max_bytes` of at least 3 bytes, the ellipsis's length).
+pub fn shortened(mut text: String, max_bytes: usize) -> String {
+    const CUT: &str = "…";
+    if text.len() > max_bytes {
+        let mut end = max_bytes.saturating_sub(CUT.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(CUT);
+    }
+    text
+}
+
 /// Success → ack. A retryable error with attempts left → retry after backoff.
 /// Anything else (undecodable, unknown saga, out of attempts) → dead-letter
-/// with the error as the reason. Nothing is dropped.
+/// with the error as the reason (at most [`MAX_DEAD_LETTER_REASON_BYTES`]).
+/// Nothing is dropped.
 pub fn settlement_for(result: &Result<(), EngineError>, retries: u32, policy: &RetryPolicy) -> Settlement {
     match result {
         Ok(()) => Settlement::Ack,
@@ -81,11 +102,14 @@ pub fn settlement_for(result: &Result<(), EngineError>, retries: u32, policy: &R
                 }
             } else if error.is_retryable() {
                 Settlement::DeadLetter {
-                    reason: format!("gave up after {attempts_made} attempts: {error}"),
+                    reason: shortened(
+                        format!("gave up after {attempts_made} attempts: {error}"),
+                        MAX_DEAD_LETTER_REASON_BYTES,
+                    ),
                 }
             } else {
                 Settlement::DeadLetter {
-                    reason: error.to_string(),
+                    reason: shortened(error.to_string(), MAX_DEAD_LETTER_REASON_BYTES),
                 }
             }
         }
@@ -232,5 +256,20 @@ mod tests {
         assert!(
             matches!(settlement_for(&unknown, 0, &policy), Settlement::DeadLetter { reason } if reason.contains("`X`"))
         );
+    }
+
+    #[test]
+    fn a_dead_letter_reason_quoting_a_huge_value_is_cut() {
+        // Multi-byte characters, so a cut by bytes alone would split one.
+        let unknown = Err(EngineError::UnhandledKind {
+            kind: "é".repeat(40_000),
+        });
+        let Settlement::DeadLetter { reason } = settlement_for(&unknown, 0, &RetryPolicy::attempts(3)) else {
+            panic!("dead-lettered");
+        };
+        assert!(reason.len() <= MAX_DEAD_LETTER_REASON_BYTES, "{} bytes", reason.len());
+        assert!(reason.contains("éé") && reason.ends_with('…'), "{reason}");
+        assert_eq!(shortened("short".to_owned(), 10), "short", "short ones stay");
+        assert_eq!(shortened("abcdef".to_owned(), 4), "a…");
     }
 }

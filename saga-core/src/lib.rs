@@ -24,7 +24,7 @@ pub mod memory;
 pub mod testkit;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use consumer::{Consumer, ConsumerConfig, MessageHandler, settlement_for};
+pub use consumer::{Consumer, ConsumerConfig, MAX_DEAD_LETTER_REASON_BYTES, MessageHandler, settlement_for, shortened};
 pub use dead_letter::{
     DeadLetter, DeadLetterPage, DeadLetterQueue, Origin, ReplayFailure, ReplayReport, ReplaySelection,
 };
