@@ -9,7 +9,6 @@
 #[path = "support/broker.rs"]
 mod broker;
 
-use std::process::Command;
 use std::time::Duration;
 
 use saga_amqp::QueueType;
@@ -17,21 +16,6 @@ use saga_core::{Message, Publisher, Settlement, Subscriber};
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// `rabbitmqctl` with `args`, its output; fails the test saying what is needed.
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("`rabbitmqctl` did not run ({e}): this test needs it on PATH, as root"));
-    assert!(
-        output.status.success(),
-        "`rabbitmqctl {}` failed (run the tests as root, with the local broker): {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// A memory alarm for as long as it lives: a high watermark of 0 sets it at
 /// once. Dropping it (also when the test panics) puts the watermark back.
@@ -43,28 +27,28 @@ impl MemoryAlarm {
     /// Clears an alarm left by a run of this test killed before it put the
     /// watermark back (no broker runs with 0), with RabbitMQ's default.
     fn clear_leftover() {
-        let current = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        let current = broker::rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
         if current.trim().parse::<f64>().is_ok_and(|w| w == 0.0) {
             eprintln!("the memory watermark was 0, left by an interrupted run; setting RabbitMQ's default, 0.4");
-            rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+            broker::rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
         }
     }
 
     fn raise() -> Self {
-        let current = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        let current = broker::rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
         let watermark = current.trim().to_owned();
         assert!(
             watermark.parse::<f64>().is_ok_and(|w| w > 0.0),
             "the broker's relative memory watermark is `{watermark}`; this test restores only a relative one"
         );
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        broker::rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
         Self { watermark }
     }
 }
 
 impl Drop for MemoryAlarm {
     fn drop(&mut self) {
-        let restored = Command::new("rabbitmqctl")
+        let restored = std::process::Command::new("rabbitmqctl")
             .args(["set_vm_memory_high_watermark", &self.watermark])
             .status();
         if !restored.is_ok_and(|s| s.success()) {
@@ -78,7 +62,7 @@ impl Drop for MemoryAlarm {
 
 /// Messages and unacknowledged deliveries of `queue`, as the broker counts them.
 fn counts(queue: &str) -> Option<(u64, u64)> {
-    let listed = rabbitmqctl(&[
+    let listed = broker::rabbitmqctl(&[
         "list_queues",
         "-q",
         "--no-table-headers",
@@ -93,22 +77,6 @@ fn counts(queue: &str) -> Option<(u64, u64)> {
             (number(), number())
         })
     })
-}
-
-/// The states of the connections named `name` by their client, as the
-/// broker reports them.
-fn connection_states(name: &str) -> Vec<String> {
-    rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "client_properties",
-        "state",
-    ])
-    .lines()
-    .filter(|line| line.contains(name))
-    .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
-    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,11 +99,14 @@ async fn consumers_ack_while_a_memory_alarm_blocks_publishing() {
         tokio::spawn(async move { transport.publish(&message).await })
     };
     let deadline = Instant::now() + WAIT;
-    while !connection_states(&name).iter().any(|state| state == "blocked") {
+    while !broker::connections(&name, "state")
+        .iter()
+        .any(|state| state == "blocked")
+    {
         assert!(
             Instant::now() < deadline,
             "no connection of the transport was blocked: {:?}",
-            connection_states(&name)
+            broker::connections(&name, "state")
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

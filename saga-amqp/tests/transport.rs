@@ -404,29 +404,10 @@ async fn an_unreachable_broker_is_a_retryable_error_without_credentials() {
 /// Closes this test's connections from the broker side, as an operator or a
 /// broker restart would.
 async fn kill_connections(connection_name: &str) {
-    let listed = tokio::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .output()
-        .await
-        .expect("rabbitmqctl runs (the tests run as root next to the broker)");
-    let listing = String::from_utf8_lossy(&listed.stdout);
-    let pids: Vec<&str> = listing
-        .lines()
-        .filter(|line| line.contains(connection_name))
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    assert!(!pids.is_empty(), "no connection named {connection_name} in:\n{listing}");
+    let pids = broker::connections(connection_name, "pid");
+    assert!(!pids.is_empty(), "no connection named {connection_name}");
     for pid in pids {
-        let closed = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "killed by the reconnect test"])
-            .output()
-            .await
-            .expect("rabbitmqctl runs");
-        assert!(
-            closed.status.success(),
-            "closing {pid}: {}",
-            String::from_utf8_lossy(&closed.stderr)
-        );
+        broker::rabbitmqctl(&["close_connection", &pid, "killed by the reconnect test"]);
     }
 }
 
@@ -844,24 +825,8 @@ async fn connections_use_the_configured_frame_size_and_large_messages_cross_whol
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&format!("{name}.queue")).await.expect("subscribed");
 
-    let listed = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "--no-table-headers",
-            "list_connections",
-            "frame_max",
-            "client_properties",
-        ])
-        .output()
-        .await
-        .expect("rabbitmqctl runs (the tests run as root next to the broker)");
-    let listing = String::from_utf8_lossy(&listed.stdout);
-    let frames: Vec<&str> = listing
-        .lines()
-        .filter(|line| line.contains(&name))
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    assert_eq!(frames, ["8192", "8192"], "publishing and consuming:\n{listing}");
+    let frames = broker::connections(&name, "frame_max");
+    assert_eq!(frames, ["8192", "8192"], "publishing and consuming");
 
     let payload: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
     transport

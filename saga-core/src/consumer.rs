@@ -65,8 +65,6 @@ impl ConsumerConfig {
     }
 }
 
-/// What to do with a delivery after its handler returned `result`.
-///
 /// The longest dead-letter reason, in bytes. It travels as a header, and an
 /// error can quote what a message carried (an unknown key of any length);
 /// a transport's headers must fit in one frame.
@@ -87,6 +85,8 @@ pub fn shortened(mut text: String, max_bytes: usize) -> String {
     text
 }
 
+/// What to do with a delivery after its handler returned `result`.
+///
 /// Success → ack. A retryable error with attempts left → retry after backoff.
 /// Anything else (undecodable, unknown saga, out of attempts) → dead-letter
 /// with the error as the reason (at most [`MAX_DEAD_LETTER_REASON_BYTES`]).

@@ -6,10 +6,10 @@ use std::marker::PhantomData;
 
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
-use tonic_prost::{ProstCodec, ProstEncoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
 
-/// [`ProstCodec`] for a server: it encodes responses `T` and decodes
+/// [`tonic_prost::ProstCodec`] for a server: it encodes responses `T` and decodes
 /// requests `U`. The generated servers use it (see `build.rs`); the
 /// clients keep tonic-prost's, for which an undecodable response is the
 /// server's fault.
@@ -33,7 +33,7 @@ where
     type Decoder = RequestDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::default().encoder()
+        ProstEncoder::default()
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -55,9 +55,5 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
         U::decode(buf)
             .map(Some)
             .map_err(|e| Status::invalid_argument(e.to_string()))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
     }
 }

@@ -45,6 +45,38 @@ pub async fn connect(config: AmqpConfig) -> AmqpTransport {
     }
 }
 
+/// `rabbitmqctl` with `args`, its output; fails the test saying what is needed.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("`rabbitmqctl` did not run ({e}): these tests need it on PATH, as root"));
+    assert!(
+        output.status.success(),
+        "`rabbitmqctl {}` failed (run the tests as root, with the local broker): {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `column` of every connection whose client-given name contains `name`
+/// (`rabbitmqctl list_connections`; a column without spaces, such as `pid`,
+/// `state` or `frame_max`).
+pub fn connections(name: &str, column: &str) -> Vec<String> {
+    rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        column,
+        "client_properties",
+    ])
+    .lines()
+    .filter(|line| line.contains(name))
+    .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+    .collect()
+}
+
 /// Deletes what `transport` declared and closes it.
 pub async fn clean_up(transport: &AmqpTransport) {
     if let Err(e) = transport.delete_topology().await {
