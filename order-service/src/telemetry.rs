@@ -213,6 +213,10 @@ impl Publisher for TracedPublisher {
         );
         self.inner.publish(message).instrument(span).await
     }
+
+    fn is_held_back(&self) -> bool {
+        self.inner.is_held_back()
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use (several
@@ -376,5 +380,29 @@ pub fn retention_purged(purged: &saga_postgres::Purged, took: Duration) {
         ("sagas", purged.instances),
     ] {
         metrics::counter!(RETENTION_DELETED, "rows" => rows).increment(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts everything, but its broker holds publishing back.
+    struct HeldBack;
+
+    #[async_trait]
+    impl Publisher for HeldBack {
+        async fn publish(&self, _message: &Message) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn is_held_back(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn tracing_keeps_the_brokers_hold_visible_to_the_relay() {
+        assert!(TracedPublisher::new(Arc::new(HeldBack)).is_held_back());
     }
 }

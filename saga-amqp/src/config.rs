@@ -39,6 +39,9 @@ pub struct AmqpConfig {
     /// How long one broker operation (opening a channel, a declaration, a
     /// publish until its confirm, an ack) may take before it fails as
     /// `Unavailable`: a guard against a connection that dies mid-operation.
+    /// It does not run while the broker blocks the connection under a memory
+    /// or disk alarm: what waits then is sent when the alarm clears, so
+    /// failing it would have it sent twice.
     pub operation_timeout: Duration,
     /// Exchanges, queues and bindings declared at start-up and after every reconnect.
     pub topology: Topology,

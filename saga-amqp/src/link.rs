@@ -1,18 +1,23 @@
 //! A connection to the broker: opened on demand, re-opened with backoff
 //! after it drops, the topology re-declared each time.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, ConnectionStatus};
 use saga_core::{CancellationToken, TransportError};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
-use crate::error::{AmqpError, unavailable, within};
+use crate::error::{AmqpError, unavailable};
 use crate::topology;
+
+/// How often an operation past its time looks whether the broker blocks
+/// its connection (at most; a shorter operation timeout looks sooner).
+const BLOCKED_CHECK: Duration = Duration::from_secs(1);
 
 /// Whether a caller waits out the backoff before the next connection attempt
 /// (a subscription, which has nothing else to do) or fails at once (a
@@ -56,6 +61,10 @@ pub(crate) struct Link {
     /// Bumped on every new connection, so caches of what was declared on the
     /// previous one are dropped.
     generation: AtomicU64,
+    /// The live connection's status, readable without `state`'s lock.
+    status: std::sync::Mutex<Option<ConnectionStatus>>,
+    /// Whether waiting for a blocked connection was reported (and its end not yet).
+    block_reported: AtomicBool,
     closed: CancellationToken,
 }
 
@@ -66,11 +75,13 @@ impl Link {
         Ok(Self {
             config,
             purpose,
+            status: std::sync::Mutex::new(Some(connection.status().clone())),
             state: Mutex::new(State {
                 connection: Some(Arc::new(connection)),
                 ..State::default()
             }),
             generation: AtomicU64::new(1),
+            block_reported: AtomicBool::new(false),
             closed: CancellationToken::new(),
         })
     }
@@ -89,6 +100,57 @@ impl Link {
             .try_lock()
             .map(|state| state.connection.as_ref().is_some_and(|c| c.status().connected()))
             .unwrap_or(false)
+    }
+
+    /// Whether the broker blocks the live connection: it stopped reading
+    /// from it under a memory or disk alarm, and lapin holds back what is
+    /// sent on it until the alarm clears.
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|status| status.connected() && status.blocked())
+    }
+
+    /// Awaits a broker operation on this connection for at most the
+    /// operation timeout, the guard against a connection that died under it,
+    /// except that the time does not run while the broker blocks the
+    /// connection. What was sent then goes out when the alarm clears, so
+    /// giving up and sending again would send a publish, a retry or a dead
+    /// letter twice, once per timeout.
+    pub(crate) async fn within<T>(&self, what: &str, operation: impl Future<Output = T>) -> Result<T, TransportError> {
+        let limit = self.config.operation_timeout;
+        let mut operation = std::pin::pin!(operation);
+        let mut deadline = Instant::now() + limit;
+        let mut waited = false;
+        loop {
+            let look = deadline.min(Instant::now() + BLOCKED_CHECK);
+            if let Ok(done) = tokio::time::timeout_at(look, operation.as_mut()).await {
+                if waited && self.block_reported.swap(false, Ordering::AcqRel) {
+                    tracing::info!(
+                        purpose = self.purpose.as_str(),
+                        "the broker no longer blocks the connection"
+                    );
+                }
+                return Ok(done);
+            }
+            let now = Instant::now();
+            if self.is_blocked() {
+                waited = true;
+                deadline = now + limit;
+                if !self.block_reported.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        purpose = self.purpose.as_str(),
+                        "the broker blocks the connection (a memory or disk alarm); its operations wait for the alarm to clear"
+                    );
+                }
+            } else if now >= deadline {
+                return Err(TransportError::Unavailable(
+                    format!("{what}: no answer from the broker within {limit:?}").into(),
+                ));
+            }
+        }
     }
 
     /// The live connection, reconnecting (and re-declaring the topology) when
@@ -139,6 +201,7 @@ impl Link {
                     state.failures = 0;
                     state.retry_at = None;
                     state.connection = Some(Arc::clone(&connection));
+                    *self.status.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.status().clone());
                     self.generation.fetch_add(1, Ordering::AcqRel);
                     return Ok(connection);
                 }
@@ -163,13 +226,7 @@ impl Link {
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self, wait: Wait) -> Result<Channel, TransportError> {
         let connection = self.connection(wait).await?;
-        match within(
-            self.config.operation_timeout,
-            "opening a channel",
-            connection.create_channel(),
-        )
-        .await
-        {
+        match self.within("opening a channel", connection.create_channel()).await {
             Ok(channel) => channel.map_err(unavailable),
             Err(timed_out) => {
                 // The connection died under the request: do not hand it out again.

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::AMQPSoftError;
@@ -13,12 +12,11 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use saga_core::TransportError;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::error::{short, soft_error, unavailable, within};
+use crate::error::{short, soft_error, unavailable};
 use crate::link::{Link, Wait};
 
 pub(crate) struct Publishing {
     link: Arc<Link>,
-    timeout: Duration,
     channels: Vec<Mutex<Option<Channel>>>,
     next: AtomicUsize,
     in_flight: Semaphore,
@@ -29,19 +27,12 @@ pub(crate) struct Publishing {
 }
 
 impl Publishing {
-    pub(crate) fn new(
-        link: Arc<Link>,
-        timeout: Duration,
-        channels: usize,
-        in_flight: usize,
-        declared: &[String],
-    ) -> Self {
+    pub(crate) fn new(link: Arc<Link>, channels: usize, in_flight: usize, declared: &[String]) -> Self {
         let mut known: HashSet<String> = declared.iter().cloned().collect();
         // The default exchange always exists.
         known.insert(String::new());
         Self {
             link,
-            timeout,
             channels: (0..channels.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             in_flight: Semaphore::new(in_flight.max(1)),
@@ -76,7 +67,7 @@ impl Publishing {
             ..ExchangeDeclareOptions::default()
         };
         let check = channel.exchange_declare(name, lapin::ExchangeKind::Direct, passive, FieldTable::default());
-        match within(self.timeout, "checking an exchange", check).await? {
+        match self.link.within("checking an exchange", check).await? {
             Ok(()) => {
                 self.known_exchanges
                     .write()
@@ -99,13 +90,13 @@ impl Publishing {
             return Ok(channel.clone());
         }
         let channel = self.link.channel(Wait::No).await?;
-        within(
-            self.timeout,
-            "enabling confirms",
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?
-        .map_err(unavailable)?;
+        self.link
+            .within(
+                "enabling confirms",
+                channel.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await?
+            .map_err(unavailable)?;
         *current = Some(channel.clone());
         Ok(channel)
     }
@@ -139,7 +130,9 @@ impl Publishing {
                 .await?
                 .await
         };
-        match within(self.timeout, "publishing", confirmation).await? {
+        // Under a resource alarm this waits for the alarm to clear: lapin sends
+        // the publish then, so failing it would have the caller send it twice.
+        match self.link.within("publishing", confirmation).await? {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(rejected(format!(
                 "unroutable: `{exchange}` has no queue bound for this routing key ({} {})",

@@ -46,7 +46,6 @@ impl Shared {
         let declared: Vec<String> = config.topology.exchanges.iter().map(|e| e.name.clone()).collect();
         let publishing = Publishing::new(
             Arc::clone(&publishing_link),
-            config.operation_timeout,
             config.publisher_channels,
             config.max_confirms_in_flight,
             &declared,
@@ -95,14 +94,12 @@ impl Shared {
             }
         }
         let channel = self.publishing_link.channel(Wait::No).await?;
-        let limit = self.config.operation_timeout;
-        tokio::time::timeout(limit, topology::declare_queue(&channel, name, true, arguments))
-            .await
-            .map_err(|_| {
-                TransportError::Unavailable(
-                    format!("declaring `{name}`: no answer from the broker within {limit:?}").into(),
-                )
-            })??;
+        self.publishing_link
+            .within(
+                &format!("declaring `{name}`"),
+                topology::declare_queue(&channel, name, true, arguments),
+            )
+            .await??;
         let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
         if declared.0 != generation {
             *declared = (generation, HashSet::new());

@@ -8,7 +8,7 @@ use saga_core::{Message, Publisher, Subscriber, Subscription, TransportError};
 
 use crate::acks::AcksSent;
 use crate::config::{AmqpConfig, RoutingKey};
-use crate::error::{AmqpError, short, unavailable, within};
+use crate::error::{AmqpError, short, unavailable};
 use crate::link::{Link, Purpose, Wait};
 use crate::mapping;
 use crate::subscription::{AmqpSubscription, Shared, consume};
@@ -104,9 +104,9 @@ impl AmqpTransport {
     /// Deletes the configured exchanges and queues, their `.dlq` and every
     /// delay queue this transport declared. For tests and tools.
     pub async fn delete_topology(&self) -> Result<(), TransportError> {
-        let channel = self.shared.publishing_link.channel(Wait::No).await?;
+        let link = &self.shared.publishing_link;
+        let channel = link.channel(Wait::No).await?;
         let topology = &self.shared.config.topology;
-        let timeout = self.shared.config.operation_timeout;
         let mut queues: Vec<String> = Vec::new();
         for queue in &topology.queues {
             queues.push(queue.name.clone());
@@ -122,8 +122,7 @@ impl AmqpTransport {
         );
         for queue in queues {
             let name = short(&queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.clone()))?;
-            within(
-                timeout,
+            link.within(
                 "deleting a queue",
                 channel.queue_delete(name, QueueDeleteOptions::default()),
             )
@@ -133,8 +132,7 @@ impl AmqpTransport {
         for exchange in &topology.exchanges {
             let name = short(&exchange.name, "exchange name")
                 .map_err(|_| TransportError::UnknownAddress(exchange.name.clone()))?;
-            within(
-                timeout,
+            link.within(
                 "deleting an exchange",
                 channel.exchange_delete(name, ExchangeDeleteOptions::default()),
             )
@@ -188,6 +186,11 @@ impl Publisher for AmqpTransport {
                 properties,
             )
             .await
+    }
+
+    /// The publishing connection is blocked by a broker resource alarm.
+    fn is_held_back(&self) -> bool {
+        self.shared.publishing_link.is_blocked()
     }
 }
 

@@ -3,19 +3,27 @@
 //! through them, and with them the alarm. So publishing and consuming go
 //! over connections of their own.
 //!
+//! While blocked, what a transport publishes waits for the alarm to clear
+//! instead of timing out: lapin sends it then anyway, so a publish tried
+//! again (or a delivery given back to be retried again) would arrive twice.
+//!
 //! A binary of its own: the alarm is the whole broker's, and cargo runs test
-//! binaries one after another, so no other test sees it.
+//! binaries one after another, so no other test sees it. Its tests take
+//! turns (`ONE_ALARM_AT_A_TIME`).
 
 #[path = "support/broker.rs"]
 mod broker;
 
 use std::time::Duration;
 
-use saga_amqp::QueueType;
-use saga_core::{Message, Publisher, Settlement, Subscriber};
+use saga_amqp::{AmqpTransport, QueueType};
+use saga_core::{Delivery, Message, Publisher, Settlement, Subscriber, Subscription};
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(15);
+
+/// The tests of this binary raise and clear the one broker's alarm: one at a time.
+static ONE_ALARM_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A memory alarm for as long as it lives: a high watermark of 0 sets it at
 /// once. Dropping it (also when the test panics) puts the watermark back.
@@ -60,6 +68,31 @@ impl Drop for MemoryAlarm {
     }
 }
 
+/// Waits until the broker blocks a connection of the transport `name`.
+async fn wait_until_blocked(name: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !broker::connections(name, "state")
+        .iter()
+        .any(|state| state == "blocked")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no connection of the transport was blocked: {:?}",
+            broker::connections(name, "state")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The next delivery of `subscription`, within [`WAIT`].
+async fn next_delivery(subscription: &mut Box<dyn Subscription>) -> Delivery {
+    tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap_or_else(|_| panic!("a delivery came within {WAIT:?}"))
+        .expect("the subscription is open")
+        .expect("a delivery")
+}
+
 /// Messages and unacknowledged deliveries of `queue`, as the broker counts them.
 fn counts(queue: &str) -> Option<(u64, u64)> {
     let listed = broker::rabbitmqctl(&[
@@ -82,6 +115,7 @@ fn counts(queue: &str) -> Option<(u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_ack_while_a_memory_alarm_blocks_publishing() {
     const QUEUED: usize = 5;
+    let _turn = ONE_ALARM_AT_A_TIME.lock().await;
     MemoryAlarm::clear_leftover();
     let name = broker::unique("alarm");
     let queue = format!("{name}.queue");
@@ -98,25 +132,10 @@ async fn consumers_ack_while_a_memory_alarm_blocks_publishing() {
         let (transport, message) = (transport.clone(), Message::new("Blocked", name.clone(), b"{}".to_vec()));
         tokio::spawn(async move { transport.publish(&message).await })
     };
-    let deadline = Instant::now() + WAIT;
-    while !broker::connections(&name, "state")
-        .iter()
-        .any(|state| state == "blocked")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no connection of the transport was blocked: {:?}",
-            broker::connections(&name, "state")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_blocked(&name).await;
 
-    for n in 0..QUEUED {
-        let delivery = tokio::time::timeout(WAIT, subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("delivery {n} came within {WAIT:?}"))
-            .expect("the subscription is open")
-            .expect("a delivery");
+    for _ in 0..QUEUED {
+        let delivery = next_delivery(&mut subscription).await;
         delivery.settle.settle(Settlement::Ack).await.expect("acked");
     }
     let deadline = Instant::now() + WAIT;
@@ -137,15 +156,95 @@ async fn consumers_ack_while_a_memory_alarm_blocks_publishing() {
         .await
         .expect("the blocked publish ends once the alarm clears")
         .expect("no panic");
-    // Confirmed once unblocked, or failed by the operation timeout first:
-    // either way, the transport publishes again.
-    if let Err(e) = published {
-        assert!(e.is_retryable(), "{e}");
-    }
+    published.expect("the blocked publish is confirmed once the alarm clears");
     let after = Message::new("After", name.clone(), b"{}".to_vec());
+    transport.publish(&after).await.expect("publishing resumed");
+    broker::clean_up(&transport).await;
+}
+
+/// A transport whose operations time out after `BROKER_TIMEOUT`, well
+/// inside the alarm the test holds.
+async fn impatient_transport(name: &str) -> AmqpTransport {
+    let mut config = broker::config(name, QueueType::Classic);
+    config.operation_timeout = BROKER_TIMEOUT;
+    broker::connect(config).await
+}
+
+const BROKER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Longer than three operation timeouts: before waiting for the alarm, each
+/// timeout gave the publish up (and a retried delivery back to its queue)
+/// while lapin kept the publish to send when the alarm cleared.
+const ALARM: Duration = Duration::from_millis(3_500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_and_a_retry_under_an_alarm_wait_for_it_and_arrive_once() {
+    let _turn = ONE_ALARM_AT_A_TIME.lock().await;
+    MemoryAlarm::clear_leftover();
+    let name = broker::unique("alarm-wait");
+    let queue = format!("{name}.queue");
+    let transport = impatient_transport(&name).await;
+    let retried = Message::new("Retried", name.clone(), b"{}".to_vec());
+    transport.publish(&retried).await.expect("published before the alarm");
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let delivery = next_delivery(&mut subscription).await;
+    assert_eq!(delivery.message.id, retried.id);
+
+    let alarm = MemoryAlarm::raise();
+    let blocked = Message::new("Blocked", name.clone(), b"{}".to_vec());
+    let publishing = {
+        let (transport, message) = (transport.clone(), blocked.clone());
+        tokio::spawn(async move { transport.publish(&message).await })
+    };
+    wait_until_blocked(&name).await;
+    // The relay claims nothing while this holds.
     let deadline = Instant::now() + WAIT;
-    while let Err(e) = transport.publish(&after).await {
-        assert!(Instant::now() < deadline, "publishing did not resume: {e}");
+    while !transport.is_held_back() {
+        assert!(Instant::now() < deadline, "the transport never said it was held back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back through its own queue at once: no delay queue to declare.
+    let retrying = tokio::spawn(delivery.settle.settle(Settlement::Retry { delay: Duration::ZERO }));
+    tokio::time::sleep(ALARM).await;
+    assert!(
+        !publishing.is_finished() && !retrying.is_finished(),
+        "a publish under the alarm ended before it cleared: publish {:?}, retry {:?}",
+        publishing.is_finished(),
+        retrying.is_finished()
+    );
+
+    drop(alarm);
+    let published = tokio::time::timeout(WAIT, publishing).await;
+    published
+        .expect("the publish ended once the alarm cleared")
+        .expect("no panic")
+        .expect("the publish is confirmed once the alarm clears");
+    assert!(!transport.is_held_back(), "still held back after the alarm cleared");
+    let settled = tokio::time::timeout(WAIT, retrying).await;
+    settled
+        .expect("the retry ended once the alarm cleared")
+        .expect("no panic")
+        .expect("the retry is forwarded, the delivery acked");
+
+    // Each message once: the blocked publish, and the retried one with its round counted.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let delivery = next_delivery(&mut subscription).await;
+        seen.push((delivery.message.kind.clone(), delivery.retries));
+        delivery.settle.settle(Settlement::Ack).await.expect("acked");
+    }
+    seen.sort();
+    assert_eq!(seen, [("Blocked".to_owned(), 0), ("Retried".to_owned(), 1)]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = counts(&queue);
+        if now == Some((0, 0)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "copies were left in the queue: (messages, unacked) = {now:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     broker::clean_up(&transport).await;

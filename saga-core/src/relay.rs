@@ -47,6 +47,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// How often a relay whose publisher is held back looks again.
+const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
+
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayRound {
@@ -174,7 +177,8 @@ impl Relay {
     /// Runs rounds until `shutdown` is cancelled (up to
     /// [`RelayConfig::rounds_in_flight`] at once), waking on outbox
     /// notifications and polling as the fallback. Rounds under way when
-    /// `shutdown` comes are finished.
+    /// `shutdown` comes are finished. While the publisher is
+    /// [held back](Publisher::is_held_back) it claims nothing.
     pub async fn run(self, shutdown: CancellationToken) {
         // A round holds a slot while it publishes; marking sent goes on
         // without one (a store may wait to gather several rounds' marks).
@@ -183,6 +187,8 @@ impl Relay {
         let mut backoff = Duration::from_millis(50);
         // A round that ended in trouble: back off before the next claim.
         let mut trouble = false;
+        // Whether the publisher's hold was reported (and its end not yet).
+        let mut held_back = false;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -197,6 +203,23 @@ impl Relay {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
+            }
+            if self.publisher.is_held_back() {
+                // Its publishes would wait for the broker past the claim's
+                // budget, and be published again once given back: claim
+                // nothing until the broker lets go.
+                if !std::mem::replace(&mut held_back, true) {
+                    tracing::warn!("the broker holds publishing back; the relay claims nothing until it lets go");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(HELD_BACK_CHECK) => {}
+                    Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended),
+                }
+                continue;
+            }
+            if std::mem::take(&mut held_back) {
+                tracing::info!("the broker lets publishing go again; the relay claims again");
             }
             let slot = tokio::select! {
                 () = shutdown.cancelled() => break,

@@ -54,6 +54,16 @@ pub trait Publisher: Send + Sync {
     /// has taken responsibility for it (durably, where the broker persists).
     /// Concurrent calls may be in flight at once.
     async fn publish(&self, message: &Message) -> Result<(), TransportError>;
+
+    /// Whether the broker holds publishing back right now (RabbitMQ blocks
+    /// a connection under a memory or disk alarm): a publish would wait for
+    /// it, not fail. A [`Relay`](crate::Relay) claims nothing meanwhile, so
+    /// that no claim's lease runs out under publishes that still go out
+    /// later, with a second copy of each on top. Backends without such flow
+    /// control keep the default: never.
+    fn is_held_back(&self) -> bool {
+        false
+    }
 }
 
 /// Consuming.

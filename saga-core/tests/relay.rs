@@ -163,3 +163,63 @@ async fn a_relay_configured_to_claim_none_claims_one() {
     let round = relay.run_once().await.expect("round");
     assert_eq!((round.claimed, round.sent), (1, 1));
 }
+
+/// Counts what it publishes; while `held` its broker holds publishing back.
+#[derive(Default)]
+struct HeldBack {
+    held: std::sync::atomic::AtomicBool,
+    published: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Publisher for HeldBack {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        self.published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(message.kind.clone());
+        Ok(())
+    }
+
+    fn is_held_back(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_claims_nothing_while_the_broker_holds_publishing_back() {
+    use std::sync::atomic::Ordering;
+    let store = InMemoryStore::new();
+    for kind in ["a", "b", "c"] {
+        enqueue(&store, kind).await;
+    }
+    let publisher = Arc::new(HeldBack::default());
+    publisher.held.store(true, Ordering::Release);
+    let relay = Relay::new(Arc::new(store.clone()), publisher.clone(), RelayConfig::default());
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    let published = || {
+        let mut kinds = publisher
+            .published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        kinds.sort();
+        kinds
+    };
+
+    // Several leases long, on the paused clock.
+    tokio::time::sleep(RelayConfig::default().lease * 3).await;
+    assert!(published().is_empty(), "published while held back: {:?}", published());
+
+    publisher.held.store(false, Ordering::Release);
+    for _ in 0..100 {
+        if published().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await.expect("the relay did not panic");
+    assert_eq!(published(), ["a", "b", "c"], "each once, once let go");
+}
