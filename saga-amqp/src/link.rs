@@ -62,9 +62,10 @@ pub(crate) struct Link {
     /// previous one are dropped.
     generation: AtomicU64,
     /// The live connection's status, readable without `state`'s lock.
-    status: std::sync::Mutex<Option<ConnectionStatus>>,
-    /// Whether waiting for a blocked connection was reported (and its end not yet).
-    block_reported: AtomicBool,
+    status: std::sync::Mutex<ConnectionStatus>,
+    /// Whether the last look found the connection blocked (its start logged,
+    /// its end not yet).
+    seen_blocked: AtomicBool,
     closed: CancellationToken,
 }
 
@@ -75,13 +76,13 @@ impl Link {
         Ok(Self {
             config,
             purpose,
-            status: std::sync::Mutex::new(Some(connection.status().clone())),
+            status: std::sync::Mutex::new(connection.status().clone()),
             state: Mutex::new(State {
                 connection: Some(Arc::new(connection)),
                 ..State::default()
             }),
             generation: AtomicU64::new(1),
-            block_reported: AtomicBool::new(false),
+            seen_blocked: AtomicBool::new(false),
             closed: CancellationToken::new(),
         })
     }
@@ -104,47 +105,55 @@ impl Link {
 
     /// Whether the broker blocks the live connection: it stopped reading
     /// from it under a memory or disk alarm, and lapin holds back what is
-    /// sent on it until the alarm clears.
+    /// sent on it until the alarm clears. The hold's start and end are
+    /// logged when first seen here.
     pub(crate) fn is_blocked(&self) -> bool {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|status| status.connected() && status.blocked())
+        let blocked = {
+            let status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            status.connected() && status.blocked()
+        };
+        if self.seen_blocked.swap(blocked, Ordering::AcqRel) != blocked {
+            let purpose = self.purpose.as_str();
+            if blocked {
+                tracing::warn!(
+                    purpose,
+                    "the broker blocks the connection (a memory or disk alarm); what is sent on it waits for the alarm to clear"
+                );
+            } else {
+                tracing::info!(purpose, "the broker no longer blocks the connection");
+            }
+        }
+        blocked
     }
 
     /// Awaits a broker operation on this connection for at most the
     /// operation timeout, the guard against a connection that died under it,
-    /// except that the time does not run while the broker blocks the
-    /// connection. What was sent then goes out when the alarm clears, so
-    /// giving up and sending again would send a publish, a retry or a dead
-    /// letter twice, once per timeout.
-    pub(crate) async fn within<T>(&self, what: &str, operation: impl Future<Output = T>) -> Result<T, TransportError> {
+    /// except while the broker blocks the connection: lapin sends what
+    /// waited when the alarm clears, so giving up and sending again would
+    /// send it twice. The full timeout runs again from the first look that
+    /// finds the hold over. Closing the transport ends the wait.
+    pub(crate) async fn within_unless_blocked<T>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = T>,
+    ) -> Result<T, TransportError> {
         let limit = self.config.operation_timeout;
         let mut operation = std::pin::pin!(operation);
         let mut deadline = Instant::now() + limit;
-        let mut waited = false;
+        let mut blocked = false;
         loop {
-            let look = deadline.min(Instant::now() + BLOCKED_CHECK);
-            if let Ok(done) = tokio::time::timeout_at(look, operation.as_mut()).await {
-                if waited && self.block_reported.swap(false, Ordering::AcqRel) {
-                    tracing::info!(
-                        purpose = self.purpose.as_str(),
-                        "the broker no longer blocks the connection"
-                    );
-                }
-                return Ok(done);
+            let next_look = Instant::now() + BLOCKED_CHECK;
+            let look = if blocked { next_look } else { deadline.min(next_look) };
+            tokio::select! {
+                biased;
+                done = operation.as_mut() => return Ok(done),
+                () = self.closed.cancelled(), if blocked => return Err(TransportError::Closed),
+                () = tokio::time::sleep_until(look) => {}
             }
+            let was_blocked = std::mem::replace(&mut blocked, self.is_blocked());
             let now = Instant::now();
-            if self.is_blocked() {
-                waited = true;
+            if blocked || was_blocked {
                 deadline = now + limit;
-                if !self.block_reported.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(
-                        purpose = self.purpose.as_str(),
-                        "the broker blocks the connection (a memory or disk alarm); its operations wait for the alarm to clear"
-                    );
-                }
             } else if now >= deadline {
                 return Err(TransportError::Unavailable(
                     format!("{what}: no answer from the broker within {limit:?}").into(),
@@ -201,7 +210,7 @@ impl Link {
                     state.failures = 0;
                     state.retry_at = None;
                     state.connection = Some(Arc::clone(&connection));
-                    *self.status.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.status().clone());
+                    *self.status.lock().unwrap_or_else(PoisonError::into_inner) = connection.status().clone();
                     self.generation.fetch_add(1, Ordering::AcqRel);
                     return Ok(connection);
                 }
@@ -226,7 +235,10 @@ impl Link {
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self, wait: Wait) -> Result<Channel, TransportError> {
         let connection = self.connection(wait).await?;
-        match self.within("opening a channel", connection.create_channel()).await {
+        match self
+            .within_unless_blocked("opening a channel", connection.create_channel())
+            .await
+        {
             Ok(channel) => channel.map_err(unavailable),
             Err(timed_out) => {
                 // The connection died under the request: do not hand it out again.

@@ -67,7 +67,7 @@ impl Publishing {
             ..ExchangeDeclareOptions::default()
         };
         let check = channel.exchange_declare(name, lapin::ExchangeKind::Direct, passive, FieldTable::default());
-        match self.link.within("checking an exchange", check).await? {
+        match self.link.within_unless_blocked("checking an exchange", check).await? {
             Ok(()) => {
                 self.known_exchanges
                     .write()
@@ -91,7 +91,7 @@ impl Publishing {
         }
         let channel = self.link.channel(Wait::No).await?;
         self.link
-            .within(
+            .within_unless_blocked(
                 "enabling confirms",
                 channel.confirm_select(ConfirmSelectOptions::default()),
             )
@@ -132,7 +132,7 @@ impl Publishing {
         };
         // Under a resource alarm this waits for the alarm to clear: lapin sends
         // the publish then, so failing it would have the caller send it twice.
-        match self.link.within("publishing", confirmation).await? {
+        match self.link.within_unless_blocked("publishing", confirmation).await? {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(rejected(format!(
                 "unroutable: `{exchange}` has no queue bound for this routing key ({} {})",

@@ -95,7 +95,7 @@ impl Shared {
         }
         let channel = self.publishing_link.channel(Wait::No).await?;
         self.publishing_link
-            .within(
+            .within_unless_blocked(
                 &format!("declaring `{name}`"),
                 topology::declare_queue(&channel, name, true, arguments),
             )

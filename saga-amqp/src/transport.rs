@@ -122,7 +122,7 @@ impl AmqpTransport {
         );
         for queue in queues {
             let name = short(&queue, "queue name").map_err(|_| TransportError::UnknownAddress(queue.clone()))?;
-            link.within(
+            link.within_unless_blocked(
                 "deleting a queue",
                 channel.queue_delete(name, QueueDeleteOptions::default()),
             )
@@ -132,7 +132,7 @@ impl AmqpTransport {
         for exchange in &topology.exchanges {
             let name = short(&exchange.name, "exchange name")
                 .map_err(|_| TransportError::UnknownAddress(exchange.name.clone()))?;
-            link.within(
+            link.within_unless_blocked(
                 "deleting an exchange",
                 channel.exchange_delete(name, ExchangeDeleteOptions::default()),
             )

@@ -40,10 +40,16 @@ pub struct ConsumerConfig {
     /// The type given to messages that arrive without one (publishers that
     /// set no AMQP `type`), for a queue that carries a single type.
     pub default_kind: Option<String>,
+    /// How long [`Consumer::run`] lets the handlers in flight finish once
+    /// shut down. Those still running then are cancelled, and their
+    /// deliveries go back to the queue: a handler stuck on an outage (or on
+    /// a broker that holds its publishes back) must not hold up shutdown.
+    pub shutdown_grace: Duration,
 }
 
 impl ConsumerConfig {
-    /// Defaults for `queue`: 16 at once, 8 attempts from 100 ms doubling up to 30 s.
+    /// Defaults for `queue`: 16 at once, 8 attempts from 100 ms doubling up
+    /// to 30 s, 30 s to finish at shutdown.
     pub fn new(queue: impl Into<String>) -> Self {
         Self {
             queue: queue.into(),
@@ -55,6 +61,7 @@ impl ConsumerConfig {
                 multiplier: 2,
             },
             default_kind: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 
@@ -171,7 +178,9 @@ impl Consumer {
         }
     }
 
-    /// Runs until `shutdown` is cancelled, then finishes the deliveries in flight.
+    /// Runs until `shutdown` is cancelled, then finishes the deliveries in
+    /// flight, cancelling those still running after
+    /// [`ConsumerConfig::shutdown_grace`].
     pub async fn run(self, shutdown: CancellationToken) {
         let queue = self.config.queue.clone();
         let span = tracing::info_span!("saga.consumer", queue = %queue);
@@ -224,7 +233,15 @@ impl Consumer {
             // Stop deliveries first (the broker then sends no more), then let
             // the handlers in flight finish and settle.
             drop(subscription);
-            while in_flight.join_next().await.is_some() {}
+            let drained = async { while in_flight.join_next().await.is_some() {} };
+            if tokio::time::timeout(config.shutdown_grace, drained).await.is_err() {
+                tracing::warn!(
+                    handlers = in_flight.len(),
+                    grace = ?config.shutdown_grace,
+                    "handlers still running after the shutdown grace; cancelled, their deliveries go back to the queue"
+                );
+                in_flight.shutdown().await;
+            }
         }
         .instrument(span)
         .await;

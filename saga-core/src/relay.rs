@@ -204,7 +204,19 @@ impl Relay {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
+            let slot = tokio::select! {
+                () = shutdown.cancelled() => break,
+                // The semaphore is never closed.
+                Ok(slot) = Arc::clone(&slots).acquire_owned() => slot,
+                Some(ended) = rounds.join_next() => {
+                    trouble = self.ended(ended);
+                    continue;
+                }
+            };
+            // Looked at with a slot in hand: a round that gives its batch
+            // back frees its slot, and the hold may have started meanwhile.
             if self.publisher.is_held_back() {
+                drop(slot);
                 // Its publishes would wait for the broker past the claim's
                 // budget, and be published again once given back: claim
                 // nothing until the broker lets go.
@@ -221,15 +233,6 @@ impl Relay {
             if std::mem::take(&mut held_back) {
                 tracing::info!("the broker lets publishing go again; the relay claims again");
             }
-            let slot = tokio::select! {
-                () = shutdown.cancelled() => break,
-                // The semaphore is never closed.
-                Ok(slot) = Arc::clone(&slots).acquire_owned() => slot,
-                Some(ended) = rounds.join_next() => {
-                    trouble = self.ended(ended);
-                    continue;
-                }
-            };
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {
                     backoff = Duration::from_millis(50);

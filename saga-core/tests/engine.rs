@@ -1163,3 +1163,52 @@ async fn a_message_whose_handler_panics_is_retried_then_dead_lettered_not_redeli
     shutdown.cancel();
     consumer.await.expect("the consumer ends");
 }
+
+/// Never finishes: a handler stuck on an outage.
+struct Stuck(tokio::sync::Notify);
+
+#[async_trait]
+impl saga_core::MessageHandler for Stuck {
+    async fn handle(&self, _message: &Message) -> Result<(), EngineError> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_handler_holds_shutdown_for_the_grace_only_and_its_delivery_goes_back() {
+    use saga_core::{Publisher, Subscriber};
+    let transport = Arc::new(InMemoryTransport::new());
+    transport.bind("events", "q");
+    let handler = Arc::new(Stuck(tokio::sync::Notify::new()));
+    let grace = Duration::from_secs(3);
+    let config = ConsumerConfig {
+        shutdown_grace: grace,
+        ..ConsumerConfig::new("q")
+    };
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(Consumer::new(handler.clone(), transport.clone(), config).run(shutdown.clone()));
+    let message = Message::new("Stuck", "events", b"{}".to_vec());
+    transport.publish(&message).await.expect("publish");
+    handler.0.notified().await;
+
+    let stopping = tokio::time::Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(grace * 2, consumer)
+        .await
+        .expect("the consumer ends after its grace, not with the handler")
+        .expect("no panic");
+    assert!(
+        stopping.elapsed() >= grace,
+        "ended before the grace: {:?}",
+        stopping.elapsed()
+    );
+
+    let mut again = transport.subscribe("q").await.expect("subscribe");
+    let delivery = tokio::time::timeout(Duration::from_secs(1), again.next())
+        .await
+        .expect("the delivery went back to the queue")
+        .expect("open")
+        .expect("a delivery");
+    assert_eq!(delivery.message.id, message.id);
+}
