@@ -189,6 +189,8 @@ impl Relay {
         let mut trouble = false;
         // Whether the publisher's hold was reported (and its end not yet).
         let mut held_back = false;
+        // Present from the start, so an alert on it needs no `absent()`.
+        metrics::gauge!("saga_relay_held_back").set(0.0);
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -222,6 +224,7 @@ impl Relay {
                 // nothing until the broker lets go.
                 if !std::mem::replace(&mut held_back, true) {
                     tracing::warn!("the broker holds publishing back; the relay claims nothing until it lets go");
+                    metrics::gauge!("saga_relay_held_back").set(1.0);
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -232,6 +235,7 @@ impl Relay {
             }
             if std::mem::take(&mut held_back) {
                 tracing::info!("the broker lets publishing go again; the relay claims again");
+                metrics::gauge!("saga_relay_held_back").set(0.0);
             }
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {

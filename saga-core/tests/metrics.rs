@@ -77,3 +77,76 @@ fn sagas_started_transitions_and_endings_are_counted() {
         1
     );
 }
+
+/// Accepts everything; while `held`, its broker holds publishing back.
+#[derive(Default)]
+struct HeldBack {
+    held: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl saga_core::Publisher for HeldBack {
+    async fn publish(&self, _message: &Message) -> Result<(), saga_core::TransportError> {
+        Ok(())
+    }
+
+    fn is_held_back(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+fn gauge(snapshotter: &metrics_util::debugging::Snapshotter, name: &str) -> Option<f64> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find_map(|(key, _, _, value)| match value {
+            DebugValue::Gauge(v) if key.key().name() == name => Some(v.into_inner()),
+            _ => None,
+        })
+}
+
+#[test]
+fn the_relay_shows_while_the_broker_holds_publishing_back() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let publisher = Arc::new(HeldBack::default());
+            let relay = saga_core::Relay::new(
+                Arc::new(InMemoryStore::new()),
+                publisher.clone(),
+                saga_core::RelayConfig::default(),
+            );
+            let shutdown = saga_core::CancellationToken::new();
+            let running = tokio::spawn(relay.run(shutdown.clone()));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(
+                gauge(&snapshotter, "saga_relay_held_back"),
+                Some(0.0),
+                "reported from the start"
+            );
+
+            publisher.held.store(true, Ordering::Release);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(
+                gauge(&snapshotter, "saga_relay_held_back"),
+                Some(1.0),
+                "while held back"
+            );
+
+            publisher.held.store(false, Ordering::Release);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(gauge(&snapshotter, "saga_relay_held_back"), Some(0.0), "once let go");
+            shutdown.cancel();
+            running.await.expect("the relay did not panic");
+        });
+    });
+}
