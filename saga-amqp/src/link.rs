@@ -87,6 +87,21 @@ impl Link {
         })
     }
 
+    /// Connects on first use: the publishing side of a transport that may
+    /// only ever consume (an observer) then costs no connection, I/O thread
+    /// or frame buffers.
+    pub(crate) fn deferred(config: Arc<AmqpConfig>, purpose: Purpose) -> Self {
+        Self {
+            config,
+            purpose,
+            status: std::sync::Mutex::new(ConnectionStatus::default()),
+            state: Mutex::new(State::default()),
+            generation: AtomicU64::new(0),
+            seen_blocked: AtomicBool::new(false),
+            closed: CancellationToken::new(),
+        }
+    }
+
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -95,11 +110,16 @@ impl Link {
         &self.closed
     }
 
-    /// Whether the connection is up right now.
+    /// Whether the connection is up right now, or not needed yet: a
+    /// [`deferred`](Self::deferred) link never used (nor tried) has nothing
+    /// to be down.
     pub(crate) fn is_connected(&self) -> bool {
         self.state
             .try_lock()
-            .map(|state| state.connection.as_ref().is_some_and(|c| c.status().connected()))
+            .map(|state| match &state.connection {
+                Some(connection) => connection.status().connected(),
+                None => state.failures == 0 && self.generation() == 0,
+            })
             .unwrap_or(false)
     }
 

@@ -35,6 +35,8 @@ use crate::trace;
 /// - **Connections**: two, one publishing and one consuming. Under a
 ///   resource alarm the broker stops reading from connections that publish,
 ///   and consumers must go on acking for the queues (and the alarm) to drain.
+///   The consuming one opens in [`connect`](Self::connect); the publishing
+///   one on first use, so a transport that only consumes holds one.
 /// - **Reconnects**: a dropped connection is re-opened with backoff and the
 ///   topology declared again; subscriptions report the error once and go on.
 ///
@@ -54,7 +56,8 @@ impl std::fmt::Debug for AmqpTransport {
 }
 
 impl AmqpTransport {
-    /// Connects to `config.url` and declares `config.topology`.
+    /// Connects to `config.url` and declares `config.topology` (on the
+    /// consuming connection; the publishing one opens on first use).
     pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
         if config.publisher_channels == 0 || config.max_confirms_in_flight == 0 {
             return Err(AmqpError::InvalidConfig(
@@ -62,8 +65,10 @@ impl AmqpTransport {
             ));
         }
         let config = Arc::new(config);
-        let publishing = Arc::new(Link::start(Arc::clone(&config), Purpose::Publishing).await?);
+        // The consuming connection at once, so a bad URL, credentials or
+        // topology show here; the publishing one on the first publish.
         let consuming = Arc::new(Link::start(Arc::clone(&config), Purpose::Consuming).await?);
+        let publishing = Arc::new(Link::deferred(Arc::clone(&config), Purpose::Publishing));
         tracing::info!(url = %config.redacted_url(), "connected to the broker");
         Ok(Self {
             shared: Arc::new(Shared::new(config, consuming, publishing)),
@@ -88,7 +93,8 @@ impl AmqpTransport {
         &self.shared.config
     }
 
-    /// Whether both connections are up right now (they reconnect on demand).
+    /// Whether both connections are up right now (they reconnect on
+    /// demand); the publishing one counts as up until it is first needed.
     pub fn is_connected(&self) -> bool {
         self.shared.publishing_link.is_connected() && self.shared.consuming.is_connected()
     }

@@ -825,16 +825,43 @@ async fn connections_use_the_configured_frame_size_and_large_messages_cross_whol
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&format!("{name}.queue")).await.expect("subscribed");
 
-    let frames = broker::connections(&name, "frame_max");
-    assert_eq!(frames, ["8192", "8192"], "publishing and consuming");
-
     let payload: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
     transport
         .publish(&Message::new("Large", name.clone(), payload.clone()))
         .await
         .expect("published in 26 frames");
+    let frames = broker::connections(&name, "frame_max");
+    assert_eq!(frames, ["8192", "8192"], "publishing and consuming");
     let delivery = next(&mut subscription, "the large message").await;
     assert!(delivery.message.payload == payload, "the body crossed whole");
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
+    broker::clean_up(&transport).await;
+}
+
+/// A transport that only consumes never opens its publishing connection:
+/// an observer costs the broker one connection, and its process one I/O
+/// thread and one set of frame buffers.
+#[tokio::test]
+async fn the_publishing_connection_opens_on_the_first_publish() {
+    let name = broker::unique("deferred");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&format!("{name}.queue")).await.expect("subscribed");
+    assert_eq!(
+        broker::connections(&name, "state"),
+        ["running"],
+        "only the consuming one"
+    );
+    assert!(
+        transport.is_connected(),
+        "a publishing connection not needed yet is not down"
+    );
+
+    let message = Message::new("First", name.clone(), b"{}".to_vec());
+    transport.publish(&message).await.expect("published, connecting first");
+    assert_eq!(broker::connections(&name, "state"), ["running", "running"]);
+    assert!(transport.is_connected());
+    let delivery = next(&mut subscription, "the first message").await;
+    assert_eq!(delivery.message.id, message.id);
     delivery.settle.settle(Settlement::Ack).await.expect("acked");
     broker::clean_up(&transport).await;
 }
