@@ -15,8 +15,8 @@ use crate::config::AmqpConfig;
 use crate::error::{AmqpError, unavailable};
 use crate::topology;
 
-/// How often an operation past its time looks whether the broker blocks
-/// its connection (at most; a shorter operation timeout looks sooner).
+/// How often an operation waiting for the broker looks whether the broker
+/// blocks its connection (a shorter operation timeout looks at its end).
 const BLOCKED_CHECK: Duration = Duration::from_secs(1);
 
 /// Whether a caller waits out the backoff before the next connection attempt

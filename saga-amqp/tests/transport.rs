@@ -752,6 +752,13 @@ async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes(
     config.operation_timeout = Duration::from_secs(1);
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    // Both connections open when the broker goes away (the publishing one
+    // opens on first use).
+    let before = Message::new("Before", name.clone(), b"{}".to_vec());
+    transport.publish(&before).await.expect("published before the outage");
+    let delivery = next(&mut subscription, "before the outage").await;
+    assert_eq!(delivery.message.id, before.id);
+    delivery.settle.settle(Settlement::Ack).await.expect("acked");
 
     outage.set(false);
     let down_since = Instant::now();

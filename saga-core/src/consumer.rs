@@ -204,8 +204,14 @@ impl Consumer {
             let mut in_flight = JoinSet::new();
             loop {
                 while in_flight.try_join_next().is_some() {}
-                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                    break;
+                // Shutdown is watched here too: with every handler stuck, no
+                // permit comes back until the grace below cancels them.
+                let permit = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
                 };
                 let next = tokio::select! {
                     () = shutdown.cancelled() => break,

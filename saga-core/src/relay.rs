@@ -50,6 +50,10 @@ impl Default for RelayConfig {
 /// How often a relay whose publisher is held back looks again.
 const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
 
+/// Relays of this process held back by their publisher: a count, not a
+/// flag, since one process may run several relays (one per service).
+const HELD_BACK_GAUGE: &str = "saga_relay_held_back";
+
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayRound {
@@ -190,7 +194,7 @@ impl Relay {
         // Whether the publisher's hold was reported (and its end not yet).
         let mut held_back = false;
         // Present from the start, so an alert on it needs no `absent()`.
-        metrics::gauge!("saga_relay_held_back").set(0.0);
+        metrics::gauge!(HELD_BACK_GAUGE).increment(0.0);
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -224,7 +228,7 @@ impl Relay {
                 // nothing until the broker lets go.
                 if !std::mem::replace(&mut held_back, true) {
                     tracing::warn!("the broker holds publishing back; the relay claims nothing until it lets go");
-                    metrics::gauge!("saga_relay_held_back").set(1.0);
+                    metrics::gauge!(HELD_BACK_GAUGE).increment(1.0);
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -235,7 +239,7 @@ impl Relay {
             }
             if std::mem::take(&mut held_back) {
                 tracing::info!("the broker lets publishing go again; the relay claims again");
-                metrics::gauge!("saga_relay_held_back").set(0.0);
+                metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
             }
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {
@@ -263,6 +267,9 @@ impl Relay {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+        if held_back {
+            metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
         }
         while let Some(ended) = rounds.join_next().await {
             self.ended(ended);

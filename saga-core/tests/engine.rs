@@ -1177,6 +1177,12 @@ impl saga_core::MessageHandler for Stuck {
 
 #[tokio::test(start_paused = true)]
 async fn a_stuck_handler_holds_shutdown_for_the_grace_only_and_its_delivery_goes_back() {
+    // One handler at a time, all of them stuck: no permit comes back either.
+    stuck_handlers_hold_shutdown_for_the_grace_only(1).await;
+    stuck_handlers_hold_shutdown_for_the_grace_only(16).await;
+}
+
+async fn stuck_handlers_hold_shutdown_for_the_grace_only(concurrency: usize) {
     use saga_core::{Publisher, Subscriber};
     let transport = Arc::new(InMemoryTransport::new());
     transport.bind("events", "q");
@@ -1184,6 +1190,7 @@ async fn a_stuck_handler_holds_shutdown_for_the_grace_only_and_its_delivery_goes
     let grace = Duration::from_secs(3);
     let config = ConsumerConfig {
         shutdown_grace: grace,
+        concurrency,
         ..ConsumerConfig::new("q")
     };
     let shutdown = CancellationToken::new();
@@ -1196,7 +1203,9 @@ async fn a_stuck_handler_holds_shutdown_for_the_grace_only_and_its_delivery_goes
     shutdown.cancel();
     tokio::time::timeout(grace * 2, consumer)
         .await
-        .expect("the consumer ends after its grace, not with the handler")
+        .unwrap_or_else(|_| {
+            panic!("with {concurrency} at once, the consumer ends after its grace, not with the handler")
+        })
         .expect("no panic");
     assert!(
         stopping.elapsed() >= grace,

@@ -95,15 +95,22 @@ impl saga_core::Publisher for HeldBack {
     }
 }
 
-fn gauge(snapshotter: &metrics_util::debugging::Snapshotter, name: &str) -> Option<f64> {
-    snapshotter
+/// The relays held back, as a Prometheus exporter would show it: the
+/// debugging recorder's snapshot gives each gauge's change since the last
+/// one (it reads them by swapping in 0), so `level` adds them up.
+fn held_back(snapshotter: &metrics_util::debugging::Snapshotter, level: &mut Option<f64>) -> Option<f64> {
+    let change = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
         .find_map(|(key, _, _, value)| match value {
-            DebugValue::Gauge(v) if key.key().name() == name => Some(v.into_inner()),
+            DebugValue::Gauge(v) if key.key().name() == "saga_relay_held_back" => Some(v.into_inner()),
             _ => None,
-        })
+        });
+    if let Some(change) = change {
+        *level = Some(level.unwrap_or(0.0) + change);
+    }
+    *level
 }
 
 #[test]
@@ -127,26 +134,41 @@ fn the_relay_shows_while_the_broker_holds_publishing_back() {
             );
             let shutdown = saga_core::CancellationToken::new();
             let running = tokio::spawn(relay.run(shutdown.clone()));
+            let mut level = None;
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert_eq!(
-                gauge(&snapshotter, "saga_relay_held_back"),
+                held_back(&snapshotter, &mut level),
                 Some(0.0),
                 "reported from the start"
             );
 
             publisher.held.store(true, Ordering::Release);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(
-                gauge(&snapshotter, "saga_relay_held_back"),
-                Some(1.0),
-                "while held back"
+            assert_eq!(held_back(&snapshotter, &mut level), Some(1.0), "while held back");
+
+            // A second relay of the same process, held back too: they add up.
+            let other = Arc::new(HeldBack::default());
+            other.held.store(true, Ordering::Release);
+            let second = saga_core::Relay::new(
+                Arc::new(InMemoryStore::new()),
+                other.clone(),
+                saga_core::RelayConfig::default(),
             );
+            let other_shutdown = saga_core::CancellationToken::new();
+            let other_running = tokio::spawn(second.run(other_shutdown.clone()));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(held_back(&snapshotter, &mut level), Some(2.0), "two held back");
 
             publisher.held.store(false, Ordering::Release);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(gauge(&snapshotter, "saga_relay_held_back"), Some(0.0), "once let go");
+            assert_eq!(held_back(&snapshotter, &mut level), Some(1.0), "one let go");
             shutdown.cancel();
             running.await.expect("the relay did not panic");
+
+            // A relay that stops while held back takes its part with it.
+            other_shutdown.cancel();
+            other_running.await.expect("the relay did not panic");
+            assert_eq!(held_back(&snapshotter, &mut level), Some(0.0), "none left");
         });
     });
 }
