@@ -31,6 +31,11 @@ pub(crate) enum Wait {
 #[derive(Default)]
 struct State {
     connection: Option<Arc<Connection>>,
+    /// A connection attempt under way. It belongs to the link, not to the
+    /// caller that started it: a caller given up on (a relay round past its
+    /// budget) leaves it running for the next, so a broker slower to accept
+    /// than callers wait is still reached.
+    attempt: Option<tokio::task::JoinHandle<Result<Connection, AmqpError>>>,
     failures: u32,
     retry_at: Option<Instant>,
 }
@@ -217,7 +222,22 @@ impl Link {
                     () = tokio::time::sleep_until(at) => continue,
                 }
             }
-            match connect(&self.config, self.purpose).await {
+            let attempt = state.attempt.get_or_insert_with(|| {
+                let (config, purpose) = (Arc::clone(&self.config), self.purpose);
+                tokio::spawn(async move { connect(&config, purpose).await })
+            });
+            let joined = attempt.await;
+            state.attempt = None;
+            let Ok(outcome) = joined else {
+                // Aborted by `close`, or it panicked.
+                if self.closed.is_cancelled() {
+                    return Err(TransportError::Closed);
+                }
+                return Err(TransportError::Unavailable(
+                    "the connection attempt ended abnormally".into(),
+                ));
+            };
+            match outcome {
                 Ok(connection) => {
                     let connection = Arc::new(connection);
                     if state.failures > 0 {
@@ -277,7 +297,12 @@ impl Link {
         // Bounded: a broker that never answers the close (or a connection
         // that died meanwhile) must not hold up shutdown.
         let closing = async {
-            let connection = self.state.lock().await.connection.take();
+            let mut state = self.state.lock().await;
+            if let Some(attempt) = state.attempt.take() {
+                attempt.abort();
+            }
+            let connection = state.connection.take();
+            drop(state);
             if let Some(connection) = connection.filter(|c| c.status().connected())
                 && let Err(error) = connection.close(200, "closing".into()).await
             {

@@ -678,10 +678,12 @@ async fn close_ends_subscriptions_and_publishing() {
 }
 
 /// A TCP proxy in front of the broker that can play "broker down": it cuts
-/// every connection and refuses new ones until it is up again.
+/// every connection and refuses new ones until it is up again. It can also
+/// play a slow broker, reaching it only a while after accepting.
 struct Outage {
     port: u16,
     up: tokio::sync::watch::Sender<bool>,
+    slowness: Arc<std::sync::Mutex<Duration>>,
 }
 
 impl Outage {
@@ -690,6 +692,8 @@ impl Outage {
         let port = listener.local_addr().expect("bound").port();
         let (up, _) = tokio::sync::watch::channel(true);
         let state = up.clone();
+        let slowness = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let delay = Arc::clone(&slowness);
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !*state.borrow() {
@@ -697,7 +701,9 @@ impl Outage {
                 }
                 let broker = broker.clone();
                 let mut down = state.subscribe();
+                let delay = *delay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&broker).await else {
                         return;
                     };
@@ -708,11 +714,16 @@ impl Outage {
                 });
             }
         });
-        Self { port, up }
+        Self { port, up, slowness }
     }
 
     fn set(&self, up: bool) {
         self.up.send_replace(up);
+    }
+
+    /// New connections reach the broker `delay` after they are accepted.
+    fn slow_down(&self, delay: Duration) {
+        *self.slowness.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = delay;
     }
 }
 
@@ -870,5 +881,46 @@ async fn the_publishing_connection_opens_on_the_first_publish() {
     let delivery = next(&mut subscription, "the first message").await;
     assert_eq!(delivery.message.id, message.id);
     delivery.settle.settle(Settlement::Ack).await.expect("acked");
+    broker::clean_up(&transport).await;
+}
+
+/// A connection attempt belongs to the transport, not to the caller that
+/// started it: callers that give up sooner than the broker answers (a relay
+/// round past its budget) do not start it over each time, and one of them
+/// finds it done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_slower_than_its_callers_wait_is_still_made() {
+    let url = broker::url();
+    let (_, broker_address) = through_port(&url, 0);
+    let proxy = Outage::start(broker_address).await;
+    let name = broker::unique("slow-connect");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.url = through_port(&url, proxy.port).0;
+    let transport = broker::connect(config).await;
+    // The publishing connection opens on the first publish: slowly.
+    proxy.slow_down(Duration::from_millis(1_500));
+    let message = Message::new("Patient", name.clone(), b"{}".to_vec());
+    let deadline = Instant::now() + WAIT;
+    let mut given_up = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(400), transport.publish(&message)).await {
+            Ok(published) => {
+                published.expect("published once connected");
+                break;
+            }
+            Err(_) => {
+                given_up += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "no publish got through in {WAIT:?} ({given_up} given up after 400 ms each)"
+                );
+            }
+        }
+    }
+    assert!(
+        given_up >= 2,
+        "the connection took less than the callers waited ({given_up} given up)"
+    );
+    proxy.slow_down(Duration::ZERO);
     broker::clean_up(&transport).await;
 }
