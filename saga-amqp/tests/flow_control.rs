@@ -93,6 +93,20 @@ async fn next_delivery(subscription: &mut Box<dyn Subscription>) -> Delivery {
         .expect("a delivery")
 }
 
+/// Waits until the broker counts no message and no unacked delivery in
+/// `queue`, failing with `failure` after [`WAIT`].
+async fn wait_until_empty(queue: &str, failure: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = counts(queue);
+        if now == Some((0, 0)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{failure}: (messages, unacked) = {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Messages and unacknowledged deliveries of `queue`, as the broker counts them.
 fn counts(queue: &str) -> Option<(u64, u64)> {
     let listed = broker::rabbitmqctl(&[
@@ -138,18 +152,7 @@ async fn consumers_ack_while_a_memory_alarm_blocks_publishing() {
         let delivery = next_delivery(&mut subscription).await;
         delivery.settle.settle(Settlement::Ack).await.expect("acked");
     }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = counts(&queue);
-        if now == Some((0, 0)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the acks did not reach the broker while publishing was blocked: (messages, unacked) = {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_empty(&queue, "the acks did not reach the broker while publishing was blocked").await;
 
     drop(alarm);
     let published = tokio::time::timeout(WAIT, publishing)
@@ -235,17 +238,6 @@ async fn a_publish_and_a_retry_under_an_alarm_wait_for_it_and_arrive_once() {
     }
     seen.sort();
     assert_eq!(seen, [("Blocked".to_owned(), 0), ("Retried".to_owned(), 1)]);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = counts(&queue);
-        if now == Some((0, 0)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "copies were left in the queue: (messages, unacked) = {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_empty(&queue, "copies were left in the queue").await;
     broker::clean_up(&transport).await;
 }
