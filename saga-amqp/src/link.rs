@@ -78,30 +78,29 @@ impl Link {
     /// Connects and declares the topology once, reporting why it could not.
     pub(crate) async fn start(config: Arc<AmqpConfig>, purpose: Purpose) -> Result<Self, AmqpError> {
         let connection = connect(&config, purpose).await?;
-        Ok(Self {
-            config,
-            purpose,
-            status: std::sync::Mutex::new(connection.status().clone()),
-            state: Mutex::new(State {
-                connection: Some(Arc::new(connection)),
-                ..State::default()
-            }),
-            generation: AtomicU64::new(1),
-            seen_blocked: AtomicBool::new(false),
-            closed: CancellationToken::new(),
-        })
+        Ok(Self::with(config, purpose, Some(connection)))
     }
 
     /// Connects on first use: the publishing side of a transport that may
     /// only ever consume (an observer) then costs no connection, I/O thread
     /// or frame buffers.
     pub(crate) fn deferred(config: Arc<AmqpConfig>, purpose: Purpose) -> Self {
+        Self::with(config, purpose, None)
+    }
+
+    fn with(config: Arc<AmqpConfig>, purpose: Purpose, connection: Option<Connection>) -> Self {
+        let status = connection
+            .as_ref()
+            .map_or_else(ConnectionStatus::default, |c| c.status().clone());
         Self {
             config,
             purpose,
-            status: std::sync::Mutex::new(ConnectionStatus::default()),
-            state: Mutex::new(State::default()),
-            generation: AtomicU64::new(0),
+            generation: AtomicU64::new(u64::from(connection.is_some())),
+            state: Mutex::new(State {
+                connection: connection.map(Arc::new),
+                ..State::default()
+            }),
+            status: std::sync::Mutex::new(status),
             seen_blocked: AtomicBool::new(false),
             closed: CancellationToken::new(),
         }

@@ -40,6 +40,11 @@ impl Publishing {
         }
     }
 
+    /// The connection it publishes on (which also declares what is published to).
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
     fn is_known(&self, exchange: &str) -> bool {
         self.known_exchanges
             .read()

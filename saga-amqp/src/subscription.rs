@@ -28,8 +28,7 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<AmqpConfig>,
     /// The connection that consumes (and browses dead letters).
     pub(crate) consuming: Arc<Link>,
-    /// The connection that publishes, and declares what is published to.
-    pub(crate) publishing_link: Arc<Link>,
+    /// Publishing, on a connection of its own ([`Publishing::link`]).
     pub(crate) publishing: Publishing,
     /// Queues declared on demand on the current connection (generation,
     /// names): delay queues, and the dead-letter queues of queues the
@@ -45,7 +44,7 @@ impl Shared {
     pub(crate) fn new(config: Arc<AmqpConfig>, consuming: Arc<Link>, publishing_link: Arc<Link>) -> Self {
         let declared: Vec<String> = config.topology.exchanges.iter().map(|e| e.name.clone()).collect();
         let publishing = Publishing::new(
-            Arc::clone(&publishing_link),
+            publishing_link,
             config.publisher_channels,
             config.max_confirms_in_flight,
             &declared,
@@ -53,7 +52,6 @@ impl Shared {
         Self {
             config,
             consuming,
-            publishing_link,
             publishing,
             declared: Mutex::new((0, HashSet::new())),
             all_retry_queues: Mutex::new(HashSet::new()),
@@ -86,20 +84,20 @@ impl Shared {
 
     /// Declares the durable queue `name` once per connection.
     async fn ensure_declared(&self, name: &str, arguments: FieldTable) -> Result<(), TransportError> {
-        let generation = self.publishing_link.generation();
+        let generation = self.publishing.link().generation();
         {
             let declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
             if declared.0 == generation && declared.1.contains(name) {
                 return Ok(());
             }
         }
-        let channel = self.publishing_link.channel(Wait::No).await?;
-        self.publishing_link
-            .within_unless_blocked(
-                &format!("declaring `{name}`"),
-                topology::declare_queue(&channel, name, true, arguments),
-            )
-            .await??;
+        let link = self.publishing.link();
+        let channel = link.channel(Wait::No).await?;
+        link.within_unless_blocked(
+            &format!("declaring `{name}`"),
+            topology::declare_queue(&channel, name, true, arguments),
+        )
+        .await??;
         let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
         if declared.0 != generation {
             *declared = (generation, HashSet::new());

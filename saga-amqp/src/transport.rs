@@ -96,7 +96,7 @@ impl AmqpTransport {
     /// Whether both connections are up right now (they reconnect on
     /// demand); the publishing one counts as up until it is first needed.
     pub fn is_connected(&self) -> bool {
-        self.shared.publishing_link.is_connected() && self.shared.consuming.is_connected()
+        self.shared.publishing.link().is_connected() && self.shared.consuming.is_connected()
     }
 
     /// Graceful shutdown: subscriptions end (their `next` returns `None`),
@@ -104,13 +104,13 @@ impl AmqpTransport {
     /// close. Unacked deliveries go back to their queues.
     pub async fn close(&self) {
         self.shared.publishing.close();
-        tokio::join!(self.shared.consuming.close(), self.shared.publishing_link.close());
+        tokio::join!(self.shared.consuming.close(), self.shared.publishing.link().close());
     }
 
     /// Deletes the configured exchanges and queues, their `.dlq` and every
     /// delay queue this transport declared. For tests and tools.
     pub async fn delete_topology(&self) -> Result<(), TransportError> {
-        let link = &self.shared.publishing_link;
+        let link = self.shared.publishing.link();
         let channel = link.channel(Wait::No).await?;
         let topology = &self.shared.config.topology;
         let mut queues: Vec<String> = Vec::new();
@@ -196,7 +196,7 @@ impl Publisher for AmqpTransport {
 
     /// The publishing connection is blocked by a broker resource alarm.
     fn is_held_back(&self) -> bool {
-        self.shared.publishing_link.is_blocked()
+        self.shared.publishing.link().is_blocked()
     }
 }
 

@@ -54,6 +54,44 @@ const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
 /// flag, since one process may run several relays (one per service).
 const HELD_BACK_GAUGE: &str = "saga_relay_held_back";
 
+/// A relay's hold by its publisher, logged and counted in
+/// [`HELD_BACK_GAUGE`] once per hold; a relay that stops while held takes
+/// its part of the count with it.
+struct Hold {
+    on: bool,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        // Present from the start, so an alert on it needs no `absent()`.
+        metrics::gauge!(HELD_BACK_GAUGE).increment(0.0);
+        Self { on: false }
+    }
+}
+
+impl Hold {
+    fn set(&mut self, on: bool) {
+        if std::mem::replace(&mut self.on, on) == on {
+            return;
+        }
+        if on {
+            tracing::warn!("the broker holds publishing back; the relay claims nothing until it lets go");
+            metrics::gauge!(HELD_BACK_GAUGE).increment(1.0);
+        } else {
+            tracing::info!("the broker lets publishing go again; the relay claims again");
+            metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.on {
+            metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
+        }
+    }
+}
+
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayRound {
@@ -191,10 +229,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(50);
         // A round that ended in trouble: back off before the next claim.
         let mut trouble = false;
-        // Whether the publisher's hold was reported (and its end not yet).
-        let mut held_back = false;
-        // Present from the start, so an alert on it needs no `absent()`.
-        metrics::gauge!(HELD_BACK_GAUGE).increment(0.0);
+        let mut hold = Hold::default();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -221,25 +256,18 @@ impl Relay {
             };
             // Looked at with a slot in hand: a round that gives its batch
             // back frees its slot, and the hold may have started meanwhile.
-            if self.publisher.is_held_back() {
+            hold.set(self.publisher.is_held_back());
+            if hold.on {
                 drop(slot);
                 // Its publishes would wait for the broker past the claim's
                 // budget, and be published again once given back: claim
                 // nothing until the broker lets go.
-                if !std::mem::replace(&mut held_back, true) {
-                    tracing::warn!("the broker holds publishing back; the relay claims nothing until it lets go");
-                    metrics::gauge!(HELD_BACK_GAUGE).increment(1.0);
-                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(HELD_BACK_CHECK) => {}
                     Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended),
                 }
                 continue;
-            }
-            if std::mem::take(&mut held_back) {
-                tracing::info!("the broker lets publishing go again; the relay claims again");
-                metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
             }
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {
@@ -267,9 +295,6 @@ impl Relay {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
-        if held_back {
-            metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
         }
         while let Some(ended) = rounds.join_next().await {
             self.ended(ended);
