@@ -113,6 +113,19 @@ fn held_back(snapshotter: &metrics_util::debugging::Snapshotter, level: &mut Opt
     *level
 }
 
+/// A relay over an empty outbox publishing through `publisher`, running
+/// until the returned token is cancelled.
+fn run_relay(publisher: &Arc<HeldBack>) -> (saga_core::CancellationToken, tokio::task::JoinHandle<()>) {
+    let relay = saga_core::Relay::new(
+        Arc::new(InMemoryStore::new()),
+        publisher.clone(),
+        saga_core::RelayConfig::default(),
+    );
+    let shutdown = saga_core::CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    (shutdown, running)
+}
+
 #[test]
 fn the_relay_shows_while_the_broker_holds_publishing_back() {
     use std::sync::atomic::Ordering;
@@ -127,13 +140,7 @@ fn the_relay_shows_while_the_broker_holds_publishing_back() {
             .expect("runtime");
         runtime.block_on(async {
             let publisher = Arc::new(HeldBack::default());
-            let relay = saga_core::Relay::new(
-                Arc::new(InMemoryStore::new()),
-                publisher.clone(),
-                saga_core::RelayConfig::default(),
-            );
-            let shutdown = saga_core::CancellationToken::new();
-            let running = tokio::spawn(relay.run(shutdown.clone()));
+            let (shutdown, running) = run_relay(&publisher);
             let mut level = None;
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert_eq!(
@@ -149,13 +156,7 @@ fn the_relay_shows_while_the_broker_holds_publishing_back() {
             // A second relay of the same process, held back too: they add up.
             let other = Arc::new(HeldBack::default());
             other.held.store(true, Ordering::Release);
-            let second = saga_core::Relay::new(
-                Arc::new(InMemoryStore::new()),
-                other.clone(),
-                saga_core::RelayConfig::default(),
-            );
-            let other_shutdown = saga_core::CancellationToken::new();
-            let other_running = tokio::spawn(second.run(other_shutdown.clone()));
+            let (other_shutdown, other_running) = run_relay(&other);
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert_eq!(held_back(&snapshotter, &mut level), Some(2.0), "two held back");
 
