@@ -76,10 +76,12 @@ impl MessageId {
         Self(Uuid::new_v5(&DERIVED_NAMESPACE, &name).to_string())
     }
 
-    /// The id of the `index`-th message emitted while handling message `cause`
-    /// (participants use it so a retried handler replies with the same ids).
-    pub fn derived_from(cause: &MessageId, index: usize) -> Self {
-        let name = format!("{}#{index}", cause.0);
+    /// The id of the `index`-th message consumer `by` emitted while handling
+    /// message `cause`. Participants use it so a retried handler replies with
+    /// the same ids; `by` keeps apart the replies of several participants
+    /// that one command fans out to, which meet in the same inbox.
+    pub fn derived_from(by: &str, cause: &MessageId, index: usize) -> Self {
+        let name = format!("{by}\0{}#{index}", cause.0);
         Self(Uuid::new_v5(&DERIVED_NAMESPACE, name.as_bytes()).to_string())
     }
 
@@ -124,8 +126,10 @@ mod tests {
         assert_ne!(MessageId::derived(saga, 3, 0), MessageId::derived(saga, 3, 1));
         assert_ne!(MessageId::derived(saga, 3, 0), MessageId::derived(saga, 4, 0));
         let cause = MessageId::new();
-        assert_eq!(MessageId::derived_from(&cause, 0), MessageId::derived_from(&cause, 0));
-        assert_ne!(MessageId::derived_from(&cause, 0), MessageId::derived_from(&cause, 1));
+        let stock = |index| MessageId::derived_from("stock", &cause, index);
+        assert_eq!(stock(0), stock(0));
+        assert_ne!(stock(0), stock(1));
+        assert_ne!(stock(0), MessageId::derived_from("payment", &cause, 0));
     }
 
     #[test]

@@ -165,7 +165,9 @@ impl Core {
             return Ok(Handling::Duplicate);
         }
         let commands = self.handler.handle(tx, command).await.map_err(Refused::Handler)?;
-        enqueue_replies(tx, command, commands).await.map_err(Refused::Store)
+        enqueue_replies(&self.name, tx, command, commands)
+            .await
+            .map_err(Refused::Store)
     }
 
     /// Records `command` as consumed at commit; false if this transaction
@@ -237,7 +239,9 @@ impl Core {
             return None;
         }
         for (index, answer) in fresh.into_iter().zip(replies) {
-            handlings[index] = enqueue_replies(tx.as_mut(), commands[index].0, answer).await.ok()?;
+            handlings[index] = enqueue_replies(&self.name, tx.as_mut(), commands[index].0, answer)
+                .await
+                .ok()?;
         }
         tx.commit().await.ok()?;
         Some(handlings)
@@ -250,25 +254,26 @@ impl Core {
     }
 }
 
-/// Enqueues the replies a handler returned for `command`.
+/// Enqueues the replies participant `by`'s handler returned for `command`.
 async fn enqueue_replies(
+    by: &str,
     tx: &mut dyn Transaction,
     command: &Message,
     commands: Vec<Command>,
 ) -> Result<Handling, StoreError> {
-    let replies = replies_to(command, commands);
+    let replies = replies_to(by, command, commands);
     if !replies.is_empty() {
         tx.enqueue(None, &replies).await?;
     }
     Ok(Handling::Handled { replies: replies.len() })
 }
 
-/// The replies a handler returned, as messages answering `command`.
-fn replies_to(command: &Message, replies: Vec<Command>) -> Vec<Message> {
+/// The replies participant `by`'s handler returned, as messages answering `command`.
+fn replies_to(by: &str, command: &Message, replies: Vec<Command>) -> Vec<Message> {
     replies
         .into_iter()
         .enumerate()
-        .map(|(index, reply)| reply_to(command, reply, MessageId::derived_from(&command.id, index)))
+        .map(|(index, reply)| reply_to(command, reply, MessageId::derived_from(by, &command.id, index)))
         .collect()
 }
 

@@ -475,6 +475,31 @@ async fn participants_handle_each_command_once_and_reply_through_the_outbox() {
 }
 
 #[tokio::test]
+async fn replies_of_participants_that_one_command_fans_out_to_all_reach_the_saga() {
+    let clock = ManualClock::default();
+    let (store, engine) = setup(&clock);
+    let id = engine.start("orders", order("o-fan")).await.expect("start");
+    let reserve = store.claim(10, Duration::from_secs(1)).await.expect("claim").remove(0);
+    store.mark_sent(&[reserve.id]).await.expect("mark");
+    // A fanout destination: three participants get the same command, and
+    // the step needs all three parts.
+    for name in ["stock-east", "stock-west", "stock-north"] {
+        let participant = Participant::new(name, Arc::new(store.clone()), Stock);
+        let handled = participant.handle(&reserve.message).await.expect("handle");
+        assert_eq!(handled, Handling::Handled { replies: 1 }, "{name}");
+    }
+    let replies = store.claim(10, Duration::from_secs(1)).await.expect("claim replies");
+    let mut ids: Vec<&str> = replies.iter().map(|r| r.message.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each participant's reply has an id of its own");
+    for reply in &replies {
+        let handled = engine.handle(&reply.message).await.expect("handle reply");
+        assert!(matches!(handled, Handled::Applied { .. }), "{handled:?}");
+    }
+    assert_eq!(status(&store, id).await, SagaStatus::Completed);
+}
+#[tokio::test]
 async fn the_relay_keeps_messages_until_they_can_be_published() {
     let store = InMemoryStore::new();
     let transport = InMemoryTransport::new();

@@ -313,7 +313,7 @@ impl World {
                     "engine",
                     format!("{{\"ok\":{ok}}}").into_bytes(),
                 )
-                .with_id(MessageId::derived_from(&command.id, index))
+                .with_id(MessageId::derived_from("participant", &command.id, index))
                 .with_correlation_id(command.correlation_id.clone().unwrap_or_default())
                 .with_header(IN_REPLY_TO, command.id.as_str())
             };
