@@ -3,19 +3,33 @@
 use saga_core::StoreError;
 
 /// SQLSTATEs that mean "try again": sqlx classifies constraint violations
-/// (`ErrorKind`) but not these, so they are named here once.
+/// (`ErrorKind`) but not these, so they are named here once. Besides
+/// connection trouble, the ways a production server fails for a while: a
+/// failover's demoted primary (read-only), `statement_timeout` and
+/// `lock_timeout` under overload, running out of disk or memory. Taking
+/// them for permanent would dead-letter every message of the outage.
 const TRANSIENT_SQLSTATES: &[&str] = &[
     "40001", // serialization_failure
     "40P01", // deadlock_detected
+    "40003", // statement_completion_unknown
+    "25006", // read_only_sql_transaction
+    "25P03", // idle_in_transaction_session_timeout
+    "55P03", // lock_not_available
+    "57014", // query_canceled
     "57P01", // admin_shutdown
     "57P02", // crash_shutdown
     "57P03", // cannot_connect_now
+    "57P05", // idle_session_timeout
+    "53000", // insufficient_resources
+    "53100", // disk_full
+    "53200", // out_of_memory
     "53300", // too_many_connections
     "08000", // connection_exception
     "08003", // connection_does_not_exist
     "08006", // connection_failure
     "08001", // sqlclient_unable_to_establish_sqlconnection
     "08004", // sqlserver_rejected_establishment_of_sqlconnection
+    "08P01", // protocol_violation
 ];
 
 /// Whether `error` is worth retrying as is (connection trouble, a server

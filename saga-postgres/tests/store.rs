@@ -951,6 +951,23 @@ async fn an_unreachable_database_is_retryable() {
     assert!(matches!(consumed, Err(StoreError::Unavailable(_))), "{consumed:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_an_outage_to_ride_out() {
+    // A failover's demoted primary answers writes with 25006: the message
+    // must go back to its queue, not to the dead letters.
+    let db = TestDb::new().await;
+    let store = db.store(1).await;
+    sqlx::query("SET default_transaction_read_only = on")
+        .execute(store.pool())
+        .await
+        .expect("set on the pool's one connection");
+    let committed = start(&store, &sample_instance("orders", None)).await;
+    match committed {
+        Err(e @ StoreError::Unavailable(_)) => assert!(e.is_retryable()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
 /// Commits `instance`'s next revision caused by `message`, emitting one
 /// message, as the engine does; `expected` is the revision it expects.
 async fn engine_transition(
