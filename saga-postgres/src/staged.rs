@@ -102,10 +102,22 @@ impl Parameter {
 /// ```
 ///
 /// Prefer [`rows`](Self::rows) for writes that many transitions make.
+///
+/// **Writes that change existing rows name them.** Under load, concurrent
+/// transitions share one statement (group commit), and PostgreSQL applies
+/// only one of two changes a statement makes to the same row, without an
+/// error. So a transition whose staged writes `UPDATE` or `DELETE` (or
+/// upsert) shares a statement only with transitions whose writes declare
+/// other rows with [`touching`](Self::touching); one that declares none is
+/// written alone, beside transitions that only insert or stage nothing.
+/// Plain `INSERT`s need no declaration: two of one key in a statement fail
+/// it, and each transition is then written alone.
 pub struct StagedWrite {
     sql: String,
     parameters: Vec<Parameter>,
     row_wise: bool,
+    /// The application rows it changes, as declared (see [`touching`](Self::touching)).
+    touches: Vec<String>,
 }
 
 impl StagedWrite {
@@ -115,6 +127,7 @@ impl StagedWrite {
             sql: sql.into(),
             parameters: Vec::new(),
             row_wise: false,
+            touches: Vec::new(),
         }
     }
 
@@ -178,9 +191,33 @@ impl StagedWrite {
         self
     }
 
+    /// Declares an application row this write may change, by a name of the
+    /// caller's choosing that is the same for every write of that row (say
+    /// `"orders/<id>"`). Transitions whose writes change rows share a
+    /// statement only if they declare different rows (see [`StagedWrite`]);
+    /// declare every row the write may change, or none.
+    #[must_use]
+    pub fn touching(mut self, row: impl Into<String>) -> Self {
+        self.touches.push(row.into());
+        self
+    }
+
     /// The parameters bound so far.
     pub fn parameters(&self) -> usize {
         self.parameters.len()
+    }
+
+    /// Whether it may change rows that exist: anything but a plain `INSERT`
+    /// (an upsert's `DO UPDATE` changes the row it meets).
+    pub(crate) fn changes_rows(&self) -> bool {
+        let words: Vec<String> = self.sql.split_whitespace().map(str::to_ascii_uppercase).collect();
+        let upserts = words.windows(2).any(|pair| pair[0] == "DO" && pair[1] == "UPDATE");
+        words.first().is_none_or(|first| first != "INSERT") || upserts
+    }
+
+    /// The rows it declared it changes (see [`touching`](Self::touching)).
+    pub(crate) fn touches(&self) -> &[String] {
+        &self.touches
     }
 
     /// The SQL under which this write merges with others of it: a row-wise
@@ -224,6 +261,7 @@ impl StagedWrite {
             sql: first.sql.clone(),
             parameters,
             row_wise: true,
+            touches: writes.iter().flat_map(|write| write.touches.iter().cloned()).collect(),
         })
     }
 
@@ -260,6 +298,7 @@ impl std::fmt::Debug for StagedWrite {
             .field("sql", &self.sql)
             .field("parameters", &self.parameters.len())
             .field("row_wise", &self.row_wise)
+            .field("touches", &self.touches.len())
             .finish()
     }
 }
@@ -324,6 +363,17 @@ fn renumber(sql: &str, offset: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_inserts_change_no_existing_row() {
+        let changes = |sql: &str| StagedWrite::new(sql).changes_rows();
+        assert!(!changes("INSERT INTO t (id) VALUES ($1)"));
+        assert!(!changes("  insert into t (id) values ($1) on conflict do nothing"));
+        assert!(changes("INSERT INTO t (id, n) VALUES ($1, 1) ON CONFLICT (id) DO\n  update SET n = t.n + 1"));
+        assert!(changes("UPDATE t SET n = n + 1 WHERE id = $1"));
+        assert!(changes("DELETE FROM t WHERE id = $1"));
+        assert!(changes("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x"), "unknown: taken as changing");
+    }
 
     #[test]
     fn parameters_follow_the_saga_s_and_quoted_text_is_left_alone() {

@@ -1007,6 +1007,86 @@ async fn batching_store(db: &TestDb) -> saga_postgres::PostgresStore {
     db.store_with(8, config).await
 }
 
+/// Runs one transition for each of `instances` at once, each staging
+/// `write(index)`, and returns the store's batching afterwards.
+async fn transitions_staging(
+    store: &saga_postgres::PostgresStore,
+    instances: &[SagaInstance],
+    write: impl Fn(usize) -> StagedWrite,
+) -> saga_postgres::CommitBatching {
+    let mut transitions = tokio::task::JoinSet::new();
+    for (index, instance) in instances.iter().enumerate() {
+        let (store, instance, write) = (store.clone(), instance.clone(), write(index));
+        transitions
+            .spawn(async move { engine_transition_staging(&store, &instance, &MessageId::new(), Some(write)).await });
+    }
+    for committed in transitions.join_all().await {
+        committed.expect("each transition commits");
+    }
+    store.commit_batching()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transitions_changing_one_application_row_each_change_it() {
+    // PostgreSQL applies one of two changes a statement makes to a row and
+    // drops the other silently: such transitions must not share one.
+    let db = TestDb::new().await;
+    let store = batching_store(&db).await;
+    let pool = store.pool().clone();
+    sqlx::query("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("create");
+    sqlx::query("INSERT INTO counters SELECT g, 0 FROM generate_series(1, 32) g")
+        .execute(&pool)
+        .await
+        .expect("seed");
+    let sagas = 32;
+    let instances: Vec<SagaInstance> = (0..sagas).map(|_| sample_instance("orders", None)).collect();
+    for instance in &instances {
+        start(&store, instance).await.expect("start");
+    }
+    let mut instances = instances;
+    let bump = "UPDATE counters SET n = n + 1 WHERE id = $1";
+    let bump_rows = "UPDATE counters SET n = n + 1 WHERE id = ANY($1::int4[])";
+    let variants: [(&str, Box<dyn Fn(usize) -> StagedWrite>); 3] = [
+        ("undeclared", Box::new(|_| StagedWrite::new(bump).bind(1_i32))),
+        (
+            "undeclared, row-wise",
+            Box::new(|_| StagedWrite::rows(bump_rows).column(vec![1_i32])),
+        ),
+        (
+            "declared",
+            Box::new(|_| StagedWrite::new(bump).bind(1_i32).touching("counters/1")),
+        ),
+    ];
+    for (round, (name, write)) in variants.into_iter().enumerate() {
+        transitions_staging(&store, &instances, write).await;
+        for instance in &mut instances {
+            instance.revision += 1;
+        }
+        let n = count(&pool, "SELECT n::bigint FROM counters WHERE id = 1").await;
+        assert_eq!(
+            n,
+            sagas as i64 * (round as i64 + 1),
+            "{name}: every change of the row applies"
+        );
+    }
+    // Declared different rows: the transitions still share statements.
+    let before = store.commit_batching().batched_transitions;
+    let after = transitions_staging(&store, &instances, |index| {
+        let id = i32::try_from(index + 1).expect("small");
+        StagedWrite::new(bump).bind(id).touching(format!("counters/{id}"))
+    })
+    .await;
+    let distinct = count(&pool, "SELECT count(*) FROM counters WHERE n = 1").await;
+    assert_eq!(distinct, sagas as i64 - 1, "each other row changed once");
+    assert!(
+        after.batched_transitions > before,
+        "declared apart, they share statements: {after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() {
     let db = TestDb::new().await;

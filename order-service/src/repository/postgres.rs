@@ -115,7 +115,9 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
                      WHERE id = ANY($1::uuid[])",
                 )
                 .column(vec![*id.as_uuid()])
-                .column(vec![status.as_str()]),
+                .column(vec![status.as_str()])
+                // Only this order's row: such writes may share a statement.
+                .touching(format!("order_service.orders/{id}")),
             };
             saga_postgres::stage(tx, write).map_err(store_error)?;
         }

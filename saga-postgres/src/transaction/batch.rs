@@ -67,6 +67,18 @@ impl Batched {
         self.rest.staged.iter().any(|write| write.merges_as().is_none())
     }
 
+    /// The application rows its staged writes change (see [`Changes`]).
+    fn changes(&self) -> Changes<'_> {
+        let mut rows = Vec::new();
+        for write in self.rest.staged.iter().filter(|write| write.changes_rows()) {
+            if write.touches().is_empty() {
+                return Changes::Undeclared;
+            }
+            rows.extend(write.touches().iter().map(String::as_str));
+        }
+        Changes::Rows(rows)
+    }
+
     /// Orders members by the SQL of their staged writes, so that members
     /// alike stand together and a mix of kinds has one statement text.
     fn by_staged_sql(&self, other: &Self) -> std::cmp::Ordering {
@@ -75,6 +87,42 @@ impl Batched {
             .iter()
             .map(StagedWrite::sql)
             .cmp(other.rest.staged.iter().map(StagedWrite::sql))
+    }
+}
+
+/// The existing application rows a member's staged writes change. Of two
+/// changes to one row in a statement PostgreSQL applies one and says
+/// nothing, so members that may change the same row never share one.
+enum Changes<'a> {
+    /// These rows (none: it only inserts, or stages nothing).
+    Rows(Vec<&'a str>),
+    /// Some rows, not declared (`StagedWrite::touching`): it may share a
+    /// statement only with members that change none.
+    Undeclared,
+}
+
+/// The rows the members of a statement change, as members join it.
+#[derive(Default)]
+struct Changed<'a> {
+    rows: std::collections::HashSet<&'a str>,
+    undeclared: bool,
+}
+
+impl<'a> Changed<'a> {
+    /// Adds a member's changes, unless they may meet another member's.
+    fn admit(&mut self, changes: Changes<'a>) -> bool {
+        match changes {
+            Changes::Undeclared if self.rows.is_empty() && !self.undeclared => {
+                self.undeclared = true;
+                true
+            }
+            Changes::Rows(rows) if rows.is_empty() => true,
+            Changes::Rows(rows) if !self.undeclared && rows.iter().all(|row| !self.rows.contains(row)) => {
+                self.rows.extend(rows);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -192,12 +240,19 @@ struct Queue {
 }
 
 impl Queue {
-    /// Moves waiting transitions into `batch` while it has room for `most`
-    /// and at most [`STAGED_PER_STATEMENT`] of them stage writes apart.
+    /// Moves waiting transitions into `batch` while it has room for `most`,
+    /// at most [`STAGED_PER_STATEMENT`] of them stage writes apart, and no
+    /// two may change the same application row (see [`Changes`]). In
+    /// order: the first that does not fit waits for the next statement.
     fn take(&mut self, batch: &mut Vec<(Batched, Reply)>, most: usize) {
         let mut staged = batch.iter().filter(|(item, _)| item.stages_apart()).count();
-        while batch.len() < most
-            && let Some((item, _)) = self.waiting.front()
+        let mut changed = Changed::default();
+        for (item, _) in batch.iter() {
+            changed.admit(item.changes());
+        }
+        let mut taken = 0;
+        while batch.len() + taken < most
+            && let Some((item, _)) = self.waiting.get(taken)
         {
             if item.stages_apart() {
                 if staged == STAGED_PER_STATEMENT {
@@ -205,8 +260,12 @@ impl Queue {
                 }
                 staged += 1;
             }
-            batch.extend(self.waiting.pop_front());
+            if !changed.admit(item.changes()) {
+                break;
+            }
+            taken += 1;
         }
+        batch.extend(self.waiting.drain(..taken));
     }
 }
 
