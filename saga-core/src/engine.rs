@@ -326,7 +326,8 @@ impl EngineBuilder {
     pub fn build(self) -> Result<Engine, DefinitionError> {
         let mut by_version: HashMap<(String, u32), Arc<dyn Runner>> = HashMap::new();
         let mut latest: HashMap<String, u32> = HashMap::new();
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        // Definitions in the order first registered, each with its versions.
+        let mut definitions: Vec<(String, Vec<Arc<dyn Runner>>)> = Vec::new();
         for runner in self.runners {
             let key = (runner.name().to_owned(), runner.version());
             if by_version.contains_key(&key) {
@@ -336,20 +337,37 @@ impl EngineBuilder {
                 });
             }
             let newest = latest.entry(key.0.clone()).or_insert(key.1);
-            if key.1 >= *newest {
-                *newest = key.1;
-                // The newest version decides how replies find instances of this saga.
-                for list in routes.values_mut() {
-                    list.retain(|r| r.definition != key.0);
-                }
+            *newest = (*newest).max(key.1);
+            match definitions.iter_mut().find(|(name, _)| *name == key.0) {
+                Some((_, versions)) => versions.push(Arc::clone(&runner)),
+                None => definitions.push((key.0.clone(), vec![Arc::clone(&runner)])),
+            }
+            by_version.insert(key, runner);
+        }
+        // Every registered version's replies find their instances, newest
+        // version first: an instance continues under the version that
+        // started it, so its replies must still be routed when a newer
+        // version renamed them or correlates them differently.
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        for (definition, mut versions) in definitions {
+            versions.sort_by_key(|runner| std::cmp::Reverse(runner.version()));
+            for runner in versions {
                 for (kind, correlation) in runner.routes() {
-                    routes.entry(kind).or_default().push(Route {
-                        definition: key.0.clone(),
+                    let list = routes.entry(kind).or_default();
+                    let by_id = matches!(correlation, Correlation::SagaId);
+                    if by_id
+                        && list
+                            .iter()
+                            .any(|r| r.definition == definition && matches!(r.correlation, Correlation::SagaId))
+                    {
+                        continue;
+                    }
+                    list.push(Route {
+                        definition: definition.clone(),
                         correlation,
                     });
                 }
             }
-            by_version.insert(key, runner);
         }
         let mut upgrades = HashMap::new();
         for upgrade in self.upgrades {
@@ -674,14 +692,22 @@ impl Engine {
     }
 
     fn runner(&self, definition: &str, version: u32, id: SagaId) -> Result<&Arc<dyn Runner>, EngineError> {
-        self.inner
-            .by_version
-            .get(&(definition.to_owned(), version))
-            .ok_or_else(|| EngineError::UnknownDefinition {
+        if let Some(runner) = self.inner.by_version.get(&(definition.to_owned(), version)) {
+            return Ok(runner);
+        }
+        match self.inner.latest.get(definition) {
+            Some(&newest) if version > newest => Err(EngineError::NewerVersion {
                 id,
                 definition: definition.to_owned(),
                 version,
-            })
+                newest,
+            }),
+            _ => Err(EngineError::UnknownDefinition {
+                id,
+                definition: definition.to_owned(),
+                version,
+            }),
+        }
     }
 
     /// Finds the instance a message belongs to, in the engine's cache or the
@@ -696,6 +722,12 @@ impl Engine {
                 kind: message.kind.clone(),
             })?;
         let mut tried = None;
+        // Keys looked up already (versions of a definition often read the same one).
+        let mut looked_up: Vec<(&str, String)> = Vec::new();
+        // A payload one key route cannot read may be another's (another
+        // definition's, or another version's); it is an error only if no
+        // route finds the instance.
+        let mut undecodable = None;
         for route in routes {
             match &route.correlation {
                 Correlation::SagaId => {
@@ -717,10 +749,20 @@ impl Engine {
                     }
                 }
                 Correlation::Key(key_of) => {
-                    let key = key_of(message).map_err(|source| EngineError::Decode {
-                        what: format!("`{}` message {}", message.kind, message.id),
-                        source,
-                    })?;
+                    let key = match key_of(message) {
+                        Ok(key) => key,
+                        Err(source) => {
+                            undecodable.get_or_insert(EngineError::Decode {
+                                what: format!("`{}` message {}", message.kind, message.id),
+                                source,
+                            });
+                            continue;
+                        }
+                    };
+                    if looked_up.iter().any(|(d, k)| *d == route.definition && *k == key) {
+                        continue;
+                    }
+                    looked_up.push((&route.definition, key.clone()));
                     // Nor does its key.
                     match recent.get_by_key(&route.definition, &key) {
                         Some(copy) if self.decides(&copy, message) => {
@@ -737,10 +779,10 @@ impl Engine {
                 }
             }
         }
-        Err(EngineError::UnknownSaga {
+        Err(undecodable.unwrap_or_else(|| EngineError::UnknownSaga {
             kind: message.kind.clone(),
             key: tried,
-        })
+        }))
     }
 
     /// Whether `message` is decided on `copy`, the instance as this engine

@@ -191,6 +191,21 @@ pub enum EngineError {
         /// Its definition's version.
         version: u32,
     },
+    /// The instance runs under a newer version of its definition than this
+    /// process has: a deployment is under way, and a replica that has it
+    /// will take the message. Retryable, so it goes back to its queue (and
+    /// reaches the dead letters only if the version never arrives).
+    #[error("saga {id} uses definition `{definition}` version {version}, newer than this process's {newest}")]
+    NewerVersion {
+        /// The instance.
+        id: SagaId,
+        /// Its definition's name.
+        definition: String,
+        /// Its definition's version.
+        version: u32,
+        /// The newest version registered here.
+        newest: u32,
+    },
     /// The message (or stored data) could not be decoded: dead-letter it / fix the row.
     #[error("cannot decode {what}: {source}")]
     Decode {
@@ -261,7 +276,7 @@ impl EngineError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Store(e) => e.is_retryable(),
-            Self::Contended { .. } | Self::Panicked(_) => true,
+            Self::Contended { .. } | Self::Panicked(_) | Self::NewerVersion { .. } => true,
             Self::Effects(e) | Self::Step(e) => e.is_retryable(),
             _ => false,
         }

@@ -148,6 +148,47 @@ async fn unknown_messages_are_errors_that_say_why() {
 }
 
 #[tokio::test]
+async fn a_reply_kind_two_sagas_share_reaches_the_one_that_can_read_it() {
+    // `orders` reads `Reserved` by key from a JSON object; `refills` takes
+    // `Reserved` by saga id with a bare `true`, which `orders` cannot read.
+    let refills = SagaDefinition::builder("refills")
+        .step(
+            Step::remote("order", |_: &Order| Ok(Command::json("Refill", "supplier", &())?)).on_reply(
+                "Reserved",
+                |_: &mut Order, ok: bool| {
+                    if ok {
+                        ReplyOutcome::Success
+                    } else {
+                        ReplyOutcome::Failure("refused".into())
+                    }
+                },
+            ),
+        )
+        .build()
+        .expect("valid definition");
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .register(order_saga(1, Duration::from_secs(30)))
+        .register(refills)
+        .build()
+        .expect("engine");
+    let id = engine.start("refills", order("r-1")).await.expect("start");
+    let reply = Message::json("Reserved", "replies", &true)
+        .expect("encodable")
+        .with_correlation_id(id.to_string());
+    let handled = engine.handle(&reply).await;
+    assert!(matches!(handled, Ok(Handled::Applied { .. })), "{handled:?}");
+    assert_eq!(status(&store, id).await, SagaStatus::Completed);
+    // Readable by neither: still a decoding error, dead-lettered.
+    let garbage = engine
+        .handle(&Message::new("Reserved", "x", b"not json".to_vec()))
+        .await;
+    assert!(matches!(garbage, Err(EngineError::Decode { .. })), "{garbage:?}");
+}
+
+#[tokio::test]
 async fn sagas_whose_deadline_cannot_be_applied_never_crowd_out_the_others() {
     let clock = ManualClock::default();
     let (store, old) = setup(&clock);

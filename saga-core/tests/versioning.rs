@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use saga_core::memory::InMemoryStore;
 use saga_core::testkit::assert_resumable;
 use saga_core::{
-    Command, DefinitionError, Engine, EngineError, Event, Message, ReplyOutcome, SagaDefinition, SagaStatus, SagaStore,
-    Step, Upgrade, decide,
+    Command, DefinitionError, Engine, EngineError, Event, Handled, Message, ReplyOutcome, SagaDefinition, SagaStatus,
+    SagaStore, Step, Upgrade, decide,
 };
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -208,4 +208,100 @@ async fn an_instance_past_its_definitions_steps_is_refused_not_run_off_the_end()
     compensating.status = SagaStatus::Compensating;
     compensating.step = 1;
     assert!(decide(&v1(), &compensating, Event::Message(&reply), sample.updated_at).is_ok());
+}
+
+/// Version 3 of `payment`: the bank's reply renamed, correlated by key.
+fn v3_renamed() -> SagaDefinition<V1> {
+    SagaDefinition::builder("payment")
+        .version(3)
+        .key(|_: &V1| "the-only-payment".to_owned())
+        .step(
+            Step::remote("charge", |_: &V1| Ok(Command::json("Charge", "bank", &())?)).on_reply_keyed(
+                "PaymentCharged",
+                |_: &String| "the-only-payment".to_owned(),
+                |_: &mut V1, _: String| ReplyOutcome::Success,
+            ),
+        )
+        .build()
+        .expect("v3")
+}
+
+#[tokio::test]
+async fn replies_of_an_older_version_still_reach_its_instances() {
+    let store = InMemoryStore::new();
+    let old = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .build()
+        .expect("engine");
+    let id = old.start("payment", V1 { total: 4.0 }).await.expect("start");
+    // Deployed side by side: v3 renamed the reply and correlates by key.
+    let both = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .register(v3_renamed())
+        .build()
+        .expect("engine");
+    let fresh = both.start("payment", V1 { total: 5.0 }).await.expect("start v3");
+    let charged = Message::json("Charged", "r", &true)
+        .expect("json")
+        .with_correlation_id(id.to_string());
+    let handled = both.handle(&charged).await;
+    assert!(
+        matches!(handled, Ok(Handled::Applied { .. })),
+        "v1's reply: {handled:?}"
+    );
+    let renamed = Message::json("PaymentCharged", "r", &"the-only-payment").expect("json");
+    let handled = both.handle(&renamed).await;
+    assert!(
+        matches!(handled, Ok(Handled::Applied { .. })),
+        "v3's reply: {handled:?}"
+    );
+    for saga in [id, fresh] {
+        let instance = store.load(saga).await.expect("load").expect("exists");
+        assert_eq!(
+            instance.status,
+            SagaStatus::Completed,
+            "v{}",
+            instance.definition_version
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_replica_without_the_newer_version_gives_its_replies_back() {
+    // A deployment under way: a new replica starts v2 instances while an
+    // old one still consumes the shared reply queue.
+    let store = InMemoryStore::new();
+    let new = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .register(v2())
+        .build()
+        .expect("engine");
+    let id = new
+        .start(
+            "payment",
+            V2 {
+                total_cents: 100,
+                audited: false,
+            },
+        )
+        .await
+        .expect("start");
+    let old = Engine::builder(Arc::new(store.clone()))
+        .register(v1())
+        .build()
+        .expect("engine");
+    let reply = Message::json("Charged", "r", &true)
+        .expect("json")
+        .with_correlation_id(id.to_string());
+    match old.handle(&reply).await {
+        Err(
+            e @ EngineError::NewerVersion {
+                version: 2, newest: 1, ..
+            },
+        ) => {
+            assert!(e.is_retryable(), "back to the queue for a replica that has v2");
+        }
+        other => panic!("expected NewerVersion, got {other:?}"),
+    }
+    assert!(matches!(new.handle(&reply).await, Ok(Handled::Applied { .. })));
 }

@@ -369,10 +369,15 @@ mod tests {
         let changes = |sql: &str| StagedWrite::new(sql).changes_rows();
         assert!(!changes("INSERT INTO t (id) VALUES ($1)"));
         assert!(!changes("  insert into t (id) values ($1) on conflict do nothing"));
-        assert!(changes("INSERT INTO t (id, n) VALUES ($1, 1) ON CONFLICT (id) DO\n  update SET n = t.n + 1"));
+        assert!(changes(
+            "INSERT INTO t (id, n) VALUES ($1, 1) ON CONFLICT (id) DO\n  update SET n = t.n + 1"
+        ));
         assert!(changes("UPDATE t SET n = n + 1 WHERE id = $1"));
         assert!(changes("DELETE FROM t WHERE id = $1"));
-        assert!(changes("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x"), "unknown: taken as changing");
+        assert!(
+            changes("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x"),
+            "unknown: taken as changing"
+        );
     }
 
     #[test]
