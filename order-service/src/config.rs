@@ -372,8 +372,12 @@ impl Config {
         let backend = match (get("DATABASE_URL"), get("RABBITMQ_URL")) {
             (None, None) => Backend::Embedded,
             (Some(database), Some(rabbitmq)) => Backend::Production {
-                database_url: parse_url("DATABASE_URL", database, &["postgres", "postgresql"])?,
-                rabbitmq_url: parse_url("RABBITMQ_URL", rabbitmq, &["amqp", "amqps"])?,
+                database_url: parse_url("DATABASE_URL", database, &["postgres", "postgresql"], |url| {
+                    url.parse::<sqlx::postgres::PgConnectOptions>().is_ok()
+                })?,
+                rabbitmq_url: parse_url("RABBITMQ_URL", rabbitmq, &["amqp", "amqps"], |url| {
+                    url.parse::<saga_amqp::lapin::uri::AMQPUri>().is_ok()
+                })?,
             },
             (Some(_), None) => {
                 return Err(ConfigError::new(
@@ -492,11 +496,27 @@ where
     }
 }
 
-fn parse_url(variable: &'static str, value: String, schemes: &[&str]) -> Result<SecretUrl, ConfigError> {
+/// A URL of one of `schemes` that its client parses (`parses`), so that a
+/// malformed one stops the service at start rather than in a retry loop.
+fn parse_url(
+    variable: &'static str,
+    value: String,
+    schemes: &[&str],
+    parses: impl Fn(&str) -> bool,
+) -> Result<SecretUrl, ConfigError> {
     let scheme = value.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    // Never echo the value: it may hold a password.
     match scheme {
-        Some(scheme) if schemes.contains(&scheme.as_str()) => Ok(SecretUrl(value)),
-        // Never echo the value: it may hold a password.
+        Some(scheme) if schemes.contains(&scheme.as_str()) => {
+            if parses(&value) {
+                Ok(SecretUrl(value))
+            } else {
+                Err(ConfigError::new(
+                    variable,
+                    "does not parse as a URL (percent-encode special characters such as `/`, `@` or `:` in the user name and password)",
+                ))
+            }
+        }
         _ => Err(ConfigError::new(
             variable,
             format_args!("expected a URL starting with {}://", schemes.join("://, ")),
@@ -656,6 +676,32 @@ mod tests {
             config(&[("DATABASE_URL", ""), ("RABBITMQ_URL", " ")]),
             Ok(Config::default())
         );
+    }
+
+    #[test]
+    fn a_url_its_client_cannot_parse_is_refused_at_start_without_its_password() {
+        // A generated password with a `/` in it, not percent-encoded.
+        let mq = config(&[
+            ("DATABASE_URL", "postgres://u:p@db/orders"),
+            ("RABBITMQ_URL", "amqp://orders:ab/cd@mq:5672/%2f"),
+        ])
+        .expect_err("malformed");
+        assert_eq!(mq.variable, "RABBITMQ_URL");
+        let db = config(&[
+            ("DATABASE_URL", "postgres://orders:ab/cd@db/orders"),
+            ("RABBITMQ_URL", "amqp://mq"),
+        ])
+        .expect_err("malformed");
+        assert_eq!(db.variable, "DATABASE_URL");
+        for error in [mq, db] {
+            assert!(!error.to_string().contains("ab/cd"), "{error}");
+            assert!(error.to_string().contains("percent-encode"), "{error}");
+        }
+        let encoded = config(&[
+            ("DATABASE_URL", "postgres://orders:ab%2Fcd@db/orders"),
+            ("RABBITMQ_URL", "amqp://orders:ab%2Fcd@mq:5672/%2f"),
+        ]);
+        assert!(encoded.is_ok(), "{encoded:?}");
     }
 
     #[test]
