@@ -126,7 +126,7 @@ impl Orders {
             // A retry: the saga exists, or only its order does (retention
             // purged the finished saga, and the order row refused the new one).
             Err(error @ (EngineError::AlreadyStarted { .. } | EngineError::Store(_))) if idempotency_key.is_some() => {
-                let Some(existing) = self.repository.get(id).await? else {
+                let Some(existing) = self.repository.get(id, &order.user_id).await? else {
                     return Err(match error {
                         EngineError::AlreadyStarted { .. } => {
                             OrderError::Internal(format!("order {id} has a saga but no order row").into())
@@ -147,9 +147,9 @@ impl Orders {
     /// The order `id`, if `user` owns it.
     pub async fn get(&self, id: OrderId, user: &UserId) -> Result<Order, OrderError> {
         self.check_open()?;
-        match self.repository.get(id).await? {
-            Some(order) if order.is_owned_by(user) => Ok(order),
-            _ => Err(OrderError::NotFound(id.to_string())),
-        }
+        self.repository
+            .get(id, user)
+            .await?
+            .ok_or_else(|| OrderError::NotFound(id.to_string()))
     }
 }

@@ -9,7 +9,7 @@ mod postgres;
 use async_trait::async_trait;
 use saga_core::BoxError;
 
-use crate::domain::{Order, OrderId};
+use crate::domain::{Order, OrderId, UserId};
 
 pub use memory::InMemoryOrders;
 pub use postgres::PostgresOrders;
@@ -39,6 +39,9 @@ pub enum RepositoryError {
 /// committed is found, with the status of the last committed transition.
 #[async_trait]
 pub trait OrderRepository: Send + Sync + 'static {
-    /// The order with this id, with its items and current status.
-    async fn get(&self, id: OrderId) -> Result<Option<Order>, RepositoryError>;
+    /// The order with this id, with its items and current status, if
+    /// `owner` placed it. `None` for another user's order as for a missing
+    /// one, at the same cost: an order is shown only to its owner, and
+    /// whether someone else's id exists must not show either.
+    async fn get(&self, id: OrderId, owner: &UserId) -> Result<Option<Order>, RepositoryError>;
 }

@@ -6,7 +6,7 @@ use saga_core::memory::InMemoryTransaction;
 use saga_core::{EffectHandler, SagaInstance, StepError, Transaction};
 
 use super::{OrderRepository, RepositoryError};
-use crate::domain::{Order, OrderId};
+use crate::domain::{Order, OrderId, UserId};
 use crate::saga::OrderEffect;
 
 /// The orders table of embedded mode: a map next to the
@@ -73,8 +73,9 @@ impl EffectHandler<OrderEffect> for InMemoryOrders {
 
 #[async_trait]
 impl OrderRepository for InMemoryOrders {
-    async fn get(&self, id: OrderId) -> Result<Option<Order>, RepositoryError> {
-        Ok(self.orders.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned())
+    async fn get(&self, id: OrderId, owner: &UserId) -> Result<Option<Order>, RepositoryError> {
+        let orders = self.orders.read().unwrap_or_else(|p| p.into_inner());
+        Ok(orders.get(&id).filter(|order| order.is_owned_by(owner)).cloned())
     }
 }
 
@@ -122,7 +123,16 @@ mod tests {
             .start_with_id(ORDER_SAGA, saga, OrderSagaData::new(order.clone()))
             .await
             .expect("started");
-        assert_eq!(orders.get(order.id).await.expect("read"), Some(order.clone()));
+        assert_eq!(
+            orders.get(order.id, &order.user_id).await.expect("read"),
+            Some(order.clone())
+        );
+        let stranger = UserId::parse("mallory").expect("a user id");
+        assert_eq!(
+            orders.get(order.id, &stranger).await.expect("read"),
+            None,
+            "only its owner's"
+        );
 
         // The reply carries no correlation id: the order id in the body finds the saga.
         let handled = engine
@@ -136,7 +146,11 @@ mod tests {
                 status: SagaStatus::Completed
             }
         );
-        let stored = orders.get(order.id).await.expect("read").expect("stored");
+        let stored = orders
+            .get(order.id, &order.user_id)
+            .await
+            .expect("read")
+            .expect("stored");
         assert_eq!(stored.status, OrderStatus::Confirmed);
     }
 

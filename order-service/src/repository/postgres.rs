@@ -7,7 +7,7 @@ use saga_postgres::StagedWrite;
 use sqlx::{PgPool, Row};
 
 use super::{OrderRepository, RepositoryError};
-use crate::domain::{Order, OrderId, OrderItem, OrderStatus};
+use crate::domain::{Order, OrderId, OrderItem, OrderStatus, UserId};
 use crate::saga::OrderEffect;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -157,23 +157,23 @@ impl OrderRepository for PostgresOrders {
         skip(self),
         fields(otel.kind = "client", db.system = "postgresql", order_id = %id)
     )]
-    async fn get(&self, id: OrderId) -> Result<Option<Order>, RepositoryError> {
-        let Some(row) = sqlx::query("SELECT user_id, status FROM order_service.orders WHERE id = $1")
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(read_error(id))?
-        else {
-            return Ok(None);
-        };
-        let items = sqlx::query(
-            "SELECT product_id, quantity, price::text AS price FROM order_service.order_items \
-             WHERE order_id = $1 ORDER BY position",
+    async fn get(&self, id: OrderId, owner: &UserId) -> Result<Option<Order>, RepositoryError> {
+        // One statement, filtered by owner: another user's order costs what
+        // a missing one does, so the answer's timing tells nothing either.
+        let rows = sqlx::query(
+            "SELECT o.status, i.product_id, i.quantity, i.price::text AS price \
+             FROM order_service.orders o \
+             LEFT JOIN order_service.order_items i ON i.order_id = o.id \
+             WHERE o.id = $1 AND o.user_id = $2 ORDER BY i.position",
         )
         .bind(id.as_uuid())
+        .bind(owner.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(read_error(id))?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
 
         let text = |row: &sqlx::postgres::PgRow, column: &str| -> Result<String, RepositoryError> {
             row.try_get::<String, _>(column).map_err(|e| corrupt(id, e))
@@ -182,17 +182,21 @@ impl OrderRepository for PostgresOrders {
             let exact = Decimal::from_str(&value).map_err(|e| corrupt(id, e))?;
             f64::from_str(&exact.to_string()).map_err(|e| corrupt(id, e))
         };
-        let items = items
-            .iter()
-            .map(|row| {
-                let quantity: i32 = row.try_get("quantity").map_err(|e| corrupt(id, e))?;
-                let price = decimal(text(row, "price")?)?;
-                OrderItem::parse(text(row, "product_id")?, quantity, price).map_err(|e| corrupt(id, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let user = crate::domain::UserId::parse(text(&row, "user_id")?).map_err(|e| corrupt(id, e))?;
-        let status: OrderStatus = text(&row, "status")?.parse().map_err(|e| corrupt(id, e))?;
-        let mut order = Order::place(id, user, items).map_err(|e| corrupt(id, e))?;
+        let mut items = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // No item: the join found none (a corrupt order; `place` says so).
+            let Some(product) = row
+                .try_get::<Option<String>, _>("product_id")
+                .map_err(|e| corrupt(id, e))?
+            else {
+                continue;
+            };
+            let quantity: i32 = row.try_get("quantity").map_err(|e| corrupt(id, e))?;
+            let price = decimal(text(row, "price")?)?;
+            items.push(OrderItem::parse(product, quantity, price).map_err(|e| corrupt(id, e))?);
+        }
+        let status: OrderStatus = text(first, "status")?.parse().map_err(|e| corrupt(id, e))?;
+        let mut order = Order::place(id, owner.clone(), items).map_err(|e| corrupt(id, e))?;
         order.status = status;
         Ok(Some(order))
     }

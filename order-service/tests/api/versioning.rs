@@ -165,7 +165,7 @@ async fn stored(store: &InMemoryStore, order: &Order) -> SagaInstance {
 
 async fn order_status(orders: &InMemoryOrders, order: &Order) -> OrderStatus {
     orders
-        .get(order.id)
+        .get(order.id, &order.user_id)
         .await
         .expect("the orders table answers")
         .expect("the order is stored")
