@@ -501,6 +501,14 @@ fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Wo
     ))
 }
 
+/// Bounds on the service's statements, set per connection: a lock held by
+/// an operator's `ALTER TABLE` or `VACUUM FULL`, or a statement stuck in an
+/// overloaded server, ends in an error the store reports as transient (the
+/// caller gets `UNAVAILABLE`, a message goes back to its queue) instead of
+/// holding every request behind it. Far above what a statement takes under
+/// load (milliseconds); migrations run on a connection of their own.
+const DATABASE_SESSION_LIMITS: [(&str, &str); 2] = [("statement_timeout", "5s"), ("lock_timeout", "2s")];
+
 /// PostgreSQL (saga store and order tables) and RabbitMQ, wired but not yet
 /// reached: the pool connects lazily, and [`Workers::run`] waits for both.
 fn production(
@@ -515,7 +523,8 @@ fn production(
             url: database_url.to_string(),
             source: Box::new(e),
         })?
-        .options(saga_postgres::SESSION_SETTINGS);
+        .options(saga_postgres::SESSION_SETTINGS)
+        .options(DATABASE_SESSION_LIMITS);
     let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         // Bounds how long a request waits while the database is away.

@@ -2,8 +2,10 @@
 //! or the storage. One error enum, [`OrderError`], mapped to the wire status
 //! by the gRPC layer.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use saga_core::{Engine, EngineError, SagaId};
 
@@ -59,6 +61,23 @@ impl From<EngineError> for OrderError {
     }
 }
 
+/// How long a call may wait for the database. The server ends slow
+/// statements and lock waits sooner (see the service's session limits);
+/// this catches a database that stops answering altogether (a failover
+/// that drops packets): the caller gets `UNAVAILABLE`, not a hang. An order
+/// placed in that time may still commit; a retry with the same
+/// idempotency key returns it.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(6);
+
+/// `call`'s result, or [`OrderError::Unavailable`] past [`ANSWER_WITHIN`].
+async fn answered<T>(call: impl Future<Output = Result<T, OrderError>>) -> Result<T, OrderError> {
+    tokio::time::timeout(ANSWER_WITHIN, call).await.unwrap_or_else(|_| {
+        Err(OrderError::Unavailable(
+            format!("the order database did not answer within {ANSWER_WITHIN:?}").into(),
+        ))
+    })
+}
+
 /// Places and reads orders.
 #[derive(Clone)]
 pub struct Orders {
@@ -108,6 +127,15 @@ impl Orders {
         idempotency_key: Option<IdempotencyKey>,
     ) -> Result<Order, OrderError> {
         self.check_open()?;
+        answered(self.place_now(user, items, idempotency_key)).await
+    }
+
+    async fn place_now(
+        &self,
+        user: UserId,
+        items: Vec<OrderItem>,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<Order, OrderError> {
         let id = idempotency_key
             .as_ref()
             .map_or_else(OrderId::new, |key| OrderId::for_idempotency_key(&user, key));
@@ -147,8 +175,7 @@ impl Orders {
     /// The order `id`, if `user` owns it.
     pub async fn get(&self, id: OrderId, user: &UserId) -> Result<Order, OrderError> {
         self.check_open()?;
-        self.repository
-            .get(id, user)
+        answered(async { Ok(self.repository.get(id, user).await?) })
             .await?
             .ok_or_else(|| OrderError::NotFound(id.to_string()))
     }

@@ -33,8 +33,10 @@ const TRANSIENT_SQLSTATES: &[&str] = &[
 ];
 
 /// Whether `error` is worth retrying as is (connection trouble, a server
-/// restarting, a serialization failure or deadlock).
-pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+/// restarting or failing over, a timeout, a serialization failure or
+/// deadlock): the store's own classification, for an application's reads
+/// of its tables beside the store.
+pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed | sqlx::Error::Tls(_) => true,
         // A connection cut mid-exchange (e.g. during the TLS request at

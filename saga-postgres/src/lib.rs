@@ -15,6 +15,7 @@ mod warm;
 use saga_core::{StoreError, Transaction};
 use sqlx::PgConnection;
 
+pub use error::is_transient;
 pub use retention::{Purged, RetentionConfig};
 pub use staged::{StagedWrite, stage};
 pub use store::{PostgresStore, PostgresStoreConfig, SHORT_INBOX_RETENTION};

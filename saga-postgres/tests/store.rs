@@ -1007,6 +1007,9 @@ async fn batching_store(db: &TestDb) -> saga_postgres::PostgresStore {
     db.store_with(8, config).await
 }
 
+/// The write a transition stages, by its index among those run at once.
+type WriteOf = fn(usize) -> StagedWrite;
+
 /// Runs one transition for each of `instances` at once, each staging
 /// `write(index)`, and returns the store's batching afterwards.
 async fn transitions_staging(
@@ -1047,18 +1050,16 @@ async fn concurrent_transitions_changing_one_application_row_each_change_it() {
         start(&store, instance).await.expect("start");
     }
     let mut instances = instances;
-    let bump = "UPDATE counters SET n = n + 1 WHERE id = $1";
-    let bump_rows = "UPDATE counters SET n = n + 1 WHERE id = ANY($1::int4[])";
-    let variants: [(&str, Box<dyn Fn(usize) -> StagedWrite>); 3] = [
-        ("undeclared", Box::new(|_| StagedWrite::new(bump).bind(1_i32))),
-        (
-            "undeclared, row-wise",
-            Box::new(|_| StagedWrite::rows(bump_rows).column(vec![1_i32])),
-        ),
-        (
-            "declared",
-            Box::new(|_| StagedWrite::new(bump).bind(1_i32).touching("counters/1")),
-        ),
+    const BUMP: &str = "UPDATE counters SET n = n + 1 WHERE id = $1";
+    const BUMP_ROWS: &str = "UPDATE counters SET n = n + 1 WHERE id = ANY($1::int4[])";
+    let variants: [(&str, WriteOf); 3] = [
+        ("undeclared", |_| StagedWrite::new(BUMP).bind(1_i32)),
+        ("undeclared, row-wise", |_| {
+            StagedWrite::rows(BUMP_ROWS).column(vec![1_i32])
+        }),
+        ("declared", |_| {
+            StagedWrite::new(BUMP).bind(1_i32).touching("counters/1")
+        }),
     ];
     for (round, (name, write)) in variants.into_iter().enumerate() {
         transitions_staging(&store, &instances, write).await;
@@ -1076,7 +1077,7 @@ async fn concurrent_transitions_changing_one_application_row_each_change_it() {
     let before = store.commit_batching().batched_transitions;
     let after = transitions_staging(&store, &instances, |index| {
         let id = i32::try_from(index + 1).expect("small");
-        StagedWrite::new(bump).bind(id).touching(format!("counters/{id}"))
+        StagedWrite::new(BUMP).bind(id).touching(format!("counters/{id}"))
     })
     .await;
     let distinct = count(&pool, "SELECT count(*) FROM counters WHERE n = 1").await;

@@ -127,14 +127,9 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
 
 fn read_error(id: OrderId) -> impl Fn(sqlx::Error) -> RepositoryError {
     move |error| match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => RepositoryError::Unavailable(Box::new(error)),
-        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) => {
-            RepositoryError::Unavailable(db.into())
+        // The store's classification: an outage, a failover, a timeout.
+        error if saga_postgres::is_transient(&error) || matches!(error, sqlx::Error::PoolClosed) => {
+            RepositoryError::Unavailable(Box::new(error))
         }
         other => RepositoryError::Corrupt {
             id,

@@ -308,6 +308,53 @@ async fn it_waits_for_the_database_and_rides_out_its_outage() {
 }
 
 #[tokio::test]
+async fn a_table_locked_by_an_operator_gets_unavailable_not_a_hang_and_orders_resume() {
+    let mut platform = Platform::new().await;
+    let app = platform.start_service(NO_DEADLINE).await;
+    platform.start_stock(Stock::Platform);
+    let before = app.place_order("alice", basket("apple")).await.expect("placed");
+    assert_eq!(
+        app.wait_until_decided(&before.id, "alice").await.status(),
+        OrderStatus::Confirmed
+    );
+
+    // An operator's `ALTER TABLE` or `VACUUM FULL`, held open.
+    let mut operator = sqlx::PgConnection::connect(&platform.database_url)
+        .await
+        .expect("the database is reachable");
+    sqlx::query("BEGIN").execute(&mut operator).await.expect("begin");
+    sqlx::query("LOCK TABLE order_service.orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut operator)
+        .await
+        .expect("locked");
+    // Bounded well past the service's own limits: a hang fails here.
+    let bound = order_service::orders::ANSWER_WITHIN + Duration::from_secs(4);
+    let create = tokio::time::timeout(bound, app.place_order("alice", basket("apple")))
+        .await
+        .expect("CreateOrder answered, not hung")
+        .expect_err("the orders table is locked");
+    assert_eq!(create.code(), Code::Unavailable, "{create:?}");
+    let get = tokio::time::timeout(bound, app.get_order(&before.id, "alice"))
+        .await
+        .expect("GetOrder answered, not hung")
+        .expect_err("the orders table is locked");
+    assert_eq!(get.code(), Code::Unavailable, "{get:?}");
+
+    sqlx::query("ROLLBACK").execute(&mut operator).await.expect("released");
+    let _ = operator.close().await;
+    let after = app
+        .place_order("alice", basket("apple"))
+        .await
+        .expect("placed once released");
+    assert_eq!(
+        app.wait_until_decided(&after.id, "alice").await.status(),
+        OrderStatus::Confirmed
+    );
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
 async fn orders_are_accepted_while_rabbitmq_is_awaited_and_flow_once_it_is_there() {
     let mut platform = Platform::new().await;
     let proxy = Proxy::start(broker_addr(), false).await;
