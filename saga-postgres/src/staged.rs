@@ -323,39 +323,89 @@ pub fn stage(tx: &mut dyn Transaction, write: StagedWrite) -> Result<(), StoreEr
     }
 }
 
-/// `sql` with each parameter `$n` outside quotes turned into `$(n + offset)`.
+/// Where [`renumber`] is in the SQL text.
+#[derive(Clone, Copy, PartialEq)]
+enum Lexed {
+    Code,
+    /// In `'…'` or `"…"` (a doubled quote leaves and re-enters).
+    Quoted(char),
+    /// In `E'…'`, where a backslash escapes the next character.
+    Escaped,
+    /// In `-- …` up to the line's end.
+    LineComment,
+    /// In `/* … */`, which nest.
+    BlockComment(usize),
+}
+
+/// `sql` with each parameter `$n` in code (not in a string, a quoted
+/// identifier or a comment) turned into `$(n + offset)`.
 fn renumber(sql: &str, offset: usize) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut chars = sql.chars().peekable();
-    let mut quote: Option<char> = None;
+    let mut state = Lexed::Code;
+    // The character before, in code: `E'` opens an escape string, and
+    // `$` after an identifier character belongs to the identifier.
+    let mut before: Option<char> = None;
     while let Some(c) = chars.next() {
-        match quote {
-            Some(q) => {
-                out.push(c);
-                if c == q {
-                    quote = None;
-                }
-            }
-            None if c == '\'' || c == '"' => {
-                quote = Some(c);
-                out.push(c);
-            }
-            None if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) => {
-                let mut digits = String::new();
-                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
-                    digits.push(d);
+        out.push(c);
+        let next = chars.peek().copied();
+        state = match state {
+            Lexed::Code => match c {
+                '-' if next == Some('-') => Lexed::LineComment,
+                '/' if next == Some('*') => {
+                    out.push('*');
                     chars.next();
+                    Lexed::BlockComment(1)
                 }
-                match digits.parse::<usize>() {
-                    Ok(n) => out.push_str(&format!("${}", n + offset)),
-                    Err(_) => {
-                        out.push('$');
-                        out.push_str(&digits);
+                '\'' if matches!(before, Some('E' | 'e')) => Lexed::Escaped,
+                '\'' | '"' => Lexed::Quoted(c),
+                '$' if next.is_some_and(|d| d.is_ascii_digit())
+                    && !before.is_some_and(|b| b.is_alphanumeric() || b == '_' || b == '$') =>
+                {
+                    out.pop();
+                    let mut digits = String::new();
+                    while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                        digits.push(d);
+                        chars.next();
                     }
+                    match digits.parse::<usize>() {
+                        Ok(n) => out.push_str(&format!("${}", n + offset)),
+                        Err(_) => {
+                            out.push('$');
+                            out.push_str(&digits);
+                        }
+                    }
+                    before = digits.chars().last();
+                    continue;
+                }
+                _ => Lexed::Code,
+            },
+            Lexed::Quoted(q) if c == q => Lexed::Code,
+            Lexed::Escaped if c == '\\' => {
+                if let Some(escaped) = chars.next() {
+                    out.push(escaped);
+                }
+                Lexed::Escaped
+            }
+            Lexed::Escaped if c == '\'' => Lexed::Code,
+            Lexed::LineComment if c == '\n' => Lexed::Code,
+            Lexed::BlockComment(depth) if c == '*' && next == Some('/') => {
+                out.push('/');
+                chars.next();
+                if depth == 1 {
+                    Lexed::Code
+                } else {
+                    Lexed::BlockComment(depth - 1)
                 }
             }
-            None => out.push(c),
-        }
+            Lexed::BlockComment(depth) if c == '/' && next == Some('*') => {
+                out.push('*');
+                chars.next();
+                Lexed::BlockComment(depth + 1)
+            }
+            other => other,
+        };
+        before = (state == Lexed::Code).then_some(c);
     }
     out
 }
@@ -387,6 +437,28 @@ mod tests {
             "UPDATE t SET a = $41, b = '$2', \"c$3\" = $43::int WHERE id = $52"
         );
         assert_eq!(renumber("SELECT 'it''s $1', $1", 2), "SELECT 'it''s $1', $3");
+    }
+
+    #[test]
+    fn comments_and_escape_strings_are_left_alone_and_the_rest_renumbered() {
+        assert_eq!(
+            renumber(
+                "UPDATE t SET s = $2  -- the customer's status, not $9\nWHERE id = $1",
+                40
+            ),
+            "UPDATE t SET s = $42  -- the customer's status, not $9\nWHERE id = $41"
+        );
+        assert_eq!(
+            renumber(
+                "SELECT /* it's /* nested $1 */ still */ $1, E'can\\'t $1', e'\\\\', $2",
+                10
+            ),
+            "SELECT /* it's /* nested $1 */ still */ $11, E'can\\'t $1', e'\\\\', $12"
+        );
+        assert_eq!(
+            renumber("SELECT a$1, 'x'||$1, 3-$1, $1", 1),
+            "SELECT a$1, 'x'||$2, 3-$2, $2"
+        );
     }
 
     #[test]
