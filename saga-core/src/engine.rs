@@ -872,10 +872,38 @@ impl Engine {
                     check_inbox_first = true;
                 }
                 Err(EngineError::Store(e)) if e.is_conflict() => continue,
+                // Effects run before the commit checks the revision and the
+                // inbox, so their failure may be only that of a stale
+                // decision or of a duplicate: decided again on what the
+                // store holds, it is one or the other, or it stands.
+                Err(EngineError::Effects(error)) => {
+                    if self.moved_on(id, revision).await? {
+                        continue;
+                    }
+                    if let Some(message) = consumed
+                        && self.consumed_before(message).await?
+                    {
+                        return Ok(Handled::Duplicate);
+                    }
+                    return Err(EngineError::Effects(error));
+                }
                 Err(e) => return Err(e),
             }
         }
         Err(EngineError::Contended { id, attempts })
+    }
+
+    /// Whether the store's instance `id` is no longer at `revision`.
+    async fn moved_on(&self, id: SagaId, revision: u64) -> Result<bool, EngineError> {
+        let stored = self.inner.store.load(id).await?;
+        Ok(stored.is_none_or(|instance| instance.revision != revision))
+    }
+
+    /// Whether the inbox holds `message` already (a transaction that
+    /// commits nothing).
+    async fn consumed_before(&self, message: &MessageId) -> Result<bool, EngineError> {
+        let mut tx = self.inner.store.begin().await?;
+        Ok(!tx.consume(&self.inner.config.consumer, message).await?)
     }
 
     /// Decides `event` for `instance`, upgraded to its definition's current

@@ -1287,3 +1287,84 @@ async fn stuck_handlers_hold_shutdown_for_the_grace_only(concurrency: usize) {
         .expect("a delivery");
     assert_eq!(delivery.message.id, message.id);
 }
+
+/// The shop's tables, as effects see them: a released order cannot ship.
+#[derive(Clone, Default)]
+struct Shop {
+    released: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl EffectHandler<&'static str> for Shop {
+    async fn apply(
+        &self,
+        _tx: &mut dyn Transaction,
+        _saga: &SagaInstance,
+        effects: Vec<&'static str>,
+    ) -> Result<(), StepError> {
+        for effect in effects {
+            match effect {
+                "release" => self.released.store(true, Ordering::SeqCst),
+                _ if self.released.load(Ordering::SeqCst) => {
+                    return Err(StepError::terminal("the order was released: it cannot ship"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_effect_failing_on_a_stale_copy_is_decided_again_on_the_store_not_dead_lettered() {
+    let definition = || {
+        SagaDefinition::<Order, &'static str>::builder("shipping")
+            .step(
+                Step::local("hold", |_: &mut Order, _| Ok(())).compensate(|_: &mut Order, ctx| {
+                    ctx.effect("release");
+                    Ok(())
+                }),
+            )
+            .step(
+                Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id)?))
+                    .on_reply("Reserved", |_: &mut Order, _: bool| ReplyOutcome::Success),
+            )
+            .step(Step::local("ship", |_: &mut Order, ctx| {
+                ctx.effect("ship");
+                Ok(())
+            }))
+            .build()
+            .expect("valid")
+    };
+    let store = InMemoryStore::new();
+    let shop = Shop::default();
+    let engine = |cached| {
+        Engine::builder(Arc::new(store.clone()))
+            .config(saga_core::EngineConfig {
+                cached_instances: Some(cached),
+                ..saga_core::EngineConfig::default()
+            })
+            .register_with_effects(definition(), shop.clone())
+            .build()
+            .expect("engine")
+    };
+    let (first, second) = (engine(16), engine(0));
+    // The first replica starts the saga and keeps it; an operator cancels
+    // it through the second, and its compensation releases the order.
+    let id = first.start("shipping", order("o-ship")).await.expect("start");
+    let awaited = store.load(id).await.expect("load").expect("exists").awaiting;
+    second.act(id, OperatorAction::Cancel).await.expect("cancel");
+    assert_eq!(status(&store, id).await, SagaStatus::Compensated);
+    // The stock reply reaches the first replica, whose copy still awaits it:
+    // decided on the copy, the ship effect fails against the released order.
+    let reply = Message::json("Reserved", "replies", &true)
+        .expect("encodable")
+        .with_correlation_id(id.to_string())
+        .with_header(IN_REPLY_TO, awaited.expect("awaits the reply").as_str());
+    let handled = first.handle(&reply).await;
+    assert!(
+        matches!(handled, Ok(Handled::Ignored(_))),
+        "decided again on the store: ignored, not an error to dead-letter: {handled:?}"
+    );
+    assert_eq!(status(&store, id).await, SagaStatus::Compensated);
+}
