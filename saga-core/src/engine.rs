@@ -536,7 +536,9 @@ impl Engine {
     /// decode, its definition version is not registered, handling it
     /// panicked) is reported once and left out of the scans for
     /// [`broken_deadline_retry`](EngineConfig::broken_deadline_retry), so
-    /// broken sagas never crowd healthy ones out of the batch. One that
+    /// broken sagas never crowd healthy ones out of the batch; so is one of
+    /// a version newer than this process has, with a warning (a replica
+    /// that has it applies it). One that
     /// failed retryably (an effect to retry, a contended row) stays due for
     /// the next scan; the scan goes on to the others. Only a store out of
     /// reach ends the scan with an error.
@@ -574,6 +576,20 @@ impl Engine {
                 Ok(_) => {}
                 // The store is out of reach: the other deadlines would fail alike.
                 Err(e @ EngineError::Store(StoreError::Unavailable(_))) => return Err(e),
+                // A version this process lacks, newer than its own (a
+                // deployment under way): a replica that has it applies the
+                // deadline. Set aside like a broken one, but not a failure.
+                Err(e @ EngineError::NewerVersion { .. }) => {
+                    let retry = self.inner.config.broken_deadline_retry;
+                    tracing::warn!(
+                        saga_id = %deadline.saga,
+                        error = %e,
+                        retry_in = ?retry,
+                        "deadline left to a replica that has the saga's version"
+                    );
+                    self.broken_deadlines()
+                        .insert(deadline.saga, (deadline.due, now + retry));
+                }
                 // This saga's alone (an effect to retry, a contended row): it
                 // stays due for the next scan, and the others go on.
                 Err(e) if e.is_retryable() && !matches!(e, EngineError::Panicked(_)) => {

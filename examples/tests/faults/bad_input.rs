@@ -366,7 +366,9 @@ async fn corrupt_saga_rows_are_reported_and_block_no_other_saga() {
     // copy is stale (an edit in place would be overwritten from the copy).
     let corruptions = [
         "UPDATE saga_instances SET data = '{\"garbage\": true}', revision = revision + 1 WHERE id = $1::uuid",
-        "UPDATE saga_instances SET definition_version = 999, revision = revision + 1 WHERE id = $1::uuid",
+        // A version no build registers (older than the service's: a
+        // newer one is a deployment under way, its replies handed back).
+        "UPDATE saga_instances SET definition_version = 0, revision = revision + 1 WHERE id = $1::uuid",
         "UPDATE saga_instances SET status = 'zombie', revision = revision + 1 WHERE id = $1::uuid",
     ];
     for (id, corruption) in corrupt.iter().zip(corruptions) {
