@@ -372,7 +372,7 @@ impl Shape {
             };
             let names = OUTBOX_COLUMNS.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ");
             let leased = format!(
-                "CASE WHEN (SELECT ok FROM handoff) THEN now() + {lease}::float8 * interval '1 millisecond' END"
+                "CASE WHEN (SELECT ok FROM handoff) THEN clock_timestamp() + {lease}::float8 * interval '1 millisecond' END"
             );
             let source = match (&outbox, single) {
                 (Some(p), true) => {

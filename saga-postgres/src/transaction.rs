@@ -252,11 +252,13 @@ where
         Some(InstanceWrite::Update(values, expected)) => (InstanceRow::Update, Some(values), Some(expected)),
     };
     let id = values.as_ref().map(|v| v.id);
+    // A row of no saga beside the instance write is foreign too: it must
+    // not become the saga's newest (the hand-off's predecessor check would
+    // take it for the saga's own once it is sent).
     let foreign = rest
         .o_saga
         .iter()
-        .flatten()
-        .any(|saga| Some(*saga) != id || instance == InstanceRow::None);
+        .any(|saga| saga.is_none() || *saga != id || instance == InstanceRow::None);
     // Leased for the hand-off only if the relay takes them (and they were kept).
     let lease = if foreign || rest.messages.len() != rest.o_id.len() {
         None

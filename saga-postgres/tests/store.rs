@@ -577,6 +577,64 @@ async fn handed_off_messages_no_relay_takes_are_claimed_once_their_lease_ends() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_lease_runs_from_the_commit_not_from_the_transaction_s_start() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let other = db.store(2).await;
+    assert!(store.claim(10, Duration::from_secs(1)).await.expect("claim").is_empty());
+    // Application work holds the transaction open longer than the lease.
+    let instance = sample_instance("orders", None);
+    let mut tx = store.begin().await.expect("begin");
+    let conn = saga_postgres::connection(tx.as_mut()).await.expect("connection");
+    sqlx::query("SELECT pg_sleep(1.2)").execute(conn).await.expect("slept");
+    tx.insert(&instance).await.expect("insert");
+    tx.record(&started(&instance)).await.expect("record");
+    tx.enqueue(Some(instance.id), &messages(Some(instance.id), 1, "d"))
+        .await
+        .expect("enqueue");
+    keep_relay_attached(&store).await;
+    tx.commit().await.expect("commit");
+    // Handed to the first store's relay for a whole lease from now: no
+    // other relay may claim it at once (both would publish it).
+    let claimed = other.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert!(
+        claimed.is_empty(),
+        "claimed by another relay inside the lease: {claimed:?}"
+    );
+    assert_eq!(store.claim(10, Duration::from_secs(1)).await.expect("claim").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_no_saga_beside_a_transition_is_not_taken_for_the_saga_s_newest() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let instance = sample_instance("orders", None);
+    start(&store, &instance).await.expect("start");
+    let (next, transition) = caused_by(&instance, &MessageId::new());
+    let mut tx = store.begin().await.expect("begin");
+    tx.update(&next, instance.revision).await.expect("update");
+    tx.record(&transition).await.expect("record");
+    tx.enqueue(None, &messages(None, 1, "n")).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    let id = *instance.id.as_uuid();
+    let pointer: Option<i64> = sqlx::query_scalar("SELECT last_outbox_id FROM saga_instances WHERE id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .expect("the pointer");
+    let own: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM saga_outbox WHERE saga_id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .expect("the saga's newest");
+    assert!(own.is_some());
+    assert_eq!(
+        pointer, own,
+        "the saga's own newest message, which orders its next ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_loads_by_its_key_under_its_definition_only() {
     let db = TestDb::new().await;
     let store = db.store(2).await;

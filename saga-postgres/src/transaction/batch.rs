@@ -621,7 +621,7 @@ fn ctes() -> &'static str {
                created_at, headers, payload, claimed_until) \
                SELECT f.oid, f.id, f.o_message_id, f.o_kind, f.o_destination, f.o_correlation, f.o_created, \
                f.o_headers::jsonb, f.o_payload, \
-               CASE WHEN f.handed THEN now() + f.o_lease * interval '1 millisecond' END \
+               CASE WHEN f.handed THEN clock_timestamp() + f.o_lease * interval '1 millisecond' END \
                FROM fresh f JOIN written w ON w.n = f.n WHERE f.oid IS NOT NULL ORDER BY f.n)",
             columns = INSTANCE_COLUMNS.join(", "),
             names = INSTANCE_COLUMNS.join(", "),
