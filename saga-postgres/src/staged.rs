@@ -116,6 +116,8 @@ pub struct StagedWrite {
     sql: String,
     parameters: Vec<Parameter>,
     row_wise: bool,
+    /// Whether it may change existing rows (read off the SQL once).
+    changes_rows: bool,
     /// The application rows it changes, as declared (see [`touching`](Self::touching)).
     touches: Vec<String>,
 }
@@ -123,8 +125,10 @@ pub struct StagedWrite {
 impl StagedWrite {
     /// A write of `sql`, parameters bound next, in order.
     pub fn new(sql: impl Into<String>) -> Self {
+        let sql = sql.into();
         Self {
-            sql: sql.into(),
+            changes_rows: changes_rows(&sql),
+            sql,
             parameters: Vec::new(),
             row_wise: false,
             touches: Vec::new(),
@@ -207,12 +211,9 @@ impl StagedWrite {
         self.parameters.len()
     }
 
-    /// Whether it may change rows that exist: anything but a plain `INSERT`
-    /// (an upsert's `DO UPDATE` changes the row it meets).
+    /// Whether it may change rows that exist (see [`changes_rows`]).
     pub(crate) fn changes_rows(&self) -> bool {
-        let words: Vec<String> = self.sql.split_whitespace().map(str::to_ascii_uppercase).collect();
-        let upserts = words.windows(2).any(|pair| pair[0] == "DO" && pair[1] == "UPDATE");
-        words.first().is_none_or(|first| first != "INSERT") || upserts
+        self.changes_rows
     }
 
     /// The rows it declared it changes (see [`touching`](Self::touching)).
@@ -261,6 +262,7 @@ impl StagedWrite {
             sql: first.sql.clone(),
             parameters,
             row_wise: true,
+            changes_rows: first.changes_rows,
             touches: writes.iter().flat_map(|write| write.touches.iter().cloned()).collect(),
         })
     }
@@ -321,6 +323,21 @@ pub fn stage(tx: &mut dyn Transaction, write: StagedWrite) -> Result<(), StoreEr
             "the transaction is not a PostgresTransaction".into(),
         )),
     }
+}
+
+/// Whether `sql` may change rows that exist: anything but a plain
+/// `INSERT` (an upsert's `DO UPDATE` changes the row it meets; a leading
+/// comment or `WITH` counts as changing, to be safe).
+fn changes_rows(sql: &str) -> bool {
+    let mut words = sql.split_whitespace();
+    let inserts = words.next().is_some_and(|first| first.eq_ignore_ascii_case("INSERT"));
+    let mut previous = "";
+    let upserts = words.any(|word| {
+        let upsert = previous.eq_ignore_ascii_case("DO") && word.eq_ignore_ascii_case("UPDATE");
+        previous = word;
+        upsert
+    });
+    !inserts || upserts
 }
 
 /// Where [`renumber`] is in the SQL text.
