@@ -252,13 +252,14 @@ where
         Some(InstanceWrite::Update(values, expected)) => (InstanceRow::Update, Some(values), Some(expected)),
     };
     let id = values.as_ref().map(|v| v.id);
-    // A row of no saga beside the instance write is foreign too: it must
+    // A row of no saga beside an instance write is foreign too: it must
     // not become the saga's newest (the hand-off's predecessor check would
-    // take it for the saga's own once it is sent).
-    let foreign = rest
-        .o_saga
-        .iter()
-        .any(|saga| saga.is_none() || *saga != id || instance == InstanceRow::None);
+    // take it for the saga's own once it is sent). Without one (a
+    // participant's replies) such rows are handed off as they are.
+    let foreign = rest.o_saga.iter().any(|saga| match saga {
+        Some(saga) => Some(*saga) != id || instance == InstanceRow::None,
+        None => instance != InstanceRow::None,
+    });
     // Leased for the hand-off only if the relay takes them (and they were kept).
     let lease = if foreign || rest.messages.len() != rest.o_id.len() {
         None

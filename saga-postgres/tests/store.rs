@@ -605,6 +605,29 @@ async fn a_hand_off_lease_runs_from_the_commit_not_from_the_transaction_s_start(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_s_replies_are_handed_to_its_relay() {
+    // Replies of no saga, without an instance write: no ordering to keep,
+    // so the local relay takes them from memory (no claim, no NOTIFY).
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let other = db.store(2).await;
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let mut tx = store.begin().await.expect("begin");
+    tx.consume_at_commit("stock", &MessageId::new()).await.expect("consume");
+    tx.enqueue(None, &messages(None, 1, "replies")).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    let claimed = other.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert!(claimed.is_empty(), "leased to the first store's relay: {claimed:?}");
+    assert_eq!(store.claim(10, Duration::from_secs(30)).await.expect("claim").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_of_no_saga_beside_a_transition_is_not_taken_for_the_saga_s_newest() {
     let db = TestDb::new().await;
     let store = db.store(2).await;
