@@ -37,7 +37,7 @@ use crate::orders::Orders;
 use crate::proto;
 use crate::proto::order_service_server::OrderServiceServer;
 use crate::repository::{InMemoryOrders, PostgresOrders};
-use crate::saga::{OrderEffect, OrderSagaConfig, order_saga};
+use crate::saga::{ORDER_SAGA, OrderEffect, OrderSagaConfig, order_saga};
 use crate::telemetry::{self, TracedPublisher};
 use crate::wire::{STOCK_UPDATE_RESULT, WireNames};
 
@@ -655,12 +655,28 @@ async fn outbox_backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// Refreshes the outbox backlog gauge until `shutdown`.
+/// Unfinished order sagas in the store (the `saga_instances_unfinished`
+/// index holds only those).
+async fn sagas_in_flight(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM saga_instances \
+         WHERE status IN ('running', 'compensating', 'needs_attention') AND definition = $1",
+    )
+    .bind(ORDER_SAGA)
+    .fetch_one(pool)
+    .await
+}
+
+/// Refreshes the outbox backlog and sagas-in-flight gauges until `shutdown`.
 async fn report_backlog(pool: PgPool, shutdown: CancellationToken) {
     loop {
         match outbox_backlog(&pool).await {
             Ok(unsent) => telemetry::outbox_backlog(u64::try_from(unsent).unwrap_or(0)),
             Err(error) => tracing::debug!(%error, "cannot count the outbox backlog"),
+        }
+        match sagas_in_flight(&pool).await {
+            Ok(unfinished) => telemetry::sagas_in_flight(u64::try_from(unfinished).unwrap_or(0)),
+            Err(error) => tracing::debug!(%error, "cannot count the sagas in flight"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -34,8 +34,25 @@ pub const SAGAS_STARTED: &str = "order_sagas_started_total";
 pub const SAGAS_COMPLETED: &str = "order_sagas_completed_total";
 /// Order sagas compensated (orders cancelled).
 pub const SAGAS_COMPENSATED: &str = "order_sagas_compensated_total";
-/// Order sagas started by this process and not yet finished.
+/// Order sagas not yet finished: in production mode counted in the store
+/// (every replica reports the same figure; refreshed every 5 s), in
+/// embedded mode counted by the process (its store lives and dies with it).
 pub const SAGAS_IN_FLIGHT: &str = "order_sagas_in_flight";
+
+/// Whether [`SAGAS_IN_FLIGHT`] comes from the store ([`sagas_in_flight`]):
+/// then starts and ends in this process do not move it (a count kept by
+/// one process of several, or across a restart, drifts).
+static IN_FLIGHT_FROM_STORE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets [`SAGAS_IN_FLIGHT`] to the store's count of unfinished order sagas.
+pub fn sagas_in_flight(unfinished: u64) {
+    IN_FLIGHT_FROM_STORE.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!(SAGAS_IN_FLIGHT).set(unfinished as f64);
+}
+
+fn counts_in_flight() -> bool {
+    !IN_FLIGHT_FROM_STORE.load(std::sync::atomic::Ordering::Relaxed)
+}
 /// Messages committed to the outbox and not yet published.
 pub const OUTBOX_BACKLOG: &str = "saga_outbox_backlog";
 /// Messages waiting in the stock reply dead-letter queue.
@@ -306,7 +323,9 @@ pub fn grpc_request(method: &'static str, code: tonic::Code, elapsed: Duration) 
 /// Records a started order saga.
 pub fn saga_started() {
     metrics::counter!(SAGAS_STARTED).increment(1);
-    metrics::gauge!(SAGAS_IN_FLIGHT).increment(1.0);
+    if counts_in_flight() {
+        metrics::gauge!(SAGAS_IN_FLIGHT).increment(1.0);
+    }
 }
 
 /// What decided an order, for [`order_decided`]: the saga's start and decision
@@ -346,7 +365,9 @@ pub fn order_decided(status: OrderStatus, decision: &Decision) {
         OrderStatus::Pending => return,
     };
     metrics::counter!(finished).increment(1);
-    metrics::gauge!(SAGAS_IN_FLIGHT).decrement(1.0);
+    if counts_in_flight() {
+        metrics::gauge!(SAGAS_IN_FLIGHT).decrement(1.0);
+    }
     metrics::histogram!(STOCK_REPLY_LATENCY, "outcome" => outcome)
         .record(decision.decided.since(decision.started).as_secs_f64());
 }

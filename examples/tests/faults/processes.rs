@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use order_service::proto::order_service_client::OrderServiceClient;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -241,6 +241,7 @@ impl Drop for Process {
 pub struct OrderService {
     process: Process,
     channel: Channel,
+    metrics_port: u16,
 }
 
 impl OrderService {
@@ -279,9 +280,34 @@ impl OrderService {
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(5))
             .connect_lazy();
-        let mut service = Self { process, channel };
+        let mut service = Self {
+            process,
+            channel,
+            metrics_port,
+        };
         service.wait_until_serving().await;
         service
+    }
+
+    /// The value of the unlabelled metric `name` on its `/metrics`, if it
+    /// answers and shows it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .ok()?
+            .ok()?;
+        response
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// A client (sharing one connection, which reconnects after restarts).

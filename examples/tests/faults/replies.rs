@@ -203,3 +203,32 @@ async fn duplicate_reordered_contradicting_late_and_unknown_replies_decide_once(
         assert_eq!(ledger.status(id), Some(CANCELLED), "late order {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_sagas_in_flight_are_counted_from_the_store() {
+    let scenario = Scenario::new("5b. sagas in flight across a restart", "in_flight_gauge").await;
+    declare_probes(&scenario.amqp_url).await;
+    let mut service = OrderService::start(&scenario, "order-service", "60s").await;
+    let pending = place_orders(&service, 3).await;
+    // A process's own count would start again from zero here.
+    service.kill().await;
+    service.restart().await;
+    in_flight(&service, 3.0).await;
+    let publisher = RawPublisher::connect(&scenario.amqp_url).await;
+    for id in &pending {
+        publisher.reply(id, true, &MessageId::new()).await;
+    }
+    publisher.close().await;
+    wait_for_status(&scenario, &pending, CONFIRMED).await;
+    in_flight(&service, 0.0).await;
+    service.assert_alive("after the restart");
+}
+
+/// Waits until `service` shows `order_sagas_in_flight` at `expected`.
+async fn in_flight(service: &OrderService, expected: f64) {
+    let what = format!("order_sagas_in_flight {expected}");
+    eventually(&what, PATIENCE, || async {
+        (service.metric("order_sagas_in_flight").await? == expected).then_some(())
+    })
+    .await;
+}
