@@ -547,14 +547,25 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     assert!(sent, "M1 is marked");
 }
 
+/// Two stores (replicas) on one database, a relay attached to the first
+/// by a claim with `lease` (which found nothing): the first store's commits
+/// hand it their messages, leased for as long.
+async fn attached_and_other(
+    db: &TestDb,
+    lease: Duration,
+) -> (saga_postgres::PostgresStore, saga_postgres::PostgresStore) {
+    let store = db.store(2).await;
+    let other = db.store(2).await;
+    assert!(store.claim(10, lease).await.expect("claim").is_empty());
+    (store, other)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_off_messages_no_relay_takes_are_claimed_once_their_lease_ends() {
     let db = TestDb::new().await;
-    let store = db.store(2).await;
-    let other = db.store(2).await;
     // The relay's claims ask for a short lease (longer than a commit and a
     // claim take); commits lease for as long.
-    assert!(store.claim(10, Duration::from_secs(3)).await.expect("claim").is_empty());
+    let (store, other) = attached_and_other(&db, Duration::from_secs(3)).await;
     let _ = emit(&store, &sample_instance("orders", None), true, "M1").await;
     assert!(
         other
@@ -579,9 +590,7 @@ async fn handed_off_messages_no_relay_takes_are_claimed_once_their_lease_ends() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_off_lease_runs_from_the_commit_not_from_the_transaction_s_start() {
     let db = TestDb::new().await;
-    let store = db.store(2).await;
-    let other = db.store(2).await;
-    assert!(store.claim(10, Duration::from_secs(1)).await.expect("claim").is_empty());
+    let (store, other) = attached_and_other(&db, Duration::from_secs(1)).await;
     // Application work holds the transaction open longer than the lease.
     let instance = sample_instance("orders", None);
     let mut tx = store.begin().await.expect("begin");
@@ -609,15 +618,7 @@ async fn a_participant_s_replies_are_handed_to_its_relay() {
     // Replies of no saga, without an instance write: no ordering to keep,
     // so the local relay takes them from memory (no claim, no NOTIFY).
     let db = TestDb::new().await;
-    let store = db.store(2).await;
-    let other = db.store(2).await;
-    assert!(
-        store
-            .claim(10, Duration::from_secs(30))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
+    let (store, other) = attached_and_other(&db, Duration::from_secs(30)).await;
     let mut tx = store.begin().await.expect("begin");
     tx.consume_at_commit("stock", &MessageId::new()).await.expect("consume");
     tx.enqueue(None, &messages(None, 1, "replies")).await.expect("enqueue");

@@ -219,21 +219,10 @@ pub struct RunningInventory {
 impl RunningInventory {
     /// `GET /metrics`: the status code and the body.
     pub async fn metrics(&self) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let port = self.metrics_port.expect("started with INVENTORY_METRICS_PORT");
-        let exchange = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .await?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await?;
-            Ok::<_, std::io::Error>(response)
-        };
-        let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+        let response = crate::metrics_port::get_metrics(port, Duration::from_secs(10))
             .await
-            .expect("the metrics port answers in time")
-            .expect("the metrics port speaks HTTP");
+            .expect("the metrics port answers in time, in HTTP");
         let status = response
             .split_whitespace()
             .nth(1)

@@ -6,4 +6,6 @@ mod cli;
 mod end_to_end;
 mod helpers;
 mod inventory;
+#[path = "../common/metrics_port.rs"]
+mod metrics_port;
 mod sagactl;

@@ -30,6 +30,8 @@ mod crashes;
 mod harness;
 mod ledger;
 mod load;
+#[path = "../common/metrics_port.rs"]
+mod metrics_port;
 mod outages;
 mod processes;
 mod replicas;

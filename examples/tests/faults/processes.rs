@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use order_service::proto::order_service_client::OrderServiceClient;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -20,6 +20,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::harness::{POLL, Scenario};
+use crate::metrics_port::get_metrics;
 
 /// How long a process may take to start serving (the first start migrates).
 const START_PATIENCE: Duration = Duration::from_secs(60);
@@ -292,19 +293,7 @@ impl OrderService {
     /// The value of the unlabelled metric `name` on its `/metrics`, if it
     /// answers and shows it.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let exchange = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .await?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await?;
-            Ok::<_, std::io::Error>(response)
-        };
-        let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-            .await
-            .ok()?
-            .ok()?;
+        let response = get_metrics(self.metrics_port, Duration::from_secs(5)).await.ok()?;
         response
             .lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
