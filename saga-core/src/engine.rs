@@ -576,35 +576,36 @@ impl Engine {
                 Ok(_) => {}
                 // The store is out of reach: the other deadlines would fail alike.
                 Err(e @ EngineError::Store(StoreError::Unavailable(_))) => return Err(e),
-                // A version this process lacks, newer than its own (a
-                // deployment under way): a replica that has it applies the
-                // deadline. Set aside like a broken one, but not a failure.
-                Err(e @ EngineError::NewerVersion { .. }) => {
-                    let retry = self.inner.config.broken_deadline_retry;
-                    tracing::warn!(
-                        saga_id = %deadline.saga,
-                        error = %e,
-                        retry_in = ?retry,
-                        "deadline left to a replica that has the saga's version"
-                    );
-                    self.broken_deadlines()
-                        .insert(deadline.saga, (deadline.due, now + retry));
-                }
                 // This saga's alone (an effect to retry, a contended row): it
                 // stays due for the next scan, and the others go on.
-                Err(e) if e.is_retryable() && !matches!(e, EngineError::Panicked(_)) => {
+                Err(e)
+                    if e.is_retryable()
+                        && !matches!(e, EngineError::Panicked(_) | EngineError::NewerVersion { .. }) =>
+                {
                     tracing::warn!(saga_id = %deadline.saga, error = %e, "deadline not applied yet; tried again at the next scan");
                 }
-                // One broken instance must not stop the others' deadlines.
+                // Set aside for `broken_deadline_retry`, so the others go on:
+                // one broken instance, or one of a version this process
+                // lacks, newer than its own (a deployment under way: a
+                // replica that has it applies the deadline; not a failure).
                 Err(e) => {
                     let retry = self.inner.config.broken_deadline_retry;
-                    tracing::error!(
-                        saga_id = %deadline.saga,
-                        error = %e,
-                        retry_in = ?retry,
-                        "deadline could not be applied; the saga needs an operator"
-                    );
-                    metrics::counter!("saga_deadline_failures_total").increment(1);
+                    if matches!(e, EngineError::NewerVersion { .. }) {
+                        tracing::warn!(
+                            saga_id = %deadline.saga,
+                            error = %e,
+                            retry_in = ?retry,
+                            "deadline left to a replica that has the saga's version"
+                        );
+                    } else {
+                        tracing::error!(
+                            saga_id = %deadline.saga,
+                            error = %e,
+                            retry_in = ?retry,
+                            "deadline could not be applied; the saga needs an operator"
+                        );
+                        metrics::counter!("saga_deadline_failures_total").increment(1);
+                    }
                     self.broken_deadlines()
                         .insert(deadline.saga, (deadline.due, now + retry));
                 }
