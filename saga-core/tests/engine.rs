@@ -346,26 +346,6 @@ async fn instances_continue_under_the_version_that_started_them() {
     ));
 }
 
-#[tokio::test]
-async fn a_deadline_of_a_newer_version_is_left_to_a_replica_that_has_it() {
-    let clock = ManualClock::default();
-    let store = InMemoryStore::with_clock(clock.clone());
-    let engine = |versions: &[u32]| {
-        let mut builder = Engine::builder(Arc::new(store.clone())).clock(clock.clone());
-        for &version in versions {
-            builder = builder.register(order_saga(version, Duration::from_secs(5)));
-        }
-        builder.build().expect("engine")
-    };
-    let (new, old) = (engine(&[1, 2]), engine(&[1]));
-    let id = new.start("orders", order("rolling")).await.expect("start");
-    clock.advance(Duration::from_secs(6));
-    assert_eq!(old.fire_due_deadlines().await.expect("the scan goes on"), 0);
-    assert_eq!(status(&store, id).await, SagaStatus::Running, "not applied by v1");
-    assert_eq!(new.fire_due_deadlines().await.expect("scan"), 1);
-    assert_eq!(status(&store, id).await, SagaStatus::Compensated);
-}
-
 fn fragile_saga(broken: Arc<AtomicBool>) -> SagaDefinition<Order> {
     SagaDefinition::builder("fragile")
         .step(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use saga_core::memory::InMemoryStore;
-use saga_core::{Engine, Message, ReplyOutcome, SagaDefinition, Step};
+use saga_core::{Engine, ManualClock, Message, ReplyOutcome, SagaDefinition, Step};
 
 /// A counter's name, labels and value.
 type CounterRow = (String, Vec<(String, String)>, u64);
@@ -16,6 +16,75 @@ fn counter(snapshot: &[CounterRow], name: &str, labels: &[(&str, &str)]) -> u64 
         .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
         .map(|(_, _, v)| *v)
         .sum()
+}
+
+/// Every counter the recorder holds.
+fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<CounterRow> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(v) => {
+                let key = key.key();
+                let labels = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                Some((key.name().to_owned(), labels, v))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_deadline_left_to_a_replica_with_a_newer_version_is_not_counted_as_failed() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(async {
+            let definition = |version: u32| {
+                SagaDefinition::<u32>::builder("rolling")
+                    .version(version)
+                    .step(
+                        Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?))
+                            .on_reply("Answer", |_: &mut u32, _: bool| ReplyOutcome::Success)
+                            .timeout(std::time::Duration::from_secs(5)),
+                    )
+                    .build()
+                    .expect("valid")
+            };
+            let clock = ManualClock::default();
+            let store = InMemoryStore::with_clock(clock.clone());
+            let engine = |versions: &[u32]| {
+                let mut builder = Engine::builder(Arc::new(store.clone())).clock(clock.clone());
+                for &version in versions {
+                    builder = builder.register(definition(version));
+                }
+                builder.build().expect("engine")
+            };
+            // A v2 saga scanned by a replica with v1 only (a deploy under
+            // way), and a v1 saga scanned by one with v2 only (v1 is gone).
+            engine(&[1, 2]).start("rolling", 0u32).await.expect("start v2");
+            engine(&[1]).start("rolling", 0u32).await.expect("start v1");
+            clock.advance(std::time::Duration::from_secs(6));
+            assert_eq!(
+                engine(&[1]).fire_due_deadlines().await.expect("scan"),
+                1,
+                "its own v1 saga"
+            );
+            assert_eq!(
+                engine(&[2]).fire_due_deadlines().await.expect("scan"),
+                1,
+                "its own v2 saga"
+            );
+        });
+    });
+    let snapshot = counters(&snapshotter);
+    // v1-only set the v2 saga aside; v2-only failed nothing (v1's was fired).
+    assert_eq!(counter(&snapshot, "saga_deadline_failures_total", &[]), 0);
 }
 
 #[test]
@@ -53,22 +122,7 @@ fn sagas_started_transitions_and_endings_are_counted() {
             }
         });
     });
-    let snapshot: Vec<CounterRow> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Counter(v) => {
-                let key = key.key();
-                let labels = key
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                Some((key.name().to_owned(), labels, v))
-            }
-            _ => None,
-        })
-        .collect();
+    let snapshot = counters(&snapshotter);
     assert_eq!(counter(&snapshot, "saga_started_total", &[("saga", "counted")]), 3);
     assert_eq!(counter(&snapshot, "saga_transitions_total", &[("saga", "counted")]), 6);
     assert_eq!(counter(&snapshot, "saga_finished_total", &[("status", "completed")]), 2);
