@@ -502,12 +502,15 @@ fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Wo
 }
 
 /// Bounds on the service's statements, set per connection: a lock held by
-/// an operator's `ALTER TABLE` or `VACUUM FULL`, or a statement stuck in an
-/// overloaded server, ends in an error the store reports as transient (the
-/// caller gets `UNAVAILABLE`, a message goes back to its queue) instead of
-/// holding every request behind it. Far above what a statement takes under
-/// load (milliseconds); migrations run on a connection of their own.
-const DATABASE_SESSION_LIMITS: [(&str, &str); 2] = [("statement_timeout", "5s"), ("lock_timeout", "2s")];
+/// an operator's `ALTER TABLE` or `VACUUM FULL` ends the wait in 2 s, and a
+/// statement stuck in an overloaded server in 30 s, in an error the store
+/// reports as transient (the caller gets `UNAVAILABLE`, a message goes back
+/// to its queue) instead of holding every request behind it. The statement
+/// bound is generous: the pool also serves the operators' listings (which
+/// scan `saga_instances`) and retention's batched deletes; gRPC calls have
+/// their own, shorter bound ([`crate::orders::ANSWER_WITHIN`]). Migrations
+/// run on a connection of their own.
+const DATABASE_SESSION_LIMITS: [(&str, &str); 2] = [("statement_timeout", "30s"), ("lock_timeout", "2s")];
 
 /// PostgreSQL (saga store and order tables) and RabbitMQ, wired but not yet
 /// reached: the pool connects lazily, and [`Workers::run`] waits for both.

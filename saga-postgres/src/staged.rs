@@ -360,9 +360,12 @@ fn renumber(sql: &str, offset: usize) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut chars = sql.chars().peekable();
     let mut state = Lexed::Code;
-    // The character before, in code: `E'` opens an escape string, and
-    // `$` after an identifier character belongs to the identifier.
+    // The character before, in code, and the one before it: `E'` opens an
+    // escape string unless the `E` ends a word (`LIKE'x'`), and `$` after
+    // an identifier character belongs to the identifier.
     let mut before: Option<char> = None;
+    let mut before_that: Option<char> = None;
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
     while let Some(c) = chars.next() {
         out.push(c);
         let next = chars.peek().copied();
@@ -374,11 +377,9 @@ fn renumber(sql: &str, offset: usize) -> String {
                     chars.next();
                     Lexed::BlockComment(1)
                 }
-                '\'' if matches!(before, Some('E' | 'e')) => Lexed::Escaped,
+                '\'' if matches!(before, Some('E' | 'e')) && !word(before_that) => Lexed::Escaped,
                 '\'' | '"' => Lexed::Quoted(c),
-                '$' if next.is_some_and(|d| d.is_ascii_digit())
-                    && !before.is_some_and(|b| b.is_alphanumeric() || b == '_' || b == '$') =>
-                {
+                '$' if next.is_some_and(|d| d.is_ascii_digit()) && !word(before) => {
                     out.pop();
                     let mut digits = String::new();
                     while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
@@ -392,6 +393,7 @@ fn renumber(sql: &str, offset: usize) -> String {
                             out.push_str(&digits);
                         }
                     }
+                    before_that = Some('$');
                     before = digits.chars().last();
                     continue;
                 }
@@ -402,6 +404,12 @@ fn renumber(sql: &str, offset: usize) -> String {
                 if let Some(escaped) = chars.next() {
                     out.push(escaped);
                 }
+                Lexed::Escaped
+            }
+            // A doubled quote is a quote, in escape strings too.
+            Lexed::Escaped if c == '\'' && next == Some('\'') => {
+                out.push('\'');
+                chars.next();
                 Lexed::Escaped
             }
             Lexed::Escaped if c == '\'' => Lexed::Code,
@@ -422,6 +430,7 @@ fn renumber(sql: &str, offset: usize) -> String {
             }
             other => other,
         };
+        before_that = before;
         before = (state == Lexed::Code).then_some(c);
     }
     out
@@ -475,6 +484,12 @@ mod tests {
         assert_eq!(
             renumber("SELECT a$1, 'x'||$1, 3-$1, $1", 1),
             "SELECT a$1, 'x'||$2, 3-$2, $2"
+        );
+        // A word ending in `e` against a quote opens a plain string; a
+        // doubled quote stays inside an escape string.
+        assert_eq!(
+            renumber("SELECT s LIKE'x\\' AND t = $1, E'it''s $1', $2", 5),
+            "SELECT s LIKE'x\\' AND t = $6, E'it''s $1', $7"
         );
     }
 

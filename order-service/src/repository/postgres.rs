@@ -127,9 +127,13 @@ impl EffectHandler<OrderEffect> for PostgresOrders {
 
 fn read_error(id: OrderId) -> impl Fn(sqlx::Error) -> RepositoryError {
     move |error| match error {
-        // The store's classification: an outage, a failover, a timeout.
+        // The store's classification (an outage, a failover, a timeout),
+        // and any other connection (08) or operator (57) trouble.
         error if saga_postgres::is_transient(&error) || matches!(error, sqlx::Error::PoolClosed) => {
             RepositoryError::Unavailable(Box::new(error))
+        }
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) => {
+            RepositoryError::Unavailable(db.into())
         }
         other => RepositoryError::Corrupt {
             id,
