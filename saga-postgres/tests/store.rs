@@ -1171,6 +1171,53 @@ async fn concurrent_transitions_changing_one_application_row_each_change_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_statement_the_server_fails_for_its_state_fails_its_transitions_at_once() {
+    let db = TestDb::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(db.options.clone().options([("lock_timeout", "300ms")]))
+        .await
+        .expect("pool");
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        ..PostgresStoreConfig::default()
+    };
+    let store = saga_postgres::PostgresStore::with_config(pool, config);
+    sqlx::query("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL)")
+        .execute(store.pool())
+        .await
+        .expect("create");
+    let instances: Vec<SagaInstance> = (0..16).map(|_| sample_instance("orders", None)).collect();
+    for instance in &instances {
+        start(&store, instance).await.expect("start");
+    }
+    // An operator's lock on the table every transition writes.
+    let mut operator = db.pool(1).await.acquire().await.expect("a connection");
+    sqlx::query("BEGIN").execute(&mut *operator).await.expect("begin");
+    sqlx::query("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *operator)
+        .await
+        .expect("locked");
+    let mut transitions = tokio::task::JoinSet::new();
+    for (index, instance) in instances.iter().enumerate() {
+        let (store, instance) = (store.clone(), instance.clone());
+        let id = i32::try_from(index).expect("small");
+        let write = StagedWrite::new("INSERT INTO counters VALUES ($1, 1)").bind(id);
+        transitions
+            .spawn(async move { engine_transition_staging(&store, &instance, &MessageId::new(), Some(write)).await });
+    }
+    for committed in transitions.join_all().await {
+        assert!(matches!(committed, Err(StoreError::Unavailable(_))), "{committed:?}");
+    }
+    assert_eq!(
+        store.commit_batching().retried_alone,
+        0,
+        "no transition of a failed shared statement waited for the lock again alone"
+    );
+    sqlx::query("ROLLBACK").execute(&mut *operator).await.expect("released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transitions_share_statements_and_each_is_decided_as_alone() {
     let db = TestDb::new().await;
     let store = batching_store(&db).await;

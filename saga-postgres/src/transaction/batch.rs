@@ -20,9 +20,10 @@
 //! statement failed (a unique violation by a concurrent consumer aborts the
 //! whole statement). Each caller runs its own again, so those statements
 //! neither wait for one another nor hold up the next shared one. If the
-//! pool gives no connection within its acquire timeout, though, every
-//! transition of the batch fails at once as `Unavailable`, as each would on
-//! its own.
+//! pool gives no connection within its acquire timeout, though, or the
+//! server fails the statement for its own state (a lock or statement
+//! timeout, a read-only primary, a lost connection), every transition of
+//! the batch fails at once as `Unavailable`, as each would on its own.
 //!
 //! Staged writes are not conditional on their transition being written, so
 //! a statement carrying any raises (`saga_abort`) unless it wrote every
@@ -191,6 +192,17 @@ pub(crate) fn fits(write: &InstanceWrite, rest: &Rest) -> bool {
         && rest.h_saga[0] == id
         && rest.o_id.len() <= 1
         && rest.o_saga.iter().all(|saga| *saga == Some(id))
+}
+
+/// Whether a shared statement's `error` would fail each of its transitions
+/// alone too: transient, and not a deadlock or serialization failure (which
+/// the transitions' mix may have caused).
+fn fails_alike(error: &sqlx::Error) -> bool {
+    let mix = match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code == "40001" || code == "40P01"),
+        _ => false,
+    };
+    crate::error::is_transient(error) && !mix
 }
 
 /// What the runner answers a waiting transition.
@@ -374,10 +386,11 @@ async fn run(shared: Arc<Shared>) {
         shared.batcher.queue().linger.ran(began.elapsed());
         let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
-            Err(no_connection) => {
-                // No connection within the acquire timeout: each alone
-                // would wait as long to hear the same.
-                let reason = no_connection.to_string();
+            Err(unavailable) => {
+                // No connection within the acquire timeout, or the server
+                // failed the statement for its own state: each alone would
+                // wait as long to hear the same.
+                let reason = unavailable.to_string();
                 for reply in replies {
                     let _ = reply.send(Answer::Done(Err(StoreError::Unavailable(reason.clone().into()))));
                 }
@@ -409,7 +422,8 @@ async fn alone(shared: &Shared, item: Batched) -> Result<Vec<OutboxEntry>, Store
 /// Writes `items` in one statement. For each item: the outbox rows leased
 /// for the hand-off if it was written, `None` if it was not (or the
 /// statement failed for a reason its own statement may not share). Fails,
-/// with the pool's error, only when the pool gave no connection.
+/// with the error, when the pool gave no connection or the server failed
+/// the statement for its own state ([`fails_alike`]).
 async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<OutboxEntry>>>, sqlx::Error> {
     let lease = shared.handoff_lease_millis();
     fn values(item: &Batched) -> &InstanceValues {
@@ -499,6 +513,15 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
         Ok(rows) => {
             shared.connections.release(conn);
             rows
+        }
+        // The server's state, not the mix of transitions (a lock or
+        // statement timeout, a read-only primary, a lost connection):
+        // each alone would wait as long to fail alike, all at once, and
+        // crowd the pool meanwhile. Deadlocks and serialization failures
+        // may be the mix's doing: those run alone.
+        Err(error) if fails_alike(&error) => {
+            tracing::debug!(%error, size = items.len(), "a shared commit statement failed on the server's state; its transitions fail with it");
+            return Err(error);
         }
         Err(error) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement failed; each transition runs alone");
