@@ -894,8 +894,15 @@ impl Engine {
                 // decision or of a duplicate: decided again on what the
                 // store holds, it is one or the other, or it stands.
                 Err(EngineError::Effects(error)) => {
-                    if self.moved_on(id, revision).await? {
-                        continue;
+                    match self.inner.store.load(id).await? {
+                        Some(stored) if stored.revision == revision => {}
+                        // Moved on: decided again on what was just read.
+                        Some(stored) => {
+                            self.inner.recent.compare(copy.take(), &stored);
+                            found = Some(Found::stored(stored));
+                            continue;
+                        }
+                        None => continue,
                     }
                     if let Some(message) = consumed
                         && self.consumed_before(message).await?
@@ -908,12 +915,6 @@ impl Engine {
             }
         }
         Err(EngineError::Contended { id, attempts })
-    }
-
-    /// Whether the store's instance `id` is no longer at `revision`.
-    async fn moved_on(&self, id: SagaId, revision: u64) -> Result<bool, EngineError> {
-        let stored = self.inner.store.load(id).await?;
-        Ok(stored.is_none_or(|instance| instance.revision != revision))
     }
 
     /// Whether the inbox holds `message` already (a transaction that
