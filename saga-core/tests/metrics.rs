@@ -18,6 +18,18 @@ fn counter(snapshot: &[CounterRow], name: &str, labels: &[(&str, &str)]) -> u64 
         .sum()
 }
 
+/// The counters `work` records, run on a runtime of its own with a
+/// recorder of its own (tests run at once must not count into each other).
+fn counted(work: impl std::future::Future<Output = ()>) -> Vec<CounterRow> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(work);
+    });
+    counters(&snapshotter)
+}
+
 /// Every counter the recorder holds.
 fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<CounterRow> {
     snapshotter
@@ -40,89 +52,77 @@ fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<CounterRo
 
 #[test]
 fn a_deadline_left_to_a_replica_with_a_newer_version_is_not_counted_as_failed() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        runtime.block_on(async {
-            let definition = |version: u32| {
-                SagaDefinition::<u32>::builder("rolling")
-                    .version(version)
-                    .step(
-                        Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?))
-                            .on_reply("Answer", |_: &mut u32, _: bool| ReplyOutcome::Success)
-                            .timeout(std::time::Duration::from_secs(5)),
-                    )
-                    .build()
-                    .expect("valid")
-            };
-            let clock = ManualClock::default();
-            let store = InMemoryStore::with_clock(clock.clone());
-            let engine = |versions: &[u32]| {
-                let mut builder = Engine::builder(Arc::new(store.clone())).clock(clock.clone());
-                for &version in versions {
-                    builder = builder.register(definition(version));
-                }
-                builder.build().expect("engine")
-            };
-            // A v2 saga scanned by a replica with v1 only (a deploy under
-            // way), and a v1 saga scanned by one with v2 only (v1 is gone).
-            engine(&[1, 2]).start("rolling", 0u32).await.expect("start v2");
-            engine(&[1]).start("rolling", 0u32).await.expect("start v1");
-            clock.advance(std::time::Duration::from_secs(6));
-            assert_eq!(
-                engine(&[1]).fire_due_deadlines().await.expect("scan"),
-                1,
-                "its own v1 saga"
-            );
-            assert_eq!(
-                engine(&[2]).fire_due_deadlines().await.expect("scan"),
-                1,
-                "its own v2 saga"
-            );
-        });
+    let snapshot = counted(async {
+        let definition = |version: u32| {
+            SagaDefinition::<u32>::builder("rolling")
+                .version(version)
+                .step(
+                    Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?))
+                        .on_reply("Answer", |_: &mut u32, _: bool| ReplyOutcome::Success)
+                        .timeout(std::time::Duration::from_secs(5)),
+                )
+                .build()
+                .expect("valid")
+        };
+        let clock = ManualClock::default();
+        let store = InMemoryStore::with_clock(clock.clone());
+        let engine = |versions: &[u32]| {
+            let mut builder = Engine::builder(Arc::new(store.clone())).clock(clock.clone());
+            for &version in versions {
+                builder = builder.register(definition(version));
+            }
+            builder.build().expect("engine")
+        };
+        // A v2 saga scanned by a replica with v1 only (a deploy under
+        // way), and a v1 saga scanned by one with v2 only (v1 is gone).
+        engine(&[1, 2]).start("rolling", 0u32).await.expect("start v2");
+        engine(&[1]).start("rolling", 0u32).await.expect("start v1");
+        clock.advance(std::time::Duration::from_secs(6));
+        assert_eq!(
+            engine(&[1]).fire_due_deadlines().await.expect("scan"),
+            1,
+            "its own v1 saga"
+        );
+        assert_eq!(
+            engine(&[2]).fire_due_deadlines().await.expect("scan"),
+            1,
+            "its own v2 saga"
+        );
     });
-    let snapshot = counters(&snapshotter);
     // v1-only set the v2 saga aside; v2-only failed nothing (v1's was fired).
     assert_eq!(counter(&snapshot, "saga_deadline_failures_total", &[]), 0);
 }
 
 #[test]
 fn sagas_started_transitions_and_endings_are_counted() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        runtime.block_on(async {
-            let definition = SagaDefinition::<u32>::builder("counted")
-                .step(
-                    Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?)).on_reply(
-                        "Answer",
-                        |_: &mut u32, ok: bool| {
-                            if ok {
-                                ReplyOutcome::Success
-                            } else {
-                                ReplyOutcome::Failure("no".into())
-                            }
-                        },
-                    ),
-                )
-                .build()
-                .expect("valid");
-            let engine = Engine::builder(Arc::new(InMemoryStore::new()))
-                .register(definition)
-                .build()
-                .expect("engine");
-            for ok in [true, false, true] {
-                let id = engine.start("counted", 0u32).await.expect("start");
-                let answer = Message::json("Answer", "r", &ok)
-                    .expect("json")
-                    .with_correlation_id(id.to_string());
-                engine.handle(&answer).await.expect("handle");
-            }
-        });
+    let snapshot = counted(async {
+        let definition = SagaDefinition::<u32>::builder("counted")
+            .step(
+                Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?)).on_reply(
+                    "Answer",
+                    |_: &mut u32, ok: bool| {
+                        if ok {
+                            ReplyOutcome::Success
+                        } else {
+                            ReplyOutcome::Failure("no".into())
+                        }
+                    },
+                ),
+            )
+            .build()
+            .expect("valid");
+        let engine = Engine::builder(Arc::new(InMemoryStore::new()))
+            .register(definition)
+            .build()
+            .expect("engine");
+        for ok in [true, false, true] {
+            let id = engine.start("counted", 0u32).await.expect("start");
+            let answer = Message::json("Answer", "r", &ok)
+                .expect("json")
+                .with_correlation_id(id.to_string());
+            engine.handle(&answer).await.expect("handle");
+        }
     });
-    let snapshot = counters(&snapshotter);
     assert_eq!(counter(&snapshot, "saga_started_total", &[("saga", "counted")]), 3);
     assert_eq!(counter(&snapshot, "saga_transitions_total", &[("saga", "counted")]), 6);
     assert_eq!(counter(&snapshot, "saga_finished_total", &[("status", "completed")]), 2);
