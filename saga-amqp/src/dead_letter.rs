@@ -57,7 +57,7 @@ const RETURN_POLL: Duration = Duration::from_millis(10);
 
 /// Why a dead letter without a recorded origin cannot be replayed.
 const NO_ORIGIN: &str = "it does not record where it was first published (dead-lettered before saga-amqp \
-     recorded that, or by another client): publish it again by hand";
+     recorded that, by another client, or with headers that left no room for it): publish it again by hand";
 
 #[async_trait]
 impl DeadLetterQueue for AmqpTransport {

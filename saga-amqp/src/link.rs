@@ -273,12 +273,18 @@ impl Link {
 
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self, wait: Wait) -> Result<Channel, TransportError> {
+        self.channel_and_frame_max(wait).await.map(|(channel, _)| channel)
+    }
+
+    /// A new channel, and the largest frame its connection negotiated.
+    pub(crate) async fn channel_and_frame_max(&self, wait: Wait) -> Result<(Channel, u32), TransportError> {
         let connection = self.connection(wait).await?;
+        let frame_max = connection.configuration().frame_max();
         match self
             .within_unless_blocked("opening a channel", connection.create_channel())
             .await
         {
-            Ok(channel) => channel.map_err(unavailable),
+            Ok(channel) => channel.map(|channel| (channel, frame_max)).map_err(unavailable),
             Err(timed_out) => {
                 // The connection died under the request: do not hand it out again.
                 let mut state = self.state.lock().await;

@@ -178,12 +178,26 @@ pub(crate) fn republished(
             AMQPValue::LongString(LongString::from(value.as_bytes())),
         );
     }
-    let mut properties = republishable(original).with_headers(table);
-    // Keep the id a message without one was given, so its redeliveries deduplicate.
-    if original.message_id().is_none() {
-        properties = properties.with_message_id(short(message_id.as_str(), "message id")?);
+    with_id(republishable(original).with_headers(table), original, message_id)
+}
+
+/// `original`'s properties republished as they came, with nothing added but
+/// an id: for a message whose headers leave no room for the bookkeeping
+/// (they came in one frame, so they fit again).
+pub(crate) fn republished_as_is(original: &BasicProperties, message_id: &MessageId) -> Result<BasicProperties, String> {
+    with_id(republishable(original), original, message_id)
+}
+
+/// Keeps the id a message without one was given, so its redeliveries deduplicate.
+fn with_id(
+    properties: BasicProperties,
+    original: &BasicProperties,
+    message_id: &MessageId,
+) -> Result<BasicProperties, String> {
+    if original.message_id().is_some() {
+        return Ok(properties);
     }
-    Ok(properties)
+    Ok(properties.with_message_id(short(message_id.as_str(), "message id")?))
 }
 
 /// `original`'s properties, fit to publish again from here: persistent, and

@@ -1,6 +1,10 @@
 //! Publishing with confirms: a small pool of confirm-mode channels, many
 //! confirms in flight on each, `mandatory` so unroutable messages come back.
+//! A message whose properties do not fit in one frame is refused before it
+//! is sent: the broker would close the connection, failing every confirm
+//! in flight on it.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -17,7 +21,7 @@ use crate::link::{Link, Wait};
 
 pub(crate) struct Publishing {
     link: Arc<Link>,
-    channels: Vec<Mutex<Option<Channel>>>,
+    channels: Vec<Mutex<Option<Open>>>,
     next: AtomicUsize,
     in_flight: Semaphore,
     /// Exchanges known to exist: publishing to one that does not would close
@@ -88,13 +92,13 @@ impl Publishing {
     }
 
     /// A live confirm-mode channel of the pool, opened again if it closed.
-    async fn channel(&self) -> Result<Channel, TransportError> {
+    async fn channel(&self) -> Result<Open, TransportError> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         let mut current = self.channels[slot].lock().await;
-        if let Some(channel) = current.as_ref().filter(|c| c.status().connected()) {
-            return Ok(channel.clone());
+        if let Some(open) = current.as_ref().filter(|open| open.channel.status().connected()) {
+            return Ok(open.clone());
         }
-        let channel = self.link.channel(Wait::No).await?;
+        let (channel, frame_max) = self.link.channel_and_frame_max(Wait::No).await?;
         self.link
             .within_unless_blocked(
                 "enabling confirms",
@@ -102,8 +106,17 @@ impl Publishing {
             )
             .await?
             .map_err(unavailable)?;
-        *current = Some(channel.clone());
-        Ok(channel)
+        let open = Open { channel, frame_max };
+        *current = Some(open.clone());
+        Ok(open)
+    }
+
+    /// Whether `properties` fit in one frame of the publishing connection
+    /// (connecting if needed): a message's properties and headers travel in
+    /// one content header frame, which may not exceed `frame_max`.
+    pub(crate) async fn fits(&self, properties: &BasicProperties) -> Result<bool, TransportError> {
+        let open = self.channel().await?;
+        Ok(header_frame_size(properties) <= open.frame_max as usize)
     }
 
     /// Publishes and waits for the broker's confirm. Concurrent calls share
@@ -123,8 +136,15 @@ impl Publishing {
         };
         let exchange_name = short(exchange, "exchange name").map_err(rejected)?;
         let routing_key = short(routing_key, "routing key").map_err(rejected)?;
+        let header_frame = header_frame_size(&properties);
         let _slot = self.in_flight.acquire().await.map_err(|_| TransportError::Closed)?;
-        let channel = self.channel().await?;
+        let Open { channel, frame_max } = self.channel().await?;
+        if header_frame > frame_max as usize {
+            return Err(rejected(format!(
+                "its properties and headers make a header frame of {header_frame} bytes, more than the \
+                 connection's frame_max of {frame_max}: the broker would close the connection"
+            )));
+        }
         let options = BasicPublishOptions {
             mandatory,
             immediate: false,
@@ -156,5 +176,66 @@ impl Publishing {
 
     pub(crate) fn close(&self) {
         self.in_flight.close();
+    }
+}
+
+/// A confirm-mode channel and the largest frame its connection negotiated.
+#[derive(Clone)]
+struct Open {
+    channel: Channel,
+    frame_max: u32,
+}
+
+/// The framing around a content header's properties: frame type, channel,
+/// payload size and end marker (8), class, weight and body size (12).
+const HEADER_FRAME_OVERHEAD: usize = 8 + 12;
+
+thread_local! {
+    /// Reused by [`header_frame_size`], so measuring allocates nothing.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The bytes of the content header frame that carries `properties`, as
+/// lapin writes it (the broker refuses frames above `frame_max`).
+pub(crate) fn header_frame_size(properties: &BasicProperties) -> usize {
+    SCRATCH.with(|scratch| {
+        let mut buffer = std::mem::take(&mut *scratch.borrow_mut());
+        buffer.clear();
+        let serialized = cookie_factory::gen_simple(lapin::protocol::basic::gen_properties(properties), buffer);
+        match serialized {
+            Ok(buffer) => {
+                let size = HEADER_FRAME_OVERHEAD + buffer.len();
+                *scratch.borrow_mut() = buffer;
+                size
+            }
+            // Writing to a Vec does not fail; if it did, lapin would fail the same way.
+            Err(_) => usize::MAX,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    use super::*;
+
+    /// The size by the AMQP 0-9-1 grammar: framing (8), class, weight and
+    /// body size (12), property flags (2), then the one property set.
+    #[test]
+    fn a_header_frame_is_measured_byte_for_byte() {
+        assert_eq!(header_frame_size(&BasicProperties::default()), 8 + 12 + 2);
+        let with_type = BasicProperties::default().with_type(ShortString::from("Kind"));
+        assert_eq!(header_frame_size(&with_type), 8 + 12 + 2 + 1 + 4);
+        for length in [0_usize, 1, 4_000, 70_000] {
+            let mut table = FieldTable::default();
+            table.insert(
+                ShortString::from("k"),
+                AMQPValue::LongString(LongString::from(vec![b'x'; length])),
+            );
+            let with_header = BasicProperties::default().with_headers(table);
+            // Table length (4), key (1 + 1), type tag (1), string length (4).
+            assert_eq!(header_frame_size(&with_header), 8 + 12 + 2 + 4 + 2 + 1 + 4 + length);
+        }
     }
 }

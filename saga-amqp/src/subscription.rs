@@ -246,6 +246,9 @@ struct AmqpSettle {
     retries: u32,
 }
 
+/// The reason a message that could not be retried is dead-lettered with.
+const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry count, so it was not retried";
+
 async fn requeue(acker: &Acker, limit: Duration) {
     let requeue = BasicNackOptions {
         multiple: false,
@@ -272,8 +275,42 @@ impl AmqpSettle {
         }
     }
 
+    /// Whether `properties` fit in a frame of the publishing connection
+    /// (unbuildable ones count as fitting: `forward` reports them). When it
+    /// cannot tell, the delivery goes back to its queue.
+    async fn fits(&self, acker: &Acker, properties: &Result<BasicProperties, String>) -> Result<bool, TransportError> {
+        let Ok(properties) = properties else {
+            return Ok(true);
+        };
+        match self.shared.publishing.fits(properties).await {
+            Ok(fits) => Ok(fits),
+            Err(e) => {
+                requeue(acker, self.limit()).await;
+                Err(e)
+            }
+        }
+    }
+
     /// Sends the message round again through the delay queue of `delay`.
+    /// One whose headers leave no room in a frame for the retry count is
+    /// dead-lettered instead: a retry it cannot count could not be bounded,
+    /// and the broker closes a connection that sends a frame too large.
     async fn retry(&self, acker: &Acker, delay: Duration) -> Result<(), TransportError> {
+        let properties = mapping::republished(
+            &self.properties,
+            &self.message_id,
+            self.published(),
+            self.retries.saturating_add(1),
+            None,
+        );
+        if !self.fits(acker, &properties).await? {
+            tracing::warn!(
+                message_id = %self.message_id,
+                queue = %self.queue,
+                "its headers leave no room in a frame for a retry count: dead-lettered instead of retried"
+            );
+            return self.dead_letter(acker, NO_ROOM_TO_RETRY).await;
+        }
         let target = if delay.is_zero() {
             self.queue.to_string()
         } else {
@@ -284,13 +321,6 @@ impl AmqpSettle {
             }
             name
         };
-        let properties = mapping::republished(
-            &self.properties,
-            &self.message_id,
-            self.published(),
-            self.retries.saturating_add(1),
-            None,
-        );
         self.forward(acker, &target, properties).await
     }
 
@@ -306,13 +336,25 @@ impl AmqpSettle {
             }
             topology::dlq(&self.queue)
         };
-        let properties = mapping::republished(
+        let mut properties = mapping::republished(
             &self.properties,
             &self.message_id,
             self.published(),
             self.retries,
             Some((DEAD_LETTER_REASON, reason)),
         );
+        if !self.fits(acker, &properties).await? {
+            // Kept, without the reason and origin: they are logged instead.
+            tracing::error!(
+                message_id = %self.message_id,
+                queue = %self.queue,
+                exchange = %self.exchange,
+                routing_key = %self.routing_key,
+                reason,
+                "its headers leave no room in a frame for the dead-letter reason and origin: dead-lettered without them"
+            );
+            properties = mapping::republished_as_is(&self.properties, &self.message_id);
+        }
         self.forward(acker, &target, properties).await
     }
 

@@ -117,6 +117,65 @@ impl Routed {
     }
 }
 
+/// A delivery whose own headers fill nearly all of a frame: retrying or
+/// dead-letter it adds headers past `frame_max`, and the broker closes a
+/// connection that sends such a frame, so the message would come back for
+/// ever. It is dead-lettered as it came instead (its reason and origin
+/// are logged, not recorded), and an operator sees it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_with_no_room_left_in_its_header_frame_is_dead_lettered_as_it_came() {
+    let name = broker::unique("crowded");
+    let queue = format!("{name}.queue");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.frame_max = Some(8 * 1024);
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    // A header frame of about 8,150 of the 8,192 bytes a frame may hold.
+    let padding = "x".repeat(8_060);
+    let settlements = [
+        (
+            "refused",
+            Settlement::DeadLetter {
+                reason: "handler refused it".into(),
+            },
+        ),
+        ("retried", Settlement::Retry { delay: Duration::ZERO }),
+    ];
+    for (id, settlement) in settlements {
+        publish_raw(&queue, id, BTreeMap::from([(ShortString::from("pad"), text(&padding))])).await;
+        let delivery = next(&mut subscription, id).await;
+        assert_eq!(delivery.message.id.as_str(), id);
+        delivery
+            .settle
+            .settle(settlement)
+            .await
+            .unwrap_or_else(|e| panic!("`{id}` settled: {e}"));
+    }
+
+    match tokio::time::timeout(Duration::from_secs(1), subscription.next()).await {
+        Err(_) => {}
+        Ok(back) => panic!(
+            "nothing comes back to the queue, got {:?}",
+            back.map(|d| d.map(|d| d.message.id))
+        ),
+    }
+    let page = transport.dead_letters(&queue, 10).await.expect("browsed");
+    let ids: Vec<&str> = page.letters.iter().map(|l| l.message.id.as_str()).collect();
+    assert_eq!(ids, ["refused", "retried"]);
+    for letter in &page.letters {
+        assert_eq!(
+            letter.message.header("pad"),
+            Some(padding.as_str()),
+            "its own headers kept"
+        );
+        assert_eq!(letter.message.payload, b"{\"raw\":true}");
+        assert_eq!(letter.origin, None, "no room to record it");
+    }
+
+    drop(subscription);
+    broker::clean_up(&transport).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_keeps_the_routing_key_of_a_direct_exchange() {
     // Only messages of type `Routed` reach the queue: a replay that lost the

@@ -856,6 +856,61 @@ async fn connections_use_the_configured_frame_size_and_large_messages_cross_whol
     broker::clean_up(&transport).await;
 }
 
+/// A message's properties and headers travel in one frame. One too large
+/// for the connection's `frame_max` is refused before it is sent: the
+/// broker would close the publishing connection for it, failing every
+/// confirm in flight there, and the relay would send it again and again.
+/// Every size up to the limit still goes out and arrives.
+#[tokio::test]
+async fn a_message_whose_headers_do_not_fit_a_frame_is_refused_before_it_is_sent() {
+    let name = broker::unique("oversize");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.frame_max = Some(8 * 1024);
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&format!("{name}.queue")).await.expect("subscribed");
+    transport
+        .publish(&Message::new("Small", name.clone(), b"{}".to_vec()))
+        .await
+        .expect("published");
+    let first = next(&mut subscription, "the first message").await;
+    first.settle.settle(Settlement::Ack).await.expect("acked");
+    let connections = broker::connections(&name, "pid");
+
+    // Header values from well below the limit to past it, one byte at a time.
+    let mut outcomes = Vec::new();
+    for length in 7_600..=8_200 {
+        let message = Message::new("Padded", name.clone(), b"{}".to_vec()).with_header("pad", "x".repeat(length));
+        match transport.publish(&message).await {
+            Ok(()) => outcomes.push((length, true)),
+            Err(TransportError::Rejected { reason, .. }) if reason.contains("frame_max of 8192") => {
+                outcomes.push((length, false));
+            }
+            Err(e) => panic!("a {length}-byte header: expected sent or refused for its size, got {e}"),
+        }
+    }
+    let sent = outcomes.iter().take_while(|(_, sent)| *sent).count();
+    assert!(
+        sent > 0 && sent < outcomes.len(),
+        "some sizes fit and some do not: {sent} of {} sent",
+        outcomes.len()
+    );
+    assert!(
+        outcomes[sent..].iter().all(|(_, sent)| !sent),
+        "every size past the first refused one is refused too"
+    );
+    for (length, _) in &outcomes[..sent] {
+        let delivery = next(&mut subscription, "a padded message").await;
+        assert_eq!(delivery.message.header("pad").map(str::len), Some(*length));
+        delivery.settle.settle(Settlement::Ack).await.expect("acked");
+    }
+    assert_eq!(
+        broker::connections(&name, "pid"),
+        connections,
+        "the same two connections throughout: none was closed by the broker"
+    );
+    broker::clean_up(&transport).await;
+}
+
 /// A transport that only consumes never opens its publishing connection:
 /// an observer costs the broker one connection, and its process one I/O
 /// thread and one set of frame buffers.
