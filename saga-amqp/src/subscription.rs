@@ -275,6 +275,24 @@ impl AmqpSettle {
         }
     }
 
+    /// Waits, at most `operation_timeout`, for the publishing connection a
+    /// retry or dead letter goes out on. Failing at once while it reconnects
+    /// would give the delivery back, to be handled and fail again at once,
+    /// for as long as the reconnect backs off.
+    async fn publishing_ready(&self, acker: &Acker) -> Result<(), TransportError> {
+        let limit = self.limit();
+        let ready = match tokio::time::timeout(limit, self.shared.publishing.link().connection(Wait::Yes)).await {
+            Ok(ready) => ready.map(drop),
+            Err(_) => Err(TransportError::Unavailable(
+                format!("the publishing connection was not back within {limit:?}").into(),
+            )),
+        };
+        if ready.is_err() {
+            requeue(acker, limit).await;
+        }
+        ready
+    }
+
     /// Whether `properties` fit in a frame of the publishing connection
     /// (unbuildable ones count as fitting: `forward` reports them). When it
     /// cannot tell, the delivery goes back to its queue.
@@ -296,6 +314,7 @@ impl AmqpSettle {
     /// dead-lettered instead: a retry it cannot count could not be bounded,
     /// and the broker closes a connection that sends a frame too large.
     async fn retry(&self, acker: &Acker, delay: Duration) -> Result<(), TransportError> {
+        self.publishing_ready(acker).await?;
         let properties = mapping::republished(
             &self.properties,
             &self.message_id,
@@ -326,6 +345,7 @@ impl AmqpSettle {
 
     /// Sends the message to the dead-letter queue with `reason`.
     async fn dead_letter(&self, acker: &Acker, reason: &str) -> Result<(), TransportError> {
+        self.publishing_ready(acker).await?;
         // A dead letter of a dead-letter queue stays where it is, at the back.
         let target = if self.queue.ends_with(DLQ_SUFFIX) {
             self.queue.to_string()

@@ -750,6 +750,85 @@ fn through_port(url: &str, port: u16) -> (String, String) {
     (proxied, broker)
 }
 
+/// `url` with the user `user` and password `password` instead of its own.
+fn as_user(url: &str, user: &str, password: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let host = rest[..authority_end].rsplit('@').next().unwrap_or_default();
+    format!(
+        "{}{user}:{password}@{host}{}",
+        &url[..scheme_end],
+        &rest[authority_end..]
+    )
+}
+
+/// A broker user allowed one connection at a time, deleted on drop.
+struct LimitedUser(String);
+
+impl LimitedUser {
+    fn new(password: &str) -> Self {
+        let name = broker::unique("limited");
+        broker::rabbitmqctl(&["add_user", &name, password]);
+        broker::rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        broker::rabbitmqctl(&["set_user_limits", &name, r#"{"max-connections": 1}"#]);
+        Self(name)
+    }
+
+    fn lift_limit(&self) {
+        broker::rabbitmqctl(&["clear_user_limits", &self.0, "max-connections"]);
+    }
+}
+
+impl Drop for LimitedUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
+/// A retry needs the publishing connection. While that cannot open (here
+/// the user may hold only the consuming one) the retry waits for it,
+/// rather than giving the delivery back at once to be handled, and fail,
+/// again and again; once it opens, the retry goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_for_the_publishing_connection_instead_of_coming_back_at_once() {
+    let name = broker::unique("waiting-retry");
+    let queue = format!("{name}.queue");
+    let user = LimitedUser::new("limited-password");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.url = as_user(&broker::url(), &user.0, "limited-password");
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let publisher = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let message = Message::new("Flaky", name.clone(), b"{}".to_vec());
+    publisher.publish(&message).await.expect("published");
+
+    let delivery = next(&mut subscription, "the message").await;
+    let retried = tokio::spawn(delivery.settle.settle(Settlement::Retry { delay: Duration::ZERO }));
+    if let Ok(again) = tokio::time::timeout(Duration::from_millis(1_500), subscription.next()).await {
+        panic!(
+            "the retry waits for its connection; the delivery came back at once: {:?}",
+            again.map(|d| d.map(|d| (d.message.id, d.retries)))
+        );
+    }
+    assert!(!retried.is_finished(), "still waiting for the publishing connection");
+
+    user.lift_limit();
+    retried
+        .await
+        .expect("joined")
+        .expect("retried once the connection opened");
+    let again = next(&mut subscription, "the retried message").await;
+    assert_eq!((again.message.id, again.retries), (message.id, 1));
+    again.settle.settle(Settlement::Ack).await.expect("acked");
+
+    drop(subscription);
+    transport.close().await;
+    broker::clean_up(&publisher).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes() {
     let url = broker::url();
