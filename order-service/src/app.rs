@@ -29,7 +29,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::admin::{self, AdminGrpc, AdminServer, DeadLetterSource, Operations};
-use crate::config::{Backend, Config, ListenAddr, SecretUrl};
+use crate::config::{Backend, Config, ListenAddr, Retention, SecretUrl};
 use crate::dashboard::{self, DashboardConfig};
 use crate::demo_stock::{DEMO_CATALOGUE, DemoStock};
 use crate::grpc::OrderGrpc;
@@ -96,7 +96,7 @@ struct Ops {
 /// The background machinery of the chosen backend.
 enum Workers {
     /// Embedded mode: everything is in process and ready at once.
-    Ready(Running),
+    Ready(Box<Running>),
     /// Production mode: PostgreSQL and RabbitMQ are waited for when the
     /// service runs.
     Production(Box<ProductionStart>),
@@ -109,6 +109,8 @@ struct Running {
     consumers: Vec<Consumer>,
     deadline_interval: Duration,
     dead_letters: DeadLetterSource,
+    /// Embedded mode's store, purged as production's tables are.
+    in_memory: Option<(InMemoryStore, Retention)>,
 }
 
 /// Production mode before its backends are reachable.
@@ -230,7 +232,7 @@ impl Application {
             ..EngineConfig::default()
         };
         let (orders, workers, refresh) = match &config.backend {
-            Backend::Embedded => embedded(&saga, &tuning)?,
+            Backend::Embedded => embedded(&saga, &tuning, &config.retention)?,
             Backend::Production {
                 database_url,
                 rabbitmq_url,
@@ -428,7 +430,11 @@ fn order_engine(
 
 /// In-memory store, in-process transport with the wire contract's topology,
 /// and the demo stock service.
-fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Workers, Refresh), StartError> {
+fn embedded(
+    saga: &OrderSagaConfig,
+    tuning: &EngineConfig,
+    retention: &Retention,
+) -> Result<(Orders, Workers, Refresh), StartError> {
     let names: &WireNames = &saga.names;
     tracing::warn!(
         "EMBEDDED MODE: orders live in memory and are lost when the process stops; \
@@ -479,6 +485,7 @@ fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Wo
         vec![names.stock_update_queue.clone(), DEMO_STOCK_QUEUE.to_owned()],
         Arc::new(transport.clone()),
     );
+    let in_memory = Some((store.clone(), retention.clone()));
     let refresh: Refresh = {
         let queue = names.stock_update_queue.clone();
         Arc::new(move || {
@@ -490,13 +497,14 @@ fn embedded(saga: &OrderSagaConfig, tuning: &EngineConfig) -> Result<(Orders, Wo
     let orders = Orders::new(engine.clone(), Arc::new(table));
     Ok((
         orders,
-        Workers::Ready(Running {
+        Workers::Ready(Box::new(Running {
             engine,
             relay,
             consumers: vec![engine_consumer, stock_consumer],
             deadline_interval,
             dead_letters,
-        }),
+            in_memory,
+        })),
         refresh,
     ))
 }
@@ -734,8 +742,12 @@ impl Running {
             consumers,
             deadline_interval,
             dead_letters: _,
+            in_memory,
         } = self;
         let mut tasks = JoinSet::new();
+        if let Some((store, retention)) = in_memory {
+            tasks.spawn(purge_in_memory(store, retention, shutdown.clone()));
+        }
         tasks.spawn(relay.run(shutdown.clone()));
         for consumer in consumers {
             tasks.spawn(consumer.run(shutdown.clone()));
@@ -749,6 +761,30 @@ impl Running {
                 tracing::error!(error = %e, "a background task failed");
             }
         }
+    }
+}
+
+/// Forgets, every `RETENTION_INTERVAL`, what production's retention would
+/// delete from its tables, so a long-running embedded service does not grow
+/// with every saga it has finished.
+async fn purge_in_memory(store: InMemoryStore, retention: Retention, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(retention.interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once, when nothing is old yet.
+    every.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        let purged = store.purge(retention.store.inbox, retention.store.finished_instances);
+        let counted = saga_postgres::Purged {
+            inbox: purged.inbox as u64,
+            sent_messages: 0,
+            instances: purged.instances as u64,
+        };
+        telemetry::retention_purged(&counted, started.elapsed());
     }
 }
 

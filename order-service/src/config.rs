@@ -255,7 +255,8 @@ pub struct Config {
 }
 
 /// How long the saga store keeps rows it no longer needs, so its tables do
-/// not grow without end (production mode; embedded mode keeps nothing).
+/// not grow without end (production mode's tables; embedded mode's store in
+/// memory the same way, where sent messages are gone once sent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retention {
     /// `INBOX_RETENTION` (default `7d`, at least `1h`): ids of consumed

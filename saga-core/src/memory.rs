@@ -6,5 +6,5 @@
 mod store;
 mod transport;
 
-pub use store::{InMemoryStore, InMemoryTransaction};
+pub use store::{InMemoryStore, InMemoryTransaction, Purged};
 pub use transport::{InMemoryTransport, QueueStats};

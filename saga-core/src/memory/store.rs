@@ -8,7 +8,7 @@ use tokio::sync::Notify;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::id::{MessageId, SagaId};
-use crate::instance::{SagaInstance, Transition};
+use crate::instance::{Cause, SagaInstance, Transition};
 use crate::message::Message;
 use crate::store::{
     DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, StoreError,
@@ -20,7 +20,8 @@ use crate::summary::{Summary, SummaryQuery};
 struct State {
     instances: HashMap<SagaId, SagaInstance>,
     keys: HashMap<(String, String), SagaId>,
-    inbox: HashSet<(String, MessageId)>,
+    /// Consumed messages, and when they were consumed.
+    inbox: HashMap<(String, MessageId), Timestamp>,
     outbox: BTreeMap<OutboxId, Queued>,
     next_outbox: OutboxId,
     deadlines: BTreeSet<(Timestamp, SagaId)>,
@@ -117,6 +118,70 @@ impl InMemoryStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Forgets what is no longer needed, as saga-postgres's retention does
+    /// for its tables: when `finished_instances` is set, completed or
+    /// compensated instances last changed longer ago than that, with their
+    /// key and history; then consumed-message ids older than `inbox` (it
+    /// must exceed the longest time a message can be redelivered, or a late
+    /// duplicate would be applied again), except those that moved a saga
+    /// still held, which stay known with it. Without it a long-running
+    /// embedded service grows with every message and saga.
+    pub fn purge(&self, inbox: Duration, finished_instances: Option<Duration>) -> Purged {
+        let now = self.clock.now();
+        let mut state = self.lock();
+        let mut purged = Purged::default();
+        if let Some(finished_instances) = finished_instances {
+            let changed_before = now - finished_instances;
+            let finished: Vec<SagaId> = state
+                .instances
+                .values()
+                .filter(|i| i.status.is_terminal() && i.updated_at < changed_before)
+                .map(|i| i.id)
+                .collect();
+            for id in finished {
+                let Some(instance) = state.instances.remove(&id) else {
+                    continue;
+                };
+                if let Some(key) = instance.key {
+                    let entry = (instance.definition, key);
+                    if state.keys.get(&entry) == Some(&id) {
+                        state.keys.remove(&entry);
+                    }
+                }
+                state.set_deadline(id, instance.deadline, None);
+                state.history.remove(&id);
+                purged.instances += 1;
+            }
+        }
+        let State {
+            inbox: consumed,
+            history,
+            ..
+        } = &mut *state;
+        let moved_a_saga: HashSet<&MessageId> = history
+            .values()
+            .flatten()
+            .filter_map(|transition| match &transition.cause {
+                Cause::Message { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        let consumed_before = now - inbox;
+        let held = consumed.len();
+        consumed.retain(|(_, id), consumed_at| *consumed_at >= consumed_before || moved_a_saga.contains(id));
+        purged.inbox = held - consumed.len();
+        purged
+    }
+}
+
+/// What one [`InMemoryStore::purge`] forgot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Consumed-message ids.
+    pub inbox: usize,
+    /// Finished instances (with their key and history).
+    pub instances: usize,
 }
 
 #[async_trait]
@@ -172,7 +237,7 @@ impl InMemoryTransaction {
 impl Transaction for InMemoryTransaction {
     async fn consume(&mut self, consumer: &str, message: &MessageId) -> Result<bool, StoreError> {
         let entry = (consumer.to_owned(), message.clone());
-        if self.consumed.contains(&entry) || self.store.lock().inbox.contains(&entry) {
+        if self.consumed.contains(&entry) || self.store.lock().inbox.contains_key(&entry) {
             return Ok(false);
         }
         self.consumed.push(entry);
@@ -206,7 +271,7 @@ impl Transaction for InMemoryTransaction {
             let mut state = this.store.lock();
             // Validate everything first, so a failed commit writes nothing.
             for entry in &this.consumed {
-                if state.inbox.contains(entry) {
+                if state.inbox.contains_key(entry) {
                     return Err(StoreError::ConsumedConcurrently { id: entry.1.clone() });
                 }
             }
@@ -229,7 +294,8 @@ impl Transaction for InMemoryTransaction {
                     });
                 }
             }
-            state.inbox.extend(this.consumed);
+            let now = this.store.clock.now();
+            state.inbox.extend(this.consumed.into_iter().map(|entry| (entry, now)));
             for instance in this.inserts {
                 if let Some(key) = &instance.key {
                     state
