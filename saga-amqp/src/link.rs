@@ -127,6 +127,12 @@ impl Link {
             .unwrap_or(false)
     }
 
+    /// Whether the newest connection is open, without waiting for the
+    /// link's lock (a connection under way counts as not up).
+    pub(crate) fn is_up(&self) -> bool {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).connected()
+    }
+
     /// Whether the broker blocks the live connection: it stopped reading
     /// from it under a memory or disk alarm, and lapin holds back what is
     /// sent on it until the alarm clears. The hold's start and end are

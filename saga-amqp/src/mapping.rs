@@ -188,6 +188,17 @@ pub(crate) fn republished_as_is(original: &BasicProperties, message_id: &Message
     with_id(republishable(original), original, message_id)
 }
 
+/// `original`'s properties as they came, less what the broker refuses from
+/// another publisher (a user id) or what would expire a dead letter (a
+/// TTL): never larger than they came.
+pub(crate) fn republishable_as_sent(original: &BasicProperties) -> BasicProperties {
+    let properties = carried(original);
+    match original.delivery_mode() {
+        Some(mode) => properties.with_delivery_mode(*mode),
+        None => properties,
+    }
+}
+
 /// Keeps the id a message without one was given, so its redeliveries deduplicate.
 fn with_id(
     properties: BasicProperties,
@@ -205,7 +216,12 @@ fn with_id(
 /// of it) or a user id (the broker refuses another user's, and closes the
 /// channel).
 pub(crate) fn republishable(original: &BasicProperties) -> BasicProperties {
-    let mut properties = BasicProperties::default().with_delivery_mode(PERSISTENT);
+    carried(original).with_delivery_mode(PERSISTENT)
+}
+
+/// `original`'s properties but its delivery mode, TTL and user id.
+fn carried(original: &BasicProperties) -> BasicProperties {
+    let mut properties = BasicProperties::default();
     if let Some(value) = original.content_type() {
         properties = properties.with_content_type(value.clone());
     }

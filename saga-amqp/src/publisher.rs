@@ -111,12 +111,13 @@ impl Publishing {
         Ok(open)
     }
 
-    /// Whether `properties` fit in one frame of the publishing connection
-    /// (connecting if needed): a message's properties and headers travel in
-    /// one content header frame, which may not exceed `frame_max`.
-    pub(crate) async fn fits(&self, properties: &BasicProperties) -> Result<bool, TransportError> {
+    /// Whether `properties`, and `headroom` bytes more, fit in one frame
+    /// of the publishing connection (connecting if needed): a message's
+    /// properties and headers travel in one content header frame, which may
+    /// not exceed `frame_max`.
+    pub(crate) async fn fits(&self, properties: &BasicProperties, headroom: usize) -> Result<bool, TransportError> {
         let open = self.channel().await?;
-        Ok(header_frame_size(properties) <= open.frame_max as usize)
+        Ok(header_frame_size(properties).saturating_add(headroom) <= open.frame_max as usize)
     }
 
     /// Publishes and waits for the broker's confirm. Concurrent calls share
@@ -190,6 +191,9 @@ struct Open {
 /// payload size and end marker (8), class, weight and body size (12).
 const HEADER_FRAME_OVERHEAD: usize = 8 + 12;
 
+/// The largest measuring buffer a thread keeps between messages.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
 thread_local! {
     /// Reused by [`header_frame_size`], so measuring allocates nothing.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -205,7 +209,10 @@ pub(crate) fn header_frame_size(properties: &BasicProperties) -> usize {
         match serialized {
             Ok(buffer) => {
                 let size = HEADER_FRAME_OVERHEAD + buffer.len();
-                *scratch.borrow_mut() = buffer;
+                // Kept for the next message, unless an outsized one grew it.
+                if buffer.capacity() <= SCRATCH_KEPT {
+                    *scratch.borrow_mut() = buffer;
+                }
                 size
             }
             // Writing to a Vec does not fail; if it did, lapin would fail the same way.

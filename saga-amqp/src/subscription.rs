@@ -246,8 +246,17 @@ struct AmqpSettle {
     retries: u32,
 }
 
+/// What RabbitMQ adds to a message's headers when it dead-letters it from
+/// the delay queue `retry_queue` back to `queue`, at most: the `x-death`
+/// entry (count, reason, queue, time, exchange, routing keys) and the
+/// `x-first-death-*` and `x-last-death-*` headers, each naming a queue,
+/// with room to spare for the broker's own changes between versions.
+fn death_headroom(queue: &str, retry_queue: &str) -> usize {
+    512 + 4 * retry_queue.len() + 2 * queue.len()
+}
+
 /// The reason a message that could not be retried is dead-lettered with.
-const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry count, so it was not retried";
+const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry's headers, so it was not retried";
 
 async fn requeue(acker: &Acker, limit: Duration) {
     let requeue = BasicNackOptions {
@@ -279,9 +288,16 @@ impl AmqpSettle {
     /// retry or dead letter goes out on. Failing at once while it reconnects
     /// would give the delivery back, to be handled and fail again at once,
     /// for as long as the reconnect backs off.
+    /// If the delivery's own channel closed meanwhile (a broker restart),
+    /// the broker has the delivery back already: nothing is sent, or a
+    /// second copy would be.
     async fn publishing_ready(&self, acker: &Acker) -> Result<(), TransportError> {
+        let link = self.shared.publishing.link();
+        if link.is_up() {
+            return Ok(());
+        }
         let limit = self.limit();
-        let ready = match tokio::time::timeout(limit, self.shared.publishing.link().connection(Wait::Yes)).await {
+        let ready = match tokio::time::timeout(limit, link.connection(Wait::Yes)).await {
             Ok(ready) => ready.map(drop),
             Err(_) => Err(TransportError::Unavailable(
                 format!("the publishing connection was not back within {limit:?}").into(),
@@ -289,18 +305,31 @@ impl AmqpSettle {
         };
         if ready.is_err() {
             requeue(acker, limit).await;
+            return ready;
         }
-        ready
+        if !self.channel.status().connected() {
+            return Err(TransportError::Unavailable(
+                "the delivery's channel closed while the publishing connection came back; the broker redelivers it"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether `properties` fit in a frame of the publishing connection
     /// (unbuildable ones count as fitting: `forward` reports them). When it
     /// cannot tell, the delivery goes back to its queue.
-    async fn fits(&self, acker: &Acker, properties: &Result<BasicProperties, String>) -> Result<bool, TransportError> {
+    /// `headroom` is what the broker adds on the way (see [`death_headroom`]).
+    async fn fits(
+        &self,
+        acker: &Acker,
+        properties: &Result<BasicProperties, String>,
+        headroom: usize,
+    ) -> Result<bool, TransportError> {
         let Ok(properties) = properties else {
             return Ok(true);
         };
-        match self.shared.publishing.fits(properties).await {
+        match self.shared.publishing.fits(properties, headroom).await {
             Ok(fits) => Ok(fits),
             Err(e) => {
                 requeue(acker, self.limit()).await;
@@ -310,9 +339,10 @@ impl AmqpSettle {
     }
 
     /// Sends the message round again through the delay queue of `delay`.
-    /// One whose headers leave no room in a frame for the retry count is
-    /// dead-lettered instead: a retry it cannot count could not be bounded,
-    /// and the broker closes a connection that sends a frame too large.
+    /// One whose headers leave no room in a frame for the retry count (and,
+    /// through a delay queue, for the broker's `x-death` record on its way
+    /// back) is dead-lettered instead: a retry it cannot count could not be
+    /// bounded, and a frame too large closes the connection that gets it.
     async fn retry(&self, acker: &Acker, delay: Duration) -> Result<(), TransportError> {
         self.publishing_ready(acker).await?;
         let properties = mapping::republished(
@@ -322,23 +352,26 @@ impl AmqpSettle {
             self.retries.saturating_add(1),
             None,
         );
-        if !self.fits(acker, &properties).await? {
+        let delayed = (!delay.is_zero()).then(|| topology::retry_queue(&self.queue, delay));
+        let headroom = delayed
+            .as_ref()
+            .map_or(0, |(name, _)| death_headroom(&self.queue, name));
+        if !self.fits(acker, &properties, headroom).await? {
             tracing::warn!(
                 message_id = %self.message_id,
                 queue = %self.queue,
-                "its headers leave no room in a frame for a retry count: dead-lettered instead of retried"
+                "its headers leave no room in a frame for a retry's headers: dead-lettered instead of retried"
             );
             return self.dead_letter(acker, NO_ROOM_TO_RETRY).await;
         }
-        let target = if delay.is_zero() {
-            self.queue.to_string()
-        } else {
-            let (name, ttl) = topology::retry_queue(&self.queue, delay);
+        let target = if let Some((name, ttl)) = delayed {
             if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
                 requeue(acker, self.limit()).await;
                 return Err(e);
             }
             name
+        } else {
+            self.queue.to_string()
         };
         self.forward(acker, &target, properties).await
     }
@@ -363,7 +396,7 @@ impl AmqpSettle {
             self.retries,
             Some((DEAD_LETTER_REASON, reason)),
         );
-        if !self.fits(acker, &properties).await? {
+        if !self.fits(acker, &properties, 0).await? {
             // Kept, without the reason and origin: they are logged instead.
             tracing::error!(
                 message_id = %self.message_id,
@@ -374,6 +407,11 @@ impl AmqpSettle {
                 "its headers leave no room in a frame for the dead-letter reason and origin: dead-lettered without them"
             );
             properties = mapping::republished_as_is(&self.properties, &self.message_id);
+            if !self.fits(acker, &properties, 0).await? {
+                // Not even an id and persistence added: exactly as it came,
+                // which reached this client in one frame.
+                properties = Ok(mapping::republishable_as_sent(&self.properties));
+            }
         }
         self.forward(acker, &target, properties).await
     }

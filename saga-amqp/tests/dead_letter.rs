@@ -55,6 +55,15 @@ fn text(value: &str) -> AMQPValue {
 /// Publishes a message straight into `queue` (through the default
 /// exchange), as another client or an older version would have left it.
 async fn publish_raw(queue: &str, id: &str, headers: BTreeMap<ShortString, AMQPValue>) {
+    let properties = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_delivery_mode(2)
+        .with_headers(FieldTable::from(headers));
+    publish_raw_with(queue, properties).await;
+}
+
+/// Publishes a message of type `Raw` with `properties` straight into `queue`.
+async fn publish_raw_with(queue: &str, properties: BasicProperties) {
     let connection = Connection::connect(&broker::url(), ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| panic!("RabbitMQ is not reachable: {e}. Start it with `rabbitmq-server -detached`."));
@@ -63,18 +72,13 @@ async fn publish_raw(queue: &str, id: &str, headers: BTreeMap<ShortString, AMQPV
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm mode");
-    let properties = BasicProperties::default()
-        .with_message_id(id.into())
-        .with_type("Raw".into())
-        .with_delivery_mode(2)
-        .with_headers(FieldTable::from(headers));
     channel
         .basic_publish(
             "".into(),
             queue.into(),
             BasicPublishOptions::default(),
             b"{\"raw\":true}",
-            properties,
+            properties.with_type("Raw".into()),
         )
         .await
         .expect("published")
@@ -117,11 +121,16 @@ impl Routed {
     }
 }
 
-/// A delivery whose own headers fill nearly all of a frame: retrying or
-/// dead-letter it adds headers past `frame_max`, and the broker closes a
-/// connection that sends such a frame, so the message would come back for
-/// ever. It is dead-lettered as it came instead (its reason and origin
-/// are logged, not recorded), and an operator sees it whole.
+/// Deliveries whose own headers fill nearly all of a frame. Retrying or
+/// dead-lettering one adds headers, and so does the broker when a delayed
+/// retry comes back (`x-death`): a frame past `frame_max` closes the
+/// connection that sends it, or that receives it, and the message would
+/// come back for ever. Each is dead-lettered, as it came if need be (its
+/// reason and origin are logged, not recorded), and an operator sees it
+/// whole. A header frame here holds 8,192 bytes: the raw messages' own
+/// take 48 bytes (an id of 7) or 39 (no id, not persistent) besides the
+/// padding; the retry headers about 128 more, the broker's `x-death`
+/// about 400, an id and persistence 38.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_with_no_room_left_in_its_header_frame_is_dead_lettered_as_it_came() {
     let name = broker::unique("crowded");
@@ -130,26 +139,46 @@ async fn a_delivery_with_no_room_left_in_its_header_frame_is_dead_lettered_as_it
     config.frame_max = Some(8 * 1024);
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
-    // A header frame of about 8,150 of the 8,192 bytes a frame may hold.
-    let padding = "x".repeat(8_060);
-    let settlements = [
+    let padded = |length: usize| {
+        let table = BTreeMap::from([(ShortString::from("pad"), text(&"x".repeat(length)))]);
+        BasicProperties::default().with_headers(FieldTable::from(table))
+    };
+    let persistent_with_id = |id: &str, length: usize| padded(length).with_message_id(id.into()).with_delivery_mode(2);
+    let refused = || Settlement::DeadLetter {
+        reason: "handler refused it".into(),
+    };
+    let cases = [
+        // 8,108 bytes: no room for the dead-letter reason and origin.
+        ("refused", persistent_with_id("refused", 8_060), refused(), 8_060),
+        // No room for the retry count.
         (
-            "refused",
-            Settlement::DeadLetter {
-                reason: "handler refused it".into(),
-            },
+            "retried",
+            persistent_with_id("retried", 8_060),
+            Settlement::Retry { delay: Duration::ZERO },
+            8_060,
         ),
-        ("retried", Settlement::Retry { delay: Duration::ZERO }),
+        // 8,076 bytes with the retry headers: room for them, not for `x-death` on the way back.
+        (
+            "delayed",
+            persistent_with_id("delayed", 7_900),
+            Settlement::Retry {
+                delay: Duration::from_millis(50),
+            },
+            7_900,
+        ),
+        // 8,179 bytes: not even room for an id and persistence.
+        ("bare", padded(8_140), refused(), 8_140),
     ];
-    for (id, settlement) in settlements {
-        publish_raw(&queue, id, BTreeMap::from([(ShortString::from("pad"), text(&padding))])).await;
-        let delivery = next(&mut subscription, id).await;
-        assert_eq!(delivery.message.id.as_str(), id);
+    let mut expected = Vec::new();
+    for (what, properties, settlement, padding) in cases {
+        publish_raw_with(&queue, properties).await;
+        let delivery = next(&mut subscription, what).await;
+        expected.push((delivery.message.id.clone(), padding));
         delivery
             .settle
             .settle(settlement)
             .await
-            .unwrap_or_else(|e| panic!("`{id}` settled: {e}"));
+            .unwrap_or_else(|e| panic!("`{what}` settled: {e}"));
     }
 
     match tokio::time::timeout(Duration::from_secs(1), subscription.next()).await {
@@ -160,17 +189,31 @@ async fn a_delivery_with_no_room_left_in_its_header_frame_is_dead_lettered_as_it
         ),
     }
     let page = transport.dead_letters(&queue, 10).await.expect("browsed");
-    let ids: Vec<&str> = page.letters.iter().map(|l| l.message.id.as_str()).collect();
-    assert_eq!(ids, ["refused", "retried"]);
+    let found: Vec<(MessageId, usize)> = page
+        .letters
+        .iter()
+        .map(|l| (l.message.id.clone(), l.message.header("pad").map_or(0, str::len)))
+        .collect();
+    assert_eq!(found, expected, "each dead-lettered with its own headers whole");
     for letter in &page.letters {
-        assert_eq!(
-            letter.message.header("pad"),
-            Some(padding.as_str()),
-            "its own headers kept"
-        );
         assert_eq!(letter.message.payload, b"{\"raw\":true}");
-        assert_eq!(letter.origin, None, "no room to record it");
     }
+    // The delayed one had room for the dead-letter headers, not for the
+    // broker's on a round through the delay queue; the others had none.
+    let recorded: Vec<Option<&str>> = page.letters.iter().map(|l| l.reason.as_deref()).collect();
+    assert_eq!(
+        recorded,
+        [
+            None,
+            None,
+            Some("its headers leave no room in a frame for a retry's headers, so it was not retried"),
+            None
+        ]
+    );
+    assert!(
+        page.letters[2].origin.is_some(),
+        "recorded where it was first published"
+    );
 
     drop(subscription);
     broker::clean_up(&transport).await;
