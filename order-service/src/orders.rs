@@ -152,8 +152,11 @@ impl Orders {
                 Ok(order)
             }
             // A retry: the saga exists, or only its order does (retention
-            // purged the finished saga, and the order row refused the new one).
-            Err(error @ (EngineError::AlreadyStarted { .. } | EngineError::Store(_))) if idempotency_key.is_some() => {
+            // purged the finished saga, and the order row refused the new
+            // one: the table's key in production, the effect in memory).
+            Err(error @ (EngineError::AlreadyStarted { .. } | EngineError::Store(_) | EngineError::Effects(_)))
+                if idempotency_key.is_some() =>
+            {
                 let Some(existing) = self.repository.get(id, &order.user_id).await? else {
                     return Err(match error {
                         EngineError::AlreadyStarted { .. } => {

@@ -190,10 +190,11 @@ pub(crate) fn republished_as_is(original: &BasicProperties, message_id: &Message
 
 /// `original`'s properties as they came, less what the broker refuses from
 /// another publisher (a user id) or what would expire a dead letter (a
-/// TTL): never larger than they came.
-pub(crate) fn republishable_as_sent(original: &BasicProperties) -> BasicProperties {
+/// TTL): never larger than they came. `persistent` makes it persistent.
+pub(crate) fn republishable_as_sent(original: &BasicProperties, persistent: bool) -> BasicProperties {
     let properties = carried(original);
     match original.delivery_mode() {
+        _ if persistent => properties.with_delivery_mode(PERSISTENT),
         Some(mode) => properties.with_delivery_mode(*mode),
         None => properties,
     }

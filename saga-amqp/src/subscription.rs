@@ -288,9 +288,6 @@ impl AmqpSettle {
     /// retry or dead letter goes out on. Failing at once while it reconnects
     /// would give the delivery back, to be handled and fail again at once,
     /// for as long as the reconnect backs off.
-    /// If the delivery's own channel closed meanwhile (a broker restart),
-    /// the broker has the delivery back already: nothing is sent, or a
-    /// second copy would be.
     async fn publishing_ready(&self, acker: &Acker) -> Result<(), TransportError> {
         let link = self.shared.publishing.link();
         if link.is_up() {
@@ -305,15 +302,8 @@ impl AmqpSettle {
         };
         if ready.is_err() {
             requeue(acker, limit).await;
-            return ready;
         }
-        if !self.channel.status().connected() {
-            return Err(TransportError::Unavailable(
-                "the delivery's channel closed while the publishing connection came back; the broker redelivers it"
-                    .into(),
-            ));
-        }
-        Ok(())
+        ready
     }
 
     /// Whether `properties` fit in a frame of the publishing connection
@@ -406,11 +396,18 @@ impl AmqpSettle {
                 reason,
                 "its headers leave no room in a frame for the dead-letter reason and origin: dead-lettered without them"
             );
-            properties = mapping::republished_as_is(&self.properties, &self.message_id);
-            if !self.fits(acker, &properties, 0).await? {
-                // Not even an id and persistence added: exactly as it came,
-                // which reached this client in one frame.
-                properties = Ok(mapping::republishable_as_sent(&self.properties));
+            // As it came (which reached this client in one frame), with
+            // what it lacked of an id and persistence while there is room.
+            let candidates = [
+                mapping::republished_as_is(&self.properties, &self.message_id),
+                Ok(mapping::republishable_as_sent(&self.properties, true)),
+            ];
+            properties = Ok(mapping::republishable_as_sent(&self.properties, false));
+            for candidate in candidates {
+                if self.fits(acker, &candidate, 0).await? {
+                    properties = candidate;
+                    break;
+                }
             }
         }
         self.forward(acker, &target, properties).await
@@ -434,6 +431,14 @@ impl AmqpSettle {
                 });
             }
         };
+        // The delivery's channel closed while this waited (a broker
+        // restart): the broker has it back, and a copy sent now would be a
+        // second one, with a retry count of its own.
+        if !self.channel.status().connected() {
+            return Err(TransportError::Unavailable(
+                "the delivery's channel closed before it was forwarded; the broker redelivers it".into(),
+            ));
+        }
         let published = self
             .shared
             .publishing

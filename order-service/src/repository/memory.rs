@@ -40,7 +40,8 @@ impl InMemoryOrders {
         for effect in effects {
             match effect {
                 OrderEffect::Insert(order) => {
-                    orders.insert(order.id, order);
+                    // Refused before the commit (see `apply` below); never overwrite.
+                    orders.entry(order.id).or_insert(order);
                 }
                 OrderEffect::SetStatus(id, status) => match orders.get_mut(&id) {
                     Some(order) => order.status = status,
@@ -65,6 +66,19 @@ impl EffectHandler<OrderEffect> for InMemoryOrders {
             .backend()
             .downcast_mut::<InMemoryTransaction>()
             .ok_or_else(|| StepError::terminal("the in-memory orders table needs the in-memory saga store"))?;
+        // An order is placed once, as the table's primary key ensures in
+        // production: a retry whose finished saga retention forgot must not
+        // start it again.
+        {
+            let held = self.orders.read().unwrap_or_else(|p| p.into_inner());
+            for effect in &effects {
+                if let OrderEffect::Insert(order) = effect
+                    && held.contains_key(&order.id)
+                {
+                    return Err(StepError::terminal(format!("order {} exists already", order.id)));
+                }
+            }
+        }
         let orders = Arc::clone(&self.orders);
         tx.on_commit(move || Self::apply(&orders, effects));
         Ok(())

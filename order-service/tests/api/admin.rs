@@ -215,48 +215,6 @@ async fn the_admin_api_wants_the_bearer_token() {
         .expect("the right token is let in");
 }
 
-/// Embedded mode forgets finished sagas as production deletes them (here
-/// at once, every 100 ms), so a long-running demo does not grow with every
-/// order; the orders themselves stay.
-#[tokio::test]
-async fn embedded_mode_forgets_finished_sagas_as_configured_and_keeps_the_orders() {
-    let mut config = Config {
-        grpc: ListenAddr::localhost(0),
-        metrics: ListenAddr::localhost(0),
-        admin_token: Some(AdminToken::new(TOKEN)),
-        ..Config::default()
-    };
-    config.retention.store.finished_instances = Some(Duration::from_millis(1));
-    config.retention.interval = Duration::from_millis(100);
-    let app = spawn_app_with(config).await;
-    let admin = Admin::new(&app, Some(TOKEN));
-    let order = app
-        .place_order("alice", vec![item("apple", 1, 1.0)])
-        .await
-        .expect("placed");
-    assert_eq!(
-        app.wait_until_decided(&order.id, "alice").await.status(),
-        OrderStatus::Confirmed
-    );
-
-    admin
-        .wait_for_listing(
-            ListInstancesRequest::default(),
-            "the finished saga forgotten",
-            |listed| listed.is_empty(),
-        )
-        .await;
-    let gone = admin.get(&order.id).await.expect_err("no such saga any more");
-    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
-    assert_eq!(
-        app.get_order(&order.id, "alice")
-            .await
-            .expect("the order stays")
-            .status(),
-        OrderStatus::Confirmed
-    );
-}
-
 #[tokio::test]
 async fn a_decided_order_is_listed_and_shown_with_its_history() {
     let app = spawn_admin_app().await;
