@@ -3,7 +3,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use saga_core::memory::InMemoryTransaction;
-use saga_core::{EffectHandler, SagaInstance, StepError, Transaction};
+use saga_core::{EffectHandler, SagaId, SagaInstance, SagaStore, StepError, Transaction};
 
 use super::{OrderRepository, RepositoryError};
 use crate::domain::{Order, OrderId, UserId};
@@ -32,6 +32,10 @@ impl InMemoryOrders {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn contains(&self, id: OrderId) -> bool {
+        self.orders.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
     }
 
     fn apply(orders: &RwLock<HashMap<OrderId, Order>>, effects: Vec<OrderEffect>) {
@@ -68,15 +72,17 @@ impl EffectHandler<OrderEffect> for InMemoryOrders {
             .ok_or_else(|| StepError::terminal("the in-memory orders table needs the in-memory saga store"))?;
         // An order is placed once, as the table's primary key ensures in
         // production: a retry whose finished saga retention forgot must not
-        // start it again.
-        {
-            let held = self.orders.read().unwrap_or_else(|p| p.into_inner());
-            for effect in &effects {
-                if let OrderEffect::Insert(order) = effect
-                    && held.contains_key(&order.id)
-                {
-                    return Err(StepError::terminal(format!("order {} exists already", order.id)));
-                }
+        // start it again. (While its saga is held, the commit refuses the
+        // second start: `AlreadyStarted`.)
+        for effect in &effects {
+            if let OrderEffect::Insert(order) = effect
+                && self.contains(order.id)
+                && matches!(tx.store().load(SagaId::from_uuid(*order.id.as_uuid())).await, Ok(None))
+            {
+                return Err(StepError::terminal(format!(
+                    "order {} exists already; its finished saga was forgotten",
+                    order.id
+                )));
             }
         }
         let orders = Arc::clone(&self.orders);

@@ -227,6 +227,11 @@ pub struct InMemoryTransaction {
 }
 
 impl InMemoryTransaction {
+    /// The store this transaction commits to (for reads alongside it).
+    pub fn store(&self) -> &InMemoryStore {
+        &self.store
+    }
+
     /// Runs `hook` if and when this transaction commits, atomically with it.
     pub fn on_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_commit.push(Box::new(hook));
