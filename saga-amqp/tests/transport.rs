@@ -831,6 +831,58 @@ async fn a_retry_waits_for_the_publishing_connection_instead_of_coming_back_at_o
     broker::clean_up(&publisher).await;
 }
 
+/// A retry that waited out an outage for its publishing connection sends
+/// nothing once the connection is back if the delivery's own channel went
+/// with the outage: the broker has put the delivery back, and a copy would
+/// be a second one, with a retry chain of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_delivery_was_lost_with_its_channel_sends_no_copy() {
+    let url = broker::url();
+    let (_, broker_address) = through_port(&url, 0);
+    let outage = Outage::start(broker_address).await;
+    let name = broker::unique("lost-delivery");
+    let queue = format!("{name}.queue");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.url = through_port(&url, outage.port).0;
+    config.operation_timeout = Duration::from_secs(20);
+    let transport = broker::connect(config).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+    let message = Message::new("Flaky", name.clone(), b"{}".to_vec());
+    transport.publish(&message).await.expect("published");
+    let delivery = next(&mut subscription, "the message").await;
+
+    outage.set(false);
+    let deadline = Instant::now() + WAIT;
+    while transport.is_connected() {
+        assert!(Instant::now() < deadline, "the outage was not noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retried = tokio::spawn(delivery.settle.settle(Settlement::Retry { delay: Duration::ZERO }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!retried.is_finished(), "waiting for the publishing connection");
+    outage.set(true);
+    let settled = retried.await.expect("joined");
+    assert!(settled.is_err(), "the delivery was gone: {settled:?}");
+
+    let mut arrived = Vec::new();
+    let quiet_until = Instant::now() + Duration::from_secs(3);
+    while let Ok(next) = tokio::time::timeout_at(quiet_until, subscription.next()).await {
+        match next {
+            Some(Ok(delivery)) => {
+                arrived.push((delivery.message.id.clone(), delivery.retries));
+                delivery.settle.settle(Settlement::Ack).await.expect("acked");
+            }
+            // The subscription reports the drop once, then consumes again.
+            Some(Err(_)) => {}
+            None => panic!("the subscription ended"),
+        }
+    }
+    assert_eq!(arrived, [(message.id, 0)], "the broker's redelivery, and no copy");
+
+    drop(subscription);
+    broker::clean_up(&transport).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes() {
     let url = broker::url();
