@@ -109,8 +109,9 @@ struct Running {
     consumers: Vec<Consumer>,
     deadline_interval: Duration,
     dead_letters: DeadLetterSource,
-    /// Embedded mode's store, purged as production's tables are.
-    in_memory: Option<(InMemoryStore, Retention)>,
+    /// The in-memory store, purged as production's tables are.
+    store: InMemoryStore,
+    retention: Retention,
 }
 
 /// Production mode before its backends are reachable.
@@ -485,9 +486,8 @@ fn embedded(
         vec![names.stock_update_queue.clone(), DEMO_STOCK_QUEUE.to_owned()],
         Arc::new(transport.clone()),
     );
-    let in_memory = Some((store.clone(), retention.clone()));
     let refresh: Refresh = {
-        let queue = names.stock_update_queue.clone();
+        let (queue, store) = (names.stock_update_queue.clone(), store.clone());
         Arc::new(move || {
             metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(store.unsent() as f64);
             metrics::gauge!(telemetry::DEAD_LETTERS).set(transport.stats(&queue).dead_lettered as f64);
@@ -503,7 +503,8 @@ fn embedded(
             consumers: vec![engine_consumer, stock_consumer],
             deadline_interval,
             dead_letters,
-            in_memory,
+            store,
+            retention: retention.clone(),
         })),
         refresh,
     ))
@@ -742,12 +743,11 @@ impl Running {
             consumers,
             deadline_interval,
             dead_letters: _,
-            in_memory,
+            store,
+            retention,
         } = self;
         let mut tasks = JoinSet::new();
-        if let Some((store, retention)) = in_memory {
-            tasks.spawn(purge_in_memory(store, retention, shutdown.clone()));
-        }
+        tasks.spawn(purge_in_memory(store, retention, shutdown.clone()));
         tasks.spawn(relay.run(shutdown.clone()));
         for consumer in consumers {
             tasks.spawn(consumer.run(shutdown.clone()));
@@ -779,12 +779,7 @@ async fn purge_in_memory(store: InMemoryStore, retention: Retention, shutdown: C
         }
         let started = std::time::Instant::now();
         let purged = store.purge(retention.store.inbox, retention.store.finished_instances);
-        let counted = saga_postgres::Purged {
-            inbox: purged.inbox as u64,
-            sent_messages: 0,
-            instances: purged.instances as u64,
-        };
-        telemetry::retention_purged(&counted, started.elapsed());
+        telemetry::memory_retention_purged(&purged, started.elapsed());
     }
 }
 

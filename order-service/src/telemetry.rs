@@ -394,12 +394,18 @@ pub fn outbox_backlog(unsent: u64) {
 
 /// Counts what one retention round deleted, and records how long it took.
 pub fn retention_purged(purged: &saga_postgres::Purged, took: Duration) {
+    retention_counted(purged.inbox, purged.sent_messages, purged.instances, took);
+}
+
+/// Counts what one round of embedded mode's retention forgot (sent
+/// messages are gone once sent there), and records how long it took.
+pub fn memory_retention_purged(purged: &saga_core::memory::Purged, took: Duration) {
+    retention_counted(purged.inbox as u64, 0, purged.instances as u64, took);
+}
+
+fn retention_counted(inbox: u64, sent_messages: u64, sagas: u64, took: Duration) {
     metrics::histogram!(RETENTION_DURATION).record(took.as_secs_f64());
-    for (rows, count) in [
-        ("inbox", purged.inbox),
-        ("sent_messages", purged.sent_messages),
-        ("sagas", purged.instances),
-    ] {
+    for (rows, count) in [("inbox", inbox), ("sent_messages", sent_messages), ("sagas", sagas)] {
         metrics::counter!(RETENTION_DELETED, "rows" => rows).increment(count);
     }
 }

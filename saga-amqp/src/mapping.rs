@@ -192,11 +192,14 @@ pub(crate) fn republished_as_is(original: &BasicProperties, message_id: &Message
 /// another publisher (a user id) or what would expire a dead letter (a
 /// TTL): never larger than they came. `persistent` makes it persistent.
 pub(crate) fn republishable_as_sent(original: &BasicProperties, persistent: bool) -> BasicProperties {
-    let properties = carried(original);
-    match original.delivery_mode() {
-        _ if persistent => properties.with_delivery_mode(PERSISTENT),
-        Some(mode) => properties.with_delivery_mode(*mode),
-        None => properties,
+    let mode = if persistent {
+        Some(PERSISTENT)
+    } else {
+        *original.delivery_mode()
+    };
+    match mode {
+        Some(mode) => carried(original).with_delivery_mode(mode),
+        None => carried(original),
     }
 }
 

@@ -717,6 +717,18 @@ impl Outage {
         Self { port, up, slowness }
     }
 
+    /// A proxy to the broker, and the config of a fresh topology named
+    /// after `prefix` that connects through it.
+    async fn in_front(prefix: &str, queue_type: QueueType) -> (Self, String, AmqpConfig) {
+        let url = broker::url();
+        let (_, broker_address) = through_port(&url, 0);
+        let proxy = Self::start(broker_address).await;
+        let name = broker::unique(prefix);
+        let mut config = broker::config(&name, queue_type);
+        config.url = through_port(&url, proxy.port).0;
+        (proxy, name, config)
+    }
+
     fn set(&self, up: bool) {
         self.up.send_replace(up);
     }
@@ -837,13 +849,8 @@ async fn a_retry_waits_for_the_publishing_connection_instead_of_coming_back_at_o
 /// be a second one, with a retry chain of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_whose_delivery_was_lost_with_its_channel_sends_no_copy() {
-    let url = broker::url();
-    let (_, broker_address) = through_port(&url, 0);
-    let outage = Outage::start(broker_address).await;
-    let name = broker::unique("lost-delivery");
+    let (outage, name, mut config) = Outage::in_front("lost-delivery", QueueType::Classic).await;
     let queue = format!("{name}.queue");
-    let mut config = broker::config(&name, QueueType::Classic);
-    config.url = through_port(&url, outage.port).0;
     config.operation_timeout = Duration::from_secs(20);
     let transport = broker::connect(config).await;
     let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
@@ -885,13 +892,8 @@ async fn a_retry_whose_delivery_was_lost_with_its_channel_sends_no_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_broker_is_away_publishing_fails_fast_then_everything_resumes() {
-    let url = broker::url();
-    let (_, broker_address) = through_port(&url, 0);
-    let outage = Outage::start(broker_address).await;
-    let name = broker::unique("outage");
+    let (outage, name, mut config) = Outage::in_front("outage", QueueType::Quorum).await;
     let queue = format!("{name}.queue");
-    let mut config = broker::config(&name, QueueType::Quorum);
-    config.url = through_port(&url, outage.port).0;
     // A connection that dies mid-operation can leave one hanging: bounded.
     config.operation_timeout = Duration::from_secs(1);
     let transport = broker::connect(config).await;
@@ -1098,12 +1100,7 @@ async fn the_publishing_connection_opens_on_the_first_publish() {
 /// finds it done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_slower_than_its_callers_wait_is_still_made() {
-    let url = broker::url();
-    let (_, broker_address) = through_port(&url, 0);
-    let proxy = Outage::start(broker_address).await;
-    let name = broker::unique("slow-connect");
-    let mut config = broker::config(&name, QueueType::Classic);
-    config.url = through_port(&url, proxy.port).0;
+    let (proxy, name, config) = Outage::in_front("slow-connect", QueueType::Classic).await;
     let transport = broker::connect(config).await;
     // The publishing connection opens on the first publish: slowly.
     proxy.slow_down(Duration::from_millis(1_500));
