@@ -24,4 +24,5 @@ mod service;
 pub use config::{Catalogue, ConfigError, InventoryConfig, InventoryNames, SchemaName};
 pub use keeper::{Inventory, Reservation, ReservationStatus, StockKeeper, StockLevel, order_key};
 pub use schema::{MigrateError, migrate};
+pub(crate) use service::PARTICIPANT;
 pub use service::{InventoryError, InventoryService};

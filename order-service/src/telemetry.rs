@@ -66,6 +66,14 @@ pub const RETENTION_DURATION: &str = "saga_retention_seconds";
 /// that decided the order, by `outcome` (`reserved`, `refused`, `timeout`).
 /// Measured from the saga's timestamps when the deciding transition is applied.
 pub const STOCK_REPLY_LATENCY: &str = "order_stock_reply_seconds";
+/// saga-core's timings of the store and the broker, label `saga` or
+/// `participant` where they have one: a transition's commit, a
+/// participant's transaction, a message's publish until its confirm.
+pub const STORE_AND_BROKER_LATENCIES: [&str; 3] = [
+    "saga_commit_seconds",
+    "saga_participant_commit_seconds",
+    "saga_outbox_publish_seconds",
+];
 
 /// The installed logging and tracing: keep it until the process ends and call
 /// [`shutdown`](Self::shutdown) to flush the spans not yet exported.
@@ -242,13 +250,7 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ];
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(GRPC_LATENCY.to_owned()), &buckets)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STOCK_REPLY_LATENCY.to_owned()), &REPLY_BUCKETS))
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let builder = bucketed().unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -258,6 +260,21 @@ pub fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The exporter with buckets for the latencies: histograms, which add up
+/// across replicas, rather than summaries.
+fn bucketed() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    let buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let mut builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(GRPC_LATENCY.to_owned()), &buckets)?
+        .set_buckets_for_metric(Matcher::Full(STOCK_REPLY_LATENCY.to_owned()), &REPLY_BUCKETS)?;
+    for name in STORE_AND_BROKER_LATENCIES {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), &STORE_BUCKETS)?;
+    }
+    Ok(builder)
 }
 
 /// The text `/metrics` serves: `handle`'s metrics after its upkeep (which
@@ -301,6 +318,21 @@ fn describe() {
         "saga_messages_total",
         "Messages consumed, by settlement outcome (ack, retry, dead_letter)"
     );
+    metrics::describe_histogram!(
+        "saga_commit_seconds",
+        metrics::Unit::Seconds,
+        "Time a saga transition took to commit in the store, from its transaction's begin (group commit wait included), by saga"
+    );
+    metrics::describe_histogram!(
+        "saga_participant_commit_seconds",
+        metrics::Unit::Seconds,
+        "Time a participant's transaction took, from its begin to its commit, by participant"
+    );
+    metrics::describe_histogram!(
+        "saga_outbox_publish_seconds",
+        metrics::Unit::Seconds,
+        "Time from publishing an outbox message to the broker's confirm"
+    );
     metrics::describe_counter!(
         "saga_instance_copies_total",
         "The engine's kept copies of sagas as a commit or a read found them (current, stale); \
@@ -312,6 +344,11 @@ fn describe() {
 const REPLY_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
+
+/// Buckets of the store's and the broker's latencies: a commit or a
+/// confirm takes a fraction of a millisecond on an idle machine, and whole
+/// seconds only in trouble.
+const STORE_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// Records one handled gRPC request.
 pub fn grpc_request(method: &'static str, code: tonic::Code, elapsed: Duration) {

@@ -946,6 +946,7 @@ impl Engine {
         consumed: Option<&MessageId>,
         check_inbox_first: bool,
     ) -> Result<bool, EngineError> {
+        let began = std::time::Instant::now();
         let mut tx = self.inner.store.begin().await?;
         if let Some(message) = consumed {
             let consumer = &self.inner.config.consumer;
@@ -973,6 +974,8 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
+        metrics::histogram!(COMMIT_SECONDS, "saga" => pending.instance.definition.clone())
+            .record(began.elapsed().as_secs_f64());
         if let Some(hook) = &self.inner.on_committed {
             hook(&pending.instance, &pending.transition);
         }
@@ -980,6 +983,11 @@ impl Engine {
         Ok(true)
     }
 }
+
+/// Seconds a committed transition took in the store, from its transaction's
+/// begin to its commit (the inbox check, the effects and any group commit's
+/// wait included): the store's share of a saga's latency.
+const COMMIT_SECONDS: &str = "saga_commit_seconds";
 
 /// Counts a committed transition, and the saga's end when it ended.
 fn record_transition(saga: &str, before: Option<SagaStatus>, after: SagaStatus) {

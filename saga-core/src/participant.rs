@@ -3,6 +3,7 @@
 //! the same transaction as the participant's own changes.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tracing::Instrument;
@@ -181,6 +182,7 @@ impl Core {
 
     /// Handles `command` in a transaction of its own.
     async fn alone(&self, command: &Message) -> Result<Handling, EngineError> {
+        let began = Instant::now();
         let mut tx = self.store.begin().await?;
         let handling = match self.add(tx.as_mut(), command).await {
             Ok(Handling::Duplicate) => return Ok(Handling::Duplicate),
@@ -196,7 +198,12 @@ impl Core {
         };
         match tx.commit().await {
             Err(StoreError::ConsumedConcurrently { .. }) => Ok(Handling::Duplicate),
-            other => other.map(|()| handling).map_err(Into::into),
+            other => other
+                .map(|()| {
+                    self.committed(began);
+                    handling
+                })
+                .map_err(Into::into),
         }
     }
 
@@ -207,6 +214,7 @@ impl Core {
     /// before): nothing of it was written, and each command's own
     /// transaction tells how it fares.
     async fn together(&self, commands: &[(&Message, &tracing::Span)]) -> Option<Vec<Handling>> {
+        let began = Instant::now();
         let mut tx = self.store.begin().await.ok()?;
         let mut handlings = vec![Handling::Duplicate; commands.len()];
         let mut fresh = Vec::with_capacity(commands.len());
@@ -244,7 +252,15 @@ impl Core {
                 .ok()?;
         }
         tx.commit().await.ok()?;
+        self.committed(began);
         Some(handlings)
+    }
+
+    /// Records a committed transaction that `began`: its handler's writes
+    /// and the store's commit, the participant's share of a saga's latency.
+    fn committed(&self, began: Instant) {
+        metrics::histogram!("saga_participant_commit_seconds", "participant" => self.name.clone())
+            .record(began.elapsed().as_secs_f64());
     }
 
     /// Whether `command` was consumed by this participant already.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -46,6 +46,11 @@ impl Default for RelayConfig {
         }
     }
 }
+
+/// Seconds from handing a message to the publisher to the broker's
+/// confirm, for each message confirmed: the broker's share of a saga's
+/// latency.
+const PUBLISH_SECONDS: &str = "saga_outbox_publish_seconds";
 
 /// How often a relay whose publisher is held back looks again.
 const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
@@ -352,8 +357,12 @@ async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) ->
             failed.push(entry.id);
             continue;
         }
+        let began = Instant::now();
         match publisher.publish(&entry.message).await {
-            Ok(()) => sent.push(entry.id),
+            Ok(()) => {
+                metrics::histogram!(PUBLISH_SECONDS).record(began.elapsed().as_secs_f64());
+                sent.push(entry.id);
+            }
             Err(e) => {
                 tracing::warn!(message_id = %entry.message.id, error = %e, "publish failed");
                 broken = true;

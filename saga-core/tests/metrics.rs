@@ -227,3 +227,132 @@ fn the_relay_shows_while_the_broker_holds_publishing_back() {
         });
     });
 }
+
+/// A histogram's name, labels and samples.
+type HistogramRow = (String, Vec<(String, String)>, Vec<f64>);
+
+/// Every histogram the recorder holds (a snapshot takes their samples).
+fn histograms(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<HistogramRow> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Histogram(values) => {
+                let key = key.key();
+                let labels = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                Some((
+                    key.name().to_owned(),
+                    labels,
+                    values.into_iter().map(|v| v.into_inner()).collect(),
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The samples of histogram `name` with `labels`.
+fn samples(snapshot: &[HistogramRow], name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+    snapshot
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .flat_map(|(_, _, values)| values.iter().copied())
+        .collect()
+}
+
+/// Confirms each message after `delay`, like a broker some way off.
+struct SlowBroker {
+    delay: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl saga_core::Publisher for SlowBroker {
+    async fn publish(&self, _message: &Message) -> Result<(), saga_core::TransportError> {
+        tokio::time::sleep(self.delay).await;
+        Ok(())
+    }
+}
+
+/// Reserves nothing and answers nothing: a participant's commit alone.
+struct Accepts;
+
+#[async_trait::async_trait]
+impl saga_core::CommandHandler for Accepts {
+    async fn handle(
+        &self,
+        _tx: &mut dyn saga_core::Transaction,
+        _command: &Message,
+    ) -> Result<Vec<saga_core::Command>, saga_core::StepError> {
+        Ok(Vec::new())
+    }
+}
+
+#[test]
+fn commits_and_publishes_are_timed() {
+    let delay = std::time::Duration::from_millis(5);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let definition = SagaDefinition::<u32>::builder("timed")
+                .step(
+                    Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?))
+                        .on_reply("Answer", |_: &mut u32, _: bool| ReplyOutcome::Success),
+                )
+                .build()
+                .expect("valid");
+            let store = InMemoryStore::new();
+            let engine = Engine::builder(Arc::new(store.clone()))
+                .register(definition)
+                .build()
+                .expect("engine");
+            for _ in 0..3 {
+                let id = engine.start("timed", 0u32).await.expect("start");
+                let answer = Message::json("Answer", "r", &true)
+                    .expect("json")
+                    .with_correlation_id(id.to_string());
+                engine.handle(&answer).await.expect("handle");
+            }
+            let relay = saga_core::Relay::new(
+                Arc::new(store.clone()),
+                Arc::new(SlowBroker { delay }),
+                saga_core::RelayConfig::default(),
+            );
+            assert_eq!(relay.run_once().await.expect("relay").sent, 3, "the three asks");
+
+            let participant = saga_core::Participant::new("keeper", Arc::new(store), Accepts);
+            for _ in 0..2 {
+                let command = Message::json("Reserve", "stock", &()).expect("json");
+                participant.handle(&command).await.expect("handled");
+            }
+        });
+    });
+    let snapshot = histograms(&snapshotter);
+    let commits = samples(&snapshot, "saga_commit_seconds", &[("saga", "timed")]);
+    assert_eq!(
+        commits.len(),
+        6,
+        "a start and a reply for each of three sagas: {commits:?}"
+    );
+    assert!(commits.iter().all(|s| (0.0..1.0).contains(s)), "{commits:?}");
+    let published = samples(&snapshot, "saga_outbox_publish_seconds", &[]);
+    assert_eq!(published.len(), 3, "{published:?}");
+    assert!(
+        published.iter().all(|s| *s >= delay.as_secs_f64()),
+        "each waited for its confirm: {published:?}"
+    );
+    let participant = samples(
+        &snapshot,
+        "saga_participant_commit_seconds",
+        &[("participant", "keeper")],
+    );
+    assert_eq!(participant.len(), 2, "{participant:?}");
+}

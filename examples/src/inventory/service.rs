@@ -19,7 +19,7 @@ use super::schema::{self, MigrateError};
 use order_service::wire::{ORDER_CANCELLED, ORDER_CREATED};
 
 /// The participant's inbox consumer name.
-const PARTICIPANT: &str = "inventory-service";
+pub(crate) const PARTICIPANT: &str = "inventory-service";
 
 /// How long shutdown waits for messages in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

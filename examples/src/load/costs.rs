@@ -31,6 +31,68 @@ pub(crate) struct CostSample {
     /// The live threads of [`PROCESS_PARTS`], in its order.
     thread_cpu: Option<Vec<Duration>>,
     batches: Option<Batches>,
+    /// The running sums and counts of the [`timed`] series, in order.
+    timed: [Option<Running>; 3],
+}
+
+/// The series [`Waits`] are read from, as Prometheus renders them:
+/// saga-core's timings of the order service's commits, the inventory's
+/// transactions and the relays' publishes (both services').
+fn timed() -> [String; 3] {
+    [
+        format!("saga_commit_seconds{{saga=\"{}\"}}", order_service::saga::ORDER_SAGA),
+        format!(
+            "saga_participant_commit_seconds{{participant=\"{}\"}}",
+            crate::inventory::PARTICIPANT
+        ),
+        "saga_outbox_publish_seconds".to_owned(),
+    ]
+}
+
+/// A histogram's running sum and count.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Running {
+    sum: f64,
+    count: f64,
+}
+
+impl Running {
+    /// Read off Prometheus text: `series` is the histogram's name with its
+    /// labels, as rendered; its `_sum` and `_count` lines carry them after
+    /// the name.
+    fn from_prometheus(text: &str, series: &str) -> Option<Self> {
+        let (name, labels) = series.split_at(series.find('{').unwrap_or(series.len()));
+        let value = |suffix: &str| {
+            let line = format!("{name}{suffix}{labels} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str())?.trim().parse::<f64>().ok())
+        };
+        Some(Self {
+            sum: value("_sum")?,
+            count: value("_count")?,
+        })
+    }
+
+    /// The mean in milliseconds of the samples recorded after `before`.
+    fn mean_ms_since(&self, before: Option<Running>) -> Option<f64> {
+        let before = before.unwrap_or(Running { sum: 0.0, count: 0.0 });
+        let count = self.count - before.count;
+        (count > 0.0).then(|| (self.sum - before.sum) / count * 1000.0)
+    }
+}
+
+/// The mean waits on the store and the broker in the window, in
+/// milliseconds (saga-core's histograms in this process's recorder).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Waits {
+    /// A transition's commit in the order service, from its transaction's
+    /// begin: the group commit's wait and statement.
+    pub order_service_commit_ms: Option<f64>,
+    /// An inventory transaction, from its begin (after the batch's linger)
+    /// to its commit.
+    pub inventory_transaction_ms: Option<f64>,
+    /// A message's publish until the broker's confirm, both services.
+    pub publish_to_confirm_ms: Option<f64>,
 }
 
 /// The participant batching counters of this process's recorder (the
@@ -85,6 +147,8 @@ pub struct SagaCosts {
     pub inventory_commands_shared: Option<f64>,
     /// Commands per shared inventory transaction.
     pub inventory_commands_per_shared_transaction: Option<f64>,
+    /// Where a saga waits on PostgreSQL and RabbitMQ (means, not per saga).
+    pub waits: Waits,
 }
 
 /// This process's CPU milliseconds per saga, by the threads that spent them.
@@ -122,6 +186,7 @@ pub(crate) async fn sample(conn: &mut sqlx::PgConnection, completed: u64) -> Cos
         .fetch_one(&mut *conn)
         .await
         .ok();
+    let metrics = order_service::telemetry::prometheus().render();
     CostSample {
         at: Instant::now(),
         completed,
@@ -131,7 +196,8 @@ pub(crate) async fn sample(conn: &mut sqlx::PgConnection, completed: u64) -> Cos
         broker_cpu: usage::cpu_of_command(usage::BROKER_COMMAND),
         process_cpu: usage::process_cpu(None),
         thread_cpu: usage::thread_cpu(&PROCESS_PARTS),
-        batches: Batches::from_prometheus(&order_service::telemetry::prometheus().render()),
+        batches: Batches::from_prometheus(&metrics),
+        timed: timed().map(|series| Running::from_prometheus(&metrics, &series)),
     }
 }
 
@@ -193,6 +259,15 @@ impl SagaCosts {
             inventory_commands_per_shared_transaction: shared
                 .filter(|(_, transactions)| *transactions > 0.0)
                 .map(|(commands, transactions)| commands / transactions),
+            waits: {
+                let [order_service_commit_ms, inventory_transaction_ms, publish_to_confirm_ms] =
+                    std::array::from_fn(|i| after.timed[i]?.mean_ms_since(before.timed[i]));
+                Waits {
+                    order_service_commit_ms,
+                    inventory_transaction_ms,
+                    publish_to_confirm_ms,
+                }
+            },
         })
     }
 }
@@ -212,6 +287,7 @@ mod tests {
             process_cpu: Some(Duration::from_millis(process_ms)),
             thread_cpu: Some(threads_ms.map(Duration::from_millis).to_vec()),
             batches: None,
+            timed: [None; 3],
         }
     }
 
@@ -256,5 +332,38 @@ mod tests {
             })
         );
         assert_eq!(Batches::from_prometheus("saga_messages_total 3\n"), None);
+    }
+
+    #[test]
+    fn waits_are_the_means_of_the_histograms_between_the_samples() {
+        let text = |sum: f64, count: u32| {
+            format!(
+                "saga_commit_seconds_bucket{{saga=\"order\",le=\"0.001\"}} 1\n\
+                 saga_commit_seconds_sum{{saga=\"other\"}} 99\n\
+                 saga_commit_seconds_sum{{saga=\"order\"}} {sum}\n\
+                 saga_commit_seconds_count{{saga=\"order\"}} {count}\n\
+                 saga_outbox_publish_seconds_sum 0.5\n\
+                 saga_outbox_publish_seconds_count 100\n"
+            )
+        };
+        let read = |text: &str| timed().map(|series| Running::from_prometheus(text, &series));
+        let mut before = sample(100, 1_000, [0; 3]);
+        before.timed = read(&text(0.25, 100));
+        let mut after = sample(300, 3_000, [0; 3]);
+        after.timed = read(&text(1.25, 300));
+        let waits = SagaCosts::between(&before, &after).expect("sagas completed").waits;
+        // (1.25 - 0.25) s over 200 commits; no publish in the window; no inventory.
+        assert_eq!(
+            waits,
+            Waits {
+                order_service_commit_ms: Some(5.0),
+                inventory_transaction_ms: None,
+                publish_to_confirm_ms: None,
+            }
+        );
+        // Before the first sample of a histogram, all of it is in the window.
+        before.timed = [None; 3];
+        let waits = SagaCosts::between(&before, &after).expect("sagas completed").waits;
+        assert_eq!(waits.publish_to_confirm_ms, Some(5.0));
     }
 }

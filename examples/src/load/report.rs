@@ -376,6 +376,16 @@ impl LoadReport {
                         p.order_service, p.inventory, p.amqp_io, p.load_generator_and_rest
                     );
                 }
+                let w = &c.waits;
+                if w.order_service_commit_ms.is_some() || w.publish_to_confirm_ms.is_some() {
+                    let _ = writeln!(
+                        out,
+                        "  waits, ms mean: order service commit {}, inventory transaction {}, publish -> confirm {}",
+                        fig(w.order_service_commit_ms, 2),
+                        fig(w.inventory_transaction_ms, 2),
+                        fig(w.publish_to_confirm_ms, 2),
+                    );
+                }
                 if let (Some(shared), Some(size)) =
                     (c.inventory_commands_shared, c.inventory_commands_per_shared_transaction)
                 {

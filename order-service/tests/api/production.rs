@@ -54,6 +54,9 @@ async fn orders_are_decided_through_postgres_and_rabbitmq() {
         r#"saga_messages_total{outcome="ack"}"#,
         "saga_transitions_total{",
         "saga_outbox_published_total",
+        // The store's and the broker's latencies, as histograms with buckets.
+        r#"saga_commit_seconds_bucket{saga="order",le="0.0005"}"#,
+        r#"saga_outbox_publish_seconds_bucket{le="0.0005"}"#,
         r#"grpc_server_handled_total{method="CreateOrder",code="Ok"}"#,
     ] {
         assert!(metrics.contains(expected), "/metrics lacks `{expected}`:\n{metrics}");
