@@ -8,12 +8,12 @@ use saga_core::memory::InMemoryStore;
 use saga_core::{Engine, ManualClock, Message, ReplyOutcome, SagaDefinition, Step};
 
 /// A counter's name, labels and value.
-type CounterRow = (String, Vec<(String, String)>, u64);
+type CounterRow = Row<u64>;
 
 fn counter(snapshot: &[CounterRow], name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
         .iter()
-        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .filter(|row| is(row, name, labels))
         .map(|(_, _, v)| *v)
         .sum()
 }
@@ -30,24 +30,40 @@ fn counted(work: impl std::future::Future<Output = ()>) -> Vec<CounterRow> {
     counters(&snapshotter)
 }
 
-/// Every counter the recorder holds.
-fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<CounterRow> {
+/// A metric's name, labels and value.
+type Row<T> = (String, Vec<(String, String)>, T);
+
+/// Every metric the recorder holds that `pick` takes, with its value (a
+/// snapshot takes the histograms' samples).
+fn rows<T>(snapshotter: &metrics_util::debugging::Snapshotter, pick: impl Fn(DebugValue) -> Option<T>) -> Vec<Row<T>> {
     snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
-        .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Counter(v) => {
-                let key = key.key();
-                let labels = key
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                Some((key.name().to_owned(), labels, v))
-            }
-            _ => None,
+        .filter_map(|(key, _, _, value)| {
+            let value = pick(value)?;
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            Some((key.name().to_owned(), labels, value))
         })
         .collect()
+}
+
+/// Whether `row` is `name` with (at least) `labels`.
+fn is<T>(row: &Row<T>, name: &str, labels: &[(&str, &str)]) -> bool {
+    let (n, l, _) = row;
+    n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+}
+
+/// Every counter the recorder holds.
+fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<CounterRow> {
+    rows(snapshotter, |value| match value {
+        DebugValue::Counter(v) => Some(v),
+        _ => None,
+    })
 }
 
 #[test]
@@ -228,38 +244,19 @@ fn the_relay_shows_while_the_broker_holds_publishing_back() {
     });
 }
 
-/// A histogram's name, labels and samples.
-type HistogramRow = (String, Vec<(String, String)>, Vec<f64>);
-
-/// Every histogram the recorder holds (a snapshot takes their samples).
-fn histograms(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<HistogramRow> {
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Histogram(values) => {
-                let key = key.key();
-                let labels = key
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                Some((
-                    key.name().to_owned(),
-                    labels,
-                    values.into_iter().map(|v| v.into_inner()).collect(),
-                ))
-            }
-            _ => None,
-        })
-        .collect()
+/// Every histogram the recorder holds, with its samples.
+fn histograms(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<Row<Vec<f64>>> {
+    rows(snapshotter, |value| match value {
+        DebugValue::Histogram(values) => Some(values.into_iter().map(|v| v.into_inner()).collect()),
+        _ => None,
+    })
 }
 
 /// The samples of histogram `name` with `labels`.
-fn samples(snapshot: &[HistogramRow], name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+fn samples(snapshot: &[Row<Vec<f64>>], name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
     snapshot
         .iter()
-        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .filter(|row| is(row, name, labels))
         .flat_map(|(_, _, values)| values.iter().copied())
         .collect()
 }
