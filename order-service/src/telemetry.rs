@@ -331,7 +331,7 @@ fn describe() {
     metrics::describe_histogram!(
         "saga_outbox_publish_seconds",
         metrics::Unit::Seconds,
-        "Time from publishing an outbox message to the broker's confirm"
+        "Time from handing an outbox message to the publisher to the broker's confirm (connection, channel and flow-control waits included)"
     );
     metrics::describe_counter!(
         "saga_instance_copies_total",

@@ -48,8 +48,9 @@ impl Default for RelayConfig {
 }
 
 /// Seconds from handing a message to the publisher to the broker's
-/// confirm, for each message confirmed: the broker's share of a saga's
-/// latency.
+/// confirm, for each message kept as sent: the broker's share of a saga's
+/// latency, with the publisher's waits for its connection, a channel and
+/// the broker's flow control.
 const PUBLISH_SECONDS: &str = "saga_outbox_publish_seconds";
 
 /// How often a relay whose publisher is held back looks again.
@@ -95,6 +96,12 @@ impl Drop for Hold {
             metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
         }
     }
+}
+
+/// A message the broker confirmed, and how long that took from the publish.
+struct Confirmed {
+    id: OutboxId,
+    took: Duration,
 }
 
 /// What one relay round did.
@@ -168,6 +175,12 @@ impl Relay {
         };
         drop(slot);
         metrics::counter!("saga_outbox_published_total").increment(sent.len() as u64);
+        // Counted with the messages kept as sent: a batch given back goes
+        // out again, and is counted then.
+        for confirmed in &sent {
+            metrics::histogram!(PUBLISH_SECONDS).record(confirmed.took.as_secs_f64());
+        }
+        let sent: Vec<OutboxId> = sent.into_iter().map(|confirmed| confirmed.id).collect();
         if !failed.is_empty() {
             metrics::counter!("saga_outbox_publish_failures_total").increment(failed.len() as u64);
         }
@@ -191,7 +204,7 @@ impl Relay {
         })
     }
 
-    async fn publish_all(&self, entries: Vec<OutboxEntry>) -> (Vec<OutboxId>, Vec<OutboxId>) {
+    async fn publish_all(&self, entries: Vec<OutboxEntry>) -> (Vec<Confirmed>, Vec<OutboxId>) {
         let groups = group_by_saga(entries);
         let mut sent = Vec::new();
         let mut failed = Vec::new();
@@ -348,7 +361,7 @@ fn group_by_saga(entries: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
 
 /// Publishes a saga's messages in order; after a failure the rest wait, so
 /// order is kept.
-async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) -> (Vec<OutboxId>, Vec<OutboxId>) {
+async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) -> (Vec<Confirmed>, Vec<OutboxId>) {
     let mut sent = Vec::with_capacity(group.len());
     let mut failed = Vec::new();
     let mut broken = false;
@@ -359,10 +372,10 @@ async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) ->
         }
         let began = Instant::now();
         match publisher.publish(&entry.message).await {
-            Ok(()) => {
-                metrics::histogram!(PUBLISH_SECONDS).record(began.elapsed().as_secs_f64());
-                sent.push(entry.id);
-            }
+            Ok(()) => sent.push(Confirmed {
+                id: entry.id,
+                took: began.elapsed(),
+            }),
             Err(e) => {
                 tracing::warn!(message_id = %entry.message.id, error = %e, "publish failed");
                 broken = true;

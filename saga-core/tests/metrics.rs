@@ -261,20 +261,29 @@ fn samples(snapshot: &[Row<Vec<f64>>], name: &str, labels: &[(&str, &str)]) -> V
         .collect()
 }
 
-/// Confirms each message after `delay`, like a broker some way off.
+/// Answers each message after `delay`, like a broker some way off: a
+/// confirm, or a refusal while `refusing`.
 struct SlowBroker {
     delay: std::time::Duration,
+    refusing: bool,
 }
 
 #[async_trait::async_trait]
 impl saga_core::Publisher for SlowBroker {
-    async fn publish(&self, _message: &Message) -> Result<(), saga_core::TransportError> {
+    async fn publish(&self, message: &Message) -> Result<(), saga_core::TransportError> {
         tokio::time::sleep(self.delay).await;
+        if self.refusing {
+            return Err(saga_core::TransportError::Rejected {
+                id: message.id.to_string(),
+                reason: "refused".to_owned(),
+            });
+        }
         Ok(())
     }
 }
 
-/// Reserves nothing and answers nothing: a participant's commit alone.
+/// Reserves nothing and answers nothing, a participant's commit alone;
+/// refuses commands of type `Refuse`.
 struct Accepts;
 
 #[async_trait::async_trait]
@@ -282,8 +291,11 @@ impl saga_core::CommandHandler for Accepts {
     async fn handle(
         &self,
         _tx: &mut dyn saga_core::Transaction,
-        _command: &Message,
+        command: &Message,
     ) -> Result<Vec<saga_core::Command>, saga_core::StepError> {
+        if command.kind == "Refuse" {
+            return Err(saga_core::StepError::terminal("refused"));
+        }
         Ok(Vec::new())
     }
 }
@@ -317,19 +329,31 @@ fn commits_and_publishes_are_timed() {
                     .expect("json")
                     .with_correlation_id(id.to_string());
                 engine.handle(&answer).await.expect("handle");
+                // Delivered again: a duplicate, no commit.
+                engine.handle(&answer).await.expect("handle again");
             }
-            let relay = saga_core::Relay::new(
-                Arc::new(store.clone()),
-                Arc::new(SlowBroker { delay }),
-                saga_core::RelayConfig::default(),
+            let relay = |refusing| {
+                saga_core::Relay::new(
+                    Arc::new(store.clone()),
+                    Arc::new(SlowBroker { delay, refusing }),
+                    saga_core::RelayConfig::default(),
+                )
+            };
+            assert_eq!(
+                relay(true).run_once().await.expect("relay").failed,
+                3,
+                "refused, given back"
             );
-            assert_eq!(relay.run_once().await.expect("relay").sent, 3, "the three asks");
+            assert_eq!(relay(false).run_once().await.expect("relay").sent, 3, "the three asks");
 
             let participant = saga_core::Participant::new("keeper", Arc::new(store), Accepts);
-            for _ in 0..2 {
-                let command = Message::json("Reserve", "stock", &()).expect("json");
-                participant.handle(&command).await.expect("handled");
+            let command = |kind| Message::json(kind, "stock", &()).expect("json");
+            let (first, second) = (command("Reserve"), command("Reserve"));
+            for handled in [&first, &second, &first] {
+                participant.handle(handled).await.expect("handled or a duplicate");
             }
+            let refused = participant.handle(&command("Refuse")).await;
+            assert!(refused.is_err(), "{refused:?}");
         });
     });
     let snapshot = histograms(&snapshotter);
@@ -341,7 +365,7 @@ fn commits_and_publishes_are_timed() {
     );
     assert!(commits.iter().all(|s| (0.0..1.0).contains(s)), "{commits:?}");
     let published = samples(&snapshot, "saga_outbox_publish_seconds", &[]);
-    assert_eq!(published.len(), 3, "{published:?}");
+    assert_eq!(published.len(), 3, "the confirmed only: {published:?}");
     assert!(
         published.iter().all(|s| *s >= delay.as_secs_f64()),
         "each waited for its confirm: {published:?}"
@@ -351,5 +375,9 @@ fn commits_and_publishes_are_timed() {
         "saga_participant_commit_seconds",
         &[("participant", "keeper")],
     );
-    assert_eq!(participant.len(), 2, "{participant:?}");
+    assert_eq!(
+        participant.len(),
+        2,
+        "two committed; a duplicate and a refusal are not: {participant:?}"
+    );
 }

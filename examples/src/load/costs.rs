@@ -334,6 +334,23 @@ mod tests {
         assert_eq!(Batches::from_prometheus("saga_messages_total 3\n"), None);
     }
 
+    /// The series are read off what the service's exporter renders (the
+    /// process-wide recorder, with its buckets), not only off the text the
+    /// test below writes by hand.
+    #[test]
+    fn waits_are_read_off_what_the_exporter_renders() {
+        let handle = order_service::telemetry::prometheus();
+        metrics::histogram!("saga_commit_seconds", "saga" => order_service::saga::ORDER_SAGA).record(0.004);
+        metrics::histogram!("saga_participant_commit_seconds", "participant" => crate::inventory::PARTICIPANT)
+            .record(0.002);
+        metrics::histogram!("saga_outbox_publish_seconds").record(0.001);
+        let text = order_service::telemetry::render(&handle);
+        for series in timed() {
+            let running = Running::from_prometheus(&text, &series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+            assert!(running.count >= 1.0 && running.sum > 0.0, "{series}: {running:?}");
+        }
+    }
+
     #[test]
     fn waits_are_the_means_of_the_histograms_between_the_samples() {
         let text = |sum: f64, count: u32| {

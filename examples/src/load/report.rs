@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::costs::SagaCosts;
+use super::costs::{SagaCosts, Waits};
 use super::error::LoadError;
 use super::floor::LatencyFloor;
 use super::legs::Legs;
@@ -376,16 +376,6 @@ impl LoadReport {
                         p.order_service, p.inventory, p.amqp_io, p.load_generator_and_rest
                     );
                 }
-                let w = &c.waits;
-                if w.order_service_commit_ms.is_some() || w.publish_to_confirm_ms.is_some() {
-                    let _ = writeln!(
-                        out,
-                        "  waits, ms mean: order service commit {}, inventory transaction {}, publish -> confirm {}",
-                        fig(w.order_service_commit_ms, 2),
-                        fig(w.inventory_transaction_ms, 2),
-                        fig(w.publish_to_confirm_ms, 2),
-                    );
-                }
                 if let (Some(shared), Some(size)) =
                     (c.inventory_commands_shared, c.inventory_commands_per_shared_transaction)
                 {
@@ -393,6 +383,16 @@ impl LoadReport {
                         out,
                         "  inventory: {:.1} % of commands in shared transactions, {size:.1} commands each",
                         shared * 100.0
+                    );
+                }
+                let w = &c.waits;
+                if w != &Waits::default() {
+                    let _ = writeln!(
+                        out,
+                        "  waits, ms mean: order service commit {}, inventory transaction {}, publish -> confirm {}",
+                        fig(w.order_service_commit_ms, 2),
+                        fig(w.inventory_transaction_ms, 2),
+                        fig(w.publish_to_confirm_ms, 2),
                     );
                 }
             }
