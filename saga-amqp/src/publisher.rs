@@ -111,13 +111,11 @@ impl Publishing {
         Ok(open)
     }
 
-    /// Whether `properties`, and `headroom` bytes more, fit in one frame
-    /// of the publishing connection (connecting if needed): a message's
-    /// properties and headers travel in one content header frame, which may
-    /// not exceed `frame_max`.
-    pub(crate) async fn fits(&self, properties: &BasicProperties, headroom: usize) -> Result<bool, TransportError> {
-        let open = self.channel().await?;
-        Ok(header_frame_size(properties).saturating_add(headroom) <= open.frame_max as usize)
+    /// The largest frame of the publishing connection (connecting if
+    /// needed): a message's properties and headers travel in one content
+    /// header frame, which may not exceed it (see [`header_frame_size`]).
+    pub(crate) async fn frame_max(&self) -> Result<usize, TransportError> {
+        Ok(self.channel().await?.frame_max as usize)
     }
 
     /// Publishes and waits for the broker's confirm. Concurrent calls share

@@ -20,7 +20,7 @@ use crate::config::AmqpConfig;
 use crate::error::{short, soft_error, unavailable, within};
 use crate::link::{Link, Wait};
 use crate::mapping;
-use crate::publisher::Publishing;
+use crate::publisher::{Publishing, header_frame_size};
 use crate::topology::{self, DLQ_SUFFIX};
 
 /// What subscriptions and settlements share with the transport.
@@ -255,6 +255,15 @@ fn death_headroom(queue: &str, retry_queue: &str) -> usize {
     512 + 4 * retry_queue.len() + 2 * queue.len()
 }
 
+/// Whether `properties`, and `headroom` bytes the broker adds on the way
+/// (see [`death_headroom`]), fit in a frame of `frame_max` (unbuildable
+/// ones count as fitting: `forward` reports them).
+fn fits(properties: &Result<BasicProperties, String>, headroom: usize, frame_max: usize) -> bool {
+    properties
+        .as_ref()
+        .map_or(true, |p| header_frame_size(p).saturating_add(headroom) <= frame_max)
+}
+
 /// The reason a message that could not be retried is dead-lettered with.
 const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry's headers, so it was not retried";
 
@@ -306,21 +315,11 @@ impl AmqpSettle {
         ready
     }
 
-    /// Whether `properties` fit in a frame of the publishing connection
-    /// (unbuildable ones count as fitting: `forward` reports them). When it
-    /// cannot tell, the delivery goes back to its queue.
-    /// `headroom` is what the broker adds on the way (see [`death_headroom`]).
-    async fn fits(
-        &self,
-        acker: &Acker,
-        properties: &Result<BasicProperties, String>,
-        headroom: usize,
-    ) -> Result<bool, TransportError> {
-        let Ok(properties) = properties else {
-            return Ok(true);
-        };
-        match self.shared.publishing.fits(properties, headroom).await {
-            Ok(fits) => Ok(fits),
+    /// The largest frame the publishing connection takes (connecting if
+    /// needed); when it cannot tell, the delivery goes back to its queue.
+    async fn frame_max(&self, acker: &Acker) -> Result<usize, TransportError> {
+        match self.shared.publishing.frame_max().await {
+            Ok(frame_max) => Ok(frame_max),
             Err(e) => {
                 requeue(acker, self.limit()).await;
                 Err(e)
@@ -346,7 +345,7 @@ impl AmqpSettle {
         let headroom = delayed
             .as_ref()
             .map_or(0, |(name, _)| death_headroom(&self.queue, name));
-        if !self.fits(acker, &properties, headroom).await? {
+        if !fits(&properties, headroom, self.frame_max(acker).await?) {
             tracing::warn!(
                 message_id = %self.message_id,
                 queue = %self.queue,
@@ -386,7 +385,8 @@ impl AmqpSettle {
             self.retries,
             Some((DEAD_LETTER_REASON, reason)),
         );
-        if !self.fits(acker, &properties, 0).await? {
+        let frame_max = self.frame_max(acker).await?;
+        if !fits(&properties, 0, frame_max) {
             // Kept, without the reason and origin: they are logged instead.
             tracing::error!(
                 message_id = %self.message_id,
@@ -398,17 +398,13 @@ impl AmqpSettle {
             );
             // As it came (which reached this client in one frame), with
             // what it lacked of an id and persistence while there is room.
-            let candidates = [
+            properties = [
                 mapping::republished_as_is(&self.properties, &self.message_id),
                 Ok(mapping::republishable_as_sent(&self.properties, true)),
-            ];
-            properties = Ok(mapping::republishable_as_sent(&self.properties, false));
-            for candidate in candidates {
-                if self.fits(acker, &candidate, 0).await? {
-                    properties = candidate;
-                    break;
-                }
-            }
+            ]
+            .into_iter()
+            .find(|candidate| fits(candidate, 0, frame_max))
+            .unwrap_or_else(|| Ok(mapping::republishable_as_sent(&self.properties, false)));
         }
         self.forward(acker, &target, properties).await
     }
