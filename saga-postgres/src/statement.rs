@@ -107,6 +107,20 @@ pub(crate) fn predecessor_sent(saga: &str, published: &str) -> String {
     )
 }
 
+/// The id of the message the saga `saga`'s new one waits behind, unless
+/// `not_asked` (no hand-off was asked for) or `handed` (it was handed
+/// off): the saga's previous message, unsent and not known here as
+/// published. Read in a statement's final `SELECT`, which sees the instance
+/// as it was before the statement's own update (one snapshot for all of
+/// it), and only when not handed off, which is rare. Its confirm wakes this
+/// process's relay (`Shared::await_confirm`).
+pub(crate) fn awaited_predecessor(not_asked: &str, handed: &str, saga: &str) -> String {
+    format!(
+        "CASE WHEN {not_asked} OR {handed} THEN NULL::int8 \
+         ELSE (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga}) END"
+    )
+}
+
 /// Columns of `saga_history`, in parameter order, with the type a parameter
 /// is cast to (`""`: as bound).
 const HISTORY_COLUMNS: [(&str, &str); 10] = [
@@ -171,7 +185,8 @@ impl Shape {
     /// The statement's SQL. It returns one row: the instance rows written;
     /// whether every message consumed was new (if not, nothing is written);
     /// whether the outbox rows were leased for the hand-off; their ids, in
-    /// order.
+    /// order; and, when they were to be leased but the saga's previous
+    /// message was not sent, that message's id (see [`awaited_predecessor`]).
     pub(crate) fn sql(self) -> &'static str {
         static SQL: [OnceLock<String>; SHAPES] = [const { OnceLock::new() }; SHAPES];
         SQL[self.index()].get_or_init(|| {
@@ -421,6 +436,12 @@ impl Shape {
                 ));
             }
         }
+        let awaits = match (&lease, self.hands_off_after_predecessor(), &instance) {
+            (Some(lease), true, Some(p)) => {
+                awaited_predecessor(&format!("{lease}::float8 IS NULL"), "(SELECT ok FROM handoff)", &p[0])
+            }
+            _ => "NULL::int8".to_owned(),
+        };
         let outboxed = lease.is_some();
         Parts {
             ctes: ctes.join(", "),
@@ -432,11 +453,12 @@ impl Shape {
             .to_owned(),
             fresh: if fresh { FRESH } else { "true" }.to_owned(),
             outboxed: if outboxed {
-                "(SELECT ok FROM handoff), coalesce((SELECT array_agg(id ORDER BY id) FROM outbox), '{}')"
+                format!(
+                    "(SELECT ok FROM handoff), coalesce((SELECT array_agg(id ORDER BY id) FROM outbox), '{{}}'), {awaits}"
+                )
             } else {
-                "false, '{}'::bigint[]"
-            }
-            .to_owned(),
+                "false, '{}'::bigint[], NULL::int8".to_owned()
+            },
         }
     }
 }
@@ -448,7 +470,8 @@ struct Parts {
     written: String,
     /// Whether every message consumed was new.
     fresh: String,
-    /// Whether the outbox rows were leased for the hand-off, and their ids.
+    /// Whether the outbox rows were leased for the hand-off, their ids, and
+    /// the predecessor they wait for.
     outboxed: String,
 }
 

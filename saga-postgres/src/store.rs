@@ -68,8 +68,10 @@ pub struct PostgresStoreConfig {
     pub commit_linger: Duration,
     /// How long marking messages sent waits to gather more relay rounds'
     /// messages into its statement. Meanwhile, messages confirmed but not
-    /// yet marked count as sent for the hand-off of their saga's next
-    /// message (this process published them, in order). `ZERO` marks at once.
+    /// yet marked count as sent for their saga's next message (this process
+    /// published them, in order): for its hand-off, and for this process's
+    /// claims, which a confirm that such a message waits for wakes. Other
+    /// replicas' claims wait for the mark. `ZERO` marks at once.
     pub mark_delay: Duration,
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
@@ -107,11 +109,9 @@ pub(crate) struct Shared {
     /// The pool, with the connection of the last statement kept warm.
     pub(crate) connections: Connections,
     pub(crate) config: PostgresStoreConfig,
-    /// Wakes relays of this process at once when this process commits messages.
+    /// Wakes relays of this process at once when this process commits
+    /// messages, or confirms one that a message left to claims waits for.
     local: Notify,
-    /// Cuts the wait before marking short: a message was left to claims,
-    /// perhaps behind one waiting to be marked.
-    mark_now: Notify,
     /// Wakes relays on other replicas' commits (fed by the listener task).
     remote: Arc<Notify>,
     /// A notification came since claims last read the table.
@@ -141,10 +141,9 @@ struct HandOff {
     lease: Duration,
     /// When claims last read the outbox table.
     last_read: Option<Instant>,
-    /// This process committed (or released) messages it did not hand off since then.
+    /// This process committed (or released) messages it did not hand off,
+    /// or confirmed one that such a message waits for, since then.
     table_dirty: bool,
-    /// When a commit last left messages to claims (see `mark_sent`).
-    left_to_claims: Option<Instant>,
     /// When a claim was last served from hand-offs.
     served: Option<Instant>,
 }
@@ -159,6 +158,14 @@ const RELAY_GRACE: Duration = Duration::from_secs(2);
 /// While hand-offs keep a relay busy, its claims still read the table this
 /// often: other replicas' messages, and those left by processes that died.
 const READ_TABLE_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a message left to claims behind its saga's unconfirmed previous
+/// one has that confirm wake the relay; later, the relay's next read of the
+/// table finds it (see [`Shared::await_confirm`]).
+const AWAIT_CONFIRM: Duration = Duration::from_secs(1);
+
+/// The most such confirms awaited at once; beyond, the same fallback.
+const AWAITED_CAPACITY: usize = 1_024;
 
 impl Shared {
     fn marks(&self) -> MutexGuard<'_, Marks> {
@@ -208,6 +215,32 @@ impl Shared {
         marks.pending.iter().chain(&marks.in_statement).copied().collect()
     }
 
+    /// A message was written behind `predecessor`, its saga's previous one,
+    /// and left to claims: neither marked sent nor known here as confirmed.
+    /// When this process's relay has it confirmed, the relay is woken, and
+    /// its claim counts it as sent (as the hand-off check does), rather than
+    /// waiting for the mark's delay. A confirm that came already needs
+    /// nothing: the claim after the commit counts it.
+    pub(crate) fn await_confirm(&self, predecessor: OutboxId) {
+        let mut marks = self.marks();
+        if marks.pending.contains(&predecessor) || marks.in_statement.contains(&predecessor) {
+            return;
+        }
+        let now = Instant::now();
+        marks
+            .awaited
+            .retain(|(_, since)| now.duration_since(*since) < AWAIT_CONFIRM);
+        if marks.awaited.len() < AWAITED_CAPACITY {
+            marks.awaited.push((predecessor, now));
+        }
+    }
+
+    /// Has this process's relays claim from the table at once.
+    fn wake_claims(&self) {
+        self.handoff().table_dirty = true;
+        self.local.notify_one();
+    }
+
     /// Queues committed messages that were leased to this store's relay.
     pub(crate) fn hand_off(&self, entries: Vec<OutboxEntry>) {
         if entries.is_empty() {
@@ -227,12 +260,7 @@ impl Shared {
         if handed_off {
             return;
         }
-        self.mark_now.notify_one();
-        {
-            let mut handoff = self.handoff();
-            handoff.table_dirty = true;
-            handoff.left_to_claims = Some(Instant::now());
-        }
+        self.handoff().table_dirty = true;
         // Sent after the commit, on its own connection, by one task at a
         // time: a NOTIFY inside the transition's transaction would take
         // PostgreSQL's global notify lock through the commit's WAL flush and
@@ -329,7 +357,6 @@ impl PostgresStore {
                 connections: Connections::new(pool),
                 config,
                 local: Notify::new(),
-                mark_now: Notify::new(),
                 remote: Arc::new(Notify::new()),
                 remote_dirty: Arc::new(AtomicBool::new(false)),
                 notifier: Arc::new(Notifier::default()),
@@ -339,7 +366,6 @@ impl PostgresStore {
                     lease: Duration::ZERO,
                     last_read: None,
                     table_dirty: false,
-                    left_to_claims: None,
                     served: None,
                 }),
                 marks: Mutex::new(Marks::default()),
@@ -486,6 +512,9 @@ pub(crate) struct Marks {
     pending: Vec<OutboxId>,
     /// Taken from `pending`, in the statement being written.
     in_statement: Vec<OutboxId>,
+    /// Messages that messages left to claims wait for, and since when (see
+    /// [`Shared::await_confirm`]).
+    awaited: Vec<(OutboxId, Instant)>,
     waiting: Vec<oneshot::Sender<Result<(), (bool, String)>>>,
     /// A caller is writing marks (and writes what comes in meanwhile).
     writing: bool,
@@ -540,7 +569,9 @@ impl PostgresStore {
         // messages are never published out of order. A barrier that matters
         // has a smaller id than some row of `locked`, so finding the barriers
         // reads the unsent-rows index only up to the batch's last id: the
-        // batch itself and what other relays hold.
+        // batch itself and what other relays hold. A row this process
+        // published and had confirmed, waiting to be marked (`$3`), is no
+        // barrier: the hand-off check counts it as sent too.
         let claim = sqlx::query(
             "WITH locked AS ( \
                 SELECT id, saga_id FROM saga_outbox \
@@ -550,7 +581,7 @@ impl PostgresStore {
                 SELECT p.saga_id, min(p.id) AS first_held FROM saga_outbox p \
                 WHERE p.sent_at IS NULL AND p.id < (SELECT max(id) FROM locked) \
                   AND p.saga_id IN (SELECT saga_id FROM locked) \
-                  AND p.id NOT IN (SELECT id FROM locked) \
+                  AND p.id NOT IN (SELECT id FROM locked) AND p.id <> ALL($3::int8[]) \
                 GROUP BY p.saga_id \
              ), ok AS ( \
                 SELECT l.id FROM locked l LEFT JOIN barrier b ON b.saga_id = l.saga_id \
@@ -562,7 +593,8 @@ impl PostgresStore {
                        o.headers, o.payload",
         )
         .bind(db_limit(limit))
-        .bind(lease_millis(lease));
+        .bind(lease_millis(lease))
+        .bind(self.shared.published_unmarked());
         let rows = self
             .shared
             .connections
@@ -667,20 +699,29 @@ impl OutboxStore for PostgresStore {
         // Rounds running at once share statements: the first writes, and
         // keeps writing what the others add meanwhile (one commit each).
         let (done, rx) = oneshot::channel();
-        let writer = {
+        let (writer, awaited) = {
             let mut marks = self.shared.marks();
             marks.pending.extend_from_slice(ids);
             marks.waiting.push(done);
-            !std::mem::replace(&mut marks.writing, true)
+            let before = marks.awaited.len();
+            if before > 0 {
+                marks.awaited.retain(|(id, _)| !ids.contains(id));
+            }
+            (
+                !std::mem::replace(&mut marks.writing, true),
+                marks.awaited.len() < before,
+            )
         };
+        if awaited {
+            // Confirmed, so what waits behind it may go now: the claim
+            // counts it as sent from `pending`.
+            self.shared.wake_claims();
+        }
         if writer {
             let mut writing = Writing(&self.shared, false);
             let delay = self.shared.config.mark_delay;
             if !delay.is_zero() {
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = self.shared.mark_now.notified() => {}
-                }
+                tokio::time::sleep(delay).await;
             }
             loop {
                 let (ids, waiting) = {
@@ -700,18 +741,6 @@ impl OutboxStore for PostgresStore {
                     .write_marks(&ids)
                     .await
                     .map_err(|e| (e.is_retryable(), e.to_string()));
-                if written.is_ok() {
-                    // A message committed lately behind one of these, before
-                    // its confirm came (the broker may deliver first), was
-                    // left to claims, which wait for it to be sent: now it may
-                    // be. Later, the table's periodic read covers it.
-                    let mut handoff = self.shared.handoff();
-                    if handoff.left_to_claims.is_some_and(|at| at.elapsed() < READ_TABLE_EVERY) {
-                        handoff.table_dirty = true;
-                        drop(handoff);
-                        self.shared.local.notify_one();
-                    }
-                }
                 for waiter in waiting {
                     let _ = waiter.send(written.clone());
                 }

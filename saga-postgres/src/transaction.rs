@@ -308,7 +308,7 @@ where
         query = query.bind(lease).bind(published);
     }
     let query = staged.iter().fold(query, |query, write| write.bind_to(query));
-    let (written, fresh, handed, ids) = query
+    let (written, fresh, handed, ids, awaits) = query
         .fetch_one(executor)
         .await
         .map_err(|e| classify(e, id, expected, first_consumed.clone()))?;
@@ -317,19 +317,25 @@ where
             id: MessageId::from(first_consumed.unwrap_or_default()),
         });
     }
-    match (expected, id) {
-        (Some(expected), Some(id)) if written == 0 => Err(StoreError::Conflict {
+    if let (Some(expected), Some(id), 0) = (expected, id, written) {
+        return Err(StoreError::Conflict {
             id: SagaId::from_uuid(id),
             expected,
             // Found out by the caller when it matters (see `Conflict`).
             actual: None,
-        }),
-        _ if handed && ids.len() == messages.len() => Ok(ids
+        });
+    }
+    if let Some(predecessor) = awaits {
+        shared.await_confirm(predecessor);
+    }
+    if handed && ids.len() == messages.len() {
+        Ok(ids
             .into_iter()
             .zip(messages)
             .map(|(id, (saga, message))| OutboxEntry { id, saga, message })
-            .collect()),
-        _ => Ok(Vec::new()),
+            .collect())
+    } else {
+        Ok(Vec::new())
     }
 }
 
@@ -378,11 +384,12 @@ fn classify(error: sqlx::Error, id: Option<Uuid>, expected: Option<u64>, consume
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 /// The commit statement's query: it returns the row `Shape::sql` describes.
 pub(crate) type PgWritten =
-    sqlx::query::QueryAs<'static, Postgres, (i64, bool, bool, Vec<i64>), sqlx::postgres::PgArguments>;
+    sqlx::query::QueryAs<'static, Postgres, (i64, bool, bool, Vec<i64>, Option<i64>), sqlx::postgres::PgArguments>;
 /// A shared commit statement's query (see `batch`): a row per transition
-/// written (its position, its outbox row, whether that was handed off).
+/// written (its position, its outbox row, whether that was handed off, the
+/// predecessor it waits for if not).
 pub(crate) type PgBatched =
-    sqlx::query::QueryAs<'static, Postgres, (Option<i64>, Option<i64>, bool), sqlx::postgres::PgArguments>;
+    sqlx::query::QueryAs<'static, Postgres, (Option<i64>, Option<i64>, bool, Option<i64>), sqlx::postgres::PgArguments>;
 
 /// Something parameters can be bound to in order.
 trait Bind: Sized {

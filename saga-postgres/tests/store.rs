@@ -506,7 +506,7 @@ async fn a_transitions_messages_handed_over_past_the_limit_stay_together() {
 async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off() {
     let db = TestDb::new().await;
     let config = PostgresStoreConfig {
-        // Far longer than the test; a commit left to claims cuts it short.
+        // Far longer than the test: nothing is marked in it.
         mark_delay: Duration::from_secs(30),
         ..PostgresStoreConfig::default()
     };
@@ -531,20 +531,62 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     assert!(leased(&pool, second[0].id).await);
     assert!(!marking.is_finished(), "M1 was still waiting to be marked");
 
-    // M3 follows M2, handed off but not yet published: left to claims,
-    // which wait for what is sent, so the pending marks are written now.
+    // M3 follows M2, handed off but not yet published: left to claims.
     let _ = emit(&store, &instance, false, "M3").await;
-    tokio::time::timeout(Duration::from_secs(20), marking)
-        .await
-        .expect("a commit left to claims ends the marks' delay")
-        .expect("marking task")
-        .expect("mark_sent");
-    let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM saga_outbox WHERE id = $1")
-        .bind(first[0].id)
+    let third: i64 = sqlx::query_scalar("SELECT id FROM saga_outbox WHERE kind = 'M3'")
         .fetch_one(&pool)
         .await
         .expect("outbox readable");
-    assert!(sent, "M1 is marked");
+    assert!(!leased(&pool, third).await, "M3 is left to claims behind M2");
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "M3 waits while M2 is unconfirmed"
+    );
+
+    // M2 confirmed: its confirm wakes the relay, whose claim takes M3 while
+    // neither M1 nor M2 is marked yet (their marks wait for the delay).
+    drain_wake_ups(&store).await;
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
+    };
+    let marking_second = {
+        let (store, id) = (store.clone(), second[0].id);
+        tokio::spawn(async move { store.mark_sent(&[id]).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("M2's confirm wakes a relay waiting for messages")
+        .expect("waiting task");
+    let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M3"], "claimed behind M2, confirmed and waiting to be marked");
+    assert!(
+        !marking.is_finished() && !marking_second.is_finished(),
+        "M1 and M2 were still waiting to be marked"
+    );
+    // Their rows stay leased, as a stopped relay's would.
+    marking.abort();
+    marking_second.abort();
+}
+
+/// Takes the wake-ups `store`'s commits left for its relay (this
+/// process's, and the `NOTIFY` through its listener), so that what wakes a
+/// relay next is what the test does: waits until a wait of 300 ms passes
+/// without one (at most ten).
+async fn drain_wake_ups(store: &saga_postgres::PostgresStore) {
+    for _ in 0..10 {
+        let began = Instant::now();
+        store.wait_for_messages(Duration::from_millis(300)).await;
+        if began.elapsed() >= Duration::from_millis(290) {
+            return;
+        }
+    }
+    panic!("the relay kept being woken with nothing committed");
 }
 
 /// Two stores (replicas) on one database, a relay attached to the first
@@ -1816,17 +1858,14 @@ async fn transitions_share_statements_and_a_losing_one_writes_nothing(staging: S
 
 /// The hand-off check of shared statements: a saga's next message is handed
 /// to the relay behind one marked sent, or one published and waiting to be
-/// marked; behind one still unsent it is left to claims.
-///
-/// The replies behind unsent messages go last: a commit that leaves a
-/// message to claims has the marks written at once, and then the published
-/// ones would be handed off as sent, not as waiting.
+/// marked; behind one still unsent it is left to claims, and its statement
+/// names that one, whose confirm then wakes the relay and lets it go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
     let db = TestDb::new().await;
     let config = PostgresStoreConfig {
         commits_in_flight: 1,
-        // Far longer than the replies take; the last ones cut it short.
+        // Far longer than the test: nothing is marked in it.
         mark_delay: Duration::from_secs(30),
         ..PostgresStoreConfig::default()
     };
@@ -1895,6 +1934,8 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
     );
     let decided = reply_to_all(&instances[12..]).await;
     assert!(decided.iter().all(Result::is_ok), "{decided:?}");
+    let handed_over = store.claim(64, lease).await.expect("claim");
+    assert_eq!(handed_over.len(), 12, "the replies handed off are handed over");
 
     let newest: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
         "SELECT DISTINCT ON (saga_id) saga_id, claimed_until IS NOT NULL FROM saga_outbox ORDER BY saga_id, id DESC",
@@ -1913,7 +1954,39 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
             "saga {i}: handed off behind a sent or published message only"
         );
     }
-    marking.await.expect("marking task").expect("mark_sent");
+
+    // The last six's first messages confirmed: the confirm wakes the relay,
+    // whose claim takes the replies left behind them, none marked yet.
+    drain_wake_ups(&store).await;
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
+    };
+    let unsent = ids(&instances[12..]);
+    assert_eq!(unsent.len(), 6);
+    let marking_rest = {
+        let store = store.clone();
+        tokio::spawn(async move { store.mark_sent(&unsent).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the confirms wake a relay waiting for messages")
+        .expect("waiting task");
+    let claimed = store.claim(64, lease).await.expect("claim");
+    let mut sagas: Vec<SagaId> = claimed.iter().filter_map(|e| e.saga).collect();
+    sagas.sort_unstable();
+    let mut last_six: Vec<SagaId> = instances[12..].iter().map(|i| i.id).collect();
+    last_six.sort_unstable();
+    assert_eq!(
+        sagas, last_six,
+        "the replies left to claims, once what they follow is confirmed"
+    );
+    assert!(
+        !marking.is_finished() && !marking_rest.is_finished(),
+        "nothing was marked yet"
+    );
+    marking.abort();
+    marking_rest.abort();
 }
 
 /// Turns autovacuum off for `saga_instances`: only the stores analyze it.

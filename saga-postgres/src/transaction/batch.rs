@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 
 use super::{InstanceValues, InstanceWrite, PgBatched, Rest, write_alone};
 use crate::staged::StagedWrite;
-use crate::statement::{INSTANCE_COLUMNS, Rows, not_recorded, predecessor_sent};
+use crate::statement::{INSTANCE_COLUMNS, Rows, awaited_predecessor, not_recorded, predecessor_sent};
 use crate::store::Shared;
 
 /// A transition waiting for a statement.
@@ -530,7 +530,10 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
     };
     let merged = u64::try_from(writes.merged_members).unwrap_or(u64::MAX);
     shared.batcher.merged_writes.fetch_add(merged, Ordering::Relaxed);
-    for (n, outbox_id, handed) in rows {
+    for (n, outbox_id, handed, awaits) in rows {
+        if let Some(predecessor) = awaits {
+            shared.await_confirm(predecessor);
+        }
         // The guard's row of a statement with staged writes has no position.
         let Some(index) = n.and_then(|n| usize::try_from(n).ok()).and_then(|n| n.checked_sub(1)) else {
             continue;
@@ -551,8 +554,19 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
     Ok(outcomes)
 }
 
-/// What the shared statement returns: a row per transition written.
-const WRITTEN: &str = "SELECT f.n, f.oid, f.handed FROM fresh f JOIN written w ON w.n = f.n";
+/// What the shared statement returns: a row per transition written (see
+/// [`sql`]).
+fn written() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let awaits = awaited_predecessor(
+            "f.o_lease IS NULL OR f.oid IS NULL OR f.expected IS NULL",
+            "f.handed",
+            "f.id",
+        );
+        format!("SELECT f.n, f.oid, f.handed, {awaits} FROM fresh f JOIN written w ON w.n = f.n")
+    })
+}
 
 /// The parameters [`ctes`] takes.
 const CTE_PARAMETERS: usize = 34;
@@ -564,14 +578,15 @@ const CTE_PARAMETERS: usize = 34;
 /// then one array, not per transition: the messages published but not yet
 /// marked sent, which the hand-off check ([`predecessor_sent`]) counts as sent.
 /// It returns a row per transition written: its position, its outbox row's
-/// id, and whether that row was leased for the hand-off. A transition whose
+/// id, whether that row was leased for the hand-off, and if it was to be
+/// but its saga's previous message was not sent, that message's id. A transition whose
 /// message was consumed before, recorded either way, is left out rather
 /// than left to the unique index, whose error would send every transition
 /// of the statement alone. Of two starts of one saga, the first inserts and
 /// the second is not written, for the same reason.
 fn sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| format!("{} {WRITTEN}", ctes()))
+    SQL.get_or_init(|| format!("{} {}", ctes(), written()))
 }
 
 /// The shared statement for members of which some stage writes: [`sql`]
@@ -589,8 +604,9 @@ fn staged_sql(writes: &StagedWrites<'_>) -> String {
     }
     let _ = write!(
         sql,
-        " {WRITTEN} UNION ALL SELECT CASE WHEN (SELECT count(*) FROM written) <> ${} \
-         THEN saga_abort('conflict') END, NULL::int8, false",
+        " {} UNION ALL SELECT CASE WHEN (SELECT count(*) FROM written) <> ${} \
+         THEN saga_abort('conflict') END, NULL::int8, false, NULL::int8",
+        written(),
         offset + 1
     );
     sql
