@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::id::SagaId;
 use crate::store::{OutboxEntry, OutboxId, OutboxStore, StoreError};
-use crate::transport::Publisher;
+use crate::transport::{Publisher, TransportError};
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -23,7 +23,9 @@ pub struct RelayConfig {
     /// process) wait before another relay, or the restarted one, takes
     /// them: keep it short. A round publishes for at most three quarters of
     /// it, then gives back what is still unconfirmed, so a live relay never
-    /// publishes messages whose lease may have passed to another.
+    /// publishes messages whose lease may have passed to another. A message
+    /// the broker refuses keeps its lease, and is published again when it
+    /// ends: the lease is also how often a refused message is tried.
     pub lease: Duration,
     /// The longest wait between rounds when no notification arrives.
     pub poll_interval: Duration,
@@ -104,6 +106,31 @@ struct Confirmed {
     took: Duration,
 }
 
+/// What publishing a batch came to.
+#[derive(Default)]
+struct Published {
+    sent: Vec<Confirmed>,
+    /// Not sent for the transport's state (unavailable, closed), or behind
+    /// such a message of their saga: given back at once, and the relay backs
+    /// off.
+    failed: Vec<OutboxId>,
+    /// Refused by the broker (unroutable, negatively confirmed, too large,
+    /// an unknown destination), or behind such a message of their saga: left
+    /// leased, so they are tried again when the lease ends, one message's
+    /// trouble and not the relay's. Given back at once, a message the broker
+    /// will never take would be claimed again at once, and each round that
+    /// met it would hold every other message back for the relay's back-off.
+    refused: Vec<OutboxId>,
+}
+
+impl Published {
+    fn extend(&mut self, other: Published) {
+        self.sent.extend(other.sent);
+        self.failed.extend(other.failed);
+        self.refused.extend(other.refused);
+    }
+}
+
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayRound {
@@ -111,8 +138,12 @@ pub struct RelayRound {
     pub claimed: usize,
     /// Messages the broker confirmed and that are now marked sent.
     pub sent: usize,
-    /// Messages that failed to publish and were given back.
+    /// Messages that failed to publish for the transport's state (and the
+    /// later ones of their sagas), given back at once.
     pub failed: usize,
+    /// Messages the broker refused (and the later ones of their sagas),
+    /// left leased: they are tried again when their lease ends.
+    pub refused: usize,
 }
 
 /// Moves messages from the outbox to the transport.
@@ -160,7 +191,7 @@ impl Relay {
         let claimed = entries.len();
         let ids: Vec<OutboxId> = entries.iter().map(|entry| entry.id).collect();
         let budget = self.config.lease.mul_f64(0.75);
-        let (sent, failed) = match tokio::time::timeout(budget, self.publish_all(entries)).await {
+        let published = match tokio::time::timeout(budget, self.publish_all(entries)).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 // Confirms not back in time: give the whole batch back. What
@@ -170,9 +201,13 @@ impl Relay {
                     ?budget,
                     "publishing outlasted the claim's budget; giving the batch back"
                 );
-                (Vec::new(), ids)
+                Published {
+                    failed: ids,
+                    ..Published::default()
+                }
             }
         };
+        let Published { sent, failed, refused } = published;
         drop(slot);
         metrics::counter!("saga_outbox_published_total").increment(sent.len() as u64);
         // Counted with the messages kept as sent: a batch given back goes
@@ -181,8 +216,9 @@ impl Relay {
             metrics::histogram!(PUBLISH_SECONDS).record(confirmed.took.as_secs_f64());
         }
         let sent: Vec<OutboxId> = sent.into_iter().map(|confirmed| confirmed.id).collect();
-        if !failed.is_empty() {
-            metrics::counter!("saga_outbox_publish_failures_total").increment(failed.len() as u64);
+        let unsent = failed.len() + refused.len();
+        if unsent > 0 {
+            metrics::counter!("saga_outbox_publish_failures_total").increment(unsent as u64);
         }
         // Both, even if one fails: a failed message given back waits for no
         // lease, nor do the later messages of its saga.
@@ -201,20 +237,18 @@ impl Relay {
             claimed,
             sent: sent.len(),
             failed: failed.len(),
+            refused: refused.len(),
         })
     }
 
-    async fn publish_all(&self, entries: Vec<OutboxEntry>) -> (Vec<Confirmed>, Vec<OutboxId>) {
+    async fn publish_all(&self, entries: Vec<OutboxEntry>) -> Published {
         let groups = group_by_saga(entries);
-        let mut sent = Vec::new();
-        let mut failed = Vec::new();
+        let mut published = Published::default();
         if groups.len() == 1 {
             for group in groups {
-                let (s, f) = publish_in_order(self.publisher.as_ref(), group).await;
-                sent.extend(s);
-                failed.extend(f);
+                published.extend(publish_in_order(self.publisher.as_ref(), group).await);
             }
-            return (sent, failed);
+            return published;
         }
         let mut tasks = JoinSet::new();
         for group in groups {
@@ -223,15 +257,12 @@ impl Relay {
         }
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((s, f)) => {
-                    sent.extend(s);
-                    failed.extend(f);
-                }
+                Ok(group) => published.extend(group),
                 // A panicking publisher loses nothing: the claim's lease runs out.
                 Err(e) => tracing::error!(error = %e, "a publishing task failed"),
             }
         }
-        (sent, failed)
+        published
     }
 
     /// Runs rounds until `shutdown` is cancelled (up to
@@ -359,29 +390,52 @@ fn group_by_saga(entries: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
     groups
 }
 
-/// Publishes a saga's messages in order; after a failure the rest wait, so
-/// order is kept.
-async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) -> (Vec<Confirmed>, Vec<OutboxId>) {
-    let mut sent = Vec::with_capacity(group.len());
-    let mut failed = Vec::new();
-    let mut broken = false;
+/// Publishes a saga's messages in order; after a failure the rest wait
+/// with the failed one (given back or left leased alike), so order is kept.
+async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) -> Published {
+    let mut published = Published {
+        sent: Vec::with_capacity(group.len()),
+        ..Published::default()
+    };
+    // Where the rest go once one has failed: `Some(true)` if it was refused.
+    let mut broken: Option<bool> = None;
     for entry in group {
-        if broken {
-            failed.push(entry.id);
-            continue;
-        }
-        let began = Instant::now();
-        match publisher.publish(&entry.message).await {
-            Ok(()) => sent.push(Confirmed {
-                id: entry.id,
-                took: began.elapsed(),
-            }),
-            Err(e) => {
-                tracing::warn!(message_id = %entry.message.id, error = %e, "publish failed");
-                broken = true;
-                failed.push(entry.id);
+        match broken {
+            Some(true) => published.refused.push(entry.id),
+            Some(false) => published.failed.push(entry.id),
+            None => {
+                let began = Instant::now();
+                match publisher.publish(&entry.message).await {
+                    Ok(()) => published.sent.push(Confirmed {
+                        id: entry.id,
+                        took: began.elapsed(),
+                    }),
+                    Err(e) if refused(&e) => {
+                        tracing::warn!(
+                            message_id = %entry.message.id,
+                            error = %e,
+                            "the broker refused a message; it is tried again when its lease ends"
+                        );
+                        broken = Some(true);
+                        published.refused.push(entry.id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(message_id = %entry.message.id, error = %e, "publish failed");
+                        broken = Some(false);
+                        published.failed.push(entry.id);
+                    }
+                }
             }
         }
     }
-    (sent, failed)
+    published
+}
+
+/// Whether a publish failed on the message rather than on the transport's
+/// state: tried again at once, it would fail alike.
+fn refused(error: &TransportError) -> bool {
+    matches!(
+        error,
+        TransportError::Rejected { .. } | TransportError::UnknownAddress(_)
+    )
 }

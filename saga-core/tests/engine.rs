@@ -542,7 +542,8 @@ async fn replies_of_participants_that_one_command_fans_out_to_all_reach_the_saga
 }
 #[tokio::test]
 async fn the_relay_keeps_messages_until_they_can_be_published() {
-    let store = InMemoryStore::new();
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
     let transport = InMemoryTransport::new();
     transport.declare_destination("stock");
     let engine = Engine::builder(Arc::new(store.clone()))
@@ -550,17 +551,25 @@ async fn the_relay_keeps_messages_until_they_can_be_published() {
         .build()
         .expect("engine");
     engine.start("orders", order("o-5")).await.expect("start");
+    let lease = RelayConfig::default().lease;
     let relay = Relay::new(
         Arc::new(store.clone()),
         Arc::new(transport.clone()),
         RelayConfig::default(),
     );
     let round = relay.run_once().await.expect("round");
-    assert_eq!((round.sent, round.failed), (0, 1), "nothing is bound to `stock` yet");
+    assert_eq!(
+        (round.sent, round.failed, round.refused),
+        (0, 0, 1),
+        "nothing is bound to `stock` yet"
+    );
     assert_eq!(store.unsent(), 1, "the message stays in the outbox");
     transport.bind("stock", "stock-queue");
     let round = relay.run_once().await.expect("round");
-    assert_eq!(round.sent, 1);
+    assert_eq!(round.claimed, 0, "a refused message keeps its lease");
+    clock.advance(lease);
+    let round = relay.run_once().await.expect("round");
+    assert_eq!(round.sent, 1, "tried again once its lease ended");
     assert_eq!(store.unsent(), 0);
     assert_eq!(transport.take("stock-queue").len(), 1);
 }

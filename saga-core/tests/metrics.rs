@@ -318,7 +318,8 @@ fn commits_and_publishes_are_timed() {
                 )
                 .build()
                 .expect("valid");
-            let store = InMemoryStore::new();
+            let clock = saga_core::ManualClock::default();
+            let store = InMemoryStore::with_clock(clock.clone());
             let engine = Engine::builder(Arc::new(store.clone()))
                 .register(definition)
                 .build()
@@ -339,11 +340,9 @@ fn commits_and_publishes_are_timed() {
                     saga_core::RelayConfig::default(),
                 )
             };
-            assert_eq!(
-                relay(true).run_once().await.expect("relay").failed,
-                3,
-                "refused, given back"
-            );
+            assert_eq!(relay(true).run_once().await.expect("relay").refused, 3, "refused");
+            // Refused messages keep their lease, and go again once it ends.
+            clock.advance(saga_core::RelayConfig::default().lease);
             assert_eq!(relay(false).run_once().await.expect("relay").sent, 3, "the three asks");
 
             let participant = saga_core::Participant::new("keeper", Arc::new(store), Accepts);

@@ -223,3 +223,98 @@ async fn a_relay_claims_nothing_while_the_broker_holds_publishing_back() {
     running.await.expect("the relay did not panic");
     assert_eq!(published(), ["a", "b", "c"], "each once, once let go");
 }
+
+/// Refuses messages of kind `unroutable`, as a broker does one no queue is
+/// bound for, counting the tries; publishes the rest.
+#[derive(Default)]
+struct Unroutable {
+    tries: std::sync::atomic::AtomicUsize,
+    published: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Publisher for Unroutable {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        if message.kind == "unroutable" {
+            self.tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(TransportError::Rejected {
+                id: message.id.to_string(),
+                reason: "no queue is bound".to_owned(),
+            });
+        }
+        self.published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(message.kind.clone());
+        Ok(())
+    }
+}
+
+/// A message the broker refuses is one message's trouble: it keeps its
+/// lease and is tried again when that ends, its saga's later message waits
+/// behind it, and every other message goes on being published. Given back
+/// at once, it was claimed again at once, and each round that met it held
+/// the relay in its back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_tried_once_a_lease_and_holds_back_only_its_saga() {
+    let store = InMemoryStore::new();
+    let refused_saga = SagaId::new();
+    let mut tx = store.begin().await.expect("begin");
+    let messages = [
+        Message::new("unroutable", "d", b"{}".to_vec()),
+        Message::new("behind", "d", b"{}".to_vec()),
+    ];
+    tx.enqueue(Some(refused_saga), &messages).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    let lease = Duration::from_millis(400);
+    let publisher = Arc::new(Unroutable::default());
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        publisher.clone(),
+        RelayConfig {
+            lease,
+            poll_interval: Duration::from_millis(20),
+            ..RelayConfig::default()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    // Other sagas' messages, committed while the refused one keeps failing.
+    let others = 40;
+    for _ in 0..others {
+        enqueue(&store, "other").await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let published = || {
+        publisher
+            .published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    };
+    for _ in 0..100 {
+        if published().len() >= others {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the relay stops")
+        .expect("the relay did not panic");
+
+    let published = published();
+    assert_eq!(published.len(), others, "every other message published: {published:?}");
+    assert!(
+        published.iter().all(|kind| kind == "other"),
+        "the refused message's saga waits behind it: {published:?}"
+    );
+    // About a second: tried at the start and when each lease ended.
+    let tries = publisher.tries.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (1..=5).contains(&tries),
+        "the refused message was tried {tries} times in about three leases"
+    );
+    assert_eq!(store.unsent(), 2, "both stay in the outbox");
+}
