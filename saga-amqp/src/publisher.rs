@@ -163,11 +163,19 @@ impl Publishing {
                 returned.reply_code, returned.reply_text
             ))),
             Ok(Confirmation::Nack(_)) => Err(rejected("the broker did not accept it (negative confirm)".to_owned())),
-            Ok(Confirmation::NotRequested) => Err(rejected("the channel was not in confirm mode".to_owned())),
+            // The channel's fault, not the message's.
+            Ok(Confirmation::NotRequested) => Err(TransportError::Unavailable(
+                "the channel was not in confirm mode".into(),
+            )),
             Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => {
-                // The exchange went away after it was checked; the channel closed and is reopened next time.
+                // An exchange went away after it was checked, and the broker
+                // closed the channel: every publish waiting on it gets this
+                // error, not only the one to the missing exchange. So not a
+                // refusal (a relay would hold each of them for a lease): the
+                // exchange is checked again on the next publish to it, which
+                // refuses only that one (`UnknownAddress`).
                 self.forget(exchange);
-                Err(rejected(format!("the channel closed: {e}")))
+                Err(unavailable(e))
             }
             Err(e) => Err(unavailable(e)),
         }

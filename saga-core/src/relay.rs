@@ -133,6 +133,7 @@ impl Published {
 
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RelayRound {
     /// Messages claimed.
     pub claimed: usize,

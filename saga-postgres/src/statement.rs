@@ -108,16 +108,19 @@ pub(crate) fn predecessor_sent(saga: &str, published: &str) -> String {
 }
 
 /// The id of the message the saga `saga`'s new one waits behind, unless
-/// `not_asked` (no hand-off was asked for) or `handed` (it was handed
-/// off): the saga's previous message, unsent and not known here as
-/// published. Read in a statement's final `SELECT`, which sees the instance
-/// as it was before the statement's own update (one snapshot for all of
-/// it), and only when not handed off, which is rare. Its confirm wakes this
-/// process's relay (`Shared::await_confirm`).
-pub(crate) fn awaited_predecessor(not_asked: &str, handed: &str, saga: &str) -> String {
+/// `skip` (it was handed off, or it is no saga's next message): the saga's
+/// previous message, if unsent and not among `published` (as
+/// [`predecessor_sent`] finds it). Read in a statement's final `SELECT`,
+/// which sees the instance as it was before the statement's own update
+/// (one snapshot for all of it), and only for a message not handed off:
+/// rare while a relay takes hand-offs, every such statement without one.
+/// Its confirm wakes this process's relay (`Shared::await_confirm`).
+pub(crate) fn awaited_predecessor(skip: &str, saga: &str, published: &str) -> String {
     format!(
-        "CASE WHEN {not_asked} OR {handed} THEN NULL::int8 \
-         ELSE (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga}) END"
+        "CASE WHEN {skip} THEN NULL::int8 \
+         ELSE (SELECT o.id FROM saga_outbox o \
+         WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga}) \
+         AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[])) END"
     )
 }
 
@@ -185,7 +188,7 @@ impl Shape {
     /// The statement's SQL. It returns one row: the instance rows written;
     /// whether every message consumed was new (if not, nothing is written);
     /// whether the outbox rows were leased for the hand-off; their ids, in
-    /// order; and, when they were to be leased but the saga's previous
+    /// order; and, when they were not leased because the saga's previous
     /// message was not sent, that message's id (see [`awaited_predecessor`]).
     pub(crate) fn sql(self) -> &'static str {
         static SQL: [OnceLock<String>; SHAPES] = [const { OnceLock::new() }; SHAPES];
@@ -436,10 +439,8 @@ impl Shape {
                 ));
             }
         }
-        let awaits = match (&lease, self.hands_off_after_predecessor(), &instance) {
-            (Some(lease), true, Some(p)) => {
-                awaited_predecessor(&format!("{lease}::float8 IS NULL"), "(SELECT ok FROM handoff)", &p[0])
-            }
+        let awaits = match (self.hands_off_after_predecessor(), &instance) {
+            (true, Some(p)) => awaited_predecessor("(SELECT ok FROM handoff)", &p[0], &published),
             _ => "NULL::int8".to_owned(),
         };
         let outboxed = lease.is_some();

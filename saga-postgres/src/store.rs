@@ -1,6 +1,6 @@
 //! [`PostgresStore`]: saga-core's `Store` on PostgreSQL.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -70,8 +70,10 @@ pub struct PostgresStoreConfig {
     /// messages into its statement. Meanwhile, messages confirmed but not
     /// yet marked count as sent for their saga's next message (this process
     /// published them, in order): for its hand-off, and for this process's
-    /// claims, which a confirm that such a message waits for wakes. Other
-    /// replicas' claims wait for the mark. `ZERO` marks at once.
+    /// claims, which are woken when the relay round that published a message
+    /// such a message waits for ends. Other replicas' claims wait for the
+    /// mark, and then for their next poll or notification. `ZERO` marks at
+    /// once.
     pub mark_delay: Duration,
     /// How long consumed-message and sent-message rows, and optionally
     /// finished instances, are kept.
@@ -160,8 +162,9 @@ const RELAY_GRACE: Duration = Duration::from_secs(2);
 const READ_TABLE_EVERY: Duration = Duration::from_millis(250);
 
 /// How long a message left to claims behind its saga's unconfirmed previous
-/// one has that confirm wake the relay; later, the relay's next read of the
-/// table finds it (see [`Shared::await_confirm`]).
+/// one is sure to have that confirm wake the relay (see
+/// [`Shared::await_confirm`]): older entries make room for new ones. Without
+/// a wake, the relay's next read of the table finds it.
 const AWAIT_CONFIRM: Duration = Duration::from_secs(1);
 
 /// The most such confirms awaited at once; beyond, the same fallback.
@@ -217,21 +220,24 @@ impl Shared {
 
     /// A message was written behind `predecessor`, its saga's previous one,
     /// and left to claims: neither marked sent nor known here as confirmed.
-    /// When this process's relay has it confirmed, the relay is woken, and
-    /// its claim counts it as sent (as the hand-off check does), rather than
-    /// waiting for the mark's delay. A confirm that came already needs
-    /// nothing: the claim after the commit counts it.
+    /// When this process's relay has it confirmed (at the end of the round
+    /// that published it, when the round asks for its marks), the relay is
+    /// woken, and its claim counts it as sent (as the hand-off check does),
+    /// rather than waiting for the mark's delay. A confirm that came already
+    /// needs nothing: the claim after the commit counts it.
     pub(crate) fn await_confirm(&self, predecessor: OutboxId) {
         let mut marks = self.marks();
         if marks.pending.contains(&predecessor) || marks.in_statement.contains(&predecessor) {
             return;
         }
         let now = Instant::now();
-        marks
-            .awaited
-            .retain(|(_, since)| now.duration_since(*since) < AWAIT_CONFIRM);
+        if marks.awaited.len() >= AWAITED_CAPACITY / 2 {
+            marks
+                .awaited
+                .retain(|_, since| now.duration_since(*since) < AWAIT_CONFIRM);
+        }
         if marks.awaited.len() < AWAITED_CAPACITY {
-            marks.awaited.push((predecessor, now));
+            marks.awaited.insert(predecessor, now);
         }
     }
 
@@ -514,7 +520,7 @@ pub(crate) struct Marks {
     in_statement: Vec<OutboxId>,
     /// Messages that messages left to claims wait for, and since when (see
     /// [`Shared::await_confirm`]).
-    awaited: Vec<(OutboxId, Instant)>,
+    awaited: HashMap<OutboxId, Instant>,
     waiting: Vec<oneshot::Sender<Result<(), (bool, String)>>>,
     /// A caller is writing marks (and writes what comes in meanwhile).
     writing: bool,
@@ -703,14 +709,13 @@ impl OutboxStore for PostgresStore {
             let mut marks = self.shared.marks();
             marks.pending.extend_from_slice(ids);
             marks.waiting.push(done);
-            let before = marks.awaited.len();
-            if before > 0 {
-                marks.awaited.retain(|(id, _)| !ids.contains(id));
+            let mut awaited = false;
+            if !marks.awaited.is_empty() {
+                for id in ids {
+                    awaited |= marks.awaited.remove(id).is_some();
+                }
             }
-            (
-                !std::mem::replace(&mut marks.writing, true),
-                marks.awaited.len() < before,
-            )
+            (!std::mem::replace(&mut marks.writing, true), awaited)
         };
         if awaited {
             // Confirmed, so what waits behind it may go now: the claim

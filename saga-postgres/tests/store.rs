@@ -574,6 +574,53 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     marking_second.abort();
 }
 
+/// With hand-offs off, every message goes through the table: a message
+/// behind its saga's unconfirmed previous one still goes once that is
+/// confirmed, not when it is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_hand_offs_a_confirm_still_lets_the_message_behind_it_go() {
+    let db = TestDb::new().await;
+    let config = PostgresStoreConfig {
+        handoff: false,
+        // Far longer than the test: nothing is marked in it.
+        mark_delay: Duration::from_secs(30),
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(2, config).await;
+    let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    let first = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = first.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M1"]);
+    let _ = emit(&store, &instance, false, "M2").await;
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "M2 waits while M1 is unconfirmed"
+    );
+
+    drain_wake_ups(&store).await;
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
+    };
+    let marking = {
+        let (store, id) = (store.clone(), first[0].id);
+        tokio::spawn(async move { store.mark_sent(&[id]).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("M1's confirm wakes a relay waiting for messages")
+        .expect("waiting task");
+    let second = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = second.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M2"], "claimed behind M1, confirmed and waiting to be marked");
+    assert!(!marking.is_finished(), "M1 was still waiting to be marked");
+    marking.abort();
+}
+
 /// Takes the wake-ups `store`'s commits left for its relay (this
 /// process's, and the `NOTIFY` through its listener), so that what wakes a
 /// relay next is what the test does: waits until a wait of 300 ms passes
@@ -1932,8 +1979,13 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
         !marking.is_finished(),
         "the published ones were still waiting to be marked"
     );
+    let before = store.commit_batching();
     let decided = reply_to_all(&instances[12..]).await;
     assert!(decided.iter().all(Result::is_ok), "{decided:?}");
+    assert!(
+        store.commit_batching().batched_transitions > before.batched_transitions,
+        "the last replies shared statements too"
+    );
     let handed_over = store.claim(64, lease).await.expect("claim");
     assert_eq!(handed_over.len(), 12, "the replies handed off are handed over");
 
@@ -1955,38 +2007,39 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
         );
     }
 
-    // The last six's first messages confirmed: the confirm wakes the relay,
-    // whose claim takes the replies left behind them, none marked yet.
-    drain_wake_ups(&store).await;
-    let waiting = {
-        let store = store.clone();
-        tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
-    };
-    let unsent = ids(&instances[12..]);
-    assert_eq!(unsent.len(), 6);
-    let marking_rest = {
-        let store = store.clone();
-        tokio::spawn(async move { store.mark_sent(&unsent).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the confirms wake a relay waiting for messages")
-        .expect("waiting task");
-    let claimed = store.claim(64, lease).await.expect("claim");
-    let mut sagas: Vec<SagaId> = claimed.iter().filter_map(|e| e.saga).collect();
-    sagas.sort_unstable();
-    let mut last_six: Vec<SagaId> = instances[12..].iter().map(|i| i.id).collect();
-    last_six.sort_unstable();
-    assert_eq!(
-        sagas, last_six,
-        "the replies left to claims, once what they follow is confirmed"
-    );
-    assert!(
-        !marking.is_finished() && !marking_rest.is_finished(),
-        "nothing was marked yet"
-    );
-    marking.abort();
-    marking_rest.abort();
+    // The last six's first messages confirmed one by one: each confirm
+    // wakes the relay, whose claim takes the reply left behind it (each
+    // statement named what its reply waits for), none marked yet.
+    let mut marking = vec![marking];
+    for (i, instance) in instances.iter().enumerate().skip(12) {
+        let [predecessor] = ids(std::slice::from_ref(instance))[..] else {
+            panic!("saga {i}: no first message");
+        };
+        drain_wake_ups(&store).await;
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
+        };
+        marking.push({
+            let store = store.clone();
+            tokio::spawn(async move { store.mark_sent(&[predecessor]).await })
+        });
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap_or_else(|_| panic!("saga {i}: its first message's confirm wakes a relay waiting for messages"))
+            .expect("waiting task");
+        let claimed = store.claim(64, lease).await.expect("claim");
+        let sagas: Vec<SagaId> = claimed.iter().filter_map(|e| e.saga).collect();
+        assert_eq!(
+            sagas,
+            [instance.id],
+            "saga {i}: its reply, once what it follows is confirmed"
+        );
+    }
+    assert!(marking.iter().all(|m| !m.is_finished()), "nothing was marked yet");
+    for task in marking {
+        task.abort();
+    }
 }
 
 /// Turns autovacuum off for `saga_instances`: only the stores analyze it.

@@ -559,11 +559,7 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
 fn written() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
-        let awaits = awaited_predecessor(
-            "f.o_lease IS NULL OR f.oid IS NULL OR f.expected IS NULL",
-            "f.handed",
-            "f.id",
-        );
+        let awaits = awaited_predecessor("f.handed OR f.oid IS NULL OR f.expected IS NULL", "f.id", "$34");
         format!("SELECT f.n, f.oid, f.handed, {awaits} FROM fresh f JOIN written w ON w.n = f.n")
     })
 }
@@ -578,8 +574,8 @@ const CTE_PARAMETERS: usize = 34;
 /// then one array, not per transition: the messages published but not yet
 /// marked sent, which the hand-off check ([`predecessor_sent`]) counts as sent.
 /// It returns a row per transition written: its position, its outbox row's
-/// id, whether that row was leased for the hand-off, and if it was to be
-/// but its saga's previous message was not sent, that message's id. A transition whose
+/// id, whether that row was leased for the hand-off, and if it was not
+/// because its saga's previous message was not sent, that message's id. A transition whose
 /// message was consumed before, recorded either way, is left out rather
 /// than left to the unique index, whose error would send every transition
 /// of the statement alone. Of two starts of one saga, the first inserts and
