@@ -549,20 +549,7 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
 
     // M2 confirmed: its confirm wakes the relay, whose claim takes M3 while
     // neither M1 nor M2 is marked yet (their marks wait for the delay).
-    drain_wake_ups(&store).await;
-    let waiting = {
-        let store = store.clone();
-        tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
-    };
-    let marking_second = {
-        let (store, id) = (store.clone(), second[0].id);
-        tokio::spawn(async move { store.mark_sent(&[id]).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("M2's confirm wakes a relay waiting for messages")
-        .expect("waiting task");
-    let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let (claimed, marking_second) = confirm_and_claim(&store, second[0].id, "M2").await;
     let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
     assert_eq!(kinds, ["M3"], "claimed behind M2, confirmed and waiting to be marked");
     assert!(
@@ -601,24 +588,37 @@ async fn without_hand_offs_a_confirm_still_lets_the_message_behind_it_go() {
         "M2 waits while M1 is unconfirmed"
     );
 
-    drain_wake_ups(&store).await;
+    let (second, marking) = confirm_and_claim(&store, first[0].id, "M1").await;
+    let kinds: Vec<&str> = second.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M2"], "claimed behind M1, confirmed and waiting to be marked");
+    assert!(!marking.is_finished(), "M1 was still waiting to be marked");
+    marking.abort();
+}
+
+/// Has `store`'s relay confirm message `id` (`mark_sent`, whose marking
+/// then waits for the store's delay: the task comes back unfinished) while
+/// a relay waits for messages, and returns what that relay, woken by the
+/// confirm, claims. `what` names the message if no relay is woken.
+async fn confirm_and_claim(
+    store: &saga_postgres::PostgresStore,
+    id: i64,
+    what: &str,
+) -> (Vec<OutboxEntry>, tokio::task::JoinHandle<Result<(), StoreError>>) {
+    drain_wake_ups(store).await;
     let waiting = {
         let store = store.clone();
         tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
     };
     let marking = {
-        let (store, id) = (store.clone(), first[0].id);
+        let store = store.clone();
         tokio::spawn(async move { store.mark_sent(&[id]).await })
     };
     tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
-        .expect("M1's confirm wakes a relay waiting for messages")
+        .unwrap_or_else(|_| panic!("{what}'s confirm wakes a relay waiting for messages"))
         .expect("waiting task");
-    let second = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = second.iter().map(|e| e.message.kind.as_str()).collect();
-    assert_eq!(kinds, ["M2"], "claimed behind M1, confirmed and waiting to be marked");
-    assert!(!marking.is_finished(), "M1 was still waiting to be marked");
-    marking.abort();
+    let claimed = store.claim(64, Duration::from_secs(60)).await.expect("claim");
+    (claimed, marking)
 }
 
 /// Takes the wake-ups `store`'s commits left for its relay (this
@@ -2015,20 +2015,8 @@ async fn shared_statements_hand_off_only_behind_a_sent_or_published_message() {
         let [predecessor] = ids(std::slice::from_ref(instance))[..] else {
             panic!("saga {i}: no first message");
         };
-        drain_wake_ups(&store).await;
-        let waiting = {
-            let store = store.clone();
-            tokio::spawn(async move { store.wait_for_messages(Duration::from_secs(60)).await })
-        };
-        marking.push({
-            let store = store.clone();
-            tokio::spawn(async move { store.mark_sent(&[predecessor]).await })
-        });
-        tokio::time::timeout(Duration::from_secs(10), waiting)
-            .await
-            .unwrap_or_else(|_| panic!("saga {i}: its first message's confirm wakes a relay waiting for messages"))
-            .expect("waiting task");
-        let claimed = store.claim(64, lease).await.expect("claim");
+        let (claimed, marked) = confirm_and_claim(&store, predecessor, &format!("saga {i}: its first message")).await;
+        marking.push(marked);
         let sagas: Vec<SagaId> = claimed.iter().filter_map(|e| e.saga).collect();
         assert_eq!(
             sagas,
