@@ -334,6 +334,11 @@ fn describe() {
         "Time from handing an outbox message to the publisher to the broker's confirm (connection, channel and flow-control waits included)"
     );
     metrics::describe_counter!(
+        "saga_outbox_refused_total",
+        "Outbox messages the broker refused (unroutable, missing exchange, too large), with their sagas' later \
+         messages held behind them; each is tried again when its lease ends"
+    );
+    metrics::describe_counter!(
         "saga_instance_copies_total",
         "The engine's kept copies of sagas as a commit or a read found them (current, stale); \
          past one stale in eight the engine reads instead"

@@ -55,6 +55,13 @@ impl Default for RelayConfig {
 /// the broker's flow control.
 const PUBLISH_SECONDS: &str = "saga_outbox_publish_seconds";
 
+/// Messages the broker refused, with the later messages of their sagas held
+/// behind them: they keep their lease and go again when it ends. Counted
+/// apart from the transport's own failures, which back the relay off: a
+/// refusal is a message or topology to mend (an unbound routing key, a
+/// missing exchange, headers too large), not an outage.
+const REFUSED_TOTAL: &str = "saga_outbox_refused_total";
+
 /// How often a relay whose publisher is held back looks again.
 const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
 
@@ -221,6 +228,9 @@ impl Relay {
         if unsent > 0 {
             metrics::counter!("saga_outbox_publish_failures_total").increment(unsent as u64);
         }
+        if !refused.is_empty() {
+            metrics::counter!(REFUSED_TOTAL).increment(refused.len() as u64);
+        }
         // Both, even if one fails: a failed message given back waits for no
         // lease, nor do the later messages of its saga.
         let marked = if sent.is_empty() {
@@ -280,6 +290,8 @@ impl Relay {
         // A round that ended in trouble: back off before the next claim.
         let mut trouble = false;
         let mut hold = Hold::default();
+        // Present from the start, so an alert on its increase sees the first.
+        metrics::counter!(REFUSED_TOTAL).increment(0);
         loop {
             if shutdown.is_cancelled() {
                 break;

@@ -27,28 +27,35 @@ fn counted(work: impl std::future::Future<Output = ()>) -> Vec<CounterRow> {
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         runtime.block_on(work);
     });
-    counters(&snapshotter)
+    counters(&snapshot(&snapshotter))
 }
 
 /// A metric's name, labels and value.
 type Row<T> = (String, Vec<(String, String)>, T);
 
-/// Every metric the recorder holds that `pick` takes, with its value (a
-/// snapshot takes the histograms' samples).
-fn rows<T>(snapshotter: &metrics_util::debugging::Snapshotter, pick: impl Fn(DebugValue) -> Option<T>) -> Vec<Row<T>> {
+/// Every metric the recorder holds, with its value. A snapshot takes the
+/// histograms' samples and the counters' counts: take one, once.
+fn snapshot(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<Row<DebugValue>> {
     snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
-        .filter_map(|(key, _, _, value)| {
-            let value = pick(value)?;
+        .map(|(key, _, _, value)| {
             let key = key.key();
             let labels = key
                 .labels()
                 .map(|l| (l.key().to_owned(), l.value().to_owned()))
                 .collect();
-            Some((key.name().to_owned(), labels, value))
+            (key.name().to_owned(), labels, value)
         })
+        .collect()
+}
+
+/// The metrics of `snapshot` that `pick` takes, with their values.
+fn rows<T>(snapshot: &[Row<DebugValue>], pick: impl Fn(&DebugValue) -> Option<T>) -> Vec<Row<T>> {
+    snapshot
+        .iter()
+        .filter_map(|(name, labels, value)| Some((name.clone(), labels.clone(), pick(value)?)))
         .collect()
 }
 
@@ -58,10 +65,10 @@ fn is<T>(row: &Row<T>, name: &str, labels: &[(&str, &str)]) -> bool {
     n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
 }
 
-/// Every counter the recorder holds.
-fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<CounterRow> {
-    rows(snapshotter, |value| match value {
-        DebugValue::Counter(v) => Some(v),
+/// The counters of `snapshot`.
+fn counters(snapshot: &[Row<DebugValue>]) -> Vec<CounterRow> {
+    rows(snapshot, |value| match value {
+        DebugValue::Counter(v) => Some(*v),
         _ => None,
     })
 }
@@ -244,10 +251,10 @@ fn the_relay_shows_while_the_broker_holds_publishing_back() {
     });
 }
 
-/// Every histogram the recorder holds, with its samples.
-fn histograms(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<Row<Vec<f64>>> {
-    rows(snapshotter, |value| match value {
-        DebugValue::Histogram(values) => Some(values.into_iter().map(|v| v.into_inner()).collect()),
+/// The histograms of `snapshot`, with their samples.
+fn histograms(snapshot: &[Row<DebugValue>]) -> Vec<Row<Vec<f64>>> {
+    rows(snapshot, |value| match value {
+        DebugValue::Histogram(values) => Some(values.iter().map(|v| v.into_inner()).collect()),
         _ => None,
     })
 }
@@ -355,7 +362,8 @@ fn commits_and_publishes_are_timed() {
             assert!(refused.is_err(), "{refused:?}");
         });
     });
-    let snapshot = histograms(&snapshotter);
+    let taken = snapshot(&snapshotter);
+    let snapshot = histograms(&taken);
     let commits = samples(&snapshot, "saga_commit_seconds", &[("saga", "timed")]);
     assert_eq!(
         commits.len(),
@@ -378,5 +386,16 @@ fn commits_and_publishes_are_timed() {
         participant.len(),
         2,
         "two committed; a duplicate and a refusal are not: {participant:?}"
+    );
+    let counted = counters(&taken);
+    assert_eq!(
+        counter(&counted, "saga_outbox_refused_total", &[]),
+        3,
+        "the three refused, counted apart"
+    );
+    assert_eq!(
+        counter(&counted, "saga_outbox_publish_failures_total", &[]),
+        3,
+        "and as failures"
     );
 }
