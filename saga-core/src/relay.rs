@@ -416,32 +416,38 @@ async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) ->
         match broken {
             Some(true) => published.refused.push(entry.id),
             Some(false) => published.failed.push(entry.id),
-            None => {
-                let began = Instant::now();
-                match publisher.publish(&entry.message).await {
-                    Ok(()) => published.sent.push(Confirmed {
-                        id: entry.id,
-                        took: began.elapsed(),
-                    }),
-                    Err(e) if refused(&e) => {
-                        tracing::warn!(
-                            message_id = %entry.message.id,
-                            error = %e,
-                            "the broker refused a message; it is tried again when its lease ends"
-                        );
-                        broken = Some(true);
-                        published.refused.push(entry.id);
-                    }
-                    Err(e) => {
-                        tracing::warn!(message_id = %entry.message.id, error = %e, "publish failed");
-                        broken = Some(false);
-                        published.failed.push(entry.id);
-                    }
-                }
-            }
+            None => broken = publish_one(publisher, entry, &mut published).await,
         }
     }
     published
+}
+
+/// Publishes `entry` into `published`; `Some(refused)` if it failed.
+async fn publish_one(publisher: &dyn Publisher, entry: OutboxEntry, published: &mut Published) -> Option<bool> {
+    let began = Instant::now();
+    let error = match publisher.publish(&entry.message).await {
+        Ok(()) => {
+            published.sent.push(Confirmed {
+                id: entry.id,
+                took: began.elapsed(),
+            });
+            return None;
+        }
+        Err(error) => error,
+    };
+    let refusal = refused(&error);
+    if refusal {
+        tracing::warn!(
+            message_id = %entry.message.id,
+            %error,
+            "the broker refused a message; it is tried again when its lease ends"
+        );
+        published.refused.push(entry.id);
+    } else {
+        tracing::warn!(message_id = %entry.message.id, %error, "publish failed");
+        published.failed.push(entry.id);
+    }
+    Some(refusal)
 }
 
 /// Whether a publish failed on the message rather than on the transport's

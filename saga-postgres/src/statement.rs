@@ -94,33 +94,36 @@ pub(crate) const INSTANCE_COLUMNS: [&str; 15] = [
     "updated_at",
 ];
 
-/// Whether the saga `saga` (an SQL expression) may have its next message
-/// handed off: its newest earlier one is sent, or among `published` (an
-/// `int8[]` expression: published, waiting to be marked). The predecessor
-/// is looked up by its id: planned as a join, PostgreSQL may scan every
-/// unsent row per saga and test each against `published`.
-pub(crate) fn predecessor_sent(saga: &str, published: &str) -> String {
+/// The saga `saga`'s (an SQL expression) newest message, if it is unsent
+/// and not among `published` (an `int8[]` expression: published, waiting to
+/// be marked): a query of its id, or of none. The predecessor is looked up
+/// by its id: planned as a join, PostgreSQL may scan every unsent row per
+/// saga and test each against `published`.
+fn unsent_predecessor(saga: &str, published: &str) -> String {
     format!(
-        "NOT EXISTS (SELECT 1 FROM saga_outbox o \
+        "SELECT o.id FROM saga_outbox o \
          WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga}) \
-         AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[]))"
+         AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[])"
     )
 }
 
-/// The id of the message the saga `saga`'s new one waits behind, unless
-/// `skip` (it was handed off, or it is no saga's next message): the saga's
-/// previous message, if unsent and not among `published` (as
-/// [`predecessor_sent`] finds it). Read in a statement's final `SELECT`,
-/// which sees the instance as it was before the statement's own update
-/// (one snapshot for all of it), and only for a message not handed off:
-/// rare while a relay takes hand-offs, every such statement without one.
-/// Its confirm wakes this process's relay (`Shared::await_confirm`).
+/// Whether the saga `saga` may have its next message handed off: it has no
+/// [`unsent_predecessor`].
+pub(crate) fn predecessor_sent(saga: &str, published: &str) -> String {
+    format!("NOT EXISTS ({})", unsent_predecessor(saga, published))
+}
+
+/// The id of the message the saga `saga`'s new one waits behind, its
+/// [`unsent_predecessor`], unless `skip` (it was handed off, or it is no
+/// saga's next message). Read in a statement's final `SELECT`, which sees
+/// the instance as it was before the statement's own update (one snapshot
+/// for all of it), and only for a message not handed off: rare while a
+/// relay takes hand-offs, every such statement without one. Its confirm
+/// wakes this process's relay (`Shared::await_confirm`).
 pub(crate) fn awaited_predecessor(skip: &str, saga: &str, published: &str) -> String {
     format!(
-        "CASE WHEN {skip} THEN NULL::int8 \
-         ELSE (SELECT o.id FROM saga_outbox o \
-         WHERE o.id = (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga}) \
-         AND o.sent_at IS NULL AND o.id <> ALL({published}::int8[])) END"
+        "CASE WHEN {skip} THEN NULL::int8 ELSE ({}) END",
+        unsent_predecessor(saga, published)
     )
 }
 

@@ -559,13 +559,16 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
 fn written() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
-        let awaits = awaited_predecessor("f.handed OR f.oid IS NULL OR f.expected IS NULL", "f.id", "$34");
+        let awaits = awaited_predecessor("f.handed OR f.oid IS NULL OR f.expected IS NULL", "f.id", PUBLISHED);
         format!("SELECT f.n, f.oid, f.handed, {awaits} FROM fresh f JOIN written w ON w.n = f.n")
     })
 }
 
 /// The parameters [`ctes`] takes.
 const CTE_PARAMETERS: usize = 34;
+
+/// The last of them: the messages published but not yet marked sent.
+const PUBLISHED: &str = "$34";
 
 /// The shared statement. Parameters are arrays, one element per transition:
 /// the instance's 15 columns and its expected revision (`NULL` to insert);
@@ -575,8 +578,9 @@ const CTE_PARAMETERS: usize = 34;
 /// marked sent, which the hand-off check ([`predecessor_sent`]) counts as sent.
 /// It returns a row per transition written: its position, its outbox row's
 /// id, whether that row was leased for the hand-off, and if it was not
-/// because its saga's previous message was not sent, that message's id. A transition whose
-/// message was consumed before, recorded either way, is left out rather
+/// because its saga's previous message was not sent, that message's id. A
+/// transition whose message was consumed before, recorded either way, is
+/// left out rather
 /// than left to the unique index, whose error would send every transition
 /// of the statement alone. Of two starts of one saga, the first inserts and
 /// the second is not written, for the same reason.
@@ -660,7 +664,7 @@ fn ctes() -> &'static str {
                FROM fresh f JOIN written w ON w.n = f.n WHERE f.oid IS NOT NULL ORDER BY f.n)",
             columns = INSTANCE_COLUMNS.join(", "),
             names = INSTANCE_COLUMNS.join(", "),
-            handoff = predecessor_sent("u.id", "$34"),
+            handoff = predecessor_sent("u.id", PUBLISHED),
             not_in_inbox = not_recorded(Rows::One, "saga_inbox", "u.h_consumer", "u.h_message"),
             not_in_history = not_recorded(Rows::One, "saga_history", "u.h_consumer", "u.h_message"),
         )
