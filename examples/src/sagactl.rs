@@ -7,6 +7,7 @@
 //! sagactl retry <SAGA_ID> | cancel <SAGA_ID> | resume <SAGA_ID>
 //! sagactl dlq list [--queue Q] [--limit 20]
 //! sagactl dlq replay [--queue Q] (<MESSAGE_ID>... | --all)
+//! sagactl outbox [--saga SAGA_ID] [--older-than 1m] [--limit 50]
 //! ```
 //!
 //! The address comes from `--addr` or `SAGA_ADMIN_ADDR` (default
@@ -25,8 +26,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use order_service::admin::proto::saga_admin_client::SagaAdminClient;
 use order_service::admin::proto::{
-    self as admin, GetInstanceRequest, ListDeadLettersRequest, ListInstancesRequest, OperatorActionRequest,
-    ReplayDeadLettersRequest,
+    self as admin, GetInstanceRequest, ListDeadLettersRequest, ListInstancesRequest, ListUnsentMessagesRequest,
+    OperatorActionRequest, ReplayDeadLettersRequest,
 };
 use saga_core::SagaStatus;
 use tonic::metadata::MetadataValue;
@@ -89,6 +90,24 @@ pub enum Command {
     /// Dead letters of the queues the service consumes.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Messages committed but not yet confirmed by the broker, oldest first
+    /// (a message the broker refuses stays here, holding its saga back).
+    Outbox(OutboxArgs),
+}
+
+/// `outbox`'s filters.
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    /// Only this saga's messages.
+    #[arg(long)]
+    pub saga: Option<String>,
+    /// Only messages created at least this long ago (e.g. `1m`): those that
+    /// should have left by now.
+    #[arg(long, value_parser = parse_age)]
+    pub older_than: Option<Duration>,
+    /// At most this many (the service's default: 50; at most 500).
+    #[arg(long)]
+    pub limit: Option<u32>,
 }
 
 /// `list`'s filters.
@@ -329,6 +348,11 @@ pub async fn run(cli: Sagactl, out: &mut (dyn Write + Send)) -> Result<(), Sagac
                 return Err(SagactlError::NotReplayed(left));
             }
         }
+        Command::Outbox(args) => {
+            let request = client.request(outbox_request(args));
+            let response = client.inner.list_unsent_messages(request).await?.into_inner();
+            render::unsent(out, &response.messages, json)?;
+        }
     }
     out.flush()?;
     Ok(())
@@ -344,6 +368,15 @@ pub fn list_request(args: ListArgs) -> ListInstancesRequest {
         stuck_for: args.stuck_for.and_then(|d| d.try_into().ok()),
         limit: args.limit.unwrap_or(0),
         page_token: args.page_token.unwrap_or_default(),
+    }
+}
+
+/// The request `outbox` sends.
+pub fn outbox_request(args: OutboxArgs) -> ListUnsentMessagesRequest {
+    ListUnsentMessagesRequest {
+        saga_id: args.saga.unwrap_or_default(),
+        older_than: args.older_than.and_then(|d| d.try_into().ok()),
+        limit: args.limit.unwrap_or(0),
     }
 }
 
@@ -419,6 +452,22 @@ mod tests {
     }
 
     #[test]
+    fn outbox_takes_filters() {
+        let cli = parse(&["outbox", "--saga", "s-1", "--older-than", "90s", "--limit", "5"]).expect("valid");
+        let Command::Outbox(args) = cli.command else {
+            panic!("an outbox command")
+        };
+        let request = outbox_request(args);
+        assert_eq!(request.saga_id, "s-1");
+        assert_eq!(request.older_than.map(|d| d.seconds), Some(90));
+        assert_eq!(request.limit, 5);
+        let Command::Outbox(args) = parse(&["outbox"]).expect("valid").command else {
+            panic!("an outbox command")
+        };
+        assert_eq!(outbox_request(args), ListUnsentMessagesRequest::default(), "no filters");
+    }
+
+    #[test]
     fn ages_take_a_unit() {
         assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_age("250ms"), Ok(Duration::from_millis(250)));
@@ -438,6 +487,7 @@ mod tests {
             &["dlq", "replay"],
             &["dlq", "replay", "m-1", "--all"],
             &["dlq"],
+            &["outbox", "--older-than", "soon"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }

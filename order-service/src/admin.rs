@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use saga_core::{
     DeadLetterPage, DeadLetterQueue, Engine, EngineError, InstanceFilter, MessageId, OperatorAction, ReplayReport,
-    ReplaySelection, SagaId, SagaInstance, SagaStatus, StoreError, TransportError,
+    ReplaySelection, SagaId, SagaInstance, SagaStatus, StoreError, TransportError, UnsentFilter,
 };
 use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
@@ -50,6 +50,8 @@ pub const MAX_PAGE: usize = 500;
 pub const DEFAULT_DEAD_LETTERS: usize = 20;
 /// The most dead letters shown per queue.
 pub const MAX_DEAD_LETTERS: usize = 1000;
+/// An instance's unsent messages shown with it.
+pub const UNSENT_OF_INSTANCE: usize = 20;
 
 /// Why an admin call failed. Each variant is one gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -385,9 +387,18 @@ impl AdminGrpc {
     async fn get(&self, request: proto::GetInstanceRequest) -> Result<proto::GetInstanceResponse, AdminError> {
         let ops = &self.operations;
         ops.check_open()?;
-        let id = convert::saga_id(&request.id)?;
+        let id = convert::saga_id("id", &request.id)?;
         let instance = ops.instance(id).await?;
         let history = ops.engine.store().history(id).await?;
+        let unsent = ops
+            .engine
+            .store()
+            .unsent_messages(&UnsentFilter {
+                saga: Some(id),
+                limit: UNSENT_OF_INSTANCE,
+                ..UnsentFilter::default()
+            })
+            .await?;
         let steps = ops
             .engine
             .step_names(&instance.definition, instance.definition_version)
@@ -396,6 +407,37 @@ impl AdminGrpc {
             history: history.iter().map(|t| convert::transition(&steps, t)).collect(),
             instance: Some(convert::instance(&ops.engine, &instance)),
             steps,
+            unsent: unsent.into_iter().map(convert::unsent_message).collect(),
+        })
+    }
+
+    async fn unsent(
+        &self,
+        request: proto::ListUnsentMessagesRequest,
+    ) -> Result<proto::ListUnsentMessagesResponse, AdminError> {
+        let ops = &self.operations;
+        ops.check_open()?;
+        let limit = match request.limit as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => return Err(AdminError::invalid("limit", format!("at most {MAX_PAGE}"))),
+            n => n,
+        };
+        let saga = match request.saga_id.as_str() {
+            "" => None,
+            id => Some(convert::saga_id("saga_id", id)?),
+        };
+        let older_than = request
+            .older_than
+            .map(|d| convert::duration("older_than", d))
+            .transpose()?;
+        let filter = UnsentFilter {
+            saga,
+            created_before: older_than.map(|age| ops.engine.now() - age),
+            limit,
+        };
+        let unsent = ops.engine.store().unsent_messages(&filter).await?;
+        Ok(proto::ListUnsentMessagesResponse {
+            messages: unsent.into_iter().map(convert::unsent_message).collect(),
         })
     }
 
@@ -404,7 +446,7 @@ impl AdminGrpc {
         request: proto::OperatorActionRequest,
         action: OperatorAction,
     ) -> Result<proto::OperatorActionResponse, AdminError> {
-        let id = convert::saga_id(&request.id)?;
+        let id = convert::saga_id("id", &request.id)?;
         let instance = self.operations.act(id, action).await?;
         Ok(proto::OperatorActionResponse {
             instance: Some(convert::instance(&self.operations.engine, &instance)),
@@ -516,6 +558,13 @@ impl SagaAdmin for AdminGrpc {
         request: Request<proto::ReplayDeadLettersRequest>,
     ) -> Result<Response<proto::ReplayDeadLettersResponse>, Status> {
         Ok(Response::new(self.replay(request.into_inner()).await?))
+    }
+
+    async fn list_unsent_messages(
+        &self,
+        request: Request<proto::ListUnsentMessagesRequest>,
+    ) -> Result<Response<proto::ListUnsentMessagesResponse>, Status> {
+        Ok(Response::new(self.unsent(request.into_inner()).await?))
     }
 }
 

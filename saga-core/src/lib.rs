@@ -41,7 +41,7 @@ pub use relay::{Relay, RelayConfig, RelayRound};
 pub use signal::cancel_on_signal;
 pub use store::{
     DeadlineStore, DueDeadline, InstanceCursor, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore,
-    SagaStore, Store, StoreError, Transaction,
+    SagaStore, Store, StoreError, Transaction, UnsentFilter, UnsentMessage,
 };
 pub use summary::{MINUTE, MinuteOutcomes, Summary, SummaryQuery, UNFINISHED};
 pub use transport::{

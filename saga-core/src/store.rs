@@ -280,6 +280,44 @@ impl InstanceCursor {
     }
 }
 
+/// Which unsent outbox messages to list. Conditions combine with AND.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnsentFilter {
+    /// Only this saga's messages.
+    pub saga: Option<SagaId>,
+    /// Only messages created at or before this time (a message's
+    /// [`Message::timestamp`]): the ones that should have left by now.
+    pub created_before: Option<Timestamp>,
+    /// At most this many (oldest first); 0 means the backend's default of 100.
+    pub limit: usize,
+}
+
+impl UnsentFilter {
+    /// The limit a backend applies: `limit`, or 100 when it is 0.
+    pub fn effective_limit(&self) -> usize {
+        if self.limit == 0 { 100 } else { self.limit }
+    }
+
+    /// Whether `message`, of the saga `saga` (if any), passes every
+    /// condition (a reference for backends).
+    pub fn matches(&self, saga: Option<SagaId>, message: &Message) -> bool {
+        self.saga.is_none_or(|wanted| saga == Some(wanted))
+            && self.created_before.is_none_or(|t| message.timestamp <= t)
+    }
+}
+
+/// A message the outbox still holds: committed, not yet confirmed by the
+/// broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsentMessage {
+    /// The message and its position.
+    pub entry: OutboxEntry,
+    /// Until when a relay holds it (`None`: never claimed, or given back).
+    /// A time in the past means the relay that held it let it go without
+    /// a confirm; a message the broker refuses is held a lease at a time.
+    pub claimed_until: Option<Timestamp>,
+}
+
 /// Reading instances and their history, for operators.
 #[async_trait]
 pub trait QueryStore: Send + Sync {
@@ -297,6 +335,11 @@ pub trait QueryStore: Send + Sync {
     /// finished instances through their history, as the engine writes it: an
     /// instance finishes with the transition that recorded its final status.
     async fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError>;
+
+    /// Messages matching `filter` that are not yet marked sent, oldest
+    /// (lowest [`OutboxId`]) first: what an operator looks at when the
+    /// outbox does not drain. Looking claims nothing.
+    async fn unsent_messages(&self, filter: &UnsentFilter) -> Result<Vec<UnsentMessage>, StoreError>;
 }
 
 /// Everything the engine and relay need from a backend.

@@ -914,6 +914,13 @@ impl QueryStore for CountingReads {
     async fn summary(&self, query: &saga_core::SummaryQuery) -> Result<saga_core::Summary, saga_core::StoreError> {
         self.store.summary(query).await
     }
+
+    async fn unsent_messages(
+        &self,
+        filter: &saga_core::UnsentFilter,
+    ) -> Result<Vec<saga_core::UnsentMessage>, saga_core::StoreError> {
+        self.store.unsent_messages(filter).await
+    }
 }
 
 /// An engine (a replica) over `store`, keeping `cached` instances.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use saga_core::{
     Cause, Message, MessageId, OutboxEntry, Position, SagaId, SagaInstance, SagaStatus, StoreError, Timestamp,
-    Transition,
+    Transition, UnsentMessage,
 };
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -105,5 +105,13 @@ pub(crate) fn outbox_entry(row: &PgRow) -> Result<OutboxEntry, StoreError> {
             headers,
             payload: get(row, "payload")?,
         },
+    })
+}
+
+/// A `saga_outbox` row with its lease in milliseconds (`claimed_until`).
+pub(crate) fn unsent_message(row: &PgRow) -> Result<UnsentMessage, StoreError> {
+    Ok(UnsentMessage {
+        entry: outbox_entry(row)?,
+        claimed_until: get::<Option<i64>>(row, "claimed_until")?.map(Timestamp::from_millis),
     })
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use saga_core::{
     CancellationToken, DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore,
     SagaId, SagaInstance, SagaStore, StoreError, Summary, SummaryQuery, Timestamp, Transaction, Transition,
+    UnsentFilter, UnsentMessage,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -861,6 +862,22 @@ impl QueryStore for PostgresStore {
     }
     async fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
         self.summarize(query).await
+    }
+
+    async fn unsent_messages(&self, filter: &UnsentFilter) -> Result<Vec<UnsentMessage>, StoreError> {
+        // Along the unsent-rows index, in id order; an unreadable row is
+        // reported as corrupt, naming it, since it is what an operator
+        // looking here is after.
+        let rows = sqlx::query(
+            "SELECT id, saga_id, message_id, kind, destination, correlation_id, created_at, headers, payload,                     (extract(epoch FROM claimed_until) * 1000)::int8 AS claimed_until              FROM saga_outbox              WHERE sent_at IS NULL                AND ($1::uuid IS NULL OR saga_id = $1)                AND ($2::bigint IS NULL OR created_at <= $2)              ORDER BY id LIMIT $3",
+        )
+        .bind(filter.saga.map(|s| *s.as_uuid()))
+        .bind(filter.created_before.map(|t| t.as_millis()))
+        .bind(db_limit(filter.effective_limit()))
+        .fetch_all(self.shared.connections.pool())
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(row::unsent_message).collect()
     }
 }
 

@@ -249,7 +249,12 @@ pub(super) fn instance_with_history(
             .collect();
         return write_json(
             out,
-            &json!({"instance": instance_json(instance), "steps": response.steps, "history": history}),
+            &json!({
+                "instance": instance_json(instance),
+                "steps": response.steps,
+                "history": history,
+                "unsent": response.unsent.iter().map(unsent_json).collect::<Vec<_>>(),
+            }),
         );
     }
     let fields = [
@@ -303,7 +308,74 @@ pub(super) fn instance_with_history(
         out,
         "{}",
         table(&["REV", "AT", "CAUSE", "BEFORE → AFTER", "EMITTED", "NOTE"], &rows)
+    )?;
+    if !response.unsent.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "not yet confirmed by the broker")?;
+        write!(out, "{}", unsent_table(&response.unsent))?;
+    }
+    Ok(())
+}
+
+/// `outbox`.
+pub(super) fn unsent(out: &mut (dyn Write + Send), messages: &[admin::UnsentMessage], json: bool) -> io::Result<()> {
+    if json {
+        return write_json(
+            out,
+            &json!({"messages": messages.iter().map(unsent_json).collect::<Vec<_>>()}),
+        );
+    }
+    if messages.is_empty() {
+        return writeln!(out, "the outbox holds no unsent message (matching the filters)");
+    }
+    write!(out, "{}", unsent_table(messages))
+}
+
+fn unsent_table(messages: &[admin::UnsentMessage]) -> String {
+    let rows: Vec<Vec<String>> = messages
+        .iter()
+        .map(|m| {
+            vec![
+                m.outbox_id.to_string(),
+                or_dash(&m.saga_id),
+                m.message_id.clone(),
+                or_dash(&m.r#type),
+                or_dash(&m.destination),
+                time(m.timestamp.as_ref()),
+                time(m.claimed_until.as_ref()),
+                short(&m.body_preview, 60),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "OUTBOX ID",
+            "SAGA",
+            "MESSAGE ID",
+            "TYPE",
+            "DESTINATION",
+            "CREATED",
+            "CLAIMED UNTIL",
+            "BODY",
+        ],
+        &rows,
     )
+}
+
+fn unsent_json(m: &admin::UnsentMessage) -> Value {
+    json!({
+        "outbox_id": m.outbox_id,
+        "saga_id": m.saga_id,
+        "message_id": m.message_id,
+        "type": m.r#type,
+        "destination": m.destination,
+        "correlation_id": m.correlation_id,
+        "timestamp": time(m.timestamp.as_ref()),
+        "claimed_until": m.claimed_until.as_ref().map(|at| time(Some(at))),
+        "headers": m.headers,
+        "body_preview": m.body_preview,
+        "body_size": m.body_size,
+    })
 }
 
 /// `retry`, `cancel`, `resume`: what the instance is now.

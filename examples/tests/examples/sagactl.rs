@@ -1,7 +1,8 @@
 //! `sagactl` against the order service running in this process: embedded
 //! mode (listing, showing, refusals, JSON, the built binary), and production
 //! mode on PostgreSQL + RabbitMQ (a stuck order retried and cancelled, dead
-//! letters listed and replayed).
+//! letters listed and replayed, a message the broker refuses found in the
+//! outbox).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -144,6 +145,33 @@ async fn strand(database_url: &str, order_id: &str) {
     pool.close().await;
 }
 
+/// Binds the inventory's queue to the orders exchange (`bound`), or unbinds it.
+async fn bind_orders_queue(env: &TestEnv, bound: bool) {
+    let conn = saga_amqp::lapin::Connection::connect(&rabbitmq_url(), Default::default())
+        .await
+        .expect("RabbitMQ connects");
+    let channel = conn.create_channel().await.expect("a channel");
+    let (queue, exchange) = (env.names.orders_queue.as_str(), env.wire.orders_exchange.as_str());
+    if bound {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                "".into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("bound");
+    } else {
+        channel
+            .queue_unbind(queue.into(), exchange.into(), "".into(), Default::default())
+            .await
+            .expect("unbound");
+    }
+    let _ = conn.close(0, "done".into()).await;
+}
+
 fn refused_with(error: &SagactlError, expected: tonic::Code) -> bool {
     matches!(error, SagactlError::Refused { code, .. } if *code == expected)
 }
@@ -216,6 +244,11 @@ async fn list_show_and_refusals_against_an_embedded_service() {
         dead.contains("order_service_stock_update_queue.dlq: 0 message(s)"),
         "embedded mode reads its in-process queues:\n{dead}"
     );
+    eventually("the outbox drained", || async {
+        let unsent = service.sagactl(&["outbox"]).await.expect("outbox");
+        unsent.contains("the outbox holds no unsent message").then_some(())
+    })
+    .await;
 
     let wrong = sagactl(&service.addr, Some("wrong"), &["list"])
         .await
@@ -381,6 +414,48 @@ async fn a_stuck_order_is_retried_and_cancelled_and_dead_letters_replayed() {
         .await
         .expect_err("nothing to replay");
     assert!(matches!(missing, SagactlError::NotReplayed(1)), "{missing}");
+
+    // With no queue bound to take it, the broker returns an OrderCreated:
+    // it waits in the outbox, and `outbox` and `show` say so.
+    bind_orders_queue(&env, false).await;
+    let unroutable = service.place_order("p3").await;
+    let unsent = eventually("the refused OrderCreated in the outbox", || async {
+        let listed = service
+            .sagactl(&["outbox", "--saga", &unroutable.id])
+            .await
+            .expect("outbox");
+        listed.contains("OrderCreated").then_some(listed)
+    })
+    .await;
+    let header = unsent.lines().next().expect("a header");
+    assert!(
+        header.starts_with("OUTBOX ID") && header.contains("CLAIMED UNTIL"),
+        "{unsent}"
+    );
+    assert!(
+        unsent.contains(&env.wire.orders_exchange) && unsent.contains(&unroutable.id),
+        "its destination and saga: {unsent}"
+    );
+    let shown = service.sagactl(&["show", &unroutable.id]).await.expect("show");
+    assert!(
+        shown.contains("not yet confirmed by the broker") && shown.contains("OrderCreated"),
+        "{shown}"
+    );
+    let json: Value =
+        serde_json::from_str(&service.sagactl(&["--json", "outbox"]).await.expect("outbox")).expect("JSON output");
+    assert_eq!(json["messages"][0]["saga_id"], unroutable.id.as_str(), "{json}");
+    assert_eq!(json["messages"][0]["type"], "OrderCreated");
+    let old = service
+        .sagactl(&["outbox", "--older-than", "1h"])
+        .await
+        .expect("outbox");
+    assert!(old.contains("holds no unsent message"), "none an hour old: {old}");
+    bind_orders_queue(&env, true).await;
+    eventually("the OrderCreated gone once routable", || async {
+        let listed = service.sagactl(&["outbox"]).await.expect("outbox");
+        listed.contains("holds no unsent message").then_some(())
+    })
+    .await;
 
     service.stop().await;
     broker.close().await;

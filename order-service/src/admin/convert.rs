@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use saga_core::{
-    Cause, DeadLetterPage, Engine, InstanceCursor, Position, ReplayReport, SagaId, SagaInstance, SagaStatus, Timestamp,
-    Transition,
+    Cause, DeadLetterPage, Engine, InstanceCursor, OutboxEntry, Position, ReplayReport, SagaId, SagaInstance,
+    SagaStatus, Timestamp, Transition, UnsentMessage,
 };
 
 use super::AdminError;
 use super::proto;
 
-/// How much of a dead letter's body is shown.
+/// How much of a message's body is shown (dead letters, unsent messages).
 pub(super) const BODY_PREVIEW_BYTES: usize = 512;
 
 pub(super) fn status_from_proto(value: i32) -> Result<SagaStatus, AdminError> {
@@ -44,14 +44,15 @@ pub(super) fn duration(field: &'static str, value: prost_types::Duration) -> Res
     Duration::try_from(value).map_err(|_| AdminError::invalid(field, "must be a duration of at least 0"))
 }
 
-pub(super) fn saga_id(value: &str) -> Result<SagaId, AdminError> {
+/// A saga id given in `field`.
+pub(super) fn saga_id(field: &'static str, value: &str) -> Result<SagaId, AdminError> {
     if value.trim().is_empty() {
-        return Err(AdminError::invalid("id", "is required (a saga id, a UUID)"));
+        return Err(AdminError::invalid(field, "is required (a saga id, a UUID)"));
     }
     value
         .trim()
         .parse()
-        .map_err(|_| AdminError::invalid("id", format!("`{value}` is not a saga id (a UUID)")))
+        .map_err(|_| AdminError::invalid(field, format!("`{value}` is not a saga id (a UUID)")))
 }
 
 /// The token of the page after `last`: `<updated_at ms>.<id>`.
@@ -165,7 +166,6 @@ pub(super) fn dead_letter_queue(queue: String, page: DeadLetterPage) -> proto::D
             .into_iter()
             .map(|letter| {
                 let message = letter.message;
-                let preview = &message.payload[..message.payload.len().min(BODY_PREVIEW_BYTES)];
                 let (original_exchange, original_routing_key) = letter
                     .origin
                     .as_ref()
@@ -182,12 +182,37 @@ pub(super) fn dead_letter_queue(queue: String, page: DeadLetterPage) -> proto::D
                     correlation_id: message.correlation_id.unwrap_or_default(),
                     timestamp: Some(timestamp(message.timestamp)),
                     headers: message.headers.into_iter().collect::<HashMap<_, _>>(),
-                    body_preview: String::from_utf8_lossy(preview).into_owned(),
+                    body_preview: body_preview(&message.payload),
                     body_size: message.payload.len() as u64,
                 }
             })
             .collect(),
     }
+}
+
+pub(super) fn unsent_message(unsent: UnsentMessage) -> proto::UnsentMessage {
+    let UnsentMessage {
+        entry: OutboxEntry { id, saga, message },
+        claimed_until,
+    } = unsent;
+    proto::UnsentMessage {
+        outbox_id: id,
+        saga_id: saga.map(|s| s.to_string()).unwrap_or_default(),
+        message_id: message.id.to_string(),
+        r#type: message.kind,
+        destination: message.destination,
+        correlation_id: message.correlation_id.unwrap_or_default(),
+        timestamp: Some(timestamp(message.timestamp)),
+        claimed_until: claimed_until.map(timestamp),
+        headers: message.headers.into_iter().collect::<HashMap<_, _>>(),
+        body_preview: body_preview(&message.payload),
+        body_size: message.payload.len() as u64,
+    }
+}
+
+/// The first [`BODY_PREVIEW_BYTES`] of a body, as text.
+fn body_preview(payload: &[u8]) -> String {
+    String::from_utf8_lossy(&payload[..payload.len().min(BODY_PREVIEW_BYTES)]).into_owned()
 }
 
 pub(super) fn replay_report(report: ReplayReport) -> proto::ReplayDeadLettersResponse {
@@ -259,9 +284,15 @@ mod tests {
 
     #[test]
     fn ids_and_durations_are_checked() {
-        assert!(saga_id("").expect_err("empty").to_string().starts_with("id: "));
-        assert!(saga_id("nope").expect_err("junk").to_string().starts_with("id: "));
-        assert!(saga_id(&SagaId::new().to_string()).is_ok());
+        assert!(saga_id("id", "").expect_err("empty").to_string().starts_with("id: "));
+        assert!(saga_id("id", "nope").expect_err("junk").to_string().starts_with("id: "));
+        assert!(
+            saga_id("saga_id", "nope")
+                .expect_err("junk")
+                .to_string()
+                .starts_with("saga_id: ")
+        );
+        assert!(saga_id("saga_id", &SagaId::new().to_string()).is_ok());
         let negative = prost_types::Duration { seconds: -5, nanos: 0 };
         assert!(
             duration("stuck_for", negative)

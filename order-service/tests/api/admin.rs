@@ -1,7 +1,8 @@
 //! The admin API (`saga.admin.v1.SagaAdmin`) over real gRPC: the bearer
 //! token, listing and reading instances with their history, retry / cancel
-//! / resume recorded in the history, stuck instances, and dead letters
-//! listed and replayed — in embedded mode and on PostgreSQL + RabbitMQ.
+//! / resume recorded in the history, stuck instances, dead letters listed
+//! and replayed, and messages the broker refuses found in the outbox — in
+//! embedded mode and on PostgreSQL + RabbitMQ.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use order_service::Config;
 use order_service::admin::proto::saga_admin_client::SagaAdminClient;
 use order_service::admin::proto::{
     self as admin, GetInstanceRequest, GetInstanceResponse, ListDeadLettersRequest, ListInstancesRequest,
-    OperatorActionRequest, ReplayDeadLettersRequest, SagaStatus,
+    ListUnsentMessagesRequest, OperatorActionRequest, ReplayDeadLettersRequest, SagaStatus,
 };
 use order_service::config::{AdminToken, ListenAddr};
 use order_service::domain::{IdempotencyKey, OrderId, UserId};
@@ -105,6 +106,11 @@ impl Admin {
             .await?
             .into_inner()
             .queues)
+    }
+
+    async fn unsent(&self, request: ListUnsentMessagesRequest) -> Result<Vec<admin::UnsentMessage>, Status> {
+        let response = self.client.clone().list_unsent_messages(self.request(request)).await?;
+        Ok(response.into_inner().messages)
     }
 
     async fn replay(&self, request: ReplayDeadLettersRequest) -> Result<admin::ReplayDeadLettersResponse, Status> {
@@ -355,6 +361,31 @@ async fn bad_requests_name_the_field_and_actions_must_apply() {
         })
         .await,
         "stuck_for",
+    );
+    let unsent = |request: ListUnsentMessagesRequest| admin.unsent(request);
+    invalid(
+        unsent(ListUnsentMessagesRequest {
+            saga_id: "not-a-uuid".into(),
+            ..ListUnsentMessagesRequest::default()
+        })
+        .await,
+        "saga_id",
+    );
+    invalid(
+        unsent(ListUnsentMessagesRequest {
+            limit: 501,
+            ..ListUnsentMessagesRequest::default()
+        })
+        .await,
+        "limit",
+    );
+    invalid(
+        unsent(ListUnsentMessagesRequest {
+            older_than: Some(prost_types_duration(-1)),
+            ..ListUnsentMessagesRequest::default()
+        })
+        .await,
+        "older_than",
     );
     invalid(admin.replay(ReplayDeadLettersRequest::default()).await, "message_ids");
     invalid(
@@ -692,6 +723,99 @@ async fn dead_letters_are_listed_and_replayed_to_their_exchange() {
     let queues = admin.dead_letters().await.expect("listed");
     let left: Vec<&str> = queues[0].messages.iter().map(|m| m.message_id.as_str()).collect();
     assert_eq!(left, [poison.as_str()]);
+
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_can() {
+    let mut platform = Platform::new().await;
+    platform.start_stock(Stock::Silent);
+    let app = spawn_admin_service(&platform).await;
+    let admin = Admin::new(&app, Some(TOKEN));
+
+    // With no queue bound to the orders exchange, the broker returns the
+    // `mandatory` OrderCreated: the relay keeps it, leased, a lease at a time.
+    platform.bind_stock_queue(false).await;
+    let order = app
+        .place_order("alice", vec![item("apple", 1, 2.0)])
+        .await
+        .expect("placed");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let refused = loop {
+        let listed = admin
+            .unsent(ListUnsentMessagesRequest::default())
+            .await
+            .expect("listed");
+        // Leased once the relay took it; the refusal keeps the lease.
+        if let [only] = &listed[..]
+            && only.claimed_until.is_some()
+        {
+            break only.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused OrderCreated is not listed as unsent and leased: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.saga_id, order.id, "the saga that sent it");
+    assert_eq!(refused.r#type, "OrderCreated");
+    assert_eq!(refused.destination, platform.names.orders_exchange);
+    assert!(refused.body_preview.contains(&order.id), "{}", refused.body_preview);
+    assert_eq!(
+        refused.body_size,
+        refused.body_preview.len() as u64,
+        "a short body is shown whole"
+    );
+    assert!(refused.timestamp.is_some() && refused.outbox_id > 0);
+
+    let shown = admin.get(&order.id).await.expect("shown");
+    assert_eq!(
+        shown.unsent.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
+        [refused.message_id.as_str()],
+        "the instance shows what it sent and the broker has not taken"
+    );
+    let of_another = admin
+        .unsent(ListUnsentMessagesRequest {
+            saga_id: SagaId::new().to_string(),
+            ..ListUnsentMessagesRequest::default()
+        })
+        .await
+        .expect("listed");
+    assert!(of_another.is_empty(), "only the saga asked for: {of_another:?}");
+    let an_hour_old = admin
+        .unsent(ListUnsentMessagesRequest {
+            older_than: Some(prost_types_duration(3600)),
+            ..ListUnsentMessagesRequest::default()
+        })
+        .await
+        .expect("listed");
+    assert!(an_hour_old.is_empty(), "not an hour old: {an_hour_old:?}");
+    assert_eq!(
+        platform.queue_depth(&platform.stock_queue).await,
+        0,
+        "nothing was routed"
+    );
+
+    // Mended: it goes when its lease ends, and leaves the outbox.
+    platform.bind_stock_queue(true).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !admin
+        .unsent(ListUnsentMessagesRequest::default())
+        .await
+        .expect("listed")
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message did not leave the outbox once it could be routed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_depth(&platform, 1, "the OrderCreated once routable").await;
+    assert!(admin.get(&order.id).await.expect("shown").unsent.is_empty());
 
     app.stop().await.expect("a clean stop");
     platform.clean_up().await;

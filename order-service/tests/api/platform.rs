@@ -281,6 +281,34 @@ impl Platform {
             .await;
     }
 
+    /// Binds the test stock queue to the orders exchange (`bound`), or
+    /// unbinds it: then no queue takes an OrderCreated.
+    pub async fn bind_stock_queue(&self, bound: bool) {
+        let conn = saga_amqp::lapin::Connection::connect(&rabbitmq_url(), Default::default())
+            .await
+            .expect("RabbitMQ connects");
+        let channel = conn.create_channel().await.expect("a channel");
+        let (queue, exchange) = (self.stock_queue.as_str(), self.names.orders_exchange.as_str());
+        if bound {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    "".into(),
+                    Default::default(),
+                    Default::default(),
+                )
+                .await
+                .expect("the stock queue is bound");
+        } else {
+            channel
+                .queue_unbind(queue.into(), exchange.into(), "".into(), Default::default())
+                .await
+                .expect("the stock queue is unbound");
+        }
+        let _ = conn.close(0, "done".into()).await;
+    }
+
     /// Ready messages in `queue` (0 if it does not exist).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let conn = saga_amqp::lapin::Connection::connect(&rabbitmq_url(), Default::default())

@@ -12,7 +12,7 @@ use crate::instance::{Cause, SagaInstance, Transition};
 use crate::message::Message;
 use crate::store::{
     DeadlineStore, DueDeadline, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore, SagaStore, StoreError,
-    Transaction,
+    Transaction, UnsentFilter, UnsentMessage,
 };
 use crate::summary::{Summary, SummaryQuery};
 
@@ -438,5 +438,24 @@ impl QueryStore for InMemoryStore {
         let state = self.lock();
         let history = state.history.values().flatten();
         Ok(Summary::compute(state.instances.values(), history, query))
+    }
+
+    async fn unsent_messages(&self, filter: &UnsentFilter) -> Result<Vec<UnsentMessage>, StoreError> {
+        // Sent messages leave the map, so every queued one is unsent.
+        let state = self.lock();
+        Ok(state
+            .outbox
+            .iter()
+            .filter(|(_, queued)| filter.matches(queued.saga, &queued.message))
+            .take(filter.effective_limit())
+            .map(|(id, queued)| UnsentMessage {
+                entry: OutboxEntry {
+                    id: *id,
+                    saga: queued.saga,
+                    message: queued.message.clone(),
+                },
+                claimed_until: queued.claimed_until,
+            })
+            .collect())
     }
 }

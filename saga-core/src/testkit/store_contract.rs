@@ -9,7 +9,7 @@ use crate::clock::Timestamp;
 use crate::id::{MessageId, SagaId};
 use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
 use crate::message::Message;
-use crate::store::{InstanceCursor, InstanceFilter, Store, StoreError};
+use crate::store::{InstanceCursor, InstanceFilter, Store, StoreError, UnsentFilter};
 use crate::summary::{MinuteOutcomes, SummaryQuery};
 
 /// Runs every case, each on a fresh store from `fresh`.
@@ -28,6 +28,7 @@ where
     concurrent_updates_apply_once(fresh().await).await;
     outbox_keeps_order_and_fields(fresh().await).await;
     outbox_claims_are_exclusive_until_released_or_expired(fresh().await).await;
+    unsent_messages_are_listed_oldest_first(fresh().await).await;
     deadlines_come_due_in_order(fresh().await).await;
     history_and_listing(fresh().await).await;
     listing_finds_stuck_and_old_instances_and_pages(fresh().await).await;
@@ -389,6 +390,106 @@ pub async fn outbox_claims_are_exclusive_until_released_or_expired(store: Arc<dy
         vec![first[1].id],
         "an expired lease frees the message"
     );
+}
+
+/// The operator's view of the outbox: every message not marked sent,
+/// oldest first, whole, with its lease; filtered by saga and age, bounded by
+/// the limit; looking claims nothing.
+pub async fn unsent_messages_are_listed_oldest_first(store: Arc<dyn Store>) {
+    let (saga, other) = (SagaId::new(), SagaId::new());
+    let old = Timestamp::now() - Duration::from_secs(3600);
+    // Kind2 (another saga's) and Kind0 were created an hour ago.
+    let messages: Vec<Message> = (0..5u8)
+        .map(|i| {
+            let message = Message::new(format!("Kind{i}"), "dest", vec![b'0' + i]).with_header("n", i.to_string());
+            match i {
+                0 | 2 => Message {
+                    timestamp: old,
+                    ..message
+                },
+                _ => message,
+            }
+        })
+        .collect();
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.enqueue(Some(saga), &messages[..2]).await, "enqueue");
+    must(tx.enqueue(Some(other), &messages[2..3]).await, "enqueue");
+    must(tx.enqueue(None, &messages[3..]).await, "enqueue");
+    must(tx.commit().await, "commit");
+
+    let all = must(store.unsent_messages(&UnsentFilter::default()).await, "unsent");
+    let kinds = |listed: &[crate::store::UnsentMessage]| {
+        listed.iter().map(|u| u.entry.message.kind.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        kinds(&all),
+        ["Kind0", "Kind1", "Kind2", "Kind3", "Kind4"],
+        "oldest first"
+    );
+    assert!(all.windows(2).all(|w| w[0].entry.id < w[1].entry.id), "in outbox order");
+    assert_eq!(
+        all.iter().map(|u| u.entry.saga).collect::<Vec<_>>(),
+        [Some(saga), Some(saga), Some(other), None, None],
+        "each message's saga, or none"
+    );
+    assert_eq!(
+        all.iter().map(|u| &u.entry.message).collect::<Vec<_>>(),
+        messages.iter().collect::<Vec<_>>(),
+        "messages come back whole"
+    );
+    assert!(all.iter().all(|u| u.claimed_until.is_none()), "nothing is claimed yet");
+
+    // Claimed: the lease shows; looking took nothing from the claim.
+    let claimed = must(store.claim(2, Duration::from_secs(600)).await, "claim");
+    assert_eq!(
+        claimed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![all[0].entry.id, all[1].entry.id],
+        "listing claims nothing: the claim takes the two oldest"
+    );
+    must(store.mark_sent(&[claimed[0].id]).await, "mark_sent");
+    let listed = must(store.unsent_messages(&UnsentFilter::default()).await, "unsent");
+    assert_eq!(
+        kinds(&listed),
+        ["Kind1", "Kind2", "Kind3", "Kind4"],
+        "a sent message is gone"
+    );
+    let leased = listed[0].claimed_until.expect("a claimed message shows its lease");
+    assert!(
+        leased > Timestamp::now() + Duration::from_secs(300),
+        "the lease runs out about 600 s from now, found {leased:?}"
+    );
+    assert!(listed[1].claimed_until.is_none(), "an unclaimed message has no lease");
+
+    let of_saga = must(
+        store
+            .unsent_messages(&UnsentFilter {
+                saga: Some(saga),
+                ..UnsentFilter::default()
+            })
+            .await,
+        "unsent",
+    );
+    assert_eq!(kinds(&of_saga), ["Kind1"], "only the saga's own");
+    let old_ones = must(
+        store
+            .unsent_messages(&UnsentFilter {
+                created_before: Some(old + Duration::from_secs(60)),
+                ..UnsentFilter::default()
+            })
+            .await,
+        "unsent",
+    );
+    assert_eq!(kinds(&old_ones), ["Kind2"], "only those created before the time");
+    let first_two = must(
+        store
+            .unsent_messages(&UnsentFilter {
+                limit: 2,
+                ..UnsentFilter::default()
+            })
+            .await,
+        "unsent",
+    );
+    assert_eq!(kinds(&first_two), ["Kind1", "Kind2"], "at most the limit, oldest first");
 }
 
 /// Due deadlines come earliest first, follow updates, and respect the limit.
