@@ -798,6 +798,13 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         0,
         "nothing was routed"
     );
+    let (_, metrics) = app.http_get("/metrics").await;
+    let refusals: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("saga_outbox_refused_total "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("/metrics counts refusals:\n{metrics}"));
+    assert!(refusals >= 1, "the refusal is counted: {refusals}");
 
     // Mended: it goes when its lease ends, and leaves the outbox.
     platform.bind_stock_queue(true).await;
