@@ -35,9 +35,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use saga_core::{
     Engine, InstanceFilter, MINUTE, MinuteOutcomes, SagaId, SagaInstance, SagaStatus, StoreError, SummaryQuery,
+    UnsentFilter,
 };
 use serde::Deserialize;
 
+use crate::admin::UNSENT_OF_INSTANCE;
 use crate::config::AdminToken;
 use crate::saga::ORDER_SAGA;
 use auth::Access;
@@ -237,6 +239,13 @@ async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Res
     let store = engine.store();
     let instance = store.load(id).await?.ok_or(DashboardError::NotFound(id))?;
     let history = store.history(id).await?;
+    let unsent = store
+        .unsent_messages(&UnsentFilter {
+            saga: Some(id),
+            limit: UNSENT_OF_INSTANCE,
+            ..UnsentFilter::default()
+        })
+        .await?;
     let view = instance::InstanceView {
         now: engine.now(),
         mermaid: engine.mermaid(&instance.definition, instance.definition_version),
@@ -246,6 +255,7 @@ async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Res
             .unwrap_or_default(),
         instance: &instance,
         history: &history,
+        unsent: &unsent,
     };
     Ok(Html(instance::render(&view)))
 }

@@ -1,9 +1,10 @@
 //! The page of one saga instance: its fields, its data, its definition as a
-//! diagram with the current step highlighted, and its history.
+//! diagram with the current step highlighted, its history, and its messages
+//! the broker has not confirmed yet.
 
 use std::fmt::Write;
 
-use saga_core::{Cause, Position, SagaInstance, Timestamp, Transition};
+use saga_core::{Cause, Position, SagaInstance, Timestamp, Transition, UnsentMessage};
 
 use super::diagram;
 use super::html::{esc, page, status_badge, time, time_ago};
@@ -23,6 +24,8 @@ pub struct InstanceView<'a> {
     pub steps: Vec<String>,
     /// Where it stands, in words.
     pub step_label: String,
+    /// Its messages in the outbox, not yet confirmed by the broker, oldest first.
+    pub unsent: &'a [UnsentMessage],
 }
 
 /// The whole page.
@@ -105,6 +108,9 @@ pub fn render(view: &InstanceView<'_>) -> String {
         timeline_entry(&mut body, transition, &view.steps);
     }
     body.push_str("</ol></section>");
+    if !view.unsent.is_empty() {
+        unsent_section(&mut body, view.unsent, view.now);
+    }
 
     body.push_str("<section><h2>Definition</h2>");
     match &view.mermaid {
@@ -177,6 +183,37 @@ fn timeline_entry(body: &mut String, transition: &Transition, steps: &[String]) 
     body.push_str("</li>");
 }
 
+/// Messages still in the outbox: normal for a moment; for longer, the
+/// broker is away or refuses them (see the operations guide).
+fn unsent_section(body: &mut String, unsent: &[UnsentMessage], now: Timestamp) {
+    let _ = write!(
+        body,
+        "<section><h2>Not yet confirmed by the broker</h2><p class=\"muted\">{} message(s) in the outbox, oldest \
+         first. A message still here after a minute is held back: the broker is away, or refuses it (the log \
+         says why), and the saga's later messages wait behind it.</p><table id=\"unsent\"><thead><tr>\
+         <th>Outbox id</th><th>Type</th><th>Message id</th><th>Destination</th><th>Created</th>\
+         <th>Claimed until</th></tr></thead><tbody>",
+        unsent.len()
+    );
+    for message in unsent {
+        let entry = &message.entry;
+        let _ = write!(
+            body,
+            "<tr><td class=\"mono\">{outbox}</td><td><span class=\"message\">{kind}</span></td>\
+             <td class=\"mono\">{id}</td><td class=\"mono\">{destination}</td><td>{created}</td><td>{claimed}</td></tr>",
+            outbox = entry.id,
+            kind = esc(&entry.message.kind),
+            id = esc(entry.message.id.as_str()),
+            destination = esc(&entry.message.destination),
+            created = time_ago(entry.message.timestamp, now),
+            claimed = message
+                .claimed_until
+                .map_or_else(|| "<span class=\"muted\">not claimed</span>".to_owned(), time),
+        );
+    }
+    body.push_str("</tbody></table></section>");
+}
+
 fn cause(cause: &Cause) -> String {
     match cause {
         Cause::Started => "started".to_owned(),
@@ -200,6 +237,46 @@ fn pretty_json(data: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view<'a>(instance: &'a SagaInstance, unsent: &'a [UnsentMessage]) -> InstanceView<'a> {
+        InstanceView {
+            now: instance.updated_at,
+            instance,
+            history: &[],
+            mermaid: None,
+            steps: Vec::new(),
+            step_label: String::new(),
+            unsent,
+        }
+    }
+
+    #[test]
+    fn messages_the_broker_has_not_confirmed_are_listed_escaped() {
+        let instance = saga_core::testkit::store_contract::sample_instance("orders", None);
+        let message = saga_core::Message::new("Order<Created>", "orders_exchange", b"{}".to_vec());
+        let unsent = [UnsentMessage {
+            entry: saga_core::OutboxEntry {
+                id: 4711,
+                saga: Some(instance.id),
+                message: message.clone(),
+            },
+            claimed_until: Some(instance.updated_at),
+        }];
+        let page = render(&view(&instance, &unsent));
+        assert!(page.contains("<table id=\"unsent\">"), "{page}");
+        for expected in [
+            "1 message(s) in the outbox",
+            "<td class=\"mono\">4711</td>",
+            "Order&lt;Created&gt;",
+            message.id.as_str(),
+            "orders_exchange",
+            &time(instance.updated_at),
+        ] {
+            assert!(page.contains(expected), "`{expected}` in {page}");
+        }
+        let page = render(&view(&instance, &[]));
+        assert!(!page.contains("id=\"unsent\""), "no section without unsent messages");
+    }
 
     #[test]
     fn data_is_indented_when_it_is_json() {

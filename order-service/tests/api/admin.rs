@@ -777,6 +777,22 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         [refused.message_id.as_str()],
         "the instance shows what it sent and the broker has not taken"
     );
+    // The dashboard's page of the saga lists it as well.
+    let login = crate::dashboard::get(app.metrics_addr, &format!("/?token={TOKEN}"), &[]).await;
+    let cookie = login.header("set-cookie").expect("a dashboard session");
+    let session = cookie.split(';').next().expect("name=value");
+    let page = crate::dashboard::get(
+        app.metrics_addr,
+        &format!("/sagas/{}", order.id),
+        &[("Cookie", session)],
+    )
+    .await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("<table id=\"unsent\">") && page.body.contains(&refused.message_id),
+        "the saga's page lists its unsent message: {}",
+        page.body
+    );
     let of_another = admin
         .unsent(ListUnsentMessagesRequest {
             saga_id: SagaId::new().to_string(),
