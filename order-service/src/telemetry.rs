@@ -66,15 +66,6 @@ pub const RETENTION_DURATION: &str = "saga_retention_seconds";
 /// that decided the order, by `outcome` (`reserved`, `refused`, `timeout`).
 /// Measured from the saga's timestamps when the deciding transition is applied.
 pub const STOCK_REPLY_LATENCY: &str = "order_stock_reply_seconds";
-/// saga-core's timings of the store and the broker, label `saga` or
-/// `participant` where they have one: a transition's commit, a
-/// participant's transaction, a message's publish until its confirm.
-pub const STORE_AND_BROKER_LATENCIES: [&str; 3] = [
-    "saga_commit_seconds",
-    "saga_participant_commit_seconds",
-    "saga_outbox_publish_seconds",
-];
-
 /// The installed logging and tracing: keep it until the process ends and call
 /// [`shutdown`](Self::shutdown) to flush the spans not yet exported.
 #[must_use = "dropping it without shutdown() loses the spans not yet exported"]
@@ -271,7 +262,7 @@ fn bucketed() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErr
     let mut builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(GRPC_LATENCY.to_owned()), &buckets)?
         .set_buckets_for_metric(Matcher::Full(STOCK_REPLY_LATENCY.to_owned()), &REPLY_BUCKETS)?;
-    for name in STORE_AND_BROKER_LATENCIES {
+    for name in saga_core::telemetry::LATENCY_HISTOGRAMS {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), &STORE_BUCKETS)?;
     }
     Ok(builder)
@@ -314,35 +305,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time from OrderCreated committed to the stock reply or deadline that decided the order, by outcome"
     );
-    metrics::describe_counter!(
-        "saga_messages_total",
-        "Messages consumed, by settlement outcome (ack, retry, dead_letter)"
-    );
-    metrics::describe_histogram!(
-        "saga_commit_seconds",
-        metrics::Unit::Seconds,
-        "Time a saga transition took to commit in the store, from its transaction's begin (group commit wait included), by saga"
-    );
-    metrics::describe_histogram!(
-        "saga_participant_commit_seconds",
-        metrics::Unit::Seconds,
-        "Time a participant's transaction took, from its begin to its commit, by participant"
-    );
-    metrics::describe_histogram!(
-        "saga_outbox_publish_seconds",
-        metrics::Unit::Seconds,
-        "Time from handing an outbox message to the publisher to the broker's confirm (connection, channel and flow-control waits included)"
-    );
-    metrics::describe_counter!(
-        "saga_outbox_refused_total",
-        "Outbox messages the broker refused (unroutable, missing exchange, too large), with their sagas' later \
-         messages held behind them; each is tried again when its lease ends"
-    );
-    metrics::describe_counter!(
-        "saga_instance_copies_total",
-        "The engine's kept copies of sagas as a commit or a read found them (current, stale); \
-         past one stale in eight the engine reads instead"
-    );
+    saga_core::telemetry::describe_metrics();
 }
 
 /// Buckets of the stock reply latency: from milliseconds to the longest deadlines.

@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::error::{EngineError, RetryPolicy};
 use crate::message::Message;
+use crate::telemetry;
 use crate::transport::{Delivery, Settlement, Subscriber};
 
 /// Something that handles a delivered message: the [`Engine`](crate::Engine)
@@ -162,7 +163,7 @@ impl Consumer {
             Settlement::Retry { .. } => "retry",
             Settlement::DeadLetter { .. } => "dead_letter",
         };
-        metrics::counter!("saga_messages_total", "outcome" => outcome).increment(1);
+        metrics::counter!(telemetry::MESSAGES_TOTAL, "outcome" => outcome).increment(1);
         match &settlement {
             Settlement::Ack => {}
             Settlement::Retry { delay } => {

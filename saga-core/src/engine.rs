@@ -20,6 +20,7 @@ use crate::id::{MessageId, SagaId};
 use crate::instance::{SagaInstance, SagaStatus, Transition};
 use crate::message::{IN_REPLY_TO, Message};
 use crate::store::{Store, StoreError, Transaction};
+use crate::telemetry;
 use crate::upgrade::Upgrade;
 
 mod recent;
@@ -502,7 +503,7 @@ impl Engine {
             let status = pending.instance.status;
             match self.commit(pending, None, None, false).await {
                 Ok(_) => {
-                    metrics::counter!("saga_started_total", "saga" => definition.to_owned()).increment(1);
+                    metrics::counter!(telemetry::STARTED_TOTAL, "saga" => definition.to_owned()).increment(1);
                     record_transition(definition, None, status);
                 }
                 Err(EngineError::Store(StoreError::AlreadyExists { id })) => {
@@ -604,7 +605,7 @@ impl Engine {
                             retry_in = ?retry,
                             "deadline could not be applied; the saga needs an operator"
                         );
-                        metrics::counter!("saga_deadline_failures_total").increment(1);
+                        metrics::counter!(telemetry::DEADLINE_FAILURES_TOTAL).increment(1);
                     }
                     self.broken_deadlines()
                         .insert(deadline.saga, (deadline.due, now + retry));
@@ -974,7 +975,7 @@ impl Engine {
                 .map_err(EngineError::Effects)?;
         }
         tx.commit().await?;
-        metrics::histogram!(COMMIT_SECONDS, "saga" => pending.instance.definition.clone())
+        metrics::histogram!(telemetry::COMMIT_SECONDS, "saga" => pending.instance.definition.clone())
             .record(began.elapsed().as_secs_f64());
         if let Some(hook) = &self.inner.on_committed {
             hook(&pending.instance, &pending.transition);
@@ -984,20 +985,16 @@ impl Engine {
     }
 }
 
-/// Seconds a committed transition took in the store, from its transaction's
-/// begin to its commit (the inbox check, the effects and any group commit's
-/// wait included): the store's share of a saga's latency.
-const COMMIT_SECONDS: &str = "saga_commit_seconds";
-
 /// Counts a committed transition, and the saga's end when it ended.
 fn record_transition(saga: &str, before: Option<SagaStatus>, after: SagaStatus) {
-    metrics::counter!("saga_transitions_total", "saga" => saga.to_owned()).increment(1);
+    metrics::counter!(telemetry::TRANSITIONS_TOTAL, "saga" => saga.to_owned()).increment(1);
     let ended = matches!(
         after,
         SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::NeedsAttention
     );
     if ended && before != Some(after) {
-        metrics::counter!("saga_finished_total", "saga" => saga.to_owned(), "status" => after.as_str()).increment(1);
+        metrics::counter!(telemetry::FINISHED_TOTAL, "saga" => saga.to_owned(), "status" => after.as_str())
+            .increment(1);
     }
 }
 

@@ -20,6 +20,7 @@ mod transport;
 mod upgrade;
 
 pub mod memory;
+pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

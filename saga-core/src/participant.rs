@@ -12,6 +12,7 @@ use crate::error::{EngineError, StepError};
 use crate::id::MessageId;
 use crate::message::{Command, IN_REPLY_TO, Message};
 use crate::store::{SagaStore, StoreError, Transaction};
+use crate::telemetry;
 
 mod batch;
 
@@ -259,7 +260,7 @@ impl Core {
     /// Records a committed transaction that `began`: its handler's writes
     /// and the store's commit, the participant's share of a saga's latency.
     fn committed(&self, began: Instant) {
-        metrics::histogram!("saga_participant_commit_seconds", "participant" => self.name.clone())
+        metrics::histogram!(telemetry::PARTICIPANT_COMMIT_SECONDS, "participant" => self.name.clone())
             .record(began.elapsed().as_secs_f64());
     }
 

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::id::SagaId;
 use crate::store::{OutboxEntry, OutboxId, OutboxStore, StoreError};
+use crate::telemetry;
 use crate::transport::{Publisher, TransportError};
 
 /// How a relay runs.
@@ -49,28 +50,11 @@ impl Default for RelayConfig {
     }
 }
 
-/// Seconds from handing a message to the publisher to the broker's
-/// confirm, for each message kept as sent: the broker's share of a saga's
-/// latency, with the publisher's waits for its connection, a channel and
-/// the broker's flow control.
-const PUBLISH_SECONDS: &str = "saga_outbox_publish_seconds";
-
-/// Messages the broker refused, with the later messages of their sagas held
-/// behind them: they keep their lease and go again when it ends. Counted
-/// apart from the transport's own failures, which back the relay off: a
-/// refusal is a message or topology to mend (an unbound routing key, a
-/// missing exchange, headers too large), not an outage.
-const REFUSED_TOTAL: &str = "saga_outbox_refused_total";
-
 /// How often a relay whose publisher is held back looks again.
 const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
 
-/// Relays of this process held back by their publisher: a count, not a
-/// flag, since one process may run several relays (one per service).
-const HELD_BACK_GAUGE: &str = "saga_relay_held_back";
-
 /// A relay's hold by its publisher, logged and counted in
-/// [`HELD_BACK_GAUGE`] once per hold; a relay that stops while held takes
+/// [`telemetry::RELAY_HELD_BACK`] once per hold; a relay that stops while held takes
 /// its part of the count with it.
 struct Hold {
     on: bool,
@@ -79,7 +63,7 @@ struct Hold {
 impl Default for Hold {
     fn default() -> Self {
         // Present from the start, so an alert on it needs no `absent()`.
-        metrics::gauge!(HELD_BACK_GAUGE).increment(0.0);
+        metrics::gauge!(telemetry::RELAY_HELD_BACK).increment(0.0);
         Self { on: false }
     }
 }
@@ -91,10 +75,10 @@ impl Hold {
         }
         if on {
             tracing::warn!("the broker holds publishing back; the relay claims nothing until it lets go");
-            metrics::gauge!(HELD_BACK_GAUGE).increment(1.0);
+            metrics::gauge!(telemetry::RELAY_HELD_BACK).increment(1.0);
         } else {
             tracing::info!("the broker lets publishing go again; the relay claims again");
-            metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
+            metrics::gauge!(telemetry::RELAY_HELD_BACK).decrement(1.0);
         }
     }
 }
@@ -102,7 +86,7 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         if self.on {
-            metrics::gauge!(HELD_BACK_GAUGE).decrement(1.0);
+            metrics::gauge!(telemetry::RELAY_HELD_BACK).decrement(1.0);
         }
     }
 }
@@ -217,19 +201,19 @@ impl Relay {
         };
         let Published { sent, failed, refused } = published;
         drop(slot);
-        metrics::counter!("saga_outbox_published_total").increment(sent.len() as u64);
+        metrics::counter!(telemetry::OUTBOX_PUBLISHED_TOTAL).increment(sent.len() as u64);
         // Counted with the messages kept as sent: a batch given back goes
         // out again, and is counted then.
         for confirmed in &sent {
-            metrics::histogram!(PUBLISH_SECONDS).record(confirmed.took.as_secs_f64());
+            metrics::histogram!(telemetry::OUTBOX_PUBLISH_SECONDS).record(confirmed.took.as_secs_f64());
         }
         let sent: Vec<OutboxId> = sent.into_iter().map(|confirmed| confirmed.id).collect();
         let unsent = failed.len() + refused.len();
         if unsent > 0 {
-            metrics::counter!("saga_outbox_publish_failures_total").increment(unsent as u64);
+            metrics::counter!(telemetry::OUTBOX_PUBLISH_FAILURES_TOTAL).increment(unsent as u64);
         }
         if !refused.is_empty() {
-            metrics::counter!(REFUSED_TOTAL).increment(refused.len() as u64);
+            metrics::counter!(telemetry::OUTBOX_REFUSED_TOTAL).increment(refused.len() as u64);
         }
         // Both, even if one fails: a failed message given back waits for no
         // lease, nor do the later messages of its saga.
@@ -291,7 +275,7 @@ impl Relay {
         let mut trouble = false;
         let mut hold = Hold::default();
         // Present from the start, so an alert on its increase sees the first.
-        metrics::counter!(REFUSED_TOTAL).increment(0);
+        metrics::counter!(telemetry::OUTBOX_REFUSED_TOTAL).increment(0);
         loop {
             if shutdown.is_cancelled() {
                 break;

@@ -57,6 +57,9 @@ async fn orders_are_decided_through_postgres_and_rabbitmq() {
         // Present before any refusal, so an alert on its increase sees the
         // first. (Its count is the test process's: another test refuses.)
         "saga_outbox_refused_total ",
+        // saga-core's metrics come with saga-core's help texts.
+        "# HELP saga_outbox_refused_total Outbox messages the broker refused",
+        "# HELP saga_relay_held_back Relays of this process held back by the broker",
         // The store's and the broker's latencies, as histograms with buckets.
         r#"saga_commit_seconds_bucket{saga="order",le="0.0005"}"#,
         r#"saga_outbox_publish_seconds_bucket{le="0.0005"}"#,

@@ -25,6 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::id::SagaId;
 use crate::instance::SagaInstance;
+use crate::telemetry;
 
 /// A bounded map of live instances by id and by business key. The oldest
 /// entries go first once it is full; finished instances are not kept (no
@@ -91,7 +92,7 @@ impl RecentInstances {
     /// Records whether a copy was found stale, by a commit that conflicted,
     /// a decision taken again, or a read compared with it.
     pub(crate) fn checked(&self, stale: bool) {
-        metrics::counter!("saga_instance_copies_total", "found" => if stale { "stale" } else { "current" })
+        metrics::counter!(telemetry::INSTANCE_COPIES_TOTAL, "found" => if stale { "stale" } else { "current" })
             .increment(1);
         if stale {
             self.stale.fetch_add(1, Ordering::Relaxed);

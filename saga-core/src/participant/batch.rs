@@ -25,6 +25,7 @@ use super::{Core, Handling};
 use crate::error::EngineError;
 use crate::linger::{Arrivals, Linger};
 use crate::message::Message;
+use crate::telemetry;
 
 /// How a [`Participant`](super::Participant) lets commands share a
 /// transaction.
@@ -157,7 +158,7 @@ pub(super) async fn handle(
         // answer (a handler panicked): it did not commit, so the command is
         // handled alone, and a panicking handler panics in its own caller.
         Ok(Answer::Alone) | Err(_) => {
-            metrics::counter!("saga_participant_retried_alone_total").increment(1);
+            metrics::counter!(telemetry::PARTICIPANT_RETRIED_ALONE_TOTAL).increment(1);
             core.alone(command).await
         }
     }
@@ -196,7 +197,7 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
             let take = queue.waiting.len().min(most - 1);
             batch.extend(queue.waiting.drain(..take));
             let joined = if batch.len() > 1 { "true" } else { "false" };
-            metrics::counter!("saga_participant_lingers_total", "joined" => joined).increment(1);
+            metrics::counter!(telemetry::PARTICIPANT_LINGERS_TOTAL, "joined" => joined).increment(1);
         }
         if let [only] = batch.as_slice() {
             let began = tokio::time::Instant::now();
@@ -214,7 +215,7 @@ async fn run(core: Arc<Core>, batches: Arc<Batches>) {
         drop(commands);
         match handled {
             Some(handlings) => {
-                metrics::histogram!("saga_participant_batch_size").record(handlings.len() as f64);
+                metrics::histogram!(telemetry::PARTICIPANT_BATCH_SIZE).record(handlings.len() as f64);
                 for (waiting, handling) in batch.into_iter().zip(handlings) {
                     let _ = waiting.reply.send(Answer::Done(Ok(handling)));
                 }
