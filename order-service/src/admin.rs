@@ -395,10 +395,12 @@ impl AdminGrpc {
             .store()
             .unsent_messages(&UnsentFilter {
                 saga: Some(id),
-                limit: UNSENT_OF_INSTANCE,
+                // One more tells whether there are more.
+                limit: UNSENT_OF_INSTANCE + 1,
                 ..UnsentFilter::default()
             })
             .await?;
+        let more_unsent = unsent.len() > UNSENT_OF_INSTANCE;
         let steps = ops
             .engine
             .step_names(&instance.definition, instance.definition_version)
@@ -407,7 +409,12 @@ impl AdminGrpc {
             history: history.iter().map(|t| convert::transition(&steps, t)).collect(),
             instance: Some(convert::instance(&ops.engine, &instance)),
             steps,
-            unsent: unsent.into_iter().map(convert::unsent_message).collect(),
+            unsent: unsent
+                .into_iter()
+                .take(UNSENT_OF_INSTANCE)
+                .map(convert::unsent_message)
+                .collect(),
+            more_unsent,
         })
     }
 
@@ -422,7 +429,7 @@ impl AdminGrpc {
             n if n > MAX_PAGE => return Err(AdminError::invalid("limit", format!("at most {MAX_PAGE}"))),
             n => n,
         };
-        let saga = match request.saga_id.as_str() {
+        let saga = match request.saga_id.trim() {
             "" => None,
             id => Some(convert::saga_id("saga_id", id)?),
         };

@@ -242,7 +242,8 @@ async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Res
     let unsent = store
         .unsent_messages(&UnsentFilter {
             saga: Some(id),
-            limit: UNSENT_OF_INSTANCE,
+            // One more tells whether there are more.
+            limit: UNSENT_OF_INSTANCE + 1,
             ..UnsentFilter::default()
         })
         .await?;

@@ -21,18 +21,22 @@ pub const DEADLINE_FAILURES_TOTAL: &str = "saga_deadline_failures_total";
 /// Counter, label `outcome` (`ack`, `retry`, `dead_letter`): messages
 /// consumed, by how they were settled.
 pub const MESSAGES_TOTAL: &str = "saga_messages_total";
-/// Counter: outbox messages published and confirmed by the broker.
+/// Counter: outbox messages the broker confirmed, counted as the relay
+/// goes to mark them sent (a mark that fails has them published, and
+/// counted, again).
 pub const OUTBOX_PUBLISHED_TOTAL: &str = "saga_outbox_published_total";
-/// Counter: outbox messages not published in a relay's round (the
-/// transport's failures and the broker's refusals).
+/// Counter: outbox messages a relay's round left unsent, at each try: the
+/// transport's failures, a batch given back when the round ran out of time
+/// (some of it may have reached the broker), and the refusals below.
 pub const OUTBOX_PUBLISH_FAILURES_TOTAL: &str = "saga_outbox_publish_failures_total";
-/// Counter: of those, the messages the broker refused, with the later
-/// messages of their sagas held behind them. They keep their lease and go
-/// again when it ends. Counted apart from the transport's own failures,
-/// which back the relay off: a refusal is a message or topology to mend
-/// (an unbound routing key, a missing exchange, headers too large), not an
-/// outage. Registered at zero when a relay runs, so an alert on its
-/// increase sees the first.
+/// Counter: of those, the messages the broker refused and the later
+/// messages of their sagas held behind them in the same round, at each try
+/// (a message refused for a minute counts about twelve times at the
+/// default 5 s lease). They keep their lease and go again when it ends.
+/// Counted apart from the transport's own failures, which back the relay
+/// off: a refusal is a message or topology to mend (an unbound routing key,
+/// a missing exchange, headers too large), not an outage. Registered at
+/// zero when a relay runs, so an alert on its increase sees the first.
 pub const OUTBOX_REFUSED_TOTAL: &str = "saga_outbox_refused_total";
 /// Histogram, seconds, label `saga`: a committed transition in the store,
 /// from its transaction's begin to its commit (the inbox check, the effects
@@ -65,8 +69,8 @@ pub const PARTICIPANT_RETRIED_ALONE_TOTAL: &str = "saga_participant_retried_alon
 pub const PARTICIPANT_LINGERS_TOTAL: &str = "saga_participant_lingers_total";
 
 /// The histograms of store and broker latencies, in seconds: a commit or a
-/// confirm takes a fraction of a millisecond on an idle machine, so an
-/// exporter's default buckets (from 5 ms) tell little.
+/// confirm takes a fraction of a millisecond on an idle machine, so the
+/// usual default buckets of Prometheus clients (from 5 ms) tell little.
 pub const LATENCY_HISTOGRAMS: [&str; 3] = [COMMIT_SECONDS, PARTICIPANT_COMMIT_SECONDS, OUTBOX_PUBLISH_SECONDS];
 
 /// Gives every saga-core metric its help text in the installed recorder.
@@ -88,18 +92,16 @@ pub fn describe_metrics() {
         MESSAGES_TOTAL,
         "Messages consumed, by settlement outcome (ack, retry, dead_letter)"
     );
-    describe_counter!(
-        OUTBOX_PUBLISHED_TOTAL,
-        "Outbox messages published and confirmed by the broker"
-    );
+    describe_counter!(OUTBOX_PUBLISHED_TOTAL, "Outbox messages the broker confirmed");
     describe_counter!(
         OUTBOX_PUBLISH_FAILURES_TOTAL,
-        "Outbox messages not published in a relay's round (transport failures and broker refusals)"
+        "Outbox messages a relay's round left unsent, at each try (transport failures, a batch given back on the \
+         round's time budget, broker refusals)"
     );
     describe_counter!(
         OUTBOX_REFUSED_TOTAL,
-        "Outbox messages the broker refused (unroutable, missing exchange, too large), with their sagas' later \
-         messages held behind them; each is tried again when its lease ends"
+        "Outbox messages the broker refused (unroutable, missing exchange, too large) and their sagas' later \
+         messages held behind them in the same round, at each try; each is tried again when its lease ends"
     );
     describe_histogram!(
         COMMIT_SECONDS,

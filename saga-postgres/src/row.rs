@@ -91,8 +91,11 @@ pub(crate) fn transition(row: &PgRow) -> Result<Transition, StoreError> {
 /// A `saga_outbox` row.
 pub(crate) fn outbox_entry(row: &PgRow) -> Result<OutboxEntry, StoreError> {
     let id: i64 = get(row, "id")?;
-    let what = format!("saga_outbox {id}");
-    let headers: BTreeMap<String, String> = json(row, "headers", &what)?;
+    let headers: BTreeMap<String, String> = json(row, "headers", &format!("saga_outbox {id}"))?;
+    outbox_entry_with(row, id, headers)
+}
+
+fn outbox_entry_with(row: &PgRow, id: i64, headers: BTreeMap<String, String>) -> Result<OutboxEntry, StoreError> {
     Ok(OutboxEntry {
         id,
         saga: get::<Option<Uuid>>(row, "saga_id")?.map(SagaId::from_uuid),
@@ -108,10 +111,33 @@ pub(crate) fn outbox_entry(row: &PgRow) -> Result<OutboxEntry, StoreError> {
     })
 }
 
-/// A `saga_outbox` row with its lease in milliseconds (`claimed_until`).
+/// The header name an operator's listing shows a row's headers under when
+/// they are not names and texts: as their JSON.
+const UNREADABLE_HEADERS: &str = "(unreadable headers)";
+
+/// A `saga_outbox` row with its lease in milliseconds (`claimed_until`),
+/// for operators. Headers that are not names and texts (a row written by
+/// hand or by another tool, which the relay cannot read and leaves unsent,
+/// holding its saga back) are shown rather than failing the listing: an
+/// object's values as their JSON, anything else whole under
+/// [`UNREADABLE_HEADERS`].
 pub(crate) fn unsent_message(row: &PgRow) -> Result<UnsentMessage, StoreError> {
+    use serde_json::Value;
+
+    let id: i64 = get(row, "id")?;
+    let sqlx::types::Json(headers) = get::<sqlx::types::Json<Value>>(row, "headers")?;
+    let headers = match headers {
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(name, value)| match value {
+                Value::String(text) => (name, text),
+                other => (name, other.to_string()),
+            })
+            .collect(),
+        other => BTreeMap::from([(UNREADABLE_HEADERS.to_owned(), other.to_string())]),
+    };
     Ok(UnsentMessage {
-        entry: outbox_entry(row)?,
+        entry: outbox_entry_with(row, id, headers)?,
         claimed_until: get::<Option<i64>>(row, "claimed_until")?.map(Timestamp::from_millis),
     })
 }

@@ -865,11 +865,26 @@ impl QueryStore for PostgresStore {
     }
 
     async fn unsent_messages(&self, filter: &UnsentFilter) -> Result<Vec<UnsentMessage>, StoreError> {
-        // Along the unsent-rows index, in id order; an unreadable row is
-        // reported as corrupt, naming it, since it is what an operator
-        // looking here is after.
+        // Along the unsent-rows index, in id order. No index leads from a
+        // saga to its unsent rows, so a saga's listing first asks its
+        // instance for its newest message (`last_outbox_id`): as a saga's
+        // messages are marked sent in order, none, or that one sent (or
+        // deleted by retention), means all are, and the listing ends at
+        // once (a one-time filter: no column in it). Only a saga with
+        // something unsent (or rows but no instance), or a listing of all,
+        // reads the backlog; an age filter with nothing that old reads all
+        // of it.
         let rows = sqlx::query(
-            "SELECT id, saga_id, message_id, kind, destination, correlation_id, created_at, headers, payload,                     (extract(epoch FROM claimed_until) * 1000)::int8 AS claimed_until              FROM saga_outbox              WHERE sent_at IS NULL                AND ($1::uuid IS NULL OR saga_id = $1)                AND ($2::bigint IS NULL OR created_at <= $2)              ORDER BY id LIMIT $3",
+            "SELECT id, saga_id, message_id, kind, destination, correlation_id, created_at, headers, payload, \
+                    floor(extract(epoch FROM claimed_until) * 1000)::int8 AS claimed_until \
+             FROM saga_outbox \
+             WHERE sent_at IS NULL \
+               AND ($1::uuid IS NULL OR saga_id = $1) \
+               AND ($1::uuid IS NULL OR NOT EXISTS ( \
+                    SELECT 1 FROM saga_instances i LEFT JOIN saga_outbox newest ON newest.id = i.last_outbox_id \
+                    WHERE i.id = $1 AND (newest.id IS NULL OR newest.sent_at IS NOT NULL))) \
+               AND ($2::bigint IS NULL OR created_at <= $2) \
+             ORDER BY id LIMIT $3",
         )
         .bind(filter.saga.map(|s| *s.as_uuid()))
         .bind(filter.created_before.map(|t| t.as_millis()))

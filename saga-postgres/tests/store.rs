@@ -11,7 +11,7 @@ use saga_core::memory::InMemoryTransport;
 use saga_core::testkit::store_contract::sample_instance;
 use saga_core::{
     Cause, Message, MessageId, OutboxEntry, OutboxStore, Position, QueryStore, Relay, RelayConfig, SagaId,
-    SagaInstance, SagaStatus, SagaStore, StoreError, Timestamp, Transition,
+    SagaInstance, SagaStatus, SagaStore, StoreError, Timestamp, Transition, UnsentFilter,
 };
 use saga_postgres::{PostgresStoreConfig, RetentionConfig, StagedWrite};
 
@@ -468,6 +468,19 @@ async fn an_unreadable_outbox_row_does_not_hold_back_the_others() {
     )
     .await;
     assert_eq!(unsent, 1, "the unreadable row stays for an operator");
+    // The operator's listing shows it, headers as they are, and does not fail.
+    let listed = store.unsent_messages(&UnsentFilter::default()).await.expect("listed");
+    let kinds: Vec<&str> = listed.iter().map(|u| u.entry.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["M0", "M1"], "M1, claimed, is unsent too until marked");
+    assert_eq!(
+        listed[0]
+            .entry
+            .message
+            .headers
+            .get("(unreadable headers)")
+            .map(String::as_str),
+        Some("[1,2]")
+    );
 }
 
 /// A transition's messages stay in one batch even past the claim's limit,

@@ -254,6 +254,7 @@ pub(super) fn instance_with_history(
                 "steps": response.steps,
                 "history": history,
                 "unsent": response.unsent.iter().map(unsent_json).collect::<Vec<_>>(),
+                "more_unsent": response.more_unsent,
             }),
         );
     }
@@ -313,6 +314,9 @@ pub(super) fn instance_with_history(
         writeln!(out)?;
         writeln!(out, "not yet confirmed by the broker")?;
         write!(out, "{}", unsent_table(&response.unsent))?;
+        if response.more_unsent {
+            writeln!(out, "(and more: `sagactl outbox --saga {}` lists them)", instance.id)?;
+        }
     }
     Ok(())
 }

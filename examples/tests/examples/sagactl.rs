@@ -441,8 +441,11 @@ async fn a_stuck_order_is_retried_and_cancelled_and_dead_letters_replayed() {
         shown.contains("not yet confirmed by the broker") && shown.contains("OrderCreated"),
         "{shown}"
     );
-    let json: Value =
-        serde_json::from_str(&service.sagactl(&["--json", "outbox"]).await.expect("outbox")).expect("JSON output");
+    let listed = service
+        .sagactl(&["--json", "outbox", "--saga", &unroutable.id])
+        .await
+        .expect("outbox");
+    let json: Value = serde_json::from_str(&listed).expect("JSON output");
     assert_eq!(json["messages"][0]["saga_id"], unroutable.id.as_str(), "{json}");
     assert_eq!(json["messages"][0]["type"], "OrderCreated");
     let old = service

@@ -9,6 +9,7 @@ use saga_core::{Cause, Position, SagaInstance, Timestamp, Transition, UnsentMess
 use super::diagram;
 use super::html::{esc, page, status_badge, time, time_ago};
 use super::position_label;
+use crate::admin::UNSENT_OF_INSTANCE;
 
 /// Everything the page shows.
 pub struct InstanceView<'a> {
@@ -24,7 +25,8 @@ pub struct InstanceView<'a> {
     pub steps: Vec<String>,
     /// Where it stands, in words.
     pub step_label: String,
-    /// Its messages in the outbox, not yet confirmed by the broker, oldest first.
+    /// Its messages in the outbox, not yet confirmed by the broker, oldest
+    /// first: the first [`UNSENT_OF_INSTANCE`], and one more if there are more.
     pub unsent: &'a [UnsentMessage],
 }
 
@@ -186,14 +188,19 @@ fn timeline_entry(body: &mut String, transition: &Transition, steps: &[String]) 
 /// Messages still in the outbox: normal for a moment; for longer, the
 /// broker is away or refuses them (see the operations guide).
 fn unsent_section(body: &mut String, unsent: &[UnsentMessage], now: Timestamp) {
+    let count = if unsent.len() > UNSENT_OF_INSTANCE {
+        format!("More than {UNSENT_OF_INSTANCE} message(s) in the outbox (the first {UNSENT_OF_INSTANCE} here)")
+    } else {
+        format!("{} message(s) in the outbox", unsent.len())
+    };
+    let unsent = &unsent[..unsent.len().min(UNSENT_OF_INSTANCE)];
     let _ = write!(
         body,
-        "<section><h2>Not yet confirmed by the broker</h2><p class=\"muted\">{} message(s) in the outbox, oldest \
+        "<section><h2>Not yet confirmed by the broker</h2><p class=\"muted\">{count}, oldest \
          first. A message still here after a minute is held back: the broker is away, or refuses it (the log \
          says why), and the saga's later messages wait behind it.</p><table id=\"unsent\"><thead><tr>\
          <th>Outbox id</th><th>Type</th><th>Message id</th><th>Destination</th><th>Created</th>\
-         <th>Claimed until</th></tr></thead><tbody>",
-        unsent.len()
+         <th>Claimed until</th></tr></thead><tbody>"
     );
     for message in unsent {
         let entry = &message.entry;
@@ -276,6 +283,13 @@ mod tests {
         }
         let page = render(&view(&instance, &[]));
         assert!(!page.contains("id=\"unsent\""), "no section without unsent messages");
+        let many = vec![unsent[0].clone(); UNSENT_OF_INSTANCE + 1];
+        let page = render(&view(&instance, &many));
+        assert!(
+            page.contains("More than 20 message(s) in the outbox (the first 20 here)"),
+            "{page}"
+        );
+        assert_eq!(page.matches("<td class=\"mono\">4711</td>").count(), UNSENT_OF_INSTANCE);
     }
 
     #[test]

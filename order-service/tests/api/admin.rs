@@ -424,6 +424,16 @@ async fn bad_requests_name_the_field_and_actions_must_apply() {
     assert!(operator_actions(&history).is_empty(), "refused actions leave no trace");
 }
 
+/// The service's `saga_outbox_refused_total` (the test process's count).
+async fn refusals(app: &TestApp) -> u64 {
+    let (_, metrics) = app.http_get("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("saga_outbox_refused_total "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("/metrics counts refusals:\n{metrics}"))
+}
+
 fn prost_types_duration(seconds: i64) -> prost_types::Duration {
     prost_types::Duration { seconds, nanos: 0 }
 }
@@ -738,28 +748,30 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
     // With no queue bound to the orders exchange, the broker returns the
     // `mandatory` OrderCreated: the relay keeps it, leased, a lease at a time.
     platform.bind_stock_queue(false).await;
+    let before = refusals(&app).await;
     let order = app
         .place_order("alice", vec![item("apple", 1, 2.0)])
         .await
         .expect("placed");
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    let refused = loop {
-        let listed = admin
-            .unsent(ListUnsentMessagesRequest::default())
-            .await
-            .expect("listed");
-        // Leased once the relay took it; the refusal keeps the lease.
-        if let [only] = &listed[..]
-            && only.claimed_until.is_some()
-        {
-            break only.clone();
-        }
+    while refusals(&app).await <= before {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the refused OrderCreated is not listed as unsent and leased: {listed:?}"
+            "the broker's refusal is not counted on /metrics"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = admin
+        .unsent(ListUnsentMessagesRequest::default())
+        .await
+        .expect("listed");
+    let [refused] = &listed[..] else {
+        panic!("the refused OrderCreated alone is unsent: {listed:?}");
     };
+    assert!(
+        refused.claimed_until.is_some(),
+        "the refusal keeps its lease: {refused:?}"
+    );
     assert_eq!(refused.saga_id, order.id, "the saga that sent it");
     assert_eq!(refused.r#type, "OrderCreated");
     assert_eq!(refused.destination, platform.names.orders_exchange);
@@ -777,6 +789,7 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         [refused.message_id.as_str()],
         "the instance shows what it sent and the broker has not taken"
     );
+    assert!(!shown.more_unsent, "and all of it");
     // The dashboard's page of the saga lists it as well.
     let login = crate::dashboard::get(app.metrics_addr, &format!("/?token={TOKEN}"), &[]).await;
     let cookie = login.header("set-cookie").expect("a dashboard session");
@@ -814,17 +827,10 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         0,
         "nothing was routed"
     );
-    let (_, metrics) = app.http_get("/metrics").await;
-    let refusals: u64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("saga_outbox_refused_total "))
-        .and_then(|count| count.trim().parse().ok())
-        .unwrap_or_else(|| panic!("/metrics counts refusals:\n{metrics}"));
-    assert!(refusals >= 1, "the refusal is counted: {refusals}");
 
-    // Mended: it goes when its lease ends, and leaves the outbox.
+    // Mended: it goes when its lease ends (5 s), and leaves the outbox.
     platform.bind_stock_queue(true).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
     while !admin
         .unsent(ListUnsentMessagesRequest::default())
         .await

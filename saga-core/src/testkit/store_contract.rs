@@ -459,6 +459,18 @@ pub async fn unsent_messages_are_listed_oldest_first(store: Arc<dyn Store>) {
         "the lease runs out about 600 s from now, found {leased:?}"
     );
     assert!(listed[1].claimed_until.is_none(), "an unclaimed message has no lease");
+    // Given back, it has none; claimed for no time, its lease shows, past.
+    must(store.release(&[claimed[1].id]).await, "release");
+    let listed = must(store.unsent_messages(&UnsentFilter::default()).await, "unsent");
+    assert_eq!(listed[0].claimed_until, None, "a released message has no lease");
+    let again = must(store.claim(1, Duration::ZERO).await, "claim");
+    assert_eq!(again.iter().map(|e| e.id).collect::<Vec<_>>(), vec![claimed[1].id]);
+    let listed = must(store.unsent_messages(&UnsentFilter::default()).await, "unsent");
+    let ended = listed[0].claimed_until.expect("an ended lease still shows");
+    assert!(
+        ended <= Timestamp::now() + Duration::from_secs(1),
+        "an ended lease is in the past, found {ended:?}"
+    );
 
     let of_saga = must(
         store
