@@ -107,6 +107,21 @@ fn unsent_predecessor(saga: &str, published: &str) -> String {
     )
 }
 
+/// A condition on the update of the instance `saga` (an SQL expression):
+/// its `last_outbox_id` is still the one this statement's snapshot read.
+/// Another saga's transaction may write a message of this saga (a foreign
+/// row) and move the pointer without changing the revision; if it commits
+/// while this update waits for the row, PostgreSQL re-checks the update on
+/// the newer row, where the revision still matches, while the hand-off
+/// check read the older pointer, and would let this saga's new message
+/// overtake the foreign one. The update then writes nothing: a conflict,
+/// decided again on what is stored.
+fn pointer_unmoved(saga: &str) -> String {
+    format!(
+        " AND last_outbox_id IS NOT DISTINCT FROM (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = {saga})"
+    )
+}
+
 /// Whether the saga `saga` may have its next message handed off: it has no
 /// [`unsent_predecessor`].
 pub(crate) fn predecessor_sent(saga: &str, published: &str) -> String {
@@ -312,7 +327,8 @@ impl Shape {
         };
         // Hand-off only if the saga's newest earlier message is sent: read
         // before the instance write, from the same version of the row the
-        // write then replaces (its revision is checked).
+        // write then replaces (its revision and, see `pointer_unmoved`, its
+        // pointer are checked).
         let handoff = match (&outbox, self.foreign, self.instance, &instance) {
             (None, ..) | (_, true, ..) => None,
             // The case `hands_off_after_predecessor` names.
@@ -337,7 +353,7 @@ impl Shape {
                 ),
                 _ => format!(
                     "written AS (UPDATE saga_instances SET {}, last_outbox_id = {} \
-                     WHERE id = {} AND revision = {}{} {returning})",
+                     WHERE id = {} AND revision = {}{}{} {returning})",
                     INSTANCE_COLUMNS
                         .iter()
                         .zip(instance_values(p))
@@ -348,6 +364,11 @@ impl Shape {
                     newest("last_outbox_id"),
                     p[0],
                     p[15],
+                    if self.hands_off_after_predecessor() {
+                        pointer_unmoved(&p[0])
+                    } else {
+                        String::new()
+                    },
                     only_fresh("AND"),
                 ),
             });

@@ -11,7 +11,7 @@ use saga_core::memory::InMemoryTransport;
 use saga_core::testkit::store_contract::sample_instance;
 use saga_core::{
     Cause, Message, MessageId, OutboxEntry, OutboxStore, Position, QueryStore, Relay, RelayConfig, SagaId,
-    SagaInstance, SagaStatus, SagaStore, StoreError, Timestamp, Transition, UnsentFilter,
+    SagaInstance, SagaStatus, SagaStore, StoreError, Timestamp, Transaction as _, Transition, UnsentFilter,
 };
 use saga_postgres::{PostgresStoreConfig, RetentionConfig, StagedWrite};
 
@@ -431,6 +431,168 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
     let rest = other.claim(10, Duration::from_secs(30)).await.expect("claim");
     let kinds: Vec<&str> = rest.iter().map(|e| e.message.kind.as_str()).collect();
     assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
+}
+
+/// Commits a transition of `instance` emitting one message of `kind`,
+/// returning the commit's outcome.
+async fn try_emit(store: &saga_postgres::PostgresStore, instance: &SagaInstance, kind: &str) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
+    let mut next = instance.clone();
+    next.revision += 1;
+    tx.update(&next, instance.revision).await?;
+    let message = Message::new(kind, "d", b"{}".to_vec()).with_correlation_id(instance.id.to_string());
+    tx.enqueue(Some(instance.id), &[message]).await?;
+    tx.commit().await
+}
+
+/// Waits until a statement of the test's database waits for a row lock.
+async fn until_a_statement_waits_for_a_lock(pool: &sqlx::PgPool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity readable");
+        if waiting > 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no statement waits for the row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Writes a message of kind `kind` for `saga` in a transaction that does
+/// not update the saga (a foreign row), and leaves the transaction open,
+/// holding the saga's row.
+async fn foreign_write_holding(
+    store: &saga_postgres::PostgresStore,
+    saga: &SagaInstance,
+    kind: &str,
+) -> saga_postgres::PostgresTransaction {
+    let mut foreign = store.begin_postgres();
+    let message = Message::new(kind, "d", b"{}".to_vec());
+    foreign.enqueue(Some(saga.id), &[message]).await.expect("enqueue");
+    foreign.connection().await.expect("BEGIN");
+    foreign.flush().await.expect("flushed");
+    foreign
+}
+
+/// Another transaction writes a message of a saga it does not update (a
+/// foreign row; the store's `Transaction` allows it) and commits while the
+/// saga's own transition waits for the saga's row. The transition read the
+/// saga's newest message (sent) before the foreign one existed, so handing
+/// its message off would let it overtake the foreign one: it conflicts
+/// instead, and decided again, its message waits behind the foreign one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_that_waited_for_a_foreign_write_of_its_saga_does_not_overtake_it() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let (instance, first) = first_message_handed_over(&store).await;
+    store.mark_sent(&[first[0].id]).await.expect("mark_sent");
+
+    let foreign = foreign_write_holding(&store, &instance, "F").await;
+
+    keep_relay_attached(&store).await;
+    let own = {
+        let (store, instance) = (store.clone(), instance.clone());
+        tokio::spawn(async move { try_emit(&store, &instance, "M2").await })
+    };
+    until_a_statement_waits_for_a_lock(store.pool()).await;
+    Box::new(foreign).commit().await.expect("the foreign write commits");
+    let outcome = own.await.expect("no panic");
+    assert!(
+        matches!(outcome, Err(StoreError::Conflict { .. })),
+        "the waiting transition must not commit on the pointer it read before the foreign write: {outcome:?}"
+    );
+
+    keep_relay_attached(&store).await;
+    try_emit(&store, &instance, "M2")
+        .await
+        .expect("decided again, it commits");
+    let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["F", "M2"], "the foreign message first, then the saga's own");
+}
+
+/// As above, with the transition in a statement shared with another
+/// saga's: the shared statement does not write it, and alone, its message
+/// waits behind the foreign one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_statement_does_not_let_a_transition_overtake_a_foreign_write_it_waited_for() {
+    let db = TestDb::new().await;
+    let store = batching_store(&db).await;
+    let lease = Duration::from_secs(30);
+    assert!(
+        store.claim(64, lease).await.expect("claim").is_empty(),
+        "a relay is attached"
+    );
+    // X, the foreign write's saga; Y, sharing X's statement; Z, holding the
+    // one statement in flight while X's and Y's gather behind it.
+    let sagas: Vec<SagaInstance> = (0..3).map(|_| sample_instance("orders", None)).collect();
+    for saga in &sagas {
+        keep_relay_attached(&store).await;
+        start(&store, saga).await.expect("started");
+    }
+    let first = store.claim(64, lease).await.expect("claim");
+    assert_eq!(first.len(), 3, "each start's message is handed over");
+    store
+        .mark_sent(&first.iter().map(|e| e.id).collect::<Vec<_>>())
+        .await
+        .expect("mark_sent");
+    let (x, y, z) = (&sagas[0], &sagas[1], &sagas[2]);
+    let foreign_x = foreign_write_holding(&store, x, "FX").await;
+    let foreign_z = foreign_write_holding(&store, z, "FZ").await;
+
+    keep_relay_attached(&store).await;
+    let transition = |saga: &SagaInstance| {
+        let (store, saga) = (store.clone(), saga.clone());
+        tokio::spawn(async move { engine_transition(&store, &saga, &MessageId::new()).await })
+    };
+    let plug = transition(z);
+    until_a_statement_waits_for_a_lock(store.pool()).await;
+    let before = store.commit_batching();
+    let (own_x, own_y) = (transition(x), transition(y));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Attached as X's and Y's statement is made, so it hands off.
+    keep_relay_attached(&store).await;
+    Box::new(foreign_z).commit().await.expect("FZ commits");
+    let plugged = plug.await.expect("no panic");
+    assert!(
+        matches!(plugged, Err(StoreError::Conflict { .. })),
+        "Z's transition waited for FZ alone: {plugged:?}"
+    );
+    until_a_statement_waits_for_a_lock(store.pool()).await;
+    Box::new(foreign_x).commit().await.expect("FX commits");
+    own_x.await.expect("no panic").expect("X's transition commits");
+    own_y.await.expect("no panic").expect("Y's transition commits");
+    let after = store.commit_batching();
+    assert!(
+        after.shared_statements > before.shared_statements,
+        "X's and Y's transitions shared a statement: {before:?} → {after:?}"
+    );
+
+    keep_relay_attached(&store).await;
+    let handed: Option<bool> = sqlx::query_scalar(
+        "SELECT claimed_until IS NOT NULL FROM saga_outbox WHERE saga_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(x.id.as_uuid())
+    .fetch_one(store.pool())
+    .await
+    .expect("X's newest message");
+    assert_eq!(
+        handed,
+        Some(false),
+        "X's message is left to claims behind FX, not handed off ahead of it"
+    );
+    let claimed = store.claim(64, lease).await.expect("claim");
+    let of_x: Vec<&str> = claimed
+        .iter()
+        .filter(|e| e.saga == Some(x.id))
+        .map(|e| e.message.kind.as_str())
+        .collect();
+    assert_eq!(of_x, ["FX", "M0"], "X's own message waits behind the foreign one");
 }
 
 /// A lease or a wait meant as "for ever" is taken as a year, not a panic.

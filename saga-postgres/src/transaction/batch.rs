@@ -631,6 +631,10 @@ fn ctes() -> &'static str {
             .collect::<Vec<_>>()
             .join(", ");
         let inserted = INSTANCE_COLUMNS.iter().map(|column| value(column)).collect::<Vec<_>>().join(", ");
+        // An update with a message writes only if its saga's pointer is
+        // still the one `fresh` read (see `statement::pointer_unmoved`): a
+        // member whose saga another transaction wrote a message for
+        // meanwhile is not written, and runs alone.
         format!(
             "WITH item AS (SELECT * FROM UNNEST(\
                $1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::text[], \
@@ -642,11 +646,14 @@ fn ctes() -> &'static str {
                o_message_id, o_kind, o_destination, o_correlation, o_created, o_headers, o_payload, o_lease, n)), \
              fresh AS MATERIALIZED (SELECT u.*, \
                CASE WHEN u.o_message_id IS NOT NULL THEN nextval('saga_outbox_id_seq') END AS oid, \
-               u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR {handoff}) AS handed \
+               u.o_lease IS NOT NULL AND u.o_message_id IS NOT NULL AND (u.expected IS NULL OR {handoff}) AS handed, \
+               CASE WHEN u.o_message_id IS NOT NULL AND u.expected IS NOT NULL \
+               THEN (SELECT i.last_outbox_id FROM saga_instances i WHERE i.id = u.id) END AS pointer \
                FROM item u WHERE u.h_message IS NULL OR ({not_in_inbox} AND {not_in_history}) \
                ORDER BY u.n), \
              upd AS (UPDATE saga_instances s SET {updated}, last_outbox_id = coalesce(f.oid, s.last_outbox_id) \
-               FROM fresh f WHERE f.expected IS NOT NULL AND s.id = f.id AND s.revision = f.expected RETURNING f.n), \
+               FROM fresh f WHERE f.expected IS NOT NULL AND s.id = f.id AND s.revision = f.expected \
+               AND (f.oid IS NULL OR s.last_outbox_id IS NOT DISTINCT FROM f.pointer) RETURNING f.n), \
              ins AS (INSERT INTO saga_instances ({names}, last_outbox_id) SELECT {inserted}, f.oid \
                FROM fresh f WHERE f.expected IS NULL ORDER BY f.n ON CONFLICT DO NOTHING RETURNING id), \
              written AS (SELECT n FROM upd UNION ALL \
