@@ -313,7 +313,20 @@ impl Shape {
         let single = self.outbox == Rows::One && instance.is_some() && !self.foreign;
         const NEXT_ID: &str = "nextval('saga_outbox_id_seq')";
         if let (Some(p), false) = (&outbox, single) {
-            ctes.push(outbox_ids(self.outbox, p));
+            if self.foreign {
+                // The other sagas' rows are locked before their messages
+                // draw ids, as their own transitions lock them before
+                // theirs: a saga's ids then grow in commit order, which its
+                // pointer (moved below) relies on.
+                let sagas = match self.outbox {
+                    Rows::Many => format!("= ANY({}::uuid[])", p[0]),
+                    _ => format!("= {}::uuid", p[0]),
+                };
+                ctes.push(format!(
+                    "locked AS (SELECT id FROM saga_instances WHERE id {sagas} ORDER BY id FOR UPDATE)"
+                ));
+            }
+            ctes.push(outbox_ids(self.outbox, p, self.foreign));
         }
         let newest = |otherwise: &str| match &instance {
             Some(_) if single => NEXT_ID.to_owned(),
@@ -502,8 +515,14 @@ struct Parts {
 
 /// The `ids` CTE: a new outbox id for each row (drawn in row order, so a
 /// saga's ids grow with its messages' order) beside the row's values
-/// `c1`…`c8` and its position `n`.
-fn outbox_ids(rows: Rows, p: &[String]) -> String {
+/// `c1`…`c8` and its position `n`; `after_locked`: drawn only once the
+/// `locked` CTE holds its rows (a one-time filter before the first row).
+fn outbox_ids(rows: Rows, p: &[String], after_locked: bool) -> String {
+    let gate = if after_locked {
+        " WHERE (SELECT count(*) FROM locked) >= 0"
+    } else {
+        ""
+    };
     const NEXT: &str = "nextval('saga_outbox_id_seq')";
     match rows {
         Rows::Many => {
@@ -516,7 +535,7 @@ fn outbox_ids(rows: Rows, p: &[String]) -> String {
             let aliases = (1..=p.len()).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ");
             format!(
                 "ids AS (SELECT {NEXT} AS id, u.* FROM (SELECT * FROM UNNEST({unnested}) \
-                 WITH ORDINALITY AS u({aliases}, n) ORDER BY n) u)"
+                 WITH ORDINALITY AS u({aliases}, n) ORDER BY n) u{gate})"
             )
         }
         _ => {
@@ -533,7 +552,7 @@ fn outbox_ids(rows: Rows, p: &[String]) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            format!("ids AS (SELECT {NEXT} AS id, {values}, 1 AS n)")
+            format!("ids AS (SELECT {NEXT} AS id, {values}, 1 AS n{gate})")
         }
     }
 }

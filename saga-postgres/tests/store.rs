@@ -595,6 +595,83 @@ async fn a_shared_statement_does_not_let_a_transition_overtake_a_foreign_write_i
     assert_eq!(of_x, ["FX", "M0"], "X's own message waits behind the foreign one");
 }
 
+/// A transaction that updates saga W and writes a message for saga X
+/// draws that message's id while it has yet to take W's row, which another
+/// transaction holds; X's own transition commits meanwhile. Had the id been
+/// drawn before X's row was locked, the foreign message, committed after
+/// X's, would sort before it: X's pointer would name X's message, and once
+/// that is sent, X's next message could be handed off ahead of the foreign
+/// one. Locking X's row first makes X's transition wait, and a saga's
+/// messages sort in the order they commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_is_ordered_after_the_messages_of_its_saga_committed_before_it() {
+    let db = TestDb::new().await;
+    let store = db.store(4).await;
+    let (x, first) = first_message_handed_over(&store).await;
+    store.mark_sent(&[first[0].id]).await.expect("mark_sent");
+    let w = sample_instance("orders", None);
+    start(&store, &w).await.expect("W started");
+
+    // Another transaction holds W's row.
+    let mut holder = store.pool().begin().await.expect("BEGIN");
+    sqlx::query("SELECT 1 FROM saga_instances WHERE id = $1 FOR UPDATE")
+        .bind(w.id.as_uuid())
+        .execute(&mut *holder)
+        .await
+        .expect("W's row held");
+    let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let foreign = {
+        let (store, w, x, committed) = (store.clone(), w.clone(), x.id, Arc::clone(&committed));
+        tokio::spawn(async move {
+            let mut tx = store.begin().await?;
+            let mut next = w.clone();
+            next.revision += 1;
+            tx.update(&next, w.revision).await?;
+            tx.enqueue(Some(x), &[Message::new("F", "d", b"{}".to_vec())]).await?;
+            tx.commit().await?;
+            committed.lock().expect("unpoisoned").push("F");
+            Ok::<_, StoreError>(())
+        })
+    };
+    until_a_statement_waits_for_a_lock(store.pool()).await;
+    let own = {
+        let (store, x, committed) = (store.clone(), x.clone(), Arc::clone(&committed));
+        tokio::spawn(async move {
+            // Decided again on a conflict, as the engine does.
+            let mut instance = x;
+            for _ in 0..3 {
+                match try_emit(&store, &instance, "M2").await {
+                    Ok(()) => {
+                        committed.lock().expect("unpoisoned").push("M2");
+                        return Ok(());
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        instance = store.load(instance.id).await?.expect("X exists");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            panic!("X's transition kept conflicting");
+        })
+    };
+    // Either X's transition commits at once, or it waits for the foreign
+    // write: give it the time to do the first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.rollback().await.expect("W's row released");
+    foreign.await.expect("no panic").expect("the foreign write commits");
+    own.await.expect("no panic").expect("X's transition commits");
+
+    let order = committed.lock().expect("unpoisoned").clone();
+    let ids: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, kind FROM saga_outbox WHERE saga_id = $1 AND kind IN ('F', 'M2') ORDER BY id")
+            .bind(x.id.as_uuid())
+            .fetch_all(store.pool())
+            .await
+            .expect("X's messages");
+    let by_id: Vec<&str> = ids.iter().map(|(_, kind)| kind.as_str()).collect();
+    assert_eq!(by_id, order, "X's messages sort in the order they committed");
+}
+
 /// A lease or a wait meant as "for ever" is taken as a year, not a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_lease_or_wait_does_not_overflow() {
