@@ -21,8 +21,10 @@ use crate::summary::{Summary, SummaryQuery};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// Another writer committed a newer revision first. Reload and decide again;
-    /// never overwrite.
+    /// Another writer committed a newer revision first, or (a backend may say
+    /// so with `actual` equal to `expected`) changed what the decision read
+    /// without a new revision, such as a message written for the saga by
+    /// another transaction. Reload and decide again; never overwrite.
     #[error("saga {id} is at revision {actual:?}, expected {expected}")]
     Conflict {
         /// The instance.

@@ -315,15 +315,16 @@ impl Shape {
         if let (Some(p), false) = (&outbox, single) {
             if self.foreign {
                 // The other sagas' rows are locked before their messages
-                // draw ids, as their own transitions lock them before
-                // theirs: a saga's ids then grow in commit order, which its
-                // pointer (moved below) relies on.
+                // draw ids, so a transition of one of them that commits
+                // meanwhile waits, and a saga's ids grow in commit order,
+                // which its pointer (moved below) relies on. The lock is
+                // the one `moved` takes anyway.
                 let sagas = match self.outbox {
                     Rows::Many => format!("= ANY({}::uuid[])", p[0]),
                     _ => format!("= {}::uuid", p[0]),
                 };
                 ctes.push(format!(
-                    "locked AS (SELECT id FROM saga_instances WHERE id {sagas} ORDER BY id FOR UPDATE)"
+                    "locked AS (SELECT id FROM saga_instances WHERE id {sagas} ORDER BY id FOR NO KEY UPDATE)"
                 ));
             }
             ctes.push(outbox_ids(self.outbox, p, self.foreign));

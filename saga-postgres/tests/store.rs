@@ -554,7 +554,9 @@ async fn a_shared_statement_does_not_let_a_transition_overtake_a_foreign_write_i
     until_a_statement_waits_for_a_lock(store.pool()).await;
     let before = store.commit_batching();
     let (own_x, own_y) = (transition(x), transition(y));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Time for both to queue behind Z's statement (the shared statement
+    // assertion below says if they did not).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Attached as X's and Y's statement is made, so it hands off.
     keep_relay_attached(&store).await;
     Box::new(foreign_z).commit().await.expect("FZ commits");
@@ -620,6 +622,7 @@ async fn a_foreign_message_is_ordered_after_the_messages_of_its_saga_committed_b
         .await
         .expect("W's row held");
     let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let conflicts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let foreign = {
         let (store, w, x, committed) = (store.clone(), w.clone(), x.id, Arc::clone(&committed));
         tokio::spawn(async move {
@@ -636,6 +639,7 @@ async fn a_foreign_message_is_ordered_after_the_messages_of_its_saga_committed_b
     until_a_statement_waits_for_a_lock(store.pool()).await;
     let own = {
         let (store, x, committed) = (store.clone(), x.clone(), Arc::clone(&committed));
+        let conflicts = Arc::clone(&conflicts);
         tokio::spawn(async move {
             // Decided again on a conflict, as the engine does.
             let mut instance = x;
@@ -646,6 +650,7 @@ async fn a_foreign_message_is_ordered_after_the_messages_of_its_saga_committed_b
                         return Ok(());
                     }
                     Err(StoreError::Conflict { .. }) => {
+                        conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         instance = store.load(instance.id).await?.expect("X exists");
                     }
                     Err(e) => return Err(e),
@@ -670,6 +675,11 @@ async fn a_foreign_message_is_ordered_after_the_messages_of_its_saga_committed_b
             .expect("X's messages");
     let by_id: Vec<&str> = ids.iter().map(|(_, kind)| kind.as_str()).collect();
     assert_eq!(by_id, order, "X's messages sort in the order they committed");
+    assert_eq!(
+        (order.as_slice(), conflicts.load(std::sync::atomic::Ordering::Relaxed)),
+        (&["F", "M2"][..], 1),
+        "X's transition waited for the foreign write, then was decided again"
+    );
 }
 
 /// A lease or a wait meant as "for ever" is taken as a year, not a panic.
