@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use saga_core::{
     DeadLetterPage, DeadLetterQueue, Engine, EngineError, InstanceFilter, MessageId, OperatorAction, ReplayReport,
-    ReplaySelection, SagaId, SagaInstance, SagaStatus, StoreError, TransportError, UnsentFilter,
+    ReplaySelection, SagaId, SagaInstance, SagaStatus, Store, StoreError, TransportError, UnsentFilter, UnsentMessage,
 };
 use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
@@ -52,6 +52,35 @@ pub const DEFAULT_DEAD_LETTERS: usize = 20;
 pub const MAX_DEAD_LETTERS: usize = 1000;
 /// An instance's unsent messages shown with it.
 pub const UNSENT_OF_INSTANCE: usize = 20;
+
+/// A page's `limit` field: 0 for [`DEFAULT_PAGE`], at most [`MAX_PAGE`].
+fn page_limit(limit: u32) -> Result<usize, AdminError> {
+    match limit as usize {
+        0 => Ok(DEFAULT_PAGE),
+        n if n > MAX_PAGE => Err(AdminError::invalid("limit", format!("at most {MAX_PAGE}"))),
+        n => Ok(n),
+    }
+}
+
+/// The first [`UNSENT_OF_INSTANCE`] of saga `id`'s unsent messages, and
+/// whether it has more: what `GetInstance` and the dashboard's saga page
+/// show.
+pub(crate) async fn unsent_of_instance(
+    store: &dyn Store,
+    id: SagaId,
+) -> Result<(Vec<UnsentMessage>, bool), StoreError> {
+    let mut unsent = store
+        .unsent_messages(&UnsentFilter {
+            saga: Some(id),
+            // One more tells whether there are more.
+            limit: UNSENT_OF_INSTANCE + 1,
+            ..UnsentFilter::default()
+        })
+        .await?;
+    let more = unsent.len() > UNSENT_OF_INSTANCE;
+    unsent.truncate(UNSENT_OF_INSTANCE);
+    Ok((unsent, more))
+}
 
 /// Why an admin call failed. Each variant is one gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -343,11 +372,7 @@ impl AdminGrpc {
         let ops = &self.operations;
         ops.check_open()?;
         let now = ops.engine.now();
-        let limit = match request.limit as usize {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => return Err(AdminError::invalid("limit", format!("at most {MAX_PAGE}"))),
-            n => n,
-        };
+        let limit = page_limit(request.limit)?;
         let statuses = request
             .statuses
             .iter()
@@ -390,17 +415,7 @@ impl AdminGrpc {
         let id = convert::saga_id("id", &request.id)?;
         let instance = ops.instance(id).await?;
         let history = ops.engine.store().history(id).await?;
-        let unsent = ops
-            .engine
-            .store()
-            .unsent_messages(&UnsentFilter {
-                saga: Some(id),
-                // One more tells whether there are more.
-                limit: UNSENT_OF_INSTANCE + 1,
-                ..UnsentFilter::default()
-            })
-            .await?;
-        let more_unsent = unsent.len() > UNSENT_OF_INSTANCE;
+        let (unsent, more_unsent) = unsent_of_instance(ops.engine.store().as_ref(), id).await?;
         let steps = ops
             .engine
             .step_names(&instance.definition, instance.definition_version)
@@ -409,11 +424,7 @@ impl AdminGrpc {
             history: history.iter().map(|t| convert::transition(&steps, t)).collect(),
             instance: Some(convert::instance(&ops.engine, &instance)),
             steps,
-            unsent: unsent
-                .into_iter()
-                .take(UNSENT_OF_INSTANCE)
-                .map(convert::unsent_message)
-                .collect(),
+            unsent: unsent.into_iter().map(convert::unsent_message).collect(),
             more_unsent,
         })
     }
@@ -424,11 +435,7 @@ impl AdminGrpc {
     ) -> Result<proto::ListUnsentMessagesResponse, AdminError> {
         let ops = &self.operations;
         ops.check_open()?;
-        let limit = match request.limit as usize {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => return Err(AdminError::invalid("limit", format!("at most {MAX_PAGE}"))),
-            n => n,
-        };
+        let limit = page_limit(request.limit)?;
         let saga = match request.saga_id.trim() {
             "" => None,
             id => Some(convert::saga_id("saga_id", id)?),

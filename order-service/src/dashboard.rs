@@ -35,11 +35,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use saga_core::{
     Engine, InstanceFilter, MINUTE, MinuteOutcomes, SagaId, SagaInstance, SagaStatus, StoreError, SummaryQuery,
-    UnsentFilter,
 };
 use serde::Deserialize;
 
-use crate::admin::UNSENT_OF_INSTANCE;
+use crate::admin::unsent_of_instance;
 use crate::config::AdminToken;
 use crate::saga::ORDER_SAGA;
 use auth::Access;
@@ -239,14 +238,7 @@ async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Res
     let store = engine.store();
     let instance = store.load(id).await?.ok_or(DashboardError::NotFound(id))?;
     let history = store.history(id).await?;
-    let unsent = store
-        .unsent_messages(&UnsentFilter {
-            saga: Some(id),
-            // One more tells whether there are more.
-            limit: UNSENT_OF_INSTANCE + 1,
-            ..UnsentFilter::default()
-        })
-        .await?;
+    let (unsent, more_unsent) = unsent_of_instance(store.as_ref(), id).await?;
     let view = instance::InstanceView {
         now: engine.now(),
         mermaid: engine.mermaid(&instance.definition, instance.definition_version),
@@ -257,6 +249,7 @@ async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Res
         instance: &instance,
         history: &history,
         unsent: &unsent,
+        more_unsent,
     };
     Ok(Html(instance::render(&view)))
 }

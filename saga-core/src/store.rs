@@ -211,6 +211,11 @@ pub trait DeadlineStore: Send + Sync {
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<DueDeadline>, StoreError>;
 }
 
+/// A listing's `limit`, or the backends' default of 100 when it is 0.
+fn limit_or_default(limit: usize) -> usize {
+    if limit == 0 { 100 } else { limit }
+}
+
 /// Which instances to list. Conditions combine with AND.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceFilter {
@@ -236,7 +241,7 @@ pub struct InstanceFilter {
 impl InstanceFilter {
     /// The limit a backend applies: `limit`, or 100 when it is 0.
     pub fn effective_limit(&self) -> usize {
-        if self.limit == 0 { 100 } else { self.limit }
+        limit_or_default(self.limit)
     }
 
     /// Whether `instance` counts as stuck for a threshold time `since`: it
@@ -297,7 +302,7 @@ pub struct UnsentFilter {
 impl UnsentFilter {
     /// The limit a backend applies: `limit`, or 100 when it is 0.
     pub fn effective_limit(&self) -> usize {
-        if self.limit == 0 { 100 } else { self.limit }
+        limit_or_default(self.limit)
     }
 
     /// Whether `message`, of the saga `saga` (if any), passes every

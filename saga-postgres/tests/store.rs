@@ -27,6 +27,11 @@ fn messages(saga: Option<SagaId>, n: usize, destination: &str) -> Vec<Message> {
         .collect()
 }
 
+/// The kinds of `entries`, in order.
+fn kinds_of(entries: &[OutboxEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.message.kind.as_str()).collect()
+}
+
 async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.expect("count query")
 }
@@ -307,7 +312,7 @@ async fn a_transaction_writing_several_rows_of_each_kind_writes_them_all() {
         "`caused` is on the history row of the transition it caused"
     );
     let claimed = store.claim(10, Duration::from_secs(60)).await.expect("claim");
-    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&claimed);
     assert_eq!(kinds, ["M0", "M1", "M2"], "in order");
 
     // Without an instance write, both again: each is a duplicate.
@@ -429,7 +434,7 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
     store.mark_sent(&[first[0].id]).await.expect("mark_sent");
     let _ = emit(&store, &instance, false, "M3").await;
     let rest = other.claim(10, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = rest.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&rest);
     assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
 }
 
@@ -512,7 +517,7 @@ async fn a_transition_that_waited_for_a_foreign_write_of_its_saga_does_not_overt
         .await
         .expect("decided again, it commits");
     let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&claimed);
     assert_eq!(kinds, ["F", "M2"], "the foreign message first, then the saga's own");
 }
 
@@ -709,7 +714,7 @@ async fn an_unreadable_outbox_row_does_not_hold_back_the_others() {
         .await
         .expect("spoil a row");
     let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&claimed);
     assert_eq!(kinds, ["M1"]);
     let unsent = count(
         store.pool(),
@@ -760,7 +765,7 @@ async fn a_transitions_messages_handed_over_past_the_limit_stay_together() {
     // Long enough for the next claim to read the table as well.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let claimed = store.claim(1, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&claimed);
     assert_eq!(kinds, ["M0", "M1", "M2"], "one transition's messages, together");
 }
 
@@ -788,7 +793,7 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     keep_relay_attached(&store).await;
     let instance = emit(&store, &instance, false, "M2").await;
     let second = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = second.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&second);
     assert_eq!(kinds, ["M2"], "handed off behind a published message");
     assert!(leased(&pool, second[0].id).await);
     assert!(!marking.is_finished(), "M1 was still waiting to be marked");
@@ -812,7 +817,7 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     // M2 confirmed: its confirm wakes the relay, whose claim takes M3 while
     // neither M1 nor M2 is marked yet (their marks wait for the delay).
     let (claimed, marking_second) = confirm_and_claim(&store, second[0].id, "M2").await;
-    let kinds: Vec<&str> = claimed.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&claimed);
     assert_eq!(kinds, ["M3"], "claimed behind M2, confirmed and waiting to be marked");
     assert!(
         !marking.is_finished() && !marking_second.is_finished(),
@@ -838,7 +843,7 @@ async fn without_hand_offs_a_confirm_still_lets_the_message_behind_it_go() {
     let store = db.store_with(2, config).await;
     let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
     let first = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    let kinds: Vec<&str> = first.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&first);
     assert_eq!(kinds, ["M1"]);
     let _ = emit(&store, &instance, false, "M2").await;
     assert!(
@@ -851,7 +856,7 @@ async fn without_hand_offs_a_confirm_still_lets_the_message_behind_it_go() {
     );
 
     let (second, marking) = confirm_and_claim(&store, first[0].id, "M1").await;
-    let kinds: Vec<&str> = second.iter().map(|e| e.message.kind.as_str()).collect();
+    let kinds = kinds_of(&second);
     assert_eq!(kinds, ["M2"], "claimed behind M1, confirmed and waiting to be marked");
     assert!(!marking.is_finished(), "M1 was still waiting to be marked");
     marking.abort();

@@ -9,7 +9,6 @@ use saga_core::{Cause, Position, SagaInstance, Timestamp, Transition, UnsentMess
 use super::diagram;
 use super::html::{esc, page, status_badge, time, time_ago};
 use super::position_label;
-use crate::admin::UNSENT_OF_INSTANCE;
 
 /// Everything the page shows.
 pub struct InstanceView<'a> {
@@ -26,8 +25,10 @@ pub struct InstanceView<'a> {
     /// Where it stands, in words.
     pub step_label: String,
     /// Its messages in the outbox, not yet confirmed by the broker, oldest
-    /// first: the first [`UNSENT_OF_INSTANCE`], and one more if there are more.
+    /// first (the first [`UNSENT_OF_INSTANCE`](crate::admin::UNSENT_OF_INSTANCE)).
     pub unsent: &'a [UnsentMessage],
+    /// Whether it has more than those.
+    pub more_unsent: bool,
 }
 
 /// The whole page.
@@ -111,7 +112,7 @@ pub fn render(view: &InstanceView<'_>) -> String {
     }
     body.push_str("</ol></section>");
     if !view.unsent.is_empty() {
-        unsent_section(&mut body, view.unsent, view.now);
+        unsent_section(&mut body, view.unsent, view.more_unsent, view.now);
     }
 
     body.push_str("<section><h2>Definition</h2>");
@@ -187,13 +188,16 @@ fn timeline_entry(body: &mut String, transition: &Transition, steps: &[String]) 
 
 /// Messages still in the outbox: normal for a moment; for longer, the
 /// broker is away or refuses them (see the operations guide).
-fn unsent_section(body: &mut String, unsent: &[UnsentMessage], now: Timestamp) {
-    let count = if unsent.len() > UNSENT_OF_INSTANCE {
-        format!("More than {UNSENT_OF_INSTANCE} message(s) in the outbox (the first {UNSENT_OF_INSTANCE} here)")
+fn unsent_section(body: &mut String, unsent: &[UnsentMessage], more: bool, now: Timestamp) {
+    let count = if more {
+        format!(
+            "More than {} message(s) in the outbox (the first {} here)",
+            unsent.len(),
+            unsent.len()
+        )
     } else {
         format!("{} message(s) in the outbox", unsent.len())
     };
-    let unsent = &unsent[..unsent.len().min(UNSENT_OF_INSTANCE)];
     let _ = write!(
         body,
         "<section><h2>Not yet confirmed by the broker</h2><p class=\"muted\">{count}, oldest \
@@ -244,8 +248,9 @@ fn pretty_json(data: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::UNSENT_OF_INSTANCE;
 
-    fn view<'a>(instance: &'a SagaInstance, unsent: &'a [UnsentMessage]) -> InstanceView<'a> {
+    fn view<'a>(instance: &'a SagaInstance, unsent: &'a [UnsentMessage], more_unsent: bool) -> InstanceView<'a> {
         InstanceView {
             now: instance.updated_at,
             instance,
@@ -254,6 +259,7 @@ mod tests {
             steps: Vec::new(),
             step_label: String::new(),
             unsent,
+            more_unsent,
         }
     }
 
@@ -269,7 +275,7 @@ mod tests {
             },
             claimed_until: Some(instance.updated_at),
         }];
-        let page = render(&view(&instance, &unsent));
+        let page = render(&view(&instance, &unsent, false));
         assert!(page.contains("<table id=\"unsent\">"), "{page}");
         for expected in [
             "1 message(s) in the outbox",
@@ -281,10 +287,10 @@ mod tests {
         ] {
             assert!(page.contains(expected), "`{expected}` in {page}");
         }
-        let page = render(&view(&instance, &[]));
+        let page = render(&view(&instance, &[], false));
         assert!(!page.contains("id=\"unsent\""), "no section without unsent messages");
-        let many = vec![unsent[0].clone(); UNSENT_OF_INSTANCE + 1];
-        let page = render(&view(&instance, &many));
+        let many = vec![unsent[0].clone(); UNSENT_OF_INSTANCE];
+        let page = render(&view(&instance, &many, true));
         assert!(
             page.contains("More than 20 message(s) in the outbox (the first 20 here)"),
             "{page}"
