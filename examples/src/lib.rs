@@ -8,7 +8,8 @@
 //! - `load-test` ([`load`]): the end-to-end load benchmark of the order
 //!   service and the inventory service on PostgreSQL + RabbitMQ.
 //! - `sagactl` ([`sagactl`]): the operator's command line for the admin API
-//!   (list, show, retry, cancel, resume sagas; list and replay dead letters).
+//!   (list, show, retry, cancel, resume sagas; list and replay dead letters;
+//!   list the outbox and give up a message the broker will never take).
 //!
 //! The binaries are thin: their logic lives here so tests can drive it.
 

@@ -8,6 +8,7 @@
 //! sagactl dlq list [--queue Q] [--limit 20]
 //! sagactl dlq replay [--queue Q] (<MESSAGE_ID>... | --all)
 //! sagactl outbox [--saga SAGA_ID] [--older-than 1m] [--limit 50]
+//! sagactl discard <SAGA_ID> <OUTBOX_ID> --reason "headers too large"
 //! ```
 //!
 //! The address comes from `--addr` or `SAGA_ADMIN_ADDR` (default
@@ -26,8 +27,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use order_service::admin::proto::saga_admin_client::SagaAdminClient;
 use order_service::admin::proto::{
-    self as admin, GetInstanceRequest, ListDeadLettersRequest, ListInstancesRequest, ListUnsentMessagesRequest,
-    OperatorActionRequest, ReplayDeadLettersRequest,
+    self as admin, DiscardUnsentMessageRequest, GetInstanceRequest, ListDeadLettersRequest, ListInstancesRequest,
+    ListUnsentMessagesRequest, OperatorActionRequest, ReplayDeadLettersRequest,
 };
 use saga_core::SagaStatus;
 use tonic::metadata::MetadataValue;
@@ -93,6 +94,18 @@ pub enum Command {
     /// Messages committed but not yet confirmed by the broker, oldest first
     /// (a message the broker refuses stays here, holding its saga back).
     Outbox(OutboxArgs),
+    /// Give up an unsent message the broker will never take (its outbox id
+    /// as `outbox` lists it): it is never published, and its saga's later
+    /// messages go. Recorded in the saga's history with the reason.
+    Discard {
+        /// The saga the message belongs to.
+        saga_id: String,
+        /// The message's outbox id.
+        outbox_id: i64,
+        /// Why, for the saga's history.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// `outbox`'s filters.
@@ -353,6 +366,20 @@ pub async fn run(cli: Sagactl, out: &mut (dyn Write + Send)) -> Result<(), Sagac
             let response = client.inner.list_unsent_messages(request).await?.into_inner();
             render::unsent(out, &response.messages, json)?;
         }
+        Command::Discard {
+            saga_id,
+            outbox_id,
+            reason,
+        } => {
+            let request = client.request(DiscardUnsentMessageRequest {
+                saga_id,
+                outbox_id,
+                reason,
+            });
+            let response = client.inner.discard_unsent_message(request).await?.into_inner();
+            let instance = response.instance.ok_or(SagactlError::Incomplete("the instance"))?;
+            render::acted(out, &format!("gave up outbox message {outbox_id} of"), &instance, json)?;
+        }
     }
     out.flush()?;
     Ok(())
@@ -468,6 +495,23 @@ mod tests {
     }
 
     #[test]
+    fn discard_takes_the_saga_the_outbox_id_and_a_reason() {
+        let cli = parse(&["discard", "s-1", "7", "--reason", "headers too large"]).expect("valid");
+        let Command::Discard {
+            saga_id,
+            outbox_id,
+            reason,
+        } = cli.command
+        else {
+            panic!("a discard command")
+        };
+        assert_eq!(
+            (saga_id.as_str(), outbox_id, reason.as_str()),
+            ("s-1", 7, "headers too large")
+        );
+    }
+
+    #[test]
     fn ages_take_a_unit() {
         assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_age("250ms"), Ok(Duration::from_millis(250)));
@@ -488,6 +532,8 @@ mod tests {
             &["dlq", "replay", "m-1", "--all"],
             &["dlq"],
             &["outbox", "--older-than", "soon"],
+            &["discard", "s-1", "7"],
+            &["discard", "s-1", "seven", "--reason", "why"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }

@@ -4,6 +4,8 @@
 //! - Instances: list (by definition, status, age, stuck), read one with its
 //!   history, and the operator actions retry, cancel and resume, each
 //!   recorded in the instance's history by saga-core's engine.
+//! - Unsent messages (the outbox): list them, and give up one the broker
+//!   will never take, recorded in its saga's history.
 //! - Dead letters of the queues the service consumes: list, and replay to
 //!   their original exchange. Production mode reads RabbitMQ's `<queue>.dlq`;
 //!   embedded mode answers from the in-process transport's dead-letter
@@ -52,6 +54,8 @@ pub const DEFAULT_DEAD_LETTERS: usize = 20;
 pub const MAX_DEAD_LETTERS: usize = 1000;
 /// An instance's unsent messages shown with it.
 pub const UNSENT_OF_INSTANCE: usize = 20;
+/// The longest reason an operator may give for giving up a message.
+pub const MAX_REASON_CHARS: usize = 500;
 
 /// A page's `limit` field: 0 for [`DEFAULT_PAGE`], at most [`MAX_PAGE`].
 fn page_limit(limit: u32) -> Result<usize, AdminError> {
@@ -270,6 +274,16 @@ impl Operations {
         Ok(instance)
     }
 
+    /// Gives up saga `id`'s unsent message `outbox_id` (the engine logs it
+    /// and records it in the saga's history).
+    async fn discard(&self, id: SagaId, outbox_id: i64, reason: &str) -> Result<SagaInstance, AdminError> {
+        self.check_open()?;
+        self.engine
+            .discard_unsent(id, outbox_id, reason)
+            .await
+            .map_err(|e| engine_error(id, e))
+    }
+
     /// The dead letters of `queues`, each with its own page.
     async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<(String, DeadLetterPage)>, AdminError> {
         let queues = self.dead_letters.chosen(queue)?;
@@ -467,6 +481,33 @@ impl AdminGrpc {
         })
     }
 
+    async fn discard(
+        &self,
+        request: proto::DiscardUnsentMessageRequest,
+    ) -> Result<proto::OperatorActionResponse, AdminError> {
+        let id = convert::saga_id("saga_id", &request.saga_id)?;
+        if request.outbox_id <= 0 {
+            return Err(AdminError::invalid(
+                "outbox_id",
+                "required: the message's outbox_id, as ListUnsentMessages shows it",
+            ));
+        }
+        let reason = request.reason.trim();
+        if reason.is_empty() {
+            return Err(AdminError::invalid("reason", "required: why, for the saga's history"));
+        }
+        if reason.chars().count() > MAX_REASON_CHARS {
+            return Err(AdminError::invalid(
+                "reason",
+                format!("at most {MAX_REASON_CHARS} characters"),
+            ));
+        }
+        let instance = self.operations.discard(id, request.outbox_id, reason).await?;
+        Ok(proto::OperatorActionResponse {
+            instance: Some(convert::instance(&self.operations.engine, &instance)),
+        })
+    }
+
     async fn dead_letters(
         &self,
         request: proto::ListDeadLettersRequest,
@@ -579,6 +620,13 @@ impl SagaAdmin for AdminGrpc {
         request: Request<proto::ListUnsentMessagesRequest>,
     ) -> Result<Response<proto::ListUnsentMessagesResponse>, Status> {
         Ok(Response::new(self.unsent(request.into_inner()).await?))
+    }
+
+    async fn discard_unsent_message(
+        &self,
+        request: Request<proto::DiscardUnsentMessageRequest>,
+    ) -> Result<Response<proto::OperatorActionResponse>, Status> {
+        Ok(Response::new(self.discard(request.into_inner()).await?))
     }
 }
 

@@ -139,10 +139,7 @@ pub(crate) fn decide_owned<D: SagaData, E: Send + 'static>(
         what: format!("data of saga {}", instance.id),
         source,
     })?;
-    let before = Position {
-        status: instance.status,
-        step: instance.step,
-    };
+    let before = Position::of(&instance);
     let mut run = Run::new(definition, instance, data, now);
     let cause = match event {
         Event::Message(message) => {
@@ -464,10 +461,7 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
             at: self.now,
             cause,
             before,
-            after: Position {
-                status: self.instance.status,
-                step: self.instance.step,
-            },
+            after: Position::of(&self.instance),
             emitted: self.messages.iter().map(|m| (m.id.clone(), m.kind.clone())).collect(),
             note: self.note,
         };

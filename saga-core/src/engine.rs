@@ -17,9 +17,9 @@ use crate::decide::{self, Decision, Event, OperatorAction, Outcome};
 use crate::definition::{Correlation, SagaData, SagaDefinition};
 use crate::error::{DefinitionError, EngineError, StepError};
 use crate::id::{MessageId, SagaId};
-use crate::instance::{SagaInstance, SagaStatus, Transition};
+use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
 use crate::message::{IN_REPLY_TO, Message};
-use crate::store::{Store, StoreError, Transaction};
+use crate::store::{OutboxId, Store, StoreError, Transaction};
 use crate::telemetry;
 use crate::upgrade::Upgrade;
 
@@ -646,6 +646,104 @@ impl Engine {
             kind: action.as_str().to_owned(),
             key: Some(id.to_string()),
         })
+    }
+
+    /// Gives up the unsent outbox message `message` of saga `id`, for an
+    /// operator, when the broker will never take it (headers too large for
+    /// a frame, a row no relay can read): it is never published, and the
+    /// saga's later messages, which wait behind it to keep their order, go.
+    /// One transaction gives it up and records it in the saga's history
+    /// (cause `Operator { action: "discard" }`, `reason` and the message in
+    /// the note; the instance's status and step unchanged). Returns the
+    /// instance afterwards.
+    ///
+    /// The saga continues as it would have had the message been lost: a
+    /// step waiting for a reply to it runs into its reply deadline. A relay
+    /// publishing the message at that moment may still get it out.
+    ///
+    /// [`EngineError::UnknownSaga`] when there is no such instance;
+    /// [`EngineError::InvalidAction`] when the message is not one of the
+    /// saga's unsent messages (sent, given up before, another saga's, or
+    /// none): nothing changed.
+    pub async fn discard_unsent(
+        &self,
+        id: SagaId,
+        message: OutboxId,
+        reason: &str,
+    ) -> Result<SagaInstance, EngineError> {
+        const ACTION: &str = "discard";
+        let span = tracing::info_span!("saga.operator", saga_id = %id, action = ACTION, outbox_id = message);
+        async {
+            let attempts = self.inner.config.max_conflict_retries.max(1);
+            for _ in 0..attempts {
+                let before = self.inner.store.load(id).await?.ok_or(EngineError::UnknownSaga {
+                    kind: ACTION.to_owned(),
+                    key: Some(id.to_string()),
+                })?;
+                let mut tx = self.inner.store.begin().await?;
+                let invalid = |reason: String| EngineError::InvalidAction {
+                    id,
+                    action: ACTION,
+                    reason,
+                };
+                let entry = match tx.discard_unsent(message).await? {
+                    Some(entry) if entry.saga == Some(id) => entry,
+                    Some(_) => return Err(invalid(format!("outbox message {message} is another saga's"))),
+                    None => return Err(invalid(format!("outbox message {message} is not unsent"))),
+                };
+                let now = self.now();
+                let after = SagaInstance {
+                    revision: before.revision + 1,
+                    updated_at: now,
+                    ..before.clone()
+                };
+                let transition = Transition {
+                    saga_id: id,
+                    revision: after.revision,
+                    at: now,
+                    cause: Cause::Operator {
+                        action: ACTION.to_owned(),
+                    },
+                    before: Some(Position::of(&before)),
+                    after: Position::of(&after),
+                    emitted: Vec::new(),
+                    // The reason first: listings shorten notes.
+                    note: Some(format!(
+                        "{reason}; gave up unsent {} to {} (message {}, outbox {message})",
+                        entry.message.kind, entry.message.destination, entry.message.id
+                    )),
+                };
+                tx.update(&after, before.revision).await?;
+                tx.record(&transition).await?;
+                match tx.commit().await {
+                    Ok(()) => {}
+                    Err(e) if e.is_conflict() => {
+                        self.inner.recent.forget(id);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.inner.recent.forget(id);
+                        return Err(e.into());
+                    }
+                }
+                metrics::counter!(telemetry::OUTBOX_DISCARDED_TOTAL).increment(1);
+                tracing::warn!(
+                    message_id = %entry.message.id,
+                    kind = %entry.message.kind,
+                    destination = %entry.message.destination,
+                    reason,
+                    "an operator gave up an unsent message; it will not be published"
+                );
+                if let Some(hook) = &self.inner.on_committed {
+                    hook(&after, &transition);
+                }
+                self.inner.recent.committed(after.clone());
+                return Ok(after);
+            }
+            Err(EngineError::Contended { id, attempts })
+        }
+        .instrument(span)
+        .await
     }
 
     /// Fires deadlines every `interval` until `shutdown` is cancelled.

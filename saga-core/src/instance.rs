@@ -126,7 +126,7 @@ pub enum Cause {
     },
     /// An operator acted.
     Operator {
-        /// What they did (`retry`, `cancel`, `resume`).
+        /// What they did (`retry`, `cancel`, `resume`, `discard`).
         action: String,
     },
 }
@@ -138,6 +138,16 @@ pub struct Position {
     pub status: SagaStatus,
     /// Its step counter (see [`SagaInstance::step`]).
     pub step: u32,
+}
+
+impl Position {
+    /// Where `instance` stands.
+    pub fn of(instance: &SagaInstance) -> Self {
+        Self {
+            status: instance.status,
+            step: instance.step,
+        }
+    }
 }
 
 /// One entry of an instance's history.

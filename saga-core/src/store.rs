@@ -152,6 +152,16 @@ pub trait Transaction: Send {
     /// Adds messages to the outbox, to be published in this order after commit.
     async fn enqueue(&mut self, saga: Option<SagaId>, messages: &[Message]) -> Result<(), StoreError>;
 
+    /// Gives up the unsent outbox message `id` at commit: it is never
+    /// published, and its saga's later messages no longer wait behind it.
+    /// For an operator, when the broker will never take the message (see
+    /// [`Engine::discard_unsent`](crate::Engine::discard_unsent), which records
+    /// why in the saga's history). Returns the message, or `None` when it is
+    /// not unsent (marked sent, given up before, or never written); then
+    /// nothing is given up. A relay publishing the message at that moment may
+    /// still get it out.
+    async fn discard_unsent(&mut self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError>;
+
     /// Makes every write of this transaction durable and visible.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 

@@ -38,6 +38,10 @@ pub const OUTBOX_PUBLISH_FAILURES_TOTAL: &str = "saga_outbox_publish_failures_to
 /// a missing exchange, headers too large), not an outage. Registered at
 /// zero when a relay runs, so an alert on its increase sees the first.
 pub const OUTBOX_REFUSED_TOTAL: &str = "saga_outbox_refused_total";
+/// Counter: unsent outbox messages an operator gave up
+/// ([`Engine::discard_unsent`](crate::Engine::discard_unsent)); each is
+/// recorded in its saga's history with the reason.
+pub const OUTBOX_DISCARDED_TOTAL: &str = "saga_outbox_discarded_total";
 /// Histogram, seconds, label `saga`: a committed transition in the store,
 /// from its transaction's begin to its commit (the inbox check, the effects
 /// and any group commit's wait included): the store's share of a saga's
@@ -102,6 +106,10 @@ pub fn describe_metrics() {
         OUTBOX_REFUSED_TOTAL,
         "Outbox messages the broker refused (unroutable, missing exchange, too large) and their sagas' later \
          messages held behind them in the same round, at each try; each is tried again when its lease ends"
+    );
+    describe_counter!(
+        OUTBOX_DISCARDED_TOTAL,
+        "Unsent outbox messages an operator gave up; each is never published and is recorded in its saga's history"
     );
     describe_histogram!(
         COMMIT_SECONDS,

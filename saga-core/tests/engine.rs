@@ -13,7 +13,7 @@ use saga_core::{
     CancellationToken, Cause, Command, CommandHandler, Consumer, ConsumerConfig, EffectHandler, Engine, EngineError,
     Handled, Handling, IN_REPLY_TO, ManualClock, Message, OperatorAction, OutboxStore, Participant, QueryStore, Relay,
     RelayConfig, ReplyOutcome, RetryPolicy, SagaDefinition, SagaId, SagaInstance, SagaStatus, SagaStore, Step,
-    StepError, Transaction,
+    StepError, Transaction, UnsentFilter,
 };
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -572,6 +572,131 @@ async fn the_relay_keeps_messages_until_they_can_be_published() {
     assert_eq!(round.sent, 1, "tried again once its lease ended");
     assert_eq!(store.unsent(), 0);
     assert_eq!(transport.take("stock-queue").len(), 1);
+}
+
+/// Announces the order where no broker takes it, then reserves stock.
+fn announcing_saga() -> SagaDefinition<Order> {
+    SagaDefinition::builder("announcing")
+        .step(Step::local("announce", |_: &mut Order, ctx| {
+            ctx.send(Command {
+                kind: "Announced".into(),
+                destination: "nowhere".into(),
+                payload: b"{}".to_vec(),
+            });
+            Ok(())
+        }))
+        .step(
+            Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id)?))
+                .on_reply("Reserved", |_: &mut Order, _: bool| ReplyOutcome::Success),
+        )
+        .build()
+        .expect("valid definition")
+}
+
+#[tokio::test]
+async fn an_operator_gives_up_a_message_no_broker_takes_and_the_saga_goes_on() {
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    let transport = InMemoryTransport::new();
+    transport.declare_destination("stock").bind("stock", "stock-queue");
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .register(announcing_saga())
+        .build()
+        .expect("engine");
+    let id = engine.start("announcing", order("o-7")).await.expect("start");
+    let other = engine.start("announcing", order("o-8")).await.expect("start");
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(transport.clone()),
+        RelayConfig::default(),
+    );
+    let round = relay.run_once().await.expect("round");
+    assert_eq!(
+        (round.sent, round.refused),
+        (0, 4),
+        "each saga's announcement is refused and its reservation waits behind it"
+    );
+    let unsent = |saga| {
+        let store = store.clone();
+        async move {
+            store
+                .unsent_messages(&UnsentFilter {
+                    saga: Some(saga),
+                    ..UnsentFilter::default()
+                })
+                .await
+                .expect("unsent")
+        }
+    };
+    let announcement = unsent(id).await[0].entry.clone();
+    assert_eq!(announcement.message.kind, "Announced");
+    let before = store.load(id).await.expect("load").expect("exists");
+
+    let refusals = [
+        (SagaId::new(), announcement.id, "unknown saga"),
+        (other, announcement.id, "another saga's"),
+    ];
+    for (saga, message, what) in refusals {
+        let refused = engine.discard_unsent(saga, message, "too large").await;
+        assert!(
+            matches!(
+                (&refused, what),
+                (Err(EngineError::UnknownSaga { .. }), "unknown saga")
+                    | (Err(EngineError::InvalidAction { .. }), "another saga's")
+            ),
+            "{what}: {refused:?}"
+        );
+    }
+    assert_eq!(unsent(id).await.len(), 2, "refusals give nothing up");
+
+    let after = engine
+        .discard_unsent(id, announcement.id, "headers too large for a frame")
+        .await
+        .expect("discard");
+    assert_eq!(
+        (after.status, after.step, after.revision),
+        (before.status, before.step, before.revision + 1),
+        "the saga stands where it stood, one revision on"
+    );
+    let history = store.history(id).await.expect("history");
+    let last = history.last().expect("a history");
+    assert_eq!(
+        last.cause,
+        Cause::Operator {
+            action: "discard".into()
+        }
+    );
+    assert_eq!(last.revision, after.revision);
+    let note = last.note.as_deref().unwrap_or_default();
+    assert!(
+        note.contains(announcement.message.id.as_str())
+            && note.contains("Announced to nowhere")
+            && note.contains("headers too large for a frame"),
+        "the history says what was given up and why: {note}"
+    );
+    let again = engine.discard_unsent(id, announcement.id, "again").await;
+    assert!(
+        matches!(&again, Err(EngineError::InvalidAction { reason, .. }) if reason.contains("not unsent")),
+        "{again:?}"
+    );
+    assert_eq!(store.history(id).await.expect("history").len(), history.len());
+
+    clock.advance(RelayConfig::default().lease);
+    let round = relay.run_once().await.expect("round");
+    assert_eq!(
+        (round.sent, round.refused),
+        (1, 2),
+        "the reservation goes; the other saga's messages are still refused"
+    );
+    let reserved = transport.take("stock-queue");
+    assert_eq!(reserved.len(), 1);
+    assert_eq!(
+        (reserved[0].kind.as_str(), reserved[0].payload.as_slice()),
+        ("Reserve", br#""o-7""#.as_slice()),
+        "the reservation of the saga whose announcement was given up"
+    );
+    assert_eq!(unsent(id).await.len(), 0, "nothing of the saga is left in the outbox");
 }
 
 /// A broker that takes messages and never confirms them.

@@ -122,6 +122,15 @@ const UNREADABLE_HEADERS: &str = "(unreadable headers)";
 /// object's values as their JSON, anything else whole under
 /// [`UNREADABLE_HEADERS`].
 pub(crate) fn unsent_message(row: &PgRow) -> Result<UnsentMessage, StoreError> {
+    Ok(UnsentMessage {
+        entry: shown_outbox_entry(row)?,
+        claimed_until: get::<Option<i64>>(row, "claimed_until")?.map(Timestamp::from_millis),
+    })
+}
+
+/// A `saga_outbox` row as an operator sees it: headers that are not names
+/// and texts are shown as [`unsent_message`] shows them.
+pub(crate) fn shown_outbox_entry(row: &PgRow) -> Result<OutboxEntry, StoreError> {
     use serde_json::Value;
 
     let id: i64 = get(row, "id")?;
@@ -136,8 +145,5 @@ pub(crate) fn unsent_message(row: &PgRow) -> Result<UnsentMessage, StoreError> {
             .collect(),
         other => BTreeMap::from([(UNREADABLE_HEADERS.to_owned(), other.to_string())]),
     };
-    Ok(UnsentMessage {
-        entry: outbox_entry_with(row, id, headers)?,
-        claimed_until: get::<Option<i64>>(row, "claimed_until")?.map(Timestamp::from_millis),
-    })
+    outbox_entry_with(row, id, headers)
 }

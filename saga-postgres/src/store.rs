@@ -260,6 +260,14 @@ impl Shared {
         handoff.queue.extend(entries.into_iter().map(|e| (e, until)));
     }
 
+    /// Messages given up by a committed transaction: this process's relay
+    /// does not take them from its hand-offs, and claims read the table at
+    /// once for the sagas' later messages, which no longer wait behind them.
+    pub(crate) fn discarded(&self, ids: &[OutboxId]) {
+        self.handoff().queue.retain(|(entry, _)| !ids.contains(&entry.id));
+        self.wake_claims();
+    }
+
     /// Called after a commit that enqueued messages; `handed_off` if all
     /// of them went to this store's relay (no other relay need know).
     pub(crate) fn outbox_committed(&self, handed_off: bool) {

@@ -27,7 +27,9 @@ use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use saga_core::{Cause, Message, MessageId, OutboxEntry, SagaId, SagaInstance, StoreError, Transaction, Transition};
+use saga_core::{
+    Cause, Message, MessageId, OutboxEntry, OutboxId, SagaId, SagaInstance, StoreError, Transaction, Transition,
+};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgTransactionManager;
 use sqlx::{PgConnection, Postgres};
@@ -75,6 +77,9 @@ pub struct PostgresTransaction {
     /// Why a write sent early ([`flush`](PostgresTransaction::flush))
     /// failed: the transaction cannot commit any more, only roll back.
     failed: Option<String>,
+    /// Outbox rows given up, dropped from this process's hand-off once the
+    /// transaction has committed.
+    discarded: Vec<OutboxId>,
 }
 
 /// A buffered instance write, already turned into column values.
@@ -110,6 +115,7 @@ impl PostgresTransaction {
             enqueued: 0,
             handed_off: Vec::new(),
             failed: None,
+            discarded: Vec::new(),
         }
     }
 
@@ -693,6 +699,34 @@ impl Transaction for PostgresTransaction {
         Ok(())
     }
 
+    async fn discard_unsent(&mut self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
+        // In the open transaction: the row stays locked until it commits, so
+        // a relay's mark or a second discard waits for it, and a rollback
+        // leaves the row as it was. Read back as operators see rows: a row
+        // the relay cannot read (and so never publishes) is given up too.
+        let query = sqlx::query(
+            "UPDATE saga_outbox SET sent_at = now(), discarded_at = now() \
+             WHERE id = $1 AND sent_at IS NULL \
+             RETURNING id, saga_id, message_id, kind, destination, correlation_id, created_at, headers, payload",
+        )
+        .bind(id);
+        let row = match query.fetch_optional(self.connection().await?).await {
+            Ok(row) => row,
+            Err(error) => {
+                // PostgreSQL would answer a later COMMIT with a rollback.
+                let error = store_error(error);
+                self.failed = Some(error.to_string());
+                return Err(error);
+            }
+        };
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let entry = crate::row::shown_outbox_entry(&row)?;
+        self.discarded.push(id);
+        Ok(Some(entry))
+    }
+
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         let result = if !self.open && self.instances.len() <= 1 {
             // Everything fits in one statement: it is its own transaction.
@@ -734,6 +768,9 @@ impl Transaction for PostgresTransaction {
             let all = handed_off.len() == self.enqueued;
             self.shared.hand_off(handed_off);
             self.shared.outbox_committed(all);
+        }
+        if result.is_ok() && !self.discarded.is_empty() {
+            self.shared.discarded(&self.discarded);
         }
         result
     }

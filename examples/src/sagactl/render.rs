@@ -382,7 +382,7 @@ fn unsent_json(m: &admin::UnsentMessage) -> Value {
     })
 }
 
-/// `retry`, `cancel`, `resume`: what the instance is now.
+/// `retry`, `cancel`, `resume`, `discard`: what the instance is now.
 pub(super) fn acted(
     out: &mut (dyn Write + Send),
     done: &str,

@@ -2,7 +2,7 @@
 //! mode (listing, showing, refusals, JSON, the built binary), and production
 //! mode on PostgreSQL + RabbitMQ (a stuck order retried and cancelled, dead
 //! letters listed and replayed, a message the broker refuses found in the
-//! outbox).
+//! outbox, another given up).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -453,6 +453,35 @@ async fn a_stuck_order_is_retried_and_cancelled_and_dead_letters_replayed() {
         .await
         .expect("outbox");
     assert!(old.contains("holds no unsent message"), "none an hour old: {old}");
+    // A second one the operator gives up: it never goes, and `show` says why.
+    let given_up = service.place_order("p4").await;
+    let listed = eventually("the second OrderCreated in the outbox", || async {
+        let listed = service
+            .sagactl(&["--json", "outbox", "--saga", &given_up.id])
+            .await
+            .expect("outbox");
+        let json: Value = serde_json::from_str(&listed).expect("JSON output");
+        json["messages"][0]["outbox_id"].as_i64().map(|id| id.to_string())
+    })
+    .await;
+    let done = service
+        .sagactl(&["discard", &given_up.id, &listed, "--reason", "never routable"])
+        .await
+        .expect("discard");
+    assert!(
+        done.starts_with(&format!("gave up outbox message {listed} of saga {}", given_up.id)),
+        "{done}"
+    );
+    let shown = service.sagactl(&["show", &given_up.id]).await.expect("show");
+    assert!(
+        shown.contains("discard") && shown.contains("never routable") && !shown.contains("not yet confirmed"),
+        "{shown}"
+    );
+    let again = service
+        .sagactl(&["discard", &given_up.id, &listed, "--reason", "again"])
+        .await
+        .expect_err("given up already");
+    assert!(refused_with(&again, tonic::Code::FailedPrecondition), "{again}");
     bind_orders_queue(&env, true).await;
     eventually("the OrderCreated gone once routable", || async {
         let listed = service.sagactl(&["outbox"]).await.expect("outbox");

@@ -1,8 +1,8 @@
 //! The admin API (`saga.admin.v1.SagaAdmin`) over real gRPC: the bearer
 //! token, listing and reading instances with their history, retry / cancel
 //! / resume recorded in the history, stuck instances, dead letters listed
-//! and replayed, and messages the broker refuses found in the outbox — in
-//! embedded mode and on PostgreSQL + RabbitMQ.
+//! and replayed, and messages the broker refuses found in the outbox and
+//! given up — in embedded mode and on PostgreSQL + RabbitMQ.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +10,8 @@ use std::time::Duration;
 use order_service::Config;
 use order_service::admin::proto::saga_admin_client::SagaAdminClient;
 use order_service::admin::proto::{
-    self as admin, GetInstanceRequest, GetInstanceResponse, ListDeadLettersRequest, ListInstancesRequest,
-    ListUnsentMessagesRequest, OperatorActionRequest, ReplayDeadLettersRequest, SagaStatus,
+    self as admin, DiscardUnsentMessageRequest, GetInstanceRequest, GetInstanceResponse, ListDeadLettersRequest,
+    ListInstancesRequest, ListUnsentMessagesRequest, OperatorActionRequest, ReplayDeadLettersRequest, SagaStatus,
 };
 use order_service::config::{AdminToken, ListenAddr};
 use order_service::domain::{IdempotencyKey, OrderId, UserId};
@@ -94,6 +94,16 @@ impl Admin {
             "resume" => client.resume(request).await?,
             other => panic!("no action {other}"),
         };
+        Ok(response.into_inner().instance.expect("the instance after the action"))
+    }
+
+    async fn discard(&self, saga_id: &str, outbox_id: i64, reason: &str) -> Result<admin::SagaInstance, Status> {
+        let request = self.request(DiscardUnsentMessageRequest {
+            saga_id: saga_id.to_owned(),
+            outbox_id,
+            reason: reason.to_owned(),
+        });
+        let response = self.client.clone().discard_unsent_message(request).await?;
         Ok(response.into_inner().instance.expect("the instance after the action"))
     }
 
@@ -387,6 +397,10 @@ async fn bad_requests_name_the_field_and_actions_must_apply() {
         .await,
         "older_than",
     );
+    invalid(admin.discard("not-a-uuid", 1, "why").await, "saga_id");
+    invalid(admin.discard(&order.id, 0, "why").await, "outbox_id");
+    invalid(admin.discard(&order.id, 1, " ").await, "reason");
+    invalid(admin.discard(&order.id, 1, &"x".repeat(501)).await, "reason");
     invalid(admin.replay(ReplayDeadLettersRequest::default()).await, "message_ids");
     invalid(
         admin
@@ -420,6 +434,18 @@ async fn bad_requests_name_the_field_and_actions_must_apply() {
         );
         assert!(refused.message().contains("finished"), "says why: {refused:?}");
     }
+    assert_code(
+        admin.discard(&unknown, 1, "why").await,
+        Code::NotFound,
+        "discard for an unknown saga",
+    );
+    // The confirmed order's messages are all sent.
+    let refused = assert_code(
+        admin.discard(&order.id, i64::MAX, "why").await,
+        Code::FailedPrecondition,
+        "discard of a message that is not unsent",
+    );
+    assert!(refused.message().contains("not unsent"), "says why: {refused:?}");
     let history = admin.get(&order.id).await.expect("shown").history;
     assert!(operator_actions(&history).is_empty(), "refused actions leave no trace");
 }
@@ -828,7 +854,55 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         "nothing was routed"
     );
 
-    // Mended: it goes when its lease ends (5 s), and leaves the outbox.
+    // A second order's OrderCreated is refused too; the operator gives it
+    // up (as for a message the broker will never take) and it never goes.
+    let before = refusals(&app).await;
+    let given_up = app
+        .place_order("bob", vec![item("pear", 1, 3.0)])
+        .await
+        .expect("placed");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while refusals(&app).await <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second refusal is not counted on /metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let [second] = &admin.get(&given_up.id).await.expect("shown").unsent[..] else {
+        panic!("the second order's OrderCreated is unsent");
+    };
+    let another_sagas = assert_code(
+        admin.discard(&order.id, second.outbox_id, "wrong saga").await,
+        Code::FailedPrecondition,
+        "discard naming another saga",
+    );
+    assert!(another_sagas.message().contains("another saga's"), "{another_sagas:?}");
+    let instance = admin
+        .discard(&given_up.id, second.outbox_id, "  headers too large for a frame ")
+        .await
+        .expect("given up");
+    assert_eq!(
+        instance.status(),
+        SagaStatus::Running,
+        "the saga stands where it stood, waiting for its reply"
+    );
+    let shown = admin.get(&given_up.id).await.expect("shown");
+    assert!(shown.unsent.is_empty(), "given up: {:?}", shown.unsent);
+    assert_eq!(operator_actions(&shown.history), ["discard"]);
+    let note = &shown.history.last().expect("a history").note;
+    assert!(
+        note.starts_with("headers too large for a frame;") && note.contains(&second.message_id),
+        "the history says what was given up and why: {note}"
+    );
+    assert_code(
+        admin.discard(&given_up.id, second.outbox_id, "again").await,
+        Code::FailedPrecondition,
+        "a message given up is not unsent any more",
+    );
+
+    // Mended: the first goes when its lease ends (5 s), and leaves the
+    // outbox; the one given up does not.
     platform.bind_stock_queue(true).await;
     let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
     while !admin
@@ -843,7 +917,12 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_for_depth(&platform, 1, "the OrderCreated once routable").await;
+    // The broker confirmed everything that left, routed or not.
+    assert_eq!(
+        platform.queue_depth(&platform.stock_queue).await,
+        1,
+        "only the first OrderCreated is routed, not the one given up"
+    );
     assert!(admin.get(&order.id).await.expect("shown").unsent.is_empty());
 
     app.stop().await.expect("a clean stop");

@@ -206,6 +206,7 @@ impl SagaStore for InMemoryStore {
             updates: Vec::new(),
             history: Vec::new(),
             outbox: Vec::new(),
+            discarded: Vec::new(),
             on_commit: Vec::new(),
         }))
     }
@@ -223,6 +224,7 @@ pub struct InMemoryTransaction {
     updates: Vec<(SagaInstance, u64)>,
     history: Vec<Transition>,
     outbox: Vec<(Option<SagaId>, Message)>,
+    discarded: Vec<OutboxId>,
     on_commit: Vec<Hook>,
 }
 
@@ -269,9 +271,25 @@ impl Transaction for InMemoryTransaction {
         Ok(())
     }
 
+    async fn discard_unsent(&mut self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
+        if self.discarded.contains(&id) {
+            return Ok(None);
+        }
+        let entry = self.store.lock().outbox.get(&id).map(|queued| OutboxEntry {
+            id,
+            saga: queued.saga,
+            message: queued.message.clone(),
+        });
+        if entry.is_some() {
+            self.discarded.push(id);
+        }
+        Ok(entry)
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let this = *self;
-        let has_messages = !this.outbox.is_empty();
+        // A given-up message may free its saga's later ones for a claim.
+        let has_messages = !this.outbox.is_empty() || !this.discarded.is_empty();
         {
             let mut state = this.store.lock();
             // Validate everything first, so a failed commit writes nothing.
@@ -329,6 +347,10 @@ impl Transaction for InMemoryTransaction {
                         claimed_until: None,
                     },
                 );
+            }
+            // Sent meanwhile, a message is gone already: nothing to give up.
+            for id in this.discarded {
+                state.outbox.remove(&id);
             }
             for hook in this.on_commit {
                 hook();

@@ -29,6 +29,7 @@ where
     outbox_keeps_order_and_fields(fresh().await).await;
     outbox_claims_are_exclusive_until_released_or_expired(fresh().await).await;
     unsent_messages_are_listed_oldest_first(fresh().await).await;
+    an_unsent_message_given_up_no_longer_holds_its_saga_back(fresh().await).await;
     deadlines_come_due_in_order(fresh().await).await;
     history_and_listing(fresh().await).await;
     listing_finds_stuck_and_old_instances_and_pages(fresh().await).await;
@@ -502,6 +503,72 @@ pub async fn unsent_messages_are_listed_oldest_first(store: Arc<dyn Store>) {
         "unsent",
     );
     assert_eq!(kinds(&first_two), ["Kind1", "Kind2"], "at most the limit, oldest first");
+}
+
+/// An operator gives up a message the broker refuses: returned whole,
+/// given up only if the transaction commits, never twice, never a sent one;
+/// its saga's later message, which waited behind it, can then be claimed.
+pub async fn an_unsent_message_given_up_no_longer_holds_its_saga_back(store: Arc<dyn Store>) {
+    let saga = SagaId::new();
+    let messages = [
+        Message::new("Refused", "nowhere", b"r".to_vec()).with_header("n", "1"),
+        Message::new("Later", "dest", b"l".to_vec()),
+    ];
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.enqueue(Some(saga), &messages).await, "enqueue");
+    must(tx.commit().await, "commit");
+    // The broker refused the first: it keeps its lease, and the later one waits.
+    let refused = must(store.claim(1, Duration::from_secs(600)).await, "claim");
+    assert_eq!(refused.len(), 1, "the claim takes the first message");
+    assert!(
+        must(store.claim(10, Duration::from_secs(600)).await, "claim").is_empty(),
+        "the later message waits behind the held one"
+    );
+
+    let mut tx = must(store.begin().await, "begin");
+    let given_up = must(tx.discard_unsent(refused[0].id).await, "discard");
+    assert_eq!(given_up.as_ref(), Some(&refused[0]), "the message comes back whole");
+    drop(tx);
+    let kinds =
+        |listed: Vec<crate::store::UnsentMessage>| listed.into_iter().map(|u| u.entry.message.kind).collect::<Vec<_>>();
+    assert_eq!(
+        kinds(must(store.unsent_messages(&UnsentFilter::default()).await, "unsent")),
+        ["Refused", "Later"],
+        "a transaction dropped uncommitted gives nothing up"
+    );
+
+    let mut tx = must(store.begin().await, "begin");
+    assert!(must(tx.discard_unsent(refused[0].id).await, "discard").is_some());
+    assert_eq!(
+        must(tx.discard_unsent(refused[0].id).await, "discard"),
+        None,
+        "a message is given up once"
+    );
+    must(tx.commit().await, "commit");
+    assert_eq!(
+        kinds(must(store.unsent_messages(&UnsentFilter::default()).await, "unsent")),
+        ["Later"],
+        "a message given up is no longer unsent"
+    );
+    let later = must(store.claim(10, Duration::from_secs(600)).await, "claim");
+    assert_eq!(
+        later.iter().map(|e| e.message.kind.as_str()).collect::<Vec<_>>(),
+        ["Later"],
+        "the later message no longer waits, and the one given up is never claimed"
+    );
+
+    must(store.mark_sent(&[later[0].id]).await, "mark_sent");
+    let mut tx = must(store.begin().await, "begin");
+    assert_eq!(
+        must(tx.discard_unsent(later[0].id).await, "discard"),
+        None,
+        "a sent message cannot be given up"
+    );
+    assert_eq!(
+        must(tx.discard_unsent(later[0].id + 1_000).await, "discard"),
+        None,
+        "nor one never written"
+    );
 }
 
 /// Due deadlines come earliest first, follow updates, and respect the limit.
