@@ -378,7 +378,7 @@ pub async fn run(cli: Sagactl, out: &mut (dyn Write + Send)) -> Result<(), Sagac
             });
             let response = client.inner.discard_unsent_message(request).await?.into_inner();
             let instance = response.instance.ok_or(SagactlError::Incomplete("the instance"))?;
-            render::acted(out, &format!("gave up outbox message {outbox_id} of"), &instance, json)?;
+            render::discarded(out, outbox_id, &instance, json)?;
         }
     }
     out.flush()?;

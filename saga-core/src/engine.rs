@@ -19,7 +19,7 @@ use crate::error::{DefinitionError, EngineError, StepError};
 use crate::id::{MessageId, SagaId};
 use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
 use crate::message::{IN_REPLY_TO, Message};
-use crate::store::{OutboxId, Store, StoreError, Transaction};
+use crate::store::{OutboxId, Store, StoreError, Transaction, UnsentFilter};
 use crate::telemetry;
 use crate::upgrade::Upgrade;
 
@@ -325,6 +325,8 @@ impl EngineBuilder {
     /// Checks that no name and version is registered twice, that every
     /// upgrade leads to a registered version, and builds.
     pub fn build(self) -> Result<Engine, DefinitionError> {
+        // Present from the start, so an alert on its increase sees the first.
+        metrics::counter!(telemetry::OUTBOX_DISCARDED_TOTAL).increment(0);
         let mut by_version: HashMap<(String, u32), Arc<dyn Runner>> = HashMap::new();
         let mut latest: HashMap<String, u32> = HashMap::new();
         // Definitions in the order first registered, each with its versions.
@@ -651,20 +653,22 @@ impl Engine {
     /// Gives up the unsent outbox message `message` of saga `id`, for an
     /// operator, when the broker will never take it (headers too large for
     /// a frame, a row no relay can read): it is never published, and the
-    /// saga's later messages, which wait behind it to keep their order, go.
+    /// saga's later messages, which waited behind it to keep their order,
+    /// go at once. Only the saga's oldest unsent message can be given up.
     /// One transaction gives it up and records it in the saga's history
     /// (cause `Operator { action: "discard" }`, `reason` and the message in
-    /// the note; the instance's status and step unchanged). Returns the
-    /// instance afterwards.
+    /// the note; the instance's status, step and `updated_at` unchanged).
+    /// Returns the instance afterwards.
     ///
     /// The saga continues as it would have had the message been lost: a
-    /// step waiting for a reply to it runs into its reply deadline. A relay
-    /// publishing the message at that moment may still get it out.
+    /// step waiting for a reply to it runs into its reply timeout, if it
+    /// has one, and otherwise waits for an operator to retry or cancel it.
+    /// A relay publishing the message at that moment may still get it out.
     ///
     /// [`EngineError::UnknownSaga`] when there is no such instance;
-    /// [`EngineError::InvalidAction`] when the message is not one of the
-    /// saga's unsent messages (sent, given up before, another saga's, or
-    /// none): nothing changed.
+    /// [`EngineError::InvalidAction`] when the message is not the saga's
+    /// oldest unsent message (sent, given up before, behind an older one,
+    /// another saga's or none; the reason says which): nothing changed.
     pub async fn discard_unsent(
         &self,
         id: SagaId,
@@ -688,13 +692,19 @@ impl Engine {
                 };
                 let entry = match tx.discard_unsent(message).await? {
                     Some(entry) if entry.saga == Some(id) => entry,
-                    Some(_) => return Err(invalid(format!("outbox message {message} is another saga's"))),
-                    None => return Err(invalid(format!("outbox message {message} is not unsent"))),
+                    // Dropped uncommitted, the transaction gives nothing up.
+                    Some(entry) => {
+                        return Err(invalid(match entry.saga {
+                            Some(_) => format!("outbox message {message} is another saga's"),
+                            None => format!("outbox message {message} belongs to no saga"),
+                        }));
+                    }
+                    None => return Err(invalid(self.why_not_discarded(id, message).await?)),
                 };
                 let now = self.now();
+                // `updated_at` stays: the saga is no less stuck than it was.
                 let after = SagaInstance {
                     revision: before.revision + 1,
-                    updated_at: now,
                     ..before.clone()
                 };
                 let transition = Transition {
@@ -744,6 +754,27 @@ impl Engine {
         }
         .instrument(span)
         .await
+    }
+
+    /// Why the store gave up none of saga `id`'s message `message`.
+    async fn why_not_discarded(&self, id: SagaId, message: OutboxId) -> Result<String, EngineError> {
+        let oldest = self
+            .inner
+            .store
+            .unsent_messages(&UnsentFilter {
+                saga: Some(id),
+                limit: 1,
+                ..UnsentFilter::default()
+            })
+            .await?;
+        Ok(match oldest.first() {
+            Some(first) if first.entry.id < message => format!(
+                "outbox message {message} waits behind the saga's older unsent message {}: \
+                 only the oldest can be given up, so the saga's messages keep their order",
+                first.entry.id
+            ),
+            _ => format!("outbox message {message} is not an unsent message of the saga (sent, given up, or none)"),
+        })
     }
 
     /// Fires deadlines every `interval` until `shutdown` is cancelled.

@@ -152,14 +152,21 @@ pub trait Transaction: Send {
     /// Adds messages to the outbox, to be published in this order after commit.
     async fn enqueue(&mut self, saga: Option<SagaId>, messages: &[Message]) -> Result<(), StoreError>;
 
-    /// Gives up the unsent outbox message `id` at commit: it is never
-    /// published, and its saga's later messages no longer wait behind it.
-    /// For an operator, when the broker will never take the message (see
-    /// [`Engine::discard_unsent`](crate::Engine::discard_unsent), which records
-    /// why in the saga's history). Returns the message, or `None` when it is
-    /// not unsent (marked sent, given up before, or never written); then
-    /// nothing is given up. A relay publishing the message at that moment may
-    /// still get it out.
+    /// Gives up the unsent outbox message `id`: once this transaction
+    /// commits it is never published, and its saga's later messages no
+    /// longer wait behind it (their leases are given back, so a relay takes
+    /// them at once). For an operator, when the broker will never take the
+    /// message (see [`Engine::discard_unsent`](crate::Engine::discard_unsent),
+    /// which records why in the saga's history).
+    ///
+    /// Only a saga's *oldest* unsent message can be given up: a later one
+    /// would let the saga's messages out of order. Returns the message, or
+    /// `None`, giving up nothing, when it is not unsent (marked sent, given
+    /// up before, never written) or an earlier message of its saga is. A
+    /// backend may lock the message until the transaction ends (PostgreSQL
+    /// does) or check it again at commit and give up nothing that was sent
+    /// meanwhile (the in-memory store). A relay publishing the message at
+    /// that moment may still get it out.
     async fn discard_unsent(&mut self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError>;
 
     /// Makes every write of this transaction durable and visible.

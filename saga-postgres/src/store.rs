@@ -261,11 +261,12 @@ impl Shared {
     }
 
     /// Messages given up by a committed transaction: this process's relay
-    /// does not take them from its hand-offs, and claims read the table at
-    /// once for the sagas' later messages, which no longer wait behind them.
+    /// does not take them from its hand-offs, and every replica's relays
+    /// read the table at once for the sagas' later messages, whose leases
+    /// the transaction gave back.
     pub(crate) fn discarded(&self, ids: &[OutboxId]) {
         self.handoff().queue.retain(|(entry, _)| !ids.contains(&entry.id));
-        self.wake_claims();
+        self.outbox_committed(false);
     }
 
     /// Called after a commit that enqueued messages; `handed_off` if all

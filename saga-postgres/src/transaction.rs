@@ -700,14 +700,29 @@ impl Transaction for PostgresTransaction {
     }
 
     async fn discard_unsent(&mut self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
-        // In the open transaction: the row stays locked until it commits, so
-        // a relay's mark or a second discard waits for it, and a rollback
-        // leaves the row as it was. Read back as operators see rows: a row
-        // the relay cannot read (and so never publishes) is given up too.
+        // In the open transaction: the row stays locked until it ends (a
+        // relay's mark of it, and with it the store's mark writer, waits that
+        // long; an operator's transaction is short), and a rollback leaves it
+        // as it was. Only the saga's oldest unsent row: the hand-off check
+        // takes the saga's newest row being sent to mean all are. The
+        // saga's later rows, left leased behind it by a relay's round, are
+        // given back. Both scan the unsent rows older or newer than it
+        // (there is no index by saga): an operator's action, not a hot path.
+        // Read back as operators see rows: a row the relay cannot read is
+        // given up too.
         let query = sqlx::query(
-            "UPDATE saga_outbox SET sent_at = now(), discarded_at = now() \
-             WHERE id = $1 AND sent_at IS NULL \
-             RETURNING id, saga_id, message_id, kind, destination, correlation_id, created_at, headers, payload",
+            "WITH given AS ( \
+                UPDATE saga_outbox o SET sent_at = now(), discarded_at = now() \
+                WHERE o.id = $1 AND o.sent_at IS NULL AND NOT EXISTS ( \
+                    SELECT 1 FROM saga_outbox p \
+                    WHERE p.sent_at IS NULL AND p.id < o.id AND p.saga_id = o.saga_id) \
+                RETURNING o.id, o.saga_id, o.message_id, o.kind, o.destination, o.correlation_id, o.created_at, \
+                          o.headers, o.payload \
+             ), released AS ( \
+                UPDATE saga_outbox l SET claimed_until = NULL FROM given g \
+                WHERE l.sent_at IS NULL AND l.id > g.id AND l.saga_id = g.saga_id \
+             ) \
+             SELECT * FROM given",
         )
         .bind(id);
         let row = match query.fetch_optional(self.connection().await?).await {
@@ -722,9 +737,17 @@ impl Transaction for PostgresTransaction {
         let Some(row) = row else {
             return Ok(None);
         };
-        let entry = crate::row::shown_outbox_entry(&row)?;
-        self.discarded.push(id);
-        Ok(Some(entry))
+        match crate::row::shown_outbox_entry(&row) {
+            Ok(entry) => {
+                self.discarded.push(id);
+                Ok(Some(entry))
+            }
+            Err(error) => {
+                // Given up in the table already: this transaction must not commit.
+                self.failed = Some(error.to_string());
+                Err(error)
+            }
+        }
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {

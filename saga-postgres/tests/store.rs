@@ -438,6 +438,70 @@ async fn messages_committed_while_a_relay_claims_are_handed_to_it_in_saga_order(
     assert_eq!(kinds, ["M2", "M3"], "the rest follow in order once M1 is sent");
 }
 
+/// A message handed to this process's relay and given up before the relay
+/// took it is not published from memory, and the saga's next message is
+/// handed off behind it as behind a sent one; another replica hears of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_given_up_before_its_relay_took_it_is_never_handed_out() {
+    let db = TestDb::new().await;
+    let store = db.store(2).await;
+    let pool = store.pool().clone();
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM saga_outbox WHERE kind = 'M1'")
+        .fetch_one(&pool)
+        .await
+        .expect("outbox readable");
+    assert!(leased(&pool, id).await, "M1 was handed to the relay");
+
+    // Another replica's ear, on a connection of its own.
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool(1).await)
+        .await
+        .expect("listener");
+    listener
+        .listen(&PostgresStoreConfig::default().notify_channel)
+        .await
+        .expect("listen");
+    let mut tx = store.begin().await.expect("begin");
+    let given_up = tx.discard_unsent(id).await.expect("discard");
+    assert_eq!(given_up.map(|e| e.message.kind), Some("M1".to_owned()));
+    tx.commit().await.expect("commit");
+    assert!(
+        notified(&mut listener).await,
+        "other replicas' relays are told to look at the table"
+    );
+    let discarded: Option<bool> =
+        sqlx::query_scalar("SELECT sent_at IS NOT NULL AND discarded_at IS NOT NULL FROM saga_outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("outbox readable");
+    assert_eq!(discarded, Some(true), "the row says it was given up");
+
+    keep_relay_attached(&store).await;
+    assert!(
+        store
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the relay does not take a message given up from its hand-offs"
+    );
+    let _ = emit(&store, &instance, false, "M2").await;
+    let next = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert_eq!(
+        kinds_of(&next),
+        ["M2"],
+        "the next message is handed off: the one before it counts as sent"
+    );
+}
+
 /// Commits a transition of `instance` emitting one message of `kind`,
 /// returning the commit's outcome.
 async fn try_emit(store: &saga_postgres::PostgresStore, instance: &SagaInstance, kind: &str) -> Result<(), StoreError> {

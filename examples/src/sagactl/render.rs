@@ -382,7 +382,7 @@ fn unsent_json(m: &admin::UnsentMessage) -> Value {
     })
 }
 
-/// `retry`, `cancel`, `resume`, `discard`: what the instance is now.
+/// `retry`, `cancel`, `resume`: what the instance is now.
 pub(super) fn acted(
     out: &mut (dyn Write + Send),
     done: &str,
@@ -404,6 +404,22 @@ pub(super) fn acted(
             format!(" (failure: {})", instance.failure)
         }
     )
+}
+
+/// `discard`: the message given up, and what the instance is now.
+pub(super) fn discarded(
+    out: &mut (dyn Write + Send),
+    outbox_id: i64,
+    instance: &admin::SagaInstance,
+    json: bool,
+) -> io::Result<()> {
+    if json {
+        return write_json(
+            out,
+            &json!({"action": "discarded", "outbox_id": outbox_id, "instance": instance_json(instance)}),
+        );
+    }
+    acted(out, &format!("gave up outbox message {outbox_id} of"), instance, json)
 }
 
 /// `dlq list`.
@@ -542,6 +558,27 @@ pub(super) fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_discard_names_the_message_in_text_and_json() {
+        let instance = admin::SagaInstance {
+            id: "s-1".into(),
+            current_step: "reserve-stock".into(),
+            step: 1,
+            ..admin::SagaInstance::default()
+        };
+        let mut text = Vec::new();
+        discarded(&mut text, 7, &instance, false).expect("written");
+        let text = String::from_utf8(text).expect("UTF-8");
+        assert!(text.starts_with("gave up outbox message 7 of saga s-1: now "), "{text}");
+        let mut json = Vec::new();
+        discarded(&mut json, 7, &instance, true).expect("written");
+        let json: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+        assert_eq!(
+            (&json["action"], &json["outbox_id"], &json["instance"]["id"]),
+            (&"discarded".into(), &7.into(), &"s-1".into())
+        );
+    }
 
     #[test]
     fn times_print_as_utc() {

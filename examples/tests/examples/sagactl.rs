@@ -472,16 +472,16 @@ async fn a_stuck_order_is_retried_and_cancelled_and_dead_letters_replayed() {
         done.starts_with(&format!("gave up outbox message {listed} of saga {}", given_up.id)),
         "{done}"
     );
-    let shown = service.sagactl(&["show", &given_up.id]).await.expect("show");
-    assert!(
-        shown.contains("discard") && shown.contains("never routable") && !shown.contains("not yet confirmed"),
-        "{shown}"
-    );
     let again = service
         .sagactl(&["discard", &given_up.id, &listed, "--reason", "again"])
         .await
         .expect_err("given up already");
     assert!(refused_with(&again, tonic::Code::FailedPrecondition), "{again}");
+    let shown = service.sagactl(&["show", &given_up.id]).await.expect("show");
+    assert!(
+        shown.contains("discard") && shown.contains("never routable") && !shown.contains("not yet confirmed"),
+        "{shown}"
+    );
     bind_orders_queue(&env, true).await;
     eventually("the OrderCreated gone once routable", || async {
         let listed = service.sagactl(&["outbox"]).await.expect("outbox");

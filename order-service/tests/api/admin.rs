@@ -439,13 +439,16 @@ async fn bad_requests_name_the_field_and_actions_must_apply() {
         Code::NotFound,
         "discard for an unknown saga",
     );
-    // The confirmed order's messages are all sent.
+    // No unsent message has this id (the confirmed order's are all sent).
     let refused = assert_code(
         admin.discard(&order.id, i64::MAX, "why").await,
         Code::FailedPrecondition,
         "discard of a message that is not unsent",
     );
-    assert!(refused.message().contains("not unsent"), "says why: {refused:?}");
+    assert!(
+        refused.message().contains("not an unsent message"),
+        "says why: {refused:?}"
+    );
     let history = admin.get(&order.id).await.expect("shown").history;
     assert!(operator_actions(&history).is_empty(), "refused actions leave no trace");
 }
@@ -854,23 +857,27 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         "nothing was routed"
     );
 
-    // A second order's OrderCreated is refused too; the operator gives it
-    // up (as for a message the broker will never take) and it never goes.
-    let before = refusals(&app).await;
+    // A second order's OrderCreated, claimed and refused like the first; the
+    // operator gives it up (as a message the broker will never take) and it
+    // never goes.
     let given_up = app
         .place_order("bob", vec![item("pear", 1, 3.0)])
         .await
         .expect("placed");
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while refusals(&app).await <= before {
+    let second = loop {
+        let shown = admin.get(&given_up.id).await.expect("shown");
+        if let [second] = &shown.unsent[..]
+            && second.claimed_until.is_some()
+        {
+            break second.clone();
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the second refusal is not counted on /metrics"
+            "the second order's OrderCreated is not claimed: {:?}",
+            shown.unsent
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let [second] = &admin.get(&given_up.id).await.expect("shown").unsent[..] else {
-        panic!("the second order's OrderCreated is unsent");
     };
     let another_sagas = assert_code(
         admin.discard(&order.id, second.outbox_id, "wrong saga").await,
@@ -917,7 +924,22 @@ async fn a_message_the_broker_refuses_is_found_in_the_outbox_and_leaves_once_it_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The broker confirmed everything that left, routed or not.
+    // Past the lease the given-up message held (and a round more), a relay
+    // would have taken it again had it not been given up.
+    let lease_end = second.claimed_until.expect("a refused message holds a lease");
+    let lease_end = std::time::UNIX_EPOCH + Duration::new(lease_end.seconds as u64, lease_end.nanos as u32);
+    let left = lease_end
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(left <= Duration::from_secs(10), "a lease of seconds: {left:?}");
+    tokio::time::sleep(left + Duration::from_secs(1)).await;
+    assert!(
+        admin
+            .unsent(ListUnsentMessagesRequest::default())
+            .await
+            .expect("listed")
+            .is_empty()
+    );
     assert_eq!(
         platform.queue_depth(&platform.stock_queue).await,
         1,

@@ -275,15 +275,24 @@ impl Transaction for InMemoryTransaction {
         if self.discarded.contains(&id) {
             return Ok(None);
         }
-        let entry = self.store.lock().outbox.get(&id).map(|queued| OutboxEntry {
+        let state = self.store.lock();
+        let Some(queued) = state.outbox.get(&id) else {
+            return Ok(None);
+        };
+        // Sent messages leave the map: any earlier one of the saga is unsent.
+        let behind_earlier =
+            queued.saga.is_some() && state.outbox.range(..id).any(|(_, earlier)| earlier.saga == queued.saga);
+        if behind_earlier {
+            return Ok(None);
+        }
+        let entry = OutboxEntry {
             id,
             saga: queued.saga,
             message: queued.message.clone(),
-        });
-        if entry.is_some() {
-            self.discarded.push(id);
-        }
-        Ok(entry)
+        };
+        drop(state);
+        self.discarded.push(id);
+        Ok(Some(entry))
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
@@ -349,8 +358,15 @@ impl Transaction for InMemoryTransaction {
                 );
             }
             // Sent meanwhile, a message is gone already: nothing to give up.
+            // The saga's later messages, held behind it, may go at once.
             for id in this.discarded {
-                state.outbox.remove(&id);
+                if let Some(Queued { saga: Some(saga), .. }) = state.outbox.remove(&id) {
+                    state
+                        .outbox
+                        .range_mut(id..)
+                        .filter(|(_, later)| later.saga == Some(saga))
+                        .for_each(|(_, later)| later.claimed_until = None);
+                }
             }
             for hook in this.on_commit {
                 hook();
