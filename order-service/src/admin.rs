@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use saga_core::{
     DeadLetterPage, DeadLetterQueue, Engine, EngineError, InstanceFilter, MessageId, OperatorAction, ReplayReport,
-    ReplaySelection, SagaId, SagaInstance, SagaStatus, Store, StoreError, TransportError, UnsentFilter, UnsentMessage,
+    ReplaySelection, SagaId, SagaInstance, SagaStatus, Store, StoreError, Transition, TransportError, UnsentFilter,
+    UnsentMessage,
 };
 use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
@@ -66,24 +67,38 @@ fn page_limit(limit: u32) -> Result<usize, AdminError> {
     }
 }
 
-/// The first [`UNSENT_OF_INSTANCE`] of saga `id`'s unsent messages, and
-/// whether it has more: what `GetInstance` and the dashboard's saga page
-/// show.
-pub(crate) async fn unsent_of_instance(
-    store: &dyn Store,
-    id: SagaId,
-) -> Result<(Vec<UnsentMessage>, bool), StoreError> {
-    let mut unsent = store
-        .unsent_messages(&UnsentFilter {
-            saga: Some(id),
-            // One more tells whether there are more.
-            limit: UNSENT_OF_INSTANCE + 1,
-            ..UnsentFilter::default()
-        })
-        .await?;
-    let more = unsent.len() > UNSENT_OF_INSTANCE;
+/// One instance as operators read it: `GetInstance` and the dashboard's
+/// saga page.
+pub(crate) struct InstanceRecord {
+    /// The instance.
+    pub instance: SagaInstance,
+    /// Its history, oldest first.
+    pub history: Vec<Transition>,
+    /// The first [`UNSENT_OF_INSTANCE`] of its unsent messages.
+    pub unsent: Vec<UnsentMessage>,
+    /// Whether it has more unsent messages than those.
+    pub more_unsent: bool,
+}
+
+/// Saga `id` with its history and unsent messages, read at once (three
+/// reads, not one after another); `None` when there is no such instance.
+pub(crate) async fn read_instance(store: &dyn Store, id: SagaId) -> Result<Option<InstanceRecord>, StoreError> {
+    let unsent = UnsentFilter {
+        saga: Some(id),
+        // One more tells whether there are more.
+        limit: UNSENT_OF_INSTANCE + 1,
+        ..UnsentFilter::default()
+    };
+    let (instance, history, mut unsent) =
+        tokio::try_join!(store.load(id), store.history(id), store.unsent_messages(&unsent))?;
+    let more_unsent = unsent.len() > UNSENT_OF_INSTANCE;
     unsent.truncate(UNSENT_OF_INSTANCE);
-    Ok((unsent, more))
+    Ok(instance.map(|instance| InstanceRecord {
+        instance,
+        history,
+        unsent,
+        more_unsent,
+    }))
 }
 
 /// Why an admin call failed. Each variant is one gRPC status.
@@ -263,10 +278,6 @@ impl Operations {
         }
     }
 
-    async fn instance(&self, id: SagaId) -> Result<SagaInstance, AdminError> {
-        self.engine.store().load(id).await?.ok_or(AdminError::NotFound(id))
-    }
-
     async fn act(&self, id: SagaId, action: OperatorAction) -> Result<SagaInstance, AdminError> {
         self.check_open()?;
         let instance = self.engine.act(id, action).await.map_err(|e| engine_error(id, e))?;
@@ -427,9 +438,14 @@ impl AdminGrpc {
         let ops = &self.operations;
         ops.check_open()?;
         let id = convert::saga_id("id", &request.id)?;
-        let instance = ops.instance(id).await?;
-        let history = ops.engine.store().history(id).await?;
-        let (unsent, more_unsent) = unsent_of_instance(ops.engine.store().as_ref(), id).await?;
+        let InstanceRecord {
+            instance,
+            history,
+            unsent,
+            more_unsent,
+        } = read_instance(ops.engine.store().as_ref(), id)
+            .await?
+            .ok_or(AdminError::NotFound(id))?;
         let steps = ops
             .engine
             .step_names(&instance.definition, instance.definition_version)

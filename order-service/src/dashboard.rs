@@ -38,7 +38,7 @@ use saga_core::{
 };
 use serde::Deserialize;
 
-use crate::admin::unsent_of_instance;
+use crate::admin::{InstanceRecord, read_instance};
 use crate::config::AdminToken;
 use crate::saga::ORDER_SAGA;
 use auth::Access;
@@ -236,9 +236,14 @@ async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Res
     let id = SagaId::from_str(&id).map_err(|_| DashboardError::BadId(id.clone()))?;
     let engine = &dashboard.engine;
     let store = engine.store();
-    let instance = store.load(id).await?.ok_or(DashboardError::NotFound(id))?;
-    let history = store.history(id).await?;
-    let (unsent, more_unsent) = unsent_of_instance(store.as_ref(), id).await?;
+    let InstanceRecord {
+        instance,
+        history,
+        unsent,
+        more_unsent,
+    } = read_instance(store.as_ref(), id)
+        .await?
+        .ok_or(DashboardError::NotFound(id))?;
     let view = instance::InstanceView {
         now: engine.now(),
         mermaid: engine.mermaid(&instance.definition, instance.definition_version),
