@@ -80,20 +80,26 @@ pub(crate) struct InstanceRecord {
     pub more_unsent: bool,
 }
 
-/// Saga `id` with its history and unsent messages, read at once (three
-/// reads, not one after another); `None` when there is no such instance.
+/// Saga `id` with its history and unsent messages, the instance and its
+/// history read at once; `None` when there is no such instance. Unsent
+/// messages are asked for only for an instance that exists: for one that
+/// does not, the store may read its whole backlog to find none.
 pub(crate) async fn read_instance(store: &dyn Store, id: SagaId) -> Result<Option<InstanceRecord>, StoreError> {
-    let unsent = UnsentFilter {
-        saga: Some(id),
-        // One more tells whether there are more.
-        limit: UNSENT_OF_INSTANCE + 1,
-        ..UnsentFilter::default()
+    let (instance, history) = tokio::try_join!(store.load(id), store.history(id))?;
+    let Some(instance) = instance else {
+        return Ok(None);
     };
-    let (instance, history, mut unsent) =
-        tokio::try_join!(store.load(id), store.history(id), store.unsent_messages(&unsent))?;
+    let mut unsent = store
+        .unsent_messages(&UnsentFilter {
+            saga: Some(id),
+            // One more tells whether there are more.
+            limit: UNSENT_OF_INSTANCE + 1,
+            ..UnsentFilter::default()
+        })
+        .await?;
     let more_unsent = unsent.len() > UNSENT_OF_INSTANCE;
     unsent.truncate(UNSENT_OF_INSTANCE);
-    Ok(instance.map(|instance| InstanceRecord {
+    Ok(Some(InstanceRecord {
         instance,
         history,
         unsent,

@@ -325,8 +325,6 @@ impl EngineBuilder {
     /// Checks that no name and version is registered twice, that every
     /// upgrade leads to a registered version, and builds.
     pub fn build(self) -> Result<Engine, DefinitionError> {
-        // Present from the start, so an alert on its increase sees the first.
-        metrics::counter!(telemetry::OUTBOX_DISCARDED_TOTAL).increment(0);
         let mut by_version: HashMap<(String, u32), Arc<dyn Runner>> = HashMap::new();
         let mut latest: HashMap<String, u32> = HashMap::new();
         // Definitions in the order first registered, each with its versions.
@@ -692,14 +690,18 @@ impl Engine {
                 };
                 let entry = match tx.discard_unsent(message).await? {
                     Some(entry) if entry.saga == Some(id) => entry,
-                    // Dropped uncommitted, the transaction gives nothing up.
+                    // Rolled back on drop: nothing is given up.
                     Some(entry) => {
                         return Err(invalid(match entry.saga {
                             Some(_) => format!("outbox message {message} is another saga's"),
                             None => format!("outbox message {message} belongs to no saga"),
                         }));
                     }
-                    None => return Err(invalid(self.why_not_discarded(id, message).await?)),
+                    None => {
+                        // Its connection back first: the reason is read on another.
+                        drop(tx);
+                        return Err(invalid(self.why_not_discarded(id, message).await?));
+                    }
                 };
                 let now = self.now();
                 // `updated_at` stays: the saga is no less stuck than it was.
@@ -758,22 +760,27 @@ impl Engine {
 
     /// Why the store gave up none of saga `id`'s message `message`.
     async fn why_not_discarded(&self, id: SagaId, message: OutboxId) -> Result<String, EngineError> {
-        let oldest = self
+        let unsent = self
             .inner
             .store
             .unsent_messages(&UnsentFilter {
                 saga: Some(id),
-                limit: 1,
                 ..UnsentFilter::default()
             })
             .await?;
-        Ok(match oldest.first() {
-            Some(first) if first.entry.id < message => format!(
-                "outbox message {message} waits behind the saga's older unsent message {}: \
-                 only the oldest can be given up, so the saga's messages keep their order",
-                first.entry.id
+        let oldest = unsent.first().map(|u| u.entry.id);
+        Ok(match oldest {
+            Some(oldest) if unsent.iter().any(|u| u.entry.id == message) => format!(
+                "outbox message {message} waits behind the saga's older unsent message {oldest}: \
+                 only the oldest can be given up, so the saga's messages keep their order"
             ),
-            _ => format!("outbox message {message} is not an unsent message of the saga (sent, given up, or none)"),
+            Some(oldest) => {
+                format!("outbox message {message} is not an unsent message of the saga (its oldest is {oldest})")
+            }
+            None => format!(
+                "outbox message {message} is not an unsent message of the saga (sent, given up, another saga's, \
+                 or none)"
+            ),
         })
     }
 

@@ -26,7 +26,9 @@ pub struct RelayConfig {
     /// it, then gives back what is still unconfirmed, so a live relay never
     /// publishes messages whose lease may have passed to another. A message
     /// the broker refuses keeps its lease, and is published again when it
-    /// ends: the lease is also how often a refused message is tried.
+    /// ends: the lease is also how often a refused message is tried. (An
+    /// operator giving up a saga's message gives the leases of its later
+    /// ones back: one a relay is publishing at that moment may go twice.)
     pub lease: Duration,
     /// The longest wait between rounds when no notification arrives.
     pub poll_interval: Duration,
@@ -274,8 +276,10 @@ impl Relay {
         // A round that ended in trouble: back off before the next claim.
         let mut trouble = false;
         let mut hold = Hold::default();
-        // Present from the start, so an alert on its increase sees the first.
+        // Present from the start, so an alert on their increase sees the
+        // first (the relay runs once a service has installed its recorder).
         metrics::counter!(telemetry::OUTBOX_REFUSED_TOTAL).increment(0);
+        metrics::counter!(telemetry::OUTBOX_DISCARDED_TOTAL).increment(0);
         loop {
             if shutdown.is_cancelled() {
                 break;

@@ -40,7 +40,8 @@ pub const OUTBOX_PUBLISH_FAILURES_TOTAL: &str = "saga_outbox_publish_failures_to
 pub const OUTBOX_REFUSED_TOTAL: &str = "saga_outbox_refused_total";
 /// Counter: unsent outbox messages an operator gave up
 /// ([`Engine::discard_unsent`](crate::Engine::discard_unsent)); each is
-/// recorded in its saga's history with the reason.
+/// recorded in its saga's history with the reason. Registered at zero when
+/// a relay runs.
 pub const OUTBOX_DISCARDED_TOTAL: &str = "saga_outbox_discarded_total";
 /// Histogram, seconds, label `saga`: a committed transition in the store,
 /// from its transaction's begin to its commit (the inbox check, the effects

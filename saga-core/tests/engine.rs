@@ -638,6 +638,11 @@ async fn an_operator_gives_up_a_message_no_broker_takes_and_the_saga_goes_on() {
         (SagaId::new(), announcement.id, "unknown saga"),
         (other, announcement.id, "is another saga's"),
         (id, reservation, "waits behind the saga's older unsent message"),
+        (
+            id,
+            reservation + 1_000,
+            "is not an unsent message of the saga (its oldest is",
+        ),
     ];
     for (saga, message, why) in refusals {
         let refused = engine.discard_unsent(saga, message, "too large").await;

@@ -260,12 +260,17 @@ impl Shared {
         handoff.queue.extend(entries.into_iter().map(|e| (e, until)));
     }
 
-    /// Messages given up by a committed transaction: this process's relay
-    /// does not take them from its hand-offs, and every replica's relays
-    /// read the table at once for the sagas' later messages, whose leases
-    /// the transaction gave back.
-    pub(crate) fn discarded(&self, ids: &[OutboxId]) {
-        self.handoff().queue.retain(|(entry, _)| !ids.contains(&entry.id));
+    /// Messages given up by a committed transaction, with their sagas:
+    /// this process's relay takes neither them nor their sagas' later
+    /// messages from its hand-offs (the transaction gave those leases back:
+    /// they are claimed from the table, once), and every replica's relays
+    /// read the table at once.
+    pub(crate) fn discarded(&self, given_up: &[(OutboxId, Option<SagaId>)]) {
+        self.handoff().queue.retain(|(entry, _)| {
+            !given_up
+                .iter()
+                .any(|(id, saga)| entry.id == *id || (saga.is_some() && entry.saga == *saga && entry.id > *id))
+        });
         self.outbox_committed(false);
     }
 

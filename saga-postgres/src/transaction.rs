@@ -77,9 +77,10 @@ pub struct PostgresTransaction {
     /// Why a write sent early ([`flush`](PostgresTransaction::flush))
     /// failed: the transaction cannot commit any more, only roll back.
     failed: Option<String>,
-    /// Outbox rows given up, dropped from this process's hand-off once the
-    /// transaction has committed.
-    discarded: Vec<OutboxId>,
+    /// Outbox rows given up, with their sagas, dropped from this process's
+    /// hand-offs (with their sagas' later rows) once the transaction has
+    /// committed.
+    discarded: Vec<(OutboxId, Option<SagaId>)>,
 }
 
 /// A buffered instance write, already turned into column values.
@@ -700,16 +701,19 @@ impl Transaction for PostgresTransaction {
     }
 
     async fn discard_unsent(&mut self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
-        // In the open transaction: the row stays locked until it ends (a
-        // relay's mark of it, and with it the store's mark writer, waits that
-        // long; an operator's transaction is short), and a rollback leaves it
-        // as it was. Only the saga's oldest unsent row: the hand-off check
-        // takes the saga's newest row being sent to mean all are. The
-        // saga's later rows, left leased behind it by a relay's round, are
-        // given back. Both scan the unsent rows older or newer than it
-        // (there is no index by saga): an operator's action, not a hot path.
-        // Read back as operators see rows: a row the relay cannot read is
-        // given up too.
+        // In the open transaction: the row, and the saga's later unsent rows
+        // whose leases it gives back, stay locked until it ends. A relay's
+        // mark or release of them waits that long (and with it the store's
+        // mark writer; an operator's transaction is short); one that locked
+        // a later row first and waits for this one is a deadlock PostgreSQL
+        // ends by failing one side (the operator's: unavailable, try again;
+        // the relay's: its messages go again). A rollback leaves the rows as
+        // they were. Only the saga's oldest unsent row: the hand-off check
+        // takes the saga's newest row being sent to mean all are. Finding
+        // the older and the later rows reads the unsent rows on either side
+        // (there is no index by saga): an operator's action, its cost in
+        // proportion to the backlog. Read back as operators see rows: a row
+        // the relay cannot read is given up too.
         let query = sqlx::query(
             "WITH given AS ( \
                 UPDATE saga_outbox o SET sent_at = now(), discarded_at = now() \
@@ -739,7 +743,7 @@ impl Transaction for PostgresTransaction {
         };
         match crate::row::shown_outbox_entry(&row) {
             Ok(entry) => {
-                self.discarded.push(id);
+                self.discarded.push((id, entry.saga));
                 Ok(Some(entry))
             }
             Err(error) => {

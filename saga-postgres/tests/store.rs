@@ -494,12 +494,16 @@ async fn a_message_given_up_before_its_relay_took_it_is_never_handed_out() {
         "the relay does not take a message given up from its hand-offs"
     );
     let _ = emit(&store, &instance, false, "M2").await;
-    let next = store.claim(10, Duration::from_secs(30)).await.expect("claim");
-    assert_eq!(
-        kinds_of(&next),
-        ["M2"],
+    let m2: i64 = sqlx::query_scalar("SELECT id FROM saga_outbox WHERE kind = 'M2'")
+        .fetch_one(&pool)
+        .await
+        .expect("outbox readable");
+    assert!(
+        leased(&pool, m2).await,
         "the next message is handed off: the one before it counts as sent"
     );
+    let next = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert_eq!(kinds_of(&next), ["M2"]);
 }
 
 /// Commits a transition of `instance` emitting one message of `kind`,

@@ -279,9 +279,13 @@ impl Transaction for InMemoryTransaction {
         let Some(queued) = state.outbox.get(&id) else {
             return Ok(None);
         };
-        // Sent messages leave the map: any earlier one of the saga is unsent.
-        let behind_earlier =
-            queued.saga.is_some() && state.outbox.range(..id).any(|(_, earlier)| earlier.saga == queued.saga);
+        // Sent messages leave the map: any earlier one of the saga is unsent,
+        // unless this transaction gives it up too.
+        let behind_earlier = queued.saga.is_some()
+            && state
+                .outbox
+                .range(..id)
+                .any(|(earlier_id, earlier)| earlier.saga == queued.saga && !self.discarded.contains(earlier_id));
         if behind_earlier {
             return Ok(None);
         }

@@ -573,6 +573,36 @@ pub async fn an_unsent_message_given_up_no_longer_holds_its_saga_back(store: Arc
         None,
         "nor one never written"
     );
+    drop(tx);
+
+    // Given up together, a saga's two leased messages; another saga's keeps
+    // its lease.
+    let (two, other) = (SagaId::new(), SagaId::new());
+    let mut tx = must(store.begin().await, "begin");
+    must(tx.enqueue(Some(two), &messages).await, "enqueue");
+    must(
+        tx.enqueue(Some(other), &[Message::new("Other", "dest", b"o".to_vec())])
+            .await,
+        "enqueue",
+    );
+    must(tx.commit().await, "commit");
+    let held = must(store.claim(3, Duration::from_secs(600)).await, "claim");
+    assert_eq!(held.len(), 3, "the claim takes all three");
+    let mut tx = must(store.begin().await, "begin");
+    assert!(must(tx.discard_unsent(held[0].id).await, "discard").is_some());
+    assert!(
+        must(tx.discard_unsent(held[1].id).await, "discard").is_some(),
+        "behind one given up in the same transaction, a message can be given up"
+    );
+    must(tx.commit().await, "commit");
+    assert_eq!(
+        kinds(must(store.unsent_messages(&UnsentFilter::default()).await, "unsent")),
+        ["Other"]
+    );
+    assert!(
+        must(store.claim(10, Duration::from_secs(600)).await, "claim").is_empty(),
+        "another saga's message keeps its lease"
+    );
 }
 
 /// Due deadlines come earliest first, follow updates, and respect the limit.
