@@ -346,6 +346,15 @@ async fn leased(pool: &sqlx::PgPool, id: i64) -> bool {
         .expect("outbox row readable")
 }
 
+/// The id of the outbox row of `kind` (one per test).
+async fn outbox_id(pool: &sqlx::PgPool, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT id FROM saga_outbox WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(pool)
+        .await
+        .expect("outbox readable")
+}
+
 /// Commits a transition of `instance` (inserted when `insert`) that emits
 /// one message; returns the instance as committed.
 async fn emit(store: &saga_postgres::PostgresStore, instance: &SagaInstance, insert: bool, kind: &str) -> SagaInstance {
@@ -454,10 +463,7 @@ async fn a_message_given_up_before_its_relay_took_it_is_never_handed_out() {
             .is_empty()
     );
     let instance = emit(&store, &sample_instance("orders", None), true, "M1").await;
-    let id: i64 = sqlx::query_scalar("SELECT id FROM saga_outbox WHERE kind = 'M1'")
-        .fetch_one(&pool)
-        .await
-        .expect("outbox readable");
+    let id = outbox_id(&pool, "M1").await;
     assert!(leased(&pool, id).await, "M1 was handed to the relay");
 
     // Another replica's ear, on a connection of its own.
@@ -494,12 +500,8 @@ async fn a_message_given_up_before_its_relay_took_it_is_never_handed_out() {
         "the relay does not take a message given up from its hand-offs"
     );
     let _ = emit(&store, &instance, false, "M2").await;
-    let m2: i64 = sqlx::query_scalar("SELECT id FROM saga_outbox WHERE kind = 'M2'")
-        .fetch_one(&pool)
-        .await
-        .expect("outbox readable");
     assert!(
-        leased(&pool, m2).await,
+        leased(&pool, outbox_id(&pool, "M2").await).await,
         "the next message is handed off: the one before it counts as sent"
     );
     let next = store.claim(10, Duration::from_secs(30)).await.expect("claim");
@@ -894,6 +896,42 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
     // Their rows stay leased, as a stopped relay's would.
     marking.abort();
     marking_second.abort();
+}
+
+/// A message published and waiting to be marked is given up (the operator
+/// was a moment late): the saga's next message, handed off behind it, has
+/// its lease given back and goes from the table, once, not also from the
+/// relay's hand-offs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_message_of_a_saga_whose_message_was_given_up_is_claimed_once() {
+    let db = TestDb::new().await;
+    let config = PostgresStoreConfig {
+        // Far longer than the test: nothing is marked in it.
+        mark_delay: Duration::from_secs(30),
+        ..PostgresStoreConfig::default()
+    };
+    let store = db.store_with(2, config).await;
+    let (instance, first) = first_message_handed_over(&store).await;
+    let marking = {
+        let (store, id) = (store.clone(), first[0].id);
+        tokio::spawn(async move { store.mark_sent(&[id]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!marking.is_finished(), "marking waits for its delay");
+    keep_relay_attached(&store).await;
+    let _ = emit(&store, &instance, false, "M2").await;
+    assert!(
+        leased(store.pool(), outbox_id(store.pool(), "M2").await).await,
+        "M2 is handed off behind the published M1"
+    );
+
+    let mut tx = store.begin().await.expect("begin");
+    assert!(tx.discard_unsent(first[0].id).await.expect("discard").is_some());
+    tx.commit().await.expect("commit");
+    keep_relay_attached(&store).await;
+    let claimed = store.claim(10, Duration::from_secs(30)).await.expect("claim");
+    assert_eq!(kinds_of(&claimed), ["M2"], "once, from the table");
+    marking.abort();
 }
 
 /// With hand-offs off, every message goes through the table: a message
