@@ -839,25 +839,37 @@ async fn a_transitions_messages_handed_over_past_the_limit_stay_together() {
     assert_eq!(kinds, ["M0", "M1", "M2"], "one transition's messages, together");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off() {
-    let db = TestDb::new().await;
+/// A store whose marks wait longer than any test (nothing is marked in
+/// it), and a saga whose first message, `M1`, was handed over and
+/// confirmed: its mark waits for the delay (abort the task at the end).
+async fn first_message_published_and_waiting_to_be_marked(
+    db: &TestDb,
+) -> (
+    saga_postgres::PostgresStore,
+    SagaInstance,
+    Vec<OutboxEntry>,
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+) {
     let config = PostgresStoreConfig {
-        // Far longer than the test: nothing is marked in it.
         mark_delay: Duration::from_secs(30),
         ..PostgresStoreConfig::default()
     };
     let store = db.store_with(2, config).await;
-    let pool = store.pool().clone();
     let (instance, first) = first_message_handed_over(&store).await;
-
-    // M1 confirmed: its marking waits to gather more.
     let marking = {
         let (store, id) = (store.clone(), first[0].id);
         tokio::spawn(async move { store.mark_sent(&[id]).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!marking.is_finished(), "marking waits for its delay");
+    (store, instance, first, marking)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off() {
+    let db = TestDb::new().await;
+    let (store, instance, _first, marking) = first_message_published_and_waiting_to_be_marked(&db).await;
+    let pool = store.pool().clone();
 
     // M2 follows a message this process published: handed off at once.
     keep_relay_attached(&store).await;
@@ -905,19 +917,7 @@ async fn a_message_behind_one_published_and_waiting_to_be_marked_is_handed_off()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_message_of_a_saga_whose_message_was_given_up_is_claimed_once() {
     let db = TestDb::new().await;
-    let config = PostgresStoreConfig {
-        // Far longer than the test: nothing is marked in it.
-        mark_delay: Duration::from_secs(30),
-        ..PostgresStoreConfig::default()
-    };
-    let store = db.store_with(2, config).await;
-    let (instance, first) = first_message_handed_over(&store).await;
-    let marking = {
-        let (store, id) = (store.clone(), first[0].id);
-        tokio::spawn(async move { store.mark_sent(&[id]).await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!marking.is_finished(), "marking waits for its delay");
+    let (store, instance, first, marking) = first_message_published_and_waiting_to_be_marked(&db).await;
     keep_relay_attached(&store).await;
     let _ = emit(&store, &instance, false, "M2").await;
     assert!(
