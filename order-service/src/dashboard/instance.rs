@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use saga_core::{Cause, Position, SagaInstance, Timestamp, Transition, UnsentMessage};
+use saga_core::{Cause, Position, SagaId, SagaInstance, Timestamp, Transition, UnsentMessage};
 
 use super::diagram;
 use super::html::{esc, page, status_badge, time, time_ago};
@@ -112,7 +112,7 @@ pub fn render(view: &InstanceView<'_>) -> String {
     }
     body.push_str("</ol></section>");
     if !view.unsent.is_empty() {
-        unsent_section(&mut body, view.unsent, view.more_unsent, view.now);
+        unsent_section(&mut body, view.instance.id, view.unsent, view.more_unsent, view.now);
     }
 
     body.push_str("<section><h2>Definition</h2>");
@@ -188,7 +188,7 @@ fn timeline_entry(body: &mut String, transition: &Transition, steps: &[String]) 
 
 /// Messages still in the outbox: normal for a moment; for longer, the
 /// broker is away or refuses them (see the operations guide).
-fn unsent_section(body: &mut String, unsent: &[UnsentMessage], more: bool, now: Timestamp) {
+fn unsent_section(body: &mut String, saga: SagaId, unsent: &[UnsentMessage], more: bool, now: Timestamp) {
     let count = if more {
         format!(
             "More than {} message(s) in the outbox (the first {} here)",
@@ -202,9 +202,21 @@ fn unsent_section(body: &mut String, unsent: &[UnsentMessage], more: bool, now: 
         body,
         "<section><h2>Not yet confirmed by the broker</h2><p class=\"muted\">{count}, oldest \
          first. A message still here after a minute is held back: the broker is away, or refuses it (the log \
-         says why), and the saga's later messages wait behind it.</p><table id=\"unsent\"><thead><tr>\
-         <th>Outbox id</th><th>Type</th><th>Message id</th><th>Destination</th><th>Created</th>\
-         <th>Claimed until</th></tr></thead><tbody>"
+         says why), and the saga's later messages wait behind it.</p>"
+    );
+    // The oldest is the one an operator may give up (the operations guide).
+    if let Some(oldest) = unsent.first() {
+        let _ = write!(
+            body,
+            "<p class=\"muted\">If the broker will never take it (headers too large for a frame), give it up: \
+             <code>sagactl discard {saga} {id} --reason \"…\"</code>. Its event is lost, and recorded in the \
+             history.</p>",
+            id = oldest.entry.id,
+        );
+    }
+    body.push_str(
+        "<table id=\"unsent\"><thead><tr><th>Outbox id</th><th>Type</th><th>Message id</th><th>Destination</th>\
+         <th>Created</th><th>Claimed until</th></tr></thead><tbody>",
     );
     for message in unsent {
         let entry = &message.entry;
@@ -284,6 +296,7 @@ mod tests {
             message.id.as_str(),
             "orders_exchange",
             &time(instance.updated_at),
+            &format!("<code>sagactl discard {} 4711 --reason", instance.id),
         ] {
             assert!(page.contains(expected), "`{expected}` in {page}");
         }
