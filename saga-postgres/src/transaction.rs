@@ -184,11 +184,15 @@ impl PostgresTransaction {
                 self.handed_off.extend(handed_off);
                 Ok(())
             }
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                Err(e)
-            }
+            Err(e) => Err(self.failing(e)),
         }
+    }
+
+    /// Records that a write failed (the transaction only rolls back now)
+    /// and returns the error.
+    fn failing(&mut self, error: StoreError) -> StoreError {
+        self.failed = Some(error.to_string());
+        error
     }
 }
 
@@ -731,12 +735,8 @@ impl Transaction for PostgresTransaction {
         .bind(id);
         let row = match query.fetch_optional(self.connection().await?).await {
             Ok(row) => row,
-            Err(error) => {
-                // PostgreSQL would answer a later COMMIT with a rollback.
-                let error = store_error(error);
-                self.failed = Some(error.to_string());
-                return Err(error);
-            }
+            // PostgreSQL would answer a later COMMIT with a rollback.
+            Err(error) => return Err(self.failing(store_error(error))),
         };
         let Some(row) = row else {
             return Ok(None);
@@ -746,11 +746,8 @@ impl Transaction for PostgresTransaction {
                 self.discarded.push((id, entry.saga));
                 Ok(Some(entry))
             }
-            Err(error) => {
-                // Given up in the table already: this transaction must not commit.
-                self.failed = Some(error.to_string());
-                Err(error)
-            }
+            // Given up in the table already: this transaction must not commit.
+            Err(error) => Err(self.failing(error)),
         }
     }
 
