@@ -739,6 +739,7 @@ impl Engine {
                     }
                 }
                 metrics::counter!(telemetry::OUTBOX_DISCARDED_TOTAL).increment(1);
+                record_transition(&after.definition, Some(before.status), after.status);
                 tracing::warn!(
                     message_id = %entry.message.id,
                     kind = %entry.message.kind,

@@ -399,3 +399,32 @@ fn commits_and_publishes_are_timed() {
         "and as failures"
     );
 }
+
+#[test]
+fn a_message_given_up_counts_as_a_transition_and_a_discard() {
+    let snapshot = counted(async {
+        let definition = SagaDefinition::<u32>::builder("giving-up")
+            .step(
+                Step::remote("ask", |_: &u32| Ok(saga_core::Command::json("Ask", "d", &())?))
+                    .on_reply("Answer", |_: &mut u32, _: bool| ReplyOutcome::Success),
+            )
+            .build()
+            .expect("valid");
+        let store = InMemoryStore::new();
+        let engine = Engine::builder(Arc::new(store.clone()))
+            .register(definition)
+            .build()
+            .expect("engine");
+        let id = engine.start("giving-up", 0u32).await.expect("start");
+        let unsent = saga_core::QueryStore::unsent_messages(&store, &saga_core::UnsentFilter::default())
+            .await
+            .expect("unsent");
+        engine
+            .discard_unsent(id, unsent[0].entry.id, "never routable")
+            .await
+            .expect("given up");
+    });
+    let transitions = |n| counter(&snapshot, "saga_transitions_total", &[("saga", n)]);
+    assert_eq!(transitions("giving-up"), 2, "the start and the discard");
+    assert_eq!(counter(&snapshot, "saga_outbox_discarded_total", &[]), 1);
+}
