@@ -13,7 +13,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, SdkTracerProvider};
-use saga_core::{Message, Publisher, SagaInstance, TransportError};
+use saga_core::{Cause, Message, Publisher, SagaInstance, TransportError};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
@@ -343,15 +343,21 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Read from the saga instance of the transition that decided the order.
-    pub fn of(saga: &SagaInstance) -> Self {
-        // The saga records a reason only when the product service refused.
-        let cancelled_by = match serde_json::from_str::<OrderSagaData>(&saga.data) {
-            Ok(OrderSagaData {
-                cancel_reason: None, ..
-            }) => "timeout",
-            Ok(_) => "refused",
-            Err(_) => "cancelled",
+    /// Read from the saga instance of the transition that decided the order
+    /// and what caused that transition.
+    pub fn of(saga: &SagaInstance, cause: &Cause) -> Self {
+        // An operator's cancel is not the product service's latency; the
+        // saga records a reason only when the product service refused.
+        let cancelled_by = match (cause, serde_json::from_str::<OrderSagaData>(&saga.data)) {
+            (Cause::Operator { action }, _) if action == "cancel" => "cancelled",
+            (
+                _,
+                Ok(OrderSagaData {
+                    cancel_reason: None, ..
+                }),
+            ) => "timeout",
+            (_, Ok(_)) => "refused",
+            (_, Err(_)) => "cancelled",
         };
         Self {
             started: saga.created_at,
@@ -389,7 +395,7 @@ pub fn saga_committed(saga: &SagaInstance, transition: &saga_core::Transition) {
         saga_core::SagaStatus::Compensated => OrderStatus::Cancelled,
         _ => return,
     };
-    order_decided(status, &Decision::of(saga));
+    order_decided(status, &Decision::of(saga, &transition.cause));
 }
 
 /// Sets the outbox backlog gauge.
@@ -436,5 +442,60 @@ mod tests {
     #[test]
     fn tracing_keeps_the_brokers_hold_visible_to_the_relay() {
         assert!(TracedPublisher::new(Arc::new(HeldBack)).is_held_back());
+    }
+
+    fn cancelled_saga(cancel_reason: Option<&str>) -> SagaInstance {
+        use crate::domain::{Order, OrderId, OrderItem, UserId};
+        let items = vec![OrderItem::parse("apple".to_owned(), 1, 2.5).expect("valid item")];
+        let order =
+            Order::place(OrderId::new(), UserId::parse("alice").expect("valid user"), items).expect("valid order");
+        let data = OrderSagaData {
+            cancel_reason: cancel_reason.map(str::to_owned),
+            ..OrderSagaData::new(order)
+        };
+        SagaInstance {
+            id: saga_core::SagaId::new(),
+            definition: crate::saga::ORDER_SAGA.to_owned(),
+            definition_version: 1,
+            key: None,
+            status: saga_core::SagaStatus::Compensated,
+            step: 0,
+            attempt: 0,
+            awaiting: None,
+            deadline: None,
+            failure: None,
+            data: serde_json::to_string(&data).expect("order saga data serializes"),
+            data_version: 1,
+            revision: 3,
+            created_at: saga_core::Timestamp::from_millis(1_000),
+            updated_at: saga_core::Timestamp::from_millis(4_000),
+        }
+    }
+
+    #[test]
+    fn a_cancelled_order_is_labelled_by_what_cancelled_it() {
+        let operator = |action: &str| Cause::Operator {
+            action: action.to_owned(),
+        };
+        let deadline = Cause::Deadline {
+            due: saga_core::Timestamp::from_millis(4_000),
+        };
+        let reply = Cause::Message {
+            id: saga_core::MessageId::new(),
+            kind: crate::wire::STOCK_UPDATE_RESULT.to_owned(),
+        };
+        let cases = [
+            (cancelled_saga(None), deadline, "timeout"),
+            (cancelled_saga(Some("out of stock")), reply, "refused"),
+            // Not the product service's latency, whatever the saga holds.
+            (cancelled_saga(None), operator("cancel"), "cancelled"),
+            // A retried compensation keeps the first cause's label.
+            (cancelled_saga(Some("out of stock")), operator("retry"), "refused"),
+        ];
+        for (saga, cause, expected) in cases {
+            let decision = Decision::of(&saga, &cause);
+            assert_eq!(decision.cancelled_by, expected, "{cause:?}");
+            assert_eq!(decision.decided.since(decision.started), Duration::from_secs(3));
+        }
     }
 }
