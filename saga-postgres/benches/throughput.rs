@@ -6,7 +6,7 @@
 //! 3. relay publishing rows/s to an in-process transport.
 //!
 //! `cargo bench -p saga-postgres --bench throughput` (release). Environment:
-//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! `BENCH_WRITERS` (16), `BENCH_SECS` (5), `BENCH_ROUNDS` (3: raw and store
 //! are measured alternately, and the median round's ratio is reported, so a
 //! change in the machine's load affects both sides), `BENCH_RELAY_ROWS`
@@ -479,7 +479,7 @@ async fn main() {
     let secs: u64 = env("BENCH_SECS", 5);
     let relay_rows: usize = env("BENCH_RELAY_ROWS", 50_000);
     let rounds: usize = env("BENCH_ROUNDS", 3).max(1);
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let admin_options: PgConnectOptions = url.parse().unwrap();
     let mut admin = PgConnection::connect_with(&admin_options).await.unwrap_or_else(|e| {
         panic!(

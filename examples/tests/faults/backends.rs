@@ -17,7 +17,7 @@ const COME_BACK: Duration = Duration::from_secs(60);
 
 /// The admin database URL: used to create and drop each scenario's database.
 pub fn admin_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// `DATABASE_URL` with its database replaced by `database`.

@@ -7,7 +7,7 @@ use saga_postgres::{PostgresStore, PostgresStoreConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// The server the tests use (`DATABASE_URL`, default loopback).
 pub fn database_url() -> String {
@@ -24,6 +24,13 @@ fn admin_options() -> PgConnectOptions {
 async fn admin() -> PgConnection {
     match PgConnection::connect_with(&admin_options()).await {
         Ok(conn) => conn,
+        // The server answered: it is up, but refuses this database or login.
+        Err(e @ sqlx::Error::Database(_)) => panic!(
+            "PostgreSQL at {} refused the tests' connection ({e}). They log in as DATABASE_URL \
+             says (default: `postgres` without a password, trust auth on 127.0.0.1), to a \
+             database that exists, as a role that may create databases.",
+            database_url()
+        ),
         Err(e) => panic!(
             "cannot reach PostgreSQL at {} ({e}). Start it with \
              `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
