@@ -1140,3 +1140,67 @@ async fn a_connection_slower_than_its_callers_wait_is_still_made() {
     proxy.slow_down(Duration::ZERO);
     broker::clean_up(&transport).await;
 }
+
+/// Publishes sharing one channel from two threads each get their own
+/// confirm: half go to a queue that refuses everything (full, with
+/// `reject-publish`: a negative confirm at once), half to one that takes
+/// everything (a confirm after the broker's disk sync). A publish told
+/// another's confirm shows as an accepted message refused, or a refused
+/// one accepted (which a relay would mark sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() {
+    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 200;
+    let name = broker::unique("confirms");
+    let full = format!("{name}.full");
+    let mut full_queue = saga_amqp::QueueConfig::new(format!("{full}.queue")).with_type(QueueType::Classic);
+    full_queue
+        .arguments
+        .insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(0));
+    full_queue.arguments.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let full_queue_name = full_queue.name.clone();
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.topology = config
+        .topology
+        .exchange(&full, ExchangeKind::Fanout)
+        .with_queue(full_queue)
+        .bind(&full, &full_queue_name, "");
+    config.publisher_channels = 1;
+    let transport = Arc::new(broker::connect(config).await);
+
+    let mut wrong = Vec::new();
+    for round in 0..ROUNDS {
+        let mut publishes = tokio::task::JoinSet::new();
+        for i in 0..PER_ROUND {
+            let refused = i % 2 == 1;
+            let destination = if refused { full.clone() } else { name.clone() };
+            let transport = Arc::clone(&transport);
+            publishes.spawn(async move {
+                let outcome = transport
+                    .publish(&Message::new("Probe", destination, b"{}".to_vec()))
+                    .await;
+                (refused, outcome)
+            });
+        }
+        while let Some(joined) = publishes.join_next().await {
+            let (refused, outcome) = joined.expect("a publish task");
+            match (refused, &outcome) {
+                (false, Ok(())) | (true, Err(TransportError::Rejected { .. })) => {}
+                (true, _) => wrong.push(format!("round {round}: refused by the broker, told {outcome:?}")),
+                (false, _) => wrong.push(format!("round {round}: accepted by the broker, told {outcome:?}")),
+            }
+        }
+    }
+    transport.delete_topology().await.expect("cleanup");
+    transport.close().await;
+    assert!(
+        wrong.is_empty(),
+        "{} of {} publishes were told another's confirm, e.g. {:?}",
+        wrong.len(),
+        ROUNDS * PER_ROUND,
+        &wrong[..wrong.len().min(4)]
+    );
+}
