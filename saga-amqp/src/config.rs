@@ -17,8 +17,16 @@ pub struct AmqpConfig {
     pub connection_name: String,
     /// Unacknowledged deliveries each subscription may hold (`basic.qos`).
     pub prefetch: u16,
-    /// Channels publishes are spread over. Each carries many confirms at once.
+    /// Channels publishes the broker may drop are spread over (to exchanges
+    /// that allow unrouted messages). Each carries many confirms at once.
     pub publisher_channels: usize,
+    /// Channels for `mandatory` publishes (to exchanges that require a
+    /// route, retries and dead letters on their way to a queue, replays),
+    /// opened as needed: each carries one publish at a time, so a message
+    /// the broker returns is refused and only it (a return names no
+    /// publish, and lapin hands it to whichever confirm of the channel comes
+    /// next). More such publishes at once wait for one.
+    pub mandatory_channels: usize,
     /// Publishes waiting for their broker confirm at once, over all channels;
     /// further publishes wait for a slot.
     pub max_confirms_in_flight: usize,
@@ -54,6 +62,7 @@ impl Default for AmqpConfig {
             connection_name: "saga-amqp".to_owned(),
             prefetch: 64,
             publisher_channels: 4,
+            mandatory_channels: 64,
             max_confirms_in_flight: 4096,
             queue_type: QueueType::Classic,
             frame_max: None,

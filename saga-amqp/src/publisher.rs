@@ -1,5 +1,7 @@
 //! Publishing with confirms: a small pool of confirm-mode channels, many
-//! confirms in flight on each, `mandatory` so unroutable messages come back.
+//! confirms in flight on each, for messages the broker may drop when no
+//! queue is bound; and `mandatory` messages (unroutable ones come back) one
+//! at a time on channels of their own, so a return reaches its own publish.
 //! A message whose properties do not fit in one frame is refused before it
 //! is sent: the broker would close the connection, failing every confirm
 //! in flight on it.
@@ -24,6 +26,10 @@ pub(crate) struct Publishing {
     channels: Vec<Mutex<Option<Open>>>,
     next: AtomicUsize,
     in_flight: Semaphore,
+    /// Channels for `mandatory` publishes: idle ones, and a permit for each
+    /// one in use (see [`Publishing::exclusive_channel`]).
+    idle_exclusive: std::sync::Mutex<Vec<Open>>,
+    exclusive: Semaphore,
     /// Exchanges known to exist: publishing to one that does not would close
     /// the channel, failing every confirm in flight on it, so unknown ones are
     /// checked first, on a channel of their own.
@@ -31,7 +37,13 @@ pub(crate) struct Publishing {
 }
 
 impl Publishing {
-    pub(crate) fn new(link: Arc<Link>, channels: usize, in_flight: usize, declared: &[String]) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        channels: usize,
+        exclusive_channels: usize,
+        in_flight: usize,
+        declared: &[String],
+    ) -> Self {
         let mut known: HashSet<String> = declared.iter().cloned().collect();
         // The default exchange always exists.
         known.insert(String::new());
@@ -40,6 +52,8 @@ impl Publishing {
             channels: (0..channels.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             in_flight: Semaphore::new(in_flight.max(1)),
+            idle_exclusive: std::sync::Mutex::default(),
+            exclusive: Semaphore::new(exclusive_channels.max(1)),
             known_exchanges: RwLock::new(known),
         }
     }
@@ -98,6 +112,41 @@ impl Publishing {
         if let Some(open) = current.as_ref().filter(|open| open.channel.status().connected()) {
             return Ok(open.clone());
         }
+        let open = self.open_channel().await?;
+        *current = Some(open.clone());
+        Ok(open)
+    }
+
+    /// A channel of its own for one `mandatory` publish: an idle one, or a
+    /// new one while fewer than `exclusive_channels` are in use.
+    ///
+    /// A broker's `basic.return` names no publish, and lapin hands it to
+    /// whichever confirm of the channel it resolves next (in no set order
+    /// for a `multiple` ack): among concurrent publishes on one channel, a
+    /// returned message could be reported confirmed (a relay would mark it
+    /// sent, and nothing had received it) and a routed one refused. With one
+    /// publish at a time on the channel, the return is its own.
+    async fn exclusive_channel(&self) -> Result<Exclusive<'_>, TransportError> {
+        let permit = self.exclusive.acquire().await.map_err(|_| TransportError::Closed)?;
+        let idle = {
+            let mut idle = self.idle_exclusive.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.retain(|open| open.channel.status().connected());
+            idle.pop()
+        };
+        let open = match idle {
+            Some(open) => open,
+            None => self.open_channel().await?,
+        };
+        Ok(Exclusive {
+            open,
+            settled: false,
+            idle: &self.idle_exclusive,
+            _permit: permit,
+        })
+    }
+
+    /// A new confirm-mode channel on the publishing connection.
+    async fn open_channel(&self) -> Result<Open, TransportError> {
         let (channel, frame_max) = self.link.channel_and_frame_max(Wait::No).await?;
         self.link
             .within_unless_blocked(
@@ -106,13 +155,11 @@ impl Publishing {
             )
             .await?
             .map_err(unavailable)?;
-        let open = Open {
+        Ok(Open {
             channel,
             frame_max,
             order: Arc::default(),
-        };
-        *current = Some(open.clone());
-        Ok(open)
+        })
     }
 
     /// The largest frame of the publishing connection (connecting if
@@ -123,7 +170,9 @@ impl Publishing {
     }
 
     /// Publishes and waits for the broker's confirm. Concurrent calls share
-    /// channels and wait for their confirms independently.
+    /// channels and wait for their confirms independently, except
+    /// `mandatory` ones, which each have a channel to themselves until their
+    /// confirm (see [`Self::exclusive_channel`]).
     pub(crate) async fn publish(
         &self,
         id: &str,
@@ -141,12 +190,20 @@ impl Publishing {
         let routing_key = short(routing_key, "routing key").map_err(rejected)?;
         let header_frame = header_frame_size(&properties);
         let _slot = self.in_flight.acquire().await.map_err(|_| TransportError::Closed)?;
+        let mut exclusive = None;
+        let open = if mandatory {
+            exclusive.insert(self.exclusive_channel().await?).open()
+        } else {
+            self.channel().await?
+        };
         let Open {
             channel,
             frame_max,
             order,
-        } = self.channel().await?;
+        } = open;
         if header_frame > frame_max as usize {
+            // Nothing was sent: the channel is as it was.
+            exclusive.as_mut().map(Exclusive::settled);
             return Err(rejected(format!(
                 "its properties and headers make a header frame of {header_frame} bytes, more than the \
                  connection's frame_max of {frame_max}: the broker would close the connection"
@@ -162,7 +219,13 @@ impl Publishing {
         };
         // Under a resource alarm this waits for the alarm to clear: lapin sends
         // the publish then, so failing it would have the caller send it twice.
-        match self.link.within_unless_blocked("publishing", confirmation).await? {
+        let confirmation = self.link.within_unless_blocked("publishing", confirmation).await?;
+        if let Ok(Confirmation::Ack(_) | Confirmation::Nack(_)) = &confirmation {
+            // Its confirm (and return, which comes before it) is in: nothing
+            // of this publish can reach the next one on the channel.
+            exclusive.as_mut().map(Exclusive::settled);
+        }
+        match confirmation {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(rejected(format!(
                 "unroutable: `{exchange}` has no queue bound for this routing key ({} {})",
@@ -189,6 +252,7 @@ impl Publishing {
 
     pub(crate) fn close(&self) {
         self.in_flight.close();
+        self.exclusive.close();
     }
 }
 
@@ -200,6 +264,43 @@ struct Open {
     /// Taken by each publish on the channel while it is numbered and
     /// queued (see [`in_order`]).
     order: Arc<std::sync::Mutex<()>>,
+}
+
+/// A channel lent to one `mandatory` publish. Back among the idle ones once
+/// its publish has settled (a confirm came, or nothing was sent); otherwise
+/// (an error, a timeout, a publish abandoned midway) closed, since a late
+/// confirm or return of its publish would reach the next one.
+struct Exclusive<'a> {
+    open: Open,
+    settled: bool,
+    idle: &'a std::sync::Mutex<Vec<Open>>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Exclusive<'_> {
+    fn open(&self) -> Open {
+        self.open.clone()
+    }
+
+    fn settled(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        let open = self.open.clone();
+        if !open.channel.status().connected() {
+            return;
+        }
+        if self.settled {
+            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(open);
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = open.channel.close(200, "a publish on it was abandoned".into()).await;
+            });
+        }
+    }
 }
 
 /// Runs `publish` (lapin's `basic_publish`) with its first poll under the

@@ -46,6 +46,7 @@ impl Shared {
         let publishing = Publishing::new(
             publishing_link,
             config.publisher_channels,
+            config.mandatory_channels,
             config.max_confirms_in_flight,
             &declared,
         );

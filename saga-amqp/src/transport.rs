@@ -59,9 +59,9 @@ impl AmqpTransport {
     /// Connects to `config.url` and declares `config.topology` (on the
     /// consuming connection; the publishing one opens on first use).
     pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
-        if config.publisher_channels == 0 || config.max_confirms_in_flight == 0 {
+        if config.publisher_channels == 0 || config.mandatory_channels == 0 || config.max_confirms_in_flight == 0 {
             return Err(AmqpError::InvalidConfig(
-                "publisher_channels and max_confirms_in_flight must be at least 1".to_owned(),
+                "publisher_channels, mandatory_channels and max_confirms_in_flight must be at least 1".to_owned(),
             ));
         }
         let config = Arc::new(config);

@@ -1162,11 +1162,16 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() {
         AMQPValue::LongString("reject-publish".into()),
     );
     let full_queue_name = full_queue.name.clone();
+    let open_queue = format!("{name}.queue");
     let mut config = broker::config(&name, QueueType::Classic);
-    config.topology = config
-        .topology
-        .exchange(&full, ExchangeKind::Fanout)
+    // Exchanges that allow unrouted messages: their publishes share channels
+    // (mandatory ones each have their own).
+    config.topology = Topology::new()
+        .with_exchange(saga_amqp::ExchangeConfig::new(&name, ExchangeKind::Fanout).allow_unrouted())
+        .with_exchange(saga_amqp::ExchangeConfig::new(&full, ExchangeKind::Fanout).allow_unrouted())
+        .with_queue(saga_amqp::QueueConfig::new(&open_queue).with_type(QueueType::Classic))
         .with_queue(full_queue)
+        .bind(&name, &open_queue, "")
         .bind(&full, &full_queue_name, "");
     config.publisher_channels = 1;
     let transport = Arc::new(broker::connect(config).await);
@@ -1199,6 +1204,57 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() {
     assert!(
         wrong.is_empty(),
         "{} of {} publishes were told another's confirm, e.g. {:?}",
+        wrong.len(),
+        ROUNDS * PER_ROUND,
+        &wrong[..wrong.len().min(4)]
+    );
+}
+
+/// A message the broker returns (no queue bound) is refused, and only it,
+/// while others on the same connection are routed at the same time: the
+/// broker's return names no publish, and lapin hands it to whichever
+/// confirm it resolves next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_message_is_refused_and_only_it_among_concurrent_publishes() {
+    const ROUNDS: usize = 50;
+    const PER_ROUND: usize = 200;
+    let name = broker::unique("returns");
+    let unbound = format!("{name}.unbound");
+    let mut config = broker::config(&name, QueueType::Classic);
+    config.topology = config.topology.exchange(&unbound, ExchangeKind::Fanout);
+    config.publisher_channels = 1;
+    let transport = Arc::new(broker::connect(config).await);
+
+    let mut wrong = Vec::new();
+    for round in 0..ROUNDS {
+        let mut publishes = tokio::task::JoinSet::new();
+        for i in 0..PER_ROUND {
+            // One in eight comes back; most confirms around it are of routed messages.
+            let returned = i % 8 == 7;
+            let destination = if returned { unbound.clone() } else { name.clone() };
+            let transport = Arc::clone(&transport);
+            publishes.spawn(async move {
+                let outcome = transport
+                    .publish(&Message::new("Probe", destination, b"{}".to_vec()))
+                    .await;
+                (returned, outcome)
+            });
+        }
+        while let Some(joined) = publishes.join_next().await {
+            let (returned, outcome) = joined.expect("a publish task");
+            match (returned, &outcome) {
+                (false, Ok(())) => {}
+                (true, Err(TransportError::Rejected { reason, .. })) if reason.contains("unroutable") => {}
+                (true, _) => wrong.push(format!("round {round}: returned by the broker, told {outcome:?}")),
+                (false, _) => wrong.push(format!("round {round}: routed by the broker, told {outcome:?}")),
+            }
+        }
+    }
+    transport.delete_topology().await.expect("cleanup");
+    transport.close().await;
+    assert!(
+        wrong.is_empty(),
+        "{} of {} publishes were told another's return, e.g. {:?}",
         wrong.len(),
         ROUNDS * PER_ROUND,
         &wrong[..wrong.len().min(4)]
