@@ -3,6 +3,7 @@
 //! `<queue>.dlq`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -220,6 +221,7 @@ impl AmqpSubscription {
             properties,
             body: data,
             retries,
+            sent: AtomicBool::new(false),
         };
         Delivery {
             message,
@@ -245,6 +247,9 @@ struct AmqpSettle {
     properties: BasicProperties,
     body: Vec<u8>,
     retries: u32,
+    /// Its ack or nack was sent (the frame written): from then on acks of
+    /// later deliveries may cover its tag.
+    sent: AtomicBool,
 }
 
 /// What RabbitMQ adds to a message's headers when it dead-letters it from
@@ -268,23 +273,37 @@ fn fits(properties: &Result<BasicProperties, String>, headroom: usize, frame_max
 /// The reason a message that could not be retried is dead-lettered with.
 const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry's headers, so it was not retried";
 
-async fn requeue(acker: &Acker, limit: Duration) {
+/// Gives the delivery back to its queue; whether its nack was sent. Not
+/// when the acker was used already (an ack or nack of it may still be on
+/// its way), the channel is gone (and with it the delivery: the broker
+/// requeues it) or the nack took longer than `limit` (it may still go).
+async fn requeue(acker: &Acker, limit: Duration) -> bool {
     let requeue = BasicNackOptions {
         multiple: false,
         requeue: true,
     };
-    if let Err(error) = within(limit, "requeueing", acker.nack(requeue))
+    match within(limit, "requeueing", acker.nack(requeue))
         .await
         .and_then(|r| r.map_err(unavailable))
     {
-        // The channel is gone, and with it the delivery: the broker requeues it.
-        tracing::debug!(%error, "requeueing a delivery failed");
+        Ok(sent) => sent,
+        Err(error) => {
+            tracing::debug!(%error, "requeueing a delivery failed");
+            false
+        }
     }
 }
 
 impl AmqpSettle {
     fn limit(&self) -> Duration {
         self.shared.config.operation_timeout
+    }
+
+    /// Gives the delivery back (see [`requeue`]), noting when its nack was sent.
+    async fn requeue(&self, acker: &Acker) {
+        if requeue(acker, self.limit()).await {
+            self.sent.store(true, Ordering::Relaxed);
+        }
     }
 
     fn published(&self) -> mapping::Published<'_> {
@@ -311,7 +330,7 @@ impl AmqpSettle {
             )),
         };
         if ready.is_err() {
-            requeue(acker, limit).await;
+            self.requeue(acker).await;
         }
         ready
     }
@@ -322,7 +341,7 @@ impl AmqpSettle {
         match self.shared.publishing.frame_max().await {
             Ok(frame_max) => Ok(frame_max),
             Err(e) => {
-                requeue(acker, self.limit()).await;
+                self.requeue(acker).await;
                 Err(e)
             }
         }
@@ -356,7 +375,7 @@ impl AmqpSettle {
         }
         let target = if let Some((name, ttl)) = delayed {
             if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
-                requeue(acker, self.limit()).await;
+                self.requeue(acker).await;
                 return Err(e);
             }
             name
@@ -374,7 +393,7 @@ impl AmqpSettle {
             self.queue.to_string()
         } else {
             if let Err(e) = self.shared.ensure_dead_letter_queue(&self.queue).await {
-                requeue(acker, self.limit()).await;
+                self.requeue(acker).await;
                 return Err(e);
             }
             topology::dlq(&self.queue)
@@ -421,7 +440,7 @@ impl AmqpSettle {
         let properties = match properties {
             Ok(properties) => properties,
             Err(reason) => {
-                requeue(acker, self.limit()).await;
+                self.requeue(acker).await;
                 return Err(TransportError::Rejected {
                     id: self.message_id.to_string(),
                     reason,
@@ -442,9 +461,15 @@ impl AmqpSettle {
             .publish(self.message_id.as_str(), "", queue, true, &self.body, properties)
             .await;
         match published {
-            Ok(()) => self.acks.ack_forwarded(acker, self.limit()).await,
+            Ok(()) => {
+                let acked = self.acks.ack_forwarded(acker, self.limit()).await;
+                if acked.is_ok() {
+                    self.sent.store(true, Ordering::Relaxed);
+                }
+                acked
+            }
             Err(e) => {
-                requeue(acker, self.limit()).await;
+                self.requeue(acker).await;
                 Err(e)
             }
         }
@@ -476,7 +501,13 @@ impl Settle for AmqpSettle {
         };
         self.acker = None;
         // Acked or given back by now: acks of later deliveries may cover it.
-        self.acks.closed(self.tag);
+        // Unless its frame is not known sent (a timeout): one that goes
+        // after a later `multiple` ack covered its tag would ack a message
+        // meant to go back, or fail the channel. It stays open in the
+        // window, and later acks of the channel go alone: slower, still right.
+        if self.sent.load(Ordering::Relaxed) {
+            self.acks.closed(self.tag);
+        }
         settled
     }
 }
@@ -494,8 +525,11 @@ impl Drop for AmqpSettle {
             let (acks, tag) = (Arc::clone(&self.acks), self.tag);
             let limit = self.limit();
             runtime.spawn(async move {
-                requeue(&acker, limit).await;
-                acks.closed(tag);
+                // Not sent if an ack or nack of it was under way when it was
+                // dropped: that one may still go, so the tag stays open.
+                if requeue(&acker, limit).await {
+                    acks.closed(tag);
+                }
                 drop(channel);
             });
         }
