@@ -1176,13 +1176,38 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() {
     config.publisher_channels = 1;
     let transport = Arc::new(broker::connect(config).await);
 
+    // Half refused (a negative confirm).
+    let wrong = publishes_told_wrong(&transport, ROUNDS, PER_ROUND, (&name, &full), |i| i % 2 == 1, "").await;
+    transport.delete_topology().await.expect("cleanup");
+    transport.close().await;
+    assert!(
+        wrong.is_empty(),
+        "{} of {} publishes were told another's confirm, e.g. {:?}",
+        wrong.len(),
+        ROUNDS * PER_ROUND,
+        &wrong[..wrong.len().min(4)]
+    );
+}
+
+/// Publishes `rounds` rounds of `per_round` messages at once, the i-th of
+/// each round to `to.1` if `refused(i)` (the broker refuses those) and to
+/// `to.0` otherwise, and lists those told another's outcome: accepted ones
+/// must be `Ok`, refused ones `Rejected` with `refusal` in the reason.
+async fn publishes_told_wrong(
+    transport: &Arc<AmqpTransport>,
+    rounds: usize,
+    per_round: usize,
+    to: (&str, &str),
+    refused: fn(usize) -> bool,
+    refusal: &str,
+) -> Vec<String> {
     let mut wrong = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let mut publishes = tokio::task::JoinSet::new();
-        for i in 0..PER_ROUND {
-            let refused = i % 2 == 1;
-            let destination = if refused { full.clone() } else { name.clone() };
-            let transport = Arc::clone(&transport);
+        for i in 0..per_round {
+            let refused = refused(i);
+            let destination = if refused { to.1 } else { to.0 }.to_owned();
+            let transport = Arc::clone(transport);
             publishes.spawn(async move {
                 let outcome = transport
                     .publish(&Message::new("Probe", destination, b"{}".to_vec()))
@@ -1193,21 +1218,14 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() {
         while let Some(joined) = publishes.join_next().await {
             let (refused, outcome) = joined.expect("a publish task");
             match (refused, &outcome) {
-                (false, Ok(())) | (true, Err(TransportError::Rejected { .. })) => {}
+                (false, Ok(())) => {}
+                (true, Err(TransportError::Rejected { reason, .. })) if reason.contains(refusal) => {}
                 (true, _) => wrong.push(format!("round {round}: refused by the broker, told {outcome:?}")),
                 (false, _) => wrong.push(format!("round {round}: accepted by the broker, told {outcome:?}")),
             }
         }
     }
-    transport.delete_topology().await.expect("cleanup");
-    transport.close().await;
-    assert!(
-        wrong.is_empty(),
-        "{} of {} publishes were told another's confirm, e.g. {:?}",
-        wrong.len(),
-        ROUNDS * PER_ROUND,
-        &wrong[..wrong.len().min(4)]
-    );
+    wrong
 }
 
 /// A message the broker returns (no queue bound) is refused, and only it,
@@ -1225,31 +1243,9 @@ async fn a_returned_message_is_refused_and_only_it_among_concurrent_publishes() 
     config.publisher_channels = 1;
     let transport = Arc::new(broker::connect(config).await);
 
-    let mut wrong = Vec::new();
-    for round in 0..ROUNDS {
-        let mut publishes = tokio::task::JoinSet::new();
-        for i in 0..PER_ROUND {
-            // One in eight comes back; most confirms around it are of routed messages.
-            let returned = i % 8 == 7;
-            let destination = if returned { unbound.clone() } else { name.clone() };
-            let transport = Arc::clone(&transport);
-            publishes.spawn(async move {
-                let outcome = transport
-                    .publish(&Message::new("Probe", destination, b"{}".to_vec()))
-                    .await;
-                (returned, outcome)
-            });
-        }
-        while let Some(joined) = publishes.join_next().await {
-            let (returned, outcome) = joined.expect("a publish task");
-            match (returned, &outcome) {
-                (false, Ok(())) => {}
-                (true, Err(TransportError::Rejected { reason, .. })) if reason.contains("unroutable") => {}
-                (true, _) => wrong.push(format!("round {round}: returned by the broker, told {outcome:?}")),
-                (false, _) => wrong.push(format!("round {round}: routed by the broker, told {outcome:?}")),
-            }
-        }
-    }
+    // One in eight comes back; most confirms around it are of routed messages.
+    let refused = |i| i % 8 == 7;
+    let wrong = publishes_told_wrong(&transport, ROUNDS, PER_ROUND, (&name, &unbound), refused, "unroutable").await;
     transport.delete_topology().await.expect("cleanup");
     transport.close().await;
     assert!(
