@@ -203,7 +203,9 @@ impl Publishing {
         } = open;
         if header_frame > frame_max as usize {
             // Nothing was sent: the channel is as it was.
-            exclusive.as_mut().map(Exclusive::settled);
+            if let Some(lent) = exclusive.as_mut() {
+                lent.settled();
+            }
             return Err(rejected(format!(
                 "its properties and headers make a header frame of {header_frame} bytes, more than the \
                  connection's frame_max of {frame_max}: the broker would close the connection"
@@ -223,7 +225,9 @@ impl Publishing {
         if let Ok(Confirmation::Ack(_) | Confirmation::Nack(_)) = &confirmation {
             // Its confirm (and return, which comes before it) is in: nothing
             // of this publish can reach the next one on the channel.
-            exclusive.as_mut().map(Exclusive::settled);
+            if let Some(lent) = exclusive.as_mut() {
+                lent.settled();
+            }
         }
         match confirmation {
             Ok(Confirmation::Ack(None)) => Ok(()),
