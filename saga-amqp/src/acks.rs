@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lapin::Acker;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::DeliveryTag;
 use saga_core::TransportError;
 use tokio::sync::oneshot;
@@ -89,11 +89,34 @@ impl AckWindow {
         self.state().open.insert(tag);
     }
 
-    /// Records a delivery settled without [`ack`](Self::ack) (given back, or
-    /// forwarded and acked alone), once its frame is sent: later acks with
-    /// `multiple` may cover its tag from then on.
-    pub(crate) fn closed(&self, tag: DeliveryTag) {
+    /// Records a delivery settled without [`ack`](Self::ack), once its frame
+    /// is sent: later acks with `multiple` may cover its tag from then on.
+    /// A tag whose frame is not known sent stays open: that frame could
+    /// still reach the broker after a `multiple` ack covered the tag (acking
+    /// a message meant to go back, then failing the channel), so later acks
+    /// of the channel go alone: slower, still right.
+    fn closed(&self, tag: DeliveryTag) {
         self.state().open.remove(&tag);
+    }
+
+    /// Gives the delivery `tag` back to its queue, and closes its tag if
+    /// the nack was sent: not when its acker was used already (an ack or
+    /// nack of it may still be on its way), the channel is gone (and with it
+    /// the delivery: the broker requeues it) or the nack took longer than
+    /// `limit` (it may still go).
+    pub(crate) async fn give_back(&self, tag: DeliveryTag, acker: &Acker, limit: Duration) {
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        match within(limit, "requeueing", acker.nack(requeue))
+            .await
+            .and_then(|r| r.map_err(unavailable))
+        {
+            Ok(true) => self.closed(tag),
+            Ok(false) => {}
+            Err(error) => tracing::debug!(%error, "requeueing a delivery failed"),
+        }
     }
 
     /// Acks the delivery `tag`, with the acks settled alongside it, and
@@ -126,13 +149,20 @@ impl AckWindow {
         }
     }
 
-    /// Acks a delivery settled by forwarding it (retried or dead-lettered:
-    /// published anew first) with a frame of its own, counted with the
-    /// others. The caller then [`closes`](Self::closed) its tag.
-    pub(crate) async fn ack_forwarded(&self, acker: &Acker, limit: Duration) -> Result<(), TransportError> {
+    /// Acks the delivery `tag`, settled by forwarding it (retried or
+    /// dead-lettered: published anew first), with a frame of its own,
+    /// counted with the others; closes its tag once the frame is sent.
+    pub(crate) async fn ack_forwarded(
+        &self,
+        tag: DeliveryTag,
+        acker: &Acker,
+        limit: Duration,
+    ) -> Result<(), TransportError> {
         self.tally.frames.fetch_add(1, Ordering::Relaxed);
         self.tally.deliveries.fetch_add(1, Ordering::Relaxed);
-        send_ack(acker, false, limit).await
+        send_ack(acker, false, limit).await?;
+        self.closed(tag);
+        Ok(())
     }
 
     /// Sends the acks waiting now; returns whether more wait (and the

@@ -3,13 +3,12 @@
 //! `<queue>.dlq`.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_core::Stream;
-use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::types::DeliveryTag;
 use lapin::types::FieldTable;
@@ -221,7 +220,6 @@ impl AmqpSubscription {
             properties,
             body: data,
             retries,
-            sent: AtomicBool::new(false),
         };
         Delivery {
             message,
@@ -247,9 +245,6 @@ struct AmqpSettle {
     properties: BasicProperties,
     body: Vec<u8>,
     retries: u32,
-    /// Its ack or nack was sent (the frame written): from then on acks of
-    /// later deliveries may cover its tag.
-    sent: AtomicBool,
 }
 
 /// What RabbitMQ adds to a message's headers when it dead-letters it from
@@ -273,37 +268,14 @@ fn fits(properties: &Result<BasicProperties, String>, headroom: usize, frame_max
 /// The reason a message that could not be retried is dead-lettered with.
 const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry's headers, so it was not retried";
 
-/// Gives the delivery back to its queue; whether its nack was sent. Not
-/// when the acker was used already (an ack or nack of it may still be on
-/// its way), the channel is gone (and with it the delivery: the broker
-/// requeues it) or the nack took longer than `limit` (it may still go).
-async fn requeue(acker: &Acker, limit: Duration) -> bool {
-    let requeue = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    match within(limit, "requeueing", acker.nack(requeue))
-        .await
-        .and_then(|r| r.map_err(unavailable))
-    {
-        Ok(sent) => sent,
-        Err(error) => {
-            tracing::debug!(%error, "requeueing a delivery failed");
-            false
-        }
-    }
-}
-
 impl AmqpSettle {
     fn limit(&self) -> Duration {
         self.shared.config.operation_timeout
     }
 
-    /// Gives the delivery back (see [`requeue`]), noting when its nack was sent.
+    /// Gives the delivery back to its queue (see [`AckWindow::give_back`]).
     async fn requeue(&self, acker: &Acker) {
-        if requeue(acker, self.limit()).await {
-            self.sent.store(true, Ordering::Relaxed);
-        }
+        self.acks.give_back(self.tag, acker, self.limit()).await;
     }
 
     fn published(&self) -> mapping::Published<'_> {
@@ -461,13 +433,7 @@ impl AmqpSettle {
             .publish(self.message_id.as_str(), "", queue, true, &self.body, properties)
             .await;
         match published {
-            Ok(()) => {
-                let acked = self.acks.ack_forwarded(acker, self.limit()).await;
-                if acked.is_ok() {
-                    self.sent.store(true, Ordering::Relaxed);
-                }
-                acked
-            }
+            Ok(()) => self.acks.ack_forwarded(self.tag, acker, self.limit()).await,
             Err(e) => {
                 self.requeue(acker).await;
                 Err(e)
@@ -499,15 +465,9 @@ impl Settle for AmqpSettle {
                 None => return Ok(()),
             },
         };
+        // Acked or given back by now (the window closed its tag once the
+        // frame was sent).
         self.acker = None;
-        // Acked or given back by now: acks of later deliveries may cover it.
-        // Unless its frame is not known sent (a timeout): one that goes
-        // after a later `multiple` ack covered its tag would ack a message
-        // meant to go back, or fail the channel. It stays open in the
-        // window, and later acks of the channel go alone: slower, still right.
-        if self.sent.load(Ordering::Relaxed) {
-            self.acks.closed(self.tag);
-        }
         settled
     }
 }
@@ -525,11 +485,9 @@ impl Drop for AmqpSettle {
             let (acks, tag) = (Arc::clone(&self.acks), self.tag);
             let limit = self.limit();
             runtime.spawn(async move {
-                // Not sent if an ack or nack of it was under way when it was
-                // dropped: that one may still go, so the tag stays open.
-                if requeue(&acker, limit).await {
-                    acks.closed(tag);
-                }
+                // If an ack or nack of it was under way when it was dropped,
+                // this sends nothing and the tag stays open.
+                acks.give_back(tag, &acker, limit).await;
                 drop(channel);
             });
         }
