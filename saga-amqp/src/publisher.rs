@@ -130,8 +130,8 @@ impl Publishing {
         let permit = self.exclusive.acquire().await.map_err(|_| TransportError::Closed)?;
         let idle = {
             let mut idle = self.idle_exclusive.lock().unwrap_or_else(PoisonError::into_inner);
-            idle.retain(|open| open.channel.status().connected());
-            idle.pop()
+            // The most recently used first; closed ones are dropped as they come up.
+            std::iter::from_fn(|| idle.pop()).find(|open| open.channel.status().connected())
         };
         let open = match idle {
             Some(open) => open,
