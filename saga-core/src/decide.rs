@@ -340,6 +340,9 @@ impl<'d, D: SagaData, E: Send + 'static> Run<'d, D, E> {
                                     let id = self.emit(command);
                                     self.instance.awaiting = Some(id);
                                     self.instance.deadline = timeout.map(|t| self.now + t);
+                                    // The command is out: failures to build it
+                                    // are behind, and a retry starts afresh.
+                                    self.instance.attempt = 0;
                                     return;
                                 }
                                 Err(error) => Err(error),

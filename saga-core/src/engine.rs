@@ -62,7 +62,7 @@ pub struct EngineConfig {
     pub consumer: String,
     /// How often a transition is re-decided when another writer got there first.
     pub max_conflict_retries: u32,
-    /// How many due deadlines one scan fires at most.
+    /// How many due deadlines one scan fires at most (0 counts as 1).
     pub deadline_batch: usize,
     /// How long a deadline that could not be applied for good (its saga's
     /// row is corrupt, or its definition version is not registered) is left
@@ -397,7 +397,7 @@ impl EngineBuilder {
                 latest,
                 routes,
                 upgrades,
-                broken_deadlines: std::sync::Mutex::default(),
+                set_aside: std::sync::Mutex::default(),
             }),
         })
     }
@@ -413,10 +413,44 @@ struct Inner {
     latest: HashMap<String, u32>,
     routes: HashMap<String, Vec<Route>>,
     upgrades: HashMap<(String, u32), Upgrade>,
-    /// Deadlines that could not be applied for good: the saga, its deadline,
-    /// and when to try it again.
-    broken_deadlines: std::sync::Mutex<HashMap<SagaId, (Timestamp, Timestamp)>>,
+    /// Deadlines left out of the scans for now, by saga.
+    set_aside: std::sync::Mutex<HashMap<SagaId, SetAside>>,
     recent: RecentInstances,
+}
+
+/// How long a deadline that failed retryably once waits before it is tried
+/// again; each further failure in a row doubles it.
+pub const DEADLINE_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest a deadline that keeps failing retryably waits between tries.
+pub const DEADLINE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A deadline the scans leave out until `until`.
+struct SetAside {
+    due: Timestamp,
+    until: Timestamp,
+    /// Retryable failures in a row; 0 for one that cannot be applied for good.
+    failures: u32,
+}
+
+impl SetAside {
+    /// The wait after `failures` retryable failures in a row.
+    fn backoff(failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        DEADLINE_RETRY_BACKOFF
+            .saturating_mul(1 << doublings)
+            .min(DEADLINE_RETRY_BACKOFF_MAX)
+    }
+
+    /// How long past `until` the entry is kept: a retryable failure's count
+    /// is remembered for a maximal backoff, so a next failure waits longer.
+    fn remembered(&self) -> Duration {
+        if self.failures > 0 {
+            DEADLINE_RETRY_BACKOFF_MAX
+        } else {
+            Duration::ZERO
+        }
+    }
 }
 
 /// An instance as the engine found it, and where.
@@ -524,10 +558,27 @@ impl Engine {
     /// name no instance are [`EngineError::UnknownSaga`] (dead-letter them).
     pub async fn handle(&self, message: &Message) -> Result<Handled, EngineError> {
         let (id, found) = self.correlate(message).await?;
+        let from_copy = found.as_ref().is_some_and(|f| f.cached);
         let span = tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
-        self.transition(id, found, Event::Message(message), Some(&message.id))
+        let handled = self
+            .transition(id, found, Event::Message(message), Some(&message.id))
             .instrument(span)
-            .await
+            .await;
+        match handled {
+            // A copy found by business key may name an instance the store no
+            // longer has: finished and purged on another replica's watch, and
+            // its key since taken by a new one. The failed decision forgot the
+            // copy, so correlating again reads the store's owner of the key.
+            Err(EngineError::UnknownSaga { .. }) if from_copy => {
+                let (id, found) = self.correlate(message).await?;
+                let span =
+                    tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
+                self.transition(id, found, Event::Message(message), Some(&message.id))
+                    .instrument(span)
+                    .await
+            }
+            handled => handled,
+        }
     }
 
     /// Fires every deadline that has come (up to the configured batch) and
@@ -539,17 +590,21 @@ impl Engine {
     /// [`broken_deadline_retry`](EngineConfig::broken_deadline_retry), so
     /// broken sagas never crowd healthy ones out of the batch; so is one of
     /// a version newer than this process has, with a warning (a replica
-    /// that has it applies it). One that
-    /// failed retryably (an effect to retry, a contended row) stays due for
-    /// the next scan; the scan goes on to the others. Only a store out of
-    /// reach ends the scan with an error.
+    /// that has it applies it). One that failed retryably (an effect to
+    /// retry, a contended row) is left out for a backoff that starts at
+    /// [`DEADLINE_RETRY_BACKOFF`] and doubles with each failure in a row, up
+    /// to [`DEADLINE_RETRY_BACKOFF_MAX`]: however many keep failing, the
+    /// others still fire. Only a store out of reach ends the scan with an
+    /// error.
     pub async fn fire_due_deadlines(&self) -> Result<usize, EngineError> {
         let now = self.now();
-        let batch = self.inner.config.deadline_batch;
+        let batch = self.inner.config.deadline_batch.max(1);
         let set_aside = {
-            let mut broken = self.broken_deadlines();
-            broken.retain(|_, (_, retry_at)| *retry_at > now);
-            broken.len()
+            let mut aside = self.set_aside();
+            // A retryable failure is remembered a while past its backoff, so
+            // the next failure in a row waits longer.
+            aside.retain(|_, s| s.until + s.remembered() > now);
+            aside.values().filter(|s| s.until > now).count()
         };
         let due = self.inner.store.due(now, batch.saturating_add(set_aside)).await?;
         let mut fired = 0;
@@ -558,11 +613,11 @@ impl Engine {
             if tried >= batch {
                 break;
             }
-            let known_broken = self
-                .broken_deadlines()
+            let waiting = self
+                .set_aside()
                 .get(&deadline.saga)
-                .is_some_and(|(due, _)| *due == deadline.due);
-            if known_broken {
+                .is_some_and(|s| s.due == deadline.due && s.until > now);
+            if waiting {
                 continue;
             }
             tried += 1;
@@ -572,18 +627,36 @@ impl Engine {
                     .instrument(span),
             )
             .await;
+            if handled.is_ok() {
+                self.set_aside().remove(&deadline.saga);
+            }
             match handled {
                 Ok(Handled::Applied { .. }) => fired += 1,
                 Ok(_) => {}
                 // The store is out of reach: the other deadlines would fail alike.
                 Err(e @ EngineError::Store(StoreError::Unavailable(_))) => return Err(e),
                 // This saga's alone (an effect to retry, a contended row): it
-                // stays due for the next scan, and the others go on.
+                // waits a backoff, and the others go on.
                 Err(e)
                     if e.is_retryable()
                         && !matches!(e, EngineError::Panicked(_) | EngineError::NewerVersion { .. }) =>
                 {
-                    tracing::warn!(saga_id = %deadline.saga, error = %e, "deadline not applied yet; tried again at the next scan");
+                    let mut aside = self.set_aside();
+                    let failures = aside
+                        .get(&deadline.saga)
+                        .filter(|s| s.due == deadline.due)
+                        .map_or(0, |s| s.failures)
+                        .saturating_add(1);
+                    let retry = SetAside::backoff(failures);
+                    tracing::warn!(saga_id = %deadline.saga, error = %e, failures, retry_in = ?retry, "deadline not applied yet");
+                    aside.insert(
+                        deadline.saga,
+                        SetAside {
+                            due: deadline.due,
+                            until: now + retry,
+                            failures,
+                        },
+                    );
                 }
                 // Set aside for `broken_deadline_retry`, so the others go on:
                 // one broken instance, or one of a version this process
@@ -607,18 +680,24 @@ impl Engine {
                         );
                         metrics::counter!(telemetry::DEADLINE_FAILURES_TOTAL).increment(1);
                     }
-                    self.broken_deadlines()
-                        .insert(deadline.saga, (deadline.due, now + retry));
+                    self.set_aside().insert(
+                        deadline.saga,
+                        SetAside {
+                            due: deadline.due,
+                            until: now + retry,
+                            failures: 0,
+                        },
+                    );
                 }
             }
         }
         Ok(fired)
     }
 
-    fn broken_deadlines(&self) -> std::sync::MutexGuard<'_, HashMap<SagaId, (Timestamp, Timestamp)>> {
+    fn set_aside(&self) -> std::sync::MutexGuard<'_, HashMap<SagaId, SetAside>> {
         // A panic while holding it leaves a plain map: keep using it.
         self.inner
-            .broken_deadlines
+            .set_aside
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -789,7 +868,12 @@ impl Engine {
     pub async fn run_deadlines(&self, interval: Duration, shutdown: CancellationToken) {
         loop {
             match self.fire_due_deadlines().await {
-                Ok(n) if n >= self.inner.config.deadline_batch => continue,
+                // A full batch: more may be due. Checked for shutdown all the
+                // same, so a long backlog does not hold it up.
+                Ok(n) if n >= self.inner.config.deadline_batch.max(1) && !shutdown.is_cancelled() => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "deadline scan failed; will retry"),
             }

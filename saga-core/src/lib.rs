@@ -31,14 +31,17 @@ pub use dead_letter::{
 };
 pub use decide::{Decision, Event, OperatorAction, Outcome, decide, start};
 pub use definition::{ReplyOutcome, SagaBuilder, SagaData, SagaDefinition, Step, StepContext};
-pub use engine::{CACHED_INSTANCES, EffectHandler, Engine, EngineBuilder, EngineConfig, Handled};
+pub use engine::{
+    CACHED_INSTANCES, DEADLINE_RETRY_BACKOFF, DEADLINE_RETRY_BACKOFF_MAX, EffectHandler, Engine, EngineBuilder,
+    EngineConfig, Handled,
+};
 pub use error::{BoxError, DefinitionError, EngineError, RetryPolicy, StepError};
 pub use id::{MessageId, SagaId};
 pub use instance::{Cause, Position, SagaInstance, SagaStatus, Transition, UnknownStatus};
 pub use linger::{Arrivals, Linger};
 pub use message::{Command, IN_REPLY_TO, Message};
 pub use participant::{CommandBatching, CommandHandler, Handling, Participant};
-pub use relay::{Relay, RelayConfig, RelayRound};
+pub use relay::{MIN_LEASE, MIN_POLL_INTERVAL, Relay, RelayConfig, RelayRound};
 pub use signal::cancel_on_signal;
 pub use store::{
     DeadlineStore, DueDeadline, InstanceCursor, InstanceFilter, OutboxEntry, OutboxId, OutboxStore, QueryStore,

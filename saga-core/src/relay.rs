@@ -29,8 +29,10 @@ pub struct RelayConfig {
     /// ends: the lease is also how often a refused message is tried. (An
     /// operator giving up a saga's message gives the leases of its later
     /// ones back: one a relay is publishing at that moment may go twice.)
+    /// At least [`MIN_LEASE`].
     pub lease: Duration,
-    /// The longest wait between rounds when no notification arrives.
+    /// The longest wait between rounds when no notification arrives. At
+    /// least [`MIN_POLL_INTERVAL`].
     pub poll_interval: Duration,
     /// Rounds [`Relay::run`] keeps publishing at once: while one waits for
     /// confirms, the next claims and publishes what was committed
@@ -51,6 +53,14 @@ impl Default for RelayConfig {
         }
     }
 }
+
+/// The shortest lease a relay takes: with none, every round would give its
+/// batch back before publishing, and claims would not keep relays apart.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
+/// The shortest wait between an idle relay's polls, so one never polls its
+/// store in a tight loop.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How often a relay whose publisher is held back looks again.
 const HELD_BACK_CHECK: Duration = Duration::from_millis(100);
@@ -158,6 +168,8 @@ impl Relay {
     pub fn new(outbox: Arc<dyn OutboxStore>, publisher: Arc<dyn Publisher>, mut config: RelayConfig) -> Self {
         // A claim of none would find nothing ever, and the relay would spin.
         config.batch_size = config.batch_size.max(1);
+        config.lease = config.lease.max(MIN_LEASE);
+        config.poll_interval = config.poll_interval.max(MIN_POLL_INTERVAL);
         Self {
             outbox,
             publisher,

@@ -446,6 +446,57 @@ async fn operators_cancel_and_resume_stuck_sagas() {
     );
 }
 
+#[tokio::test]
+async fn a_command_sent_at_last_leaves_its_retry_budget_whole_for_an_operators_retry() {
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    // The command cannot be built while `failures` is above zero.
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(2));
+    let left = Arc::clone(&failures);
+    let saga = SagaDefinition::builder("flaky")
+        .step(
+            Step::remote("ask", move |_: &Order| {
+                if left.load(Ordering::SeqCst) > 0 {
+                    left.fetch_sub(1, Ordering::SeqCst);
+                    return Err(StepError::retryable("catalogue down"));
+                }
+                Ok(Command::json("Ask", "d", &())?)
+            })
+            .on_reply("Answer", |_: &mut Order, _: serde_json::Value| ReplyOutcome::Success)
+            .retry(RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(1),
+                multiplier: 1,
+            }),
+        )
+        .build()
+        .expect("valid definition");
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .register(saga)
+        .build()
+        .expect("engine");
+    let id = engine.start("flaky", Order::default()).await.expect("start");
+    for _ in 0..2 {
+        clock.advance(Duration::from_secs(1));
+        engine.fire_due_deadlines().await.expect("scan");
+    }
+    let sent = store.load(id).await.expect("load").expect("exists");
+    assert!(sent.awaiting.is_some(), "the third attempt sent the command");
+    assert_eq!(sent.attempt, 0, "the step's action succeeded: no failed attempts count");
+
+    // No answer comes; an operator retries the step, and building the
+    // command fails once more: one failure of three allowed, not the last.
+    failures.store(1, Ordering::SeqCst);
+    let retried = engine.act(id, OperatorAction::Retry).await.expect("retry");
+    assert_eq!(retried.status, SagaStatus::Running, "{:?}", retried.failure);
+    assert_eq!(retried.attempt, 1);
+    clock.advance(Duration::from_secs(1));
+    engine.fire_due_deadlines().await.expect("scan");
+    assert!(store.load(id).await.expect("load").expect("exists").awaiting.is_some());
+}
+
 struct FailingEffects;
 
 #[async_trait]
@@ -1133,6 +1184,38 @@ async fn a_replica_decides_on_what_the_store_holds_once_another_moved_the_saga_o
 }
 
 #[tokio::test]
+async fn a_reply_reaches_the_saga_that_took_over_a_purged_sagas_key() {
+    let clock = ManualClock::default();
+    let memory = InMemoryStore::with_clock(clock.clone());
+    let store: Arc<dyn saga_core::Store> = Arc::new(memory.clone());
+    let (first, second) = (replica(Arc::clone(&store), &clock, 16), replica(store, &clock, 16));
+
+    // The first replica starts the saga and keeps it; the second finishes it,
+    // retention purges it, and a new saga takes its business key.
+    let old = first.start("orders", order("k-1")).await.expect("start");
+    for _ in 0..3 {
+        second.handle(&reply("k-1", true)).await.expect("reply");
+    }
+    assert_eq!(status(&memory, old).await, SagaStatus::Completed);
+    clock.advance(Duration::from_secs(7200));
+    let purged = memory.purge(Duration::from_secs(3600), Some(Duration::from_secs(3600)));
+    assert_eq!(purged.instances, 1, "the finished saga is purged");
+    let new = second
+        .start("orders", order("k-1"))
+        .await
+        .expect("the key is free again");
+
+    // The first replica's copy still maps the key to the purged saga: its
+    // reply must reach the new one, not be dead-lettered as unknown.
+    let handled = first.handle(&reply("k-1", true)).await;
+    assert!(
+        matches!(handled, Ok(Handled::Applied { saga, .. }) if saga == new),
+        "{handled:?}"
+    );
+    assert_eq!(parts(&memory, new).await, 1);
+}
+
+#[tokio::test]
 async fn copies_that_keep_going_stale_are_compared_with_reads_until_they_are_current_again() {
     let clock = ManualClock::default();
     let memory = InMemoryStore::with_clock(clock.clone());
@@ -1266,20 +1349,7 @@ impl EffectHandler<String> for EffectsByOrder {
 async fn one_sagas_failing_or_panicking_deadline_does_not_stop_the_others() {
     let clock = ManualClock::default();
     let store = InMemoryStore::with_clock(clock.clone());
-    let definition = SagaDefinition::<Order, String>::builder("guarded")
-        .step(
-            Step::local("hold", |_: &mut Order, _| Ok(())).compensate(|o: &mut Order, ctx| {
-                ctx.effect(o.id.clone());
-                Ok(())
-            }),
-        )
-        .step(
-            Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id)?))
-                .on_reply("Reserved", |_: &mut Order, _: bool| ReplyOutcome::Success)
-                .timeout(Duration::from_secs(30)),
-        )
-        .build()
-        .expect("valid");
+    let definition = guarded_saga();
     let engine = Engine::builder(Arc::new(store.clone()))
         .clock(clock.clone())
         .register_with_effects(definition, EffectsByOrder)
@@ -1305,9 +1375,140 @@ async fn one_sagas_failing_or_panicking_deadline_does_not_stop_the_others() {
         SagaStatus::Running,
         "rolled back, set aside"
     );
-    // The next scan tries the retryable one again and leaves the panicking one aside.
+    // Both wait: the retryable one a short backoff, the panicking one longer.
     assert_eq!(engine.fire_due_deadlines().await.expect("scan"), 0);
     assert_eq!(status(&store, stuck).await, SagaStatus::Running);
+}
+
+#[tokio::test]
+async fn a_deadline_batch_of_zero_fires_one_at_a_time_and_a_backlog_does_not_hold_up_shutdown() {
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    let engine_with = |batch: usize| {
+        Engine::builder(Arc::new(store.clone()))
+            .clock(clock.clone())
+            .config(saga_core::EngineConfig {
+                deadline_batch: batch,
+                ..saga_core::EngineConfig::default()
+            })
+            .register_with_effects(guarded_saga(), EffectsByOrder)
+            .build()
+            .expect("engine")
+    };
+    let engine = engine_with(0);
+    let mut sagas = Vec::new();
+    for i in 0..5 {
+        sagas.push(engine.start("guarded", order(&format!("o-{i}"))).await.expect("start"));
+    }
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        engine.fire_due_deadlines().await.expect("scan"),
+        1,
+        "a batch of at least one"
+    );
+
+    // Shutdown already asked for: one batch, not the whole backlog.
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        engine_with(1).run_deadlines(Duration::from_millis(10), shutdown),
+    )
+    .await
+    .expect("the deadline loop ends on shutdown");
+    let mut compensated = 0;
+    for id in sagas {
+        compensated += u32::from(status(&store, id).await == SagaStatus::Compensated);
+    }
+    assert_eq!(compensated, 2, "the first scan's one, and one batch of the loop's");
+}
+
+/// Fails the effects of orders named `stuck` retryably, counting them.
+struct CountsStuck(Arc<std::sync::atomic::AtomicU32>);
+
+#[async_trait]
+impl EffectHandler<String> for CountsStuck {
+    async fn apply(
+        &self,
+        _tx: &mut dyn Transaction,
+        _saga: &SagaInstance,
+        effects: Vec<String>,
+    ) -> Result<(), StepError> {
+        if effects.first().is_some_and(|e| e == "stuck") {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            return Err(StepError::retryable("application row locked"));
+        }
+        Ok(())
+    }
+}
+
+fn guarded_saga() -> SagaDefinition<Order, String> {
+    SagaDefinition::<Order, String>::builder("guarded")
+        .step(
+            Step::local("hold", |_: &mut Order, _| Ok(())).compensate(|o: &mut Order, ctx| {
+                ctx.effect(o.id.clone());
+                Ok(())
+            }),
+        )
+        .step(
+            Step::remote("reserve", |o: &Order| Ok(Command::json("Reserve", "stock", &o.id)?))
+                .on_reply("Reserved", |_: &mut Order, _: bool| ReplyOutcome::Success)
+                .timeout(Duration::from_secs(30)),
+        )
+        .build()
+        .expect("valid")
+}
+
+#[tokio::test]
+async fn deadlines_that_keep_failing_retryably_back_off_and_never_crowd_out_the_others() {
+    let tried = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let clock = ManualClock::default();
+    let store = InMemoryStore::with_clock(clock.clone());
+    let engine = Engine::builder(Arc::new(store.clone()))
+        .clock(clock.clone())
+        .config(saga_core::EngineConfig {
+            deadline_batch: 2,
+            ..saga_core::EngineConfig::default()
+        })
+        .register_with_effects(guarded_saga(), CountsStuck(Arc::clone(&tried)))
+        .build()
+        .expect("engine");
+    // More failing deadlines than a batch, all due before the healthy one.
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        stuck.push(engine.start("guarded", order("stuck")).await.expect("start"));
+    }
+    clock.advance(Duration::from_secs(1));
+    let fine = engine.start("guarded", order("fine")).await.expect("start");
+    clock.advance(Duration::from_secs(60));
+
+    // Each scan passes over the ones waiting out a backoff, so the healthy
+    // deadline fires within a few scans, with no time passing.
+    let mut fired = 0;
+    for _ in 0..3 {
+        fired += engine.fire_due_deadlines().await.expect("scan");
+    }
+    assert_eq!(fired, 1);
+    assert_eq!(status(&store, fine).await, SagaStatus::Compensated);
+
+    for id in &stuck {
+        assert_eq!(status(&store, *id).await, SagaStatus::Running);
+    }
+    assert_eq!(tried.load(Ordering::SeqCst), 3, "each failing one tried once");
+
+    // They are tried again once their backoff has passed, and wait twice as
+    // long after a second failure in a row.
+    clock.advance(saga_core::DEADLINE_RETRY_BACKOFF);
+    engine.fire_due_deadlines().await.expect("scan");
+    engine.fire_due_deadlines().await.expect("scan");
+    assert_eq!(tried.load(Ordering::SeqCst), 6, "each tried again after its backoff");
+    clock.advance(saga_core::DEADLINE_RETRY_BACKOFF);
+    engine.fire_due_deadlines().await.expect("scan");
+    assert_eq!(tried.load(Ordering::SeqCst), 6, "a second failure waits longer");
+    clock.advance(saga_core::DEADLINE_RETRY_BACKOFF);
+    engine.fire_due_deadlines().await.expect("scan");
+    engine.fire_due_deadlines().await.expect("scan");
+    assert_eq!(tried.load(Ordering::SeqCst), 9);
 }
 
 /// Panics on `Boom`; records every other kind.

@@ -164,6 +164,25 @@ async fn a_relay_configured_to_claim_none_claims_one() {
     assert_eq!((round.claimed, round.sent), (1, 1));
 }
 
+#[tokio::test]
+async fn a_relay_configured_with_no_lease_takes_the_shortest_and_still_publishes() {
+    let store = InMemoryStore::new();
+    // Confirmed after 30 ms: within the shortest lease's budget, not within none.
+    enqueue(&store, "3").await;
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(SlowPublisher::default()),
+        RelayConfig {
+            lease: Duration::ZERO,
+            poll_interval: Duration::ZERO,
+            ..RelayConfig::default()
+        },
+    );
+    let round = relay.run_once().await.expect("round");
+    assert_eq!((round.claimed, round.sent, round.failed), (1, 1, 0));
+    assert!(saga_core::MIN_LEASE.mul_f64(0.75) > Duration::from_millis(30));
+}
+
 /// Counts what it publishes; while `held` its broker holds publishing back.
 #[derive(Default)]
 struct HeldBack {
