@@ -578,25 +578,58 @@ impl PostgresStore {
     }
 
     /// Claims unsent rows from the table (see [`OutboxStore::claim`]).
+    ///
+    /// Each pass reads a window of available rows past the last one read; a
+    /// window that held only rows waiting behind their saga's held message
+    /// would otherwise end the claim with nothing, however many other
+    /// sagas' rows lie beyond it. The windows grow, and the passes are few.
     async fn claim_from_table(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
+        let mut entries = Vec::new();
+        let mut after = i64::MIN;
+        let mut window = limit;
+        for _ in 0..CLAIM_PASSES {
+            let wanted = limit.saturating_sub(entries.len());
+            if wanted == 0 {
+                break;
+            }
+            let pass = self.claim_window(window, wanted, after, lease).await?;
+            entries.extend(pass.entries);
+            match pass.full_up_to {
+                Some(last) => after = last,
+                // The window was not full: there is nothing further on.
+                None => break,
+            }
+            window = window.saturating_mul(2);
         }
+        entries.sort_by_key(|e| e.id);
+        Ok(entries)
+    }
+
+    /// One pass of [`claim_from_table`](Self::claim_from_table): claims up to
+    /// `wanted` of the first `window` available rows with ids above `after`.
+    async fn claim_window(
+        &self,
+        window: usize,
+        wanted: usize,
+        after: i64,
+        lease: Duration,
+    ) -> Result<ClaimedWindow, StoreError> {
         // `locked`: available rows in id order, skipping rows other claims,
         // releases or marks are working on. A row is claimed only if every
         // earlier unsent row of its saga is claimed with it: the saga's first
-        // unsent row outside `locked` (held by another relay, leased or
-        // locked) is a barrier its later rows wait behind, so a saga's
-        // messages are never published out of order. A barrier that matters
-        // has a smaller id than some row of `locked`, so finding the barriers
-        // reads the unsent-rows index only up to the batch's last id: the
-        // batch itself and what other relays hold. A row this process
-        // published and had confirmed, waiting to be marked (`$3`), is no
-        // barrier: the hand-off check counts it as sent too.
+        // unsent row outside `locked` (held by another relay, leased, locked,
+        // or claimed by an earlier pass) is a barrier its later rows wait
+        // behind, so a saga's messages are never published out of order. A
+        // barrier that matters has a smaller id than some row of `locked`,
+        // so finding the barriers reads the unsent-rows index only up to the
+        // window's last id. A row this process published and had confirmed,
+        // waiting to be marked (`$3`), is no barrier: the hand-off check
+        // counts it as sent too. The window's extent comes back on every
+        // row, and on a row of its own when nothing was claimed.
         let claim = sqlx::query(
             "WITH locked AS ( \
                 SELECT id, saga_id FROM saga_outbox \
-                WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
+                WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) AND id > $4 \
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED \
              ), barrier AS ( \
                 SELECT p.saga_id, min(p.id) AS first_held FROM saga_outbox p \
@@ -607,25 +640,42 @@ impl PostgresStore {
              ), ok AS ( \
                 SELECT l.id FROM locked l LEFT JOIN barrier b ON b.saga_id = l.saga_id \
                 WHERE b.first_held IS NULL OR l.id < b.first_held \
+                ORDER BY l.id LIMIT $5 \
+             ), claimed AS ( \
+                UPDATE saga_outbox o SET claimed_until = now() + $2::float8 * interval '1 millisecond' \
+                FROM ok WHERE o.id = ok.id \
+                RETURNING o.id, o.saga_id, o.message_id, o.kind, o.destination, o.correlation_id, o.created_at, \
+                          o.headers, o.payload \
              ) \
-             UPDATE saga_outbox o SET claimed_until = now() + $2::float8 * interval '1 millisecond' \
-             FROM ok WHERE o.id = ok.id \
-             RETURNING o.id, o.saga_id, o.message_id, o.kind, o.destination, o.correlation_id, o.created_at, \
-                       o.headers, o.payload",
+             SELECT c.*, w.scanned, w.last_scanned \
+             FROM (SELECT count(*) AS scanned, max(id) AS last_scanned FROM locked) w \
+             LEFT JOIN claimed c ON true",
         )
-        .bind(db_limit(limit))
+        .bind(db_limit(window))
         .bind(lease_millis(lease))
-        .bind(self.shared.published_unmarked());
+        .bind(self.shared.published_unmarked())
+        .bind(after)
+        .bind(db_limit(wanted));
         let rows = self
             .shared
             .connections
             .run(async |conn| claim.fetch_all(conn).await)
             .await
             .map_err(store_error)?;
-        let mut entries = Vec::with_capacity(rows.len());
+        let mut pass = ClaimedWindow {
+            entries: Vec::with_capacity(rows.len()),
+            full_up_to: None,
+        };
         for row in &rows {
+            if row::get::<i64>(row, "scanned")? >= db_limit(window) {
+                pass.full_up_to = row::get(row, "last_scanned")?;
+            }
+            // The window's own row: nothing was claimed.
+            if row::get::<Option<i64>>(row, "id")?.is_none() {
+                continue;
+            }
             match row::outbox_entry(row) {
-                Ok(entry) => entries.push(entry),
+                Ok(entry) => pass.entries.push(entry),
                 // One unreadable row (written by another tool) must not hold
                 // back the rows claimed with it: it stays leased, unsent, and
                 // comes round again, reported, when its lease ends. Later
@@ -636,10 +686,21 @@ impl PostgresStore {
                 }
             }
         }
-        entries.sort_by_key(|e| e.id);
-        Ok(entries)
+        Ok(pass)
     }
 }
+
+/// What one window of a claim took.
+struct ClaimedWindow {
+    entries: Vec<OutboxEntry>,
+    /// The window's last id, when it was full: there may be more beyond.
+    full_up_to: Option<i64>,
+}
+
+/// How many windows one claim reads at most. Each is twice the last, so a
+/// claim of 256 looks past up to 65,280 rows waiting behind their sagas'
+/// held messages before it gives up until the next round.
+const CLAIM_PASSES: usize = 8;
 
 #[async_trait]
 impl OutboxStore for PostgresStore {

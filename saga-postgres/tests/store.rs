@@ -65,6 +65,47 @@ async fn a_saga_held_by_one_replica_is_not_claimed_by_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_behind_their_sagas_do_not_hide_other_sagas_messages_from_a_claim() {
+    let db = TestDb::new().await;
+    // No relay is attached to the writer: every row is left to claims.
+    let (writer, relay) = (db.store(2).await, db.store(2).await);
+    let sagas: Vec<SagaId> = (0..3).map(|_| SagaId::new()).collect();
+    for kind in ["Head", "Follower"] {
+        let mut tx = writer.begin().await.expect("begin");
+        for saga in &sagas {
+            let message = Message::new(kind, "d", b"{}".to_vec()).with_correlation_id(saga.to_string());
+            tx.enqueue(Some(*saga), &[message]).await.expect("enqueue");
+        }
+        tx.commit().await.expect("commit");
+    }
+    let free = SagaId::new();
+    let mut tx = writer.begin().await.expect("begin");
+    tx.enqueue(Some(free), &messages(Some(free), 1, "d"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    // The heads are held (say the broker refuses them): each saga's
+    // follower waits behind its head, and the first three available rows
+    // are all followers.
+    let heads = relay.claim(3, Duration::from_secs(600)).await.expect("claim");
+    assert_eq!(kinds_of(&heads), ["Head"; 3]);
+    let next = relay.claim(3, Duration::from_secs(600)).await.expect("claim");
+    assert_eq!(
+        next.iter().map(|e| e.saga).collect::<Vec<_>>(),
+        [Some(free)],
+        "the other saga's message is claimed past the waiting ones: {next:?}"
+    );
+    assert!(
+        relay
+            .claim(3, Duration::from_secs(600))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_never_hand_out_a_message_twice() {
     let db = TestDb::new().await;
     let store = db.store(8).await;
@@ -1635,9 +1676,43 @@ async fn concurrent_transitions_changing_one_application_row_each_change_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_statement_the_server_fails_for_its_state_fails_its_transitions_at_once() {
     let db = TestDb::new().await;
+    let writable = db.store(2).await;
+    let instances: Vec<SagaInstance> = (0..16).map(|_| sample_instance("orders", None)).collect();
+    for instance in &instances {
+        start(&writable, instance).await.expect("start");
+    }
+    // A demoted primary: every statement of the session is refused.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
-        .connect_with(db.options.clone().options([("lock_timeout", "300ms")]))
+        .connect_with(db.options.clone().options([("default_transaction_read_only", "on")]))
+        .await
+        .expect("pool");
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        ..PostgresStoreConfig::default()
+    };
+    let store = saga_postgres::PostgresStore::with_config(pool, config);
+    let mut transitions = tokio::task::JoinSet::new();
+    for instance in &instances {
+        let (store, instance) = (store.clone(), instance.clone());
+        transitions.spawn(async move { engine_transition(&store, &instance, &MessageId::new()).await });
+    }
+    for committed in transitions.join_all().await {
+        assert!(matches!(committed, Err(StoreError::Unavailable(_))), "{committed:?}");
+    }
+    assert_eq!(
+        store.commit_batching().retried_alone,
+        0,
+        "no transition of a failed shared statement was tried again alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_on_one_transitions_row_fails_that_transition_only() {
+    let db = TestDb::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(db.options.clone().options([("lock_timeout", "500ms")]))
         .await
         .expect("pool");
     let config = PostgresStoreConfig {
@@ -1649,34 +1724,63 @@ async fn a_shared_statement_the_server_fails_for_its_state_fails_its_transitions
         .execute(store.pool())
         .await
         .expect("create");
-    let instances: Vec<SagaInstance> = (0..16).map(|_| sample_instance("orders", None)).collect();
+    sqlx::query("INSERT INTO counters SELECT g, 0 FROM generate_series(0, 16) g")
+        .execute(store.pool())
+        .await
+        .expect("rows");
+    let instances: Vec<SagaInstance> = (0..17).map(|_| sample_instance("orders", None)).collect();
     for instance in &instances {
         start(&store, instance).await.expect("start");
     }
-    // An operator's lock on the table every transition writes.
-    let mut operator = db.pool(1).await.acquire().await.expect("a connection");
-    sqlx::query("BEGIN").execute(&mut *operator).await.expect("begin");
-    sqlx::query("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *operator)
-        .await
-        .expect("locked");
-    let mut transitions = tokio::task::JoinSet::new();
-    for (index, instance) in instances.iter().enumerate() {
-        let (store, instance) = (store.clone(), instance.clone());
+    // An operator's open transaction holds counter 0's row throughout, and
+    // another counter 16's for a moment.
+    let operators = db.pool(2).await;
+    let lock = async |id: i32| {
+        let mut operator = operators.acquire().await.expect("a connection");
+        sqlx::query("BEGIN").execute(&mut *operator).await.expect("begin");
+        sqlx::query("SELECT n FROM counters WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut *operator)
+            .await
+            .expect("locked");
+        operator
+    };
+    let mut held = lock(0).await;
+    let mut moment = lock(16).await;
+    let transition = |index: usize| {
+        let (store, instance) = (store.clone(), instances[index].clone());
         let id = i32::try_from(index).expect("small");
-        let write = StagedWrite::new("INSERT INTO counters VALUES ($1, 1)").bind(id);
-        transitions
-            .spawn(async move { engine_transition_staging(&store, &instance, &MessageId::new(), Some(write)).await });
+        let write = StagedWrite::new("UPDATE counters SET n = n + 1 WHERE id = $1")
+            .bind(id)
+            .touching(format!("counters/{id}"));
+        async move {
+            let committed = engine_transition_staging(&store, &instance, &MessageId::new(), Some(write)).await;
+            (id, committed)
+        }
+    };
+    // Counter 16's transition holds the one statement in flight while the
+    // others arrive, so they share the next, counter 0's among them.
+    let mut transitions = tokio::task::JoinSet::new();
+    transitions.spawn(transition(16));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for index in 0..16 {
+        transitions.spawn(transition(index));
     }
-    for committed in transitions.join_all().await {
-        assert!(matches!(committed, Err(StoreError::Unavailable(_))), "{committed:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sqlx::query("ROLLBACK").execute(&mut *moment).await.expect("released");
+    for (id, committed) in transitions.join_all().await {
+        if id == 0 {
+            assert!(matches!(committed, Err(StoreError::Unavailable(_))), "{committed:?}");
+        } else {
+            assert!(
+                committed.is_ok(),
+                "counter {id}'s transition waits for no lock: {committed:?}"
+            );
+        }
     }
-    assert_eq!(
-        store.commit_batching().retried_alone,
-        0,
-        "no transition of a failed shared statement waited for the lock again alone"
-    );
-    sqlx::query("ROLLBACK").execute(&mut *operator).await.expect("released");
+    sqlx::query("ROLLBACK").execute(&mut *held).await.expect("released");
+    let counted = count(store.pool(), "SELECT count(*) FROM counters WHERE n = 1").await;
+    assert_eq!(counted, 16, "every transition but the locked one's wrote its row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

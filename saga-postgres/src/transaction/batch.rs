@@ -21,9 +21,10 @@
 //! whole statement). Each caller runs its own again, so those statements
 //! neither wait for one another nor hold up the next shared one. If the
 //! pool gives no connection within its acquire timeout, though, or the
-//! server fails the statement for its own state (a lock or statement
-//! timeout, a read-only primary, a lost connection), every transition of
-//! the batch fails at once as `Unavailable`, as each would on its own.
+//! server fails the statement for its own state (a read-only primary, a
+//! lost connection), every transition of the batch fails at once as
+//! `Unavailable`, as each would on its own. A lock or statement timeout may
+//! be one member's (its row held outside): those run alone too.
 //!
 //! Staged writes are not conditional on their transition being written, so
 //! a statement carrying any raises (`saga_abort`) unless it wrote every
@@ -195,15 +196,22 @@ pub(crate) fn fits(write: &InstanceWrite, rest: &Rest) -> bool {
 }
 
 /// Whether a shared statement's `error` would fail each of its transitions
-/// alone too: transient, and not a deadlock or serialization failure (which
-/// the transitions' mix may have caused).
+/// alone too: transient, and not one that a single member may have caused
+/// (SQLSTATEs in [`ONE_MEMBERS_DOING`]).
 fn fails_alike(error: &sqlx::Error) -> bool {
-    let mix = match error {
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| code == "40001" || code == "40P01"),
+    let one_members = match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| ONE_MEMBERS_DOING.contains(&code.as_ref())),
         _ => false,
     };
-    crate::error::is_transient(error) && !mix
+    crate::error::is_transient(error) && !one_members
 }
+
+/// Failures of a shared statement that may be one member's alone, so its
+/// members run alone: a serialization failure or deadlock (the mix of
+/// transitions), and a lock or statement timeout (one member's row held by
+/// a transaction outside, an operator's open session say: the others would
+/// commit on their own).
+const ONE_MEMBERS_DOING: &[&str] = &["40001", "40P01", "55P03", "57014"];
 
 /// What the runner answers a waiting transition.
 enum Answer {
@@ -514,11 +522,11 @@ async fn together(shared: &Shared, items: &[Batched]) -> Result<Vec<Option<Vec<O
             shared.connections.release(conn);
             rows
         }
-        // The server's state, not the mix of transitions (a lock or
-        // statement timeout, a read-only primary, a lost connection):
-        // each alone would wait as long to fail alike, all at once, and
-        // crowd the pool meanwhile. Deadlocks and serialization failures
-        // may be the mix's doing: those run alone.
+        // The server's state, not the mix of transitions (a read-only
+        // primary, a lost connection, the server shutting down): each alone
+        // would fail alike, all at once, and crowd the pool meanwhile.
+        // Deadlocks, serialization failures and lock or statement timeouts
+        // may be one member's doing: those run alone.
         Err(error) if fails_alike(&error) => {
             tracing::debug!(%error, size = items.len(), "a shared commit statement failed on the server's state; its transitions fail with it");
             return Err(error);
