@@ -1,6 +1,8 @@
 //! Configuration from environment variables, parsed once into typed values.
 //! A bad value is a [`ConfigError`] naming the variable.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use crate::wire::WireNames;
 #[error("{variable}: {reason}")]
 pub struct ConfigError {
     /// The environment variable.
-    pub variable: &'static str,
+    pub variable: Cow<'static, str>,
     /// What is wrong with its value (never the value of a secret).
     pub reason: String,
 }
@@ -23,9 +25,35 @@ impl ConfigError {
     /// `variable` holds no usable value, because `reason`.
     pub fn new(variable: &'static str, reason: impl fmt::Display) -> Self {
         Self {
-            variable,
+            variable: Cow::Borrowed(variable),
             reason: reason.to_string(),
         }
+    }
+}
+
+/// Runs `read` (a `from_lookup`) over the process environment. A variable
+/// set to bytes that are not UTF-8 is an error naming it, not taken for
+/// unset: an unreadable `ADMIN_TOKEN` would otherwise leave the dashboard
+/// open, and unreadable URLs would start embedded mode.
+pub fn from_process_env<T>(
+    read: impl FnOnce(&dyn Fn(&str) -> Option<String>) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let unreadable = RefCell::new(None);
+    let lookup = |name: &str| match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            unreadable.borrow_mut().get_or_insert_with(|| name.to_owned());
+            None
+        }
+    };
+    let read = read(&lookup);
+    match unreadable.into_inner() {
+        Some(variable) => Err(ConfigError {
+            variable: Cow::Owned(variable),
+            reason: "is not valid UTF-8".to_owned(),
+        }),
+        None => read,
     }
 }
 
@@ -154,6 +182,20 @@ impl AdminToken {
     /// Wraps a token.
     pub fn new(token: impl Into<String>) -> Self {
         Self(token.into())
+    }
+
+    /// `ADMIN_TOKEN`'s value, if a caller could ever present it: gRPC
+    /// metadata and HTTP headers carry visible ASCII only, so a token with
+    /// other characters would lock everyone out.
+    fn parse(token: String) -> Result<Self, ConfigError> {
+        if token.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(Self(token))
+        } else {
+            Err(ConfigError::new(
+                "ADMIN_TOKEN",
+                "must be visible ASCII characters only (no spaces or other characters): callers send it in a header",
+            ))
+        }
     }
 
     /// The token as given: compare it with what a caller presents, never log it.
@@ -289,7 +331,7 @@ const SHORTEST_FINISHED_SAGA_RETENTION: Duration = Duration::from_secs(3600);
 impl Retention {
     /// Reads the process environment, as [`from_lookup`](Self::from_lookup).
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        from_process_env(|lookup| Self::from_lookup(lookup))
     }
 
     /// Reads `INBOX_RETENTION`, `SENT_MESSAGE_RETENTION`,
@@ -355,7 +397,7 @@ impl Default for Config {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        from_process_env(|lookup| Self::from_lookup(lookup))
     }
 
     /// Reads variables through `lookup`; unset and empty are the same.
@@ -375,7 +417,8 @@ impl Config {
             (Some(database), Some(rabbitmq)) => Backend::Production {
                 database_url: parse_url("DATABASE_URL", database, &["postgres", "postgresql"], |url| {
                     url.parse::<sqlx::postgres::PgConnectOptions>().is_ok()
-                })?,
+                })
+                .and_then(known_database_parameters)?,
                 rabbitmq_url: parse_url("RABBITMQ_URL", rabbitmq, &["amqp", "amqps"], |url| {
                     url.parse::<saga_amqp::lapin::uri::AMQPUri>().is_ok()
                 })?,
@@ -461,7 +504,7 @@ impl Config {
             log_format,
             otel,
             names: defaults.names,
-            admin_token: get("ADMIN_TOKEN").map(AdminToken::new),
+            admin_token: get("ADMIN_TOKEN").map(AdminToken::parse).transpose()?,
             dashboard_stuck_after,
             dashboard_window_minutes,
             retention: Retention::from_lookup(get)?,
@@ -523,6 +566,58 @@ fn parse_url(
             format_args!("expected a URL starting with {}://", schemes.join("://, ")),
         )),
     }
+}
+
+/// The connection parameters sqlx reads from a PostgreSQL URL's query.
+const DATABASE_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// `url`, if its query holds only parameters sqlx reads: sqlx logs any other
+/// with its value, and `PASSWORD=` or `sslpassword=` would put a secret in
+/// the log (again at every retry, the connection failing without it).
+fn known_database_parameters(url: SecretUrl) -> Result<SecretUrl, ConfigError> {
+    let query = url.expose().split_once('?').map_or("", |(_, query)| query);
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        // Without `=` the whole pair may be a secret pasted in the wrong place.
+        let Some((key, _)) = pair.split_once('=') else {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "has a query parameter without `=` (not shown: it may be a secret)",
+            ));
+        };
+        let known = DATABASE_URL_PARAMETERS.contains(&key) || key.starts_with("options[") && key.ends_with(']');
+        if !known {
+            // The key only: a value may be a secret, a key is not.
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                format_args!(
+                    "has a parameter the PostgreSQL driver does not know: `{}` (known: {}, options[…])",
+                    key.escape_debug(),
+                    DATABASE_URL_PARAMETERS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(url)
 }
 
 /// Parses `30s`, `500ms`, `2m`, `1h` (a whole number and a unit); at least
@@ -732,6 +827,40 @@ mod tests {
             SecretUrl("postgres://orders@db/orders?sslmode=require&password=hunter2".to_owned()).to_string(),
             "postgres://orders@db/orders?sslmode=require&password=***"
         );
+    }
+
+    #[test]
+    fn database_url_parameters_the_driver_does_not_read_are_refused_by_name_only() {
+        let production = |database: &str| config(&[("DATABASE_URL", database), ("RABBITMQ_URL", "amqp://mq:5672/%2f")]);
+        for fine in [
+            "postgres://orders@db/orders",
+            "postgres://orders@db/orders?sslmode=require&application_name=orders",
+            "postgres://orders@db/orders?password=hunter2&options[statement_timeout]=5s",
+        ] {
+            assert!(production(fine).is_ok(), "{fine}");
+        }
+        for (bad, named) in [
+            ("postgres://orders@db/orders?PASSWORD=hunter2", "`PASSWORD`"),
+            (
+                "postgres://orders@db/orders?sslmode=require&sslpassword=hunter2",
+                "`sslpassword`",
+            ),
+            ("postgres://orders@db/orders?hunter2", "without `=`"),
+        ] {
+            let error = production(bad).expect_err("refused");
+            assert_eq!(error.variable, "DATABASE_URL");
+            assert!(error.reason.contains(named), "{error}");
+            assert!(!error.to_string().contains("hunter2"), "{error}");
+        }
+    }
+
+    #[test]
+    fn an_admin_token_no_caller_could_send_is_refused() {
+        for bad in ["pässwort", "two words", "tab\there"] {
+            let error = config(&[("ADMIN_TOKEN", bad)]).expect_err("refused");
+            assert_eq!(error.variable, "ADMIN_TOKEN", "{bad}");
+            assert!(!error.reason.contains(bad), "{error}");
+        }
     }
 
     #[test]

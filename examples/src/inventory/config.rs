@@ -209,7 +209,7 @@ impl Default for InventoryConfig {
 impl InventoryConfig {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        order_service::config::from_process_env(|lookup| Self::from_lookup(lookup))
     }
 
     /// Reads variables through `lookup` (unset and blank are the same).

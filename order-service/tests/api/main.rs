@@ -2,6 +2,7 @@
 //! production mode on PostgreSQL + RabbitMQ, and the built binary's tracing.
 
 mod admin;
+mod config;
 mod dashboard;
 mod helpers;
 mod operations;
