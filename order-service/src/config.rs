@@ -323,6 +323,12 @@ impl Default for Retention {
     }
 }
 
+/// The shortest `STOCK_REPLY_TIMEOUT`: the relay's lease.
+const SHORTEST_STOCK_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shortest `RETENTION_INTERVAL`.
+const SHORTEST_RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The shortest `FINISHED_SAGA_RETENTION`: the dashboard charts up to an
 /// hour of outcomes. (`INBOX_RETENTION`'s floor is saga-postgres's
 /// [`SHORT_INBOX_RETENTION`].)
@@ -362,7 +368,12 @@ impl Retention {
             )?);
         }
         if let Some(value) = get("RETENTION_INTERVAL") {
-            retention.interval = parse_duration(&value).map_err(|why| ConfigError::new("RETENTION_INTERVAL", why))?;
+            retention.interval = duration_at_least(
+                "RETENTION_INTERVAL",
+                &value,
+                SHORTEST_RETENTION_INTERVAL,
+                "each round deletes on every replica; more often only loads the database",
+            )?;
         }
         Ok(retention)
     }
@@ -437,7 +448,13 @@ impl Config {
             }
         };
         let stock_reply_timeout = match get("STOCK_REPLY_TIMEOUT") {
-            Some(value) => parse_duration(&value).map_err(|why| ConfigError::new("STOCK_REPLY_TIMEOUT", why))?,
+            Some(value) => duration_at_least(
+                "STOCK_REPLY_TIMEOUT",
+                &value,
+                SHORTEST_STOCK_REPLY_TIMEOUT,
+                "an OrderCreated a crashed relay leased waits that long to be published, so orders would be \
+                 cancelled before the product service could answer",
+            )?,
             None => defaults.stock_reply_timeout,
         };
         let log_format = match get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
@@ -675,6 +692,19 @@ fn retention_at_least(
         ));
     }
     Ok(retention)
+}
+
+/// A duration (`parse_duration`) of at least `floor`, or an error naming
+/// `variable` and saying `why` the floor.
+fn duration_at_least(variable: &'static str, value: &str, floor: Duration, why: &str) -> Result<Duration, ConfigError> {
+    let duration = parse_duration(value).map_err(|reason| ConfigError::new(variable, reason))?;
+    if duration < floor {
+        return Err(ConfigError::new(
+            variable,
+            format_args!("`{value}` is shorter than {}s: {why}", floor.as_secs()),
+        ));
+    }
+    Ok(duration)
 }
 
 /// Parses how long rows are kept: `0`, or a whole number and a unit up to
@@ -970,6 +1000,9 @@ mod tests {
             config(&[("STOCK_REPLY_TIMEOUT", "5s")]).map(|c| c.stock_reply_timeout),
             Ok(Duration::from_secs(5))
         );
+        // Shorter than the relay's lease: orders cancelled before an answer could come.
+        let error = config(&[("STOCK_REPLY_TIMEOUT", "4999ms")]).expect_err("too short");
+        assert!(error.reason.contains("shorter than 5s"), "{error}");
     }
 
     #[test]
@@ -998,6 +1031,7 @@ mod tests {
             ("FINISHED_SAGA_RETENTION", "10m"),
             ("RETENTION_INTERVAL", "0"),
             ("RETENTION_INTERVAL", "2d"),
+            ("RETENTION_INTERVAL", "59s"),
         ] {
             let error = config(&[(variable, bad)]).expect_err(bad);
             assert_eq!(error.variable, variable, "{bad}: {error}");

@@ -45,6 +45,14 @@ impl Money {
         let decimal =
             Decimal::from_str(&value.to_string()).map_err(|_| InvalidInput::new(field, "has too many digits"))?;
         let money = Self(decimal.normalize());
+        if money == Self::ZERO {
+            // Below the 28 decimal places kept: rounded to nothing, it
+            // would sell for free.
+            return Err(InvalidInput::new(
+                field,
+                format_args!("is too small to keep exactly (got {value})"),
+            ));
+        }
         if money > Self::MAX_PRICE {
             return Err(InvalidInput::new(
                 field,
@@ -119,7 +127,16 @@ mod tests {
 
     #[test]
     fn bad_prices_are_rejected_naming_the_field() {
-        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.01, 1e9 + 1.0, 1e300] {
+        for bad in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.01,
+            1e9 + 1.0,
+            1e300,
+            1e-30,
+            f64::MIN_POSITIVE,
+        ] {
             let error = Money::from_price(bad, "items[2].price").expect_err("invalid price");
             assert_eq!(error.field, "items[2].price", "{bad}");
         }
