@@ -7,7 +7,8 @@ use std::time::Duration;
 use lapin::types::FieldTable;
 
 /// How an [`AmqpTransport`](crate::AmqpTransport) connects and behaves.
-#[derive(Clone, Debug)]
+/// Its `Debug` output shows the URL with its password masked.
+#[derive(Clone)]
 pub struct AmqpConfig {
     /// `amqp://` or `amqps://` URL, with credentials and an escaped vhost
     /// (`%2f` for `/`). Never logged as is: see [`AmqpConfig::redacted_url`].
@@ -15,7 +16,8 @@ pub struct AmqpConfig {
     /// The connections' name shown by the broker (`rabbitmqctl list_connections`),
     /// followed by ` (publishing)` or ` (consuming)`.
     pub connection_name: String,
-    /// Unacknowledged deliveries each subscription may hold (`basic.qos`).
+    /// Unacknowledged deliveries each subscription may hold (`basic.qos`),
+    /// at least 1.
     pub prefetch: u16,
     /// Channels publishes the broker may drop are spread over (to exchanges
     /// that allow unrouted messages). Each carries many confirms at once.
@@ -49,7 +51,7 @@ pub struct AmqpConfig {
     /// `Unavailable`: a guard against a connection that dies mid-operation.
     /// It does not run while the broker blocks the connection under a memory
     /// or disk alarm: what waits then is sent when the alarm clears, so
-    /// failing it would have it sent twice.
+    /// failing it would have it sent twice. More than zero, at most a day.
     pub operation_timeout: Duration,
     /// Exchanges, queues and bindings declared at start-up and after every reconnect.
     pub topology: Topology,
@@ -70,6 +72,38 @@ impl Default for AmqpConfig {
             operation_timeout: Duration::from_secs(30),
             topology: Topology::default(),
         }
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Every field, so a new one is not forgotten here silently.
+        let Self {
+            url: _,
+            connection_name,
+            prefetch,
+            publisher_channels,
+            mandatory_channels,
+            max_confirms_in_flight,
+            queue_type,
+            frame_max,
+            reconnect,
+            operation_timeout,
+            topology,
+        } = self;
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.redacted_url())
+            .field("connection_name", connection_name)
+            .field("prefetch", prefetch)
+            .field("publisher_channels", publisher_channels)
+            .field("mandatory_channels", mandatory_channels)
+            .field("max_confirms_in_flight", max_confirms_in_flight)
+            .field("queue_type", queue_type)
+            .field("frame_max", frame_max)
+            .field("reconnect", reconnect)
+            .field("operation_timeout", operation_timeout)
+            .field("topology", topology)
+            .finish()
     }
 }
 
@@ -345,6 +379,14 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_s_debug_output_masks_the_password() {
+        let config = AmqpConfig::new("amqp://orders:hunter2@mq:5672/%2f", Topology::default());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("amqp://orders:***@mq:5672/%2f"), "{shown}");
+    }
 
     #[test]
     fn passwords_never_show() {

@@ -83,6 +83,12 @@ impl Shared {
         self.ensure_declared(&topology::dlq(queue), arguments).await
     }
 
+    /// Forgets that `name` was declared, so the next retry or dead letter to
+    /// it declares it again (it may have been deleted meanwhile).
+    fn forget_declared(&self, name: &str) {
+        self.declared.lock().unwrap_or_else(|p| p.into_inner()).1.remove(name);
+    }
+
     /// Declares the durable queue `name` once per connection.
     async fn ensure_declared(&self, name: &str, arguments: FieldTable) -> Result<(), TransportError> {
         let generation = self.publishing.link().generation();
@@ -265,6 +271,10 @@ fn fits(properties: &Result<BasicProperties, String>, headroom: usize, frame_max
         .map_or(true, |p| header_frame_size(p).saturating_add(headroom) <= frame_max)
 }
 
+/// How long a delivery whose retry or dead letter failed is held before it
+/// goes back to its queue (see `hold_then_requeue`).
+const FORWARD_FAILED_HOLD: Duration = Duration::from_secs(1);
+
 /// The reason a message that could not be retried is dead-lettered with.
 const NO_ROOM_TO_RETRY: &str = "its headers leave no room in a frame for a retry's headers, so it was not retried";
 
@@ -276,6 +286,16 @@ impl AmqpSettle {
     /// Gives the delivery back to its queue (see [`AckWindow::give_back`]).
     async fn requeue(&self, acker: &Acker) {
         self.acks.give_back(self.tag, acker, self.limit()).await;
+    }
+
+    /// Gives the delivery back after [`FORWARD_FAILED_HOLD`]: its retry or
+    /// dead letter could not be sent (a delay or dead-letter queue the
+    /// broker will not declare or take, say). Given back at once, it would
+    /// be handled and fail again at network speed for as long as that lasts,
+    /// its retry count never growing.
+    async fn hold_then_requeue(&self, acker: &Acker) {
+        tokio::time::sleep(FORWARD_FAILED_HOLD).await;
+        self.requeue(acker).await;
     }
 
     fn published(&self) -> mapping::Published<'_> {
@@ -347,7 +367,7 @@ impl AmqpSettle {
         }
         let target = if let Some((name, ttl)) = delayed {
             if let Err(e) = self.shared.ensure_retry_queue(&self.queue, &name, ttl).await {
-                self.requeue(acker).await;
+                self.hold_then_requeue(acker).await;
                 return Err(e);
             }
             name
@@ -365,7 +385,7 @@ impl AmqpSettle {
             self.queue.to_string()
         } else {
             if let Err(e) = self.shared.ensure_dead_letter_queue(&self.queue).await {
-                self.requeue(acker).await;
+                self.hold_then_requeue(acker).await;
                 return Err(e);
             }
             topology::dlq(&self.queue)
@@ -412,7 +432,7 @@ impl AmqpSettle {
         let properties = match properties {
             Ok(properties) => properties,
             Err(reason) => {
-                self.requeue(acker).await;
+                self.hold_then_requeue(acker).await;
                 return Err(TransportError::Rejected {
                     id: self.message_id.to_string(),
                     reason,
@@ -435,7 +455,10 @@ impl AmqpSettle {
         match published {
             Ok(()) => self.acks.ack_forwarded(self.tag, acker, self.limit()).await,
             Err(e) => {
-                self.requeue(acker).await;
+                if matches!(e, TransportError::Rejected { .. }) {
+                    self.shared.forget_declared(queue);
+                }
+                self.hold_then_requeue(acker).await;
                 Err(e)
             }
         }

@@ -55,6 +55,10 @@ impl std::fmt::Debug for AmqpTransport {
     }
 }
 
+/// The longest `operation_timeout`: a day, far past any broker operation,
+/// and safe to add to any instant.
+const LONGEST_OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 impl AmqpTransport {
     /// Connects to `config.url` and declares `config.topology` (on the
     /// consuming connection; the publishing one opens on first use).
@@ -63,6 +67,16 @@ impl AmqpTransport {
             return Err(AmqpError::InvalidConfig(
                 "publisher_channels, mandatory_channels and max_confirms_in_flight must be at least 1".to_owned(),
             ));
+        }
+        // 0 is AMQP's "no limit": the broker would push a whole backlog into
+        // the client's memory.
+        if config.prefetch == 0 {
+            return Err(AmqpError::InvalidConfig("prefetch must be at least 1".to_owned()));
+        }
+        if config.operation_timeout.is_zero() || config.operation_timeout > LONGEST_OPERATION_TIMEOUT {
+            return Err(AmqpError::InvalidConfig(format!(
+                "operation_timeout must be more than zero and at most {LONGEST_OPERATION_TIMEOUT:?}"
+            )));
         }
         let config = Arc::new(config);
         // The consuming connection at once, so a bad URL, credentials or

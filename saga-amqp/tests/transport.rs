@@ -670,6 +670,100 @@ async fn a_delivery_whose_settling_is_cancelled_comes_back() {
 }
 
 #[tokio::test]
+async fn settings_that_would_flood_memory_or_overflow_a_deadline_are_refused_before_connecting() {
+    let name = broker::unique("settings");
+    for (what, config) in [
+        (
+            "prefetch",
+            AmqpConfig {
+                prefetch: 0,
+                ..broker::config(&name, QueueType::Classic)
+            },
+        ),
+        (
+            "operation_timeout",
+            AmqpConfig {
+                operation_timeout: Duration::MAX,
+                ..broker::config(&name, QueueType::Classic)
+            },
+        ),
+        (
+            "operation_timeout",
+            AmqpConfig {
+                operation_timeout: Duration::ZERO,
+                ..broker::config(&name, QueueType::Classic)
+            },
+        ),
+    ] {
+        let refused = AmqpTransport::connect(config).await;
+        assert!(
+            matches!(&refused, Err(saga_amqp::AmqpError::InvalidConfig(reason)) if reason.contains(what)),
+            "{what}: {:?}",
+            refused.err()
+        );
+    }
+}
+
+/// A dead letter the broker will not take (its queue exists with other
+/// arguments): the delivery goes back after a hold, not at once, so it does
+/// not come round again at network speed.
+#[tokio::test]
+async fn a_dead_letter_the_broker_refuses_goes_back_after_a_hold_not_at_once() {
+    let name = broker::unique("refused-dlq");
+    let foreign = format!("{name}.foreign");
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.expect("a channel");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(foreign.as_str().into(), durable, FieldTable::default())
+        .await
+        .expect("declared");
+    let mut other_arguments = FieldTable::default();
+    other_arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    channel
+        .queue_declare(format!("{foreign}.dlq").as_str().into(), durable, other_arguments)
+        .await
+        .expect("declared");
+    channel
+        .basic_publish(
+            "".into(),
+            foreign.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default()
+                .with_message_id("foreign-1".into())
+                .with_type("Foreign".into()),
+        )
+        .await
+        .expect("published");
+
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&foreign).await.expect("subscribed");
+    let delivery = next(&mut subscription, "the foreign message").await;
+    let began = Instant::now();
+    let settled = delivery
+        .settle
+        .settle(Settlement::DeadLetter {
+            reason: "cannot handle it".into(),
+        })
+        .await;
+    let held = began.elapsed();
+    let again = next(&mut subscription, "the message back in its queue").await;
+    drop(again);
+    drop(subscription);
+    for queue in [foreign.clone(), format!("{foreign}.dlq")] {
+        let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    }
+    broker::clean_up(&transport).await;
+    let _ = connection.close(200, "done".into()).await;
+    assert!(settled.is_err(), "the dead letter was refused: {settled:?}");
+    assert!(held >= Duration::from_millis(900), "given back after {held:?}");
+}
+
+#[tokio::test]
 async fn close_ends_subscriptions_and_publishing() {
     let name = broker::unique("close");
     let queue = format!("{name}.queue");

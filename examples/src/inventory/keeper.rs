@@ -129,7 +129,10 @@ impl StockKeeper {
              WHERE order_id = $1 AND status = 'reserved'",
         )
         .bind(&key)
-        .bind(&cancelled.reason)
+        // Only informational, and PostgreSQL refuses a NUL in a text: were
+        // it kept, the cancellation could never be applied and the stock
+        // would stay reserved.
+        .bind(cancelled.reason.replace('\0', ""))
         .execute(&mut *conn)
         .await?
         .rows_affected()
@@ -159,10 +162,14 @@ impl StockKeeper {
 }
 
 fn database(error: sqlx::Error) -> StepError {
-    // Every database failure here is worth another delivery (connection
-    // loss, deadlock, serialization failure); a persistent one ends in the
-    // dead-letter queue after the consumer's retry policy.
-    StepError::retryable(format!("database: {error}"))
+    // Connection loss, a deadlock, a server restarting: another delivery
+    // may succeed. A value the server refuses (a NUL in a text) fails
+    // every time: dead-lettered at once rather than after minutes of retries.
+    if saga_postgres::is_transient(&error) {
+        StepError::retryable(format!("database: {error}"))
+    } else {
+        StepError::terminal(format!("database: {error}"))
+    }
 }
 
 fn store(error: StoreError) -> StepError {

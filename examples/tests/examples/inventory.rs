@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use order_service::wire::StockUpdateResult;
+use order_service::wire::{ORDER_CANCELLED, OrderCancelled, StockUpdateResult};
 use saga_core::{CommandHandler, Message, MessageId, SagaStore};
 use saga_examples::inventory::{Inventory, Reservation, ReservationStatus, SchemaName, StockKeeper, StockLevel};
 use saga_postgres::PostgresStore;
@@ -133,6 +133,30 @@ async fn order_cancelled_releases_exactly_once() {
     inventory.wait_until_handled(cancelled.id.as_str()).await;
     assert_eq!(inventory.units("p1").await, (100, 0));
     assert_eq!(inventory.units("p2").await, (10, 0));
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancellation_whose_reason_holds_a_nul_still_releases_the_stock() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100").await;
+    let mut broker = env.broker().await;
+
+    let order = new_order_id();
+    broker.place_order(&order, &[("p1", 3)]).await;
+    assert!(broker.reply_for(&order).await.success);
+    // JSON allows it; PostgreSQL refuses it in a text.
+    let body = OrderCancelled {
+        order_id: order.clone(),
+        user_id: "alice".to_owned(),
+        reason: "timed\0out".to_owned(),
+    };
+    let cancel = Message::json(ORDER_CANCELLED, broker.names().order_cancelled_exchange.clone(), &body).expect("JSON");
+    broker.publish(&cancel).await;
+    inventory.wait_until_handled(cancel.id.as_str()).await;
+    assert_eq!(inventory.units("p1").await, (100, 0), "released, not reserved for good");
 
     broker.close().await;
     inventory.stop().await;
