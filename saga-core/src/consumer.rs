@@ -163,7 +163,6 @@ impl Consumer {
             Settlement::Retry { .. } => "retry",
             Settlement::DeadLetter { .. } => "dead_letter",
         };
-        metrics::counter!(telemetry::MESSAGES_TOTAL, "outcome" => outcome).increment(1);
         match &settlement {
             Settlement::Ack => {}
             Settlement::Retry { delay } => {
@@ -173,10 +172,17 @@ impl Consumer {
                 tracing::error!(message_id = %message.id, kind = %message.kind, reason, "message dead-lettered");
             }
         }
-        if let Err(e) = settle.settle(settlement).await {
-            // The broker will redeliver an unsettled message; the inbox makes that harmless.
-            tracing::warn!(message_id = %message.id, error = %e, "settling a delivery failed");
-        }
+        // Counted once settled: a dead letter the broker would not take is
+        // not in a dead-letter queue, and the message comes round again.
+        let outcome = match settle.settle(settlement).await {
+            Ok(()) => outcome,
+            Err(e) => {
+                // The broker will redeliver an unsettled message; the inbox makes that harmless.
+                tracing::warn!(message_id = %message.id, error = %e, "settling a delivery failed");
+                "settle_failed"
+            }
+        };
+        metrics::counter!(telemetry::MESSAGES_TOTAL, "outcome" => outcome).increment(1);
     }
 
     /// Runs until `shutdown` is cancelled, then finishes the deliveries in

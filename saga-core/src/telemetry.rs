@@ -18,8 +18,10 @@ pub const FINISHED_TOTAL: &str = "saga_finished_total";
 /// Counter: due deadlines that could not be applied and were set aside
 /// (`EngineConfig::broken_deadline_retry`); the saga needs an operator.
 pub const DEADLINE_FAILURES_TOTAL: &str = "saga_deadline_failures_total";
-/// Counter, label `outcome` (`ack`, `retry`, `dead_letter`): messages
-/// consumed, by how they were settled.
+/// Counter, label `outcome` (`ack`, `retry`, `dead_letter`, or
+/// `settle_failed` when the transport could not carry the settlement out,
+/// and the message comes round again): messages consumed, by how they were
+/// settled.
 pub const MESSAGES_TOTAL: &str = "saga_messages_total";
 /// Counter: outbox messages the broker confirmed, counted as the relay
 /// goes to mark them sent (a mark that fails has them published, and

@@ -428,3 +428,59 @@ fn a_message_given_up_counts_as_a_transition_and_a_discard() {
     assert_eq!(transitions("giving-up"), 2, "the start and the discard");
     assert_eq!(counter(&snapshot, "saga_outbox_discarded_total", &[]), 1);
 }
+
+/// Settles nothing: the broker refuses what it is asked to do.
+struct RefusedSettle;
+
+#[async_trait::async_trait]
+impl saga_core::Settle for RefusedSettle {
+    async fn settle(self: Box<Self>, _settlement: saga_core::Settlement) -> Result<(), saga_core::TransportError> {
+        Err(saga_core::TransportError::Rejected {
+            id: "m".into(),
+            reason: "the dead-letter queue is full".into(),
+        })
+    }
+}
+
+/// Refuses every message for good.
+struct Refuses;
+
+#[async_trait::async_trait]
+impl saga_core::MessageHandler for Refuses {
+    async fn handle(&self, message: &Message) -> Result<(), saga_core::EngineError> {
+        Err(saga_core::EngineError::UnhandledKind {
+            kind: message.kind.clone(),
+        })
+    }
+}
+
+#[test]
+fn a_settlement_the_transport_could_not_carry_out_is_counted_as_failed_not_as_done() {
+    let snapshot = counted(async {
+        let config = saga_core::ConsumerConfig::new("q");
+        for settle in [
+            Box::new(RefusedSettle) as Box<dyn saga_core::Settle>,
+            Box::new(Accepted),
+        ] {
+            let delivery = saga_core::Delivery {
+                message: Message::new("Unknown", "q", b"{}".to_vec()),
+                retries: 0,
+                settle,
+            };
+            saga_core::Consumer::process(&Refuses, delivery, &config).await;
+        }
+    });
+    let outcome = |outcome: &str| counter(&snapshot, "saga_messages_total", &[("outcome", outcome)]);
+    assert_eq!(outcome("settle_failed"), 1, "the refused dead letter");
+    assert_eq!(outcome("dead_letter"), 1, "only the one that reached its queue");
+}
+
+/// Settles whatever it is asked to.
+struct Accepted;
+
+#[async_trait::async_trait]
+impl saga_core::Settle for Accepted {
+    async fn settle(self: Box<Self>, _settlement: saga_core::Settlement) -> Result<(), saga_core::TransportError> {
+        Ok(())
+    }
+}
