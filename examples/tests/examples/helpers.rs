@@ -388,6 +388,14 @@ impl Broker {
         panic!("no reply for order {order_id} among the next 100");
     }
 
+    /// How many messages wait in `queue`'s dead-letter queue.
+    pub async fn dead_letters(&self, queue: &str) -> usize {
+        saga_core::DeadLetterQueue::dead_letters(&*self.transport, queue, 1)
+            .await
+            .expect("the dead-letter queue is browsable")
+            .total
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         drop(self.replies);

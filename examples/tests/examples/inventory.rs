@@ -9,7 +9,7 @@ use saga_examples::inventory::{Inventory, Reservation, ReservationStatus, Schema
 use saga_postgres::PostgresStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::helpers::{TestEnv, new_order_id, order_cancelled, order_created};
+use crate::helpers::{TestEnv, eventually, new_order_id, order_cancelled, order_created};
 
 #[tokio::test]
 async fn an_order_reserves_all_its_items() {
@@ -157,6 +157,30 @@ async fn a_cancellation_whose_reason_holds_a_nul_still_releases_the_stock() {
     broker.publish(&cancel).await;
     inventory.wait_until_handled(cancel.id.as_str()).await;
     assert_eq!(inventory.units("p1").await, (100, 0), "released, not reserved for good");
+
+    broker.close().await;
+    inventory.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_the_database_refuses_for_good_is_dead_lettered_at_once_not_retried_for_minutes() {
+    let env = TestEnv::new().await;
+    let inventory = env.spawn_inventory("p1=100").await;
+    let mut broker = env.broker().await;
+
+    // JSON allows a NUL; PostgreSQL refuses it in a text, every time.
+    broker.place_order("order\0with-a-nul", &[("p1", 1)]).await;
+    let queue = env.names.orders_queue.clone();
+    let broker_ref = &broker;
+    eventually("dead-lettered within the patience", || {
+        let queue = queue.clone();
+        async move { (broker_ref.dead_letters(&queue).await >= 1).then_some(()) }
+    })
+    .await;
+    let order = new_order_id();
+    broker.place_order(&order, &[("p1", 1)]).await;
+    assert!(broker.reply_for(&order).await.success);
+    assert_eq!(inventory.units("p1").await, (99, 1), "the refused order holds nothing");
 
     broker.close().await;
     inventory.stop().await;
