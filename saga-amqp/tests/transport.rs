@@ -590,6 +590,30 @@ async fn acks_settled_together_share_a_frame_but_never_cover_an_open_delivery() 
     broker::clean_up(&broker::connect(broker::config(&name, QueueType::Classic)).await).await;
 }
 
+/// Publishes a message of a foreign producer straight to `queue`.
+async fn publish_foreign(channel: &saga_amqp::lapin::Channel, queue: &str) {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default()
+                .with_message_id("foreign-1".into())
+                .with_type("Foreign".into()),
+        )
+        .await
+        .expect("published");
+}
+
+/// A transport of `name`'s subscribed to `foreign`, and the first delivery there.
+async fn first_foreign_delivery(name: &str, foreign: &str) -> (AmqpTransport, Box<dyn Subscription>, Delivery) {
+    let transport = broker::connect(broker::config(name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(foreign).await.expect("subscribed");
+    let delivery = next(&mut subscription, "the foreign message").await;
+    (transport, subscription, delivery)
+}
+
 /// A queue the service consumes but does not declare (the platform's, say):
 /// its dead letters get a dead-letter queue too, instead of coming back.
 #[tokio::test]
@@ -609,22 +633,9 @@ async fn dead_letters_of_a_queue_outside_the_topology_reach_its_dead_letter_queu
         )
         .await
         .expect("declared");
-    channel
-        .basic_publish(
-            "".into(),
-            foreign.as_str().into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            BasicProperties::default()
-                .with_message_id("foreign-1".into())
-                .with_type("Foreign".into()),
-        )
-        .await
-        .expect("published");
+    publish_foreign(&channel, &foreign).await;
 
-    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
-    let mut subscription = transport.subscribe(&foreign).await.expect("subscribed");
-    let delivery = next(&mut subscription, "the foreign message").await;
+    let (transport, subscription, delivery) = first_foreign_delivery(&name, &foreign).await;
     let settled = delivery
         .settle
         .settle(Settlement::DeadLetter {
@@ -727,22 +738,9 @@ async fn a_dead_letter_the_broker_refuses_goes_back_after_a_hold_not_at_once() {
         .queue_declare(format!("{foreign}.dlq").as_str().into(), durable, other_arguments)
         .await
         .expect("declared");
-    channel
-        .basic_publish(
-            "".into(),
-            foreign.as_str().into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            BasicProperties::default()
-                .with_message_id("foreign-1".into())
-                .with_type("Foreign".into()),
-        )
-        .await
-        .expect("published");
+    publish_foreign(&channel, &foreign).await;
 
-    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
-    let mut subscription = transport.subscribe(&foreign).await.expect("subscribed");
-    let delivery = next(&mut subscription, "the foreign message").await;
+    let (transport, mut subscription, delivery) = first_foreign_delivery(&name, &foreign).await;
     let began = Instant::now();
     let settled = delivery
         .settle

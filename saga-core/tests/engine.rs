@@ -1116,6 +1116,14 @@ fn replica(store: Arc<dyn saga_core::Store>, clock: &ManualClock, cached: usize)
         .expect("engine")
 }
 
+/// A store and two replicas over it, each keeping 16 instances.
+fn two_replicas(clock: &ManualClock) -> (InMemoryStore, Engine, Engine) {
+    let memory = InMemoryStore::with_clock(clock.clone());
+    let store: Arc<dyn saga_core::Store> = Arc::new(memory.clone());
+    let (first, second) = (replica(Arc::clone(&store), clock, 16), replica(store, clock, 16));
+    (memory, first, second)
+}
+
 async fn parts(store: &InMemoryStore, id: SagaId) -> u32 {
     let instance = store.load(id).await.expect("load").expect("exists");
     serde_json::from_str::<Order>(&instance.data).expect("order data").parts
@@ -1147,9 +1155,7 @@ async fn replies_to_sagas_this_engine_moved_last_are_decided_without_a_read() {
 #[tokio::test]
 async fn a_replica_decides_on_what_the_store_holds_once_another_moved_the_saga_on() {
     let clock = ManualClock::default();
-    let memory = InMemoryStore::with_clock(clock.clone());
-    let store: Arc<dyn saga_core::Store> = Arc::new(memory.clone());
-    let (first, second) = (replica(Arc::clone(&store), &clock, 16), replica(store, &clock, 16));
+    let (memory, first, second) = two_replicas(&clock);
 
     // The first replica keeps the saga as it started it; the second moves it
     // on. The first's next reply is decided on its stale copy, conflicts at
@@ -1186,9 +1192,7 @@ async fn a_replica_decides_on_what_the_store_holds_once_another_moved_the_saga_o
 #[tokio::test]
 async fn a_reply_reaches_the_saga_that_took_over_a_purged_sagas_key() {
     let clock = ManualClock::default();
-    let memory = InMemoryStore::with_clock(clock.clone());
-    let store: Arc<dyn saga_core::Store> = Arc::new(memory.clone());
-    let (first, second) = (replica(Arc::clone(&store), &clock, 16), replica(store, &clock, 16));
+    let (memory, first, second) = two_replicas(&clock);
 
     // The first replica starts the saga and keeps it; the second finishes it,
     // retention purges it, and a new saga takes its business key.
@@ -1325,9 +1329,12 @@ async fn a_reply_a_stale_copy_would_ignore_is_decided_on_what_the_store_holds() 
     );
 }
 
-/// Fails the effects of sagas whose order id says so: `stuck` retryably,
-/// `panic` by panicking.
-struct EffectsByOrder;
+/// Fails the effects of sagas whose order id says so: `stuck` retryably
+/// (counting the tries), `panic` by panicking.
+#[derive(Default)]
+struct EffectsByOrder {
+    stuck_tries: Arc<std::sync::atomic::AtomicU32>,
+}
 
 #[async_trait]
 impl EffectHandler<String> for EffectsByOrder {
@@ -1338,7 +1345,10 @@ impl EffectHandler<String> for EffectsByOrder {
         effects: Vec<String>,
     ) -> Result<(), StepError> {
         match effects.first().map(String::as_str) {
-            Some("stuck") => Err(StepError::retryable("application row locked")),
+            Some("stuck") => {
+                self.stuck_tries.fetch_add(1, Ordering::SeqCst);
+                Err(StepError::retryable("application row locked"))
+            }
             Some("panic") => panic!("an effect handler's bug"),
             _ => Ok(()),
         }
@@ -1352,7 +1362,7 @@ async fn one_sagas_failing_or_panicking_deadline_does_not_stop_the_others() {
     let definition = guarded_saga();
     let engine = Engine::builder(Arc::new(store.clone()))
         .clock(clock.clone())
-        .register_with_effects(definition, EffectsByOrder)
+        .register_with_effects(definition, EffectsByOrder::default())
         .build()
         .expect("engine");
     // The failing ones are due first.
@@ -1391,7 +1401,7 @@ async fn a_deadline_batch_of_zero_fires_one_at_a_time_and_a_backlog_does_not_hol
                 deadline_batch: batch,
                 ..saga_core::EngineConfig::default()
             })
-            .register_with_effects(guarded_saga(), EffectsByOrder)
+            .register_with_effects(guarded_saga(), EffectsByOrder::default())
             .build()
             .expect("engine")
     };
@@ -1423,25 +1433,6 @@ async fn a_deadline_batch_of_zero_fires_one_at_a_time_and_a_backlog_does_not_hol
     assert_eq!(compensated, 2, "the first scan's one, and one batch of the loop's");
 }
 
-/// Fails the effects of orders named `stuck` retryably, counting them.
-struct CountsStuck(Arc<std::sync::atomic::AtomicU32>);
-
-#[async_trait]
-impl EffectHandler<String> for CountsStuck {
-    async fn apply(
-        &self,
-        _tx: &mut dyn Transaction,
-        _saga: &SagaInstance,
-        effects: Vec<String>,
-    ) -> Result<(), StepError> {
-        if effects.first().is_some_and(|e| e == "stuck") {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            return Err(StepError::retryable("application row locked"));
-        }
-        Ok(())
-    }
-}
-
 fn guarded_saga() -> SagaDefinition<Order, String> {
     SagaDefinition::<Order, String>::builder("guarded")
         .step(
@@ -1470,7 +1461,12 @@ async fn deadlines_that_keep_failing_retryably_back_off_and_never_crowd_out_the_
             deadline_batch: 2,
             ..saga_core::EngineConfig::default()
         })
-        .register_with_effects(guarded_saga(), CountsStuck(Arc::clone(&tried)))
+        .register_with_effects(
+            guarded_saga(),
+            EffectsByOrder {
+                stuck_tries: Arc::clone(&tried),
+            },
+        )
         .build()
         .expect("engine");
     // More failing deadlines than a batch, all due before the healthy one.

@@ -1592,6 +1592,20 @@ async fn batching_store(db: &TestDb) -> saga_postgres::PostgresStore {
     db.store_with(8, config).await
 }
 
+/// [`batching_store`], its connections' `setting` set to `value`.
+async fn batching_store_where(db: &TestDb, setting: &str, value: &str) -> saga_postgres::PostgresStore {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(db.options.clone().options([(setting, value)]))
+        .await
+        .expect("pool");
+    let config = PostgresStoreConfig {
+        commits_in_flight: 1,
+        ..PostgresStoreConfig::default()
+    };
+    saga_postgres::PostgresStore::with_config(pool, config)
+}
+
 /// The write a transition stages, by its index among those run at once.
 type WriteOf = fn(usize) -> StagedWrite;
 
@@ -1682,16 +1696,7 @@ async fn a_shared_statement_the_server_fails_for_its_state_fails_its_transitions
         start(&writable, instance).await.expect("start");
     }
     // A demoted primary: every statement of the session is refused.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(db.options.clone().options([("default_transaction_read_only", "on")]))
-        .await
-        .expect("pool");
-    let config = PostgresStoreConfig {
-        commits_in_flight: 1,
-        ..PostgresStoreConfig::default()
-    };
-    let store = saga_postgres::PostgresStore::with_config(pool, config);
+    let store = batching_store_where(&db, "default_transaction_read_only", "on").await;
     let mut transitions = tokio::task::JoinSet::new();
     for instance in &instances {
         let (store, instance) = (store.clone(), instance.clone());
@@ -1710,16 +1715,7 @@ async fn a_shared_statement_the_server_fails_for_its_state_fails_its_transitions
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_timeout_on_one_transitions_row_fails_that_transition_only() {
     let db = TestDb::new().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(db.options.clone().options([("lock_timeout", "500ms")]))
-        .await
-        .expect("pool");
-    let config = PostgresStoreConfig {
-        commits_in_flight: 1,
-        ..PostgresStoreConfig::default()
-    };
-    let store = saga_postgres::PostgresStore::with_config(pool, config);
+    let store = batching_store_where(&db, "lock_timeout", "500ms").await;
     sqlx::query("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL)")
         .execute(store.pool())
         .await
