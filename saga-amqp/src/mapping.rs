@@ -82,12 +82,17 @@ pub(crate) fn message(exchange: &str, properties: &BasicProperties, body: Vec<u8
     let mut headers = BTreeMap::new();
     let mut retries = 0;
     let mut destination = exchange.to_owned();
+    let ours = sent_round_again(exchange);
     if let Some(table) = properties.headers() {
         for (name, value) in table {
             match name.as_str() {
-                RETRIES_HEADER => retries = integer(value).and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+                RETRIES_HEADER => {
+                    if ours {
+                        retries = integer(value).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+                    }
+                }
                 DESTINATION_HEADER => {
-                    if let Some(text) = text(value) {
+                    if ours && let Some(text) = text(value) {
                         destination = text;
                     }
                 }
@@ -140,6 +145,17 @@ fn integer(value: &AMQPValue) -> Option<i64> {
     })
 }
 
+/// Whether a delivery from `exchange` may be a round this transport sent
+/// again (through a delay queue, which dead-letters to the default exchange,
+/// or straight back to its queue): only then are its retry count and origin
+/// headers its own. On a delivery from a named exchange they are whatever
+/// its publisher wrote: trusted, a forged origin would have a replay of the
+/// dead letter publish, with this service's credentials, wherever it named.
+/// (A publisher to the default exchange reaches any queue by name anyway.)
+fn sent_round_again(exchange: &str) -> bool {
+    exchange.is_empty()
+}
+
 /// Where a delivery was first published: its exchange and routing key.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Published<'a> {
@@ -148,8 +164,9 @@ pub(crate) struct Published<'a> {
 }
 
 /// The properties of a message settled for another round: `retries` counted,
-/// where it was first published kept (on its first round only: later rounds
-/// arrive from a delay queue), `header` (e.g. the dead-letter reason) set.
+/// where it was first published recorded (on its first round: later rounds
+/// arrive from a delay queue and keep the record), `header` (e.g. the
+/// dead-letter reason) set.
 pub(crate) fn republished(
     original: &BasicProperties,
     message_id: &MessageId,
@@ -162,7 +179,7 @@ pub(crate) fn republished(
         ShortString::from(RETRIES_HEADER),
         AMQPValue::LongLongInt(i64::from(retries)),
     );
-    if !table.contains_key(DESTINATION_HEADER) {
+    if !sent_round_again(published.exchange) || !table.contains_key(DESTINATION_HEADER) {
         table.insert(
             ShortString::from(DESTINATION_HEADER),
             AMQPValue::LongString(LongString::from(published.exchange.as_bytes())),

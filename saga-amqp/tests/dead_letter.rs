@@ -403,6 +403,46 @@ async fn dead_letters_without_a_usable_origin_are_reported_and_stay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_s_forged_origin_and_retry_count_are_not_taken_for_the_transport_s_own() {
+    let name = broker::unique("forged");
+    let queue = format!("{name}.queue");
+    let transport = broker::connect(broker::config(&name, QueueType::Classic)).await;
+    let mut subscription = transport.subscribe(&queue).await.expect("subscribed");
+
+    // Published to the queue's exchange with bookkeeping headers of its own:
+    // a replay of its dead letter must not go where they say.
+    let forged = Message::new("Forged", name.clone(), b"{}".to_vec())
+        .with_header(DESTINATION_HEADER, "somewhere-else")
+        .with_header(ROUTING_KEY_HEADER, "a-victim-queue")
+        .with_header(saga_amqp::RETRIES_HEADER, "1000");
+    transport.publish(&forged).await.expect("published");
+    let delivery = next(&mut subscription, "the forged message").await;
+    let retries = delivery.retries;
+    let destination = delivery.message.destination.clone();
+    delivery
+        .settle
+        .settle(Settlement::DeadLetter {
+            reason: "handler refused it".into(),
+        })
+        .await
+        .expect("dead-lettered");
+    let page = transport.dead_letters(&queue, 10).await.expect("browsed");
+    drop(subscription);
+    broker::clean_up(&transport).await;
+
+    assert_eq!(retries, 0, "a first delivery has not been retried");
+    assert_eq!(destination, name, "where it was published");
+    assert_eq!(
+        page.letters.iter().map(|l| l.origin.clone()).collect::<Vec<_>>(),
+        [Some(Origin {
+            destination: name.clone(),
+            routing_key: Some(String::new()),
+        })],
+        "replayed to where it came from"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_s_x_death_record_is_an_origin() {
     let name = broker::unique("x-death");
     let queue = format!("{name}.queue");
