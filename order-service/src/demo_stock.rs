@@ -101,12 +101,18 @@ impl CommandHandler for DemoStock {
         match command.kind.as_str() {
             ORDER_CREATED => {
                 let order: OrderCreated = command.decode()?;
-                let shortage = self.shortage(&order);
-                if shortage.is_none() {
+                // Held already: the order's command sent again (an
+                // operator's retry sends it under a new id), answered again.
+                let held = self.shelves().reservations.contains_key(&order.order_id);
+                let shortage = if held { None } else { self.shortage(&order) };
+                if !held && shortage.is_none() {
                     let shelves = Arc::clone(&self.shelves);
                     let order = order.clone();
                     Self::on_commit(tx, move || {
                         let mut shelves = shelves.lock().unwrap_or_else(|p| p.into_inner());
+                        if shelves.reservations.contains_key(&order.order_id) {
+                            return;
+                        }
                         let mut held = Vec::new();
                         for item in &order.items {
                             if let Some(units) = shelves.stock.get_mut(&item.product_id) {
@@ -149,5 +155,40 @@ impl CommandHandler for DemoStock {
                 "the demo stock service does not handle `{other}`"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use saga_core::SagaStore;
+    use saga_core::memory::InMemoryStore;
+
+    use super::*;
+    use crate::wire::OrderCreatedItem;
+
+    #[tokio::test]
+    async fn an_order_s_command_sent_again_under_a_new_id_reserves_once() {
+        let stock = DemoStock::new(&[("apple", 10)], "replies");
+        let store = InMemoryStore::new();
+        let order = OrderCreated {
+            order_id: "order-1".to_owned(),
+            user_id: "alice".to_owned(),
+            total_price: 3.0,
+            items: vec![OrderCreatedItem {
+                product_id: "apple".to_owned(),
+                quantity: 3,
+                price: 1.0,
+            }],
+        };
+        for _ in 0..2 {
+            // A new message id each time, as an operator's retry sends it.
+            let command = Message::json(ORDER_CREATED, "orders", &order).expect("JSON");
+            let mut tx = store.begin().await.expect("begin");
+            let replies = stock.handle(tx.as_mut(), &command).await.expect("handled");
+            tx.commit().await.expect("committed");
+            let reply: StockUpdateResult = serde_json::from_slice(&replies[0].payload).expect("a reply");
+            assert!(reply.success, "{reply:?}");
+        }
+        assert_eq!(stock.in_stock("apple"), 7, "reserved once");
     }
 }
