@@ -322,6 +322,8 @@ impl Client {
 pub async fn run(cli: Sagactl, out: &mut (dyn Write + Send)) -> Result<(), SagactlError> {
     let mut client = Client::connect(&cli.addr, cli.token.as_deref()).await?;
     let json = cli.json;
+    let mut visible = render::Visible(out);
+    let out: &mut (dyn Write + Send) = if json { visible.0 } else { &mut visible };
     match cli.command {
         Command::List(args) => {
             let request = list_request(args);

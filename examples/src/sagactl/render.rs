@@ -91,6 +91,35 @@ pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `text` on one line, at most `max` characters.
+/// Writes to its inner writer with control characters other than line
+/// breaks shown as `U+FFFD`. Text from the service (a failure reason, a
+/// dead letter's id, type or origin) was written by whoever published the
+/// message, and an escape sequence in it could rewrite what the operator
+/// sees. JSON output escapes them already.
+pub struct Visible<'a>(pub &'a mut (dyn Write + Send));
+
+impl Write for Visible<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Formatting writes whole strings, so a chunk never splits a character.
+        let shown: String = String::from_utf8_lossy(buf)
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\n' {
+                    char::REPLACEMENT_CHARACTER
+                } else {
+                    c
+                }
+            })
+            .collect();
+        self.0.write_all(shown.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 fn short(text: &str, max: usize) -> String {
     let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if flat.chars().count() <= max {
@@ -558,6 +587,20 @@ pub(super) fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_from_the_service_cannot_send_the_terminal_escape_sequences() {
+        let mut written = Vec::new();
+        let mut visible = Visible(&mut written);
+        // A failure reason that would clear the screen and hide what follows.
+        writeln!(visible, "failure: out of stock\x1b[2J\x1b[1A\u{9b}31mok\tdone").expect("written");
+        let shown = String::from_utf8(written).expect("UTF-8");
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+        assert_eq!(
+            shown,
+            "failure: out of stock\u{fffd}[2J\u{fffd}[1A\u{fffd}31mok\u{fffd}done\n"
+        );
+    }
 
     #[test]
     fn a_discard_names_the_message_in_text_and_json() {
