@@ -120,6 +120,8 @@ pub struct Step<D, E = ()> {
     pub(crate) compensation_retry: RetryPolicy,
     /// A reply handler was added to a local step; `build` reports it.
     reply_on_local: Option<String>,
+    /// A timeout was given to a local step; `build` reports it.
+    timeout_on_local: bool,
 }
 
 impl<D: SagaData, E: Send + 'static> Step<D, E> {
@@ -158,6 +160,7 @@ impl<D: SagaData, E: Send + 'static> Step<D, E> {
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::default(),
             reply_on_local: None,
+            timeout_on_local: false,
         }
     }
 
@@ -201,10 +204,12 @@ impl<D: SagaData, E: Send + 'static> Step<D, E> {
         self
     }
 
-    /// Fails the step if no deciding reply arrives within `timeout` of sending the command.
+    /// Fails the step if no deciding reply arrives within `timeout` of
+    /// sending the command (at least a millisecond; remote steps only).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        if let Action::Remote { timeout: t, .. } = &mut self.action {
-            *t = Some(timeout);
+        match &mut self.action {
+            Action::Remote { timeout: t, .. } => *t = Some(timeout),
+            Action::Local(_) => self.timeout_on_local = true,
         }
         self
     }
@@ -394,7 +399,21 @@ impl<D: SagaData, E: Send + 'static> SagaBuilder<D, E> {
                     kind: kind.clone(),
                 });
             }
-            if let Action::Remote { replies, .. } = &step.action {
+            if step.timeout_on_local {
+                return Err(DefinitionError::TimeoutOnLocalStep {
+                    saga,
+                    step: step.name.clone(),
+                });
+            }
+            if let Action::Remote { replies, timeout, .. } = &step.action {
+                // Deadlines count whole milliseconds: less would expire as
+                // the command is sent, before any reply could come.
+                if timeout.is_some_and(|t| t < Duration::from_millis(1)) {
+                    return Err(DefinitionError::ZeroTimeout {
+                        saga,
+                        step: step.name.clone(),
+                    });
+                }
                 if replies.is_empty() {
                     return Err(DefinitionError::NoReplyHandler {
                         saga,
@@ -538,6 +557,23 @@ mod tests {
             .step(Step::local("a", ok).on_reply("Reply", |_, _: bool| ReplyOutcome::Success))
             .build();
         assert!(matches!(misplaced, Err(DefinitionError::ReplyOnLocalStep { .. })));
+
+        let local_timeout = SagaDefinition::<u32>::builder("s")
+            .step(Step::local("a", ok).timeout(Duration::from_secs(5)))
+            .build();
+        assert!(matches!(local_timeout, Err(DefinitionError::TimeoutOnLocalStep { .. })));
+
+        let replying = || Step::remote("r", cmd).on_reply("Reply", |_, _: bool| ReplyOutcome::Success);
+        for instant in [Duration::ZERO, Duration::from_micros(999)] {
+            let zero = SagaDefinition::<u32>::builder("s")
+                .step(replying().timeout(instant))
+                .build();
+            assert!(matches!(zero, Err(DefinitionError::ZeroTimeout { .. })), "{instant:?}");
+        }
+        let shortest = SagaDefinition::<u32>::builder("s")
+            .step(replying().timeout(Duration::from_millis(1)))
+            .build();
+        assert!(shortest.is_ok());
 
         let zero = SagaDefinition::<u32>::builder("s")
             .step(Step::local("a", ok).retry(RetryPolicy::attempts(0)))

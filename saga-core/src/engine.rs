@@ -379,7 +379,12 @@ impl EngineBuilder {
                     to: upgrade.to,
                 });
             }
-            upgrades.insert((upgrade.saga.clone(), upgrade.from), upgrade);
+            let (saga, from) = (upgrade.saga.clone(), upgrade.from);
+            // Two from one version: which one an instance took would depend
+            // on registration order.
+            if upgrades.insert((saga.clone(), from), upgrade).is_some() {
+                return Err(DefinitionError::DuplicateUpgrade { saga, from });
+            }
         }
         Ok(Engine {
             inner: Arc::new(Inner {

@@ -138,6 +138,31 @@ pub enum DefinitionError {
         /// The step.
         step: String,
     },
+    /// A local step was given a reply timeout: it sends nothing to wait for.
+    #[error("local step `{step}` of saga `{saga}` cannot have a reply timeout")]
+    TimeoutOnLocalStep {
+        /// The saga.
+        saga: String,
+        /// The step.
+        step: String,
+    },
+    /// A reply timeout under a millisecond: the step would fail as its
+    /// command is sent.
+    #[error("remote step `{step}` of saga `{saga}` has a reply timeout under a millisecond")]
+    ZeroTimeout {
+        /// The saga.
+        saga: String,
+        /// The step.
+        step: String,
+    },
+    /// Two upgrades from one version of a saga.
+    #[error("saga `{saga}` has two upgrades from version {from}")]
+    DuplicateUpgrade {
+        /// The saga.
+        saga: String,
+        /// The version both upgrade from.
+        from: u32,
+    },
     /// An upgrade does not lead to a newer, registered version.
     #[error("the upgrade of saga `{saga}` from version {from} to {to} does not lead to a newer registered version")]
     BadUpgrade {

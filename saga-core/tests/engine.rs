@@ -339,8 +339,8 @@ async fn instances_continue_under_the_version_that_started_them() {
     ));
     assert!(matches!(
         Engine::builder(Arc::new(store.clone()))
-            .register(order_saga(1, Duration::ZERO))
-            .register(order_saga(1, Duration::ZERO))
+            .register(order_saga(1, Duration::from_secs(30)))
+            .register(order_saga(1, Duration::from_secs(30)))
             .build(),
         Err(saga_core::DefinitionError::DuplicateVersion { .. })
     ));

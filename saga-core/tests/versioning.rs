@@ -171,6 +171,13 @@ fn an_upgrade_must_lead_to_a_registered_newer_version() {
         }))
         .build();
     assert!(matches!(backwards, Err(DefinitionError::BadUpgrade { .. })));
+    let twice = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v1())
+        .register(v2())
+        .upgrade(upgrade())
+        .upgrade(upgrade())
+        .build();
+    assert!(matches!(twice, Err(DefinitionError::DuplicateUpgrade { from: 1, .. })));
 }
 
 #[tokio::test]
