@@ -259,7 +259,7 @@ impl<D: SagaData, E: Send + 'static> Step<D, E> {
         }
     }
 
-    fn reply_kinds(&self) -> Vec<&str> {
+    pub(crate) fn reply_kinds(&self) -> Vec<&str> {
         match &self.action {
             Action::Remote { replies, .. } => replies.iter().map(|r| r.kind.as_str()).collect(),
             Action::Local(_) => Vec::new(),

@@ -142,6 +142,8 @@ trait Runner: Send + Sync {
     ) -> Result<Result<Pending, &'static str>, EngineError>;
     fn mermaid(&self) -> String;
     fn step_names(&self) -> Vec<String>;
+    /// The reply types each step waits for (none for a local step).
+    fn step_replies(&self) -> Vec<Vec<String>>;
     fn data_version(&self) -> u32;
     /// Why `instance` could not continue under this definition, if it could not.
     fn check(&self, instance: &SagaInstance) -> Result<(), String>;
@@ -218,6 +220,14 @@ impl<D: SagaData, E: Send + 'static> Runner for TypedRunner<D, E> {
 
     fn step_names(&self) -> Vec<String> {
         self.definition.steps.iter().map(|s| s.name.clone()).collect()
+    }
+
+    fn step_replies(&self) -> Vec<Vec<String>> {
+        self.definition
+            .steps
+            .iter()
+            .map(|s| s.reply_kinds().into_iter().map(str::to_owned).collect())
+            .collect()
     }
 
     fn data_version(&self) -> u32 {
@@ -386,6 +396,7 @@ impl EngineBuilder {
                 return Err(DefinitionError::DuplicateUpgrade { saga, from });
             }
         }
+        keeps_awaited_replies(&by_version, &upgrades)?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 recent: RecentInstances::new(self.config.cached_instances.unwrap_or(if self.store.reads_are_cheap() {
@@ -456,6 +467,48 @@ impl SetAside {
             Duration::ZERO
         }
     }
+}
+
+/// Checks that every instance an upgrade moves on keeps waiting for the
+/// replies it waited for: the engine upgrades an instance before deciding
+/// a reply to it, so a remote step whose reply types the upgraded version's
+/// step (after the whole chain of upgrades, and `map_step`) does not handle
+/// would have its reply ignored, and the saga wait for its deadline.
+fn keeps_awaited_replies(
+    by_version: &HashMap<(String, u32), Arc<dyn Runner>>,
+    upgrades: &HashMap<(String, u32), Upgrade>,
+) -> Result<(), DefinitionError> {
+    for ((saga, from), old) in by_version {
+        if !upgrades.contains_key(&(saga.clone(), *from)) {
+            continue;
+        }
+        let names = old.step_names();
+        for (index, kinds) in old.step_replies().into_iter().enumerate() {
+            if kinds.is_empty() {
+                continue;
+            }
+            // Follow the chain as `Engine::upgraded` does.
+            let (mut version, mut step) = (*from, u32::try_from(index).unwrap_or(u32::MAX));
+            while let Some(upgrade) = upgrades.get(&(saga.clone(), version)) {
+                step = upgrade.mapped_step(step, SagaStatus::Running);
+                version = upgrade.to;
+            }
+            let handled = by_version
+                .get(&(saga.clone(), version))
+                .and_then(|new| new.step_replies().into_iter().nth(step as usize))
+                .unwrap_or_default();
+            if let Some(kind) = kinds.into_iter().find(|kind| !handled.contains(kind)) {
+                return Err(DefinitionError::UpgradeDropsReply {
+                    saga: saga.clone(),
+                    from: *from,
+                    to: version,
+                    step: names.get(index).cloned().unwrap_or_default(),
+                    kind,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An instance as the engine found it, and where.

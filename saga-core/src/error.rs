@@ -155,6 +155,24 @@ pub enum DefinitionError {
         /// The step.
         step: String,
     },
+    /// An upgrade moves instances waiting for a reply onto a step that does
+    /// not handle it: their reply would be ignored.
+    #[error(
+        "the upgrade of saga `{saga}` from version {from} to {to} moves instances waiting in step `{step}` for \
+         `{kind}` onto a step that does not handle it: keep handling `{kind}` there (or map the step to one that does)"
+    )]
+    UpgradeDropsReply {
+        /// The saga.
+        saga: String,
+        /// The version instances are upgraded from.
+        from: u32,
+        /// The version they end at.
+        to: u32,
+        /// The step of `from` that waits for the reply.
+        step: String,
+        /// The reply type.
+        kind: String,
+    },
     /// Two upgrades from one version of a saga.
     #[error("saga `{saga}` has two upgrades from version {from}")]
     DuplicateUpgrade {

@@ -67,6 +67,11 @@ impl Upgrade {
         self
     }
 
+    /// The step counter an instance at `step` with `status` has once upgraded.
+    pub(crate) fn mapped_step(&self, step: u32, status: SagaStatus) -> u32 {
+        self.map_step.as_ref().map_or(step, |map| map(step, status))
+    }
+
     /// The upgraded copy of `instance` (which must be at version `from`).
     pub(crate) fn apply(&self, mut instance: SagaInstance, data_version: u32) -> Result<SagaInstance, EngineError> {
         instance.data = (self.migrate)(&instance.data).map_err(|source| EngineError::Decode {
@@ -76,9 +81,7 @@ impl Upgrade {
             ),
             source,
         })?;
-        if let Some(map) = &self.map_step {
-            instance.step = map(instance.step, instance.status);
-        }
+        instance.step = self.mapped_step(instance.step, instance.status);
         instance.definition_version = self.to;
         instance.data_version = data_version;
         Ok(instance)

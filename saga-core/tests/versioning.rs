@@ -180,6 +180,41 @@ fn an_upgrade_must_lead_to_a_registered_newer_version() {
     assert!(matches!(twice, Err(DefinitionError::DuplicateUpgrade { from: 1, .. })));
 }
 
+#[test]
+fn an_upgrade_that_would_leave_an_awaited_reply_unhandled_is_refused() {
+    // v2 renames the reply `charge` waits for: a v1 instance waiting for
+    // `Charged` would be upgraded before its reply is decided, then ignore it.
+    let renamed = SagaDefinition::builder("payment")
+        .version(2)
+        .data_version(2)
+        .step(
+            Step::remote("charge", |_: &V2| Ok(Command::json("Charge", "bank", &())?))
+                .on_reply("PaymentTaken", |_: &mut V2, _: bool| ReplyOutcome::Success),
+        )
+        .build()
+        .expect("v2");
+    let refused = Engine::builder(Arc::new(InMemoryStore::new()))
+        .register(v1())
+        .register(renamed)
+        .upgrade(upgrade())
+        .build();
+    assert!(
+        matches!(&refused, Err(DefinitionError::UpgradeDropsReply { step, kind, from: 1, to: 2, .. })
+            if step == "charge" && kind == "Charged"),
+        "{:?}",
+        refused.err()
+    );
+    // Kept by the step the instance lands on: accepted.
+    assert!(
+        Engine::builder(Arc::new(InMemoryStore::new()))
+            .register(v1())
+            .register(v2())
+            .upgrade(upgrade())
+            .build()
+            .is_ok()
+    );
+}
+
 #[tokio::test]
 async fn an_instance_past_its_definitions_steps_is_refused_not_run_off_the_end() {
     let store = InMemoryStore::new();
