@@ -34,11 +34,17 @@ async fn next(subscription: &mut Box<dyn Subscription>, what: &str) -> Delivery 
     }
 }
 
-/// Publishes `message`, receives it from `subscription` and dead-letters it.
-async fn dead_letter(transport: &AmqpTransport, subscription: &mut Box<dyn Subscription>, message: &Message) {
+/// Publishes `message`, receives it from `subscription` and dead-letters
+/// it; returns it as it was received, and its retries.
+async fn dead_letter(
+    transport: &AmqpTransport,
+    subscription: &mut Box<dyn Subscription>,
+    message: &Message,
+) -> (Message, u32) {
     transport.publish(message).await.expect("published");
     let delivery = next(subscription, "the message to dead-letter").await;
     assert_eq!(delivery.message.id, message.id);
+    let received = (delivery.message.clone(), delivery.retries);
     delivery
         .settle
         .settle(Settlement::DeadLetter {
@@ -46,6 +52,7 @@ async fn dead_letter(transport: &AmqpTransport, subscription: &mut Box<dyn Subsc
         })
         .await
         .expect("dead-lettered");
+    received
 }
 
 fn text(value: &str) -> AMQPValue {
@@ -415,17 +422,8 @@ async fn a_publisher_s_forged_origin_and_retry_count_are_not_taken_for_the_trans
         .with_header(DESTINATION_HEADER, "somewhere-else")
         .with_header(ROUTING_KEY_HEADER, "a-victim-queue")
         .with_header(saga_amqp::RETRIES_HEADER, "1000");
-    transport.publish(&forged).await.expect("published");
-    let delivery = next(&mut subscription, "the forged message").await;
-    let retries = delivery.retries;
-    let destination = delivery.message.destination.clone();
-    delivery
-        .settle
-        .settle(Settlement::DeadLetter {
-            reason: "handler refused it".into(),
-        })
-        .await
-        .expect("dead-lettered");
+    let (received, retries) = dead_letter(&transport, &mut subscription, &forged).await;
+    let destination = received.destination;
     let page = transport.dead_letters(&queue, 10).await.expect("browsed");
     drop(subscription);
     broker::clean_up(&transport).await;
