@@ -615,27 +615,24 @@ impl Engine {
     /// Messages already in the inbox are [`Handled::Duplicate`]; messages that
     /// name no instance are [`EngineError::UnknownSaga`] (dead-letter them).
     pub async fn handle(&self, message: &Message) -> Result<Handled, EngineError> {
-        let (id, found) = self.correlate(message).await?;
-        let from_copy = found.as_ref().is_some_and(|f| f.cached);
-        let span = tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
-        let handled = self
-            .transition(id, found, Event::Message(message), Some(&message.id))
-            .instrument(span)
-            .await;
-        match handled {
-            // A copy found by business key may name an instance the store no
-            // longer has: finished and purged on another replica's watch, and
-            // its key since taken by a new one. The failed decision forgot the
-            // copy, so correlating again reads the store's owner of the key.
-            Err(EngineError::UnknownSaga { .. }) if from_copy => {
-                let (id, found) = self.correlate(message).await?;
-                let span =
-                    tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
-                self.transition(id, found, Event::Message(message), Some(&message.id))
-                    .instrument(span)
-                    .await
+        // A copy found by business key may name an instance the store no
+        // longer has: finished and purged on another replica's watch, and its
+        // key since taken by a new one. The failed decision forgot the copy,
+        // so correlating once more reads the store's owner of the key.
+        let mut again = true;
+        loop {
+            let (id, found) = self.correlate(message).await?;
+            let from_copy = found.as_ref().is_some_and(|f| f.cached);
+            let span =
+                tracing::info_span!("saga.handle", saga_id = %id, kind = %message.kind, message_id = %message.id);
+            let handled = self
+                .transition(id, found, Event::Message(message), Some(&message.id))
+                .instrument(span)
+                .await;
+            if matches!(handled, Err(EngineError::UnknownSaga { .. })) && from_copy && std::mem::take(&mut again) {
+                continue;
             }
-            handled => handled,
+            return handled;
         }
     }
 
