@@ -676,32 +676,43 @@ pub fn parse_linger(value: &str) -> Result<Duration, String> {
     Ok(linger)
 }
 
-/// `value` of `variable` as a retention of at least `floor` (whole hours),
-/// or an error saying `why` it may not be shorter.
+/// `value` of `variable` as a retention of at least `floor`, or an error
+/// saying `why` it may not be shorter.
 fn retention_at_least(
     variable: &'static str,
     value: &str,
     floor: Duration,
     why: &str,
 ) -> Result<Duration, ConfigError> {
-    let retention = parse_retention(value).map_err(|reason| ConfigError::new(variable, reason))?;
-    if retention < floor {
-        return Err(ConfigError::new(
-            variable,
-            format_args!("`{value}` is shorter than {}h: {why}", floor.as_secs() / 3600),
-        ));
-    }
-    Ok(retention)
+    at_least(variable, parse_retention(value), value, floor, why)
 }
 
-/// A duration (`parse_duration`) of at least `floor`, or an error naming
-/// `variable` and saying `why` the floor.
+/// `value` of `variable` as a duration (`parse_duration`) of at least
+/// `floor`, or an error saying `why` it may not be shorter.
 fn duration_at_least(variable: &'static str, value: &str, floor: Duration, why: &str) -> Result<Duration, ConfigError> {
-    let duration = parse_duration(value).map_err(|reason| ConfigError::new(variable, reason))?;
+    at_least(variable, parse_duration(value), value, floor, why)
+}
+
+/// `parsed` (of `value`), refused naming `variable` when it did not parse
+/// or is shorter than `floor` (shown in whole hours when it is some).
+fn at_least(
+    variable: &'static str,
+    parsed: Result<Duration, String>,
+    value: &str,
+    floor: Duration,
+    why: &str,
+) -> Result<Duration, ConfigError> {
+    let duration = parsed.map_err(|reason| ConfigError::new(variable, reason))?;
     if duration < floor {
+        let secs = floor.as_secs();
+        let floor = if secs > 0 && secs.is_multiple_of(3600) {
+            format!("{}h", secs / 3600)
+        } else {
+            format!("{secs}s")
+        };
         return Err(ConfigError::new(
             variable,
-            format_args!("`{value}` is shorter than {}s: {why}", floor.as_secs()),
+            format_args!("`{value}` is shorter than {floor}: {why}"),
         ));
     }
     Ok(duration)
