@@ -662,14 +662,16 @@ impl PostgresStore {
             .run(async |conn| claim.fetch_all(conn).await)
             .await
             .map_err(store_error)?;
+        // Every row carries the window's extent (there is always one).
+        let full_up_to = match rows.first() {
+            Some(row) if row::get::<i64>(row, "scanned")? >= db_limit(window) => row::get(row, "last_scanned")?,
+            _ => None,
+        };
         let mut pass = ClaimedWindow {
             entries: Vec::with_capacity(rows.len()),
-            full_up_to: None,
+            full_up_to,
         };
         for row in &rows {
-            if row::get::<i64>(row, "scanned")? >= db_limit(window) {
-                pass.full_up_to = row::get(row, "last_scanned")?;
-            }
             // The window's own row: nothing was claimed.
             if row::get::<Option<i64>>(row, "id")?.is_none() {
                 continue;
