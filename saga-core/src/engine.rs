@@ -408,7 +408,11 @@ impl EngineBuilder {
                 on_committed: self.on_committed,
                 store: self.store,
                 clock: self.clock,
-                config: self.config,
+                // A batch of none would fire nothing, and the loop would spin.
+                config: EngineConfig {
+                    deadline_batch: self.config.deadline_batch.max(1),
+                    ..self.config
+                },
                 by_version,
                 latest,
                 routes,
@@ -653,7 +657,7 @@ impl Engine {
     /// error.
     pub async fn fire_due_deadlines(&self) -> Result<usize, EngineError> {
         let now = self.now();
-        let batch = self.inner.config.deadline_batch.max(1);
+        let batch = self.inner.config.deadline_batch;
         let set_aside = {
             let mut aside = self.set_aside();
             // A retryable failure is remembered a while past its backoff, so
@@ -925,7 +929,7 @@ impl Engine {
             match self.fire_due_deadlines().await {
                 // A full batch: more may be due. Checked for shutdown all the
                 // same, so a long backlog does not hold it up.
-                Ok(n) if n >= self.inner.config.deadline_batch.max(1) && !shutdown.is_cancelled() => {
+                Ok(n) if n >= self.inner.config.deadline_batch && !shutdown.is_cancelled() => {
                     tokio::task::yield_now().await;
                     continue;
                 }
