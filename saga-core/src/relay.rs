@@ -54,6 +54,10 @@ impl Default for RelayConfig {
     }
 }
 
+/// The relay's first wait after trouble; it doubles, up to 5 s, while
+/// rounds keep failing.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
 /// The shortest lease a relay takes: with none, every round would give its
 /// batch back before publishing, and claims would not keep relays apart.
 pub const MIN_LEASE: Duration = Duration::from_millis(100);
@@ -284,7 +288,7 @@ impl Relay {
         // without one (a store may wait to gather several rounds' marks).
         let slots = Arc::new(Semaphore::new(self.config.rounds_in_flight.max(1)));
         let mut rounds: JoinSet<Result<RelayRound, StoreError>> = JoinSet::new();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = FIRST_BACKOFF;
         // A round that ended in trouble: back off before the next claim.
         let mut trouble = false;
         let mut hold = Hold::default();
@@ -297,7 +301,7 @@ impl Relay {
                 break;
             }
             while let Some(ended) = rounds.try_join_next() {
-                trouble |= self.ended(ended);
+                trouble |= self.ended(ended, &mut backoff);
             }
             if std::mem::take(&mut trouble) {
                 tokio::select! {
@@ -312,7 +316,7 @@ impl Relay {
                 // The semaphore is never closed.
                 Ok(slot) = Arc::clone(&slots).acquire_owned() => slot,
                 Some(ended) = rounds.join_next() => {
-                    trouble = self.ended(ended);
+                    trouble = self.ended(ended, &mut backoff);
                     continue;
                 }
             };
@@ -327,13 +331,15 @@ impl Relay {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(HELD_BACK_CHECK) => {}
-                    Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended),
+                    Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended, &mut backoff),
                 }
                 continue;
             }
             match self.outbox.claim(self.config.batch_size, self.config.lease).await {
                 Ok(entries) if !entries.is_empty() => {
-                    backoff = Duration::from_millis(50);
+                    // The backoff is kept: what a failed round gave back is
+                    // claimed again at once, and only a round that ends
+                    // well shows that the broker is back.
                     let relay = self.clone();
                     rounds.spawn(async move { relay.deliver(entries, Some(slot)).await });
                     // Let the round start before claiming the next batch.
@@ -345,7 +351,7 @@ impl Relay {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = self.outbox.wait_for_messages(self.config.poll_interval) => {}
-                        Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended),
+                        Some(ended) = rounds.join_next(), if !rounds.is_empty() => trouble = self.ended(ended, &mut backoff),
                     }
                 }
                 Err(e) => {
@@ -359,18 +365,26 @@ impl Relay {
             }
         }
         while let Some(ended) = rounds.join_next().await {
-            self.ended(ended);
+            self.ended(ended, &mut backoff);
         }
     }
 
-    /// Logs how a round ended; true if it had trouble (back off).
-    fn ended(&self, ended: Result<Result<RelayRound, StoreError>, tokio::task::JoinError>) -> bool {
+    /// Logs how a round ended; true if it had trouble (back off). A round
+    /// without trouble sets `backoff` back to its first step.
+    fn ended(
+        &self,
+        ended: Result<Result<RelayRound, StoreError>, tokio::task::JoinError>,
+        backoff: &mut Duration,
+    ) -> bool {
         match ended {
             Ok(Ok(round)) if round.failed > 0 => {
-                tracing::warn!(failed = round.failed, "publishing failed; backing off");
+                tracing::warn!(failed = round.failed, ?backoff, "publishing failed; backing off");
                 true
             }
-            Ok(Ok(_)) => false,
+            Ok(Ok(_)) => {
+                *backoff = FIRST_BACKOFF;
+                false
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "outbox unavailable; backing off");
                 true

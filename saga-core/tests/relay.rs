@@ -342,3 +342,37 @@ async fn a_refused_message_is_tried_once_a_lease_and_holds_back_only_its_saga() 
     );
     assert_eq!(store.unsent(), 2, "both stay in the outbox");
 }
+
+/// A broker that cannot be reached: every publish fails, counted.
+#[derive(Default)]
+struct Unreachable {
+    tries: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Publisher for Unreachable {
+    async fn publish(&self, _message: &Message) -> Result<(), TransportError> {
+        self.tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(TransportError::Unavailable("connection refused".into()))
+    }
+}
+
+/// Each failed round gives its messages back, and the next claim takes them
+/// at once: were the back-off reset by that claim, as it was, the relay
+/// would claim, publish and give back every 50 ms for the whole outage.
+#[tokio::test(start_paused = true)]
+async fn a_relay_backs_off_further_while_the_broker_stays_unreachable() {
+    let store = InMemoryStore::new();
+    enqueue(&store, "m").await;
+    let publisher = Arc::new(Unreachable::default());
+    let relay = Relay::new(Arc::new(store.clone()), publisher.clone(), RelayConfig::default());
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    shutdown.cancel();
+    running.await.expect("the relay did not panic");
+    // 50 ms doubling: tried at 0, 0.05, 0.15, 0.35, 0.75, 1.55, 3.15, 6.35 s.
+    let tries = publisher.tries.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((6..=10).contains(&tries), "tried {tries} times in 10 s");
+    assert_eq!(store.unsent(), 1, "still in the outbox");
+}
