@@ -49,6 +49,20 @@ pub const DEMO_STOCK_QUEUE: &str = "demo_stock_service_queue";
 /// as a health `Watch` would otherwise hold it forever).
 const GRPC_DRAIN: Duration = Duration::from_secs(5);
 
+/// How long an idle gRPC client connection may go unanswered before the
+/// kernel probes it: a client whose host vanished without a FIN is found
+/// and its connection closed, rather than kept for good.
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The gRPC server's connections. tonic sets `TCP_NODELAY` only on sockets
+/// it binds itself; on ours Nagle would hold a response's last small write
+/// (its trailers) until the client's delayed ACK, up to 40 ms.
+fn grpc_incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(GRPC_KEEPALIVE))
+}
+
 /// How long shutdown waits for background work before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -137,17 +151,82 @@ struct ProductionStart {
 struct Readiness {
     reporter: HealthReporter,
     ready: Arc<AtomicBool>,
-    shutdown: CancellationToken,
+    /// Set once shutdown began; held while readiness changes, so a change
+    /// under way when shutdown comes cannot land after its NOT_SERVING.
+    stopped: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Readiness {
-    async fn serving(&self) {
-        if self.shutdown.is_cancelled() {
+    /// Ready (`true`) or not, unless shutdown began.
+    async fn set(&self, ready: bool) {
+        let stopped = self.stopped.lock().await;
+        if *stopped || self.ready.load(Ordering::SeqCst) == ready {
             return;
         }
-        set_health(&self.reporter, ServingStatus::Serving).await;
-        self.ready.store(true, Ordering::SeqCst);
-        tracing::info!("ready");
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&self.reporter, status).await;
+        self.ready.store(ready, Ordering::SeqCst);
+        if ready {
+            tracing::info!("ready");
+        }
+    }
+
+    /// Not ready, for good.
+    async fn stop(&self) {
+        let mut stopped = self.stopped.lock().await;
+        *stopped = true;
+        self.ready.store(false, Ordering::SeqCst);
+        set_health(&self.reporter, ServingStatus::NotServing).await;
+    }
+}
+
+/// How often a serving replica checks that PostgreSQL answers.
+const DATABASE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Checks in a row without an answer (each within a second) before a
+/// replica reports itself not ready: one slow answer under load is not an
+/// outage.
+const DATABASE_CHECKS_MISSED: u32 = 3;
+
+/// Keeps readiness true to PostgreSQL while serving: every order call needs
+/// it, so a replica that cannot reach it reports NOT_SERVING (and `/readyz`
+/// 503) until it answers again. RabbitMQ is left out: orders are accepted
+/// while it is away, their messages waiting in the outbox.
+async fn watch_database(pool: PgPool, readiness: Readiness, shutdown: CancellationToken) {
+    let mut missed = 0u32;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(DATABASE_CHECK_INTERVAL) => {}
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&pool)).await;
+        match answer {
+            Ok(Ok(_)) => {
+                if missed >= DATABASE_CHECKS_MISSED {
+                    tracing::info!("PostgreSQL answers again");
+                }
+                missed = 0;
+                readiness.set(true).await;
+            }
+            Ok(Err(error)) => {
+                missed += 1;
+                if missed == DATABASE_CHECKS_MISSED {
+                    tracing::warn!(%error, "PostgreSQL does not answer; not ready until it does");
+                    readiness.set(false).await;
+                }
+            }
+            Err(_) => {
+                missed += 1;
+                if missed == DATABASE_CHECKS_MISSED {
+                    tracing::warn!("PostgreSQL does not answer within 1 s; not ready until it does");
+                    readiness.set(false).await;
+                }
+            }
+        }
     }
 }
 
@@ -304,7 +383,7 @@ impl Application {
         let readiness = Readiness {
             reporter: reporter.clone(),
             ready: Arc::clone(&ops.ready),
-            shutdown: shutdown.clone(),
+            stopped: Arc::default(),
         };
         let reflection_v1 = reflection(admin.is_some())
             .build_v1()
@@ -330,16 +409,14 @@ impl Application {
         }
 
         // Reports SERVING once its backends are reachable.
-        tasks.spawn(workers.run(readiness, shutdown.clone()));
+        tasks.spawn(workers.run(readiness.clone(), shutdown.clone()));
 
         let stopping = {
             let shutdown = shutdown.clone();
-            let ready = Arc::clone(&ops.ready);
             async move {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new requests, finishing those in flight");
-                ready.store(false, Ordering::SeqCst);
-                set_health(&reporter, ServingStatus::NotServing).await;
+                readiness.stop().await;
             }
         };
         let serve = tonic::transport::Server::builder()
@@ -348,7 +425,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(OrderGrpc::server(orders))
             .add_optional_service(admin)
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopping);
+            .serve_with_incoming_shutdown(grpc_incoming(grpc_listener), stopping);
         let drain_limit = async {
             shutdown.cancelled().await;
             tokio::time::sleep(GRPC_DRAIN).await;
@@ -521,6 +598,25 @@ fn embedded(
 /// run on a connection of their own.
 const DATABASE_SESSION_LIMITS: [(&str, &str); 2] = [("statement_timeout", "30s"), ("lock_timeout", "2s")];
 
+/// The schema the saga tables live in when `DATABASE_URL`'s `options`
+/// set no `search_path`.
+const SAGA_SCHEMA: &str = "public";
+
+/// `url`'s connect options with the search path pinned, unless the URL's
+/// `options` set it. Left to the server's default, `"$user", public`, a
+/// login role named like the order tables' schema (`order_service`) would
+/// find that schema first once it exists: on the next start the saga
+/// migrator would read the order tables' migration history as its own and
+/// fail for good.
+fn connect_options(url: &SecretUrl) -> Result<PgConnectOptions, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url.expose())?;
+    if options.get_options().is_some_and(|set| set.contains("search_path")) {
+        Ok(options)
+    } else {
+        Ok(options.options([("search_path", SAGA_SCHEMA)]))
+    }
+}
+
 /// PostgreSQL (saga store and order tables) and RabbitMQ, wired but not yet
 /// reached: the pool connects lazily, and [`Workers::run`] waits for both.
 fn production(
@@ -530,7 +626,7 @@ fn production(
     rabbitmq_url: &SecretUrl,
     config: &Config,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
-    let options = PgConnectOptions::from_str(database_url.expose())
+    let options = connect_options(database_url)
         .map_err(|e| StartError::Database {
             url: database_url.to_string(),
             source: Box::new(e),
@@ -639,7 +735,7 @@ fn migrate(url: SecretUrl) -> Pin<Box<dyn Future<Output = Result<(), saga_core::
                     let pool = PgPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(2))
-                        .connect(url.expose())
+                        .connect_with(connect_options(&url)?)
                         .await?;
                     let result = async {
                         saga_postgres::migrate(&pool).await?;
@@ -727,7 +823,7 @@ impl Workers {
     async fn run(self, readiness: Readiness, shutdown: CancellationToken) {
         match self {
             Self::Ready(running) => {
-                readiness.serving().await;
+                readiness.set(true).await;
                 running.run(shutdown).await;
             }
             Self::Production(start) => (*start).run(readiness, shutdown).await,
@@ -857,7 +953,8 @@ impl ProductionStart {
                     .with_default_kind(STOCK_UPDATE_RESULT),
             );
             tasks.spawn(consumer.run(shutdown.clone()));
-            readiness.serving().await;
+            readiness.set(true).await;
+            tasks.spawn(watch_database(pool.clone(), readiness.clone(), shutdown.clone()));
             while let Some(joined) = tasks.join_next().await {
                 if let Err(e) = joined {
                     tracing::error!(error = %e, "a background task failed");
@@ -902,5 +999,21 @@ mod tests {
         }
         assert!(waited >= Duration::from_secs(180), "dead-lettered after {waited:?}");
         assert!(waited <= Duration::from_secs(600), "retried for {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn grpc_connections_send_small_writes_at_once() {
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let address = listener.local_addr().expect("bound");
+        let mut incoming = grpc_incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.expect("connects");
+        let accepted = incoming.next().await.expect("a connection").expect("accepted");
+        assert!(
+            accepted.nodelay().expect("readable"),
+            "Nagle would hold a response's trailers"
+        );
     }
 }

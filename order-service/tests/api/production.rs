@@ -294,9 +294,21 @@ async fn it_waits_for_the_database_and_rides_out_its_outage() {
     assert!(create.message().contains("database"), "{create:?}");
     let get = app.get_order(&before.id, "alice").await.expect_err("database down");
     assert_eq!(get.code(), Code::Unavailable, "{get:?}");
+    // It says so: not ready after three missed checks, 2 s apart.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.http_get("/readyz").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready with the database away"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.health().await, ServingStatus::NotServing);
 
     // ... and recovers by itself when it returns.
     proxy.restore().await;
+    app.wait_until_serving("ready again once the database answers").await;
+    assert_eq!(app.http_get("/readyz").await.0, 200);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let after = loop {
         match app.place_order("alice", basket("apple")).await {
@@ -495,4 +507,46 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
 
     app.stop().await.expect("a clean stop");
     platform.clean_up().await;
+}
+
+/// A login role named like the order tables' schema. Under the server's
+/// default search path (`"$user", public`) the schema it finds first once
+/// it exists, the second start's saga migrator read the order tables'
+/// migration history as its own, refused it, and never became ready.
+#[tokio::test]
+async fn a_login_role_named_like_the_order_schema_starts_again() {
+    const ROLE: &str = "order_service";
+    let platform = Platform::new().await;
+    let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
+        .await
+        .expect("PostgreSQL is reachable");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DO $$ BEGIN CREATE ROLE {ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+         ALTER DATABASE {} OWNER TO {ROLE}",
+        platform.database
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("the role owns the test database");
+    let (scheme, rest) = platform.database_url.split_once("://").expect("a URL");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let as_role = format!("{scheme}://{ROLE}@{host}");
+
+    for start in ["first", "second"] {
+        let app = spawn_app_with(platform.config_on(as_role.clone(), NO_DEADLINE)).await;
+        app.wait_until_serving(&format!("{start} start as role {ROLE}; {START_BACKENDS}"))
+            .await;
+        app.stop().await.expect("a clean stop");
+    }
+    let saga_schema = count(
+        &platform.database_url,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'saga_instances' AND schemaname = 'public'",
+    )
+    .await;
+    assert_eq!(saga_schema, 1, "the saga tables live in public");
+    platform.clean_up().await;
+    // The role owned only the dropped database; another run may share it.
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
+        .execute(&mut admin)
+        .await;
 }
