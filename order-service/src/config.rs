@@ -257,6 +257,9 @@ pub struct Config {
     pub stock_reply_timeout: Duration,
     /// `LOG_FORMAT`: `human` (default) or `json`.
     pub log_format: LogFormat,
+    /// `RUST_LOG`: which events are logged (default `info`), checked here so
+    /// that a typo stops the service instead of being replaced by `info`.
+    pub log_filter: Option<String>,
     /// `OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otel: OtelConfig,
     /// Exchange and queue names (the platform's).
@@ -388,6 +391,7 @@ impl Default for Config {
             backend: Backend::Embedded,
             stock_reply_timeout: DEFAULT_STOCK_REPLY_TIMEOUT,
             log_format: LogFormat::Human,
+            log_filter: None,
             otel: OtelConfig {
                 service_name: "order-service".to_owned(),
                 endpoint: None,
@@ -467,6 +471,11 @@ impl Config {
                 ));
             }
         };
+        let log_filter = get("RUST_LOG");
+        if let Some(directives) = &log_filter {
+            crate::telemetry::log_filter(Some(directives))
+                .map_err(|e| ConfigError::new("RUST_LOG", format_args!("{e} (in `{directives}`)")))?;
+        }
         let otel = OtelConfig {
             service_name: get("OTEL_SERVICE_NAME").unwrap_or(defaults.otel.service_name),
             endpoint: match get("OTEL_EXPORTER_OTLP_ENDPOINT") {
@@ -519,6 +528,7 @@ impl Config {
             backend,
             stock_reply_timeout,
             log_format,
+            log_filter,
             otel,
             names: defaults.names,
             admin_token: get("ADMIN_TOKEN").map(AdminToken::parse).transpose()?,
@@ -1047,6 +1057,16 @@ mod tests {
             let error = config(&[(variable, bad)]).expect_err(bad);
             assert_eq!(error.variable, variable, "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn a_log_filter_with_a_typo_stops_the_service_naming_rust_log() {
+        let error = config(&[("RUST_LOG", "info,saga_core=verbose")]).expect_err("a typo");
+        assert_eq!(error.variable, "RUST_LOG", "{error}");
+        assert_eq!(
+            config(&[("RUST_LOG", "warn,order_service=debug")]).map(|c| c.log_filter),
+            Ok(Some("warn,order_service=debug".to_owned()))
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let telemetry = Telemetry::init(config.log_format, &config.otel);
+    let telemetry = Telemetry::init(config.log_format, config.log_filter.as_deref(), &config.otel);
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(error) => {

@@ -78,6 +78,23 @@ pub struct Telemetry {
 /// How long shutdown waits for the last spans to reach the collector.
 const FLUSH_LIMIT: Duration = Duration::from_secs(3);
 
+/// What lapin logs of a message the broker returned (one no queue is bound
+/// for): the whole message, body and headers, at WARN, every time the relay
+/// tries it again (each lease). Bodies carry customers' orders. The relay
+/// logs the refusal itself, by message id.
+const QUIET_RETURNS: &str = "lapin::returned_messages=off";
+
+/// The log filter from `RUST_LOG`'s `directives` (`info` if unset), with
+/// [`QUIET_RETURNS`] unless the directives name lapin themselves.
+pub fn log_filter(directives: Option<&str>) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let directives = directives.unwrap_or("info");
+    let filter = EnvFilter::builder().parse(directives)?;
+    if directives.contains("lapin") {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive(QUIET_RETURNS.parse()?))
+}
+
 impl Telemetry {
     /// Installs the global `tracing` subscriber: `RUST_LOG` filters (default
     /// `info`), `format` picks human-readable lines or JSON lines.
@@ -91,7 +108,7 @@ impl Telemetry {
     /// or slows the service: exports are bounded in time and spans beyond
     /// the queue are dropped. Does nothing if a subscriber is installed
     /// already (as in tests).
-    pub fn init(format: LogFormat, otel: &OtelConfig) -> Self {
+    pub fn init(format: LogFormat, log_directives: Option<&str>, otel: &OtelConfig) -> Self {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let exporter = otel
             .endpoint
@@ -112,7 +129,8 @@ impl Telemetry {
         }
         let provider = provider.build();
         let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(otel.service_name.clone()));
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // Checked with the rest of the configuration; `info` if that was skipped.
+        let filter = log_filter(log_directives).unwrap_or_else(|_| EnvFilter::new("info"));
         let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
         let _ = match format {
             LogFormat::Human => registry.with(tracing_subscriber::fmt::layer()).try_init(),
@@ -424,6 +442,53 @@ fn retention_counted(inbox: u64, sent_messages: u64, sagas: u64, took: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines written by a subscriber with `log_filter(directives)`.
+    fn logged(directives: Option<&str>, emit: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(log_filter(directives).expect("valid directives"))
+            .with(tracing_subscriber::fmt::layer().with_writer(move || writer.clone()));
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = lines
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn a_returned_messages_body_is_not_logged_unless_lapin_is_asked_for() {
+        let emit = || {
+            tracing::warn!(target: "lapin::returned_messages", message = "card 4111", "Server returned us a message");
+            tracing::warn!(target: "lapin::channel", "channel closed");
+        };
+        for directives in [None, Some("info"), Some("debug,order_service=trace")] {
+            let logged = logged(directives, emit);
+            assert!(!logged.contains("card 4111"), "{directives:?} logged a body: {logged}");
+            assert!(
+                logged.contains("channel closed"),
+                "{directives:?} hid lapin's other warnings: {logged}"
+            );
+        }
+        assert!(logged(Some("lapin=warn"), emit).contains("card 4111"), "asked for");
+    }
 
     /// Accepts everything, but its broker holds publishing back.
     struct HeldBack;

@@ -25,7 +25,9 @@ async fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin::returned_messages=off")),
+        )
         .init();
     let service = match InventoryService::build(config).await {
         Ok(service) => service,
