@@ -312,6 +312,7 @@ fn run_report(
         confirmed: seen.confirmed,
         cancelled: seen.cancelled,
         unobserved: seen.unobserved,
+        unsent: seen.unsent,
         seconds,
         completed_per_second,
         latency_ms: Percentiles::of_sorted_micros(&seen.latencies_us),

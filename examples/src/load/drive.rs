@@ -112,6 +112,10 @@ pub(crate) struct Seen {
     pub cancelled: u64,
     /// Orders accepted whose event was not seen within the drain timeout.
     pub unobserved: u64,
+    /// Open loop: orders scheduled that were neither accepted nor refused,
+    /// because no call slot came free before the run gave up or their call
+    /// was still open then: the slowest orders of an overloaded run.
+    pub unsent: u64,
     /// From the first send to the last completion seen.
     pub elapsed: Duration,
     /// Create → confirmed, microseconds, sorted.
@@ -236,6 +240,7 @@ impl Tracker {
             confirmed: tally.confirmed,
             cancelled: tally.cancelled,
             unobserved: tally.waiting.len() as u64,
+            unsent: 0,
             elapsed: tally
                 .last_completion
                 .map_or(Duration::ZERO, |last| last.saturating_duration_since(started)),
@@ -431,8 +436,11 @@ impl Orders {
         let _ = tokio::time::timeout_at(give_up, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
         self.tracker.drain(Instant::now() + drain).await;
-        self.tracker
-            .take_seen(started, sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
+        let (sent, errors) = (sent.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+        Seen {
+            unsent: total.saturating_sub(sent + errors),
+            ..self.tracker.take_seen(started, sent, errors)
+        }
     }
 }
 
