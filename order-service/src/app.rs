@@ -598,23 +598,23 @@ fn embedded(
 /// run on a connection of their own.
 const DATABASE_SESSION_LIMITS: [(&str, &str); 2] = [("statement_timeout", "30s"), ("lock_timeout", "2s")];
 
-/// The schema the saga tables live in when `DATABASE_URL`'s `options`
-/// set no `search_path`.
-const SAGA_SCHEMA: &str = "public";
+/// Pins a new connection's search path to `public` if it is the server's
+/// stock default, `"$user", public`; one the URL's `options`, the role or
+/// the database set is left alone. Under the stock default a login role
+/// named like the order tables' schema (`order_service`) finds that schema
+/// first once it exists: on the next start the saga migrator would read the
+/// order tables' migration history as its own and fail for good.
+const PIN_STOCK_SEARCH_PATH: &str = "SELECT set_config('search_path', 'public', false) \
+     WHERE current_setting('search_path') = '\"$user\", public'";
 
-/// `url`'s connect options with the search path pinned, unless the URL's
-/// `options` set it. Left to the server's default, `"$user", public`, a
-/// login role named like the order tables' schema (`order_service`) would
-/// find that schema first once it exists: on the next start the saga
-/// migrator would read the order tables' migration history as its own and
-/// fail for good.
-fn connect_options(url: &SecretUrl) -> Result<PgConnectOptions, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url.expose())?;
-    if options.get_options().is_some_and(|set| set.contains("search_path")) {
-        Ok(options)
-    } else {
-        Ok(options.options([("search_path", SAGA_SCHEMA)]))
-    }
+/// `pool` with [`PIN_STOCK_SEARCH_PATH`] run on each new connection.
+fn pinning_search_path(pool: PgPoolOptions) -> PgPoolOptions {
+    pool.after_connect(|connection, _| {
+        Box::pin(async move {
+            sqlx::query(PIN_STOCK_SEARCH_PATH).execute(&mut *connection).await?;
+            Ok(())
+        })
+    })
 }
 
 /// PostgreSQL (saga store and order tables) and RabbitMQ, wired but not yet
@@ -626,14 +626,14 @@ fn production(
     rabbitmq_url: &SecretUrl,
     config: &Config,
 ) -> Result<(Orders, Workers, Refresh), StartError> {
-    let options = connect_options(database_url)
+    let options = PgConnectOptions::from_str(database_url.expose())
         .map_err(|e| StartError::Database {
             url: database_url.to_string(),
             source: Box::new(e),
         })?
         .options(saga_postgres::SESSION_SETTINGS)
         .options(DATABASE_SESSION_LIMITS);
-    let pool = PgPoolOptions::new()
+    let pool = pinning_search_path(PgPoolOptions::new())
         .max_connections(config.database_max_connections)
         // Bounds how long a request waits while the database is away.
         .acquire_timeout(Duration::from_secs(2))
@@ -732,10 +732,10 @@ fn migrate(url: SecretUrl) -> Pin<Box<dyn Future<Output = Result<(), saga_core::
             .map_err(saga_core::BoxError::from)
             .and_then(|runtime| {
                 runtime.block_on(async {
-                    let pool = PgPoolOptions::new()
+                    let pool = pinning_search_path(PgPoolOptions::new())
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(2))
-                        .connect_with(connect_options(&url)?)
+                        .connect(url.expose())
                         .await?;
                     let result = async {
                         saga_postgres::migrate(&pool).await?;

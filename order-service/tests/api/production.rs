@@ -550,3 +550,31 @@ async fn a_login_role_named_like_the_order_schema_starts_again() {
         .execute(&mut admin)
         .await;
 }
+
+/// A search path the database (or the role, or the URL) sets is kept: the
+/// saga tables go where it says, as they did before the stock default was
+/// pinned.
+#[tokio::test]
+async fn a_search_path_the_database_sets_is_where_the_saga_tables_go() {
+    let platform = Platform::new().await;
+    let mut conn = sqlx::PgConnection::connect(&platform.database_url)
+        .await
+        .expect("the test database is reachable");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA sagas; ALTER DATABASE {} SET search_path = sagas",
+        platform.database
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("the database sets its search path");
+    let _ = conn.close().await;
+    let app = platform.start_service(NO_DEADLINE).await;
+    app.stop().await.expect("a clean stop");
+    let in_sagas = count(
+        &platform.database_url,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'saga_instances' AND schemaname = 'sagas'",
+    )
+    .await;
+    assert_eq!(in_sagas, 1, "the saga tables live in the schema the database names");
+    platform.clean_up().await;
+}
