@@ -681,6 +681,10 @@ fn reply_consumer_config(queue: &str, concurrency: usize) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(queue);
     config.concurrency = concurrency;
     config.retry = RetryPolicy::THROUGH_A_RESTART;
+    // Within the service's own shutdown grace, so the consumer gives its
+    // stuck handlers' deliveries back and the transport closes cleanly,
+    // rather than being abandoned mid-wait when the service's grace ends.
+    config.shutdown_grace = SHUTDOWN_GRACE / 2;
     config
 }
 
@@ -986,6 +990,11 @@ mod tests {
     #[test]
     fn stock_replies_are_handled_as_many_at_once_as_configured() {
         assert_eq!(reply_consumer_config("q", 48).concurrency, 48);
+    }
+
+    #[test]
+    fn stock_reply_handlers_get_their_grace_within_the_services() {
+        assert!(reply_consumer_config("q", 1).shutdown_grace < SHUTDOWN_GRACE);
     }
 
     #[test]

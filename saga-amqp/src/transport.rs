@@ -55,8 +55,8 @@ impl std::fmt::Debug for AmqpTransport {
     }
 }
 
-/// The longest `operation_timeout`: a day, far past any broker operation,
-/// and safe to add to any instant.
+/// The longest `operation_timeout` (and reconnect wait): a day, far past
+/// any broker operation, and safe to add to any instant.
 const LONGEST_OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 impl AmqpTransport {
@@ -76,6 +76,23 @@ impl AmqpTransport {
         if config.operation_timeout.is_zero() || config.operation_timeout > LONGEST_OPERATION_TIMEOUT {
             return Err(AmqpError::InvalidConfig(format!(
                 "operation_timeout must be more than zero and at most {LONGEST_OPERATION_TIMEOUT:?}"
+            )));
+        }
+        // No wait would retry a refused connection back to back; a wait
+        // past a day could overflow the instant it is added to.
+        let reconnect = &config.reconnect;
+        let waits = [
+            reconnect.initial_backoff,
+            reconnect.max_backoff,
+            reconnect.connect_timeout,
+        ];
+        if waits
+            .iter()
+            .any(|wait| wait.is_zero() || *wait > LONGEST_OPERATION_TIMEOUT)
+        {
+            return Err(AmqpError::InvalidConfig(format!(
+                "reconnect's initial_backoff, max_backoff and connect_timeout must be more than zero and at most \
+                 {LONGEST_OPERATION_TIMEOUT:?}"
             )));
         }
         let config = Arc::new(config);

@@ -15,7 +15,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider};
 use saga_amqp::lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use saga_amqp::lapin::types::{AMQPValue, FieldTable, ShortString};
 use saga_amqp::lapin::{BasicProperties, Connection, ConnectionProperties};
-use saga_amqp::{AcksSent, AmqpConfig, AmqpTransport, ExchangeKind, QueueType, Topology};
+use saga_amqp::{AcksSent, AmqpConfig, AmqpTransport, ExchangeKind, QueueType, ReconnectConfig, Topology};
 use saga_core::{
     CancellationToken, Consumer, ConsumerConfig, DEAD_LETTER_REASON, DeadLetterQueue, Delivery, EngineError, Message,
     MessageHandler, Publisher, RetryPolicy, Settlement, StoreError, Subscriber, Subscription, TransportError,
@@ -702,6 +702,26 @@ async fn settings_that_would_flood_memory_or_overflow_a_deadline_are_refused_bef
             "operation_timeout",
             AmqpConfig {
                 operation_timeout: Duration::ZERO,
+                ..broker::config(&name, QueueType::Classic)
+            },
+        ),
+        (
+            "initial_backoff",
+            AmqpConfig {
+                reconnect: ReconnectConfig {
+                    initial_backoff: Duration::ZERO,
+                    ..ReconnectConfig::default()
+                },
+                ..broker::config(&name, QueueType::Classic)
+            },
+        ),
+        (
+            "max_backoff",
+            AmqpConfig {
+                reconnect: ReconnectConfig {
+                    max_backoff: Duration::MAX,
+                    ..ReconnectConfig::default()
+                },
                 ..broker::config(&name, QueueType::Classic)
             },
         ),
