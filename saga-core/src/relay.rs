@@ -1,8 +1,8 @@
 //! The outbox relay: publishes committed messages and marks them sent only
 //! after the broker confirmed them.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -130,14 +130,6 @@ struct Published {
     refused: Vec<OutboxId>,
 }
 
-impl Published {
-    fn extend(&mut self, other: Published) {
-        self.sent.extend(other.sent);
-        self.failed.extend(other.failed);
-        self.refused.extend(other.refused);
-    }
-}
-
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -201,31 +193,35 @@ impl Relay {
         let claimed = entries.len();
         let ids: Vec<OutboxId> = entries.iter().map(|entry| entry.id).collect();
         let budget = self.config.lease.mul_f64(0.75);
-        let published = match tokio::time::timeout(budget, self.publish_all(entries)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                // Confirms not back in time: give the whole batch back. What
-                // was published meanwhile goes out again, with the same ids.
-                tracing::warn!(
-                    claimed,
-                    ?budget,
-                    "publishing outlasted the claim's budget; giving the batch back"
-                );
-                Published {
-                    failed: ids,
-                    ..Published::default()
-                }
-            }
-        };
+        // Filled as answers come, so a round cut short keeps what it learnt.
+        let answers = Arc::new(Mutex::new(Published::default()));
+        let finished = tokio::time::timeout(budget, self.publish_all(entries, Arc::clone(&answers)))
+            .await
+            .is_ok();
+        let mut published = std::mem::take(&mut *answers.lock().unwrap_or_else(PoisonError::into_inner));
+        if !finished {
+            // Confirms not back in time: what has no answer yet is given
+            // back, and goes out again with the same id (it may have been
+            // published meanwhile). What was confirmed is kept as sent, and
+            // what the broker refused keeps its lease.
+            let answered: HashSet<OutboxId> = published
+                .sent
+                .iter()
+                .map(|confirmed| confirmed.id)
+                .chain(published.refused.iter().copied())
+                .chain(published.failed.iter().copied())
+                .collect();
+            let unanswered: Vec<OutboxId> = ids.into_iter().filter(|id| !answered.contains(id)).collect();
+            tracing::warn!(
+                claimed,
+                unanswered = unanswered.len(),
+                ?budget,
+                "publishing outlasted the claim's budget; giving back what has no confirm"
+            );
+            published.failed.extend(unanswered);
+        }
         let Published { sent, failed, refused } = published;
         drop(slot);
-        metrics::counter!(telemetry::OUTBOX_PUBLISHED_TOTAL).increment(sent.len() as u64);
-        // Counted with the messages kept as sent: a batch given back goes
-        // out again, and is counted then.
-        for confirmed in &sent {
-            metrics::histogram!(telemetry::OUTBOX_PUBLISH_SECONDS).record(confirmed.took.as_secs_f64());
-        }
-        let sent: Vec<OutboxId> = sent.into_iter().map(|confirmed| confirmed.id).collect();
         let unsent = failed.len() + refused.len();
         if unsent > 0 {
             metrics::counter!(telemetry::OUTBOX_PUBLISH_FAILURES_TOTAL).increment(unsent as u64);
@@ -233,18 +229,27 @@ impl Relay {
         if !refused.is_empty() {
             metrics::counter!(telemetry::OUTBOX_REFUSED_TOTAL).increment(refused.len() as u64);
         }
+        let sent_ids: Vec<OutboxId> = sent.iter().map(|confirmed| confirmed.id).collect();
         // Both, even if one fails: a failed message given back waits for no
         // lease, nor do the later messages of its saga.
-        let marked = if sent.is_empty() {
+        let marked = if sent_ids.is_empty() {
             Ok(())
         } else {
-            self.outbox.mark_sent(&sent).await
+            self.outbox.mark_sent(&sent_ids).await
         };
         let released = if failed.is_empty() {
             Ok(())
         } else {
             self.outbox.release(&failed).await
         };
+        // Counted once kept as sent: messages whose mark failed go out
+        // again when their lease ends, and are counted then.
+        if marked.is_ok() {
+            metrics::counter!(telemetry::OUTBOX_PUBLISHED_TOTAL).increment(sent.len() as u64);
+            for confirmed in &sent {
+                metrics::histogram!(telemetry::OUTBOX_PUBLISH_SECONDS).record(confirmed.took.as_secs_f64());
+            }
+        }
         marked.and(released)?;
         Ok(RelayRound {
             claimed,
@@ -254,28 +259,25 @@ impl Relay {
         })
     }
 
-    async fn publish_all(&self, entries: Vec<OutboxEntry>) -> Published {
+    async fn publish_all(&self, entries: Vec<OutboxEntry>, answers: Arc<Mutex<Published>>) {
         let groups = group_by_saga(entries);
-        let mut published = Published::default();
         if groups.len() == 1 {
             for group in groups {
-                published.extend(publish_in_order(self.publisher.as_ref(), group).await);
+                publish_in_order(self.publisher.as_ref(), group, &answers).await;
             }
-            return published;
+            return;
         }
         let mut tasks = JoinSet::new();
         for group in groups {
-            let publisher = Arc::clone(&self.publisher);
-            tasks.spawn(async move { publish_in_order(publisher.as_ref(), group).await });
+            let (publisher, answers) = (Arc::clone(&self.publisher), Arc::clone(&answers));
+            tasks.spawn(async move { publish_in_order(publisher.as_ref(), group, &answers).await });
         }
         while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(group) => published.extend(group),
-                // A panicking publisher loses nothing: the claim's lease runs out.
-                Err(e) => tracing::error!(error = %e, "a publishing task failed"),
+            // A panicking publisher loses nothing: the claim's lease runs out.
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "a publishing task failed");
             }
         }
-        published
     }
 
     /// Runs rounds until `shutdown` is cancelled (up to
@@ -417,51 +419,41 @@ fn group_by_saga(entries: Vec<OutboxEntry>) -> Vec<Vec<OutboxEntry>> {
     groups
 }
 
-/// Publishes a saga's messages in order; after a failure the rest wait
-/// with the failed one (given back or left leased alike), so order is kept.
-async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>) -> Published {
-    let mut published = Published {
-        sent: Vec::with_capacity(group.len()),
-        ..Published::default()
-    };
-    // Where the rest go once one has failed: `Some(true)` if it was refused.
-    let mut broken: Option<bool> = None;
-    for entry in group {
-        match broken {
-            Some(true) => published.refused.push(entry.id),
-            Some(false) => published.failed.push(entry.id),
-            None => broken = publish_one(publisher, entry, &mut published).await,
-        }
-    }
-    published
-}
-
-/// Publishes `entry` into `published`; `Some(refused)` if it failed.
-async fn publish_one(publisher: &dyn Publisher, entry: OutboxEntry, published: &mut Published) -> Option<bool> {
-    let began = Instant::now();
-    let error = match publisher.publish(&entry.message).await {
-        Ok(()) => {
-            published.sent.push(Confirmed {
+/// Publishes a saga's messages in order into `answers`; after a failure
+/// the rest wait with the failed one (given back or left leased alike), so
+/// order is kept.
+async fn publish_in_order(publisher: &dyn Publisher, group: Vec<OutboxEntry>, answers: &Mutex<Published>) {
+    let answer = || answers.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut entries = group.into_iter();
+    for entry in entries.by_ref() {
+        let began = Instant::now();
+        let Err(error) = publisher.publish(&entry.message).await else {
+            let confirmed = Confirmed {
                 id: entry.id,
                 took: began.elapsed(),
-            });
-            return None;
+            };
+            answer().sent.push(confirmed);
+            continue;
+        };
+        let refusal = refused(&error);
+        if refusal {
+            tracing::warn!(
+                message_id = %entry.message.id,
+                %error,
+                "the broker refused a message; it is tried again when its lease ends"
+            );
+        } else {
+            tracing::warn!(message_id = %entry.message.id, %error, "publish failed");
         }
-        Err(error) => error,
-    };
-    let refusal = refused(&error);
-    if refusal {
-        tracing::warn!(
-            message_id = %entry.message.id,
-            %error,
-            "the broker refused a message; it is tried again when its lease ends"
-        );
-        published.refused.push(entry.id);
-    } else {
-        tracing::warn!(message_id = %entry.message.id, %error, "publish failed");
-        published.failed.push(entry.id);
+        let held: Vec<OutboxId> = std::iter::once(entry.id).chain(entries.map(|rest| rest.id)).collect();
+        let mut published = answer();
+        if refusal {
+            published.refused.extend(held);
+        } else {
+            published.failed.extend(held);
+        }
+        return;
     }
-    Some(refusal)
 }
 
 /// Whether a publish failed on the message rather than on the transport's

@@ -376,3 +376,82 @@ async fn a_relay_backs_off_further_while_the_broker_stays_unreachable() {
     assert!((6..=10).contains(&tries), "tried {tries} times in 10 s");
     assert_eq!(store.unsent(), 1, "still in the outbox");
 }
+
+/// Confirms `accepted` at once, refuses `refused`, and never answers for
+/// `slow` (a confirm that does not come).
+struct Mixed;
+
+#[async_trait]
+impl Publisher for Mixed {
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        match message.kind.as_str() {
+            "refused" => Err(TransportError::Rejected {
+                id: message.id.to_string(),
+                reason: "no queue is bound".to_owned(),
+            }),
+            "slow" => std::future::pending().await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A round cut short by its budget keeps what it learnt: the confirmed
+/// message stays sent and the refused one keeps its lease; only the one
+/// without an answer is given back. (The whole batch used to be given
+/// back: the confirmed one went out twice, the refused one at once again.)
+#[tokio::test(start_paused = true)]
+async fn a_round_out_of_time_gives_back_only_what_has_no_answer() {
+    use saga_core::OutboxStore;
+    let store = InMemoryStore::new();
+    for kind in ["accepted", "refused", "slow"] {
+        enqueue(&store, kind).await;
+    }
+    let relay = Relay::new(
+        Arc::new(store.clone()),
+        Arc::new(Mixed),
+        RelayConfig {
+            lease: Duration::from_secs(60),
+            ..RelayConfig::default()
+        },
+    );
+    let round = relay.run_once().await.expect("round");
+    assert_eq!((round.claimed, round.sent, round.refused, round.failed), (3, 1, 1, 1));
+    let again = store.claim(10, Duration::from_secs(60)).await.expect("claim");
+    let kinds: Vec<&str> = again.iter().map(|e| e.message.kind.as_str()).collect();
+    assert_eq!(kinds, ["slow"]);
+    assert_eq!(store.unsent(), 2, "the refused and the slow one");
+}
+
+/// `saga_outbox_published_total` counts messages kept as sent: one whose
+/// mark failed goes out again when its lease ends, and is counted then.
+#[test]
+fn a_message_whose_mark_failed_is_not_counted_as_published() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let store = InMemoryStore::new();
+            enqueue(&store, "accepted").await;
+            let relay = Relay::new(Arc::new(MarksFail(store)), Arc::new(Refuses), RelayConfig::default());
+            assert!(relay.run_once().await.is_err(), "marking failed");
+        });
+    });
+    let counted = |name: &str| -> u64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == name)
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(counted("saga_outbox_published_total"), 0);
+}
