@@ -9,7 +9,7 @@ use crate::clock::Timestamp;
 use crate::id::{MessageId, SagaId};
 use crate::instance::{Cause, Position, SagaInstance, SagaStatus, Transition};
 use crate::message::Message;
-use crate::store::{InstanceCursor, InstanceFilter, Store, StoreError, UnsentFilter};
+use crate::store::{InstanceCursor, InstanceFilter, OutboxEntry, Store, StoreError, UnsentFilter};
 use crate::summary::{MinuteOutcomes, SummaryQuery};
 
 /// Runs every case, each on a fresh store from `fresh`.
@@ -28,6 +28,7 @@ where
     concurrent_updates_apply_once(fresh().await).await;
     outbox_keeps_order_and_fields(fresh().await).await;
     outbox_claims_are_exclusive_until_released_or_expired(fresh().await).await;
+    a_sagas_later_message_waits_while_an_earlier_one_is_claimed(fresh().await).await;
     unsent_messages_are_listed_oldest_first(fresh().await).await;
     an_unsent_message_given_up_no_longer_holds_its_saga_back(fresh().await).await;
     deadlines_come_due_in_order(fresh().await).await;
@@ -390,6 +391,60 @@ pub async fn outbox_claims_are_exclusive_until_released_or_expired(store: Arc<dy
         fourth.iter().map(|e| e.id).collect::<Vec<_>>(),
         vec![first[1].id],
         "an expired lease frees the message"
+    );
+}
+
+/// A saga's messages go out in order: while one is claimed (being
+/// published, or refused and left leased) its saga's later messages are not
+/// claimable, and other sagas' messages are. Marking or releasing ids that
+/// are unknown or already sent changes nothing.
+pub async fn a_sagas_later_message_waits_while_an_earlier_one_is_claimed(store: Arc<dyn Store>) {
+    let (saga, other) = (SagaId::new(), SagaId::new());
+    let mut tx = must(store.begin().await, "begin");
+    let ours = [
+        Message::new("First", "d", b"1".to_vec()),
+        Message::new("Second", "d", b"2".to_vec()),
+    ];
+    must(tx.enqueue(Some(saga), &ours).await, "enqueue");
+    must(tx.commit().await, "commit");
+    let mut tx = must(store.begin().await, "begin");
+    must(
+        tx.enqueue(Some(other), &[Message::new("Other", "d", b"3".to_vec())])
+            .await,
+        "enqueue",
+    );
+    must(tx.commit().await, "commit");
+    let kinds = |claimed: &[OutboxEntry]| claimed.iter().map(|e| e.message.kind.clone()).collect::<Vec<_>>();
+    let lease = Duration::from_secs(600);
+
+    let first = must(store.claim(1, lease).await, "claim");
+    assert_eq!(kinds(&first), ["First"]);
+    let behind = must(store.claim(10, lease).await, "claim");
+    assert_eq!(kinds(&behind), ["Other"], "Second waits behind First; Other does not");
+    must(store.release(&[first[0].id]).await, "release");
+    let both = must(store.claim(10, lease).await, "claim");
+    assert_eq!(
+        kinds(&both),
+        ["First", "Second"],
+        "given back, First goes first, Second with it"
+    );
+
+    must(store.mark_sent(&[both[0].id]).await, "mark_sent");
+    must(store.release(&[both[1].id]).await, "release");
+    let unknown = both[1].id + 1_000_000;
+    must(
+        store.mark_sent(&[both[0].id, unknown]).await,
+        "marking again, and an unknown id",
+    );
+    must(
+        store.release(&[both[0].id, unknown]).await,
+        "releasing a sent and an unknown id",
+    );
+    let last = must(store.claim(10, lease).await, "claim");
+    assert_eq!(
+        kinds(&last),
+        ["Second"],
+        "a sent message stays sent; Second goes once First is"
     );
 }
 
