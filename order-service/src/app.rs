@@ -720,6 +720,13 @@ async fn wait_for<T, E: std::fmt::Display, F: Future<Output = Result<T, E>> + Se
     }
 }
 
+/// How long a migration waits for a lock before the attempt fails and is
+/// tried again later. Waiting on, an `ALTER TABLE` behind a long
+/// transaction (an operator's idle `psql`) would hold every other
+/// replica's statements on that table behind it, for as long as that
+/// transaction stays open, and this replica would never say why.
+const MIGRATION_LIMITS: [(&str, &str); 1] = [("lock_timeout", "5s")];
+
 /// Migrates the saga store and the order tables, on a thread of its own.
 ///
 /// sqlx's `Migrator::run` future is not `Send` in a generic context (its
@@ -736,10 +743,11 @@ fn migrate(url: SecretUrl) -> Pin<Box<dyn Future<Output = Result<(), saga_core::
             .map_err(saga_core::BoxError::from)
             .and_then(|runtime| {
                 runtime.block_on(async {
+                    let options = PgConnectOptions::from_str(url.expose())?.options(MIGRATION_LIMITS);
                     let pool = pinning_search_path(PgPoolOptions::new())
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(2))
-                        .connect(url.expose())
+                        .connect_with(options)
                         .await?;
                     let result = async {
                         saga_postgres::migrate(&pool).await?;

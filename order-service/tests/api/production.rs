@@ -578,3 +578,54 @@ async fn a_search_path_the_database_sets_is_where_the_saga_tables_go() {
     assert_eq!(in_sagas, 1, "the saga tables live in the schema the database names");
     platform.clean_up().await;
 }
+
+/// A migration that cannot take its lock (a long transaction holds the
+/// table) gives up after its lock timeout and is tried again, rather than
+/// waiting on for as long as that transaction stays open, with every other
+/// statement on the table queued behind its `ALTER TABLE`.
+#[tokio::test]
+async fn a_migration_blocked_by_a_long_transaction_gives_up_and_tries_again() {
+    let platform = Platform::new().await;
+    let app = platform.start_service(NO_DEADLINE).await;
+    app.stop().await.expect("a clean stop");
+    // The store as it was before its latest migration.
+    let mut setup = sqlx::PgConnection::connect(&platform.database_url)
+        .await
+        .expect("the test database is reachable");
+    sqlx::raw_sql("ALTER TABLE saga_outbox DROP COLUMN discarded_at; DELETE FROM _sqlx_migrations WHERE version = 7")
+        .execute(&mut setup)
+        .await
+        .expect("the latest migration undone");
+    let mut holder = sqlx::PgConnection::connect(&platform.database_url)
+        .await
+        .expect("the test database is reachable");
+    sqlx::raw_sql("BEGIN; LOCK TABLE saga_outbox IN ACCESS SHARE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("the table is held");
+
+    let app = spawn_app_with(platform.config(NO_DEADLINE)).await;
+    let waited = "SELECT coalesce(max(extract(epoch FROM now() - query_start)), 0)::float8 FROM pg_stat_activity \
+                  WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query ILIKE '%ADD COLUMN discarded_at%'";
+    let mut longest = 0.0f64;
+    let mut seen = false;
+    for _ in 0..60 {
+        let wait: f64 = sqlx::query_scalar(waited)
+            .fetch_one(&mut setup)
+            .await
+            .expect("pg_stat_activity");
+        seen |= wait > 0.0;
+        longest = longest.max(wait);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen, "the migration never waited for the lock: the test proves nothing");
+    assert!(longest < 7.0, "the migration waited {longest:.1} s for its lock");
+    assert_eq!(app.health().await, ServingStatus::NotServing, "not migrated yet");
+
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.expect("released");
+    app.wait_until_serving("migrated once the table is free").await;
+    app.stop().await.expect("a clean stop");
+    let _ = holder.close().await;
+    let _ = setup.close().await;
+    platform.clean_up().await;
+}
