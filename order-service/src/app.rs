@@ -20,8 +20,8 @@ use saga_core::{
     RetryPolicy, Store,
 };
 use saga_postgres::{PostgresStore, PostgresStoreConfig};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
@@ -195,37 +195,43 @@ const DATABASE_CHECKS_MISSED: u32 = 3;
 /// Keeps readiness true to PostgreSQL while serving: every order call needs
 /// it, so a replica that cannot reach it reports NOT_SERVING (and `/readyz`
 /// 503) until it answers again. RabbitMQ is left out: orders are accepted
-/// while it is away, their messages waiting in the outbox.
-async fn watch_database(pool: PgPool, readiness: Readiness, shutdown: CancellationToken) {
+/// while it is away, their messages waiting in the outbox. The check has a
+/// connection of its own: through the request pool, a busy pool's wait
+/// would count as a miss, and every replica under load would go unready.
+async fn watch_database(options: PgConnectOptions, readiness: Readiness, shutdown: CancellationToken) {
+    let mut connection: Option<PgConnection> = None;
     let mut missed = 0u32;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(DATABASE_CHECK_INTERVAL) => {}
         }
-        let answer = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&pool)).await;
-        match answer {
-            Ok(Ok(_)) => {
-                if missed >= DATABASE_CHECKS_MISSED {
-                    tracing::info!("PostgreSQL answers again");
-                }
-                missed = 0;
-                readiness.set(true).await;
+        let check = async {
+            let checked = match connection.as_mut() {
+                Some(open) => open,
+                None => connection.insert(PgConnection::connect_with(&options).await?),
+            };
+            sqlx::query("SELECT 1").execute(checked).await.map(|_| ())
+        };
+        let failure = match tokio::time::timeout(Duration::from_secs(1), check).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some("no answer within 1 s".to_owned()),
+        };
+        let Some(failure) = failure else {
+            if missed >= DATABASE_CHECKS_MISSED {
+                tracing::info!("PostgreSQL answers again");
             }
-            Ok(Err(error)) => {
-                missed += 1;
-                if missed == DATABASE_CHECKS_MISSED {
-                    tracing::warn!(%error, "PostgreSQL does not answer; not ready until it does");
-                    readiness.set(false).await;
-                }
-            }
-            Err(_) => {
-                missed += 1;
-                if missed == DATABASE_CHECKS_MISSED {
-                    tracing::warn!("PostgreSQL does not answer within 1 s; not ready until it does");
-                    readiness.set(false).await;
-                }
-            }
+            missed = 0;
+            readiness.set(true).await;
+            continue;
+        };
+        // A fresh connection next time: this one may be the broken part.
+        connection = None;
+        missed += 1;
+        if missed == DATABASE_CHECKS_MISSED {
+            tracing::warn!(error = %failure, "PostgreSQL does not answer; not ready until it does");
+            readiness.set(false).await;
         }
     }
 }
@@ -598,14 +604,18 @@ fn embedded(
 /// run on a connection of their own.
 const DATABASE_SESSION_LIMITS: [(&str, &str); 2] = [("statement_timeout", "30s"), ("lock_timeout", "2s")];
 
-/// Pins a new connection's search path to `public` if it is the server's
-/// stock default, `"$user", public`; one the URL's `options`, the role or
-/// the database set is left alone. Under the stock default a login role
-/// named like the order tables' schema (`order_service`) finds that schema
-/// first once it exists: on the next start the saga migrator would read the
-/// order tables' migration history as its own and fail for good.
-const PIN_STOCK_SEARCH_PATH: &str = "SELECT set_config('search_path', 'public', false) \
-     WHERE current_setting('search_path') = '\"$user\", public'";
+/// Pins a new connection's search path to `public` when the login role is
+/// named like the order tables' schema (`order_service`) and the path is
+/// the server's stock `"$user", public`. There `"$user"` finds that schema
+/// first once it exists, and on the next start the saga migrator would read
+/// the order tables' migration history as its own and fail for good (such
+/// a deployment never got past its first restart, so no saga tables can be
+/// there). A path the URL's `options`, the role or the database set is left
+/// alone, and so is `"$user"` for any other role: a role with a schema of
+/// its own keeps its saga tables there.
+const PIN_STOCK_SEARCH_PATH: &str = r#"SELECT set_config('search_path', 'public', false)
+     WHERE current_user = 'order_service'
+       AND current_setting('search_path') ~ '^\s*"\$user"\s*,\s*public\s*$'"#;
 
 /// `pool` with [`PIN_STOCK_SEARCH_PATH`] run on each new connection.
 fn pinning_search_path(pool: PgPoolOptions) -> PgPoolOptions {
@@ -966,7 +976,8 @@ impl ProductionStart {
             );
             tasks.spawn(consumer.run(shutdown.clone()));
             readiness.set(true).await;
-            tasks.spawn(watch_database(pool.clone(), readiness.clone(), shutdown.clone()));
+            let check_options = PgConnectOptions::clone(&pool.connect_options());
+            tasks.spawn(watch_database(check_options, readiness.clone(), shutdown.clone()));
             while let Some(joined) = tasks.join_next().await {
                 if let Err(e) = joined {
                     tracing::error!(error = %e, "a background task failed");

@@ -78,21 +78,18 @@ pub struct Telemetry {
 /// How long shutdown waits for the last spans to reach the collector.
 const FLUSH_LIMIT: Duration = Duration::from_secs(3);
 
-/// What lapin logs of a message the broker returned (one no queue is bound
-/// for): the whole message, body and headers, at WARN, every time the relay
-/// tries it again (each lease). Bodies carry customers' orders. The relay
-/// logs the refusal itself, by message id.
-const QUIET_RETURNS: &str = "lapin::returned_messages=off";
-
 /// The log filter from `RUST_LOG`'s `directives` (`info` if unset), with
-/// [`QUIET_RETURNS`] unless the directives name lapin themselves.
+/// lapin's log of returned messages off unless the directives name its
+/// target ([`saga_amqp::RETURNED_MESSAGES_LOG_TARGET`]): lapin logs such a
+/// message whole, and order bodies carry customers' data.
 pub fn log_filter(directives: Option<&str>) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
     let directives = directives.unwrap_or("info");
     let filter = EnvFilter::builder().parse(directives)?;
-    if directives.contains("lapin") {
+    let target = saga_amqp::RETURNED_MESSAGES_LOG_TARGET;
+    if directives.contains(target) {
         return Ok(filter);
     }
-    Ok(filter.add_directive(QUIET_RETURNS.parse()?))
+    Ok(filter.add_directive(format!("{target}=off").parse()?))
 }
 
 impl Telemetry {
@@ -474,12 +471,17 @@ mod tests {
     }
 
     #[test]
-    fn a_returned_messages_body_is_not_logged_unless_lapin_is_asked_for() {
+    fn a_returned_messages_body_is_not_logged_unless_asked_for_by_name() {
         let emit = || {
             tracing::warn!(target: "lapin::returned_messages", message = "card 4111", "Server returned us a message");
             tracing::warn!(target: "lapin::channel", "channel closed");
         };
-        for directives in [None, Some("info"), Some("debug,order_service=trace")] {
+        for directives in [
+            None,
+            Some("info"),
+            Some("debug,order_service=trace"),
+            Some("info,lapin=warn"),
+        ] {
             let logged = logged(directives, emit);
             assert!(!logged.contains("card 4111"), "{directives:?} logged a body: {logged}");
             assert!(
@@ -487,7 +489,10 @@ mod tests {
                 "{directives:?} hid lapin's other warnings: {logged}"
             );
         }
-        assert!(logged(Some("lapin=warn"), emit).contains("card 4111"), "asked for");
+        assert!(
+            logged(Some("info,lapin::returned_messages=warn"), emit).contains("card 4111"),
+            "asked for by name"
+        );
     }
 
     /// Accepts everything, but its broker holds publishing back.

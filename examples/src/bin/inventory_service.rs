@@ -24,11 +24,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin::returned_messages=off")),
-        )
-        .init();
+    // lapin logs a returned message whole (see saga-amqp's
+    // RETURNED_MESSAGES_LOG_TARGET): off unless RUST_LOG names it.
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let quiet = saga_amqp::RETURNED_MESSAGES_LOG_TARGET;
+    let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    if !directives.contains(quiet)
+        && let Ok(off) = format!("{quiet}=off").parse()
+    {
+        filter = filter.add_directive(off);
+    }
+    tracing_subscriber::fmt().with_env_filter(filter).init();
     let service = match InventoryService::build(config).await {
         Ok(service) => service,
         Err(error) => {

@@ -303,12 +303,20 @@ async fn it_waits_for_the_database_and_rides_out_its_outage() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(app.health().await, ServingStatus::NotServing);
+    // Health is set with /readyz, each a moment after the other.
+    while app.health().await != ServingStatus::NotServing {
+        assert!(tokio::time::Instant::now() < deadline, "/readyz 503 but health SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // ... and recovers by itself when it returns.
     proxy.restore().await;
     app.wait_until_serving("ready again once the database answers").await;
-    assert_eq!(app.http_get("/readyz").await.0, 200);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while app.http_get("/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "SERVING but /readyz not 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let after = loop {
         match app.place_order("alice", basket("apple")).await {
@@ -509,6 +517,36 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
     platform.clean_up().await;
 }
 
+/// Makes `role` (created if missing, without a password: the tests' server
+/// trusts loopback logins) the owner of the platform's database; the
+/// database URL logging in as it.
+async fn database_owned_by(platform: &Platform, admin: &mut sqlx::PgConnection, role: &str) -> String {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+         ALTER DATABASE {} OWNER TO {role}",
+        platform.database
+    )))
+    .execute(admin)
+    .await
+    .expect("the role owns the test database");
+    let (scheme, rest) = platform.database_url.split_once("://").expect("a URL");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{role}@{host}")
+}
+
+/// The schema the saga tables were created in.
+async fn saga_schema(database_url: &str) -> String {
+    let mut conn = sqlx::PgConnection::connect(database_url)
+        .await
+        .expect("the database is reachable");
+    let schema = sqlx::query_scalar("SELECT schemaname::text FROM pg_tables WHERE tablename = 'saga_instances'")
+        .fetch_one(&mut conn)
+        .await
+        .expect("one saga_instances table");
+    let _ = conn.close().await;
+    schema
+}
+
 /// A login role named like the order tables' schema. Under the server's
 /// default search path (`"$user", public`) the schema it finds first once
 /// it exists, the second start's saga migrator read the order tables'
@@ -520,32 +558,46 @@ async fn a_login_role_named_like_the_order_schema_starts_again() {
     let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
         .await
         .expect("PostgreSQL is reachable");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DO $$ BEGIN CREATE ROLE {ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
-         ALTER DATABASE {} OWNER TO {ROLE}",
-        platform.database
-    )))
-    .execute(&mut admin)
-    .await
-    .expect("the role owns the test database");
-    let (scheme, rest) = platform.database_url.split_once("://").expect("a URL");
-    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-    let as_role = format!("{scheme}://{ROLE}@{host}");
-
+    let as_role = database_owned_by(&platform, &mut admin, ROLE).await;
     for start in ["first", "second"] {
         let app = spawn_app_with(platform.config_on(as_role.clone(), NO_DEADLINE)).await;
         app.wait_until_serving(&format!("{start} start as role {ROLE}; {START_BACKENDS}"))
             .await;
         app.stop().await.expect("a clean stop");
     }
-    let saga_schema = count(
-        &platform.database_url,
-        "SELECT count(*) FROM pg_tables WHERE tablename = 'saga_instances' AND schemaname = 'public'",
-    )
-    .await;
-    assert_eq!(saga_schema, 1, "the saga tables live in public");
+    assert_eq!(saga_schema(&platform.database_url).await, "public");
     platform.clean_up().await;
     // The role owned only the dropped database; another run may share it.
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
+        .execute(&mut admin)
+        .await;
+}
+
+/// Any other role with a schema of its own, under the stock search path,
+/// keeps the saga tables there, where they were before the pin.
+#[tokio::test]
+async fn a_login_role_with_a_schema_of_its_own_keeps_the_saga_tables_there() {
+    const ROLE: &str = "saga_keeper";
+    let platform = Platform::new().await;
+    let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
+        .await
+        .expect("PostgreSQL is reachable");
+    let as_role = database_owned_by(&platform, &mut admin, ROLE).await;
+    let mut conn = sqlx::PgConnection::connect(&platform.database_url)
+        .await
+        .expect("the test database is reachable");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA {ROLE} AUTHORIZATION {ROLE}"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("the role's own schema");
+    let _ = conn.close().await;
+    let app = spawn_app_with(platform.config_on(as_role, NO_DEADLINE)).await;
+    app.wait_until_serving(START_BACKENDS).await;
+    app.stop().await.expect("a clean stop");
+    assert_eq!(saga_schema(&platform.database_url).await, ROLE);
+    platform.clean_up().await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
         .execute(&mut admin)
         .await;
@@ -570,12 +622,11 @@ async fn a_search_path_the_database_sets_is_where_the_saga_tables_go() {
     let _ = conn.close().await;
     let app = platform.start_service(NO_DEADLINE).await;
     app.stop().await.expect("a clean stop");
-    let in_sagas = count(
-        &platform.database_url,
-        "SELECT count(*) FROM pg_tables WHERE tablename = 'saga_instances' AND schemaname = 'sagas'",
-    )
-    .await;
-    assert_eq!(in_sagas, 1, "the saga tables live in the schema the database names");
+    assert_eq!(
+        saga_schema(&platform.database_url).await,
+        "sagas",
+        "the saga tables live in the schema the database names"
+    );
     platform.clean_up().await;
 }
 
