@@ -326,6 +326,7 @@ impl Application {
         };
         let dashboard = dashboard::routes(
             workers.engine().clone(),
+            workers.open(),
             config.admin_token.as_ref(),
             DashboardConfig {
                 window_minutes: config.dashboard_window_minutes,
@@ -824,20 +825,22 @@ impl Workers {
         }
     }
 
+    /// Set once the store can be used: at once in embedded mode, once the
+    /// database is migrated in production.
+    fn open(&self) -> Arc<AtomicBool> {
+        match self {
+            Self::Ready(_) => Arc::new(AtomicBool::new(true)),
+            Self::Production(start) => Arc::clone(&start.open),
+        }
+    }
+
     /// What the admin API operates on.
     fn operations(&self) -> Operations {
-        match self {
-            Self::Ready(running) => Operations::new(
-                running.engine.clone(),
-                running.dead_letters.clone(),
-                Arc::new(AtomicBool::new(true)),
-            ),
-            Self::Production(start) => Operations::new(
-                start.engine.clone(),
-                start.dead_letters.clone(),
-                Arc::clone(&start.open),
-            ),
-        }
+        let dead_letters = match self {
+            Self::Ready(running) => running.dead_letters.clone(),
+            Self::Production(start) => start.dead_letters.clone(),
+        };
+        Operations::new(self.engine().clone(), dead_letters, self.open())
     }
 
     /// Waits for the backends (production mode), reports readiness, and runs

@@ -23,6 +23,7 @@ mod instance;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -77,14 +78,30 @@ impl Default for DashboardConfig {
 struct Dashboard {
     engine: Engine,
     config: Arc<DashboardConfig>,
+    /// False while production mode waits for its database (the store's
+    /// tables may not exist yet).
+    open: Arc<AtomicBool>,
+}
+
+impl Dashboard {
+    fn check_open(&self) -> Result<(), DashboardError> {
+        if self.open.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(DashboardError::Starting)
+        }
+    }
 }
 
 /// The dashboard's routes (`/`, `/sagas/{id}`, its stylesheet and script),
-/// guarded by `token` when there is one. Merge them into the operations router.
-pub fn routes(engine: Engine, token: Option<&AdminToken>, config: DashboardConfig) -> Router {
+/// guarded by `token` when there is one; its pages answer 503 until `open`
+/// is set (production mode sets it once the database is migrated). Merge
+/// them into the operations router.
+pub fn routes(engine: Engine, open: Arc<AtomicBool>, token: Option<&AdminToken>, config: DashboardConfig) -> Router {
     let dashboard = Dashboard {
         engine,
         config: Arc::new(config),
+        open,
     };
     Router::new()
         .route("/", get(home))
@@ -118,6 +135,9 @@ pub enum DashboardError {
     /// No instance has this id (404).
     #[error("no saga instance {0}")]
     NotFound(SagaId),
+    /// Production mode still waits for its database (503).
+    #[error("the service is starting and waiting for its database; try again shortly")]
+    Starting,
     /// The store failed: 503 when it is worth retrying (the database is
     /// away), 500 otherwise.
     #[error("the saga store failed: {0}")]
@@ -129,6 +149,7 @@ impl IntoResponse for DashboardError {
         let status = match &self {
             Self::BadId(_) | Self::BadParameter(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -160,6 +181,7 @@ async fn home(
     State(dashboard): State<Dashboard>,
     Query(params): Query<HomeParams>,
 ) -> Result<Html<String>, DashboardError> {
+    dashboard.check_open()?;
     let config = &dashboard.config;
     let store = dashboard.engine.store();
     let now = dashboard.engine.now();
@@ -233,6 +255,7 @@ async fn find(
 }
 
 async fn saga(State(dashboard): State<Dashboard>, Path(id): Path<String>) -> Result<Html<String>, DashboardError> {
+    dashboard.check_open()?;
     let id = SagaId::from_str(&id).map_err(|_| DashboardError::BadId(id.clone()))?;
     let engine = &dashboard.engine;
     let store = engine.store();

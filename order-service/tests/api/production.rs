@@ -517,18 +517,21 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
     platform.clean_up().await;
 }
 
-/// Makes `role` (created if missing, without a password: the tests' server
-/// trusts loopback logins) the owner of the platform's database; the
-/// database URL logging in as it.
-async fn database_owned_by(platform: &Platform, admin: &mut sqlx::PgConnection, role: &str) -> String {
+/// The platform's database URL logging in as `role`, created if missing
+/// (without a password: the tests' server trusts loopback logins), and made
+/// the database's owner if `owner`.
+async fn logging_in_as(platform: &Platform, admin: &mut sqlx::PgConnection, role: &str, owner: bool) -> String {
+    let owning = if owner {
+        format!("ALTER DATABASE {} OWNER TO {role}", platform.database)
+    } else {
+        String::new()
+    };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
-         ALTER DATABASE {} OWNER TO {role}",
-        platform.database
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; {owning}"
     )))
     .execute(admin)
     .await
-    .expect("the role owns the test database");
+    .expect("the role is there");
     let (scheme, rest) = platform.database_url.split_once("://").expect("a URL");
     let host = rest.split_once('@').map_or(rest, |(_, host)| host);
     format!("{scheme}://{role}@{host}")
@@ -558,7 +561,7 @@ async fn a_login_role_named_like_the_order_schema_starts_again() {
     let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
         .await
         .expect("PostgreSQL is reachable");
-    let as_role = database_owned_by(&platform, &mut admin, ROLE).await;
+    let as_role = logging_in_as(&platform, &mut admin, ROLE, true).await;
     for start in ["first", "second"] {
         let app = spawn_app_with(platform.config_on(as_role.clone(), NO_DEADLINE)).await;
         app.wait_until_serving(&format!("{start} start as role {ROLE}; {START_BACKENDS}"))
@@ -582,7 +585,7 @@ async fn a_login_role_with_a_schema_of_its_own_keeps_the_saga_tables_there() {
     let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
         .await
         .expect("PostgreSQL is reachable");
-    let as_role = database_owned_by(&platform, &mut admin, ROLE).await;
+    let as_role = logging_in_as(&platform, &mut admin, ROLE, true).await;
     let mut conn = sqlx::PgConnection::connect(&platform.database_url)
         .await
         .expect("the test database is reachable");
@@ -679,4 +682,31 @@ async fn a_migration_blocked_by_a_long_transaction_gives_up_and_tries_again() {
     let _ = holder.close().await;
     let _ = setup.close().await;
     platform.clean_up().await;
+}
+
+/// While production mode waits for its database (here a role that may not
+/// create the store's tables, so the migration keeps failing), the
+/// dashboard says so with a 503, as the admin API answers UNAVAILABLE,
+/// rather than a 500 about a missing table.
+#[tokio::test]
+async fn the_dashboard_answers_503_until_the_database_is_migrated() {
+    const ROLE: &str = "saga_onlooker";
+    let platform = Platform::new().await;
+    let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
+        .await
+        .expect("PostgreSQL is reachable");
+    // Not the owner: it may not create tables in `public`.
+    let as_role = logging_in_as(&platform, &mut admin, ROLE, false).await;
+    let app = spawn_app_with(platform.config_on(as_role, NO_DEADLINE)).await;
+    // Long enough for a migration attempt to have failed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.health().await, ServingStatus::NotServing);
+    let (status, page) = app.http_get("/").await;
+    assert_eq!(status, 503, "{page}");
+    assert!(page.contains("waiting for its database"), "{page}");
+    app.stop().await.expect("a clean stop");
+    platform.clean_up().await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
+        .execute(&mut admin)
+        .await;
 }
