@@ -126,6 +126,9 @@ async fn offer(
     }
     let orders = Orders::new(channels, config.products.clone(), Arc::clone(&tracker));
     let tail_settings = TailSettings::read(stage).await?;
+    if let Some(relaxed) = tail_settings.durability().relaxed() {
+        tracing::warn!(%relaxed, "PostgreSQL runs with durability relaxed: these figures are not the benchmark's");
+    }
     let max_orders = config.max_orders.unwrap_or(u64::MAX);
 
     if config.warmup_orders > 0 {
@@ -148,6 +151,9 @@ async fn offer(
     };
     for rate in settings {
         tracing::info!(?rate, "offering orders");
+        if !usage::reset_peak_rss(pid) {
+            tracing::warn!("the peak RSS could not be reset: it is the peak since the process started");
+        }
         let before = usage::cpu(pid, ORDER_SERVICE_THREADS);
         // The clock the services stamp their rows with.
         let run_started_ms = Timestamp::now().as_millis();
@@ -183,8 +189,10 @@ async fn offer(
             _ => None,
         };
         let mut report = run_report(config, rate, &seen, used, pid);
-        report.costs = costs;
         if config.grpc_addr.is_none() {
+            // Read off this run's own database: a service run elsewhere
+            // writes to another, and its figures would read as nearly zero.
+            report.costs = costs;
             // The services are this run's own: their tables are in its database.
             let inventory = InventoryConfig::default().schema;
             report.legs = legs::measure(

@@ -294,6 +294,13 @@ impl LoadReport {
                 c.durability.synchronous_commit,
                 c.durability.fsync
             );
+            if let Some(relaxed) = c.durability.relaxed() {
+                let _ = writeln!(
+                    out,
+                    "DURABILITY RELAXED ({relaxed}): acknowledged commits may be lost in a crash; \
+                     these figures are not the benchmark's"
+                );
+            }
             let _ = writeln!(
                 out,
                 "raw RabbitMQ:   {:.0} persistent msgs/s published with confirm, consumed and acked{} from {} publishers",

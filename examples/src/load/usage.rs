@@ -122,6 +122,19 @@ fn processes_named(command: &str) -> impl Iterator<Item = (u32, Duration)> + '_ 
         })
 }
 
+/// Starts `pid`'s (this process's when `None`) peak resident set size
+/// (`VmHWM`) again from its current size, so the next
+/// [`peak_rss_kib`] is the peak of what follows, not of everything since the
+/// process started (the warm-up, the raw measurements' scratch connections,
+/// earlier runs). False if the kernel did not allow it.
+pub(crate) fn reset_peak_rss(pid: Option<u32>) -> bool {
+    let path = pid.map_or_else(
+        || "/proc/self/clear_refs".to_owned(),
+        |pid| format!("/proc/{pid}/clear_refs"),
+    );
+    std::fs::write(path, "5").is_ok()
+}
+
 /// Peak resident set size (`VmHWM`) in KiB of `pid` (this process when `None`).
 pub(crate) fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
     let path = pid.map_or_else(|| "/proc/self/status".to_owned(), |pid| format!("/proc/{pid}/status"));
@@ -133,6 +146,20 @@ pub(crate) fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peak_rss_starts_again_from_the_current_size() {
+        let grown: Vec<u8> = vec![1; 64 << 20];
+        std::hint::black_box(&grown);
+        drop(grown);
+        let before = peak_rss_kib(None).unwrap_or_default();
+        assert!(reset_peak_rss(None), "clear_refs is writable for this process");
+        let after = peak_rss_kib(None).unwrap_or_default();
+        assert!(
+            after + 32 * 1024 < before,
+            "peak {before} KiB, {after} KiB after the reset"
+        );
+    }
 
     #[test]
     fn stat_lines_are_read_past_names_with_spaces_and_parentheses() {
