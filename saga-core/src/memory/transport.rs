@@ -55,9 +55,15 @@ pub struct QueueStats {
     pub dead_lettered: usize,
 }
 
+/// How long a message dead-lettered from a queue without a dead-letter
+/// queue (a `.dlq` itself) waits before it is back in that queue.
+const DEAD_LETTER_OF_A_DEAD_LETTER_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// An in-process [`Transport`](crate::Transport) with fanout destinations,
 /// competing consumers, delayed retries and a `<queue>.dlq` per queue, whose
-/// messages it can browse and replay ([`DeadLetterQueue`]).
+/// messages it can browse and replay ([`DeadLetterQueue`]). A message
+/// dead-lettered from a `.dlq` (which has none of its own) goes back to it
+/// after a second.
 ///
 /// Like a broker with publisher confirms and `mandatory`, publishing to an
 /// unknown destination, or one with no queue bound, is an error. A delivery
@@ -226,8 +232,16 @@ impl Settle for InMemorySettle {
                 queued.message.headers.insert(DEAD_LETTER_REASON.to_owned(), reason);
                 match &self.dead_letters {
                     Some(dead_letters) => dead_letters.push_back(queued),
-                    // Dead-lettering a dead letter: keep it where it is rather than lose it.
-                    None => self.queue.push_back(queued),
+                    // Dead-lettering a dead letter: kept rather than lost,
+                    // back in its queue after a hold; at once, a consumer of
+                    // that queue would meet it again at full speed.
+                    None => {
+                        let queue = Arc::clone(&self.queue);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(DEAD_LETTER_OF_A_DEAD_LETTER_HOLD).await;
+                            queue.push_back(queued);
+                        });
+                    }
                 }
             }
         }
@@ -297,5 +311,48 @@ impl DeadLetterQueue for InMemoryTransport {
         }
         report.not_found = selection.missing(&report);
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_dead_lettered_again_comes_back_after_a_hold_not_at_once() {
+        let transport = InMemoryTransport::new();
+        transport.bind("d", "q");
+        let message = Message::new("M", "d", b"{}".to_vec());
+        transport.publish(&message).await.expect("published");
+        let mut from_q = transport.subscribe("q").await.expect("q");
+        let delivery = from_q.next().await.expect("one").expect("delivered");
+        let reason = "undecodable".to_owned();
+        delivery
+            .settle
+            .settle(Settlement::DeadLetter { reason })
+            .await
+            .expect("dead-lettered");
+
+        let mut from_dlq = transport.subscribe("q.dlq").await.expect("q.dlq");
+        let again = from_dlq.next().await.expect("one").expect("delivered");
+        let reason = "still undecodable".to_owned();
+        again
+            .settle
+            .settle(Settlement::DeadLetter { reason })
+            .await
+            .expect("kept");
+        let at_once = tokio::time::timeout(Duration::from_millis(500), from_dlq.next()).await;
+        assert!(
+            at_once.is_err(),
+            "back at once: a consumer of the .dlq would spin on it"
+        );
+        let back = tokio::time::timeout(Duration::from_secs(2), from_dlq.next())
+            .await
+            .expect("back after the hold")
+            .expect("one")
+            .expect("delivered");
+        assert_eq!(back.message.id, message.id, "kept, not lost");
     }
 }
