@@ -234,7 +234,10 @@ impl InMemoryTransaction {
         &self.store
     }
 
-    /// Runs `hook` if and when this transaction commits, atomically with it.
+    /// Runs `hook` if and when this transaction commits, atomically with it
+    /// (under the store's lock: a hook must not call the store). A hook that
+    /// panics does not keep the others from running; the commit stands, and
+    /// the panic goes on to the caller of `commit` once it is done.
     pub fn on_commit(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_commit.push(Box::new(hook));
     }
@@ -303,6 +306,7 @@ impl Transaction for InMemoryTransaction {
         let this = *self;
         // A given-up message may free its saga's later ones for a claim.
         let has_messages = !this.outbox.is_empty() || !this.discarded.is_empty();
+        let mut panicked = None;
         {
             let mut state = this.store.lock();
             // Validate everything first, so a failed commit writes nothing.
@@ -373,11 +377,19 @@ impl Transaction for InMemoryTransaction {
                 }
             }
             for hook in this.on_commit {
-                hook();
+                // One hook's panic must not skip the others: the commit
+                // stands, and a redelivery would find it done.
+                if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)) {
+                    panicked.get_or_insert(payload);
+                }
             }
         }
         if has_messages {
             this.store.notify.notify_waiters();
+        }
+        // Told once the store is consistent and the relay woken.
+        if let Some(payload) = panicked {
+            std::panic::resume_unwind(payload);
         }
         Ok(())
     }
@@ -499,5 +511,45 @@ impl QueryStore for InMemoryStore {
                 claimed_until: queued.claimed_until,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_commit_hook_keeps_neither_the_others_nor_the_relay_waiting() {
+        let store = InMemoryStore::new();
+        let ran = Arc::new(AtomicBool::new(false));
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_for_messages(Duration::from_secs(30)).await }
+        });
+        tokio::task::yield_now().await;
+        let committing = tokio::spawn({
+            let (store, ran) = (store.clone(), Arc::clone(&ran));
+            async move {
+                let mut tx = store.begin().await.expect("begin");
+                tx.enqueue(None, &[Message::new("M", "d", b"{}".to_vec())])
+                    .await
+                    .expect("enqueue");
+                let memory = tx.backend().downcast_mut::<InMemoryTransaction>().expect("in memory");
+                memory.on_commit(|| panic!("a hook's own bug"));
+                memory.on_commit(move || ran.store(true, Ordering::SeqCst));
+                tx.commit().await
+            }
+        });
+        let panicked = committing.await.expect_err("the hook's panic reaches the caller");
+        assert!(panicked.is_panic());
+        assert!(ran.load(Ordering::SeqCst), "the second hook ran");
+        assert_eq!(store.unsent(), 1, "the commit stands");
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the relay's wait is woken")
+            .expect("did not panic");
+        assert!(store.state.try_lock().is_ok(), "the lock is neither held nor poisoned");
     }
 }
