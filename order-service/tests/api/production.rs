@@ -517,24 +517,49 @@ async fn the_saga_store_is_purged_as_configured_and_the_orders_stay() {
     platform.clean_up().await;
 }
 
-/// The platform's database URL logging in as `role`, created if missing
-/// (without a password: the tests' server trusts loopback logins), and made
-/// the database's owner if `owner`.
-async fn logging_in_as(platform: &Platform, admin: &mut sqlx::PgConnection, role: &str, owner: bool) -> String {
-    let owning = if owner {
-        format!("ALTER DATABASE {} OWNER TO {role}", platform.database)
-    } else {
-        String::new()
-    };
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; {owning}"
-    )))
-    .execute(admin)
-    .await
-    .expect("the role is there");
-    let (scheme, rest) = platform.database_url.split_once("://").expect("a URL");
-    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-    format!("{scheme}://{role}@{host}")
+/// A login role for one test (created if missing, without a password: the
+/// tests' server trusts loopback logins); [`drop`](Self::drop) it after
+/// the platform's clean-up, which drops the database it may own.
+struct TestRole {
+    name: &'static str,
+    admin: sqlx::PgConnection,
+}
+
+impl TestRole {
+    async fn create(name: &'static str) -> Self {
+        let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable ({e}); {START_BACKENDS}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DO $$ BEGIN CREATE ROLE {name} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("the role is there");
+        Self { name, admin }
+    }
+
+    /// The platform's database URL logging in as this role, made the
+    /// database's owner first if `owner`.
+    async fn url(&mut self, platform: &Platform, owner: bool) -> String {
+        if owner {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {} OWNER TO {}",
+                platform.database, self.name
+            )))
+            .execute(&mut self.admin)
+            .await
+            .expect("the role owns the test database");
+        }
+        let (scheme, rest) = platform.database_url.split_once("://").expect("a URL");
+        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}@{host}", self.name)
+    }
+
+    async fn drop(mut self) {
+        let drop = format!("DROP ROLE IF EXISTS {}", self.name);
+        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut self.admin).await;
+    }
 }
 
 /// The schema the saga tables were created in.
@@ -558,10 +583,8 @@ async fn saga_schema(database_url: &str) -> String {
 async fn a_login_role_named_like_the_order_schema_starts_again() {
     const ROLE: &str = "order_service";
     let platform = Platform::new().await;
-    let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
-        .await
-        .expect("PostgreSQL is reachable");
-    let as_role = logging_in_as(&platform, &mut admin, ROLE, true).await;
+    let mut role = TestRole::create(ROLE).await;
+    let as_role = role.url(&platform, true).await;
     for start in ["first", "second"] {
         let app = spawn_app_with(platform.config_on(as_role.clone(), NO_DEADLINE)).await;
         app.wait_until_serving(&format!("{start} start as role {ROLE}; {START_BACKENDS}"))
@@ -570,10 +593,7 @@ async fn a_login_role_named_like_the_order_schema_starts_again() {
     }
     assert_eq!(saga_schema(&platform.database_url).await, "public");
     platform.clean_up().await;
-    // The role owned only the dropped database; another run may share it.
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
-        .execute(&mut admin)
-        .await;
+    role.drop().await;
 }
 
 /// Any other role with a schema of its own, under the stock search path,
@@ -582,10 +602,8 @@ async fn a_login_role_named_like_the_order_schema_starts_again() {
 async fn a_login_role_with_a_schema_of_its_own_keeps_the_saga_tables_there() {
     const ROLE: &str = "saga_keeper";
     let platform = Platform::new().await;
-    let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
-        .await
-        .expect("PostgreSQL is reachable");
-    let as_role = logging_in_as(&platform, &mut admin, ROLE, true).await;
+    let mut role = TestRole::create(ROLE).await;
+    let as_role = role.url(&platform, true).await;
     let mut conn = sqlx::PgConnection::connect(&platform.database_url)
         .await
         .expect("the test database is reachable");
@@ -601,9 +619,7 @@ async fn a_login_role_with_a_schema_of_its_own_keeps_the_saga_tables_there() {
     app.stop().await.expect("a clean stop");
     assert_eq!(saga_schema(&platform.database_url).await, ROLE);
     platform.clean_up().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
-        .execute(&mut admin)
-        .await;
+    role.drop().await;
 }
 
 /// A search path the database (or the role, or the URL) sets is kept: the
@@ -692,11 +708,9 @@ async fn a_migration_blocked_by_a_long_transaction_gives_up_and_tries_again() {
 async fn the_dashboard_answers_503_until_the_database_is_migrated() {
     const ROLE: &str = "saga_onlooker";
     let platform = Platform::new().await;
-    let mut admin = sqlx::PgConnection::connect(&crate::platform::database_url())
-        .await
-        .expect("PostgreSQL is reachable");
+    let mut role = TestRole::create(ROLE).await;
     // Not the owner: it may not create tables in `public`.
-    let as_role = logging_in_as(&platform, &mut admin, ROLE, false).await;
+    let as_role = role.url(&platform, false).await;
     let app = spawn_app_with(platform.config_on(as_role, NO_DEADLINE)).await;
     // Long enough for a migration attempt to have failed.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -706,7 +720,5 @@ async fn the_dashboard_answers_503_until_the_database_is_migrated() {
     assert!(page.contains("waiting for its database"), "{page}");
     app.stop().await.expect("a clean stop");
     platform.clean_up().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {ROLE}")))
-        .execute(&mut admin)
-        .await;
+    role.drop().await;
 }
