@@ -302,7 +302,8 @@ fn describe() {
     metrics::describe_counter!(SAGAS_COMPENSATED, "Order sagas compensated: orders cancelled");
     metrics::describe_gauge!(
         SAGAS_IN_FLIGHT,
-        "Order sagas started by this process and not yet finished"
+        "Unfinished order sagas: the store's count in production mode (every replica shows the whole; take max), \
+         this process's in embedded mode"
     );
     metrics::describe_gauge!(OUTBOX_BACKLOG, "Messages committed to the outbox, not yet published");
     metrics::describe_gauge!(DEAD_LETTERS, "Messages in the stock reply dead-letter queue");

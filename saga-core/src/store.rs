@@ -149,7 +149,10 @@ pub trait Transaction: Send {
     /// Appends to the instance's history.
     async fn record(&mut self, transition: &Transition) -> Result<(), StoreError>;
 
-    /// Adds messages to the outbox, to be published in this order after commit.
+    /// Adds messages to the outbox, to be published after commit: a saga's
+    /// messages (`saga` given) in this order, each after the ones before it
+    /// are confirmed; messages without a saga (a participant's replies) with
+    /// no order among them.
     async fn enqueue(&mut self, saga: Option<SagaId>, messages: &[Message]) -> Result<(), StoreError>;
 
     /// Gives up the unsent outbox message `id`: once this transaction
